@@ -1,0 +1,411 @@
+//! Container/codec decoding with symphonia, to mono f32 at the file's own sample rate.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+use symphonia::core::audio::SampleBuffer;
+use symphonia::core::codecs::{self, CodecType, DecoderOptions, CODEC_TYPE_NULL};
+use symphonia::core::errors::Error as SymError;
+use symphonia::core::formats::{FormatOptions, FormatReader, SeekMode, SeekTo};
+use symphonia::core::io::MediaSourceStream;
+use symphonia::core::meta::MetadataOptions;
+use symphonia::core::probe::Hint;
+use symphonia::core::units::{Time, TimeBase};
+
+use super::{AudioError, Segment};
+
+/// What `earshot audio-info` reports, read from the headers (no decoding).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AudioInfo {
+    pub container: String,
+    pub codec: String,
+    pub sample_rate: u32,
+    pub channels: usize,
+    /// Frames (samples per channel) promised by the header, when it says.
+    pub frames: Option<u64>,
+    pub duration_s: Option<f64>,
+}
+
+/// Mono samples at `sample_rate`.
+#[derive(Debug, Clone)]
+pub struct DecodedAudio {
+    pub samples: Vec<f32>,
+    pub sample_rate: u32,
+    /// Channels in the source (averaged into `samples`).
+    pub channels: usize,
+}
+
+struct Opened {
+    format: Box<dyn FormatReader>,
+    track_id: u32,
+    info: AudioInfo,
+    params: codecs::CodecParameters,
+}
+
+/// Reads the headers of `path`.
+pub fn probe(path: &Path) -> Result<AudioInfo, AudioError> {
+    open(path).map(|o| o.info)
+}
+
+fn open(path: &Path) -> Result<Opened, AudioError> {
+    let p = || path.to_path_buf();
+    let meta = std::fs::metadata(path).map_err(|cause| AudioError::Open { path: p(), cause })?;
+    if meta.is_dir() {
+        return Err(AudioError::IsDirectory { path: p() });
+    }
+    if meta.len() == 0 {
+        return Err(AudioError::EmptyFile { path: p() });
+    }
+    let mut file = File::open(path).map_err(|cause| AudioError::Open { path: p(), cause })?;
+    let mut magic = [0u8; 12];
+    let n =
+        read_up_to(&mut file, &mut magic).map_err(|cause| AudioError::Open { path: p(), cause })?;
+    let container = sniff_container(&magic[..n]);
+    let file = File::open(path).map_err(|cause| AudioError::Open { path: p(), cause })?;
+
+    let mss = MediaSourceStream::new(Box::new(file), Default::default());
+    let mut hint = Hint::new();
+    if let Some(ext) = path.extension().and_then(|e| e.to_str()) {
+        hint.with_extension(ext);
+    }
+    // Gapless: MP3 (LAME/Xing) and AAC encoder delay and padding are trimmed so the sample
+    // count matches the source that was encoded.
+    let format_opts = FormatOptions {
+        enable_gapless: true,
+        ..Default::default()
+    };
+    let probed = symphonia::default::get_probe()
+        .format(&hint, mss, &format_opts, &MetadataOptions::default())
+        .map_err(|e| match e {
+            SymError::Unsupported(_) => AudioError::UnrecognisedFormat {
+                path: p(),
+                reason: "no known container signature".into(),
+            },
+            SymError::IoError(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                AudioError::UnrecognisedFormat {
+                    path: p(),
+                    reason:
+                        "the file ends before a complete container header (not audio, or truncated)"
+                            .into(),
+                }
+            }
+            other => AudioError::Corrupt {
+                path: p(),
+                reason: format!("cannot read the container header: {other}"),
+            },
+        })?;
+    let format = probed.format;
+    let track = format
+        .tracks()
+        .iter()
+        .find(|t| t.codec_params.codec != CODEC_TYPE_NULL)
+        .ok_or_else(|| AudioError::NoAudioTrack { path: p() })?;
+    let params = track.codec_params.clone();
+    let sample_rate = params.sample_rate.ok_or(AudioError::MissingParameter {
+        path: p(),
+        what: "sample rate",
+    })?;
+    if sample_rate == 0 {
+        return Err(AudioError::Corrupt {
+            path: p(),
+            reason: "header gives a sample rate of 0".into(),
+        });
+    }
+    let channels = params.channels.map(|c| c.count()).unwrap_or(0);
+    let frames = params.n_frames.filter(|&n| n > 0);
+    let info = AudioInfo {
+        container: container.to_string(),
+        codec: codec_name(params.codec),
+        sample_rate,
+        channels,
+        frames,
+        duration_s: frames.map(|n| n as f64 / sample_rate as f64),
+    };
+    Ok(Opened {
+        track_id: track.id,
+        format,
+        info,
+        params,
+    })
+}
+
+/// Decodes `path` (or `segment` of it) to mono float32 at the file's sample rate.
+pub fn decode_mono(path: &Path, segment: Segment) -> Result<DecodedAudio, AudioError> {
+    segment.validate(path)?;
+    let p = || path.to_path_buf();
+    let Opened {
+        mut format,
+        track_id,
+        info,
+        params,
+    } = open(path)?;
+    let sr = info.sample_rate;
+    let mut decoder = symphonia::default::get_codecs()
+        .make(&params, &DecoderOptions::default())
+        .map_err(|e| match e {
+            SymError::Unsupported(_) => AudioError::UnsupportedCodec {
+                path: p(),
+                codec: info.codec.clone(),
+            },
+            other => AudioError::Corrupt {
+                path: p(),
+                reason: format!("cannot initialise the {} decoder: {other}", info.codec),
+            },
+        })?;
+
+    let to_frame = |secs: f64| (secs * sr as f64).round() as u64;
+    let start_frame = segment.start.map(to_frame).unwrap_or(0);
+    let end_frame = segment.end.map(to_frame);
+    if let (Some(total), true) = (info.frames, start_frame > 0) {
+        if start_frame >= total {
+            return Err(AudioError::BadSegment {
+                path: p(),
+                reason: format!(
+                    "start {} s is at or past the end of the audio ({:.3} s)",
+                    segment.start.unwrap_or(0.0),
+                    total as f64 / sr as f64
+                ),
+            });
+        }
+    }
+    let time_base = params.time_base.unwrap_or_else(|| TimeBase::new(1, sr));
+    // Timestamps -> frame index at `sr`.
+    let ts_to_frame = |ts: u64| -> u64 {
+        let t = time_base.calc_time(ts);
+        ((t.seconds as f64 + t.frac) * sr as f64).round() as u64
+    };
+
+    // Seek close to the start so long files are not decoded from the beginning. Containers
+    // that cannot seek are decoded from the start and the head is discarded below.
+    let mut seeked = false;
+    if start_frame > 0 {
+        let secs = start_frame as f64 / sr as f64;
+        let time = Time::new(secs.trunc() as u64, secs.fract());
+        if format
+            .seek(
+                SeekMode::Accurate,
+                SeekTo::Time {
+                    time,
+                    track_id: Some(track_id),
+                },
+            )
+            .is_ok()
+        {
+            decoder.reset();
+            seeked = true;
+        }
+    }
+
+    let mut out: Vec<f32> = Vec::new();
+    let mut sample_buf: Option<SampleBuffer<f32>> = None;
+    // Frame index of the next decoded frame; only meaningful for segment decoding, where it is
+    // re-synchronised from packet timestamps.
+    let mut position: u64 = 0;
+    let mut decoded_total: u64 = 0;
+    let mut hit_end = false;
+    let mut channels_seen = info.channels;
+    loop {
+        let packet = match format.next_packet() {
+            Ok(packet) => packet,
+            Err(SymError::IoError(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(SymError::ResetRequired) => return Err(AudioError::Corrupt {
+                path: p(),
+                reason:
+                    "the stream changes its parameters mid-file (chained streams are not supported)"
+                        .into(),
+            }),
+            Err(e) => {
+                return Err(AudioError::Corrupt {
+                    path: p(),
+                    reason: format!("cannot read the next packet: {e}"),
+                })
+            }
+        };
+        if packet.track_id() != track_id {
+            continue;
+        }
+        if seeked || start_frame > 0 || end_frame.is_some() {
+            position = ts_to_frame(packet.ts());
+        }
+        let decoded = match decoder.decode(&packet) {
+            Ok(d) => d,
+            Err(e) => {
+                return Err(AudioError::Corrupt {
+                    path: p(),
+                    reason: format!(
+                        "decoding failed at {:.3} s: {e}",
+                        ts_to_frame(packet.ts()) as f64 / sr as f64
+                    ),
+                })
+            }
+        };
+        let spec = *decoded.spec();
+        if spec.rate != sr {
+            return Err(AudioError::Corrupt {
+                path: p(),
+                reason: format!(
+                    "sample rate changes mid-stream ({sr} Hz -> {} Hz)",
+                    spec.rate
+                ),
+            });
+        }
+        let n_frames = decoded.frames();
+        if n_frames == 0 {
+            continue;
+        }
+        let buf = match &mut sample_buf {
+            Some(b) if b.capacity() >= decoded.capacity() * spec.channels.count() => b,
+            slot => slot.insert(SampleBuffer::<f32>::new(decoded.capacity() as u64, spec)),
+        };
+        buf.copy_interleaved_ref(decoded);
+        let channels = spec.channels.count().max(1);
+        channels_seen = channels;
+        let interleaved = &buf.samples()[..n_frames * channels];
+        decoded_total += n_frames as u64;
+
+        // Keep only frames in [start_frame, end_frame).
+        let first = start_frame.saturating_sub(position).min(n_frames as u64) as usize;
+        let last = match end_frame {
+            Some(end) => end.saturating_sub(position).min(n_frames as u64) as usize,
+            None => n_frames,
+        };
+        if first < last {
+            append_mono(
+                &mut out,
+                &interleaved[first * channels..last * channels],
+                channels,
+            );
+        }
+        position += n_frames as u64;
+        if let Some(end) = end_frame {
+            if position >= end {
+                hit_end = true;
+                break;
+            }
+        }
+    }
+
+    // A header that promises more frames than the stream holds means a truncated file.
+    if !seeked && !hit_end {
+        if let Some(promised) = info.frames {
+            // Never return more than the container's declared duration: MP4 reports the
+            // duration without the AAC encoder's end padding, which the decoder still emits.
+            out.truncate(promised.saturating_sub(start_frame) as usize);
+            if decoded_total < promised {
+                return Err(AudioError::Corrupt {
+                    path: p(),
+                    reason: format!(
+                        "truncated: the header promises {promised} frames but only {decoded_total} could be decoded"
+                    ),
+                });
+            }
+        }
+    }
+    if out.is_empty() {
+        if start_frame > 0 {
+            return Err(AudioError::BadSegment {
+                path: p(),
+                reason: format!(
+                    "no audio between {} s and the requested end",
+                    segment.start.unwrap_or(0.0)
+                ),
+            });
+        }
+        return Err(AudioError::NoSamples { path: p() });
+    }
+    let bad = out.iter().filter(|x| !x.is_finite()).count();
+    if bad > 0 {
+        let first_index = out.iter().position(|x| !x.is_finite()).unwrap_or(0);
+        return Err(AudioError::NonFinite {
+            path: p(),
+            count: bad,
+            first_index,
+        });
+    }
+    Ok(DecodedAudio {
+        samples: out,
+        sample_rate: sr,
+        channels: channels_seen,
+    })
+}
+
+/// Averages interleaved channels into `out`.
+fn append_mono(out: &mut Vec<f32>, interleaved: &[f32], channels: usize) {
+    if channels == 1 {
+        out.extend_from_slice(interleaved);
+        return;
+    }
+    let scale = 1.0 / channels as f32;
+    out.extend(
+        interleaved
+            .chunks_exact(channels)
+            .map(|frame| frame.iter().sum::<f32>() * scale),
+    );
+}
+
+fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// Names the container from its signature bytes (symphonia does not expose which reader won).
+fn sniff_container(magic: &[u8]) -> &'static str {
+    let at = |off: usize, sig: &[u8]| {
+        magic.len() >= off + sig.len() && &magic[off..off + sig.len()] == sig
+    };
+    if at(0, b"RIFF") && at(8, b"WAVE") || at(0, b"RF64") {
+        "wav"
+    } else if at(0, b"fLaC") {
+        "flac"
+    } else if at(0, b"OggS") {
+        "ogg"
+    } else if at(4, b"ftyp") {
+        "mp4"
+    } else if at(0, b"FORM") && (at(8, b"AIFF") || at(8, b"AIFC")) {
+        "aiff"
+    } else if at(0, b"caff") {
+        "caf"
+    } else if at(0, &[0x1A, 0x45, 0xDF, 0xA3]) {
+        "matroska"
+    } else if at(0, b"ID3") {
+        "mp3"
+    } else if magic.len() >= 2 && magic[0] == 0xFF && magic[1] & 0xF6 == 0xF0 {
+        "adts"
+    } else if magic.len() >= 2 && magic[0] == 0xFF && magic[1] & 0xE0 == 0xE0 {
+        "mp3"
+    } else {
+        "unknown"
+    }
+}
+
+/// A readable name for a codec, including ones symphonia recognises but cannot decode.
+fn codec_name(codec: CodecType) -> String {
+    if let Some(d) = symphonia::default::get_codecs().get_codec(codec) {
+        return d.short_name.to_string();
+    }
+    let name = match codec {
+        codecs::CODEC_TYPE_OPUS => "opus",
+        codecs::CODEC_TYPE_SPEEX => "speex",
+        codecs::CODEC_TYPE_WMA => "wma",
+        codecs::CODEC_TYPE_EAC3 => "eac3",
+        codecs::CODEC_TYPE_AC4 => "ac4",
+        codecs::CODEC_TYPE_DCA => "dts",
+        codecs::CODEC_TYPE_WAVPACK => "wavpack",
+        codecs::CODEC_TYPE_MONKEYS_AUDIO => "monkeys-audio",
+        codecs::CODEC_TYPE_TTA => "tta",
+        codecs::CODEC_TYPE_MUSEPACK => "musepack",
+        codecs::CODEC_TYPE_MP1 => "mp1",
+        codecs::CODEC_TYPE_MP2 => "mp2",
+        codecs::CODEC_TYPE_ADPCM_G722 => "adpcm-g722",
+        codecs::CODEC_TYPE_ADPCM_G726 | codecs::CODEC_TYPE_ADPCM_G726LE => "adpcm-g726",
+        _ => return format!("codec id {codec}"),
+    };
+    name.to_string()
+}

@@ -1,0 +1,70 @@
+//! Audio input: decode any supported container/codec (symphonia), downmix to mono and
+//! resample to Whisper's 16 kHz (rubato). Everything downstream sees `Vec<f32>` at 16 kHz.
+
+mod decode;
+mod error;
+mod resample;
+
+pub use decode::{decode_mono, probe, AudioInfo, DecodedAudio};
+pub use error::AudioError;
+pub use resample::resample_mono;
+
+use std::path::Path;
+
+/// The only sample rate the rest of the pipeline accepts.
+pub const SAMPLE_RATE: u32 = 16_000;
+
+/// A time range inside a file, in seconds. `None` means "from the start" / "to the end".
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Segment {
+    pub start: Option<f64>,
+    pub end: Option<f64>,
+}
+
+impl Segment {
+    pub fn whole() -> Self {
+        Self::default()
+    }
+
+    /// Checks the range itself (not against a file's duration).
+    pub fn validate(&self, path: &Path) -> Result<(), AudioError> {
+        let bad = |reason: String| AudioError::BadSegment {
+            path: path.to_path_buf(),
+            reason,
+        };
+        for (name, v) in [("start", self.start), ("end", self.end)] {
+            if let Some(v) = v {
+                if !v.is_finite() || v < 0.0 {
+                    return Err(bad(format!("{name} = {v} must be a finite number >= 0")));
+                }
+            }
+        }
+        if let (Some(s), Some(e)) = (self.start, self.end) {
+            if e <= s {
+                return Err(bad(format!("end ({e} s) must be after start ({s} s)")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Decodes `path` (optionally a segment of it) to mono float32 at 16 kHz.
+///
+/// Channels are averaged; non-finite samples are rejected with an error (never silently
+/// zeroed: a NaN in the input would poison every feature downstream).
+pub fn load_16k_mono(path: &Path, segment: Segment) -> Result<Vec<f32>, AudioError> {
+    to_16k(path, decode_mono(path, segment)?)
+}
+
+/// Resamples already decoded audio to 16 kHz (no-op when it already is).
+pub fn to_16k(path: &Path, decoded: DecodedAudio) -> Result<Vec<f32>, AudioError> {
+    if decoded.sample_rate == SAMPLE_RATE {
+        return Ok(decoded.samples);
+    }
+    resample_mono(&decoded.samples, decoded.sample_rate, SAMPLE_RATE).map_err(|reason| {
+        AudioError::Resample {
+            path: path.to_path_buf(),
+            reason,
+        }
+    })
+}

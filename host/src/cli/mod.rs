@@ -1,0 +1,64 @@
+//! The `earshot` command line: one module per subcommand. Results go to stdout, logs and
+//! progress to stderr.
+
+mod audio_info;
+mod mel;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "earshot",
+    version,
+    about = "Teach a frozen LLM to listen: Whisper encoder + trainable projector + frozen LLM",
+    long_about = None,
+)]
+pub struct Cli {
+    /// More log output on stderr (-v info, -vv debug). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Compute Whisper log-mel features of an audio file and write them as .npy
+    Mel(mel::MelArgs),
+    /// Show container, codec, sample rate, channels and duration of an audio file
+    AudioInfo(audio_info::AudioInfoArgs),
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let result = match cli.command {
+        Command::Mel(args) => mel::run(args),
+        Command::AudioInfo(args) => audio_info::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    // symphonia logs recoverable probe misses as errors; our own error says what matters.
+    let default = match verbose {
+        0 => "warn,symphonia_core=off,symphonia=off",
+        1 => "info,symphonia_core=warn,symphonia=warn",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}

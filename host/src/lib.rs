@@ -1,0 +1,9 @@
+//! earshot: teach a frozen LLM to listen.
+//!
+//! Data flows one way: audio (decode, resample) -> mel -> Whisper encoder -> projector ->
+//! LLM -> sampler -> post-processor. See ARCHITECTURE.md for where each concern lives.
+
+pub mod audio;
+pub mod cli;
+pub mod mel;
+pub mod npy;

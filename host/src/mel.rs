@@ -1,0 +1,374 @@
+//! Whisper's log-mel front-end, numerically equal to OpenAI Whisper / faster-whisper.
+//!
+//! n_fft 400, hop 160, periodic Hann window, reflect-padded centred STFT, power spectrum,
+//! Slaney mel filterbank (computed here, 80 or 128 bins), log10 with a 1e-10 floor, clamp to
+//! (max - 8), then (x + 4) / 4. Each 30 s window is an independent clip: its own padding and
+//! its own max, exactly `log_mel_spectrogram(pad_or_trim(window))`.
+
+use std::sync::Arc;
+
+use realfft::num_complex::Complex;
+use realfft::{RealFftPlanner, RealToComplex};
+use serde::{Deserialize, Serialize};
+
+pub const SAMPLE_RATE: usize = 16_000;
+pub const N_FFT: usize = 400;
+pub const HOP_LENGTH: usize = 160;
+pub const N_FREQ: usize = N_FFT / 2 + 1;
+/// Frames in one encoder window (30 s).
+pub const N_FRAMES: usize = 3000;
+/// Samples in one encoder window (30 s).
+pub const N_SAMPLES: usize = N_FRAMES * HOP_LENGTH;
+
+/// Where the zeros go when a clip is shorter than 30 s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Padding {
+    /// Zero-pad the audio to 30 s before the STFT (OpenAI Whisper's `pad_or_trim`).
+    #[default]
+    Whisper,
+    /// Features of the unpadded clip, then 0.0-padded in the log-mel domain (faster-whisper).
+    Trailing,
+}
+
+/// Everything that determines the features; part of cache keys and checkpoint manifests.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct MelSettings {
+    /// 80 (Whisper up to large-v2) or 128 (large-v3).
+    pub n_mels: usize,
+    pub padding: Padding,
+    /// Distance between the starts of consecutive 30 s windows for long audio, in seconds.
+    pub window_hop_s: f64,
+}
+
+impl Default for MelSettings {
+    fn default() -> Self {
+        Self {
+            n_mels: 80,
+            padding: Padding::Whisper,
+            window_hop_s: 30.0,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MelError {
+    #[error("unsupported number of mel bins {0}: Whisper uses 80 or 128")]
+    BadBins(usize),
+    #[error("window hop must be > 0 and <= 30 s, got {0}")]
+    BadHop(f64),
+    #[error("no samples to compute features from")]
+    Empty,
+}
+
+impl MelSettings {
+    pub fn validate(&self) -> Result<(), MelError> {
+        if self.n_mels != 80 && self.n_mels != 128 {
+            return Err(MelError::BadBins(self.n_mels));
+        }
+        if !(self.window_hop_s > 0.0 && self.window_hop_s <= 30.0) {
+            return Err(MelError::BadHop(self.window_hop_s));
+        }
+        Ok(())
+    }
+
+    fn hop_samples(&self) -> usize {
+        ((self.window_hop_s * SAMPLE_RATE as f64).round() as usize).max(1)
+    }
+}
+
+// --- Slaney mel scale (librosa's `htk=False`), in f64 ---
+const F_SP: f64 = 200.0 / 3.0;
+const MIN_LOG_HZ: f64 = 1000.0;
+const MIN_LOG_MEL: f64 = MIN_LOG_HZ / F_SP;
+
+fn logstep() -> f64 {
+    6.4f64.ln() / 27.0
+}
+
+fn hz_to_mel(hz: f64) -> f64 {
+    if hz >= MIN_LOG_HZ {
+        MIN_LOG_MEL + (hz / MIN_LOG_HZ).ln() / logstep()
+    } else {
+        hz / F_SP
+    }
+}
+
+fn mel_to_hz(mel: f64) -> f64 {
+    if mel >= MIN_LOG_MEL {
+        MIN_LOG_HZ * (logstep() * (mel - MIN_LOG_MEL)).exp()
+    } else {
+        F_SP * mel
+    }
+}
+
+/// The dense (n_mels, 201) Slaney-normalised filterbank for 16 kHz, n_fft 400, 0..8 kHz,
+/// as `librosa.filters.mel(sr=16000, n_fft=400, n_mels=n_mels)`.
+pub fn mel_filterbank(n_mels: usize) -> Vec<f32> {
+    let fft_freqs: Vec<f64> = (0..N_FREQ)
+        .map(|k| k as f64 * SAMPLE_RATE as f64 / N_FFT as f64)
+        .collect();
+    let (mel_lo, mel_hi) = (hz_to_mel(0.0), hz_to_mel(SAMPLE_RATE as f64 / 2.0));
+    let mel_f: Vec<f64> = (0..n_mels + 2)
+        .map(|i| mel_to_hz(mel_lo + (mel_hi - mel_lo) * i as f64 / (n_mels + 1) as f64))
+        .collect();
+    let mut weights = vec![0f32; n_mels * N_FREQ];
+    for m in 0..n_mels {
+        let (left, centre, right) = (mel_f[m], mel_f[m + 1], mel_f[m + 2]);
+        let enorm = 2.0 / (right - left);
+        for (k, &f) in fft_freqs.iter().enumerate() {
+            let lower = (f - left) / (centre - left);
+            let upper = (right - f) / (right - centre);
+            let w = lower.min(upper).max(0.0);
+            weights[m * N_FREQ + k] = (w * enorm) as f32;
+        }
+    }
+    weights
+}
+
+/// One mel filter's non-zero span.
+struct SparseFilter {
+    first_bin: usize,
+    weights: Vec<f32>,
+}
+
+/// Computes log-mel windows. Holds the FFT plan and scratch buffers; reuse one per thread.
+pub struct LogMelExtractor {
+    n_mels: usize,
+    filters: Vec<SparseFilter>,
+    window: [f32; N_FFT],
+    fft: Arc<dyn RealToComplex<f32>>,
+    frame: Vec<f32>,
+    spectrum: Vec<Complex<f32>>,
+    scratch: Vec<Complex<f32>>,
+    power: [f32; N_FREQ],
+}
+
+impl LogMelExtractor {
+    pub fn new(n_mels: usize) -> Result<Self, MelError> {
+        if n_mels != 80 && n_mels != 128 {
+            return Err(MelError::BadBins(n_mels));
+        }
+        let dense = mel_filterbank(n_mels);
+        let filters = dense
+            .chunks_exact(N_FREQ)
+            .map(|row| {
+                let first = row.iter().position(|&w| w != 0.0).unwrap_or(0);
+                let last = row.iter().rposition(|&w| w != 0.0).map_or(first, |l| l + 1);
+                SparseFilter {
+                    first_bin: first,
+                    weights: row[first..last].to_vec(),
+                }
+            })
+            .collect();
+        // Periodic Hann (torch.hann_window(400), numpy's `hanning(401)[:-1]`).
+        let mut window = [0f32; N_FFT];
+        for (i, w) in window.iter_mut().enumerate() {
+            *w = (0.5 - 0.5 * (2.0 * std::f64::consts::PI * i as f64 / N_FFT as f64).cos()) as f32;
+        }
+        let fft = RealFftPlanner::<f32>::new().plan_fft_forward(N_FFT);
+        let frame = fft.make_input_vec();
+        let spectrum = fft.make_output_vec();
+        let scratch = fft.make_scratch_vec();
+        Ok(Self {
+            n_mels,
+            filters,
+            window,
+            fft,
+            frame,
+            spectrum,
+            scratch,
+            power: [0.0; N_FREQ],
+        })
+    }
+
+    pub fn n_mels(&self) -> usize {
+        self.n_mels
+    }
+
+    /// Log-mel of consecutive windows of `samples` (16 kHz mono): returns
+    /// (n_windows, data) with data laid out (n_windows, n_mels, 3000), C order.
+    pub fn windows(
+        &mut self,
+        samples: &[f32],
+        settings: &MelSettings,
+    ) -> Result<(usize, Vec<f32>), MelError> {
+        settings.validate()?;
+        if settings.n_mels != self.n_mels {
+            return Err(MelError::BadBins(settings.n_mels));
+        }
+        if samples.is_empty() {
+            return Err(MelError::Empty);
+        }
+        let hop = settings.hop_samples();
+        let mut out = Vec::new();
+        let mut n_windows = 0;
+        let mut start = 0;
+        loop {
+            let end = (start + N_SAMPLES).min(samples.len());
+            out.extend_from_slice(&self.window_features(&samples[start..end], settings.padding));
+            n_windows += 1;
+            if end >= samples.len() {
+                break;
+            }
+            start += hop;
+        }
+        Ok((n_windows, out))
+    }
+
+    /// Log-mel (n_mels, 3000) of one clip of at most 30 s.
+    pub fn window_features(&mut self, clip: &[f32], padding: Padding) -> Vec<f32> {
+        let clip = &clip[..clip.len().min(N_SAMPLES)];
+        let mut mel = vec![0f32; self.n_mels * N_FRAMES];
+        match padding {
+            Padding::Whisper => {
+                // STFT of the clip zero-padded to exactly 30 s: 3001 frames, the last dropped.
+                let signal = reflect_pad(clip, N_SAMPLES);
+                self.power_mel(&signal, N_FRAMES, &mut mel);
+                log_normalise(&mut mel, self.n_mels, N_FRAMES);
+            }
+            Padding::Trailing => {
+                // faster-whisper: append one hop of zeros, STFT, drop the last frame.
+                let len = clip.len() + HOP_LENGTH;
+                let frames = (len / HOP_LENGTH).min(N_FRAMES);
+                let signal = reflect_pad(clip, len);
+                self.power_mel(&signal, frames, &mut mel);
+                log_normalise(&mut mel, self.n_mels, frames);
+                for row in mel.chunks_exact_mut(N_FRAMES) {
+                    row[frames..].fill(0.0);
+                }
+            }
+        }
+        mel
+    }
+
+    /// Mel power of the first `frames` STFT frames of the reflect-padded `signal`, written
+    /// into columns of `mel` (n_mels, N_FRAMES).
+    fn power_mel(&mut self, signal: &[f32], frames: usize, mel: &mut [f32]) {
+        for t in 0..frames {
+            let chunk = &signal[t * HOP_LENGTH..t * HOP_LENGTH + N_FFT];
+            for ((dst, &x), &w) in self.frame.iter_mut().zip(chunk).zip(&self.window) {
+                *dst = x * w;
+            }
+            self.fft
+                .process_with_scratch(&mut self.frame, &mut self.spectrum, &mut self.scratch)
+                .expect("buffer sizes come from the plan");
+            for (p, c) in self.power.iter_mut().zip(&self.spectrum) {
+                *p = c.re * c.re + c.im * c.im;
+            }
+            for (m, filter) in self.filters.iter().enumerate() {
+                let bins = &self.power[filter.first_bin..filter.first_bin + filter.weights.len()];
+                let e: f32 = bins.iter().zip(&filter.weights).map(|(p, w)| p * w).sum();
+                mel[m * N_FRAMES + t] = e;
+            }
+        }
+    }
+}
+
+/// `clip` zero-padded (or not) to `len` samples, then reflect-padded by n_fft/2 on both
+/// sides, as `torch.stft(center=True, pad_mode="reflect")`.
+fn reflect_pad(clip: &[f32], len: usize) -> Vec<f32> {
+    let pad = N_FFT / 2;
+    let mut body = clip.to_vec();
+    body.resize(len, 0.0);
+    let n = body.len() as isize;
+    let period = 2 * (n - 1);
+    let reflect = |i: isize| -> usize {
+        if period == 0 {
+            return 0;
+        }
+        let j = i.rem_euclid(period);
+        (if j >= n { period - j } else { j }) as usize
+    };
+    let mut out = Vec::with_capacity(body.len() + 2 * pad);
+    out.extend((-(pad as isize)..0).map(|i| body[reflect(i)]));
+    out.extend_from_slice(&body);
+    out.extend((n..n + pad as isize).map(|i| body[reflect(i)]));
+    out
+}
+
+/// In place over the first `frames` columns: log10 with 1e-10 floor, clamp to max - 8,
+/// then (x + 4) / 4.
+fn log_normalise(mel: &mut [f32], n_mels: usize, frames: usize) {
+    let mut max = 0f32;
+    for row in mel.chunks_exact(N_FRAMES).take(n_mels) {
+        for &v in &row[..frames] {
+            max = max.max(v);
+        }
+    }
+    // log10(max(v, 1e-10)) clamped at log10(max) - 8 equals log10(max(v, floor)).
+    let floor = (max.max(1e-10) * 1e-8).max(1e-10);
+    for row in mel.chunks_exact_mut(N_FRAMES).take(n_mels) {
+        for v in &mut row[..frames] {
+            *v = (fast_log10(v.max(floor)) + 4.0) * 0.25;
+        }
+    }
+}
+
+/// log10 for positive normal f32, accurate to ~1 ulp of the result's scale: the exponent
+/// plus an atanh series for the mantissa reduced to [sqrt(1/2), sqrt(2)). Branch-free so the
+/// loop above vectorises; std's log10 was the front-end's largest cost.
+#[inline(always)]
+fn fast_log10(x: f32) -> f32 {
+    const SQRT2: f32 = std::f32::consts::SQRT_2;
+    let bits = x.to_bits();
+    let mut e = ((bits >> 23) & 0xff) as i32 - 127;
+    let mut m = f32::from_bits((bits & 0x007f_ffff) | 0x3f80_0000);
+    let big = m > SQRT2;
+    m = if big { m * 0.5 } else { m };
+    e += big as i32;
+    let s = (m - 1.0) / (m + 1.0);
+    let s2 = s * s;
+    // ln(m) = 2 atanh(s) = 2 (s + s^3/3 + s^5/5 + s^7/7 + s^9/9)
+    let poly = 1.0 + s2 * (1.0 / 3.0 + s2 * (1.0 / 5.0 + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0))));
+    let ln_m = 2.0 * s * poly;
+    e as f32 * std::f32::consts::LOG10_2 + ln_m * std::f32::consts::LOG10_E
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_log10_matches_std() {
+        let mut worst = 0f64;
+        let mut x = 1e-10f32;
+        while x < 1e12 {
+            let err = (fast_log10(x) as f64 - (x as f64).log10()).abs();
+            worst = worst.max(err);
+            x *= 1.0007;
+        }
+        assert!(worst < 2e-6, "worst abs error {worst}");
+    }
+
+    #[test]
+    fn reflect_pad_matches_numpy_reflect() {
+        // np.pad([1,2,3,4,5], 200, mode="reflect") starts ... 3,2 | 1,2,3,4,5 | 4,3 ...
+        let x = [1.0, 2.0, 3.0, 4.0, 5.0];
+        let p = reflect_pad(&x, 5);
+        assert_eq!(p.len(), 405);
+        assert_eq!(&p[198..207], &[3.0, 2.0, 1.0, 2.0, 3.0, 4.0, 5.0, 4.0, 3.0]);
+        // Period 8: index -200 maps to 0 (since 200 % 8 == 0).
+        assert_eq!(p[0], 1.0);
+    }
+
+    #[test]
+    fn window_count_and_hop() {
+        let mut ex = LogMelExtractor::new(80).unwrap();
+        let s = MelSettings::default();
+        let samples = vec![0.01f32; N_SAMPLES * 2 + 5 * SAMPLE_RATE];
+        let (n, data) = ex.windows(&samples, &s).unwrap();
+        assert_eq!(n, 3);
+        assert_eq!(data.len(), 3 * 80 * N_FRAMES);
+        let exact = vec![0.01f32; N_SAMPLES * 2];
+        assert_eq!(ex.windows(&exact, &s).unwrap().0, 2);
+        let overlapping = MelSettings {
+            window_hop_s: 10.0,
+            ..s
+        };
+        // 65 s with 10 s hop: windows start at 0,10,20,30 (the one at 30 s reaches 60 s), 40 (reaches 65).
+        let long = vec![0.01f32; 65 * SAMPLE_RATE];
+        assert_eq!(ex.windows(&long, &overlapping).unwrap().0, 5);
+    }
+}

@@ -1,0 +1,97 @@
+//! Float32 `.npy` reading and (atomic) writing, via npyz.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use npyz::WriterBuilder;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NpyError {
+    #[error("{path}: {cause}")]
+    Io {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+    #[error("{path}: expected float32 data, found dtype {dtype}")]
+    DType { path: PathBuf, dtype: String },
+    #[error("{path}: shape {shape:?} does not match {len} values")]
+    Shape {
+        path: PathBuf,
+        shape: Vec<usize>,
+        len: usize,
+    },
+}
+
+/// Writes `data` (C order) with `shape` to `path`: first to a temporary file beside it, then
+/// renamed into place, so a crash never leaves a half-written array under the final name.
+pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<(), NpyError> {
+    let expected: usize = shape.iter().product();
+    if expected != data.len() {
+        return Err(NpyError::Shape {
+            path: path.to_path_buf(),
+            shape: shape.to_vec(),
+            len: data.len(),
+        });
+    }
+    let io = |cause| NpyError::Io {
+        path: path.to_path_buf(),
+        cause,
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    {
+        let mut buf = BufWriter::new(tmp.as_file_mut());
+        let shape_u64: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+        let mut writer = npyz::WriteOptions::new()
+            .default_dtype()
+            .shape(&shape_u64)
+            .writer(&mut buf)
+            .begin_nd()
+            .map_err(io)?;
+        writer.extend(data.iter().copied()).map_err(io)?;
+        writer.finish().map_err(io)?;
+        buf.flush().map_err(io)?;
+    }
+    tmp.as_file().sync_all().map_err(io)?;
+    // NamedTempFile is created 0600; give the result ordinary file permissions.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(io)?;
+    }
+    tmp.persist(path).map_err(|e| io(e.error))?;
+    Ok(())
+}
+
+/// Reads a float32 array: (shape, data in C order).
+pub fn read_f32(path: &Path) -> Result<(Vec<usize>, Vec<f32>), NpyError> {
+    let io = |cause| NpyError::Io {
+        path: path.to_path_buf(),
+        cause,
+    };
+    let file = File::open(path).map_err(io)?;
+    let npy = npyz::NpyFile::new(BufReader::new(file)).map_err(io)?;
+    let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
+    if npy.order() != npyz::Order::C {
+        return Err(NpyError::DType {
+            path: path.to_path_buf(),
+            dtype: "Fortran-ordered array".into(),
+        });
+    }
+    let dtype = npy.dtype();
+    let descr = dtype.descr();
+    if !(descr.contains("<f4") || descr.contains("|f4")) {
+        return Err(NpyError::DType {
+            path: path.to_path_buf(),
+            dtype: descr,
+        });
+    }
+    let data: Vec<f32> = npy.into_vec().map_err(io)?;
+    Ok((shape, data))
+}

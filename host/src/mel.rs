@@ -143,6 +143,12 @@ pub struct LogMelExtractor {
     spectrum: Vec<Complex<f32>>,
     scratch: Vec<Complex<f32>>,
     power: [f32; N_FREQ],
+    /// Reflect-padded signal, reused between calls (a fresh 1.9 MB buffer per window cost
+    /// more in page faults than the FFTs).
+    padded: Vec<f32>,
+    /// Mel energies frame-major (frames, n_mels): contiguous writes during the STFT; one
+    /// blocked transpose at the end gives Whisper's (n_mels, frames) layout.
+    frame_major: Vec<f32>,
 }
 
 impl LogMelExtractor {
@@ -180,6 +186,8 @@ impl LogMelExtractor {
             spectrum,
             scratch,
             power: [0.0; N_FREQ],
+            padded: Vec::with_capacity(N_SAMPLES + N_FFT + HOP_LENGTH),
+            frame_major: vec![0.0; N_FRAMES * n_mels],
         })
     }
 
@@ -202,52 +210,58 @@ impl LogMelExtractor {
             return Err(MelError::Empty);
         }
         let hop = settings.hop_samples();
-        let mut out = Vec::new();
-        let mut n_windows = 0;
-        let mut start = 0;
-        loop {
-            let end = (start + N_SAMPLES).min(samples.len());
-            out.extend_from_slice(&self.window_features(&samples[start..end], settings.padding));
-            n_windows += 1;
-            if end >= samples.len() {
-                break;
-            }
-            start += hop;
+        let mut starts = vec![0];
+        while starts.last().unwrap() + N_SAMPLES < samples.len() {
+            starts.push(starts.last().unwrap() + hop);
         }
-        Ok((n_windows, out))
+        let size = self.n_mels * N_FRAMES;
+        let mut out = vec![0f32; starts.len() * size];
+        for (&start, dst) in starts.iter().zip(out.chunks_exact_mut(size)) {
+            let end = (start + N_SAMPLES).min(samples.len());
+            self.window_features_into(&samples[start..end], settings.padding, dst);
+        }
+        Ok((starts.len(), out))
     }
 
     /// Log-mel (n_mels, 3000) of one clip of at most 30 s.
     pub fn window_features(&mut self, clip: &[f32], padding: Padding) -> Vec<f32> {
-        let clip = &clip[..clip.len().min(N_SAMPLES)];
         let mut mel = vec![0f32; self.n_mels * N_FRAMES];
+        self.window_features_into(clip, padding, &mut mel);
+        mel
+    }
+
+    /// As [`Self::window_features`], into `mel` (length n_mels * 3000, overwritten).
+    pub fn window_features_into(&mut self, clip: &[f32], padding: Padding, mel: &mut [f32]) {
+        assert_eq!(mel.len(), self.n_mels * N_FRAMES, "output buffer size");
+        let clip = &clip[..clip.len().min(N_SAMPLES)];
         match padding {
             Padding::Whisper => {
                 // STFT of the clip zero-padded to exactly 30 s: 3001 frames, the last dropped.
-                let signal = reflect_pad(clip, N_SAMPLES);
-                self.power_mel(&signal, N_FRAMES, &mut mel);
-                log_normalise(&mut mel, self.n_mels, N_FRAMES);
+                reflect_pad_into(clip, N_SAMPLES, &mut self.padded);
+                self.power_mel(N_FRAMES);
+                let used = &mut self.frame_major[..N_FRAMES * self.n_mels];
+                log_normalise(used);
+                transpose_into(used, N_FRAMES, self.n_mels, mel);
             }
             Padding::Trailing => {
                 // faster-whisper: append one hop of zeros, STFT, drop the last frame.
                 let len = clip.len() + HOP_LENGTH;
                 let frames = (len / HOP_LENGTH).min(N_FRAMES);
-                let signal = reflect_pad(clip, len);
-                self.power_mel(&signal, frames, &mut mel);
-                log_normalise(&mut mel, self.n_mels, frames);
-                for row in mel.chunks_exact_mut(N_FRAMES) {
-                    row[frames..].fill(0.0);
-                }
+                reflect_pad_into(clip, len, &mut self.padded);
+                self.power_mel(frames);
+                let used = &mut self.frame_major[..frames * self.n_mels];
+                log_normalise(used);
+                self.frame_major[frames * self.n_mels..].fill(0.0);
+                transpose_into(&self.frame_major, N_FRAMES, self.n_mels, mel);
             }
         }
-        mel
     }
 
-    /// Mel power of the first `frames` STFT frames of the reflect-padded `signal`, written
-    /// into columns of `mel` (n_mels, N_FRAMES).
-    fn power_mel(&mut self, signal: &[f32], frames: usize, mel: &mut [f32]) {
+    /// Mel power of the first `frames` STFT frames of `self.padded`, into
+    /// `self.frame_major` (frames, n_mels).
+    fn power_mel(&mut self, frames: usize) {
         for t in 0..frames {
-            let chunk = &signal[t * HOP_LENGTH..t * HOP_LENGTH + N_FFT];
+            let chunk = &self.padded[t * HOP_LENGTH..t * HOP_LENGTH + N_FFT];
             for ((dst, &x), &w) in self.frame.iter_mut().zip(chunk).zip(&self.window) {
                 *dst = x * w;
             }
@@ -257,22 +271,21 @@ impl LogMelExtractor {
             for (p, c) in self.power.iter_mut().zip(&self.spectrum) {
                 *p = c.re * c.re + c.im * c.im;
             }
-            for (m, filter) in self.filters.iter().enumerate() {
+            let row = &mut self.frame_major[t * self.n_mels..(t + 1) * self.n_mels];
+            for (dst, filter) in row.iter_mut().zip(&self.filters) {
                 let bins = &self.power[filter.first_bin..filter.first_bin + filter.weights.len()];
-                let e: f32 = bins.iter().zip(&filter.weights).map(|(p, w)| p * w).sum();
-                mel[m * N_FRAMES + t] = e;
+                *dst = bins.iter().zip(&filter.weights).map(|(p, w)| p * w).sum();
             }
         }
     }
 }
 
-/// `clip` zero-padded (or not) to `len` samples, then reflect-padded by n_fft/2 on both
-/// sides, as `torch.stft(center=True, pad_mode="reflect")`.
-fn reflect_pad(clip: &[f32], len: usize) -> Vec<f32> {
+/// `clip` zero-padded to `len` samples, then reflect-padded by n_fft/2 on both sides, as
+/// `torch.stft(center=True, pad_mode="reflect")`; written into `out` (reused).
+fn reflect_pad_into(clip: &[f32], len: usize, out: &mut Vec<f32>) {
     let pad = N_FFT / 2;
-    let mut body = clip.to_vec();
-    body.resize(len, 0.0);
-    let n = body.len() as isize;
+    let n = len as isize;
+    let body = |i: usize| clip.get(i).copied().unwrap_or(0.0);
     let period = 2 * (n - 1);
     let reflect = |i: isize| -> usize {
         if period == 0 {
@@ -281,27 +294,33 @@ fn reflect_pad(clip: &[f32], len: usize) -> Vec<f32> {
         let j = i.rem_euclid(period);
         (if j >= n { period - j } else { j }) as usize
     };
-    let mut out = Vec::with_capacity(body.len() + 2 * pad);
-    out.extend((-(pad as isize)..0).map(|i| body[reflect(i)]));
-    out.extend_from_slice(&body);
-    out.extend((n..n + pad as isize).map(|i| body[reflect(i)]));
-    out
+    out.clear();
+    out.extend((-(pad as isize)..0).map(|i| body(reflect(i))));
+    out.extend_from_slice(&clip[..clip.len().min(len)]);
+    out.resize(pad + len, 0.0);
+    out.extend((n..n + pad as isize).map(|i| body(reflect(i))));
 }
 
-/// In place over the first `frames` columns: log10 with 1e-10 floor, clamp to max - 8,
-/// then (x + 4) / 4.
-fn log_normalise(mel: &mut [f32], n_mels: usize, frames: usize) {
-    let mut max = 0f32;
-    for row in mel.chunks_exact(N_FRAMES).take(n_mels) {
-        for &v in &row[..frames] {
-            max = max.max(v);
-        }
-    }
+/// In place: log10 with 1e-10 floor, clamp to max - 8, then (x + 4) / 4.
+fn log_normalise(mel: &mut [f32]) {
+    let max = mel.iter().copied().fold(0f32, f32::max);
     // log10(max(v, 1e-10)) clamped at log10(max) - 8 equals log10(max(v, floor)).
     let floor = (max.max(1e-10) * 1e-8).max(1e-10);
-    for row in mel.chunks_exact_mut(N_FRAMES).take(n_mels) {
-        for v in &mut row[..frames] {
-            *v = (fast_log10(v.max(floor)) + 4.0) * 0.25;
+    for v in mel.iter_mut() {
+        *v = (fast_log10(v.max(floor)) + 4.0) * 0.25;
+    }
+}
+
+/// `src` (rows, cols) into `dst` (cols, rows), in cache-sized tiles.
+fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    const TILE: usize = 32;
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for c in c0..(c0 + TILE).min(cols) {
+                    dst[c * rows + r] = src[r * cols + c];
+                }
+            }
         }
     }
 }
@@ -346,11 +365,15 @@ mod tests {
     fn reflect_pad_matches_numpy_reflect() {
         // np.pad([1,2,3,4,5], 200, mode="reflect") starts ... 3,2 | 1,2,3,4,5 | 4,3 ...
         let x = [1.0, 2.0, 3.0, 4.0, 5.0];
-        let p = reflect_pad(&x, 5);
+        let mut p = Vec::new();
+        reflect_pad_into(&x, 5, &mut p);
         assert_eq!(p.len(), 405);
         assert_eq!(&p[198..207], &[3.0, 2.0, 1.0, 2.0, 3.0, 4.0, 5.0, 4.0, 3.0]);
         // Period 8: index -200 maps to 0 (since 200 % 8 == 0).
         assert_eq!(p[0], 1.0);
+        // Zero padding to 8 samples, then reflection of the zeros.
+        reflect_pad_into(&x, 8, &mut p);
+        assert_eq!(&p[198..211], &[3.0, 2.0, 1.0, 2.0, 3.0, 4.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
     }
 
     #[test]

@@ -19,7 +19,11 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let usage = "usage: bench_frontend (mel|decode) FILE REPEATS";
     let (what, file, repeats) = match &args[..] {
-        [_, w, f, r] => (w.as_str(), PathBuf::from(f), r.parse::<usize>().expect(usage)),
+        [_, w, f, r] => (
+            w.as_str(),
+            PathBuf::from(f),
+            r.parse::<usize>().expect(usage),
+        ),
         _ => panic!("{usage}"),
     };
     match what {

@@ -6,4 +6,6 @@
 pub mod audio;
 pub mod cli;
 pub mod mel;
+pub mod models;
 pub mod npy;
+pub mod sampler;

@@ -373,7 +373,10 @@ mod tests {
         assert_eq!(p[0], 1.0);
         // Zero padding to 8 samples, then reflection of the zeros.
         reflect_pad_into(&x, 8, &mut p);
-        assert_eq!(&p[198..211], &[3.0, 2.0, 1.0, 2.0, 3.0, 4.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+        assert_eq!(
+            &p[198..211],
+            &[3.0, 2.0, 1.0, 2.0, 3.0, 4.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+        );
     }
 
     #[test]

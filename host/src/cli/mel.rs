@@ -1,10 +1,10 @@
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 
-use crate::audio::{self, Segment};
-use crate::mel::{LogMelExtractor, MelSettings, Padding, N_FRAMES};
+use super::common::AudioArgs;
+use crate::mel::N_FRAMES;
 
 #[derive(Debug, Args)]
 #[command(
@@ -18,44 +18,19 @@ pub struct MelArgs {
     /// Number of mel bins: 80 (Whisper up to large-v2) or 128 (large-v3)
     #[arg(long, default_value_t = 80, value_parser = parse_bins)]
     pub bins: usize,
-    /// Padding convention for clips shorter than 30 s
-    #[arg(long, value_enum, default_value_t = Padding::Whisper)]
-    pub padding: Padding,
-    /// Start of the segment to use, in seconds
-    #[arg(long, value_name = "S")]
-    pub start: Option<f64>,
-    /// End of the segment to use, in seconds
-    #[arg(long, value_name = "S")]
-    pub end: Option<f64>,
-    /// Seconds between the starts of consecutive 30 s windows for long audio (0 < hop <= 30)
-    #[arg(long, value_name = "S", default_value_t = 30.0)]
-    pub window_hop: f64,
+    #[command(flatten)]
+    pub audio: AudioArgs,
     /// Where to write the .npy
     #[arg(long, value_name = "OUT.npy")]
     pub out: PathBuf,
 }
 
 pub fn run(args: MelArgs) -> Result<()> {
-    let settings = MelSettings {
-        n_mels: args.bins,
-        padding: args.padding,
-        window_hop_s: args.window_hop,
-    };
-    settings.validate()?;
-    let segment = Segment {
-        start: args.start,
-        end: args.end,
-    };
-    let samples = audio::load_16k_mono(&args.input, segment)?;
-    let mut extractor = LogMelExtractor::new(settings.n_mels)?;
-    let (n_windows, data) = extractor
-        .windows(&samples, &settings)
-        .with_context(|| format!("{}: computing log-mel", args.input.display()))?;
-    crate::npy::write_f32(&args.out, &[n_windows, settings.n_mels, N_FRAMES], &data)?;
+    let (n_windows, data) = args.audio.mel(&args.input, args.bins)?;
+    crate::npy::write_f32(&args.out, &[n_windows, args.bins, N_FRAMES], &data)?;
     tracing::info!(
-        "{}: {} samples at 16 kHz -> {} window(s) -> {}",
+        "{}: {} window(s) -> {}",
         args.input.display(),
-        samples.len(),
         n_windows,
         args.out.display()
     );

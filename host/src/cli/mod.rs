@@ -2,6 +2,11 @@
 //! progress to stderr.
 
 mod audio_info;
+mod common;
+mod encode;
+mod generate;
+mod import;
+mod inspect;
 mod mel;
 
 use std::process::ExitCode;
@@ -29,6 +34,14 @@ enum Command {
     Mel(mel::MelArgs),
     /// Show container, codec, sample rate, channels and duration of an audio file
     AudioInfo(audio_info::AudioInfoArgs),
+    /// Run the frozen Whisper encoder on audio (or a mel .npy) and write its output as .npy
+    Encode(encode::EncodeArgs),
+    /// Continue a text prompt with the LLM (text only; checks the LLM path end to end)
+    Generate(generate::GenerateArgs),
+    /// Summarise a model file/folder and check every tensor for NaN/Inf
+    Inspect(inspect::InspectArgs),
+    /// Convert models from other formats to Hugging Face layout
+    Import(import::ImportArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -37,6 +50,10 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Mel(args) => mel::run(args),
         Command::AudioInfo(args) => audio_info::run(args),
+        Command::Encode(args) => encode::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Inspect(args) => inspect::run(args),
+        Command::Import(args) => import::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,68 @@
+//! Arguments shared by several subcommands.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use crate::audio::{self, Segment};
+use crate::mel::{LogMelExtractor, MelSettings, Padding, N_FRAMES};
+
+#[derive(Debug, Clone, Args)]
+pub struct AudioArgs {
+    /// Start of the segment to use, in seconds
+    #[arg(long, value_name = "S")]
+    pub start: Option<f64>,
+    /// End of the segment to use, in seconds
+    #[arg(long, value_name = "S")]
+    pub end: Option<f64>,
+    /// Padding convention for clips shorter than 30 s
+    #[arg(long, value_enum, default_value_t = Padding::Whisper)]
+    pub padding: Padding,
+    /// Seconds between the starts of consecutive 30 s windows for long audio (0 < hop <= 30)
+    #[arg(long, value_name = "S", default_value_t = 30.0)]
+    pub window_hop: f64,
+}
+
+impl AudioArgs {
+    pub fn settings(&self, n_mels: usize) -> MelSettings {
+        MelSettings {
+            n_mels,
+            padding: self.padding,
+            window_hop_s: self.window_hop,
+        }
+    }
+
+    /// Decodes `input` and computes its log-mel windows: (n_windows, data).
+    pub fn mel(&self, input: &Path, n_mels: usize) -> Result<(usize, Vec<f32>)> {
+        let settings = self.settings(n_mels);
+        settings.validate()?;
+        let segment = Segment {
+            start: self.start,
+            end: self.end,
+        };
+        let samples = audio::load_16k_mono(input, segment)?;
+        let mut extractor = LogMelExtractor::new(n_mels)?;
+        let out = extractor
+            .windows(&samples, &settings)
+            .with_context(|| format!("{}: computing log-mel", input.display()))?;
+        debug_assert_eq!(out.1.len(), out.0 * n_mels * N_FRAMES);
+        Ok(out)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Args)]
+pub struct TraceArgs {
+    /// Check every layer's output for NaN/Inf and stop at the first layer that produces one,
+    /// naming it (slow: a debugging aid)
+    #[arg(long)]
+    pub trace_nonfinite: bool,
+}
+
+impl TraceArgs {
+    pub fn trace(&self) -> crate::models::nonfinite::NonFiniteTrace {
+        crate::models::nonfinite::NonFiniteTrace {
+            enabled: self.trace_nonfinite,
+        }
+    }
+}

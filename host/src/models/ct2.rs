@@ -1,0 +1,457 @@
+//! `earshot import ct2`: a CTranslate2 Whisper model (`model.bin`, spec version 6, as used by
+//! faster-whisper) to a Hugging Face layout folder (`model.safetensors` + `config.json`, plus
+//! the tokenizer), splitting the fused attention projections. Weights keep their dtype.
+//!
+//! model.bin: u32 version | string spec name | u32 spec revision | u32 n_vars |
+//! per var: string name, u8 rank, u32 dims[rank], u8 dtype, u32 n_bytes, bytes |
+//! u32 n_aliases | per alias: string alias, string target. Strings are u16 length (counting a
+//! trailing NUL) + bytes. Little-endian, no alignment.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use super::weights::{ModelError, Result};
+
+/// One variable of a CTranslate2 model.
+#[derive(Debug, Clone)]
+pub struct Ct2Var {
+    pub dims: Vec<usize>,
+    pub dtype: DType,
+    pub bytes: Vec<u8>,
+}
+
+/// The parsed `model.bin`.
+#[derive(Debug)]
+pub struct Ct2Model {
+    pub spec: String,
+    pub vars: BTreeMap<String, Ct2Var>,
+    pub aliases: Vec<(String, String)>,
+}
+
+struct Reader<'a> {
+    data: &'a [u8],
+    pos: usize,
+    path: &'a Path,
+}
+
+impl<'a> Reader<'a> {
+    fn err(&self, reason: impl Into<String>) -> ModelError {
+        ModelError::Format {
+            path: self.path.to_path_buf(),
+            format: "CTranslate2 model.bin",
+            reason: format!("{} (at byte {})", reason.into(), self.pos),
+        }
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.data.len() - self.pos < n {
+            return Err(self.err(format!(
+                "file ends early: need {n} more bytes, {} left",
+                self.data.len() - self.pos
+            )));
+        }
+        let s = &self.data[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().unwrap()))
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn string(&mut self) -> Result<String> {
+        let n = self.u16()? as usize;
+        let bytes = self.take(n)?;
+        let bytes = bytes.strip_suffix(&[0]).unwrap_or(bytes);
+        String::from_utf8(bytes.to_vec()).map_err(|_| self.err("a name is not valid UTF-8"))
+    }
+}
+
+fn dtype_of(code: u8) -> Option<(DType, usize)> {
+    Some(match code {
+        0 => (DType::F32, 4),
+        1 => (DType::I64, 0), // i8: not used by float Whisper checkpoints; refused below
+        2 => (DType::I16, 2),
+        3 => (DType::I32, 0),
+        4 => (DType::F16, 2),
+        5 => (DType::BF16, 2),
+        _ => return None,
+    })
+}
+
+impl Ct2Model {
+    pub fn read(path: &Path) -> Result<Self> {
+        let data = std::fs::read(path).map_err(|cause| ModelError::Io {
+            path: path.to_path_buf(),
+            cause,
+        })?;
+        let mut r = Reader {
+            data: &data,
+            pos: 0,
+            path,
+        };
+        let version = r.u32()?;
+        if version != 6 {
+            return Err(r.err(format!(
+                "binary version {version} is not supported (only version 6)"
+            )));
+        }
+        let spec = r.string()?;
+        let _revision = r.u32()?;
+        let n = r.u32()? as usize;
+        let mut vars = BTreeMap::new();
+        for _ in 0..n {
+            let name = r.string()?;
+            let rank = r.u8()? as usize;
+            let dims = (0..rank)
+                .map(|_| r.u32().map(|d| d as usize))
+                .collect::<Result<Vec<_>>>()?;
+            let code = r.u8()?;
+            let n_bytes = r.u32()? as usize;
+            let bytes = r.take(n_bytes)?.to_vec();
+            let (dtype, size) = match dtype_of(code) {
+                Some((dt, size)) if size > 0 => (dt, size),
+                _ => {
+                    // Quantized (int8) or unknown: keep the bytes for scalars only.
+                    if dims.is_empty() {
+                        (DType::U8, 1)
+                    } else {
+                        return Err(r.err(format!(
+                            "variable `{name}` has dtype code {code}: quantized (int8) models are not supported, \
+                             convert with --quantization float16 or float32"
+                        )));
+                    }
+                }
+            };
+            let elems: usize = dims.iter().product();
+            if !dims.is_empty() && elems * size != n_bytes {
+                return Err(r.err(format!(
+                    "variable `{name}`: {n_bytes} bytes for shape {dims:?}"
+                )));
+            }
+            vars.insert(name, Ct2Var { dims, dtype, bytes });
+        }
+        let n_alias = r.u32()? as usize;
+        let mut aliases = Vec::with_capacity(n_alias);
+        for _ in 0..n_alias {
+            aliases.push((r.string()?, r.string()?));
+        }
+        Ok(Self {
+            spec,
+            vars,
+            aliases,
+        })
+    }
+
+    fn var(&self, path: &Path, name: &str) -> Result<&Ct2Var> {
+        self.vars
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                source_desc: path.display().to_string(),
+                name: name.to_string(),
+            })
+    }
+
+    fn scalar_int(&self, path: &Path, name: &str) -> Result<usize> {
+        let v = self.var(path, name)?;
+        Ok(match v.bytes.len() {
+            1 => v.bytes[0] as usize,
+            2 => i16::from_le_bytes([v.bytes[0], v.bytes[1]]) as usize,
+            4 => i32::from_le_bytes(v.bytes[..4].try_into().unwrap()) as usize,
+            _ => {
+                return Err(ModelError::Format {
+                    path: path.to_path_buf(),
+                    format: "CTranslate2 model.bin",
+                    reason: format!("scalar `{name}` has {} bytes", v.bytes.len()),
+                })
+            }
+        })
+    }
+
+    fn count_layers(&self, prefix: &str) -> usize {
+        (0..)
+            .take_while(|i| {
+                self.vars
+                    .keys()
+                    .any(|k| k.starts_with(&format!("{prefix}/layer_{i}/")))
+            })
+            .count()
+    }
+}
+
+/// Converts `ct2_dir` (model.bin + tokenizer.json) into `out_dir`, atomically: everything is
+/// written to `out_dir.partial` and renamed at the end.
+pub fn import_whisper(ct2_dir: &Path, out_dir: &Path) -> Result<ImportSummary> {
+    let bin = ct2_dir.join("model.bin");
+    let model = Ct2Model::read(&bin)?;
+    if model.spec != "WhisperSpec" {
+        return Err(ModelError::Format {
+            path: bin,
+            format: "CTranslate2 model.bin",
+            reason: format!("spec is {}, not WhisperSpec", model.spec),
+        });
+    }
+    let mut out: HashMap<String, Tensor> = HashMap::new();
+    let tensor = |v: &Ct2Var, rows: Option<(usize, usize)>| -> Result<Tensor> {
+        let t = Tensor::from_raw_buffer(&v.bytes, v.dtype, &v.dims, &Device::Cpu)?;
+        Ok(match rows {
+            Some((start, len)) => t.narrow(0, start, len)?.contiguous()?,
+            None => t,
+        })
+    };
+    let put = |out: &mut HashMap<String, Tensor>, hf: String, v: &Ct2Var| -> Result<()> {
+        out.insert(hf, tensor(v, None)?);
+        Ok(())
+    };
+    // Linear (weight + bias) and LayerNorm (gamma/beta) copies.
+    let linear = |out: &mut HashMap<String, Tensor>, ct: &str, hf: &str| -> Result<()> {
+        put(
+            out,
+            format!("{hf}.weight"),
+            model.var(&bin, &format!("{ct}/weight"))?,
+        )?;
+        put(
+            out,
+            format!("{hf}.bias"),
+            model.var(&bin, &format!("{ct}/bias"))?,
+        )
+    };
+    let norm = |out: &mut HashMap<String, Tensor>, ct: &str, hf: &str| -> Result<()> {
+        put(
+            out,
+            format!("{hf}.weight"),
+            model.var(&bin, &format!("{ct}/gamma"))?,
+        )?;
+        put(
+            out,
+            format!("{hf}.bias"),
+            model.var(&bin, &format!("{ct}/beta"))?,
+        )
+    };
+    // A fused projection split along rows into parts; k projections have no bias in HF
+    // Whisper, so CTranslate2 stores zeros there, which we check.
+    let split = |out: &mut HashMap<String, Tensor>,
+                 ct: &str,
+                 parts: &[(&str, bool)]|
+     -> Result<()> {
+        let w = model.var(&bin, &format!("{ct}/weight"))?;
+        let b = model.var(&bin, &format!("{ct}/bias"))?;
+        let rows = w.dims[0] / parts.len();
+        for (i, (hf, has_bias)) in parts.iter().enumerate() {
+            out.insert(format!("{hf}.weight"), tensor(w, Some((i * rows, rows)))?);
+            let bias = tensor(b, Some((i * rows, rows)))?;
+            if *has_bias {
+                out.insert(format!("{hf}.bias"), bias);
+            } else {
+                let max = bias
+                    .to_dtype(DType::F32)?
+                    .abs()?
+                    .max_all()?
+                    .to_scalar::<f32>()?;
+                if max != 0.0 {
+                    return Err(ModelError::Format {
+                        path: bin.clone(),
+                        format: "CTranslate2 model.bin",
+                        reason: format!("{ct}: the k-projection bias is not zero (max |b| = {max}); HF Whisper has no k bias"),
+                    });
+                }
+            }
+        }
+        Ok(())
+    };
+
+    let enc_layers = model.count_layers("encoder");
+    let dec_layers = model.count_layers("decoder");
+    let conv1 = model.var(&bin, "encoder/conv1/weight")?;
+    let (d_model, n_mels) = (conv1.dims[0], conv1.dims[1]);
+    let enc_ffn = model.var(&bin, "encoder/layer_0/ffn/linear_0/weight")?.dims[0];
+    let dec_emb = model.var(&bin, "decoder/embeddings/weight")?;
+    let vocab = dec_emb.dims[0];
+    let dec_ffn = model.var(&bin, "decoder/layer_0/ffn/linear_0/weight")?.dims[0];
+    let src_pos = model
+        .var(&bin, "encoder/position_encodings/encodings")?
+        .dims[0];
+    let tgt_pos = model
+        .var(&bin, "decoder/position_encodings/encodings")?
+        .dims[0];
+
+    linear(&mut out, "encoder/conv1", "model.encoder.conv1")?;
+    linear(&mut out, "encoder/conv2", "model.encoder.conv2")?;
+    put(
+        &mut out,
+        "model.encoder.embed_positions.weight".into(),
+        model.var(&bin, "encoder/position_encodings/encodings")?,
+    )?;
+    norm(&mut out, "encoder/layer_norm", "model.encoder.layer_norm")?;
+    for i in 0..enc_layers {
+        let (c, h) = (
+            format!("encoder/layer_{i}"),
+            format!("model.encoder.layers.{i}"),
+        );
+        norm(
+            &mut out,
+            &format!("{c}/self_attention/layer_norm"),
+            &format!("{h}.self_attn_layer_norm"),
+        )?;
+        split(
+            &mut out,
+            &format!("{c}/self_attention/linear_0"),
+            &[
+                (&format!("{h}.self_attn.q_proj"), true),
+                (&format!("{h}.self_attn.k_proj"), false),
+                (&format!("{h}.self_attn.v_proj"), true),
+            ],
+        )?;
+        linear(
+            &mut out,
+            &format!("{c}/self_attention/linear_1"),
+            &format!("{h}.self_attn.out_proj"),
+        )?;
+        norm(
+            &mut out,
+            &format!("{c}/ffn/layer_norm"),
+            &format!("{h}.final_layer_norm"),
+        )?;
+        linear(&mut out, &format!("{c}/ffn/linear_0"), &format!("{h}.fc1"))?;
+        linear(&mut out, &format!("{c}/ffn/linear_1"), &format!("{h}.fc2"))?;
+    }
+    put(
+        &mut out,
+        "model.decoder.embed_tokens.weight".into(),
+        dec_emb,
+    )?;
+    put(
+        &mut out,
+        "model.decoder.embed_positions.weight".into(),
+        model.var(&bin, "decoder/position_encodings/encodings")?,
+    )?;
+    norm(&mut out, "decoder/layer_norm", "model.decoder.layer_norm")?;
+    for i in 0..dec_layers {
+        let (c, h) = (
+            format!("decoder/layer_{i}"),
+            format!("model.decoder.layers.{i}"),
+        );
+        norm(
+            &mut out,
+            &format!("{c}/self_attention/layer_norm"),
+            &format!("{h}.self_attn_layer_norm"),
+        )?;
+        split(
+            &mut out,
+            &format!("{c}/self_attention/linear_0"),
+            &[
+                (&format!("{h}.self_attn.q_proj"), true),
+                (&format!("{h}.self_attn.k_proj"), false),
+                (&format!("{h}.self_attn.v_proj"), true),
+            ],
+        )?;
+        linear(
+            &mut out,
+            &format!("{c}/self_attention/linear_1"),
+            &format!("{h}.self_attn.out_proj"),
+        )?;
+        norm(
+            &mut out,
+            &format!("{c}/attention/layer_norm"),
+            &format!("{h}.encoder_attn_layer_norm"),
+        )?;
+        linear(
+            &mut out,
+            &format!("{c}/attention/linear_0"),
+            &format!("{h}.encoder_attn.q_proj"),
+        )?;
+        split(
+            &mut out,
+            &format!("{c}/attention/linear_1"),
+            &[
+                (&format!("{h}.encoder_attn.k_proj"), false),
+                (&format!("{h}.encoder_attn.v_proj"), true),
+            ],
+        )?;
+        linear(
+            &mut out,
+            &format!("{c}/attention/linear_2"),
+            &format!("{h}.encoder_attn.out_proj"),
+        )?;
+        norm(
+            &mut out,
+            &format!("{c}/ffn/layer_norm"),
+            &format!("{h}.final_layer_norm"),
+        )?;
+        linear(&mut out, &format!("{c}/ffn/linear_0"), &format!("{h}.fc1"))?;
+        linear(&mut out, &format!("{c}/ffn/linear_1"), &format!("{h}.fc2"))?;
+    }
+
+    let config = serde_json::json!({
+        "architectures": ["WhisperForConditionalGeneration"],
+        "model_type": "whisper",
+        "num_mel_bins": n_mels,
+        "d_model": d_model,
+        "encoder_layers": enc_layers,
+        "encoder_attention_heads": model.scalar_int(&bin, "encoder/num_heads")?,
+        "encoder_ffn_dim": enc_ffn,
+        "decoder_layers": dec_layers,
+        "decoder_attention_heads": model.scalar_int(&bin, "decoder/num_heads")?,
+        "decoder_ffn_dim": dec_ffn,
+        "vocab_size": vocab,
+        "max_source_positions": src_pos,
+        "max_target_positions": tgt_pos,
+        "activation_function": "gelu",
+        "scale_embedding": false,
+        "tie_word_embeddings": true,
+        "torch_dtype": format!("{:?}", dec_emb.dtype).to_lowercase(),
+        "earshot_imported_from": "ctranslate2",
+    });
+
+    let partial = PathBuf::from(format!("{}.partial", out_dir.display()));
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |cause| ModelError::Io { path, cause }
+    };
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).map_err(io(&partial))?;
+    }
+    std::fs::create_dir_all(&partial).map_err(io(&partial))?;
+    let n_tensors = out.len();
+    candle_core::safetensors::save(&out, partial.join("model.safetensors"))?;
+    std::fs::write(
+        partial.join("config.json"),
+        serde_json::to_string_pretty(&config).expect("json"),
+    )
+    .map_err(io(&partial))?;
+    for extra in [
+        "tokenizer.json",
+        "vocabulary.txt",
+        "preprocessor_config.json",
+    ] {
+        let src = ct2_dir.join(extra);
+        if src.is_file() {
+            std::fs::copy(&src, partial.join(extra)).map_err(io(&src))?;
+        }
+    }
+    if out_dir.exists() {
+        std::fs::remove_dir_all(out_dir).map_err(io(out_dir))?;
+    }
+    std::fs::rename(&partial, out_dir).map_err(io(out_dir))?;
+    Ok(ImportSummary {
+        tensors: n_tensors,
+        encoder_layers: enc_layers,
+        decoder_layers: dec_layers,
+        d_model,
+        n_mels,
+    })
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ImportSummary {
+    pub tensors: usize,
+    pub encoder_layers: usize,
+    pub decoder_layers: usize,
+    pub d_model: usize,
+    pub n_mels: usize,
+}

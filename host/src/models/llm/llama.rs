@@ -1,0 +1,474 @@
+//! Llama-family decoder over input embeddings. Every op on the path from embeddings to logits
+//! has a working backward in candle 0.11 (see shared notes): softmax via `ops::softmax`,
+//! RMSNorm from primitive ops, rotary via `rope_slow`/`rope_i_slow`; projections are
+//! [`FrozenLinear`], which passes gradients to its input but never computes weight gradients.
+
+use candle_core::{DType, Device, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+use super::LanguageModel;
+use crate::models::frozen::FrozenLinear;
+use crate::models::nonfinite::NonFiniteTrace;
+use crate::models::weights::{ModelError, Result, WeightStore};
+
+/// Hugging Face `LlamaConfig` / `MistralConfig` fields (unknown fields ignored).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    /// Mistral: each position attends to at most this many previous positions.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Rotate adjacent pairs (x[2i], x[2i+1]) instead of halves: the Q/K rows of llama.cpp's
+    /// GGUF files are stored permuted for that convention. Set by the GGUF loader.
+    #[serde(default)]
+    pub rope_interleaved: bool,
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_theta() -> f64 {
+    10_000.0
+}
+fn default_max_pos() -> usize {
+    4096
+}
+
+impl LlamaConfig {
+    pub fn n_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+}
+
+/// Where logits are wanted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsAt {
+    All,
+    Last,
+}
+
+/// Per-layer keys and values (B, n_kv_heads, S, head_dim), appended to by each forward.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> Self {
+        Self {
+            layers: vec![None; n_layers],
+            len: 0,
+        }
+    }
+    /// Positions already cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+struct Block {
+    attn_norm: Tensor,
+    q: FrozenLinear,
+    k: FrozenLinear,
+    v: FrozenLinear,
+    o: FrozenLinear,
+    mlp_norm: Tensor,
+    gate: FrozenLinear,
+    up: FrozenLinear,
+    down: FrozenLinear,
+}
+
+pub struct Llama {
+    pub config: LlamaConfig,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: FrozenLinear,
+    cos: Tensor,
+    sin: Tensor,
+    dtype: DType,
+    device: Device,
+}
+
+impl Llama {
+    /// Builds the model from tensors named as in Hugging Face's Llama layout.
+    pub fn load(
+        store: &WeightStore,
+        cfg: &LlamaConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim());
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.n_kv_heads());
+        let mismatch = |reason: String| ModelError::ConfigMismatch {
+            source_desc: store.source_desc.clone(),
+            reason,
+        };
+        if nh == 0 || nkv == 0 || nh % nkv != 0 {
+            return Err(mismatch(format!(
+                "num_attention_heads {nh} must be a positive multiple of num_key_value_heads {nkv}"
+            )));
+        }
+        if hd % 2 != 0 {
+            return Err(mismatch(format!(
+                "head dim {hd} must be even for rotary embeddings"
+            )));
+        }
+        if let Some(shape) = store.shape_of("model.embed_tokens.weight") {
+            if shape != [cfg.vocab_size, h] {
+                return Err(mismatch(format!(
+                    "config says vocab_size {} and hidden_size {h}, model.embed_tokens.weight is {shape:?}",
+                    cfg.vocab_size
+                )));
+            }
+        }
+        let layers_in_weights = (0..)
+            .take_while(|i| store.contains(&format!("model.layers.{i}.self_attn.q_proj.weight")))
+            .count();
+        if layers_in_weights != cfg.num_hidden_layers {
+            return Err(mismatch(format!(
+                "config says num_hidden_layers = {}, the weights have {layers_in_weights}",
+                cfg.num_hidden_layers
+            )));
+        }
+        let get = |name: &str, shape: &[usize]| store.get(name, shape, dtype);
+        let lin = |name: &str, out: usize, inp: usize| -> Result<FrozenLinear> {
+            Ok(FrozenLinear::new(
+                get(&format!("{name}.weight"), &[out, inp])?,
+                None,
+            ))
+        };
+        let embed = get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            blocks.push(Block {
+                attn_norm: get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                q: lin(&format!("{p}.self_attn.q_proj"), nh * hd, h)?,
+                k: lin(&format!("{p}.self_attn.k_proj"), nkv * hd, h)?,
+                v: lin(&format!("{p}.self_attn.v_proj"), nkv * hd, h)?,
+                o: lin(&format!("{p}.self_attn.o_proj"), h, nh * hd)?,
+                mlp_norm: get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                gate: lin(&format!("{p}.mlp.gate_proj"), cfg.intermediate_size, h)?,
+                up: lin(&format!("{p}.mlp.up_proj"), cfg.intermediate_size, h)?,
+                down: lin(&format!("{p}.mlp.down_proj"), h, cfg.intermediate_size)?,
+            });
+        }
+        let lm_head = if store.contains("lm_head.weight") && !cfg.tie_word_embeddings {
+            lin("lm_head", cfg.vocab_size, h)?
+        } else {
+            FrozenLinear::new(embed.clone(), None)
+        };
+        // Rotary tables in f32: (max_pos, head_dim / 2).
+        let inv_freq: Vec<f32> = (0..hd / 2)
+            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64) as f32)
+            .collect();
+        let n = cfg.max_position_embeddings;
+        let inv_freq = Tensor::from_vec(inv_freq, (1, hd / 2), device)?;
+        let t = Tensor::arange(0u32, n as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((n, 1))?;
+        let freqs = t.broadcast_mul(&inv_freq)?;
+        Ok(Self {
+            config: cfg.clone(),
+            embed,
+            blocks,
+            norm: get("model.norm.weight", &[h])?,
+            lm_head,
+            cos: freqs.cos()?.to_dtype(dtype)?,
+            sin: freqs.sin()?.to_dtype(dtype)?,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// Replaces every projection with candle's stock matmul (weight gradients computed and
+    /// stored): only for measuring what [`FrozenLinear`] saves.
+    pub fn use_stock_backward(&mut self) {
+        for b in &mut self.blocks {
+            for l in [
+                &mut b.q,
+                &mut b.k,
+                &mut b.v,
+                &mut b.o,
+                &mut b.gate,
+                &mut b.up,
+                &mut b.down,
+            ] {
+                *l = l.clone().with_stock_backward();
+            }
+        }
+        self.lm_head = self.lm_head.clone().with_stock_backward();
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// All frozen weight tensors (for tests that check no gradient reaches them).
+    pub fn frozen_tensors(&self) -> Vec<&Tensor> {
+        let mut v = vec![&self.embed, &self.norm, self.lm_head.weight()];
+        for b in &self.blocks {
+            v.extend([
+                &b.attn_norm,
+                &b.mlp_norm,
+                b.q.weight(),
+                b.k.weight(),
+                b.v.weight(),
+                b.o.weight(),
+                b.gate.weight(),
+                b.up.weight(),
+                b.down.weight(),
+            ]);
+        }
+        v
+    }
+
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        let x32 = x.to_dtype(DType::F32)?;
+        let ms = x32.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = x32.broadcast_div(&(ms + self.config.rms_norm_eps)?.sqrt()?)?;
+        Ok(normed.to_dtype(self.dtype)?.broadcast_mul(weight)?)
+    }
+
+    fn rope(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let t = x.dim(2)?;
+        let cos = self.cos.narrow(0, offset, t)?;
+        let sin = self.sin.narrow(0, offset, t)?;
+        Ok(if self.config.rope_interleaved {
+            candle_nn::rotary_emb::rope_i_slow(&x.contiguous()?, &cos, &sin)?
+        } else {
+            candle_nn::rotary_emb::rope_slow(&x.contiguous()?, &cos, &sin)?
+        })
+    }
+
+    /// Additive mask (T, S) for queries at `offset..offset+T` over keys `0..S`: causal, and
+    /// limited to the sliding window when the model has one.
+    fn mask(&self, t: usize, s: usize, offset: usize) -> Result<Option<Tensor>> {
+        let window = self.config.sliding_window;
+        let needs = t > 1 || window.is_some_and(|w| s > w);
+        if !needs {
+            return Ok(None);
+        }
+        let mut m = vec![0f32; t * s];
+        for i in 0..t {
+            let q = offset + i;
+            for j in 0..s {
+                let future = j > q;
+                let too_far = window.is_some_and(|w| q >= j + w);
+                if future || too_far {
+                    m[i * s + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        Ok(Some(
+            Tensor::from_vec(m, (t, s), &self.device)?.to_dtype(self.dtype)?,
+        ))
+    }
+
+    fn attention(
+        &self,
+        block: &Block,
+        x: &Tensor,
+        offset: usize,
+        layer_cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let cfg = &self.config;
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.n_kv_heads(), cfg.head_dim());
+        let q = block
+            .q
+            .forward(x)?
+            .reshape((b, t, nh, hd))?
+            .transpose(1, 2)?;
+        let k = block
+            .k
+            .forward(x)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?;
+        let v = block
+            .v
+            .forward(x)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?;
+        let q = self.rope(&q, offset)?;
+        let k = self.rope(&k, offset)?;
+        let v = v.contiguous()?;
+        let (k, v) = match layer_cache {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let s = k.dim(2)?;
+        // Grouped-query attention without materialising repeated K/V: fold the query heads
+        // that share a K/V head into the sequence axis.
+        let rep = nh / nkv;
+        let q = q.reshape((b, nkv, rep * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = match self.mask(t, s, offset)? {
+            Some(mask) => scores
+                .reshape((b, nkv, rep, t, s))?
+                .broadcast_add(&mask)?
+                .reshape((b, nkv, rep * t, s))?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?
+            .to_dtype(self.dtype)?;
+        let y = probs.matmul(&v)?; // (b, nkv, rep*t, hd)
+        let y = y
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
+        Ok(block.o.forward(&y)?)
+    }
+
+    /// Hidden states after the final norm: (B, T, hidden).
+    pub fn forward_hidden(
+        &self,
+        embeds: &Tensor,
+        offset: usize,
+        mut cache: Option<&mut KvCache>,
+        trace: NonFiniteTrace,
+    ) -> Result<Tensor> {
+        let (_, t, h) = embeds.dims3()?;
+        if h != self.config.hidden_size {
+            return Err(ModelError::ConfigMismatch {
+                source_desc: "LLM input".into(),
+                reason: format!(
+                    "embeddings have width {h}, the model's hidden size is {}",
+                    self.config.hidden_size
+                ),
+            });
+        }
+        if let Some(c) = cache.as_deref() {
+            if c.len != offset {
+                return Err(ModelError::ConfigMismatch {
+                    source_desc: "LLM KV cache".into(),
+                    reason: format!("offset {offset} but the cache holds {} positions", c.len),
+                });
+            }
+        }
+        if offset + t > self.config.max_position_embeddings {
+            return Err(ModelError::ConfigMismatch {
+                source_desc: "LLM input".into(),
+                reason: format!(
+                    "{} positions exceed the model's context of {}",
+                    offset + t,
+                    self.config.max_position_embeddings
+                ),
+            });
+        }
+        let mut x = embeds.to_dtype(self.dtype)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let h = self.attention(block, &self.rms_norm(&x, &block.attn_norm)?, offset, slot)?;
+            x = (x + h)?;
+            let n = self.rms_norm(&x, &block.mlp_norm)?;
+            let h = block
+                .down
+                .forward(&(block.gate.forward(&n)?.silu()? * block.up.forward(&n)?)?)?;
+            x = (x + h)?;
+            trace.check(|| format!("llm.layers.{i}"), &x)?;
+        }
+        if let Some(c) = cache {
+            c.len += t;
+        }
+        let x = self.rms_norm(&x, &self.norm)?;
+        trace.check(|| "llm.norm".into(), &x)?;
+        Ok(x)
+    }
+
+    /// Logits (.., vocab) in f32 from hidden states (.., hidden).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(hidden)?.to_dtype(DType::F32)?)
+    }
+}
+
+impl LanguageModel for Llama {
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let flat = ids.flatten_all()?;
+        let max = flat.max(0)?.to_scalar::<u32>()? as usize;
+        if max >= self.config.vocab_size {
+            return Err(ModelError::ConfigMismatch {
+                source_desc: "token ids".into(),
+                reason: format!(
+                    "id {max} is outside the vocabulary of {}",
+                    self.config.vocab_size
+                ),
+            });
+        }
+        Ok(self
+            .embed
+            .index_select(&flat, 0)?
+            .reshape((b, t, self.config.hidden_size))?)
+    }
+
+    fn forward(
+        &self,
+        embeds: &Tensor,
+        offset: usize,
+        cache: Option<&mut KvCache>,
+        at: LogitsAt,
+        trace: NonFiniteTrace,
+    ) -> Result<Tensor> {
+        let hidden = self.forward_hidden(embeds, offset, cache, trace)?;
+        let hidden = match at {
+            LogitsAt::All => hidden,
+            LogitsAt::Last => {
+                let t = hidden.dim(1)?;
+                hidden.narrow(1, t - 1, 1)?
+            }
+        };
+        let logits = self.logits(&hidden)?;
+        trace.check(|| "llm.lm_head".into(), &logits)?;
+        Ok(logits)
+    }
+
+    fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config.num_hidden_layers)
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+}

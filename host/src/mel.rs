@@ -371,11 +371,12 @@ mod tests {
         assert_eq!(&p[198..207], &[3.0, 2.0, 1.0, 2.0, 3.0, 4.0, 5.0, 4.0, 3.0]);
         // Period 8: index -200 maps to 0 (since 200 % 8 == 0).
         assert_eq!(p[0], 1.0);
-        // Zero padding to 8 samples, then reflection of the zeros.
+        // Zero padding to 8 samples, then reflection of the padded body, as
+        // np.pad([1,2,3,4,5,0,0,0], 200, mode="reflect")[198:211].
         reflect_pad_into(&x, 8, &mut p);
         assert_eq!(
             &p[198..211],
-            &[3.0, 2.0, 1.0, 2.0, 3.0, 4.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+            &[3.0, 2.0, 1.0, 2.0, 3.0, 4.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 5.0]
         );
     }
 

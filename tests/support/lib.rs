@@ -51,7 +51,32 @@ pub fn earshot_bin() -> PathBuf {
          or run scripts/test.sh which does",
         bin.display()
     );
+    // `cargo test -p earshot-tests` rebuilds the library, not the binary: refuse to test a
+    // binary older than the host's sources.
+    let built = std::fs::metadata(&bin).and_then(|m| m.modified()).unwrap();
+    let newest = newest_mtime(&repo_root().join("host"));
+    assert!(
+        built >= newest,
+        "{} is older than the host sources: run cargo build --release -p earshot (scripts/test.sh does)",
+        bin.display()
+    );
     bin
+}
+
+fn newest_mtime(dir: &Path) -> std::time::SystemTime {
+    let mut newest = std::time::SystemTime::UNIX_EPOCH;
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = entry.path();
+        let t = if p.is_dir() {
+            newest_mtime(&p)
+        } else if p.extension().is_some_and(|e| e == "rs") || p.ends_with("Cargo.toml") {
+            entry.metadata().and_then(|m| m.modified()).unwrap()
+        } else {
+            continue;
+        };
+        newest = newest.max(t);
+    }
+    newest
 }
 
 pub fn earshot<I, S>(args: I) -> Output
@@ -76,4 +101,75 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
+}
+
+/// `$EARSHOT_HOME/models` (default ~/.cache/earshot/models), as laid out by scripts/setup.sh.
+pub fn models_dir() -> PathBuf {
+    let home = std::env::var_os("EARSHOT_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/earshot")
+        });
+    home.join("models")
+}
+
+fn model_path(rel: &str) -> PathBuf {
+    let p = models_dir().join(rel);
+    assert!(
+        p.exists(),
+        "default model file {} is missing: run scripts/setup.sh first",
+        p.display()
+    );
+    p
+}
+
+/// The default Whisper tiny.en in Hugging Face layout (imported from CTranslate2 by set-up).
+pub fn default_whisper() -> PathBuf {
+    model_path("whisper-tiny.en")
+}
+
+/// The default Whisper tiny.en in CTranslate2 layout, as downloaded.
+pub fn default_whisper_ct2() -> PathBuf {
+    model_path("whisper-tiny.en-ct2")
+}
+
+/// The default SmolLM2-135M-Instruct Q4_1 GGUF file.
+pub fn default_gguf() -> PathBuf {
+    model_path("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+pub fn smollm_oracle(rel: &str) -> PathBuf {
+    let p = oracle_dir().join("smollm2-135m").join(rel);
+    assert!(p.exists(), "missing oracle file {}", p.display());
+    p
+}
+
+/// Relative L2 error ||a - b|| / ||b||.
+pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+/// Asserts a CLI run failed cleanly (exit 1, no panic) and returns its stderr.
+pub fn expect_failure(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "expected exit 1; stderr: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
+    stderr
+}
+
+/// Asserts a CLI run succeeded and returns its stdout.
+pub fn expect_success(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
 }

@@ -73,11 +73,18 @@ pub fn run(args: EncodeArgs) -> Result<()> {
         let b = chunk.len() / per_window;
         let x = Tensor::from_slice(chunk, (b, n_mels, N_FRAMES), &rt.device)?;
         let y = encoder.forward(&x, args.trace.trace())?;
-        out.extend(
-            y.to_dtype(candle_core::DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?,
-        );
+        let values = y
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        if values.iter().any(|v| !v.is_finite()) {
+            bail!(
+                "the encoder output for {} holds NaN/Inf values; nothing was written \
+                 (rerun with --trace-nonfinite to find the first layer that produces them)",
+                args.input.display()
+            );
+        }
+        out.extend(values);
     }
     let positions = out.len() / n_windows / d;
     crate::npy::write_f32(&args.out, &[n_windows, positions, d], &out)?;

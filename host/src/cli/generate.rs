@@ -2,11 +2,10 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use candle_core::Tensor;
 use clap::Args;
 
 use super::common::TraceArgs;
-use crate::models::llm::{load_llm, LanguageModel, LogitsAt};
+use crate::models::llm::{generate_ids, load_llm};
 use crate::models::Runtime;
 use crate::sampler::{Sampler, SamplingParams};
 
@@ -66,34 +65,4 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{text}")?;
     Ok(())
-}
-
-/// Greedy/sampled continuation of `prompt` with a KV cache; stops at `eos` (not included).
-pub fn generate_ids(
-    model: &impl LanguageModel,
-    prompt: &[u32],
-    max_tokens: usize,
-    eos: Option<u32>,
-    sampler: &mut Sampler,
-    trace: crate::models::nonfinite::NonFiniteTrace,
-) -> Result<Vec<u32>> {
-    let device = model.device().clone();
-    let mut cache = model.new_cache();
-    let ids = Tensor::new(prompt, &device)?.unsqueeze(0)?;
-    let mut embeds = model.embed(&ids)?;
-    let mut offset = 0;
-    let mut out = Vec::new();
-    for _ in 0..max_tokens {
-        let t = embeds.dim(1)?;
-        let logits = model.forward(&embeds, offset, Some(&mut cache), LogitsAt::Last, trace)?;
-        offset += t;
-        let row = logits.flatten_all()?.to_vec1::<f32>()?;
-        let next = sampler.sample(&row);
-        if Some(next) == eos {
-            break;
-        }
-        out.push(next);
-        embeds = model.embed(&Tensor::new(&[next], &device)?.unsqueeze(0)?)?;
-    }
-    Ok(out)
 }

@@ -20,6 +20,18 @@ pub enum ImportFormat {
         #[arg(long, value_name = "OUT_DIR")]
         out: PathBuf,
     },
+    /// Convert a Llama-family GGUF file to a Hugging Face layout folder (f32 safetensors,
+    /// config.json, tokenizer.json), undoing llama.cpp's Q/K row permutation
+    Gguf {
+        /// The .gguf file
+        file: PathBuf,
+        /// Output folder (written atomically: OUT.partial, then renamed)
+        #[arg(long, value_name = "OUT_DIR")]
+        out: PathBuf,
+        /// Split the weights over this many safetensors files (with an index)
+        #[arg(long, default_value_t = 1)]
+        shards: usize,
+    },
 }
 
 pub fn run(args: ImportArgs) -> Result<()> {
@@ -33,6 +45,16 @@ pub fn run(args: ImportArgs) -> Result<()> {
                 summary.decoder_layers,
                 summary.d_model,
                 summary.n_mels,
+                out.display()
+            );
+            Ok(())
+        }
+        ImportFormat::Gguf { file, out, shards } => {
+            let summary = crate::models::llm::export_gguf_to_hf(&file, &out, shards)?;
+            println!(
+                "exported {} tensors in {} shard(s) -> {}",
+                summary.tensors,
+                summary.shards,
                 out.display()
             );
             Ok(())

@@ -13,6 +13,9 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 pub struct FrozenLinear {
     /// (out, in)
     weight: Tensor,
+    /// The (in, out) view the matmul actually consumes: made once so that it is the same
+    /// graph node every call (a gradient for it would be keyed on this id).
+    weight_t: Tensor,
     bias: Option<Tensor>,
     /// Plain candle matmul instead of the custom op (for the memory benchmark's baseline).
     plain: bool,
@@ -20,8 +23,10 @@ pub struct FrozenLinear {
 
 impl FrozenLinear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        let weight_t = weight.t().expect("a linear weight is 2-D");
         Self {
             weight,
+            weight_t,
             bias,
             plain: false,
         }
@@ -37,6 +42,11 @@ impl FrozenLinear {
         &self.weight
     }
 
+    /// The right-hand operand of the matmul (a view of the weight).
+    pub fn matmul_operand(&self) -> &Tensor {
+        &self.weight_t
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (in_dim, lead) = match dims.split_last() {
@@ -44,12 +54,17 @@ impl FrozenLinear {
             None => candle_core::bail!("FrozenLinear needs at least one dimension"),
         };
         let out_dim = self.weight.dim(0)?;
+        if self.weight.rank() != 2 || self.weight.dim(1)? != in_dim {
+            candle_core::bail!(
+                "FrozenLinear: input width {in_dim}, weight {:?}",
+                self.weight.dims()
+            );
+        }
         let x2 = x.reshape(((), in_dim))?;
         let y = if self.plain {
-            x2.matmul(&self.weight.t()?)?
+            x2.matmul(&self.weight_t)?
         } else {
-            x2.contiguous()?
-                .apply_op2(&self.weight.t()?, FrozenMatmul)?
+            x2.contiguous()?.apply_op2(&self.weight_t, FrozenMatmul)?
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,

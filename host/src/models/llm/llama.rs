@@ -229,27 +229,36 @@ impl Llama {
         self.dtype
     }
 
-    /// All frozen weight tensors (for tests that check no gradient reaches them).
+    /// Every frozen tensor as the graph sees it, including the matmul operands (for tests
+    /// that check no gradient reaches them).
     pub fn frozen_tensors(&self) -> Vec<&Tensor> {
-        let mut v = vec![&self.embed, &self.norm, self.lm_head.weight()];
+        let mut v = vec![
+            &self.embed,
+            &self.norm,
+            self.lm_head.weight(),
+            self.lm_head.matmul_operand(),
+        ];
         for b in &self.blocks {
-            v.extend([
-                &b.attn_norm,
-                &b.mlp_norm,
-                b.q.weight(),
-                b.k.weight(),
-                b.v.weight(),
-                b.o.weight(),
-                b.gate.weight(),
-                b.up.weight(),
-                b.down.weight(),
-            ]);
+            v.extend([&b.attn_norm, &b.mlp_norm]);
+            for l in [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down] {
+                v.extend([l.weight(), l.matmul_operand()]);
+            }
         }
         v
     }
 
+    /// Precision for norms, softmax and logits: at least f32 (half types are widened),
+    /// f64 stays f64.
+    fn wide(&self) -> DType {
+        if self.dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        }
+    }
+
     fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-        let x32 = x.to_dtype(DType::F32)?;
+        let x32 = x.to_dtype(self.wide())?;
         let ms = x32.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = x32.broadcast_div(&(ms + self.config.rms_norm_eps)?.sqrt()?)?;
         Ok(normed.to_dtype(self.dtype)?.broadcast_mul(weight)?)
@@ -343,7 +352,7 @@ impl Llama {
                 .reshape((b, nkv, rep * t, s))?,
             None => scores,
         };
-        let probs = candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?
+        let probs = candle_nn::ops::softmax(&scores.to_dtype(self.wide())?, D::Minus1)?
             .to_dtype(self.dtype)?;
         let y = probs.matmul(&v)?; // (b, nkv, rep*t, hd)
         let y = y
@@ -409,9 +418,9 @@ impl Llama {
         Ok(x)
     }
 
-    /// Logits (.., vocab) in f32 from hidden states (.., hidden).
+    /// Logits (.., vocab) from hidden states (.., hidden): f32 (f64 for an f64 model).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(self.lm_head.forward(hidden)?.to_dtype(DType::F32)?)
+        Ok(self.lm_head.forward(hidden)?.to_dtype(self.wide())?)
     }
 }
 

@@ -195,3 +195,106 @@ pub fn read_gguf(
     let store = WeightStore::new(path.display().to_string(), tensors);
     Ok((store, config, content.metadata))
 }
+
+/// Undoes llama.cpp's per-head row permutation of Q/K projections: stored rows are
+/// (head, i, half) for HF's (head, half, i), so that rotating halves on the result equals
+/// rotating adjacent pairs on the stored weights.
+pub fn unpermute_qk(w: &Tensor, n_heads: usize) -> Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    let hd = out / n_heads;
+    Ok(w.reshape((n_heads, hd / 2, 2, inp))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((out, inp))?)
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ExportSummary {
+    pub tensors: usize,
+    pub shards: usize,
+}
+
+/// `earshot import gguf`: a GGUF Llama-family model to a Hugging Face folder (f32
+/// safetensors, optionally in `shards` files with an index, config.json, tokenizer.json,
+/// tokenizer_config.json), written to OUT.partial and renamed into place.
+pub fn export_gguf_to_hf(gguf: &Path, out_dir: &Path, shards: usize) -> Result<ExportSummary> {
+    let rt = Runtime::cpu();
+    let (store, mut config, meta) = read_gguf(gguf, &rt)?;
+    store.verify_finite()?;
+    let tok = ChatTokenizer::from_gguf(gguf, &meta)?;
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for (name, t) in store.iter() {
+        let t = if name.ends_with("self_attn.q_proj.weight") {
+            unpermute_qk(t, config.num_attention_heads)?
+        } else if name.ends_with("self_attn.k_proj.weight") {
+            unpermute_qk(t, config.n_kv_heads())?
+        } else {
+            t.clone()
+        };
+        tensors.push((name.clone(), t));
+    }
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    config.rope_interleaved = false;
+    let partial = PathBuf::from(format!("{}.partial", out_dir.display()));
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |cause| ModelError::Io { path, cause }
+    };
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).map_err(io(&partial))?;
+    }
+    std::fs::create_dir_all(&partial).map_err(io(&partial))?;
+    let shards = shards.max(1);
+    let per = tensors.len().div_ceil(shards);
+    let mut weight_map = std::collections::BTreeMap::new();
+    for (i, chunk) in tensors.chunks(per).enumerate() {
+        let file = if shards == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", i + 1, shards)
+        };
+        let map: HashMap<String, Tensor> = chunk.iter().cloned().collect();
+        for (name, _) in chunk {
+            weight_map.insert(name.clone(), file.clone());
+        }
+        candle_core::safetensors::save(&map, partial.join(&file))?;
+    }
+    if shards > 1 {
+        let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+        std::fs::write(
+            partial.join("model.safetensors.index.json"),
+            index.to_string(),
+        )
+        .map_err(io(&partial))?;
+    }
+    let mut cfg = serde_json::to_value(&config).expect("config serialises");
+    cfg["model_type"] = "llama".into();
+    cfg["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
+    cfg["bos_token_id"] = tok.special.bos.into();
+    cfg["eos_token_id"] = tok.special.eos.into();
+    std::fs::write(
+        partial.join("config.json"),
+        serde_json::to_string_pretty(&cfg).expect("json"),
+    )
+    .map_err(io(&partial))?;
+    tok.tokenizer
+        .save(partial.join("tokenizer.json"), false)
+        .map_err(|e| ModelError::Format {
+            path: partial.join("tokenizer.json"),
+            format: "tokenizer",
+            reason: e.to_string(),
+        })?;
+    std::fs::write(
+        partial.join("tokenizer_config.json"),
+        serde_json::json!({ "add_bos_token": tok.special.add_bos }).to_string(),
+    )
+    .map_err(io(&partial))?;
+    if out_dir.exists() {
+        std::fs::remove_dir_all(out_dir).map_err(io(out_dir))?;
+    }
+    std::fs::rename(&partial, out_dir).map_err(io(out_dir))?;
+    Ok(ExportSummary {
+        tensors: tensors.len(),
+        shards,
+    })
+}

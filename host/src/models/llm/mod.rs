@@ -7,7 +7,7 @@ mod load;
 mod tokenizer;
 
 pub use llama::{KvCache, Llama, LlamaConfig, LogitsAt};
-pub use load::{load_llm, read_gguf as read_gguf_for_inspect, LlmSource, LoadedLlm};
+pub use load::{export_gguf_to_hf, load_llm, read_gguf, unpermute_qk, LlmSource, LoadedLlm};
 pub use tokenizer::{ChatTokenizer, SpecialTokens};
 
 use candle_core::Tensor;
@@ -34,4 +34,41 @@ pub trait LanguageModel {
     fn vocab_size(&self) -> usize;
     fn new_cache(&self) -> KvCache;
     fn device(&self) -> &candle_core::Device;
+}
+
+/// Continuation of `prompt` (token ids) with a KV cache, one token per step, until `eos`
+/// (not included) or `max_tokens`. Fails, naming the step, if the logits are not finite.
+pub fn generate_ids(
+    model: &impl LanguageModel,
+    prompt: &[u32],
+    max_tokens: usize,
+    eos: Option<u32>,
+    sampler: &mut crate::sampler::Sampler,
+    trace: NonFiniteTrace,
+) -> Result<Vec<u32>> {
+    let device = model.device().clone();
+    let mut cache = model.new_cache();
+    let ids = Tensor::new(prompt, &device)?.unsqueeze(0)?;
+    let mut embeds = model.embed(&ids)?;
+    let mut offset = 0;
+    let mut out = Vec::new();
+    for step in 0..max_tokens {
+        let t = embeds.dim(1)?;
+        let logits = model.forward(&embeds, offset, Some(&mut cache), LogitsAt::Last, trace)?;
+        offset += t;
+        let row = logits.flatten_all()?.to_vec1::<f32>()?;
+        if row.iter().any(|v| !v.is_finite()) {
+            return Err(super::ModelError::NonFiniteActivation {
+                layer: format!("llm logits at generation step {step}"),
+                detail: "rerun with --trace-nonfinite to find the first layer".into(),
+            });
+        }
+        let next = sampler.sample(&row);
+        if Some(next) == eos {
+            break;
+        }
+        out.push(next);
+        embeds = model.embed(&Tensor::new(&[next], &device)?.unsqueeze(0)?)?;
+    }
+    Ok(out)
 }

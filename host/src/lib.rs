@@ -8,4 +8,5 @@ pub mod cli;
 pub mod mel;
 pub mod models;
 pub mod npy;
+pub mod plugins;
 pub mod sampler;

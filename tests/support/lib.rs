@@ -173,3 +173,55 @@ pub fn expect_success(out: &Output) -> String {
     );
     String::from_utf8_lossy(&out.stdout).to_string()
 }
+
+/// Builds a plugin workspace (`plugins` or `tests/plugins`) for wasm32-wasip2 once per test
+/// process and returns its release output folder. Fails loudly if the toolchain lacks the
+/// target (scripts/setup.sh adds it).
+pub fn plugin_dir(workspace: &str) -> PathBuf {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let mut built = BUILT.get_or_init(Default::default).lock().unwrap();
+    if let Some(p) = built.get(workspace) {
+        return p.clone();
+    }
+    let manifest = repo_root().join(workspace).join("Cargo.toml");
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "--target",
+            "wasm32-wasip2",
+            "--manifest-path",
+        ])
+        .arg(&manifest)
+        .env_remove("CARGO_TARGET_DIR")
+        .output()
+        .expect("run cargo");
+    assert!(
+        out.status.success(),
+        "building {} for wasm32-wasip2 failed (run scripts/setup.sh, which adds the target):\n{}",
+        manifest.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = repo_root()
+        .join(workspace)
+        .join("target/wasm32-wasip2/release");
+    built.insert(workspace.to_string(), dir.clone());
+    dir
+}
+
+/// A first-party plugin, e.g. `first_party("chatml")`.
+pub fn first_party(name: &str) -> PathBuf {
+    let p = plugin_dir("plugins").join(format!("{}.wasm", name.replace('-', "_")));
+    assert!(p.is_file(), "{} was not built", p.display());
+    p
+}
+
+/// A hostile test plugin, e.g. `hostile("infinite-loop")`.
+pub fn hostile(name: &str) -> PathBuf {
+    let p = plugin_dir("tests/plugins").join(format!("hostile_{}.wasm", name.replace('-', "_")));
+    assert!(p.is_file(), "{} was not built", p.display());
+    p
+}

@@ -3,11 +3,14 @@
 
 mod audio_info;
 mod common;
+mod dataset;
 mod encode;
 mod generate;
 mod import;
 mod inspect;
 mod mel;
+mod plugin;
+mod prompt;
 
 use std::process::ExitCode;
 
@@ -42,6 +45,12 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Convert models from other formats to Hugging Face layout
     Import(import::ImportArgs),
+    /// Work with plugins (WebAssembly components)
+    Plugin(plugin::PluginArgs),
+    /// Read datasets through dataset-adapter plugins
+    Dataset(dataset::DatasetArgs),
+    /// Print the prompt pieces a prompt-template plugin renders
+    Prompt(prompt::PromptArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -54,6 +63,9 @@ pub fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Import(args) => import::run(args),
+        Command::Plugin(args) => plugin::run(args),
+        Command::Dataset(args) => dataset::run(args),
+        Command::Prompt(args) => prompt::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,103 @@
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+
+use super::plugin::SandboxArgs;
+use crate::plugins::DatasetAdapter;
+
+#[derive(Debug, Args)]
+pub struct DatasetArgs {
+    #[command(subcommand)]
+    pub command: DatasetCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DatasetCommand {
+    /// Print a dataset's examples as JSON lines, through a dataset-adapter plugin
+    #[command(
+        after_help = "The adapter runs sandboxed and sees only DIR, read-only, at /data. \
+Warnings (bad rows, missing audio) go to stderr; examples, one JSON object per line, to stdout."
+    )]
+    List {
+        /// The dataset-adapter plugin (.wasm)
+        #[arg(long, value_name = "FILE.wasm")]
+        adapter: PathBuf,
+        /// The dataset root
+        #[arg(long, value_name = "DIR")]
+        root: PathBuf,
+        /// The adapter's options string (its format is the adapter's, usually JSON)
+        #[arg(long, default_value = "")]
+        options: String,
+        /// Only this split (default: every split)
+        #[arg(long)]
+        split: Option<String>,
+        /// At most this many examples per split
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Examples fetched per plugin call
+        #[arg(long, default_value_t = 512)]
+        batch: u32,
+        #[command(flatten)]
+        sandbox: SandboxArgs,
+    },
+}
+
+pub fn run(args: DatasetArgs) -> Result<()> {
+    let DatasetCommand::List {
+        adapter,
+        root,
+        options,
+        split,
+        limit,
+        batch,
+        sandbox,
+    } = args.command;
+    anyhow::ensure!(batch > 0, "--batch must be at least 1");
+    let host = sandbox.host();
+    let mut ds = DatasetAdapter::open(&host, &adapter, &root, &options)?;
+    for w in &ds.dataset.warnings {
+        eprintln!("warning: {w}");
+    }
+    let splits = match split {
+        Some(s) => {
+            anyhow::ensure!(
+                ds.dataset.splits.contains(&s),
+                "{}: no split {s:?} (have: {})",
+                root.display(),
+                ds.dataset.splits.join(", ")
+            );
+            vec![s]
+        }
+        None => ds.dataset.splits.clone(),
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for split in splits {
+        let mut pos = 0u64;
+        let mut emitted = 0u64;
+        loop {
+            let want = match limit {
+                Some(l) if emitted >= l => break,
+                Some(l) => (l - emitted).min(batch as u64) as u32,
+                None => batch,
+            };
+            let b = ds.read(&split, pos, want)?;
+            for w in &b.warnings {
+                eprintln!("warning: {w}");
+            }
+            for ex in &b.examples {
+                let mut v = serde_json::to_value(ex)?;
+                v["split"] = split.clone().into();
+                writeln!(out, "{v}")?;
+            }
+            emitted += b.examples.len() as u64;
+            match b.next {
+                Some(n) => pos = n,
+                None => break,
+            }
+        }
+    }
+    out.flush()?;
+    Ok(())
+}

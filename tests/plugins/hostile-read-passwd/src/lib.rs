@@ -1,0 +1,30 @@
+//! Hostile test plugin: read-passwd. Must be contained by the host's sandbox.
+use earshot_plugin_sdk::*;
+
+struct Hostile;
+
+impl Plugin for Hostile {
+    fn info() -> PluginInfo {
+        info(
+            "hostile-read-passwd",
+            "0.1.0",
+            &[Role::DatasetAdapter],
+            "hostile test plugin",
+        )
+    }
+
+    fn open(options: String) -> Result<DatasetInfo, PluginError> {
+        let _ = &options;
+        // Report what the attempt gave, so the host test can check nothing leaked.
+        let outcome: std::io::Result<String> = std::fs::read_to_string("/etc/passwd");
+        match outcome {
+            Ok(text) => Ok(DatasetInfo {
+                splits: vec![],
+                warnings: vec![format!("SUCCEEDED: {text}")],
+            }),
+            Err(e) => Err(error(ErrorCode::Io, format!("denied: {e}"))),
+        }
+    }
+}
+
+export_plugin!(Hostile);

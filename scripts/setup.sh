@@ -88,6 +88,23 @@ if [ "$models_only" = 0 ]; then
   log "building the first-party plugins (wasm32-wasip2)"
   (cd "$root" && cargo build --release --quiet --target wasm32-wasip2 --manifest-path plugins/Cargo.toml)
 
+  # The Python example plugin (componentize-py, pinned, in its own venv).
+  tools=$EARSHOT_HOME/tools/componentize-py
+  if ! "$tools/bin/componentize-py" --version 2>/dev/null | grep -q "0.25.1"; then
+    log "installing componentize-py 0.25.1 into $tools"
+    rm -rf "$tools"
+    python3 -m venv "$tools"
+    "$tools/bin/pip" install --quiet componentize-py==0.25.1 >&2
+  fi
+  py_out=$root/plugins/target/python/python_jsonl.wasm
+  if [ ! -f "$py_out" ] || [ "$root/plugins/python-jsonl/app.py" -nt "$py_out" ]; then
+    log "building plugins/python-jsonl (componentize-py)"
+    mkdir -p "$(dirname "$py_out")"
+    (cd "$root/plugins/python-jsonl" && "$tools/bin/componentize-py" -d ../../wit/since_v0.1.0 \
+      -w dataset-adapter-plugin componentize app -o "$py_out.tmp" >&2)
+    mv "$py_out.tmp" "$py_out"
+  fi
+
   # The encoder loads Hugging Face layout: convert the CTranslate2 model once. The stamp
   # records the source and result checksums; a mismatch (new source, damaged output)
   # re-imports. The import itself is atomic (OUT.partial, then rename).

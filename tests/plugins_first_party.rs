@@ -157,11 +157,10 @@ fn musiccaps_adapter_on_the_fixture_csv() {
     assert!(err.contains("no split \"test\""), "{err}");
 }
 
-/// The dataset-adapter contract every adapter must meet, checked on the jsonl adapter.
-#[test]
-fn jsonl_adapter_contract() {
+/// The dataset-adapter contract: the same checks for the Rust and the Python adapter.
+fn jsonl_contract(host: &PluginHost, adapter: &std::path::Path) {
     let root = fixture("jsonl");
-    let mut ds = DatasetAdapter::open(&host(), &first_party("jsonl"), &root, "").unwrap();
+    let mut ds = DatasetAdapter::open(host, adapter, &root, "").unwrap();
     assert_eq!(ds.dataset.splits, vec!["eval", "train"]);
     let w = ds.dataset.warnings.join("\n");
     assert!(
@@ -201,6 +200,22 @@ fn jsonl_adapter_contract() {
         }
     }
     assert_eq!(seen, vec!["a", "train:2"]);
+    let err = ds.read("nope", 0, 1).unwrap_err().to_string();
+    assert!(err.contains("read") && err.contains("not found") && err.contains("nope"), "{err}");
+    let err = DatasetAdapter::open(host, adapter, &root, "{not json").err().unwrap().to_string();
+    assert!(err.contains("open") && err.contains("invalid input"), "{err}");
+}
+
+#[test]
+fn jsonl_adapter_contract() {
+    jsonl_contract(&host(), &first_party("jsonl"));
+}
+
+#[test]
+fn python_adapter_meets_the_same_contract() {
+    // Default cache: the 18 MB CPython component compiles once (~5 s), then loads from cache.
+    let host = PluginHost::new(SandboxLimits::default(), PluginHost::default_cache_dir());
+    jsonl_contract(&host, &python_plugin());
 }
 
 #[test]

@@ -54,7 +54,9 @@ pub fn earshot_bin() -> PathBuf {
     // `cargo test -p earshot-tests` rebuilds the library, not the binary: refuse to test a
     // binary older than the host's sources.
     let built = std::fs::metadata(&bin).and_then(|m| m.modified()).unwrap();
-    let newest = newest_mtime(&repo_root().join("host"));
+    let host = repo_root().join("host");
+    let manifest = std::fs::metadata(host.join("Cargo.toml")).and_then(|m| m.modified()).unwrap();
+    let newest = newest_mtime(&host.join("src")).max(manifest);
     assert!(
         built >= newest,
         "{} is older than the host sources: run cargo build --release -p earshot (scripts/test.sh does)",
@@ -216,6 +218,18 @@ pub fn plugin_dir(workspace: &str) -> PathBuf {
 pub fn first_party(name: &str) -> PathBuf {
     let p = plugin_dir("plugins").join(format!("{}.wasm", name.replace('-', "_")));
     assert!(p.is_file(), "{} was not built", p.display());
+    p
+}
+
+/// The Python dataset adapter (plugins/python-jsonl), built by scripts/setup.sh with
+/// componentize-py.
+pub fn python_plugin() -> PathBuf {
+    let p = repo_root().join("plugins/target/python/python_jsonl.wasm");
+    let src = repo_root().join("plugins/python-jsonl/app.py");
+    assert!(p.is_file(), "{} is missing: run scripts/setup.sh (it builds it with componentize-py)", p.display());
+    let built = std::fs::metadata(&p).and_then(|m| m.modified()).unwrap();
+    let edited = std::fs::metadata(&src).and_then(|m| m.modified()).unwrap();
+    assert!(built >= edited, "{} is older than app.py: run scripts/setup.sh", p.display());
     p
 }
 

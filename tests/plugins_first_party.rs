@@ -201,9 +201,18 @@ fn jsonl_contract(host: &PluginHost, adapter: &std::path::Path) {
     }
     assert_eq!(seen, vec!["a", "train:2"]);
     let err = ds.read("nope", 0, 1).unwrap_err().to_string();
-    assert!(err.contains("read") && err.contains("not found") && err.contains("nope"), "{err}");
-    let err = DatasetAdapter::open(host, adapter, &root, "{not json").err().unwrap().to_string();
-    assert!(err.contains("open") && err.contains("invalid input"), "{err}");
+    assert!(
+        err.contains("read") && err.contains("not found") && err.contains("nope"),
+        "{err}"
+    );
+    let err = DatasetAdapter::open(host, adapter, &root, "{not json")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("open") && err.contains("invalid input"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -4,9 +4,12 @@
 //! LLM -> sampler -> post-processor. See ARCHITECTURE.md for where each concern lives.
 
 pub mod audio;
+pub mod caption;
 pub mod cli;
+pub mod config;
 pub mod mel;
 pub mod models;
 pub mod npy;
 pub mod plugins;
 pub mod sampler;
+pub mod train;

@@ -55,7 +55,9 @@ pub fn earshot_bin() -> PathBuf {
     // binary older than the host's sources.
     let built = std::fs::metadata(&bin).and_then(|m| m.modified()).unwrap();
     let host = repo_root().join("host");
-    let manifest = std::fs::metadata(host.join("Cargo.toml")).and_then(|m| m.modified()).unwrap();
+    let manifest = std::fs::metadata(host.join("Cargo.toml"))
+        .and_then(|m| m.modified())
+        .unwrap();
     let newest = newest_mtime(&host.join("src")).max(manifest);
     assert!(
         built >= newest,
@@ -226,10 +228,18 @@ pub fn first_party(name: &str) -> PathBuf {
 pub fn python_plugin() -> PathBuf {
     let p = repo_root().join("plugins/target/python/python_jsonl.wasm");
     let src = repo_root().join("plugins/python-jsonl/app.py");
-    assert!(p.is_file(), "{} is missing: run scripts/setup.sh (it builds it with componentize-py)", p.display());
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/setup.sh (it builds it with componentize-py)",
+        p.display()
+    );
     let built = std::fs::metadata(&p).and_then(|m| m.modified()).unwrap();
     let edited = std::fs::metadata(&src).and_then(|m| m.modified()).unwrap();
-    assert!(built >= edited, "{} is older than app.py: run scripts/setup.sh", p.display());
+    assert!(
+        built >= edited,
+        "{} is older than app.py: run scripts/setup.sh",
+        p.display()
+    );
     p
 }
 

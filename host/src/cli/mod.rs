@@ -11,6 +11,7 @@ mod inspect;
 mod mel;
 mod plugin;
 mod prompt;
+mod train;
 
 use std::process::ExitCode;
 
@@ -51,6 +52,8 @@ enum Command {
     Dataset(dataset::DatasetArgs),
     /// Print the prompt pieces a prompt-template plugin renders
     Prompt(prompt::PromptArgs),
+    /// Train the projector from a TOML run config
+    Train(train::TrainArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -66,6 +69,7 @@ pub fn main() -> ExitCode {
         Command::Plugin(args) => plugin::run(args),
         Command::Dataset(args) => dataset::run(args),
         Command::Prompt(args) => prompt::run(args),
+        Command::Train(args) => train::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,6 +6,7 @@ pub mod device;
 pub mod frozen;
 pub mod llm;
 pub mod nonfinite;
+pub mod projector;
 pub mod weights;
 pub mod whisper;
 

@@ -46,10 +46,22 @@ pub fn generate_ids(
     sampler: &mut crate::sampler::Sampler,
     trace: NonFiniteTrace,
 ) -> Result<Vec<u32>> {
+    let ids = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
+    generate_from_embeds(model, &model.embed(&ids)?, max_tokens, eos, sampler, trace)
+}
+
+/// As [`generate_ids`], from prompt embeddings (1, T, hidden): e.g. text with audio inside.
+pub fn generate_from_embeds(
+    model: &impl LanguageModel,
+    prompt: &Tensor,
+    max_tokens: usize,
+    eos: Option<u32>,
+    sampler: &mut crate::sampler::Sampler,
+    trace: NonFiniteTrace,
+) -> Result<Vec<u32>> {
     let device = model.device().clone();
     let mut cache = model.new_cache();
-    let ids = Tensor::new(prompt, &device)?.unsqueeze(0)?;
-    let mut embeds = model.embed(&ids)?;
+    let mut embeds = prompt.clone();
     let mut offset = 0;
     let mut out = Vec::new();
     for step in 0..max_tokens {

@@ -1,0 +1,55 @@
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use crate::config::RunConfig;
+use crate::train::{train, Session};
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Trains only the projector. Writes metrics.jsonl (one JSON object per \
+step: loss, target-token accuracy, mean probability of the correct token, gradient norm, \
+per-tensor log10 update ratio) and projector.safetensors into train.run-dir. \
+Example: earshot train configs/cpu-smollm2.toml --set train.lr=3e-3 --max-steps 50"
+)]
+pub struct TrainArgs {
+    /// Run config (TOML)
+    pub config: PathBuf,
+    /// Stop after this many steps (overrides train.steps)
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Override a config value, e.g. --set train.lr=1e-3 (repeatable)
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let config = RunConfig::load(&args.config, &args.set)?;
+    let steps = args.max_steps.unwrap_or(config.train.steps);
+    let log_every = config.train.log_every.max(1);
+    let session = Session::load(config)?;
+    eprintln!(
+        "training the projector on {} example(s) for {steps} step(s)",
+        session.examples.len()
+    );
+    let (_, metrics) = train(&session, steps, &mut |m| {
+        if m.step % log_every == 0 || m.step == 1 || m.step == steps {
+            eprintln!(
+                "step {:>5}/{steps}  loss {:.4}  acc {:.3}  p(correct) {:.3}  |g| {:.3}  {:.2} ex/s",
+                m.step, m.loss, m.accuracy, m.mean_prob, m.grad_norm, m.examples_per_s
+            );
+        }
+    })?;
+    let last = metrics.last().map(|m| m.loss).unwrap_or(f64::NAN);
+    println!(
+        "trained {steps} step(s); final loss {last:.4}; projector: {}",
+        session
+            .config
+            .train
+            .run_dir
+            .join("projector.safetensors")
+            .display()
+    );
+    Ok(())
+}

@@ -1,0 +1,84 @@
+//! Run-config errors name the key and the line; --set overrides; the bundled CPU config
+//! loads and trains.
+
+use earshot_tests::*;
+
+fn bundled() -> std::path::PathBuf {
+    repo_root().join("configs/cpu-smollm2-tones.toml")
+}
+
+fn train_err(config: &std::path::Path, extra: &[&str]) -> String {
+    let mut args: Vec<std::ffi::OsString> = vec!["train".into(), config.into()];
+    args.extend(extra.iter().map(|s| s.into()));
+    expect_failure(&earshot(args))
+}
+
+#[test]
+fn unknown_key_and_wrong_type_name_key_and_line() {
+    let d = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(bundled()).unwrap();
+    let base = bundled().parent().unwrap().display().to_string();
+    // Keep relative paths valid by rewriting them against the original folder.
+    let text = text
+        .replace("\"../", &format!("\"{base}/../"))
+        .replace("\"data/", &format!("\"{base}/data/"));
+    let bad_key = d.path().join("bad_key.toml");
+    std::fs::write(
+        &bad_key,
+        text.replace("lr = 5e-3", "lr = 5e-3\nlearning-rate = 1"),
+    )
+    .unwrap();
+    let err = train_err(&bad_key, &[]);
+    assert!(
+        err.contains("unknown field `learning-rate`") && err.contains("line"),
+        "{err}"
+    );
+    let bad_type = d.path().join("bad_type.toml");
+    std::fs::write(
+        &bad_type,
+        text.replace("batch-size = 4", "batch-size = \"four\""),
+    )
+    .unwrap();
+    let err = train_err(&bad_type, &[]);
+    assert!(err.contains("batch-size") && err.contains("line"), "{err}");
+    let missing = d.path().join("missing.toml");
+    std::fs::write(&missing, text.replace("jsonl.wasm", "nope.wasm")).unwrap();
+    let err = train_err(&missing, &[]);
+    assert!(
+        err.contains("data.adapter") && err.contains("nope.wasm") && err.contains("no such file"),
+        "{err}"
+    );
+    let err = train_err(&bundled(), &["--set", "train.lr=-1"]);
+    assert!(err.contains("train.lr must be a positive number"), "{err}");
+    let err = train_err(&d.path().join("absent.toml"), &[]);
+    assert!(
+        err.contains("absent.toml") && err.contains("cannot read"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bundled_config_trains_with_overrides() {
+    let d = tempfile::tempdir().unwrap();
+    let run_dir = d.path().join("run");
+    let out = earshot([
+        "train".as_ref(),
+        bundled().as_os_str(),
+        "--max-steps".as_ref(),
+        "2".as_ref(),
+        "--set".as_ref(),
+        format!("train.run-dir=\"{}\"", run_dir.display()).as_ref(),
+        "--set".as_ref(),
+        "projector.kind=\"mlp\"".as_ref(),
+    ]);
+    let s = expect_success(&out);
+    assert!(s.contains("trained 2 step(s)"), "{s}");
+    assert!(run_dir.join("projector.safetensors").is_file());
+    assert_eq!(
+        std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        2
+    );
+}

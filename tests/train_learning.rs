@@ -1,0 +1,156 @@
+//! The learning test on the real default models: overfitting 8 short clips with distinct
+//! targets drives the training loss from > 3 to < 0.5, through `earshot train`, and greedy
+//! captions of the clips then reproduce their targets.
+
+use std::path::Path;
+
+use earshot::caption::caption_clip;
+use earshot::config::RunConfig;
+use earshot::models::projector::Projector;
+use earshot::sampler::{Sampler, SamplingParams};
+use earshot::train::Session;
+use earshot_tests::*;
+
+const NAMES: [&str; 8] = [
+    "one", "two", "three", "four", "five", "six", "seven", "eight",
+];
+
+/// 8 one-second tones, each with its own pitch and on/off rhythm, and a jsonl dataset.
+fn make_dataset(root: &Path) {
+    std::fs::create_dir_all(root.join("clips")).unwrap();
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: 16000,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut lines = String::new();
+    for (i, name) in NAMES.iter().enumerate() {
+        let freq = [220.0, 330.0, 440.0, 550.0, 660.0, 880.0, 1100.0, 1320.0][i];
+        let mut w = hound::WavWriter::create(root.join(format!("clips/{name}.wav")), spec).unwrap();
+        for t in 0..16000u32 {
+            let on = (t / (800 * (i as u32 + 1))).is_multiple_of(2);
+            let v = 12000.0
+                * (2.0 * std::f64::consts::PI * freq * t as f64 / 16000.0).sin()
+                * if on { 1.0 } else { 0.2 };
+            w.write_sample(v as i16).unwrap();
+        }
+        w.finalize().unwrap();
+        lines.push_str(&format!(
+            "{{\"id\": \"{name}\", \"audio\": \"clips/{name}.wav\", \"text\": \"Tone number {name}.\"}}\n"
+        ));
+    }
+    std::fs::write(root.join("train.jsonl"), lines).unwrap();
+}
+
+fn write_config(dir: &Path, steps: usize) -> std::path::PathBuf {
+    let models = models_dir();
+    let plugins = plugin_dir("plugins");
+    let cfg = format!(
+        r#"
+[models]
+whisper = "{whisper}"
+llm = "{llm}"
+
+[plugins]
+prompt-template = "{plugins}/chatml.wasm"
+
+[data]
+adapter = "{plugins}/jsonl.wasm"
+root = "data"
+
+[projector]
+positions = 16
+
+[train]
+steps = {steps}
+batch-size = 4
+lr = 5e-3
+beta1 = 0.9
+log-every = 5
+run-dir = "run"
+"#,
+        whisper = models.join("whisper-tiny.en").display(),
+        llm = default_gguf().display(),
+        plugins = plugins.display(),
+    );
+    let path = dir.join("run.toml");
+    std::fs::write(&path, cfg).unwrap();
+    path
+}
+
+#[test]
+fn overfitting_eight_clips_learns_their_captions() {
+    let d = tempfile::tempdir().unwrap();
+    make_dataset(&d.path().join("data"));
+    let cfg_path = write_config(d.path(), 50);
+    let out = earshot(["train".as_ref(), cfg_path.as_os_str()]);
+    let stdout = expect_success(&out);
+    assert!(stdout.contains("trained 50 step(s)"), "{stdout}");
+
+    let metrics: Vec<serde_json::Value> =
+        std::fs::read_to_string(d.path().join("run/metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    assert_eq!(metrics.len(), 50);
+    let loss = |i: usize| metrics[i]["loss"].as_f64().unwrap();
+    assert!(loss(0) > 3.0, "initial loss {}", loss(0));
+    let final_loss = loss(49);
+    assert!(
+        final_loss < 0.5,
+        "final loss {final_loss}; losses: {:?}",
+        (0..50).map(loss).collect::<Vec<_>>()
+    );
+    for m in &metrics {
+        let ratios = m["update_ratio_log10"].as_object().unwrap();
+        assert_eq!(
+            ratios.len(),
+            3,
+            "every projector tensor is updated every step: {m}"
+        );
+    }
+
+    // Greedy captions of the training clips reproduce their targets.
+    let config = RunConfig::load(&cfg_path, &[]).unwrap();
+    let session = Session::load(config).unwrap();
+    let mut projector = Projector::new(
+        &session.config.projector,
+        session.encoder.config.d_model,
+        session.llm.model.config.hidden_size,
+        999,
+        &session.rt.device,
+    )
+    .unwrap();
+    projector
+        .load_into(&d.path().join("run/projector.safetensors"))
+        .unwrap();
+    let stops = vec!["<|im_end|>".to_string()];
+    let mut right = 0;
+    let mut report = Vec::new();
+    for ex in &session.examples {
+        let mut sampler = Sampler::new(SamplingParams::default()).unwrap();
+        let text = caption_clip(
+            &session.llm.model,
+            &session.llm.tokenizer,
+            &projector,
+            &ex.pieces.before,
+            &ex.pieces.after,
+            &ex.encoded,
+            &stops,
+            12,
+            &mut sampler,
+        )
+        .unwrap();
+        let expected = format!("Tone number {}.", ex.id);
+        if text.trim() == expected {
+            right += 1;
+        }
+        report.push(format!("{}: {text:?}", ex.id));
+    }
+    assert_eq!(
+        right, 8,
+        "{right}/8 captions reproduce their targets: {report:#?}"
+    );
+}

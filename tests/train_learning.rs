@@ -153,4 +153,54 @@ fn overfitting_eight_clips_learns_their_captions() {
         right, 8,
         "{right}/8 captions reproduce their targets: {report:#?}"
     );
+
+    // The same through `earshot caption --split`.
+    let ckpt = d.path().join("run/projector.safetensors");
+    let caption = |extra: &[&std::ffi::OsStr]| {
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "caption".as_ref(),
+            "--config".as_ref(),
+            cfg_path.as_os_str(),
+            "--checkpoint".as_ref(),
+            ckpt.as_os_str(),
+        ];
+        args.extend_from_slice(extra);
+        earshot(args)
+    };
+    let out = caption(&["--split".as_ref(), "train".as_ref()]);
+    let lines: Vec<serde_json::Value> = expect_success(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 8);
+    for v in &lines {
+        assert_eq!(v["caption"], v["references"][0], "{v}");
+    }
+    // Seeded sampling is deterministic.
+    let clip = d.path().join("data/clips/five.wav");
+    let sampled = |seed: &str| {
+        expect_success(&caption(&[
+            clip.as_os_str(),
+            "--temperature".as_ref(),
+            "1.5".as_ref(),
+            "--seed".as_ref(),
+            seed.as_ref(),
+        ]))
+    };
+    assert_eq!(sampled("3"), sampled("3"));
+    // One bad input: an error line for it, the others captioned, exit 1 with a count.
+    let missing = d.path().join("data/clips/missing.wav");
+    let out = caption(&[clip.as_os_str(), missing.as_os_str()]);
+    let err = expect_failure(&out);
+    assert!(
+        err.contains("missing.wav") && err.contains("1 of 2 input(s) failed"),
+        "{err}"
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["caption"], "Tone number five.");
+    assert!(lines[1]["error"].as_str().unwrap().contains("missing.wav"));
 }

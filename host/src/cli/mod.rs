@@ -2,6 +2,7 @@
 //! progress to stderr.
 
 mod audio_info;
+mod caption;
 mod common;
 mod dataset;
 mod encode;
@@ -54,6 +55,8 @@ enum Command {
     Prompt(prompt::PromptArgs),
     /// Train the projector from a TOML run config
     Train(train::TrainArgs),
+    /// Caption audio files or a dataset split with a trained projector
+    Caption(caption::CaptionArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -70,6 +73,7 @@ pub fn main() -> ExitCode {
         Command::Dataset(args) => dataset::run(args),
         Command::Prompt(args) => prompt::run(args),
         Command::Train(args) => train::run(args),
+        Command::Caption(args) => caption::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -72,7 +72,7 @@ fn bundled_config_trains_with_overrides() {
         "projector.kind=\"mlp\"".as_ref(),
     ]);
     let s = expect_success(&out);
-    assert!(s.contains("trained 2 step(s)"), "{s}");
+    assert!(s.contains("trained to step 2"), "{s}");
     assert!(run_dir.join("projector.safetensors").is_file());
     assert_eq!(
         std::fs::read_to_string(run_dir.join("metrics.jsonl"))

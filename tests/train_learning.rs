@@ -86,7 +86,7 @@ fn overfitting_eight_clips_learns_their_captions() {
     let cfg_path = write_config(d.path(), 50);
     let out = earshot(["train".as_ref(), cfg_path.as_os_str()]);
     let stdout = expect_success(&out);
-    assert!(stdout.contains("trained 50 step(s)"), "{stdout}");
+    assert!(stdout.contains("trained to step 50"), "{stdout}");
 
     let metrics: Vec<serde_json::Value> =
         std::fs::read_to_string(d.path().join("run/metrics.jsonl"))

@@ -87,6 +87,10 @@ pub struct TrainConfig {
     pub log_every: usize,
     /// Consecutive non-finite steps after which the run stops.
     pub max_nonfinite_steps: usize,
+    /// Write a checkpoint every this many steps (and at the end, and on Ctrl-C).
+    pub checkpoint_every: usize,
+    /// Checkpoints kept (the newest).
+    pub keep_last: usize,
     pub run_dir: PathBuf,
 }
 
@@ -104,12 +108,15 @@ impl Default for TrainConfig {
             seed: 0,
             log_every: 10,
             max_nonfinite_steps: 5,
+            checkpoint_every: 100,
+            keep_last: 3,
             run_dir: PathBuf::from("runs/default"),
         }
     }
 }
 
-fn earshot_home() -> PathBuf {
+/// `$EARSHOT_HOME`, default ~/.cache/earshot.
+pub fn earshot_home() -> PathBuf {
     std::env::var_os("EARSHOT_HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| {

@@ -2,6 +2,7 @@
 //! progress to stderr.
 
 mod audio_info;
+mod cache;
 mod caption;
 mod common;
 mod dataset;
@@ -57,6 +58,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Caption audio files or a dataset split with a trained projector
     Caption(caption::CaptionArgs),
+    /// Inspect or prune the encoder-output and plugin caches
+    Cache(cache::CacheArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -74,6 +77,7 @@ pub fn main() -> ExitCode {
         Command::Prompt(args) => prompt::run(args),
         Command::Train(args) => train::run(args),
         Command::Caption(args) => caption::run(args),
+        Command::Cache(args) => cache::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

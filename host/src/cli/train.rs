@@ -4,7 +4,7 @@ use anyhow::Result;
 use clap::Args;
 
 use crate::config::RunConfig;
-use crate::train::{train, Session};
+use crate::train::{train, Session, Start};
 
 #[derive(Debug, Args)]
 #[command(
@@ -22,6 +22,13 @@ pub struct TrainArgs {
     /// Override a config value, e.g. --set train.lr=1e-3 (repeatable)
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// Continue from the newest checkpoint in the run directory
+    #[arg(long)]
+    pub resume: bool,
+    /// With --resume: continue even if models, tokenizer, template, mel settings or the
+    /// projector config differ from the checkpoint's
+    #[arg(long, requires = "resume")]
+    pub allow_mismatch: bool,
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -30,10 +37,27 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let log_every = config.train.log_every.max(1);
     let session = Session::load(config)?;
     eprintln!(
-        "training the projector on {} example(s) for {steps} step(s)",
-        session.examples.len()
+        "training the projector on {} example(s) up to step {steps}; encoder: {} clip(s) encoded, {} from the cache",
+        session.examples.len(),
+        session.fresh_encodings,
+        session.examples.len() - session.fresh_encodings
     );
-    let (_, metrics) = train(&session, steps, &mut |m| {
+    // Ctrl-C: finish the current step, write a checkpoint, exit cleanly.
+    let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = interrupted.clone();
+    if let Err(e) =
+        ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::SeqCst))
+    {
+        tracing::warn!("cannot install the Ctrl-C handler: {e}");
+    }
+    let start = if args.resume {
+        Start::Resume {
+            allow_mismatch: args.allow_mismatch,
+        }
+    } else {
+        Start::Fresh
+    };
+    let (_, metrics) = train(&session, steps, start, Some(interrupted), &mut |m| {
         if m.step % log_every == 0 || m.step == 1 || m.step == steps {
             eprintln!(
                 "step {:>5}/{steps}  loss {:.4}  acc {:.3}  p(correct) {:.3}  |g| {:.3}  {:.2} ex/s",
@@ -42,14 +66,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
     })?;
     let last = metrics.last().map(|m| m.loss).unwrap_or(f64::NAN);
+    let reached = metrics.last().map(|m| m.step).unwrap_or(0);
+    let projector = session.config.train.run_dir.join("projector.safetensors");
     println!(
-        "trained {steps} step(s); final loss {last:.4}; projector: {}",
-        session
-            .config
-            .train
-            .run_dir
-            .join("projector.safetensors")
-            .display()
+        "trained to step {reached} ({} step(s) now); final loss {last:.4}; projector: {}",
+        metrics.len(),
+        projector.display()
     );
     Ok(())
 }

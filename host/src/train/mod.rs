@@ -3,6 +3,9 @@
 //! projector as the only trainable parameters, caption-only loss, AdamW.
 
 pub mod batch;
+pub mod cache;
+pub mod checkpoint;
+pub mod optim;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -10,8 +13,10 @@ use std::path::{Component, Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use candle_core::Tensor;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -26,6 +31,9 @@ use crate::models::whisper::WhisperEncoder;
 use crate::models::Runtime;
 use crate::plugins::{AudioSource, DatasetAdapter, Example, PluginHost, PromptTemplate};
 use batch::{caption_loss, TextPieces};
+use cache::EncoderCache;
+use checkpoint::{hash_files, Manifest, TrainState};
+use optim::{AdamW, AdamWParams};
 
 /// One training example ready for the loop.
 pub struct Prepared {
@@ -56,6 +64,8 @@ pub fn encode_example(
     mel: &mut LogMelExtractor,
     settings: &MelSettings,
     rt: &Runtime,
+    cache: Option<&EncoderCache>,
+    fresh: &mut usize,
 ) -> Result<Tensor> {
     let segment = Segment {
         start: ex.start_s,
@@ -70,6 +80,12 @@ pub fn encode_example(
                 .with_context(|| format!("example {}: inline audio", ex.id))?
         }
     };
+    let key = cache.map(|c| c.key(&samples, (ex.start_s, ex.end_s)));
+    if let (Some(c), Some(k)) = (cache, &key) {
+        if let Some(t) = c.get(k, &rt.device) {
+            return Ok(t);
+        }
+    }
     let (n, data) = mel.windows(&samples, settings)?;
     if n > 1 {
         tracing::warn!(
@@ -83,7 +99,14 @@ pub fn encode_example(
         (1, settings.n_mels, N_FRAMES),
         &rt.device,
     )?;
-    Ok(encoder.forward(&x, NonFiniteTrace::default())?)
+    let encoded = encoder.forward(&x, NonFiniteTrace::default())?;
+    *fresh += 1;
+    if let (Some(c), Some(k)) = (cache, &key) {
+        if let Err(e) = c.put(k, &encoded) {
+            tracing::warn!("cannot write the encoder cache: {e:#}");
+        }
+    }
+    Ok(encoded)
 }
 
 /// Everything a run needs, loaded and checked.
@@ -93,6 +116,9 @@ pub struct Session {
     pub llm: LoadedLlm,
     pub encoder: WhisperEncoder,
     pub examples: Vec<Prepared>,
+    pub manifest: Manifest,
+    /// Clips that had to go through the encoder (not found in the cache).
+    pub fresh_encodings: usize,
 }
 
 impl Session {
@@ -127,6 +153,13 @@ impl Session {
             window_hop_s: 30.0,
         };
         let mut mel = LogMelExtractor::new(settings.n_mels)?;
+        let manifest = build_manifest(&config, &settings)?;
+        let cache = EncoderCache::new(
+            EncoderCache::default_dir(),
+            &manifest.encoder,
+            &manifest.mel,
+        );
+        let mut fresh_encodings = 0;
         let mut examples = Vec::new();
         let mut pos = 0;
         loop {
@@ -159,6 +192,8 @@ impl Session {
                     &mut mel,
                     &settings,
                     &rt,
+                    Some(&cache),
+                    &mut fresh_encodings,
                 ) {
                     Ok(e) => e,
                     Err(e) => {
@@ -189,8 +224,57 @@ impl Session {
             llm,
             encoder,
             examples,
+            manifest,
+            fresh_encodings,
         })
     }
+}
+
+/// Checksums of everything a trained projector depends on.
+pub fn build_manifest(config: &RunConfig, mel: &MelSettings) -> Result<Manifest> {
+    let whisper = &config.models.whisper;
+    let mut enc_files = crate::models::whisper::safetensors_files(whisper)?;
+    enc_files.push(whisper.join("config.json"));
+    let llm = &config.models.llm;
+    let (llm_hash, tok_hash) = if llm.is_dir() {
+        let mut files = crate::models::whisper::safetensors_files(llm)?;
+        files.push(llm.join("config.json"));
+        (
+            hash_files(&files)?,
+            hash_files(&[llm.join("tokenizer.json")])?,
+        )
+    } else {
+        let h = hash_files(&[llm.clone()])?;
+        (h.clone(), format!("embedded in {h}"))
+    };
+    Ok(Manifest {
+        encoder: hash_files(&enc_files)?,
+        llm: llm_hash,
+        tokenizer: tok_hash,
+        prompt_template: hash_files(&[config.plugins.prompt_template.clone()])?,
+        mel: serde_json::to_string(mel)?,
+        projector: serde_json::to_string(&config.projector)?,
+    })
+}
+
+/// The order of the examples in `epoch`: a fixed shuffle for (seed, epoch), so the data
+/// position is just the number of samples seen.
+fn epoch_order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut StdRng::seed_from_u64(
+        seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ epoch,
+    ));
+    order
+}
+
+/// How a run starts.
+pub enum Start {
+    Fresh,
+    /// From the newest checkpoint in the run directory; `allow_mismatch` skips the
+    /// manifest check.
+    Resume {
+        allow_mismatch: bool,
+    },
 }
 
 /// Metrics of one optimisation step (one JSON line in `metrics.jsonl`).
@@ -215,29 +299,31 @@ fn sq_norm(t: &Tensor) -> Result<f64> {
         .to_scalar::<f64>()?)
 }
 
-/// Trains the projector for `steps`; writes metrics.jsonl and projector.safetensors in the
-/// run directory; returns the per-step metrics.
+/// Trains the projector up to step `steps`; writes metrics.jsonl, checkpoints and
+/// projector.safetensors in the run directory; returns the metrics of the steps run now.
 pub fn train(
     session: &Session,
     steps: usize,
+    start: Start,
+    interrupted: Option<Arc<AtomicBool>>,
     progress: &mut dyn FnMut(&StepMetrics),
 ) -> Result<(Projector, Vec<StepMetrics>)> {
     let cfg = &session.config.train;
-    std::fs::create_dir_all(&cfg.run_dir)
-        .with_context(|| format!("creating {}", cfg.run_dir.display()))?;
+    let run_dir = &cfg.run_dir;
+    std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let ckpt_dir = run_dir.join("checkpoints");
     let d_enc = session.encoder.config.d_model;
     let d_llm = session.llm.model.config.hidden_size;
-    let projector = Projector::new(
+    let mut projector = Projector::new(
         &session.config.projector,
         d_enc,
         d_llm,
         cfg.seed,
         &session.rt.device,
     )?;
-    let vars: Vec<Var> = projector.params().iter().map(|(_, v)| v.clone()).collect();
     let mut opt = AdamW::new(
-        vars.clone(),
-        ParamsAdamW {
+        projector.params().to_vec(),
+        AdamWParams {
             lr: cfg.lr,
             beta1: cfg.beta1,
             beta2: cfg.beta2,
@@ -245,21 +331,106 @@ pub fn train(
             weight_decay: cfg.weight_decay,
         },
     )?;
-    let mut metrics_file = std::fs::File::create(cfg.run_dir.join("metrics.jsonl"))?;
-    let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let mut order: Vec<usize> = Vec::new();
-    let mut all = Vec::with_capacity(steps);
-    let mut nonfinite_run = 0;
-    for step in 1..=steps {
-        let started = Instant::now();
-        let mut batch = Vec::with_capacity(cfg.batch_size);
-        while batch.len() < cfg.batch_size.min(session.examples.len()) {
-            if order.is_empty() {
-                order = (0..session.examples.len()).collect();
-                order.shuffle(&mut rng);
-            }
-            batch.push(order.pop().expect("refilled"));
+    let n = session.examples.len();
+    let mut state = TrainState {
+        step: 0,
+        samples_seen: 0,
+        optimizer_steps: 0,
+        seed: cfg.seed,
+        batch_size: cfg.batch_size,
+        examples: n,
+        manifest: session.manifest.clone(),
+    };
+    let metrics_path = run_dir.join("metrics.jsonl");
+    if let Start::Resume { allow_mismatch } = start {
+        let Some(ckpt) = checkpoint::latest(&ckpt_dir)? else {
+            bail!("--resume: no checkpoint in {}", ckpt_dir.display());
+        };
+        let loaded = checkpoint::load(&ckpt, &session.rt.device)?;
+        let diff = loaded.state.manifest.differences(&session.manifest);
+        if !diff.is_empty() && !allow_mismatch {
+            bail!(
+                "{}: trained against a different {}; refusing to resume (--allow-mismatch overrides)",
+                ckpt.display(),
+                diff.join(", ")
+            );
         }
+        if loaded.state.seed != cfg.seed
+            || loaded.state.batch_size != cfg.batch_size
+            || loaded.state.examples != n
+        {
+            bail!(
+                "{}: seed/batch size/dataset size were {}/{}/{}, now {}/{}/{}: the data order would differ",
+                ckpt.display(),
+                loaded.state.seed,
+                loaded.state.batch_size,
+                loaded.state.examples,
+                cfg.seed,
+                cfg.batch_size,
+                n
+            );
+        }
+        for (name, var) in projector.params() {
+            let t = loaded
+                .projector
+                .get(name)
+                .with_context(|| format!("{}: no tensor {name}", ckpt.display()))?;
+            var.set(t)?;
+        }
+        opt.restore(&loaded.optimizer, loaded.state.optimizer_steps)?;
+        state = loaded.state;
+        state.manifest = session.manifest.clone();
+        // Keep the metrics of the steps the checkpoint covers, drop any written after it.
+        if let Ok(text) = std::fs::read_to_string(&metrics_path) {
+            let kept: String = text
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_some_and(|s| s as usize <= state.step)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect();
+            std::fs::write(&metrics_path, kept)?;
+        }
+        tracing::info!("resumed from {} at step {}", ckpt.display(), state.step);
+    } else if metrics_path.exists() {
+        std::fs::remove_file(&metrics_path)?;
+    }
+    let mut metrics_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)?;
+    let save_checkpoint =
+        |state: &TrainState, projector: &Projector, opt: &AdamW| -> Result<PathBuf> {
+            let p: HashMap<String, Tensor> = projector
+                .params()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+                .collect();
+            let (o, t) = opt.state();
+            let mut st = state.clone();
+            st.optimizer_steps = t;
+            checkpoint::save(&ckpt_dir, &st, &p, &o, cfg.keep_last)
+        };
+    let mut orders: HashMap<u64, Vec<usize>> = HashMap::new();
+    let mut all = Vec::new();
+    let mut nonfinite_run = 0;
+    while state.step < steps {
+        let step = state.step + 1;
+        let started = Instant::now();
+        let bs = cfg.batch_size.min(n);
+        let batch: Vec<usize> = (0..bs as u64)
+            .map(|k| {
+                let c = state.samples_seen + k;
+                let (epoch, i) = (c / n as u64, (c % n as u64) as usize);
+                orders
+                    .entry(epoch)
+                    .or_insert_with(|| epoch_order(cfg.seed, epoch, n))[i]
+            })
+            .collect();
+        orders.retain(|&e, _| e + 1 >= state.samples_seen / n as u64);
         let pieces: Vec<TextPieces> = batch
             .iter()
             .map(|&i| session.examples[i].pieces.clone())
@@ -293,7 +464,13 @@ pub fn train(
             nonfinite_run += 1;
             tracing::warn!("step {step}: non-finite loss or gradient; step skipped");
             if nonfinite_run >= cfg.max_nonfinite_steps {
-                bail!("{nonfinite_run} steps in a row with non-finite loss or gradients; stopping");
+                // Name the first layer that produces non-finite values.
+                let trace =
+                    caption_loss(&session.llm.model, &pieces, &audio, NonFiniteTrace::on()).err();
+                bail!(
+                    "{nonfinite_run} steps in a row with non-finite loss or gradients; stopping{}",
+                    trace.map(|e| format!(" ({e})")).unwrap_or_default()
+                );
             }
         } else {
             nonfinite_run = 0;
@@ -305,17 +482,20 @@ pub fn train(
                     grads.insert(var.as_tensor(), (g * scale)?);
                 }
             }
-            let before: Vec<Tensor> = vars
+            let before: Vec<Tensor> = projector
+                .params()
                 .iter()
-                .map(|v| v.as_tensor().copy())
+                .map(|(_, v)| v.as_tensor().copy())
                 .collect::<Result<_, _>>()?;
-            opt.step(&grads)?;
+            opt.step(&grads, cfg.lr)?;
             for ((name, var), old) in projector.params().iter().zip(&before) {
                 let delta = sq_norm(&(var.as_tensor() - old)?)?.sqrt();
                 let norm = sq_norm(old)?.sqrt().max(1e-12);
                 update.insert(name.clone(), (delta / norm).max(1e-30).log10());
             }
         }
+        state.step = step;
+        state.samples_seen += bs as u64;
         let m = StepMetrics {
             step,
             loss,
@@ -323,15 +503,27 @@ pub fn train(
             mean_prob: out.mean_prob,
             grad_norm,
             lr: cfg.lr,
-            examples_per_s: batch.len() as f64 / started.elapsed().as_secs_f64(),
+            examples_per_s: bs as f64 / started.elapsed().as_secs_f64(),
             update_ratio_log10: update,
             skipped,
         };
         writeln!(metrics_file, "{}", serde_json::to_string(&m)?)?;
         progress(&m);
         all.push(m);
+        let stop = interrupted
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::SeqCst));
+        if stop || step == steps || (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0) {
+            metrics_file.sync_all()?;
+            let p = save_checkpoint(&state, &projector, &opt)?;
+            tracing::info!("checkpoint {}", p.display());
+        }
+        if stop {
+            eprintln!("interrupted: checkpoint saved at step {step}; continue with --resume");
+            break;
+        }
     }
-    metrics_file.sync_all()?;
-    projector.save(&cfg.run_dir.join("projector.safetensors"))?;
+    projector.save(&run_dir.join("projector.safetensors"))?;
+    let _ = &mut projector;
     Ok((projector, all))
 }

@@ -1,0 +1,87 @@
+//! On-disk cache of frozen-encoder outputs. The encoder never changes, so its output for a
+//! clip is computed once and reused across epochs and runs. Content-addressed by the decoded
+//! samples, the segment, the mel settings and the encoder weights' checksum; entries are
+//! written to a temp file and renamed, so concurrent runs never see a partial entry.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use sha2::{Digest, Sha256};
+
+pub struct EncoderCache {
+    dir: PathBuf,
+    /// Identifies the encoder weights and the mel settings.
+    context: String,
+}
+
+impl EncoderCache {
+    pub fn new(dir: PathBuf, encoder_hash: &str, mel_settings: &str) -> Self {
+        Self {
+            dir,
+            context: format!("{encoder_hash}|{mel_settings}"),
+        }
+    }
+
+    /// `$EARSHOT_HOME/cache/encoder`.
+    pub fn default_dir() -> PathBuf {
+        crate::config::earshot_home().join("cache/encoder")
+    }
+
+    pub fn key(&self, samples: &[f32], segment: (Option<f64>, Option<f64>)) -> String {
+        let mut h = Sha256::new();
+        h.update(self.context.as_bytes());
+        h.update(format!("{segment:?}").as_bytes());
+        for s in samples {
+            h.update(s.to_le_bytes());
+        }
+        hex::encode(h.finalize())
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.dir.join(&key[..2]).join(format!("{key}.safetensors"))
+    }
+
+    pub fn get(&self, key: &str, device: &Device) -> Option<Tensor> {
+        let p = self.path(key);
+        let bytes = std::fs::read(&p).ok()?;
+        match candle_core::safetensors::load_buffer(&bytes, device) {
+            Ok(mut m) => m.remove("encoded"),
+            Err(e) => {
+                tracing::warn!(
+                    "ignoring a damaged encoder cache entry {}: {e}",
+                    p.display()
+                );
+                None
+            }
+        }
+    }
+
+    pub fn put(&self, key: &str, encoded: &Tensor) -> Result<()> {
+        let p = self.path(key);
+        let dir = p.parent().expect("entry has a folder");
+        std::fs::create_dir_all(dir)?;
+        let tmp = tempfile::NamedTempFile::new_in(dir)?;
+        let map = std::collections::HashMap::from([("encoded".to_string(), encoded.clone())]);
+        candle_core::safetensors::save(&map, tmp.path())?;
+        tmp.persist(&p).map_err(|e| e.error)?;
+        Ok(())
+    }
+}
+
+/// Files under `dir` (recursively) with size and modification time.
+pub fn entries(dir: &Path) -> Vec<(PathBuf, u64, std::time::SystemTime)> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(entries(&p));
+        } else if let Ok(m) = e.metadata() {
+            out.push((p, m.len(), m.modified().unwrap_or(std::time::UNIX_EPOCH)));
+        }
+    }
+    out
+}

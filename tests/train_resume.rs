@@ -1,0 +1,208 @@
+//! Checkpoints: an interrupted and resumed run gives the same losses as an uninterrupted
+//! one; a manifest mismatch is refused; kill -9 mid-run leaves a loadable checkpoint;
+//! Ctrl-C saves one and exits cleanly; the second run takes every clip from the encoder cache.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use earshot_tests::*;
+
+fn bundled() -> PathBuf {
+    repo_root().join("configs/cpu-smollm2-tones.toml")
+}
+
+fn train(run_dir: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args: Vec<String> = vec![
+        "train".into(),
+        bundled().display().to_string(),
+        "--set".into(),
+        format!("train.run-dir=\"{}\"", run_dir.display()),
+        "--set".into(),
+        "train.steps=6".into(),
+        "--set".into(),
+        "train.checkpoint-every=3".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    earshot(args)
+}
+
+fn losses(run_dir: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn resume_reproduces_the_uninterrupted_run() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    expect_success(&train(&a, &[]));
+    let out = train(&b, &["--max-steps", "3"]);
+    expect_success(&out);
+    assert!(b.join("checkpoints/step-00000003/state.json").is_file());
+    // The second run finds every clip in the encoder cache.
+    let out = train(&b, &["--resume"]);
+    let stdout = expect_success(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("encoder: 0 clip(s) encoded, 8 from the cache"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("trained to step 6 (3 step(s) now)"),
+        "{stdout}"
+    );
+    let (la, lb) = (losses(&a), losses(&b));
+    assert_eq!(la.len(), 6);
+    assert_eq!(
+        lb.iter().map(|x| x.0).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5, 6]
+    );
+    for ((s, x), (_, y)) in la.iter().zip(&lb) {
+        assert!((x - y).abs() <= 1e-5, "step {s}: {x} vs {y}");
+    }
+    let pa = std::fs::read(a.join("projector.safetensors")).unwrap();
+    let pb = std::fs::read(b.join("projector.safetensors")).unwrap();
+    assert_eq!(pa, pb, "the resumed projector equals the uninterrupted one");
+
+    // A checkpoint made with other settings is refused, naming what differs.
+    let out = train(
+        &b,
+        &[
+            "--resume",
+            "--set",
+            "mel.padding=\"trailing\"",
+            "--set",
+            "train.steps=7",
+        ],
+    );
+    let err = expect_failure(&out);
+    assert!(
+        err.contains("mel settings") && err.contains("refusing to resume"),
+        "{err}"
+    );
+    let out = train(
+        &b,
+        &[
+            "--resume",
+            "--set",
+            "train.batch-size=2",
+            "--set",
+            "train.steps=7",
+        ],
+    );
+    let err = expect_failure(&out);
+    assert!(err.contains("data order would differ"), "{err}");
+    // Only the newest checkpoints are kept (keep-last = 3): steps 3 and 6.
+    let kept: Vec<String> = std::fs::read_dir(b.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert!(kept.contains(&"step-00000006".to_string()), "{kept:?}");
+}
+
+fn spawn_train(run_dir: &Path, steps: usize) -> std::process::Child {
+    Command::new(earshot_bin())
+        .args(["train".as_ref(), bundled().as_os_str()])
+        .arg("--set")
+        .arg(format!("train.run-dir=\"{}\"", run_dir.display()))
+        .arg("--set")
+        .arg(format!("train.steps={steps}"))
+        .arg("--set")
+        .arg("train.checkpoint-every=1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_for_checkpoints(run_dir: &Path, n: usize) {
+    let started = Instant::now();
+    loop {
+        let count = std::fs::read_dir(run_dir.join("checkpoints"))
+            .map(|r| {
+                r.filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .starts_with("step-")
+                })
+                .count()
+            })
+            .unwrap_or(0);
+        if count >= n {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn kill_minus_nine_leaves_a_loadable_checkpoint() {
+    let d = tempfile::tempdir().unwrap();
+    let run = d.path().join("run");
+    let mut child = spawn_train(&run, 50);
+    wait_for_checkpoints(&run, 2);
+    // Kill at once: with a checkpoint per step the process is usually writing one.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // A leftover partial write must be ignored too.
+    std::fs::create_dir_all(run.join("checkpoints/.step-99999999.partial")).unwrap();
+    let latest = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| {
+            let n = e.unwrap().file_name().to_string_lossy().to_string();
+            n.strip_prefix("step-")
+                .and_then(|s| s.parse::<usize>().ok())
+        })
+        .max()
+        .unwrap();
+    let out = Command::new(earshot_bin())
+        .args(["train".as_ref(), bundled().as_os_str()])
+        .arg("--set")
+        .arg(format!("train.run-dir=\"{}\"", run.display()))
+        .arg("--set")
+        .arg(format!("train.steps={}", latest + 1))
+        .arg("--set")
+        .arg("train.checkpoint-every=1")
+        .arg("--resume")
+        .output()
+        .unwrap();
+    let stdout = expect_success(&out);
+    assert!(
+        stdout.contains(&format!("trained to step {}", latest + 1)),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
+    let d = tempfile::tempdir().unwrap();
+    let run = d.path().join("run");
+    let child = spawn_train(&run, 50);
+    wait_for_checkpoints(&run, 1);
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("interrupted: checkpoint saved at step"),
+        "{stderr}"
+    );
+    assert!(run.join("projector.safetensors").is_file());
+}

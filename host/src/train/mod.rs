@@ -55,18 +55,28 @@ pub fn resolve_audio(root: &Path, rel: &str) -> Result<PathBuf> {
     Ok(root.join(p))
 }
 
-/// Decodes and encodes an example's audio: (1, 1500, d_enc). Clips longer than 30 s use
-/// their first window (with a warning).
-pub fn encode_example(
-    ex: &Example,
-    root: &Path,
-    encoder: &WhisperEncoder,
-    mel: &mut LogMelExtractor,
-    settings: &MelSettings,
-    rt: &Runtime,
-    cache: Option<&EncoderCache>,
-    fresh: &mut usize,
-) -> Result<Tensor> {
+/// Turns examples into frozen-encoder outputs, through the on-disk cache.
+pub struct ClipEncoder<'a> {
+    pub encoder: &'a WhisperEncoder,
+    pub rt: &'a Runtime,
+    pub settings: MelSettings,
+    pub mel: LogMelExtractor,
+    pub cache: Option<EncoderCache>,
+    /// Clips that went through the encoder (not found in the cache).
+    pub fresh: usize,
+}
+
+impl ClipEncoder<'_> {
+    /// Decodes and encodes an example's audio: (1, 1500, d_enc). Clips longer than 30 s
+    /// use their first window (with a warning).
+    pub fn encode(&mut self, ex: &Example, root: &Path) -> Result<Tensor> {
+        encode_example(ex, root, self)
+    }
+}
+
+fn encode_example(ex: &Example, root: &Path, e: &mut ClipEncoder) -> Result<Tensor> {
+    let (encoder, rt, settings) = (e.encoder, e.rt, &e.settings);
+    let cache = e.cache.as_ref();
     let segment = Segment {
         start: ex.start_s,
         end: ex.end_s,
@@ -86,7 +96,7 @@ pub fn encode_example(
             return Ok(t);
         }
     }
-    let (n, data) = mel.windows(&samples, settings)?;
+    let (n, data) = e.mel.windows(&samples, settings)?;
     if n > 1 {
         tracing::warn!(
             "example {}: {:.1} s of audio; training uses the first 30 s",
@@ -100,7 +110,7 @@ pub fn encode_example(
         &rt.device,
     )?;
     let encoded = encoder.forward(&x, NonFiniteTrace::default())?;
-    *fresh += 1;
+    e.fresh += 1;
     if let (Some(c), Some(k)) = (cache, &key) {
         if let Err(e) = c.put(k, &encoded) {
             tracing::warn!("cannot write the encoder cache: {e:#}");
@@ -152,14 +162,19 @@ impl Session {
             padding: config.mel.padding,
             window_hop_s: 30.0,
         };
-        let mut mel = LogMelExtractor::new(settings.n_mels)?;
         let manifest = build_manifest(&config, &settings)?;
-        let cache = EncoderCache::new(
-            EncoderCache::default_dir(),
-            &manifest.encoder,
-            &manifest.mel,
-        );
-        let mut fresh_encodings = 0;
+        let mut clips = ClipEncoder {
+            encoder: &encoder,
+            rt: &rt,
+            mel: LogMelExtractor::new(settings.n_mels)?,
+            cache: Some(EncoderCache::new(
+                EncoderCache::default_dir(),
+                &manifest.encoder,
+                &manifest.mel,
+            )),
+            settings,
+            fresh: 0,
+        };
         let mut examples = Vec::new();
         let mut pos = 0;
         loop {
@@ -185,16 +200,7 @@ impl Session {
                     tracing::warn!("example {}: empty target; skipped", ex.id);
                     continue;
                 }
-                let encoded = match encode_example(
-                    &ex,
-                    &config.data.root,
-                    &encoder,
-                    &mut mel,
-                    &settings,
-                    &rt,
-                    Some(&cache),
-                    &mut fresh_encodings,
-                ) {
+                let encoded = match clips.encode(&ex, &config.data.root) {
                     Ok(e) => e,
                     Err(e) => {
                         tracing::warn!("example {}: {e:#}; skipped", ex.id);
@@ -212,6 +218,8 @@ impl Session {
                 None => break,
             }
         }
+        let fresh_encodings = clips.fresh;
+        drop(clips);
         if examples.is_empty() {
             bail!(
                 "split {split:?} of {} has no usable examples",
@@ -244,14 +252,14 @@ pub fn build_manifest(config: &RunConfig, mel: &MelSettings) -> Result<Manifest>
             hash_files(&[llm.join("tokenizer.json")])?,
         )
     } else {
-        let h = hash_files(&[llm.clone()])?;
+        let h = hash_files(std::slice::from_ref(llm))?;
         (h.clone(), format!("embedded in {h}"))
     };
     Ok(Manifest {
         encoder: hash_files(&enc_files)?,
         llm: llm_hash,
         tokenizer: tok_hash,
-        prompt_template: hash_files(&[config.plugins.prompt_template.clone()])?,
+        prompt_template: hash_files(std::slice::from_ref(&config.plugins.prompt_template))?,
         mel: serde_json::to_string(mel)?,
         projector: serde_json::to_string(&config.projector)?,
     })

@@ -16,8 +16,10 @@ use crate::models::projector::Projector;
 use crate::models::whisper::WhisperEncoder;
 use crate::models::Runtime;
 use crate::plugins::{DatasetAdapter, PluginHost, PostProcessor, PromptTemplate};
-use crate::sampler::{Sampler, SamplingParams};
+use crate::sampler::Sampler;
 use crate::train::resolve_audio;
+
+use super::common::SamplingArgs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LongAudio {
@@ -52,15 +54,8 @@ pub struct CaptionArgs {
     /// Maximum new tokens per caption
     #[arg(long, default_value_t = 60)]
     pub max_tokens: usize,
-    /// Sampling temperature; 0 is greedy
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f32,
-    #[arg(long)]
-    pub top_k: Option<usize>,
-    #[arg(long)]
-    pub top_p: Option<f32>,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Audio longer than 30 s
     #[arg(long, value_enum, default_value_t = LongAudio::PerWindow)]
     pub long_audio: LongAudio,
@@ -79,12 +74,7 @@ struct Item {
 
 pub fn run(args: CaptionArgs) -> Result<()> {
     let cfg = RunConfig::load(&args.config, &args.set)?;
-    let params = SamplingParams {
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        seed: args.seed,
-    };
+    let params = args.sampling.params();
     Sampler::new(params)?;
     let rt = Runtime::best_available();
     let encoder = WhisperEncoder::load_dir(&cfg.models.whisper, &rt)

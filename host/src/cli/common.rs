@@ -51,6 +51,34 @@ impl AudioArgs {
     }
 }
 
+/// How the next token is chosen.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct SamplingArgs {
+    /// Sampling temperature; 0 is greedy
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Keep only the k most likely tokens when sampling
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Keep the smallest set of tokens whose probability reaches p when sampling
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Random seed for sampling
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> crate::sampler::SamplingParams {
+        crate::sampler::SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Args)]
 pub struct TraceArgs {
     /// Check every layer's output for NaN/Inf and stop at the first layer that produces one,

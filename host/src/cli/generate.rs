@@ -4,10 +4,10 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use super::common::TraceArgs;
+use super::common::{SamplingArgs, TraceArgs};
 use crate::models::llm::{generate_ids, load_llm};
 use crate::models::Runtime;
-use crate::sampler::{Sampler, SamplingParams};
+use crate::sampler::Sampler;
 
 #[derive(Debug, Args)]
 #[command(
@@ -25,29 +25,14 @@ pub struct GenerateArgs {
     /// Maximum number of new tokens
     #[arg(long, default_value_t = 64)]
     pub max_tokens: usize,
-    /// Sampling temperature; 0 is greedy
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f32,
-    /// Keep only the k most likely tokens when sampling
-    #[arg(long)]
-    pub top_k: Option<usize>,
-    /// Keep the smallest set of tokens whose probability reaches p when sampling
-    #[arg(long)]
-    pub top_p: Option<f32>,
-    /// Random seed for sampling
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     #[command(flatten)]
     pub trace: TraceArgs,
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let mut sampler = Sampler::new(SamplingParams {
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        seed: args.seed,
-    })?;
+    let mut sampler = Sampler::new(args.sampling.params())?;
     let rt = Runtime::best_available();
     let llm =
         load_llm(&args.llm, &rt).with_context(|| format!("loading {}", args.llm.display()))?;

@@ -288,18 +288,15 @@ pub fn import_whisper(ct2_dir: &Path, out_dir: &Path) -> Result<ImportSummary> {
         model.var(&bin, "encoder/position_encodings/encodings")?,
     )?;
     norm(&mut out, "encoder/layer_norm", "model.encoder.layer_norm")?;
-    for i in 0..enc_layers {
-        let (c, h) = (
-            format!("encoder/layer_{i}"),
-            format!("model.encoder.layers.{i}"),
-        );
+    // The parts every encoder and decoder layer has: self-attention (fused q/k/v) and FFN.
+    let block = |out: &mut HashMap<String, Tensor>, c: &str, h: &str| -> Result<()> {
         norm(
-            &mut out,
+            out,
             &format!("{c}/self_attention/layer_norm"),
             &format!("{h}.self_attn_layer_norm"),
         )?;
         split(
-            &mut out,
+            out,
             &format!("{c}/self_attention/linear_0"),
             &[
                 (&format!("{h}.self_attn.q_proj"), true),
@@ -308,17 +305,24 @@ pub fn import_whisper(ct2_dir: &Path, out_dir: &Path) -> Result<ImportSummary> {
             ],
         )?;
         linear(
-            &mut out,
+            out,
             &format!("{c}/self_attention/linear_1"),
             &format!("{h}.self_attn.out_proj"),
         )?;
         norm(
-            &mut out,
+            out,
             &format!("{c}/ffn/layer_norm"),
             &format!("{h}.final_layer_norm"),
         )?;
-        linear(&mut out, &format!("{c}/ffn/linear_0"), &format!("{h}.fc1"))?;
-        linear(&mut out, &format!("{c}/ffn/linear_1"), &format!("{h}.fc2"))?;
+        linear(out, &format!("{c}/ffn/linear_0"), &format!("{h}.fc1"))?;
+        linear(out, &format!("{c}/ffn/linear_1"), &format!("{h}.fc2"))
+    };
+    for i in 0..enc_layers {
+        block(
+            &mut out,
+            &format!("encoder/layer_{i}"),
+            &format!("model.encoder.layers.{i}"),
+        )?;
     }
     put(
         &mut out,
@@ -336,25 +340,8 @@ pub fn import_whisper(ct2_dir: &Path, out_dir: &Path) -> Result<ImportSummary> {
             format!("decoder/layer_{i}"),
             format!("model.decoder.layers.{i}"),
         );
-        norm(
-            &mut out,
-            &format!("{c}/self_attention/layer_norm"),
-            &format!("{h}.self_attn_layer_norm"),
-        )?;
-        split(
-            &mut out,
-            &format!("{c}/self_attention/linear_0"),
-            &[
-                (&format!("{h}.self_attn.q_proj"), true),
-                (&format!("{h}.self_attn.k_proj"), false),
-                (&format!("{h}.self_attn.v_proj"), true),
-            ],
-        )?;
-        linear(
-            &mut out,
-            &format!("{c}/self_attention/linear_1"),
-            &format!("{h}.self_attn.out_proj"),
-        )?;
+        block(&mut out, &c, &h)?;
+        // Cross-attention: q alone, k and v fused.
         norm(
             &mut out,
             &format!("{c}/attention/layer_norm"),
@@ -378,13 +365,6 @@ pub fn import_whisper(ct2_dir: &Path, out_dir: &Path) -> Result<ImportSummary> {
             &format!("{c}/attention/linear_2"),
             &format!("{h}.encoder_attn.out_proj"),
         )?;
-        norm(
-            &mut out,
-            &format!("{c}/ffn/layer_norm"),
-            &format!("{h}.final_layer_norm"),
-        )?;
-        linear(&mut out, &format!("{c}/ffn/linear_0"), &format!("{h}.fc1"))?;
-        linear(&mut out, &format!("{c}/ffn/linear_1"), &format!("{h}.fc2"))?;
     }
 
     let config = serde_json::json!({

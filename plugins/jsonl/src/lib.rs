@@ -184,13 +184,7 @@ impl Plugin for Jsonl {
                     ),
                 )
             })?;
-            let from = (start as usize).min(examples.len());
-            let to = (from + max as usize).min(examples.len());
-            Ok(Batch {
-                examples: examples[from..to].to_vec(),
-                warnings: Vec::new(),
-                next: (to < examples.len()).then_some(to as u64),
-            })
+            Ok(page(examples, start, max))
         })
     }
 }

@@ -119,6 +119,19 @@ pub fn parse_options<T: serde::de::DeserializeOwned + Default>(
         .map_err(|e| error(ErrorCode::InvalidInput, format!("options: {e}")))
 }
 
+/// The batch of `examples` starting at position `start`, at most `max` long, with the
+/// position of the next batch (none at the end): the usual body of `Plugin::read` for an
+/// adapter that holds its split in memory.
+pub fn page(examples: &[Example], start: u64, max: u32) -> Batch {
+    let from = (start as usize).min(examples.len());
+    let to = from.saturating_add(max as usize).min(examples.len());
+    Batch {
+        examples: examples[from..to].to_vec(),
+        warnings: Vec::new(),
+        next: (to < examples.len()).then_some(to as u64),
+    }
+}
+
 /// Exports `$t: Plugin` as a component implementing every role interface.
 #[macro_export]
 macro_rules! export_plugin {

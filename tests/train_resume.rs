@@ -206,3 +206,29 @@ fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
     );
     assert!(run.join("projector.safetensors").is_file());
 }
+
+#[test]
+fn gradient_accumulation_equals_the_larger_batch() {
+    // Same samples in the same order; every target has the same number of tokens, so the
+    // mean over micro-batches equals the mean over the whole batch.
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    expect_success(&train(
+        &a,
+        &["--max-steps", "3", "--set", "train.batch-size=4"],
+    ));
+    expect_success(&train(
+        &b,
+        &[
+            "--max-steps",
+            "3",
+            "--set",
+            "train.batch-size=2",
+            "--set",
+            "train.accumulate=2",
+        ],
+    ));
+    for ((s, x), (_, y)) in losses(&a).iter().zip(&losses(&b)) {
+        assert!((x - y).abs() <= 1e-4, "step {s}: {x} vs {y}");
+    }
+}

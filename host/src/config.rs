@@ -75,7 +75,15 @@ pub struct MelConfig {
 pub struct TrainConfig {
     pub steps: usize,
     pub batch_size: usize,
+    /// Micro-batches whose gradients are summed before each optimizer step.
+    pub accumulate: usize,
+    /// Peak learning rate.
     pub lr: f64,
+    pub schedule: Schedule,
+    /// Linear warmup steps (warmup-cosine).
+    pub warmup_steps: usize,
+    /// Final learning rate of the cosine decay.
+    pub min_lr: f64,
     /// 0 reproduces the write-up's "Adam without momentum".
     pub beta1: f64,
     pub beta2: f64,
@@ -94,12 +102,43 @@ pub struct TrainConfig {
     pub run_dir: PathBuf,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Schedule {
+    /// The write-up's: the same lr throughout.
+    Constant,
+    /// Linear warmup to `lr`, then cosine decay to `min-lr` at the last step.
+    WarmupCosine,
+}
+
+impl TrainConfig {
+    /// The learning rate of (1-based) `step`.
+    pub fn lr_at(&self, step: usize) -> f64 {
+        match self.schedule {
+            Schedule::Constant => self.lr,
+            Schedule::WarmupCosine => {
+                if step <= self.warmup_steps {
+                    return self.lr * step as f64 / self.warmup_steps.max(1) as f64;
+                }
+                let span = self.steps.saturating_sub(self.warmup_steps).max(1) as f64;
+                let t = ((step - self.warmup_steps) as f64 / span).min(1.0);
+                self.min_lr
+                    + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * t).cos())
+            }
+        }
+    }
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             steps: 1000,
             batch_size: 4,
+            accumulate: 1,
             lr: 1.5e-3,
+            schedule: Schedule::Constant,
+            warmup_steps: 0,
+            min_lr: 0.0,
             beta1: 0.0,
             beta2: 0.999,
             eps: 1e-8,
@@ -194,8 +233,8 @@ impl RunConfig {
     fn validate(&self, path: &Path) -> Result<()> {
         let t = &self.train;
         let p = path.display();
-        if t.batch_size == 0 {
-            bail!("{p}: train.batch-size must be at least 1");
+        if t.batch_size == 0 || t.accumulate == 0 {
+            bail!("{p}: train.batch-size and train.accumulate must be at least 1");
         }
         if !(t.lr > 0.0 && t.lr.is_finite()) {
             bail!("{p}: train.lr must be a positive number, got {}", t.lr);
@@ -215,5 +254,29 @@ impl RunConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warmup_cosine_schedule() {
+        let t = TrainConfig {
+            steps: 110,
+            lr: 1e-3,
+            min_lr: 1e-5,
+            warmup_steps: 10,
+            schedule: Schedule::WarmupCosine,
+            ..TrainConfig::default()
+        };
+        assert!((t.lr_at(1) - 1e-4).abs() < 1e-12);
+        assert!((t.lr_at(10) - 1e-3).abs() < 1e-12);
+        assert!((t.lr_at(60) - (1e-5 + 0.5 * (1e-3 - 1e-5))).abs() < 1e-12);
+        assert!((t.lr_at(110) - 1e-5).abs() < 1e-12);
+        let c = TrainConfig::default();
+        assert_eq!(c.lr_at(1), c.lr);
+        assert_eq!(c.lr_at(1000), c.lr);
     }
 }

@@ -137,6 +137,26 @@ impl Projector {
         })
     }
 
+    /// The same parameters in another dtype (f64 for finite-difference checks).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        let params = self
+            .params
+            .iter()
+            .map(|(n, v)| {
+                Ok((
+                    n.clone(),
+                    Var::from_tensor(&v.as_tensor().to_dtype(dtype)?)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            config: self.config.clone(),
+            d_in: self.d_in,
+            d_out: self.d_out,
+            params,
+        })
+    }
+
     pub fn params(&self) -> &[(String, Var)] {
         &self.params
     }
@@ -169,7 +189,7 @@ impl Projector {
                 ),
             });
         }
-        let x = enc.to_dtype(DType::F32)?;
+        let x = enc.to_dtype(self.params[0].1.dtype())?;
         let x = match self.config.kind {
             ProjectorKind::Stack => {
                 let k = self.config.stack;
@@ -247,6 +267,6 @@ pub fn adaptive_avg_pool(x: &Tensor, n: usize) -> Result<Tensor> {
             m[i * l + j] = w;
         }
     }
-    let pool = Tensor::from_vec(m, (n, l), x.device())?;
+    let pool = Tensor::from_vec(m, (n, l), x.device())?.to_dtype(x.dtype())?;
     Ok(pool.broadcast_matmul(x)?)
 }

@@ -90,11 +90,12 @@ pub fn caption_loss(
     let hidden = llm.forward_hidden(&x, 0, None, trace)?;
     let hidden = hidden.reshape(((), h))?;
     let picked = hidden.index_select(&Tensor::new(flat_positions.as_slice(), &device)?, 0)?;
-    let logits = llm.logits(&picked)?.to_dtype(DType::F32)?;
+    // f32 (f64 for an f64 model, so gradient checks are exact enough).
+    let logits = llm.logits(&picked)?;
     let target_t = Tensor::new(targets.as_slice(), &device)?;
     let loss = candle_nn::loss::cross_entropy(&logits, &target_t)?;
     // Diagnostics (no graph needed).
-    let probs = candle_nn::ops::softmax_last_dim(&logits.detach())?;
+    let probs = candle_nn::ops::softmax_last_dim(&logits.detach().to_dtype(DType::F32)?)?;
     let p_correct = probs
         .gather(&target_t.unsqueeze(1)?, 1)?
         .flatten_all()?

@@ -72,8 +72,14 @@ pub struct TrainState {
     pub optimizer_steps: u64,
     pub seed: u64,
     pub batch_size: usize,
+    #[serde(default = "one")]
+    pub accumulate: usize,
     pub examples: usize,
     pub manifest: Manifest,
+}
+
+fn one() -> usize {
+    1
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {

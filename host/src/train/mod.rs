@@ -346,6 +346,7 @@ pub fn train(
         optimizer_steps: 0,
         seed: cfg.seed,
         batch_size: cfg.batch_size,
+        accumulate: cfg.accumulate,
         examples: n,
         manifest: session.manifest.clone(),
     };
@@ -365,6 +366,7 @@ pub fn train(
         }
         if loaded.state.seed != cfg.seed
             || loaded.state.batch_size != cfg.batch_size
+            || loaded.state.accumulate != cfg.accumulate
             || loaded.state.examples != n
         {
             bail!(
@@ -429,35 +431,69 @@ pub fn train(
         let step = state.step + 1;
         let started = Instant::now();
         let bs = cfg.batch_size.min(n);
-        let batch: Vec<usize> = (0..bs as u64)
-            .map(|k| {
-                let c = state.samples_seen + k;
-                let (epoch, i) = (c / n as u64, (c % n as u64) as usize);
-                orders
-                    .entry(epoch)
-                    .or_insert_with(|| epoch_order(cfg.seed, epoch, n))[i]
-            })
-            .collect();
+        let micro = cfg.accumulate.max(1);
+        let lr = cfg.lr_at(step);
+        let mut summed: Option<candle_core::backprop::GradStore> = None;
+        let (mut loss, mut accuracy, mut mean_prob) = (0.0, 0.0, 0.0);
+        let mut last_inputs = None;
+        for mb in 0..micro {
+            let first = state.samples_seen + (mb * bs) as u64;
+            let batch: Vec<usize> = (0..bs as u64)
+                .map(|k| {
+                    let c = first + k;
+                    let (epoch, i) = (c / n as u64, (c % n as u64) as usize);
+                    orders
+                        .entry(epoch)
+                        .or_insert_with(|| epoch_order(cfg.seed, epoch, n))[i]
+                })
+                .collect();
+            let pieces: Vec<TextPieces> = batch
+                .iter()
+                .map(|&i| session.examples[i].pieces.clone())
+                .collect();
+            let audio: Vec<Tensor> = batch
+                .iter()
+                .map(|&i| projector.forward(&session.examples[i].encoded))
+                .collect::<Result<_, _>>()?;
+            let out = caption_loss(
+                &session.llm.model,
+                &pieces,
+                &audio,
+                NonFiniteTrace::default(),
+            )?;
+            loss += out
+                .loss
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?
+                / micro as f64;
+            accuracy += out.accuracy / micro as f64;
+            mean_prob += out.mean_prob / micro as f64;
+            // Mean over micro-batches: each contributes 1/micro of the gradient.
+            let g = (&out.loss / micro as f64)?.backward()?;
+            summed = Some(match summed {
+                None => g,
+                Some(mut acc) => {
+                    for (name, var) in projector.params() {
+                        let a = acc.remove(var.as_tensor());
+                        let b = g.get(var.as_tensor()).with_context(|| {
+                            format!("projector parameter {name} received no gradient")
+                        })?;
+                        acc.insert(
+                            var.as_tensor(),
+                            match a {
+                                Some(a) => (a + b)?,
+                                None => b.clone(),
+                            },
+                        );
+                    }
+                    acc
+                }
+            });
+            last_inputs = Some((pieces, audio));
+        }
         orders.retain(|&e, _| e + 1 >= state.samples_seen / n as u64);
-        let pieces: Vec<TextPieces> = batch
-            .iter()
-            .map(|&i| session.examples[i].pieces.clone())
-            .collect();
-        let audio: Vec<Tensor> = batch
-            .iter()
-            .map(|&i| projector.forward(&session.examples[i].encoded))
-            .collect::<Result<_, _>>()?;
-        let out = caption_loss(
-            &session.llm.model,
-            &pieces,
-            &audio,
-            NonFiniteTrace::default(),
-        )?;
-        let loss = out
-            .loss
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?;
-        let grads = out.loss.backward()?;
+        let grads = summed.expect("at least one micro-batch");
+        let (pieces, audio) = last_inputs.expect("at least one micro-batch");
         let mut grad_sq = 0.0;
         for (name, var) in projector.params() {
             let g = grads
@@ -495,7 +531,7 @@ pub fn train(
                 .iter()
                 .map(|(_, v)| v.as_tensor().copy())
                 .collect::<Result<_, _>>()?;
-            opt.step(&grads, cfg.lr)?;
+            opt.step(&grads, lr)?;
             for ((name, var), old) in projector.params().iter().zip(&before) {
                 let delta = sq_norm(&(var.as_tensor() - old)?)?.sqrt();
                 let norm = sq_norm(old)?.sqrt().max(1e-12);
@@ -503,15 +539,15 @@ pub fn train(
             }
         }
         state.step = step;
-        state.samples_seen += bs as u64;
+        state.samples_seen += (bs * micro) as u64;
         let m = StepMetrics {
             step,
             loss,
-            accuracy: out.accuracy,
-            mean_prob: out.mean_prob,
+            accuracy,
+            mean_prob,
             grad_norm,
-            lr: cfg.lr,
-            examples_per_s: bs as f64 / started.elapsed().as_secs_f64(),
+            lr,
+            examples_per_s: (bs * micro) as f64 / started.elapsed().as_secs_f64(),
             update_ratio_log10: update,
             skipped,
         };

@@ -312,3 +312,20 @@ fn backward_stores_no_gradient_for_frozen_weights() {
         .count();
     assert!(stored > 0, "stock matmul should store weight gradients");
 }
+
+#[test]
+fn kv_cache_decoder_equals_a_no_cache_reference_decoder() {
+    // The write-up's sampler: re-run the whole sequence for every new token.
+    let l = llm();
+    let mut ids = chatml_ids()[..20].to_vec();
+    let prompt = ids.clone();
+    for _ in 0..12 {
+        let logits = all_logits(&l.model, &ids);
+        let last = &logits[logits.len() - 49152..];
+        ids.push(earshot::sampler::argmax(last));
+    }
+    let reference = ids[prompt.len()..].to_vec();
+    let mut sampler = Sampler::new(SamplingParams::default()).unwrap();
+    let cached = generate_ids(&l.model, &prompt, 12, None, &mut sampler, NO_TRACE).unwrap();
+    assert_eq!(cached, reference);
+}

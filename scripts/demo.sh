@@ -9,7 +9,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 config=configs/cpu-smollm2-tones.toml
 run_dir=runs/cpu-smollm2-tones
-./target/release/earshot train "$config"
+./target/release/earshot train "$config" --overwrite
 ./target/release/earshot caption --config "$config" --checkpoint "$run_dir/projector.safetensors" \
   --split train > "$run_dir/captions.jsonl"
 python3 - "$run_dir/captions.jsonl" <<'PY'

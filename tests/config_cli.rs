@@ -81,4 +81,46 @@ fn bundled_config_trains_with_overrides() {
             .count(),
         2
     );
+
+    // An earlier run is never replaced silently.
+    let again = |extra: &[&str]| {
+        let mut args: Vec<String> = vec![
+            "train".into(),
+            bundled().display().to_string(),
+            "--max-steps".into(),
+            "2".into(),
+            "--set".into(),
+            format!("train.run-dir=\"{}\"", run_dir.display()),
+            "--set".into(),
+            "data.eval-split=\"train\"".into(),
+            "--set".into(),
+            "train.eval-every=1".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        earshot(args)
+    };
+    let err = expect_failure(&again(&[]));
+    assert!(
+        err.contains("already holds a run") && err.contains("--overwrite"),
+        "{err}"
+    );
+    // Eval loss every step on the held-out split, and the best checkpoint kept.
+    expect_success(&again(&["--overwrite"]));
+    let evals: Vec<serde_json::Value> = std::fs::read_to_string(run_dir.join("eval.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(evals.len(), 2);
+    let best: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("best.json")).unwrap()).unwrap();
+    let min = evals
+        .iter()
+        .map(|v| v["eval_loss"].as_f64().unwrap())
+        .fold(f64::INFINITY, f64::min);
+    assert_eq!(best["eval_loss"].as_f64().unwrap(), min);
+    let step = best["step"].as_u64().unwrap();
+    assert!(run_dir
+        .join(format!("best/step-{step:08}/projector.safetensors"))
+        .is_file());
 }

@@ -57,6 +57,9 @@ pub struct DataConfig {
     pub options: String,
     #[serde(default = "default_train_split")]
     pub train_split: String,
+    /// Held-out split for the eval loss (and the best checkpoint); none: no eval.
+    #[serde(default)]
+    pub eval_split: Option<String>,
 }
 
 fn default_train_split() -> String {
@@ -99,6 +102,8 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// Checkpoints kept (the newest).
     pub keep_last: usize,
+    /// Eval loss on `data.eval-split` every this many steps (and at the end); 0: only at the end.
+    pub eval_every: usize,
     pub run_dir: PathBuf,
 }
 
@@ -149,6 +154,7 @@ impl Default for TrainConfig {
             max_nonfinite_steps: 5,
             checkpoint_every: 100,
             keep_last: 3,
+            eval_every: 100,
             run_dir: PathBuf::from("runs/default"),
         }
     }

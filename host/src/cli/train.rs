@@ -29,6 +29,9 @@ pub struct TrainArgs {
     /// projector config differ from the checkpoint's
     #[arg(long, requires = "resume")]
     pub allow_mismatch: bool,
+    /// Start afresh even if the run directory holds an earlier run (it is replaced)
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -55,7 +58,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
             allow_mismatch: args.allow_mismatch,
         }
     } else {
-        Start::Fresh
+        Start::Fresh {
+            overwrite: args.overwrite,
+        }
     };
     let (_, metrics) = train(&session, steps, start, Some(interrupted), &mut |m| {
         if m.step % log_every == 0 || m.step == 1 || m.step == steps {

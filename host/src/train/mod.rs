@@ -126,6 +126,8 @@ pub struct Session {
     pub llm: LoadedLlm,
     pub encoder: WhisperEncoder,
     pub examples: Vec<Prepared>,
+    /// The held-out split (`data.eval-split`), if configured.
+    pub eval_examples: Vec<Prepared>,
     pub manifest: Manifest,
     /// Clips that had to go through the encoder (not found in the cache).
     pub fresh_encodings: usize,
@@ -149,13 +151,14 @@ impl Session {
         for w in &adapter.dataset.warnings {
             tracing::warn!("dataset: {w}");
         }
-        let split = &config.data.train_split;
-        if !adapter.dataset.splits.contains(split) {
-            bail!(
-                "{}: no split {split:?} (have: {})",
-                config.data.root.display(),
-                adapter.dataset.splits.join(", ")
-            );
+        for split in std::iter::once(&config.data.train_split).chain(&config.data.eval_split) {
+            if !adapter.dataset.splits.contains(split) {
+                bail!(
+                    "{}: no split {split:?} (have: {})",
+                    config.data.root.display(),
+                    adapter.dataset.splits.join(", ")
+                );
+            }
         }
         let settings = MelSettings {
             n_mels: encoder.config.num_mel_bins,
@@ -175,22 +178,62 @@ impl Session {
             settings,
             fresh: 0,
         };
+        let mut inputs = SplitInputs {
+            adapter: &mut adapter,
+            template: &mut template,
+            llm: &llm,
+            clips: &mut clips,
+            config: &config,
+        };
+        let examples = inputs.load(&config.data.train_split)?;
+        let eval_examples = match &config.data.eval_split {
+            Some(split) => inputs.load(split)?,
+            None => Vec::new(),
+        };
+        let fresh_encodings = clips.fresh;
+        drop(clips);
+        Ok(Self {
+            config,
+            rt,
+            llm,
+            encoder,
+            examples,
+            eval_examples,
+            manifest,
+            fresh_encodings,
+        })
+    }
+}
+
+/// What turning a split into training examples needs.
+struct SplitInputs<'a, 'e> {
+    adapter: &'a mut DatasetAdapter,
+    template: &'a mut PromptTemplate,
+    llm: &'a LoadedLlm,
+    clips: &'a mut ClipEncoder<'e>,
+    config: &'a RunConfig,
+}
+
+impl SplitInputs<'_, '_> {
+    /// Every usable example of `split`: prompt and target tokens, encoder output. Examples
+    /// without a target or whose audio fails are skipped with a warning.
+    fn load(&mut self, split: &str) -> Result<Vec<Prepared>> {
+        let config = self.config;
+        let options = &config.plugins.prompt_options;
         let mut examples = Vec::new();
         let mut pos = 0;
         loop {
-            let b = adapter.read(split, pos, 256)?;
+            let b = self.adapter.read(split, pos, 256)?;
             for ex in b.examples {
                 let Some(target) = ex.target.clone() else {
                     tracing::warn!("example {}: no target text; skipped", ex.id);
                     continue;
                 };
-                let prompt = template.render(&ex.metadata, &config.plugins.prompt_options)?;
-                let target = template.format_target(
-                    &target,
-                    &ex.metadata,
-                    &config.plugins.prompt_options,
-                )?;
-                let tok = &llm.tokenizer;
+                let prompt = self.template.render(&ex.metadata, options)?;
+                let target = self
+                    .template
+                    .format_target(&target, &ex.metadata, options)?;
+                let tok = &self.llm.tokenizer;
                 let pieces = TextPieces {
                     before: tok.encode(&prompt.before_audio)?,
                     after: tok.encode_piece(&prompt.after_audio)?,
@@ -200,7 +243,7 @@ impl Session {
                     tracing::warn!("example {}: empty target; skipped", ex.id);
                     continue;
                 }
-                let encoded = match clips.encode(&ex, &config.data.root) {
+                let encoded = match self.clips.encode(&ex, &config.data.root) {
                     Ok(e) => e,
                     Err(e) => {
                         tracing::warn!("example {}: {e:#}; skipped", ex.id);
@@ -218,23 +261,13 @@ impl Session {
                 None => break,
             }
         }
-        let fresh_encodings = clips.fresh;
-        drop(clips);
         if examples.is_empty() {
             bail!(
                 "split {split:?} of {} has no usable examples",
                 config.data.root.display()
             );
         }
-        Ok(Self {
-            config,
-            rt,
-            llm,
-            encoder,
-            examples,
-            manifest,
-            fresh_encodings,
-        })
+        Ok(examples)
     }
 }
 
@@ -277,12 +310,65 @@ fn epoch_order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
 
 /// How a run starts.
 pub enum Start {
-    Fresh,
+    /// A new run; `overwrite` allows replacing an earlier run in the same folder.
+    Fresh { overwrite: bool },
     /// From the newest checkpoint in the run directory; `allow_mismatch` skips the
     /// manifest check.
-    Resume {
-        allow_mismatch: bool,
-    },
+    Resume { allow_mismatch: bool },
+}
+
+/// Keeps the JSON lines of `path` whose "step" is at most `max_step`.
+fn truncate_jsonl(path: &Path, max_step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= max_step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(path, kept)?;
+    Ok(())
+}
+
+/// Token-weighted mean caption loss of the held-out examples (no gradients kept).
+pub fn eval_loss(session: &Session, projector: &Projector) -> Result<f64> {
+    let (mut sum, mut tokens) = (0.0, 0usize);
+    for chunk in session
+        .eval_examples
+        .chunks(session.config.train.batch_size.max(1))
+    {
+        let pieces: Vec<TextPieces> = chunk.iter().map(|e| e.pieces.clone()).collect();
+        let audio: Vec<Tensor> = chunk
+            .iter()
+            .map(|e| projector.forward(&e.encoded).map(|t| t.detach()))
+            .collect::<Result<_, _>>()?;
+        let out = caption_loss(
+            &session.llm.model,
+            &pieces,
+            &audio,
+            NonFiniteTrace::default(),
+        )?;
+        let l = out
+            .loss
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
+        sum += l * out.target_tokens as f64;
+        tokens += out.target_tokens;
+    }
+    Ok(sum / tokens.max(1) as f64)
+}
+
+/// The best eval loss so far, as recorded next to the best checkpoint.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct Best {
+    pub step: usize,
+    pub eval_loss: f64,
 }
 
 /// Metrics of one optimisation step (one JSON line in `metrics.jsonl`).
@@ -351,7 +437,8 @@ pub fn train(
         manifest: session.manifest.clone(),
     };
     let metrics_path = run_dir.join("metrics.jsonl");
-    if let Start::Resume { allow_mismatch } = start {
+    if let Start::Resume { allow_mismatch } = &start {
+        let allow_mismatch = *allow_mismatch;
         let Some(ckpt) = checkpoint::latest(&ckpt_dir)? else {
             bail!("--resume: no checkpoint in {}", ckpt_dir.display());
         };
@@ -390,23 +477,34 @@ pub fn train(
         opt.restore(&loaded.optimizer, loaded.state.optimizer_steps)?;
         state = loaded.state;
         state.manifest = session.manifest.clone();
-        // Keep the metrics of the steps the checkpoint covers, drop any written after it.
-        if let Ok(text) = std::fs::read_to_string(&metrics_path) {
-            let kept: String = text
-                .lines()
-                .filter(|l| {
-                    serde_json::from_str::<serde_json::Value>(l)
-                        .ok()
-                        .and_then(|v| v["step"].as_u64())
-                        .is_some_and(|s| s as usize <= state.step)
-                })
-                .map(|l| format!("{l}\n"))
-                .collect();
-            std::fs::write(&metrics_path, kept)?;
-        }
+        // Keep the records of the steps the checkpoint covers, drop any written after it.
+        truncate_jsonl(&metrics_path, state.step)?;
+        truncate_jsonl(&run_dir.join("eval.jsonl"), state.step)?;
         tracing::info!("resumed from {} at step {}", ckpt.display(), state.step);
-    } else if metrics_path.exists() {
-        std::fs::remove_file(&metrics_path)?;
+    } else {
+        // A fresh run: nothing of an earlier run in this folder may mix with it, and an
+        // earlier run is never deleted unless asked to.
+        let earlier = ["metrics.jsonl", "checkpoints"]
+            .iter()
+            .any(|f| run_dir.join(f).exists());
+        if earlier && !matches!(start, Start::Fresh { overwrite: true }) {
+            bail!(
+                "{} already holds a run; continue it with --resume, or replace it with --overwrite",
+                run_dir.display()
+            );
+        }
+        for f in ["metrics.jsonl", "eval.jsonl", "best.json"] {
+            let p = run_dir.join(f);
+            if p.exists() {
+                std::fs::remove_file(&p)?;
+            }
+        }
+        for d in ["best", "checkpoints"] {
+            let p = run_dir.join(d);
+            if p.exists() {
+                std::fs::remove_dir_all(&p)?;
+            }
+        }
     }
     let mut metrics_file = std::fs::OpenOptions::new()
         .create(true)
@@ -424,6 +522,15 @@ pub fn train(
             st.optimizer_steps = t;
             checkpoint::save(&ckpt_dir, &st, &p, &o, cfg.keep_last)
         };
+    let best_path = run_dir.join("best.json");
+    let mut best: Option<Best> = std::fs::read_to_string(&best_path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .filter(|b: &Best| b.step <= state.step);
+    let mut eval_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(run_dir.join("eval.jsonl"))?;
     let mut orders: HashMap<u64, Vec<usize>> = HashMap::new();
     let mut all = Vec::new();
     let mut nonfinite_run = 0;
@@ -554,6 +661,38 @@ pub fn train(
         writeln!(metrics_file, "{}", serde_json::to_string(&m)?)?;
         progress(&m);
         all.push(m);
+        let due = step == steps || (cfg.eval_every > 0 && step % cfg.eval_every == 0);
+        if !session.eval_examples.is_empty() && due {
+            let eval = eval_loss(session, &projector)?;
+            writeln!(
+                eval_file,
+                "{}",
+                serde_json::json!({"step": step, "eval_loss": eval})
+            )?;
+            eprintln!(
+                "step {step}: eval loss {eval:.4} on {} example(s)",
+                session.eval_examples.len()
+            );
+            if eval.is_finite() && best.is_none_or(|b| eval < b.eval_loss) {
+                let p: HashMap<String, Tensor> = projector
+                    .params()
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+                    .collect();
+                let (o, t) = opt.state();
+                let mut st = state.clone();
+                st.optimizer_steps = t;
+                checkpoint::save(&run_dir.join("best"), &st, &p, &o, 1)?;
+                let b = Best {
+                    step,
+                    eval_loss: eval,
+                };
+                let tmp = run_dir.join("best.json.tmp");
+                std::fs::write(&tmp, serde_json::to_string(&b)?)?;
+                std::fs::rename(&tmp, &best_path)?;
+                best = Some(b);
+            }
+        }
         let stop = interrupted
             .as_ref()
             .is_some_and(|f| f.load(Ordering::SeqCst));

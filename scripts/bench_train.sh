@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Training benchmarks, one run on this machine (2 threads):
+#   - one training step of the default models at batch 4 with 25 prompt + 64 audio + 5 suffix
+#     + 20 target positions, loss on the targets: time, examples/s and peak RSS, with the
+#     frozen-weight op and with candle's stock matmul (the baseline), each in its own process;
+#   - the encoder cache: `earshot train --max-steps 1` on the bundled clips with an empty
+#     encoder cache (every clip encoded) and again with it filled (no clip encoded).
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+export RAYON_NUM_THREADS=2
+models=${EARSHOT_HOME:-$HOME/.cache/earshot}/models
+gguf=$models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
+cargo build --release --quiet -p earshot --example bench_models
+bench=target/release/examples/bench_models
+fixed=$("$bench" train-step "$gguf" fixed 5)
+stock=$("$bench" train-step "$gguf" stock 5)
+echo "$fixed"; echo "$stock"
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+# A private EARSHOT_HOME whose models are the real ones, so the encoder cache starts empty.
+mkdir -p "$work/home"
+ln -s "$models" "$work/home/models"
+run() {
+  local start end
+  start=$(date +%s.%N)
+  EARSHOT_HOME="$work/home" ./target/release/earshot train configs/cpu-smollm2-tones.toml --max-steps 1 \
+    --overwrite --set "train.run-dir=\"$work/run\"" > /dev/null 2> "$work/log"
+  end=$(date +%s.%N)
+  grep -o "encoder: .*" "$work/log" >&2
+  echo "$end - $start" | bc
+}
+cold=$(run)
+warm=$(run)
+python3 - "$fixed" "$stock" "$cold" "$warm" <<'PY'
+import sys, json
+fx, st = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+cold, warm = float(sys.argv[3]), float(sys.argv[4])
+print(f"train step B=4 (25+64+5+20): frozen-weight op {fx['median_s']:.2f} s ({4/fx['median_s']:.2f} ex/s), peak RSS {fx['peak_rss_mb']:.0f} MB")
+print(f"  stock matmul baseline {st['median_s']:.2f} s, peak RSS {st['peak_rss_mb']:.0f} MB -> time x{st['median_s']/fx['median_s']:.2f}, memory x{st['peak_rss_mb']/fx['peak_rss_mb']:.2f}")
+print(f"earshot train --max-steps 1 on 8 clips: empty encoder cache {cold:.1f} s, filled cache {warm:.1f} s (x{cold/warm:.2f})")
+PY

@@ -329,3 +329,53 @@ fn kv_cache_decoder_equals_a_no_cache_reference_decoder() {
     let cached = generate_ids(&l.model, &prompt, 12, None, &mut sampler, NO_TRACE).unwrap();
     assert_eq!(cached, reference);
 }
+
+#[test]
+fn a_shared_prompt_prefix_cache_gives_the_same_tokens() {
+    // Captioning computes the prompt text before the audio once and continues from a clone
+    // of its KV cache for every clip.
+    let l = llm();
+    let ids = chatml_ids();
+    let full = {
+        let mut sampler = Sampler::new(SamplingParams::default()).unwrap();
+        generate_ids(&l.model, &ids, 10, None, &mut sampler, NO_TRACE).unwrap()
+    };
+    let mut prefix = l.model.new_cache();
+    let head = Tensor::new(&ids[..14], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    l.model
+        .forward(
+            &l.model.embed(&head).unwrap(),
+            0,
+            Some(&mut prefix),
+            LogitsAt::Last,
+            NO_TRACE,
+        )
+        .unwrap();
+    let tail = Tensor::new(&ids[14..], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let tail = l.model.embed(&tail).unwrap();
+    for _ in 0..2 {
+        let mut sampler = Sampler::new(SamplingParams::default()).unwrap();
+        let got = earshot::models::llm::generate_continuing(
+            &l.model,
+            prefix.clone(),
+            &tail,
+            10,
+            None,
+            &mut sampler,
+            NO_TRACE,
+        )
+        .unwrap();
+        assert_eq!(got, full);
+    }
+    assert_eq!(
+        prefix.len(),
+        14,
+        "the shared prefix is not modified by its users"
+    );
+}

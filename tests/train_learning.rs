@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use earshot::caption::caption_clip;
+use earshot::caption::{caption_clip, PromptPrefix};
 use earshot::config::RunConfig;
 use earshot::models::projector::Projector;
 use earshot::sampler::{Sampler, SamplingParams};
@@ -135,9 +135,9 @@ fn overfitting_eight_clips_learns_their_captions() {
             &session.llm.model,
             &session.llm.tokenizer,
             &projector,
-            &ex.pieces.before,
+            &PromptPrefix::new(&session.llm.model, &ex.pieces.before).unwrap(),
             &ex.pieces.after,
-            &ex.encoded,
+            std::slice::from_ref(&ex.encoded),
             &stops,
             12,
             &mut sampler,

@@ -3,7 +3,9 @@
 
 use candle_core::Tensor;
 
-use crate::models::llm::{generate_from_embeds, ChatTokenizer, LanguageModel, Llama};
+use crate::models::llm::{
+    generate_continuing, ChatTokenizer, KvCache, LanguageModel, Llama, LogitsAt,
+};
 use crate::models::nonfinite::NonFiniteTrace;
 use crate::models::projector::Projector;
 use crate::models::weights::Result;
@@ -28,24 +30,57 @@ pub fn prompt_embeddings(
     Ok(Tensor::cat(&parts, 1)?)
 }
 
-/// Caption one encoded clip (1, 1500, d_enc); the raw text is cut at the first stop string.
+/// The keys and values of the prompt text before the audio, computed once and reused for
+/// every clip that shares it.
+pub struct PromptPrefix {
+    pub ids: Vec<u32>,
+    cache: KvCache,
+}
+
+impl PromptPrefix {
+    pub fn new(llm: &Llama, ids: &[u32]) -> Result<Self> {
+        let mut cache = llm.new_cache();
+        if !ids.is_empty() {
+            let x = llm.embed(&Tensor::new(ids, llm.device())?.unsqueeze(0)?)?;
+            llm.forward(
+                &x,
+                0,
+                Some(&mut cache),
+                LogitsAt::Last,
+                NonFiniteTrace::default(),
+            )?;
+        }
+        Ok(Self {
+            ids: ids.to_vec(),
+            cache,
+        })
+    }
+}
+
+/// Caption encoded audio after `prefix`: one or more windows (1, 1500, d_enc) whose projected
+/// positions are concatenated; the raw text is cut at the first stop string.
 #[allow(clippy::too_many_arguments)]
 pub fn caption_clip(
     llm: &Llama,
     tokenizer: &ChatTokenizer,
     projector: &Projector,
-    before: &[u32],
+    prefix: &PromptPrefix,
     after: &[u32],
-    encoded: &Tensor,
+    encoded: &[Tensor],
     stop_strings: &[String],
     max_tokens: usize,
     sampler: &mut Sampler,
 ) -> Result<String> {
-    let audio = projector.forward(encoded)?;
-    let prompt = prompt_embeddings(llm, before, &audio, after)?;
-    let ids = generate_from_embeds(
+    let windows = encoded
+        .iter()
+        .map(|e| projector.forward(e))
+        .collect::<Result<Vec<_>>>()?;
+    let audio = Tensor::cat(&windows, 1)?;
+    let rest = prompt_embeddings(llm, &[], &audio, after)?;
+    let ids = generate_continuing(
         llm,
-        &prompt,
+        prefix.cache.clone(),
+        &rest,
         max_tokens,
         tokenizer.special.eos,
         sampler,

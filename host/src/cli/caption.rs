@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use clap::{Args, ValueEnum};
 
 use crate::audio::{self, Segment};
-use crate::caption::caption_clip;
+use crate::caption::{caption_clip, PromptPrefix};
 use crate::config::RunConfig;
 use crate::mel::{LogMelExtractor, MelSettings, N_FRAMES};
 use crate::models::llm::load_llm;
@@ -177,6 +177,7 @@ pub fn run(args: CaptionArgs) -> Result<()> {
     let mut mel = LogMelExtractor::new(settings.n_mels)?;
     let mut failures = 0;
     let mut out = std::io::stdout().lock();
+    let mut prefix: Option<PromptPrefix> = None;
     for item in &items {
         let started = Instant::now();
         let result = (|| -> Result<Vec<(f64, String, usize)>> {
@@ -194,6 +195,12 @@ pub fn run(args: CaptionArgs) -> Result<()> {
             }
             let prompt = template.render(&item.metadata, &cfg.plugins.prompt_options)?;
             let before = llm.tokenizer.encode(&prompt.before_audio)?;
+            // The text before the audio is usually the same for every clip: its keys and
+            // values are computed once and reused.
+            if prefix.as_ref().is_none_or(|p| p.ids != before) {
+                prefix = Some(PromptPrefix::new(&llm.model, &before)?);
+            }
+            let prefix = prefix.as_ref().expect("just set");
             let after = llm.tokenizer.encode_piece(&prompt.after_audio)?;
             let groups: Vec<(f64, Vec<Tensor>)> = match args.long_audio {
                 LongAudio::PerWindow => projected
@@ -206,39 +213,17 @@ pub fn run(args: CaptionArgs) -> Result<()> {
             let mut captions = Vec::new();
             for (start, encs) in groups {
                 let mut sampler = Sampler::new(params)?;
-                let mut text = if encs.len() == 1 {
-                    caption_clip(
-                        &llm.model,
-                        &llm.tokenizer,
-                        &projector,
-                        &before,
-                        &after,
-                        &encs[0],
-                        &prompt.stop_strings,
-                        args.max_tokens,
-                        &mut sampler,
-                    )?
-                } else {
-                    // Concat: each window's projected positions, one after another.
-                    let audio = Tensor::cat(
-                        &encs
-                            .iter()
-                            .map(|e| projector.forward(e))
-                            .collect::<Result<Vec<_>, _>>()?,
-                        1,
-                    )?;
-                    let embeds =
-                        crate::caption::prompt_embeddings(&llm.model, &before, &audio, &after)?;
-                    let ids = crate::models::llm::generate_from_embeds(
-                        &llm.model,
-                        &embeds,
-                        args.max_tokens,
-                        llm.tokenizer.special.eos,
-                        &mut sampler,
-                        NonFiniteTrace::default(),
-                    )?;
-                    llm.tokenizer.decode(&ids)?
-                };
+                let mut text = caption_clip(
+                    &llm.model,
+                    &llm.tokenizer,
+                    &projector,
+                    prefix,
+                    &after,
+                    &encs,
+                    &prompt.stop_strings,
+                    args.max_tokens,
+                    &mut sampler,
+                )?;
                 let tokens = llm.tokenizer.encode_piece(&text)?.len();
                 if let Some(p) = post.as_mut() {
                     text = p.process(&text, &prompt.stop_strings, &item.metadata)?;

@@ -59,10 +59,31 @@ pub fn generate_from_embeds(
     sampler: &mut crate::sampler::Sampler,
     trace: NonFiniteTrace,
 ) -> Result<Vec<u32>> {
+    generate_continuing(
+        model,
+        model.new_cache(),
+        prompt,
+        max_tokens,
+        eos,
+        sampler,
+        trace,
+    )
+}
+
+/// As [`generate_from_embeds`], continuing after the positions already in `cache` (e.g. a
+/// prompt prefix computed once and shared by many clips; pass a clone to keep it).
+pub fn generate_continuing(
+    model: &impl LanguageModel,
+    mut cache: KvCache,
+    prompt: &Tensor,
+    max_tokens: usize,
+    eos: Option<u32>,
+    sampler: &mut crate::sampler::Sampler,
+    trace: NonFiniteTrace,
+) -> Result<Vec<u32>> {
     let device = model.device().clone();
-    let mut cache = model.new_cache();
     let mut embeds = prompt.clone();
-    let mut offset = 0;
+    let mut offset = cache.len();
     let mut out = Vec::new();
     for step in 0..max_tokens {
         let t = embeds.dim(1)?;

@@ -408,7 +408,7 @@ pub fn train(
     let ckpt_dir = run_dir.join("checkpoints");
     let d_enc = session.encoder.config.d_model;
     let d_llm = session.llm.model.config.hidden_size;
-    let mut projector = Projector::new(
+    let projector = Projector::new(
         &session.config.projector,
         d_enc,
         d_llm,
@@ -510,18 +510,23 @@ pub fn train(
         .create(true)
         .append(true)
         .open(&metrics_path)?;
-    let save_checkpoint =
-        |state: &TrainState, projector: &Projector, opt: &AdamW| -> Result<PathBuf> {
-            let p: HashMap<String, Tensor> = projector
-                .params()
-                .iter()
-                .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-                .collect();
-            let (o, t) = opt.state();
-            let mut st = state.clone();
-            st.optimizer_steps = t;
-            checkpoint::save(&ckpt_dir, &st, &p, &o, cfg.keep_last)
-        };
+    // Projector, optimizer state and position into a checkpoint folder under `dir`.
+    let save_checkpoint = |dir: &Path,
+                           keep: usize,
+                           state: &TrainState,
+                           projector: &Projector,
+                           opt: &AdamW|
+     -> Result<PathBuf> {
+        let p: HashMap<String, Tensor> = projector
+            .params()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        let (o, t) = opt.state();
+        let mut st = state.clone();
+        st.optimizer_steps = t;
+        checkpoint::save(dir, &st, &p, &o, keep)
+    };
     let best_path = run_dir.join("best.json");
     let mut best: Option<Best> = std::fs::read_to_string(&best_path)
         .ok()
@@ -674,15 +679,7 @@ pub fn train(
                 session.eval_examples.len()
             );
             if eval.is_finite() && best.is_none_or(|b| eval < b.eval_loss) {
-                let p: HashMap<String, Tensor> = projector
-                    .params()
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-                    .collect();
-                let (o, t) = opt.state();
-                let mut st = state.clone();
-                st.optimizer_steps = t;
-                checkpoint::save(&run_dir.join("best"), &st, &p, &o, 1)?;
+                save_checkpoint(&run_dir.join("best"), 1, &state, &projector, &opt)?;
                 let b = Best {
                     step,
                     eval_loss: eval,
@@ -698,7 +695,7 @@ pub fn train(
             .is_some_and(|f| f.load(Ordering::SeqCst));
         if stop || step == steps || (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0) {
             metrics_file.sync_all()?;
-            let p = save_checkpoint(&state, &projector, &opt)?;
+            let p = save_checkpoint(&ckpt_dir, cfg.keep_last, &state, &projector, &opt)?;
             tracing::info!("checkpoint {}", p.display());
         }
         if stop {
@@ -707,6 +704,5 @@ pub fn train(
         }
     }
     projector.save(&run_dir.join("projector.safetensors"))?;
-    let _ = &mut projector;
     Ok((projector, all))
 }

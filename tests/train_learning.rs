@@ -130,7 +130,7 @@ fn overfitting_eight_clips_learns_their_captions() {
     let mut right = 0;
     let mut report = Vec::new();
     for ex in &session.examples {
-        let mut sampler = Sampler::new(SamplingParams::default()).unwrap();
+        let sampler = Sampler::new(SamplingParams::default()).unwrap();
         let text = caption_clip(
             &session.llm.model,
             &session.llm.tokenizer,
@@ -140,7 +140,7 @@ fn overfitting_eight_clips_learns_their_captions() {
             std::slice::from_ref(&ex.encoded),
             &stops,
             12,
-            &mut sampler,
+            sampler,
         )
         .unwrap();
         let expected = format!("Tone number {}.", ex.id);
@@ -203,4 +203,139 @@ fn overfitting_eight_clips_learns_their_captions() {
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[0]["caption"], "Tone number five.");
     assert!(lines[1]["error"].as_str().unwrap().contains("missing.wav"));
+
+    check_caption_cli(d.path(), &caption);
+}
+
+/// Batches, long audio, token limits and terminal streaming through `earshot caption`, with
+/// the trained projector.
+fn check_caption_cli(dir: &Path, caption: &dyn Fn(&[&std::ffi::OsStr]) -> std::process::Output) {
+    let data = dir.join("data");
+    // 40 s: "two" and 29 s of silence, then "seven" and 9 s of silence: each window looks
+    // like a training clip.
+    let long = dir.join("long.wav");
+    {
+        let spec = hound::WavSpec {
+            channels: 1,
+            sample_rate: 16000,
+            bits_per_sample: 16,
+            sample_format: hound::SampleFormat::Int,
+        };
+        let read = |n: &str| -> Vec<i16> {
+            hound::WavReader::open(data.join(format!("clips/{n}.wav")))
+                .unwrap()
+                .into_samples::<i16>()
+                .map(|s| s.unwrap())
+                .collect()
+        };
+        let mut w = hound::WavWriter::create(&long, spec).unwrap();
+        for (name, silence) in [("two", 29), ("seven", 9)] {
+            for s in read(name) {
+                w.write_sample(s).unwrap();
+            }
+            for _ in 0..silence * 16000 {
+                w.write_sample(0i16).unwrap();
+            }
+        }
+        w.finalize().unwrap();
+    }
+    let clips: Vec<std::path::PathBuf> = ["three", "one", "eight"]
+        .iter()
+        .map(|n| data.join(format!("clips/{n}.wav")))
+        .collect();
+    let json_lines = |out: &std::process::Output| -> Vec<serde_json::Value> {
+        expect_success(out)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let run = |extra: &[&str], files: &[&Path]| {
+        let mut args: Vec<&std::ffi::OsStr> = vec!["--jsonl".as_ref()];
+        args.extend(extra.iter().map(std::ffi::OsStr::new));
+        args.extend(files.iter().map(|p| p.as_os_str()));
+        json_lines(&caption(&args))
+    };
+    let mut files: Vec<&Path> = clips.iter().map(|p| p.as_path()).collect();
+    files.insert(1, long.as_path());
+
+    // Per window: the long file gives two captions with their spans.
+    let per_window = run(&["--batch-size", "8"], &files);
+    let spans: Vec<(String, f64, f64)> = per_window
+        .iter()
+        .map(|v| {
+            (
+                v["caption"].as_str().unwrap().to_string(),
+                v["start_s"].as_f64().unwrap(),
+                v["end_s"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(spans.len(), 5, "{per_window:#?}");
+    assert_eq!(spans[0].0, "Tone number three.");
+    assert_eq!(spans[1], ("Tone number two.".to_string(), 0.0, 30.0));
+    assert_eq!(spans[2], ("Tone number seven.".to_string(), 30.0, 40.0));
+    assert_eq!(spans[4].0, "Tone number eight.");
+
+    // Concatenated windows: one caption per file; its prompt is longer than the others', so
+    // the batch is padded. Batched and one-at-a-time decoding agree.
+    let concat = ["--long-audio", "concat"];
+    let batched = run(&[&concat[..], &["--batch-size", "4"]].concat(), &files);
+    let single = run(&[&concat[..], &["--batch-size", "1"]].concat(), &files);
+    assert_eq!(batched.len(), 4);
+    for (a, b) in batched.iter().zip(&single) {
+        assert_eq!(a["caption"], b["caption"], "{a} vs {b}");
+        assert_eq!(a["tokens"], b["tokens"]);
+        assert!(a.get("start_s").is_none(), "{a}");
+    }
+    assert_eq!(batched[0]["caption"], "Tone number three.");
+
+    // The token limit.
+    let limited = run(&["--max-tokens", "2"], &files[..1]);
+    assert_eq!(limited[0]["tokens"], 2);
+    let text = limited[0]["caption"].as_str().unwrap();
+    assert!(
+        !text.is_empty()
+            && "Tone number three."
+                .strip_prefix(text)
+                .is_some_and(|r| r.len() > 2),
+        "two tokens of the caption: {text:?}"
+    );
+
+    // A terminal gets the raw caption streamed as it is generated, then the post-processed
+    // caption in its place (a post-processor that upper-cases makes the two differ).
+    let script = std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .expect("the streaming test needs `script` (util-linux) for a pseudo-terminal");
+    assert!(script.status.success());
+    let shout = plugin_dir("tests/plugins").join("shout_post_processor.wasm");
+    let on_terminal = |post: Option<&Path>| {
+        let mut cmd = format!(
+            "{} caption --config {} --checkpoint {}",
+            earshot_bin().display(),
+            dir.join("run.toml").display(),
+            dir.join("run/projector.safetensors").display(),
+        );
+        if let Some(p) = post {
+            cmd.push_str(&format!(" --set plugins.post-processor={}", p.display()));
+        }
+        cmd.push_str(&format!(" {}", clips[0].display()));
+        let tty = std::process::Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .output()
+            .unwrap();
+        assert!(tty.status.success(), "{tty:?}");
+        String::from_utf8_lossy(&tty.stdout).to_string()
+    };
+    let plain = on_terminal(None);
+    assert_eq!(plain.trim_end(), "Tone number three.", "{plain:?}");
+    let screen = on_terminal(Some(&shout));
+    let (streamed, after_clear) = screen
+        .split_once("\x1b[2K")
+        .unwrap_or_else(|| panic!("the streamed line is cleared: {screen:?}"));
+    assert!(streamed.contains("Tone number three."), "{screen:?}");
+    assert!(
+        after_clear.trim_end().ends_with("TONE NUMBER THREE."),
+        "{screen:?}"
+    );
 }

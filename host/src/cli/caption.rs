@@ -1,29 +1,32 @@
+use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use candle_core::Tensor;
 use clap::{Args, ValueEnum};
 
-use crate::audio::{self, Segment};
-use crate::caption::{caption_clip, PromptPrefix};
+use crate::audio;
+use crate::caption::{caption_batch, clip_rest, Caption, CaptionRequest, PromptPrefix};
 use crate::config::RunConfig;
-use crate::mel::{LogMelExtractor, MelSettings, N_FRAMES};
+use crate::mel::{LogMelExtractor, MelSettings};
 use crate::models::llm::load_llm;
-use crate::models::nonfinite::NonFiniteTrace;
 use crate::models::projector::Projector;
 use crate::models::whisper::WhisperEncoder;
 use crate::models::Runtime;
-use crate::plugins::{DatasetAdapter, PluginHost, PostProcessor, PromptTemplate};
+use crate::plugins::{
+    AudioSource, DatasetAdapter, Example, PluginHost, PostProcessor, PromptTemplate,
+};
 use crate::sampler::Sampler;
-use crate::train::resolve_audio;
+use crate::train::cache::EncoderCache;
+use crate::train::{build_manifest, load_example_audio, ClipEncoder};
 
 use super::common::SamplingArgs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LongAudio {
-    /// One caption per 30 s window, with its start time
+    /// One caption per 30 s window, with its start and end time
     PerWindow,
     /// One caption from the concatenated windows' audio embeddings
     Concat,
@@ -32,17 +35,23 @@ pub enum LongAudio {
 #[derive(Debug, Args)]
 #[command(
     after_help = "Without --checkpoint the projector is freshly initialised and the \
-captions are gibberish (a warning says so). One file: the caption on stdout. Several files, \
---split or --jsonl: one JSON object per line {id, audio, caption, references, tokens, seconds}. \
-A file that fails gets an error line; the others are still captioned and the exit status is 1."
+captions are gibberish (a warning says so). One file: the caption on stdout, streamed as it is \
+generated when stdout is a terminal. Several files, --split or --jsonl: one JSON object per \
+line {id, audio, caption, references, tokens, seconds} (plus start_s/end_s per window). A file \
+that fails gets an error line; the others are still captioned and the exit status is 1. \
+Encoder outputs are cached under $EARSHOT_HOME/cache/encoder (shared with training)."
 )]
 pub struct CaptionArgs {
     /// Run config (models, plugins, projector settings)
     #[arg(long)]
     pub config: PathBuf,
-    /// Trained projector (projector.safetensors from `earshot train`)
+    /// Trained projector: projector.safetensors, a checkpoint folder (step-N, best) or a
+    /// run folder. A checkpoint folder's manifest is checked against the config's models
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
+    /// Caption with a checkpoint made for other models / mel settings / template
+    #[arg(long, requires = "checkpoint")]
+    pub allow_mismatch: bool,
     /// Audio files to caption
     pub audio: Vec<PathBuf>,
     /// Caption a split of the config's dataset instead of files
@@ -54,6 +63,9 @@ pub struct CaptionArgs {
     /// Maximum new tokens per caption
     #[arg(long, default_value_t = 60)]
     pub max_tokens: usize,
+    /// Captions decoded together in one batch (clips that finish early drop out)
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub batch_size: u64,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     /// Audio longer than 30 s
@@ -64,12 +76,122 @@ pub struct CaptionArgs {
     pub set: Vec<String>,
 }
 
+enum Source {
+    File(PathBuf),
+    Example(Box<Example>),
+}
+
 struct Item {
     id: String,
-    audio: PathBuf,
-    segment: Segment,
+    /// Shown in output and errors.
+    audio: String,
+    source: Source,
     metadata: Vec<(String, String)>,
     references: Vec<String>,
+}
+
+/// A window's start and end in seconds.
+type Span = (f64, f64);
+
+/// One caption to produce: a clip, or one window of it.
+struct Job {
+    item: usize,
+    /// The window's span in seconds (per-window long audio only).
+    span: Option<(f64, f64)>,
+    prefix: Vec<u32>,
+    rest: Tensor,
+    stop_strings: Vec<String>,
+    /// Time spent decoding and encoding the item.
+    prepare_s: f64,
+}
+
+struct Done {
+    span: Option<(f64, f64)>,
+    text: String,
+    tokens: usize,
+    seconds: f64,
+}
+
+/// The projector file inside what `--checkpoint` names, and the manifest beside it if any.
+fn checkpoint_files(path: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
+    if path.is_file() {
+        return Ok((path.to_path_buf(), None));
+    }
+    if !path.is_dir() {
+        bail!("checkpoint {}: no such file or folder", path.display());
+    }
+    let projector = path.join("projector.safetensors");
+    if !projector.is_file() {
+        bail!(
+            "checkpoint {}: no projector.safetensors in this folder",
+            path.display()
+        );
+    }
+    let state = path.join("state.json");
+    Ok((projector, state.is_file().then_some(state)))
+}
+
+fn list_items(args: &CaptionArgs, cfg: &RunConfig, host: &PluginHost) -> Result<Vec<Item>> {
+    let Some(split) = &args.split else {
+        if args.audio.is_empty() {
+            bail!("give audio files to caption, or --split NAME");
+        }
+        return Ok(args
+            .audio
+            .iter()
+            .map(|p| Item {
+                id: p
+                    .file_stem()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .to_string(),
+                audio: p.display().to_string(),
+                source: Source::File(p.clone()),
+                metadata: Vec::new(),
+                references: Vec::new(),
+            })
+            .collect());
+    };
+    let mut ds = DatasetAdapter::open(host, &cfg.data.adapter, &cfg.data.root, &cfg.data.options)?;
+    for w in &ds.dataset.warnings {
+        tracing::warn!("dataset: {w}");
+    }
+    if !ds.dataset.splits.contains(split) {
+        bail!(
+            "{}: no split {split:?} (have: {})",
+            cfg.data.root.display(),
+            ds.dataset.splits.join(", ")
+        );
+    }
+    let mut items = Vec::new();
+    let mut pos = 0;
+    loop {
+        let b = ds.read(split, pos, 256)?;
+        for w in &b.warnings {
+            tracing::warn!("dataset: {w}");
+        }
+        for ex in b.examples {
+            let mut references = ex.references.clone();
+            if let Some(t) = &ex.target {
+                references.insert(0, t.clone());
+            }
+            items.push(Item {
+                id: ex.id.clone(),
+                audio: match &ex.audio {
+                    AudioSource::Path(rel) => cfg.data.root.join(rel).display().to_string(),
+                    AudioSource::Inline(b) => format!("<{} inline bytes>", b.len()),
+                },
+                metadata: ex.metadata.clone(),
+                references,
+                source: Source::Example(Box::new(ex)),
+            });
+        }
+        match b.next {
+            Some(n) => pos = n,
+            None => break,
+        }
+    }
+    Ok(items)
 }
 
 pub fn run(args: CaptionArgs) -> Result<()> {
@@ -87,6 +209,12 @@ pub fn run(args: CaptionArgs) -> Result<()> {
         Some(p) => Some(PostProcessor::load(&host, p)?),
         None => None,
     };
+    let settings = MelSettings {
+        n_mels: encoder.config.num_mel_bins,
+        padding: cfg.mel.padding,
+        window_hop_s: 30.0,
+    };
+    let manifest = build_manifest(&cfg, &settings)?;
     let mut projector = Projector::new(
         &cfg.projector,
         encoder.config.d_model,
@@ -95,188 +223,338 @@ pub fn run(args: CaptionArgs) -> Result<()> {
         &rt.device,
     )?;
     match &args.checkpoint {
-        Some(p) => projector.load_into(p).with_context(|| format!("loading the projector {}", p.display()))?,
-        None => eprintln!("warning: no --checkpoint: the projector is freshly initialised (seed {}), so the captions are gibberish", cfg.train.seed),
-    }
-    let items: Vec<Item> = match &args.split {
-        Some(split) => {
-            let mut ds =
-                DatasetAdapter::open(&host, &cfg.data.adapter, &cfg.data.root, &cfg.data.options)?;
-            for w in &ds.dataset.warnings {
-                eprintln!("warning: {w}");
-            }
-            if !ds.dataset.splits.contains(split) {
-                bail!(
-                    "{}: no split {split:?} (have: {})",
-                    cfg.data.root.display(),
-                    ds.dataset.splits.join(", ")
-                );
-            }
-            let mut items = Vec::new();
-            let mut pos = 0;
-            loop {
-                let b = ds.read(split, pos, 256)?;
-                for ex in b.examples {
-                    let audio = match &ex.audio {
-                        crate::plugins::AudioSource::Path(rel) => {
-                            resolve_audio(&cfg.data.root, rel)?
-                        }
-                        crate::plugins::AudioSource::Inline(_) => bail!(
-                            "example {}: inline audio is not supported by caption yet",
-                            ex.id
-                        ),
-                    };
-                    let mut references = ex.references.clone();
-                    if let Some(t) = &ex.target {
-                        references.insert(0, t.clone());
+        Some(p) => {
+            let (file, state) = checkpoint_files(p)?;
+            if let Some(state) = state {
+                let text = std::fs::read_to_string(&state)
+                    .with_context(|| format!("{}: cannot read", state.display()))?;
+                let saved: crate::train::checkpoint::TrainState = serde_json::from_str(&text)
+                    .with_context(|| format!("{}: not a checkpoint state", state.display()))?;
+                let differs = saved.manifest.differences(&manifest);
+                if !differs.is_empty() {
+                    let what = differs.join(", ");
+                    if args.allow_mismatch {
+                        tracing::warn!("checkpoint {} was made with a different {what}; used anyway (--allow-mismatch)", p.display());
+                    } else {
+                        bail!("checkpoint {} was made with a different {what} than {} uses; pass --allow-mismatch to caption with it anyway", p.display(), args.config.display());
                     }
-                    items.push(Item {
-                        id: ex.id,
-                        audio,
-                        segment: Segment {
-                            start: ex.start_s,
-                            end: ex.end_s,
-                        },
-                        metadata: ex.metadata,
-                        references,
-                    });
-                }
-                match b.next {
-                    Some(n) => pos = n,
-                    None => break,
                 }
             }
-            items
+            projector
+                .load_into(&file)
+                .with_context(|| format!("loading the projector {}", file.display()))?;
         }
-        None => {
-            if args.audio.is_empty() {
-                bail!("give audio files to caption, or --split NAME");
-            }
-            args.audio
-                .iter()
-                .map(|p| Item {
-                    id: p
-                        .file_stem()
-                        .unwrap_or_default()
-                        .to_string_lossy()
-                        .to_string(),
-                    audio: p.clone(),
-                    segment: Segment::whole(),
-                    metadata: Vec::new(),
-                    references: Vec::new(),
-                })
-                .collect()
-        }
-    };
+        None => eprintln!(
+            "warning: no --checkpoint: the projector is freshly initialised (seed {}), so the captions are gibberish",
+            cfg.train.seed
+        ),
+    }
+    let items = list_items(&args, &cfg, &host)?;
     let jsonl = args.jsonl || args.split.is_some() || items.len() > 1;
-    let settings = MelSettings {
-        n_mels: encoder.config.num_mel_bins,
-        padding: cfg.mel.padding,
-        window_hop_s: 30.0,
+    let stream = !jsonl && std::io::stdout().is_terminal();
+    let mut clips = ClipEncoder {
+        encoder: &encoder,
+        rt: &rt,
+        mel: LogMelExtractor::new(settings.n_mels)?,
+        cache: Some(EncoderCache::new(
+            EncoderCache::default_dir(),
+            &manifest.encoder,
+            &manifest.mel,
+        )),
+        settings,
+        fresh: 0,
     };
-    let mut mel = LogMelExtractor::new(settings.n_mels)?;
-    let mut failures = 0;
+    let mut prefixes: HashMap<Vec<u32>, PromptPrefix> = HashMap::new();
     let mut out = std::io::stdout().lock();
-    let mut prefix: Option<PromptPrefix> = None;
-    for item in &items {
-        let started = Instant::now();
-        let result = (|| -> Result<Vec<(f64, String, usize)>> {
-            let samples = audio::load_16k_mono(&item.audio, item.segment)?;
-            let (n, data) = mel.windows(&samples, &settings)?;
-            let per = settings.n_mels * N_FRAMES;
-            let mut projected = Vec::with_capacity(n);
-            for w in 0..n {
-                let x = Tensor::from_slice(
-                    &data[w * per..(w + 1) * per],
-                    (1, settings.n_mels, N_FRAMES),
-                    &rt.device,
-                )?;
-                projected.push(encoder.forward(&x, NonFiniteTrace::default())?);
-            }
-            let prompt = template.render(&item.metadata, &cfg.plugins.prompt_options)?;
-            let before = llm.tokenizer.encode(&prompt.before_audio)?;
-            // The text before the audio is usually the same for every clip: its keys and
-            // values are computed once and reused.
-            if prefix.as_ref().is_none_or(|p| p.ids != before) {
-                prefix = Some(PromptPrefix::new(&llm.model, &before)?);
-            }
-            let prefix = prefix.as_ref().expect("just set");
-            let after = llm.tokenizer.encode_piece(&prompt.after_audio)?;
-            let groups: Vec<(f64, Vec<Tensor>)> = match args.long_audio {
-                LongAudio::PerWindow => projected
+    let mut failures = 0;
+    let batch = args.batch_size as usize;
+    for (chunk_no, chunk) in items.chunks(batch).enumerate() {
+        let first = chunk_no * batch;
+        // Decode, encode and lay out every clip of the chunk.
+        let mut jobs = Vec::new();
+        let mut failed: HashMap<usize, String> = HashMap::new();
+        for (k, item) in chunk.iter().enumerate() {
+            let started = Instant::now();
+            let made = (|| -> Result<Vec<Job>> {
+                let (samples, segment) = match &item.source {
+                    Source::File(p) => (
+                        audio::load_16k_mono(p, audio::Segment::whole())?,
+                        (None, None),
+                    ),
+                    Source::Example(ex) => (
+                        load_example_audio(ex, &cfg.data.root)?,
+                        (ex.start_s, ex.end_s),
+                    ),
+                };
+                let encoded = clips.encode_samples(&samples, segment, None)?;
+                let prompt = template.render(&item.metadata, &cfg.plugins.prompt_options)?;
+                let before = llm.tokenizer.encode(&prompt.before_audio)?;
+                let after = llm.tokenizer.encode_piece(&prompt.after_audio)?;
+                let duration = samples.len() as f64 / 16000.0;
+                let groups: Vec<(Option<Span>, Vec<Tensor>)> = match args.long_audio {
+                    LongAudio::PerWindow => encoded
+                        .into_iter()
+                        .enumerate()
+                        .map(|(w, e)| {
+                            let start = w as f64 * 30.0;
+                            (Some((start, (start + 30.0).min(duration))), vec![e])
+                        })
+                        .collect(),
+                    LongAudio::Concat => vec![(None, encoded)],
+                };
+                let prepare_s = started.elapsed().as_secs_f64();
+                groups
                     .into_iter()
-                    .enumerate()
-                    .map(|(w, e)| (w as f64 * 30.0, vec![e]))
-                    .collect(),
-                LongAudio::Concat => vec![(0.0, projected)],
-            };
-            let mut captions = Vec::new();
-            for (start, encs) in groups {
-                let mut sampler = Sampler::new(params)?;
-                let mut text = caption_clip(
+                    .map(|(span, windows)| {
+                        Ok(Job {
+                            item: first + k,
+                            span,
+                            prefix: before.clone(),
+                            rest: clip_rest(&llm.model, &projector, &windows, &after)?,
+                            stop_strings: prompt.stop_strings.clone(),
+                            prepare_s,
+                        })
+                    })
+                    .collect()
+            })();
+            match made {
+                Ok(j) => jobs.extend(j),
+                Err(e) => {
+                    failed.insert(first + k, format!("{e:#}"));
+                }
+            }
+        }
+        // Decode: jobs that share the text before the audio go together, `batch` at a time
+        // (one at a time when streaming to a terminal).
+        let per_batch = if stream { 1 } else { batch };
+        let mut results: Vec<Option<Result<Caption, String>>> =
+            (0..jobs.len()).map(|_| None).collect();
+        let mut order: Vec<usize> = (0..jobs.len()).collect();
+        order.sort_by(|&a, &b| jobs[a].prefix.cmp(&jobs[b].prefix).then(a.cmp(&b)));
+        for group in order.chunk_by(|&a, &b| jobs[a].prefix == jobs[b].prefix) {
+            let ids = &jobs[group[0]].prefix;
+            if !prefixes.contains_key(ids) {
+                // The text before the audio is usually the same for every clip: its keys
+                // and values are computed once and reused.
+                if prefixes.len() >= 16 {
+                    prefixes.clear();
+                }
+                prefixes.insert(ids.clone(), PromptPrefix::new(&llm.model, ids)?);
+            }
+            let prefix = &prefixes[ids];
+            for sub in group.chunks(per_batch) {
+                let requests = sub
+                    .iter()
+                    .map(|&j| {
+                        Ok(CaptionRequest {
+                            rest: jobs[j].rest.clone(),
+                            sampler: Sampler::new(params)?,
+                            max_tokens: args.max_tokens,
+                            stop_strings: jobs[j].stop_strings.clone(),
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let mut streamed = Streamed::default();
+                if stream {
+                    let job = &jobs[sub[0]];
+                    if let Some(span) = job.span.filter(|_| many_windows(&jobs, job.item)) {
+                        write!(out, "{}", span_label(span))?;
+                    }
+                }
+                let decoded = caption_batch(
                     &llm.model,
                     &llm.tokenizer,
-                    &projector,
                     prefix,
-                    &after,
-                    &encs,
-                    &prompt.stop_strings,
-                    args.max_tokens,
-                    &mut sampler,
-                )?;
-                let tokens = llm.tokenizer.encode_piece(&text)?.len();
-                if let Some(p) = post.as_mut() {
-                    text = p.process(&text, &prompt.stop_strings, &item.metadata)?;
-                }
-                captions.push((start, text, tokens));
-            }
-            Ok(captions)
-        })();
-        let seconds = started.elapsed().as_secs_f64();
-        match result {
-            Ok(captions) => {
-                for (start, text, tokens) in captions {
-                    if jsonl {
-                        let mut v = serde_json::json!({
-                            "id": item.id, "audio": item.audio.display().to_string(),
-                            "caption": text, "tokens": tokens, "seconds": seconds,
-                        });
-                        if !item.references.is_empty() {
-                            v["references"] = item.references.clone().into();
+                    llm.tokenizer.special.eos,
+                    requests,
+                    |_, text| {
+                        if stream {
+                            streamed.show(&mut out, text);
                         }
-                        if args.long_audio == LongAudio::PerWindow {
-                            v["start_s"] = start.into();
+                    },
+                );
+                match decoded {
+                    Ok(captions) => {
+                        for (&j, c) in sub.iter().zip(captions) {
+                            results[j] = Some(Ok(c));
                         }
-                        writeln!(out, "{v}")?;
-                    } else {
-                        writeln!(out, "{text}")?;
+                    }
+                    Err(e) => {
+                        for &j in sub {
+                            results[j] = Some(Err(format!("{e:#}")));
+                        }
                     }
                 }
-                if !out.is_terminal() {
-                    out.flush()?;
-                }
-            }
-            Err(e) => {
-                failures += 1;
-                // Errors from decoding already name the file.
-                let msg = format!("{e:#}");
-                if msg.contains(&item.audio.display().to_string()) {
-                    eprintln!("error: {msg}");
-                } else {
-                    eprintln!("error: {}: {msg}", item.audio.display());
-                }
-                if jsonl {
-                    writeln!(
-                        out,
-                        "{}",
-                        serde_json::json!({"id": item.id, "audio": item.audio.display().to_string(), "error": format!("{e:#}")})
-                    )?;
+                if stream {
+                    // Post-process now so the streamed raw text can be replaced in place.
+                    let j = sub[0];
+                    let job = &jobs[j];
+                    let label = job
+                        .span
+                        .filter(|_| many_windows(&jobs, job.item))
+                        .map(span_label)
+                        .unwrap_or_default();
+                    match results[j].take().expect("decoded") {
+                        Ok(c) => {
+                            let item = &items[job.item];
+                            match finish_caption(&mut post, c, job, &item.metadata) {
+                                Ok(done) => {
+                                    streamed.replace(&mut out, &label, &done.text)?;
+                                }
+                                Err(e) => {
+                                    writeln!(out)?;
+                                    failed.entry(job.item).or_insert(e);
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            writeln!(out)?;
+                            failed.entry(job.item).or_insert(e);
+                        }
+                    }
                 }
             }
         }
+        // Report the chunk's items in input order.
+        let mut per_item: HashMap<usize, Vec<Done>> = HashMap::new();
+        for (job, result) in jobs.iter().zip(results) {
+            let Some(result) = result else { continue };
+            let done = result.and_then(|c| {
+                let metadata = &items[job.item].metadata;
+                finish_caption(&mut post, c, job, metadata)
+            });
+            match done {
+                Ok(d) => per_item.entry(job.item).or_default().push(d),
+                Err(e) => {
+                    failed.entry(job.item).or_insert(e);
+                }
+            }
+        }
+        for (k, item) in chunk.iter().enumerate() {
+            let i = first + k;
+            if let Some(msg) = failed.get(&i) {
+                failures += 1;
+                // Errors from decoding already name the file.
+                if msg.contains(&item.audio) {
+                    eprintln!("error: {msg}");
+                } else {
+                    eprintln!("error: {}: {msg}", item.audio);
+                }
+                if jsonl {
+                    let v = serde_json::json!({"id": item.id, "audio": item.audio, "error": msg});
+                    writeln!(out, "{v}")?;
+                }
+                continue;
+            }
+            if stream {
+                continue;
+            }
+            let dones = per_item.remove(&i).unwrap_or_default();
+            let several = dones.len() > 1;
+            for d in dones {
+                if jsonl {
+                    let mut v = serde_json::json!({
+                        "id": item.id, "audio": item.audio, "caption": d.text,
+                        "tokens": d.tokens, "seconds": d.seconds,
+                    });
+                    if !item.references.is_empty() {
+                        v["references"] = item.references.clone().into();
+                    }
+                    if let Some((start, end)) = d.span {
+                        v["start_s"] = start.into();
+                        v["end_s"] = end.into();
+                    }
+                    writeln!(out, "{v}")?;
+                } else {
+                    match d.span.filter(|_| several) {
+                        Some(span) => writeln!(out, "{}{}", span_label(span), d.text)?,
+                        None => writeln!(out, "{}", d.text)?,
+                    }
+                }
+            }
+        }
+        out.flush()?;
     }
+    tracing::info!(
+        "{} window(s) went through the encoder, the rest came from the cache",
+        clips.fresh
+    );
     if failures > 0 {
         bail!("{failures} of {} input(s) failed", items.len());
     }
     Ok(())
+}
+
+/// The caption post-processor applied to a decoded caption.
+fn finish_caption(
+    post: &mut Option<PostProcessor>,
+    c: Caption,
+    job: &Job,
+    metadata: &[(String, String)],
+) -> Result<Done, String> {
+    let tokens = c.ids.len();
+    let text = match post.as_mut() {
+        Some(p) => p
+            .process(&c.text, &job.stop_strings, metadata)
+            .map_err(|e| format!("{:#}", anyhow!(e)))?,
+        None => c.text,
+    };
+    Ok(Done {
+        span: job.span,
+        text,
+        tokens,
+        seconds: job.prepare_s + c.done.as_secs_f64(),
+    })
+}
+
+fn many_windows(jobs: &[Job], item: usize) -> bool {
+    jobs.iter().filter(|j| j.item == item).count() > 1
+}
+
+/// `[m:ss.s-m:ss.s] `
+fn span_label((start, end): (f64, f64)) -> String {
+    let t = |s: f64| format!("{}:{:04.1}", (s / 60.0).floor() as u64, s % 60.0);
+    format!("[{}-{}] ", t(start), t(end))
+}
+
+/// Raw caption text shown on a terminal while it is generated, then replaced by the
+/// post-processed caption.
+#[derive(Default)]
+struct Streamed {
+    shown: String,
+}
+
+impl Streamed {
+    /// Shows what `text` adds to what is on screen. Text that may still change (an
+    /// incomplete UTF-8 sequence, or the start of a stop string) is held back by the caller's
+    /// stop-string cut and by waiting for a clean extension.
+    fn show(&mut self, out: &mut impl Write, text: &str) {
+        if let Some(new) = text.strip_prefix(self.shown.as_str()) {
+            let new = new.trim_end_matches('\u{FFFD}');
+            if !new.is_empty() {
+                let _ = write!(out, "{new}");
+                let _ = out.flush();
+                self.shown.push_str(new);
+            }
+        }
+    }
+
+    /// Replaces the streamed text (after `label`) by `text` and ends the line.
+    fn replace(&mut self, out: &mut impl Write, label: &str, text: &str) -> Result<()> {
+        if text == self.shown {
+            writeln!(out)?;
+            return Ok(());
+        }
+        let term = console::Term::stdout();
+        let width = usize::from(term.size().1).max(1);
+        let rows: usize = format!("{label}{}", self.shown)
+            .split('\n')
+            .map(|l| console::measure_text_width(l).div_ceil(width).max(1))
+            .sum();
+        out.flush()?;
+        term.clear_line()?;
+        term.clear_last_lines(rows - 1)?;
+        writeln!(out, "{label}{text}")?;
+        Ok(())
+    }
 }

@@ -38,6 +38,17 @@ impl EncoderCache {
         hex::encode(h.finalize())
     }
 
+    /// The key of 30 s window `w` of the clip whose key is `clip_key` (window 0 keeps the
+    /// clip's key, so caches written before long clips had windows stay valid).
+    pub fn window_key(clip_key: &str, w: usize) -> String {
+        if w == 0 {
+            return clip_key.to_string();
+        }
+        let mut h = Sha256::new();
+        h.update(format!("{clip_key}|window {w}").as_bytes());
+        hex::encode(h.finalize())
+    }
+
     fn path(&self, key: &str) -> PathBuf {
         self.dir.join(&key[..2]).join(format!("{key}.safetensors"))
     }

@@ -23,7 +23,7 @@ use rand::SeedableRng;
 
 use crate::audio::{self, Segment};
 use crate::config::RunConfig;
-use crate::mel::{LogMelExtractor, MelSettings, N_FRAMES};
+use crate::mel::{LogMelExtractor, MelSettings, N_FRAMES, N_SAMPLES};
 use crate::models::llm::{load_llm, LoadedLlm};
 use crate::models::nonfinite::NonFiniteTrace;
 use crate::models::projector::Projector;
@@ -70,18 +70,68 @@ impl ClipEncoder<'_> {
     /// Decodes and encodes an example's audio: (1, 1500, d_enc). Clips longer than 30 s
     /// use their first window (with a warning).
     pub fn encode(&mut self, ex: &Example, root: &Path) -> Result<Tensor> {
-        encode_example(ex, root, self)
+        let samples = load_example_audio(ex, root)?;
+        let mut windows = self.encode_samples(&samples, (ex.start_s, ex.end_s), Some(1))?;
+        if samples.len() > N_SAMPLES {
+            tracing::warn!(
+                "example {}: {:.1} s of audio; training uses the first 30 s",
+                ex.id,
+                samples.len() as f64 / 16000.0
+            );
+        }
+        Ok(windows.remove(0))
+    }
+
+    /// Encoder outputs (1, 1500, d_enc) of the 30 s windows of 16 kHz mono `samples` (at
+    /// most `max_windows`), each read from the cache or computed and stored there.
+    /// `segment` is the part of the file the samples came from (part of the cache key).
+    pub fn encode_samples(
+        &mut self,
+        samples: &[f32],
+        segment: (Option<f64>, Option<f64>),
+        max_windows: Option<usize>,
+    ) -> Result<Vec<Tensor>> {
+        let settings = &self.settings;
+        let clip_key = self.cache.as_ref().map(|c| c.key(samples, segment));
+        let (n, data) = self.mel.windows(samples, settings)?;
+        let n = max_windows.map_or(n, |m| n.min(m));
+        let per = settings.n_mels * N_FRAMES;
+        let mut out = Vec::with_capacity(n);
+        for w in 0..n {
+            let key = clip_key.as_ref().map(|k| EncoderCache::window_key(k, w));
+            let cached = match (&self.cache, &key) {
+                (Some(c), Some(k)) => c.get(k, &self.rt.device),
+                _ => None,
+            };
+            if let Some(t) = cached {
+                out.push(t);
+                continue;
+            }
+            let x = Tensor::from_slice(
+                &data[w * per..(w + 1) * per],
+                (1, settings.n_mels, N_FRAMES),
+                &self.rt.device,
+            )?;
+            let encoded = self.encoder.forward(&x, NonFiniteTrace::default())?;
+            self.fresh += 1;
+            if let (Some(c), Some(k)) = (&self.cache, &key) {
+                if let Err(e) = c.put(k, &encoded) {
+                    tracing::warn!("cannot write the encoder cache: {e:#}");
+                }
+            }
+            out.push(encoded);
+        }
+        Ok(out)
     }
 }
 
-fn encode_example(ex: &Example, root: &Path, e: &mut ClipEncoder) -> Result<Tensor> {
-    let (encoder, rt, settings) = (e.encoder, e.rt, &e.settings);
-    let cache = e.cache.as_ref();
+/// The 16 kHz mono samples of an example (a file under `root`, or inline bytes).
+pub fn load_example_audio(ex: &Example, root: &Path) -> Result<Vec<f32>> {
     let segment = Segment {
         start: ex.start_s,
         end: ex.end_s,
     };
-    let samples = match &ex.audio {
+    Ok(match &ex.audio {
         AudioSource::Path(rel) => audio::load_16k_mono(&resolve_audio(root, rel)?, segment)?,
         AudioSource::Inline(bytes) => {
             let tmp = tempfile::NamedTempFile::new()?;
@@ -89,34 +139,7 @@ fn encode_example(ex: &Example, root: &Path, e: &mut ClipEncoder) -> Result<Tens
             audio::load_16k_mono(tmp.path(), segment)
                 .with_context(|| format!("example {}: inline audio", ex.id))?
         }
-    };
-    let key = cache.map(|c| c.key(&samples, (ex.start_s, ex.end_s)));
-    if let (Some(c), Some(k)) = (cache, &key) {
-        if let Some(t) = c.get(k, &rt.device) {
-            return Ok(t);
-        }
-    }
-    let (n, data) = e.mel.windows(&samples, settings)?;
-    if n > 1 {
-        tracing::warn!(
-            "example {}: {:.1} s of audio; training uses the first 30 s",
-            ex.id,
-            samples.len() as f64 / 16000.0
-        );
-    }
-    let x = Tensor::from_slice(
-        &data[..settings.n_mels * N_FRAMES],
-        (1, settings.n_mels, N_FRAMES),
-        &rt.device,
-    )?;
-    let encoded = encoder.forward(&x, NonFiniteTrace::default())?;
-    e.fresh += 1;
-    if let (Some(c), Some(k)) = (cache, &key) {
-        if let Err(e) = c.put(k, &encoded) {
-            tracing::warn!("cannot write the encoder cache: {e:#}");
-        }
-    }
-    Ok(encoded)
+    })
 }
 
 /// Everything a run needs, loaded and checked.

@@ -88,6 +88,36 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// The cache with its batch rows replaced by `rows` of this one (repeats allowed): a
+    /// batch-1 prompt prefix becomes a batch, and finished rows drop out of a batch.
+    pub fn select_rows(&self, rows: &[usize]) -> Result<Self> {
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for slot in &self.layers {
+            layers.push(match slot {
+                Some((k, v)) => {
+                    let idx = Tensor::from_iter(rows.iter().map(|&r| r as u32), k.device())?;
+                    Some((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?))
+                }
+                None => None,
+            });
+        }
+        Ok(Self {
+            layers,
+            len: self.len,
+        })
+    }
+}
+
+/// Where the new inputs of a forward sit.
+#[derive(Debug, Clone, Copy)]
+pub enum Placement<'a> {
+    /// Every row at positions `offset..offset + T`, after `offset` cached slots.
+    Offset(usize),
+    /// A left-padded batch: `slots[b][j]` is the position of row b's j-th slot, the cached
+    /// slots first and then the T new ones; `None` marks padding, which no real query
+    /// attends to (a padding query attends only to itself, so its values stay finite).
+    Padded(&'a [Vec<Option<usize>>]),
 }
 
 struct Block {
@@ -264,38 +294,97 @@ impl Llama {
         Ok(normed.to_dtype(self.dtype)?.broadcast_mul(weight)?)
     }
 
-    fn rope(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
-        let t = x.dim(2)?;
-        let cos = self.cos.narrow(0, offset, t)?;
-        let sin = self.sin.narrow(0, offset, t)?;
+    /// Rotary tables for the new inputs: cos and sin, each (B or 1, 1, T, head_dim / 2).
+    fn rope_tables(&self, t: usize, placement: Placement) -> Result<(Tensor, Tensor)> {
+        let half = self.config.head_dim() / 2;
+        match placement {
+            Placement::Offset(offset) => Ok((
+                self.cos.narrow(0, offset, t)?.reshape((1, 1, t, half))?,
+                self.sin.narrow(0, offset, t)?.reshape((1, 1, t, half))?,
+            )),
+            Placement::Padded(slots) => {
+                // Padding gets position 0: its output is never used.
+                let ids: Vec<u32> = slots
+                    .iter()
+                    .flat_map(|row| row[row.len() - t..].iter().map(|p| p.unwrap_or(0) as u32))
+                    .collect();
+                let ids = Tensor::from_vec(ids, slots.len() * t, &self.device)?;
+                let shape = (slots.len(), 1, t, half);
+                Ok((
+                    self.cos.index_select(&ids, 0)?.reshape(shape)?,
+                    self.sin.index_select(&ids, 0)?.reshape(shape)?,
+                ))
+            }
+        }
+    }
+
+    /// Rotary embedding of x (B, heads, T, head_dim) with tables from [`Self::rope_tables`];
+    /// the same arithmetic as candle's `rope_slow` / `rope_i_slow`, with per-row tables.
+    fn rope(&self, x: &Tensor, (cos, sin): &(Tensor, Tensor)) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        let (b, h, t, d) = x.dims4()?;
         Ok(if self.config.rope_interleaved {
-            candle_nn::rotary_emb::rope_i_slow(&x.contiguous()?, &cos, &sin)?
+            let cos = cos.unsqueeze(D::Minus1)?;
+            let sin = sin.unsqueeze(D::Minus1)?;
+            let x = x.reshape((b, h, t, d / 2, 2))?;
+            let x0 = x.narrow(D::Minus1, 0, 1)?;
+            let x1 = x.narrow(D::Minus1, 1, 1)?;
+            let y0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+            let y1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+            Tensor::cat(&[y0, y1], D::Minus1)?.flatten_from(D::Minus2)?
         } else {
-            candle_nn::rotary_emb::rope_slow(&x.contiguous()?, &cos, &sin)?
+            let cos = Tensor::cat(&[cos, cos], D::Minus1)?;
+            let sin = Tensor::cat(&[sin, sin], D::Minus1)?;
+            let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+            let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+            let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+            (x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?
         })
     }
 
-    /// Additive mask (T, S) for queries at `offset..offset+T` over keys `0..S`: causal, and
-    /// limited to the sliding window when the model has one.
-    fn mask(&self, t: usize, s: usize, offset: usize) -> Result<Option<Tensor>> {
+    /// Additive attention mask (B or 1, 1, 1, T, S) for T new queries over S keys: causal,
+    /// limited to the sliding window when the model has one, and blind to padding.
+    fn mask(&self, t: usize, s: usize, placement: Placement) -> Result<Option<Tensor>> {
         let window = self.config.sliding_window;
-        let needs = t > 1 || window.is_some_and(|w| s > w);
-        if !needs {
-            return Ok(None);
-        }
-        let mut m = vec![0f32; t * s];
-        for i in 0..t {
-            let q = offset + i;
-            for j in 0..s {
-                let future = j > q;
-                let too_far = window.is_some_and(|w| q >= j + w);
-                if future || too_far {
-                    m[i * s + j] = f32::NEG_INFINITY;
+        let allowed = |q: usize, k: usize| k <= q && window.is_none_or(|w| q < k + w);
+        let (rows, m) = match placement {
+            Placement::Offset(offset) => {
+                let needs = t > 1 || window.is_some_and(|w| s > w);
+                if !needs {
+                    return Ok(None);
                 }
+                let mut m = vec![0f32; t * s];
+                for i in 0..t {
+                    for j in 0..s {
+                        if !allowed(offset + i, j) {
+                            m[i * s + j] = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+                (1, m)
             }
-        }
+            Placement::Padded(slots) => {
+                let mut m = vec![0f32; slots.len() * t * s];
+                for (b, row) in slots.iter().enumerate() {
+                    for i in 0..t {
+                        let q = s - t + i;
+                        for j in 0..s {
+                            let ok = match (row[q], row[j]) {
+                                (Some(qp), Some(kp)) => allowed(qp, kp),
+                                (None, _) => j == q,
+                                (Some(_), None) => false,
+                            };
+                            if !ok {
+                                m[(b * t + i) * s + j] = f32::NEG_INFINITY;
+                            }
+                        }
+                    }
+                }
+                (slots.len(), m)
+            }
+        };
         Ok(Some(
-            Tensor::from_vec(m, (t, s), &self.device)?.to_dtype(self.dtype)?,
+            Tensor::from_vec(m, (rows, 1, 1, t, s), &self.device)?.to_dtype(self.dtype)?,
         ))
     }
 
@@ -303,7 +392,8 @@ impl Llama {
         &self,
         block: &Block,
         x: &Tensor,
-        offset: usize,
+        rope: &(Tensor, Tensor),
+        mask: Option<&Tensor>,
         layer_cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
@@ -324,8 +414,8 @@ impl Llama {
             .forward(x)?
             .reshape((b, t, nkv, hd))?
             .transpose(1, 2)?;
-        let q = self.rope(&q, offset)?;
-        let k = self.rope(&k, offset)?;
+        let q = self.rope(&q, rope)?;
+        let k = self.rope(&k, rope)?;
         let v = v.contiguous()?;
         let (k, v) = match layer_cache {
             Some(slot) => {
@@ -345,10 +435,10 @@ impl Llama {
         let q = q.reshape((b, nkv, rep * t, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?;
-        let scores = match self.mask(t, s, offset)? {
+        let scores = match mask {
             Some(mask) => scores
                 .reshape((b, nkv, rep, t, s))?
-                .broadcast_add(&mask)?
+                .broadcast_add(mask)?
                 .reshape((b, nkv, rep * t, s))?,
             None => scores,
         };
@@ -367,10 +457,21 @@ impl Llama {
         &self,
         embeds: &Tensor,
         offset: usize,
+        cache: Option<&mut KvCache>,
+        trace: NonFiniteTrace,
+    ) -> Result<Tensor> {
+        self.forward_placed(embeds, Placement::Offset(offset), cache, trace)
+    }
+
+    /// As [`Self::forward_hidden`], with the inputs placed as `placement` says.
+    pub fn forward_placed(
+        &self,
+        embeds: &Tensor,
+        placement: Placement,
         mut cache: Option<&mut KvCache>,
         trace: NonFiniteTrace,
     ) -> Result<Tensor> {
-        let (_, t, h) = embeds.dims3()?;
+        let (b, t, h) = embeds.dims3()?;
         if h != self.config.hidden_size {
             return Err(ModelError::ConfigMismatch {
                 source_desc: "LLM input".into(),
@@ -380,28 +481,46 @@ impl Llama {
                 ),
             });
         }
-        if let Some(c) = cache.as_deref() {
-            if c.len != offset {
-                return Err(ModelError::ConfigMismatch {
-                    source_desc: "LLM KV cache".into(),
-                    reason: format!("offset {offset} but the cache holds {} positions", c.len),
-                });
+        let cached = cache.as_deref().map_or(0, |c| c.len);
+        let bad_cache = |reason: String| ModelError::ConfigMismatch {
+            source_desc: "LLM KV cache".into(),
+            reason,
+        };
+        let end = match placement {
+            Placement::Offset(offset) => {
+                if cache.is_some() && cached != offset {
+                    return Err(bad_cache(format!(
+                        "offset {offset} but the cache holds {cached} positions"
+                    )));
+                }
+                offset + t
             }
-        }
-        if offset + t > self.config.max_position_embeddings {
+            Placement::Padded(slots) => {
+                if slots.len() != b || slots.iter().any(|r| r.len() != cached + t) {
+                    return Err(bad_cache(format!(
+                        "a padded batch of {b} rows needs {} slot positions per row",
+                        cached + t
+                    )));
+                }
+                slots.iter().flatten().flatten().max().map_or(0, |p| p + 1)
+            }
+        };
+        if end > self.config.max_position_embeddings {
             return Err(ModelError::ConfigMismatch {
                 source_desc: "LLM input".into(),
                 reason: format!(
-                    "{} positions exceed the model's context of {}",
-                    offset + t,
+                    "{end} positions exceed the model's context of {}",
                     self.config.max_position_embeddings
                 ),
             });
         }
+        let rope = self.rope_tables(t, placement)?;
+        let mask = self.mask(t, cached + t, placement)?;
         let mut x = embeds.to_dtype(self.dtype)?;
         for (i, block) in self.blocks.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let h = self.attention(block, &self.rms_norm(&x, &block.attn_norm)?, offset, slot)?;
+            let n = self.rms_norm(&x, &block.attn_norm)?;
+            let h = self.attention(block, &n, &rope, mask.as_ref(), slot)?;
             x = (x + h)?;
             let n = self.rms_norm(&x, &block.mlp_norm)?;
             let h = block
@@ -465,8 +584,26 @@ impl LanguageModel for Llama {
         Ok(logits)
     }
 
+    fn forward_padded(
+        &self,
+        embeds: &Tensor,
+        slots: &[Vec<Option<usize>>],
+        cache: &mut KvCache,
+        trace: NonFiniteTrace,
+    ) -> Result<Tensor> {
+        let hidden = self.forward_placed(embeds, Placement::Padded(slots), Some(cache), trace)?;
+        let t = hidden.dim(1)?;
+        let logits = self.logits(&hidden.narrow(1, t - 1, 1)?)?;
+        trace.check(|| "llm.lm_head".into(), &logits)?;
+        Ok(logits)
+    }
+
     fn hidden_size(&self) -> usize {
         self.config.hidden_size
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
     }
 
     fn vocab_size(&self) -> usize {

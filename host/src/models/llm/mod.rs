@@ -6,7 +6,7 @@ mod llama;
 mod load;
 mod tokenizer;
 
-pub use llama::{KvCache, Llama, LlamaConfig, LogitsAt};
+pub use llama::{KvCache, Llama, LlamaConfig, LogitsAt, Placement};
 pub use load::{export_gguf_to_hf, load_llm, read_gguf, unpermute_qk, LlmSource, LoadedLlm};
 pub use tokenizer::{ChatTokenizer, SpecialTokens};
 
@@ -30,7 +30,18 @@ pub trait LanguageModel {
         at: LogitsAt,
         trace: NonFiniteTrace,
     ) -> Result<Tensor>;
+    /// A left-padded batch (see [`Placement::Padded`]) after the slots already in `cache`:
+    /// logits (B, 1, vocab) at the last slot, which must be a real position in every row.
+    fn forward_padded(
+        &self,
+        embeds: &Tensor,
+        slots: &[Vec<Option<usize>>],
+        cache: &mut KvCache,
+        trace: NonFiniteTrace,
+    ) -> Result<Tensor>;
     fn hidden_size(&self) -> usize;
+    /// The dtype of embeddings and activations.
+    fn dtype(&self) -> candle_core::DType;
     fn vocab_size(&self) -> usize;
     fn new_cache(&self) -> KvCache;
     fn device(&self) -> &candle_core::Device;

@@ -1,0 +1,191 @@
+//! The captioning decoder on the real default models (random projector: the tokens are
+//! gibberish, but every decoder must produce the same gibberish): a padded batch of clips
+//! with different prompt lengths gives the same tokens as each clip alone, and the cached
+//! decoder the same tokens as the write-up's no-cache recompute decoder; stop strings and
+//! the token limit are honoured; seeded sampling repeats.
+
+use candle_core::{Device, Tensor};
+use earshot::caption::{
+    caption_batch, caption_without_cache, clip_rest, prompt_embeddings, Caption, CaptionRequest,
+    Finish, PromptPrefix,
+};
+use earshot::models::llm::{load_llm, LoadedLlm};
+use earshot::models::nonfinite::NonFiniteTrace;
+use earshot::models::projector::{Projector, ProjectorConfig};
+use earshot::models::whisper::WhisperEncoder;
+use earshot::models::Runtime;
+use earshot::sampler::{Sampler, SamplingParams};
+use earshot_tests::*;
+
+struct Setup {
+    llm: LoadedLlm,
+    projector: Projector,
+    prefix: PromptPrefix,
+    /// (windows, text after the audio, max tokens) per clip.
+    clips: Vec<(Vec<Tensor>, Vec<u32>, usize)>,
+}
+
+fn setup() -> Setup {
+    let rt = Runtime::cpu();
+    let llm = load_llm(&default_gguf(), &rt).unwrap();
+    let encoder = WhisperEncoder::load_dir(&default_whisper(), &rt).unwrap();
+    let (_, mel) = read_npy(&whisper_oracle("expected/a_speech_mel_pad30s.npy"));
+    let mel = Tensor::from_vec(mel, (1, 80, 3000), &Device::Cpu).unwrap();
+    let speech = encoder.forward(&mel, NonFiniteTrace::default()).unwrap();
+    let quiet = (&speech * 0.5).unwrap();
+    let pcfg = ProjectorConfig {
+        positions: 12,
+        ..ProjectorConfig::default()
+    };
+    let projector = Projector::new(&pcfg, 384, 576, 11, &Device::Cpu).unwrap();
+    let tok = &llm.tokenizer;
+    let prefix = PromptPrefix::new(
+        &llm.model,
+        &tok.encode("<|im_start|>user\nDescribe the audio:\n")
+            .unwrap(),
+    )
+    .unwrap();
+    let after = |s: &str| tok.encode_piece(s).unwrap();
+    // Rest lengths 12 + 5, 24 + 3 and 12 + 14: every row of the batch is padded differently,
+    // and the rows stop at different steps.
+    let clips = vec![
+        (
+            vec![speech.clone()],
+            after("<|im_end|>\n<|im_start|>assistant\n"),
+            14,
+        ),
+        (vec![speech.clone(), quiet.clone()], after("\nCaption:"), 6),
+        (
+            vec![quiet],
+            after("<|im_end|>\n<|im_start|>assistant\nThe recording has"),
+            10,
+        ),
+    ];
+    Setup {
+        llm,
+        projector,
+        prefix,
+        clips,
+    }
+}
+
+impl Setup {
+    fn requests(&self, params: SamplingParams, stops: &[String]) -> Vec<CaptionRequest> {
+        self.clips
+            .iter()
+            .map(|(windows, after, max)| CaptionRequest {
+                rest: clip_rest(&self.llm.model, &self.projector, windows, after).unwrap(),
+                sampler: Sampler::new(params).unwrap(),
+                max_tokens: *max,
+                stop_strings: stops.to_vec(),
+            })
+            .collect()
+    }
+
+    fn decode(&self, requests: Vec<CaptionRequest>, eos: Option<u32>) -> Vec<Caption> {
+        caption_batch(
+            &self.llm.model,
+            &self.llm.tokenizer,
+            &self.prefix,
+            eos,
+            requests,
+            |_, _| {},
+        )
+        .unwrap()
+    }
+
+    /// Each request on its own.
+    fn one_at_a_time(&self, requests: Vec<CaptionRequest>, eos: Option<u32>) -> Vec<Caption> {
+        requests
+            .into_iter()
+            .map(|r| self.decode(vec![r], eos).remove(0))
+            .collect()
+    }
+}
+
+fn ids(captions: &[Caption]) -> Vec<Vec<u32>> {
+    captions.iter().map(|c| c.ids.clone()).collect()
+}
+
+#[test]
+fn batched_cached_and_recomputed_decoding_agree() {
+    let s = setup();
+    let eos = s.llm.tokenizer.special.eos;
+    let greedy = SamplingParams::default();
+    let batched = s.decode(s.requests(greedy, &[]), eos);
+    let alone = s.one_at_a_time(s.requests(greedy, &[]), eos);
+    assert_eq!(ids(&batched), ids(&alone), "batched vs one at a time");
+    let lens: Vec<usize> = batched.iter().map(|c| c.ids.len()).collect();
+    assert!(
+        lens.iter().any(|&l| l > 2),
+        "the captions are long enough to compare: {lens:?}"
+    );
+    // Rows finish at different steps and the others carry on.
+    assert!(
+        lens.windows(2).any(|w| w[0] != w[1]),
+        "rows drop out at different steps: {lens:?}"
+    );
+
+    // The write-up's decoder: the whole sequence again for every token, no cache.
+    for ((windows, after, max), cached) in s.clips.iter().zip(&batched) {
+        let audio = Tensor::cat(
+            &windows
+                .iter()
+                .map(|w| s.projector.forward(w).unwrap())
+                .collect::<Vec<_>>(),
+            1,
+        )
+        .unwrap();
+        let prompt = prompt_embeddings(&s.llm.model, &s.prefix.ids, &audio, after).unwrap();
+        let mut sampler = Sampler::new(greedy).unwrap();
+        let reference =
+            caption_without_cache(&s.llm.model, &prompt, eos, *max, &mut sampler).unwrap();
+        assert_eq!(cached.ids, reference, "cached vs no-cache decoder");
+    }
+
+    // Seeded sampling: the same seed repeats, and each row samples as it would alone.
+    let sampled = SamplingParams {
+        temperature: 1.0,
+        top_k: Some(40),
+        top_p: Some(0.95),
+        seed: 5,
+    };
+    let a = s.decode(s.requests(sampled, &[]), eos);
+    let b = s.decode(s.requests(sampled, &[]), eos);
+    assert_eq!(ids(&a), ids(&b), "seeded sampling repeats");
+    let alone = s.one_at_a_time(s.requests(sampled, &[]), eos);
+    assert_eq!(ids(&a), ids(&alone), "sampled: batched vs one at a time");
+}
+
+#[test]
+fn stop_strings_and_token_limits_end_captions() {
+    let s = setup();
+    let greedy = SamplingParams::default();
+    // Without EOS every caption runs to its limit.
+    let full = s.decode(s.requests(greedy, &[]), None);
+    for (c, (_, _, max)) in full.iter().zip(&s.clips) {
+        assert_eq!(c.ids.len(), *max, "{c:?}");
+        assert_eq!(c.finish, Finish::MaxTokens);
+    }
+    // A stop string taken from the middle of the first caption ends it right before.
+    let first = &full[0];
+    let chars: Vec<char> = first.text.chars().collect();
+    assert!(chars.len() >= 6, "caption {:?}", first.text);
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 3].iter().collect();
+    let cut = first.text.find(&stop).unwrap();
+    let stopped = s.decode(s.requests(greedy, std::slice::from_ref(&stop)), None);
+    assert_eq!(stopped[0].finish, Finish::StopString, "{:?}", stopped[0]);
+    assert_eq!(stopped[0].text, first.text[..cut], "stop {stop:?}");
+    assert!(
+        stopped[0].ids.len() < first.ids.len(),
+        "decoding ended at the stop string: {:?}",
+        stopped[0]
+    );
+    assert!(!stopped[0].text.contains(&stop));
+    // Zero tokens allowed: nothing generated.
+    let mut r = s.requests(greedy, &[]);
+    r[1].max_tokens = 0;
+    let out = s.decode(r, None);
+    assert!(out[1].ids.is_empty() && out[1].text.is_empty());
+    assert_eq!(ids(&out)[0], ids(&full)[0]);
+}

@@ -28,6 +28,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
+    earshot::alloc::tune_for_tensors();
     let args: Vec<String> = std::env::args().collect();
     if args.len() != 6 {
         eprintln!("usage: bench_caption WHISPER_DIR GGUF MEL.npy POSITIONS TOKENS");

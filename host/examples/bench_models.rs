@@ -37,6 +37,7 @@ fn load_llama(gguf: &str) -> Llama {
 }
 
 fn main() {
+    earshot::alloc::tune_for_tensors();
     let args: Vec<String> = std::env::args().collect();
     let trace = NonFiniteTrace::default();
     match args.get(1).map(|s| s.as_str()) {

@@ -187,7 +187,9 @@ pub fn caption_batch(
         s.extend((p..p + len).map(Some));
         slots.push(s);
     }
-    let mut embeds = Tensor::cat(&parts, 0)?;
+    // Inference only: detached from the projector's parameters, so no activation is kept
+    // alive for a backward pass that never comes (that held gigabytes per batch).
+    let mut embeds = Tensor::cat(&parts, 0)?.detach();
     let mut cache = prefix.cache.select_rows(&vec![0; rows.len()])?;
     let mut state: Vec<Row> = rows
         .iter()
@@ -312,7 +314,7 @@ pub fn caption_without_cache(
     sampler: &mut Sampler,
 ) -> Result<Vec<u32>> {
     let device = llm.device().clone();
-    let mut seq = prompt.clone();
+    let mut seq = prompt.detach();
     let mut ids = Vec::new();
     while ids.len() < max_tokens {
         let logits = llm.forward(&seq, 0, None, LogitsAt::Last, NonFiniteTrace::default())?;

@@ -3,6 +3,7 @@
 //! Data flows one way: audio (decode, resample) -> mel -> Whisper encoder -> projector ->
 //! LLM -> sampler -> post-processor. See ARCHITECTURE.md for where each concern lives.
 
+pub mod alloc;
 pub mod audio;
 pub mod caption;
 pub mod cli;

@@ -63,6 +63,7 @@ enum Command {
 }
 
 pub fn main() -> ExitCode {
+    crate::alloc::tune_for_tensors();
     let cli = Cli::parse();
     init_logging(cli.verbose);
     let result = match cli.command {

@@ -67,11 +67,49 @@ pub enum LogitsAt {
     Last,
 }
 
-/// Per-layer keys and values (B, n_kv_heads, S, head_dim), appended to by each forward.
-#[derive(Debug, Clone)]
+/// Per-layer keys and values, appended to by each forward. Each layer holds buffers
+/// (B, n_kv_heads, capacity, head_dim) whose first `len` positions are valid: new positions
+/// are written in place, so decoding does not copy (and the allocator does not re-fault) the
+/// whole cache for every token. Buffers grow with headroom when full.
+#[derive(Debug)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
+}
+
+impl Clone for KvCache {
+    /// A deep copy: the buffers are written in place, so clones must not share them.
+    fn clone(&self) -> Self {
+        let copy = |t: &Tensor| t.copy().expect("copying a cache buffer on its own device");
+        Self {
+            layers: self
+                .layers
+                .iter()
+                .map(|s| s.as_ref().map(|(k, v)| (copy(k), copy(v))))
+                .collect(),
+            len: self.len,
+        }
+    }
+}
+
+/// Appends `new` (B, heads, T, hd) at position `len` of a layer's buffer, growing it when
+/// full; returns the valid part (B, heads, len + T, hd) as a view.
+fn append_kv(buf: &mut Option<Tensor>, len: usize, new: &Tensor) -> Result<Tensor> {
+    let (b, h, t, hd) = new.dims4()?;
+    let need = len + t;
+    let capacity = buf.as_ref().map_or(Ok(0), |x| x.dim(2))?;
+    if capacity < need {
+        // Headroom for the tokens that usually follow a prompt.
+        let grown = (need + (need / 2).max(64)).next_multiple_of(64);
+        let fresh = Tensor::zeros((b, h, grown, hd), new.dtype(), new.device())?;
+        if let Some(old) = buf.as_ref().filter(|_| len > 0) {
+            fresh.slice_set(&old.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+        }
+        *buf = Some(fresh);
+    }
+    let buf = buf.as_ref().expect("allocated above");
+    buf.slice_set(&new.contiguous()?, 2, len)?;
+    Ok(buf.narrow(2, 0, need)?)
 }
 
 impl KvCache {
@@ -394,7 +432,7 @@ impl Llama {
         x: &Tensor,
         rope: &(Tensor, Tensor),
         mask: Option<&Tensor>,
-        layer_cache: Option<&mut Option<(Tensor, Tensor)>>,
+        layer_cache: Option<(&mut Option<(Tensor, Tensor)>, usize)>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let cfg = &self.config;
@@ -418,12 +456,14 @@ impl Llama {
         let k = self.rope(&k, rope)?;
         let v = v.contiguous()?;
         let (k, v) = match layer_cache {
-            Some(slot) => {
-                let (k, v) = match slot.take() {
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                    None => (k, v),
+            Some((slot, len)) => {
+                let (mut kb, mut vb) = match slot.take() {
+                    Some((kb, vb)) => (Some(kb), Some(vb)),
+                    None => (None, None),
                 };
-                *slot = Some((k.clone(), v.clone()));
+                let k = append_kv(&mut kb, len, &k)?;
+                let v = append_kv(&mut vb, len, &v)?;
+                *slot = kb.zip(vb);
                 (k, v)
             }
             None => (k, v),
@@ -518,7 +558,7 @@ impl Llama {
         let mask = self.mask(t, cached + t, placement)?;
         let mut x = embeds.to_dtype(self.dtype)?;
         for (i, block) in self.blocks.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let slot = cache.as_deref_mut().map(|c| (&mut c.layers[i], cached));
             let n = self.rms_norm(&x, &block.attn_norm)?;
             let h = self.attention(block, &n, &rope, mask.as_ref(), slot)?;
             x = (x + h)?;

@@ -75,14 +75,27 @@ fn main() {
     let prefix = PromptPrefix::new(&llm.model, &before).unwrap();
     let greedy = SamplingParams::default();
     let request = || CaptionRequest {
-        rest: clip_rest(&llm.model, &projector, std::slice::from_ref(&encoded), &after).unwrap(),
+        rest: clip_rest(
+            &llm.model,
+            &projector,
+            std::slice::from_ref(&encoded),
+            &after,
+        )
+        .unwrap(),
         sampler: Sampler::new(greedy).unwrap(),
         max_tokens: tokens,
         stop_strings: Vec::new(),
     };
     let decode = |n: usize| {
-        caption_batch(&llm.model, tok, &prefix, None, (0..n).map(|_| request()).collect(), |_, _| {})
-            .unwrap()
+        caption_batch(
+            &llm.model,
+            tok,
+            &prefix,
+            None,
+            (0..n).map(|_| request()).collect(),
+            |_, _| {},
+        )
+        .unwrap()
     };
     let prompt_len = before.len() + positions + after.len();
     println!(

@@ -5,6 +5,7 @@ mod audio_info;
 mod cache;
 mod caption;
 mod common;
+mod compare;
 mod dataset;
 mod encode;
 mod generate;
@@ -12,6 +13,7 @@ mod import;
 mod inspect;
 mod mel;
 mod plugin;
+mod printer;
 mod prompt;
 mod train;
 
@@ -58,6 +60,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Caption audio files or a dataset split with a trained projector
     Caption(caption::CaptionArgs),
+    /// Compare training runs: loss table and overlaid curves (PNG)
+    Compare(compare::CompareArgs),
     /// Inspect or prune the encoder-output and plugin caches
     Cache(cache::CacheArgs),
 }
@@ -79,6 +83,7 @@ pub fn main() -> ExitCode {
         Command::Train(args) => train::run(args),
         Command::Caption(args) => caption::run(args),
         Command::Cache(args) => cache::run(args),
+        Command::Compare(args) => compare::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

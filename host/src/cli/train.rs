@@ -3,6 +3,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
+use super::printer::TrainPrinter;
 use crate::config::RunConfig;
 use crate::train::{train, Session, Start};
 
@@ -62,14 +63,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
             overwrite: args.overwrite,
         }
     };
-    let (_, metrics) = train(&session, steps, start, Some(interrupted), &mut |m| {
-        if m.step % log_every == 0 || m.step == 1 || m.step == steps {
-            eprintln!(
-                "step {:>5}/{steps}  loss {:.4}  acc {:.3}  p(correct) {:.3}  |g| {:.3}  {:.2} ex/s",
-                m.step, m.loss, m.accuracy, m.mean_prob, m.grad_norm, m.examples_per_s
-            );
-        }
-    })?;
+    let mut printer = TrainPrinter::new(steps, log_every);
+    let result = train(&session, steps, start, Some(interrupted), &mut |e| {
+        printer.event(e)
+    });
+    printer.finish();
+    let (_, metrics) = result?;
     let last = metrics.last().map(|m| m.loss).unwrap_or(f64::NAN);
     let reached = metrics.last().map(|m| m.step).unwrap_or(0);
     let projector = session.config.train.run_dir.join("projector.safetensors");

@@ -6,6 +6,7 @@ pub mod batch;
 pub mod cache;
 pub mod checkpoint;
 pub mod optim;
+pub mod plots;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -403,6 +404,8 @@ pub struct StepMetrics {
     pub mean_prob: f64,
     pub grad_norm: f64,
     pub lr: f64,
+    /// Passes over the training examples completed after this step (fractional).
+    pub epoch: f64,
     pub examples_per_s: f64,
     /// log10(||delta w|| / ||w||) per parameter tensor.
     pub update_ratio_log10: HashMap<String, f64>,
@@ -416,14 +419,33 @@ fn sq_norm(t: &Tensor) -> Result<f64> {
         .to_scalar::<f64>()?)
 }
 
-/// Trains the projector up to step `steps`; writes metrics.jsonl, checkpoints and
-/// projector.safetensors in the run directory; returns the metrics of the steps run now.
+/// What the training loop reports as it goes (the CLI prints it through one printer).
+pub enum Event<'a> {
+    /// The loop starts at `from` (0, or the resumed step) and runs to `to`.
+    Start {
+        from: usize,
+        to: usize,
+    },
+    Step(&'a StepMetrics),
+    Eval {
+        step: usize,
+        loss: f64,
+        examples: usize,
+        best: bool,
+    },
+    /// Something the user should read (a warning, where the checkpoint went).
+    Note(String),
+}
+
+/// Trains the projector up to step `steps`; writes metrics.jsonl, eval.jsonl, plots
+/// (loss.png, update_ratios.png), config.toml, checkpoints and projector.safetensors in the
+/// run directory; returns the metrics of the steps run now.
 pub fn train(
     session: &Session,
     steps: usize,
     start: Start,
     interrupted: Option<Arc<AtomicBool>>,
-    progress: &mut dyn FnMut(&StepMetrics),
+    progress: &mut dyn FnMut(Event),
 ) -> Result<(Projector, Vec<StepMetrics>)> {
     let cfg = &session.config.train;
     let run_dir = &cfg.run_dir;
@@ -516,7 +538,13 @@ pub fn train(
                 run_dir.display()
             );
         }
-        for f in ["metrics.jsonl", "eval.jsonl", "best.json"] {
+        for f in [
+            "metrics.jsonl",
+            "eval.jsonl",
+            "best.json",
+            "loss.png",
+            "update_ratios.png",
+        ] {
             let p = run_dir.join(f);
             if p.exists() {
                 std::fs::remove_file(&p)?;
@@ -529,10 +557,21 @@ pub fn train(
             }
         }
     }
+    // The settings this run trains with, for `earshot compare` and for the record.
+    let config_tmp = run_dir.join("config.toml.tmp");
+    std::fs::write(&config_tmp, toml::to_string(&session.config)?)?;
+    std::fs::rename(&config_tmp, run_dir.join("config.toml"))?;
     let mut metrics_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&metrics_path)?;
+    let refresh_plots = |progress: &mut dyn FnMut(Event)| {
+        if let Err(e) = plots::write_run_plots(run_dir) {
+            progress(Event::Note(format!(
+                "warning: cannot draw the plots: {e:#}"
+            )));
+        }
+    };
     // Projector, optimizer state and position into a checkpoint folder under `dir`.
     let save_checkpoint = |dir: &Path,
                            keep: usize,
@@ -562,6 +601,10 @@ pub fn train(
     let mut orders: HashMap<u64, Vec<usize>> = HashMap::new();
     let mut all = Vec::new();
     let mut nonfinite_run = 0;
+    progress(Event::Start {
+        from: state.step,
+        to: steps,
+    });
     while state.step < steps {
         let step = state.step + 1;
         let started = Instant::now();
@@ -641,7 +684,9 @@ pub fn train(
         let mut update = HashMap::new();
         if skipped {
             nonfinite_run += 1;
-            tracing::warn!("step {step}: non-finite loss or gradient; step skipped");
+            progress(Event::Note(format!(
+                "warning: step {step}: non-finite loss or gradient; step skipped"
+            )));
             if nonfinite_run >= cfg.max_nonfinite_steps {
                 // Name the first layer that produces non-finite values.
                 let trace =
@@ -669,7 +714,12 @@ pub fn train(
             opt.step(&grads, lr)?;
             for ((name, var), old) in projector.params().iter().zip(&before) {
                 let delta = sq_norm(&(var.as_tensor() - old)?)?.sqrt();
-                let norm = sq_norm(old)?.sqrt().max(1e-12);
+                // Against the larger of the old and new norms: a tensor initialised to zero
+                // (a LayerNorm bias) would otherwise report an infinite first ratio.
+                let norm = sq_norm(old)?
+                    .sqrt()
+                    .max(sq_norm(var.as_tensor())?.sqrt())
+                    .max(1e-12);
                 update.insert(name.clone(), (delta / norm).max(1e-30).log10());
             }
         }
@@ -682,12 +732,13 @@ pub fn train(
             mean_prob,
             grad_norm,
             lr,
+            epoch: state.samples_seen as f64 / n as f64,
             examples_per_s: (bs * micro) as f64 / started.elapsed().as_secs_f64(),
             update_ratio_log10: update,
             skipped,
         };
         writeln!(metrics_file, "{}", serde_json::to_string(&m)?)?;
-        progress(&m);
+        progress(Event::Step(&m));
         all.push(m);
         let due = step == steps || (cfg.eval_every > 0 && step % cfg.eval_every == 0);
         if !session.eval_examples.is_empty() && due {
@@ -697,11 +748,14 @@ pub fn train(
                 "{}",
                 serde_json::json!({"step": step, "eval_loss": eval})
             )?;
-            eprintln!(
-                "step {step}: eval loss {eval:.4} on {} example(s)",
-                session.eval_examples.len()
-            );
-            if eval.is_finite() && best.is_none_or(|b| eval < b.eval_loss) {
+            let is_best = eval.is_finite() && best.is_none_or(|b| eval < b.eval_loss);
+            progress(Event::Eval {
+                step,
+                loss: eval,
+                examples: session.eval_examples.len(),
+                best: is_best,
+            });
+            if is_best {
                 save_checkpoint(&run_dir.join("best"), 1, &state, &projector, &opt)?;
                 let b = Best {
                     step,
@@ -712,6 +766,7 @@ pub fn train(
                 std::fs::rename(&tmp, &best_path)?;
                 best = Some(b);
             }
+            refresh_plots(progress);
         }
         let stop = interrupted
             .as_ref()
@@ -720,9 +775,14 @@ pub fn train(
             metrics_file.sync_all()?;
             let p = save_checkpoint(&ckpt_dir, cfg.keep_last, &state, &projector, &opt)?;
             tracing::info!("checkpoint {}", p.display());
+            if session.eval_examples.is_empty() {
+                refresh_plots(progress);
+            }
         }
         if stop {
-            eprintln!("interrupted: checkpoint saved at step {step}; continue with --resume");
+            progress(Event::Note(format!(
+                "interrupted: checkpoint saved at step {step}; continue with --resume"
+            )));
             break;
         }
     }

@@ -1,0 +1,148 @@
+//! What a user watches while training and afterwards: the progress bar on a terminal, plain
+//! log lines otherwise, metrics with epochs, eval lines, loss / update-ratio PNGs refreshed
+//! at each eval, the run's config.toml, and `earshot compare` over two runs of a sweep.
+
+use std::path::{Path, PathBuf};
+
+use earshot_tests::*;
+
+fn bundled() -> PathBuf {
+    repo_root().join("configs/cpu-smollm2-tones.toml")
+}
+
+fn train_args(run_dir: &Path, lr: &str) -> Vec<String> {
+    [
+        "train",
+        &bundled().display().to_string(),
+        "--overwrite",
+        "--set",
+        &format!("train.run-dir=\"{}\"", run_dir.display()),
+        "--set",
+        "train.steps=4",
+        "--set",
+        &format!("train.lr={lr}"),
+        "--set",
+        "train.log-every=2",
+        "--set",
+        "data.eval-split=\"train\"",
+        "--set",
+        "train.eval-every=2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Width and height from a PNG's IHDR chunk, or None if the file is not a PNG.
+fn png_size(path: &Path) -> Option<(u32, u32)> {
+    let b = std::fs::read(path).ok()?;
+    if b.len() < 24 || &b[..8] != b"\x89PNG\r\n\x1a\n" || &b[12..16] != b"IHDR" {
+        return None;
+    }
+    let be = |i: usize| u32::from_be_bytes(b[i..i + 4].try_into().unwrap());
+    Some((be(16), be(20)))
+}
+
+#[test]
+fn progress_metrics_plots_and_compare() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("lr-a"), d.path().join("lr-b"));
+
+    // Off a terminal: plain lines every log-every steps, eval lines, no bar.
+    let out = earshot(train_args(&a, "5e-3"));
+    expect_success(&out);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    for want in ["step     2/4  epoch 1.00", "step     4/4  epoch 2.00"] {
+        assert!(err.contains(want), "{want:?} in {err}");
+    }
+    assert!(err.contains("step 2: eval loss"), "{err}");
+    assert!(err.contains("(best so far)"), "{err}");
+    assert!(
+        !err.contains("ETA"),
+        "no progress bar off a terminal: {err}"
+    );
+
+    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(a.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let epochs: Vec<f64> = metrics
+        .iter()
+        .map(|m| m["epoch"].as_f64().unwrap())
+        .collect();
+    assert_eq!(epochs, vec![0.5, 1.0, 1.5, 2.0]);
+    for m in &metrics {
+        for (name, r) in m["update_ratio_log10"].as_object().unwrap() {
+            let r = r.as_f64().unwrap();
+            assert!(
+                (-12.0..=0.5).contains(&r),
+                "{name}: log10 update ratio {r} (a zero-initialised tensor must not explode)"
+            );
+        }
+    }
+    for png in ["loss.png", "update_ratios.png"] {
+        assert_eq!(png_size(&a.join(png)), Some((1000, 600)), "{png}");
+    }
+    let config = std::fs::read_to_string(a.join("config.toml")).unwrap();
+    assert!(config.contains("lr = 0.005"), "{config}");
+
+    // On a terminal: the progress bar with its ETA.
+    let script = std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .expect("the progress-bar test needs `script` (util-linux) for a pseudo-terminal");
+    assert!(script.status.success());
+    let cmd = std::iter::once(earshot_bin().display().to_string())
+        .chain(train_args(&b, "1e-3").into_iter().map(|a| format!("'{a}'")))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let tty = std::process::Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .output()
+        .unwrap();
+    let screen = String::from_utf8_lossy(&tty.stdout).to_string();
+    assert!(tty.status.success(), "{screen}");
+    assert!(screen.contains("ETA"), "a progress bar: {screen:?}");
+    assert!(screen.contains("step 4/4"), "{screen:?}");
+    assert!(screen.contains("trained to step 4"), "{screen:?}");
+
+    // The sweep compared: a table naming the differing setting, and one PNG.
+    let png = d.path().join("sweep.png");
+    let out = earshot([
+        "compare".as_ref(),
+        a.as_os_str(),
+        b.as_os_str(),
+        "--out".as_ref(),
+        png.as_os_str(),
+    ]);
+    let table = expect_success(&out);
+    let rows: Vec<&str> = table.lines().collect();
+    assert_eq!(rows.len(), 3, "{table}");
+    assert!(rows[0].contains("best eval (step)"), "{table}");
+    let last_eval = |dir: &Path| {
+        let text = std::fs::read_to_string(dir.join("eval.jsonl")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        format!("{:.4}", v["eval_loss"].as_f64().unwrap())
+    };
+    assert!(
+        rows[1].starts_with("lr-a") && rows[1].contains("train.lr=0.005"),
+        "{table}"
+    );
+    assert!(
+        rows[2].starts_with("lr-b") && rows[2].contains("train.lr=0.001"),
+        "{table}"
+    );
+    assert!(rows[1].contains(&last_eval(&a)), "{table}");
+    assert!(rows[2].contains(&last_eval(&b)), "{table}");
+    assert!(
+        !rows[1].contains("log-every"),
+        "only differing settings: {table}"
+    );
+    assert_eq!(png_size(&png), Some((1000, 600)));
+
+    // Not a run folder: a clear error.
+    let out = earshot(["compare".as_ref(), a.as_os_str(), d.path().as_os_str()]);
+    let err = expect_failure(&out);
+    assert!(err.contains("not a run folder"), "{err}");
+}

@@ -306,11 +306,23 @@ pub fn run(args: CaptionArgs) -> Result<()> {
                 groups
                     .into_iter()
                     .map(|(span, windows)| {
+                        let rest = clip_rest(&llm.model, &projector, &windows, &after)?;
+                        // Checked here so one over-long clip fails alone, not its batch.
+                        let positions = before.len() + rest.dim(1)? + args.max_tokens;
+                        let context = llm.model.config.max_position_embeddings;
+                        if positions > context {
+                            bail!(
+                                "{} prompt positions ({} windows of audio) plus --max-tokens {} exceed the LLM's context of {context}; use --long-audio per-window or fewer tokens",
+                                before.len() + rest.dim(1)?,
+                                windows.len(),
+                                args.max_tokens
+                            );
+                        }
                         Ok(Job {
                             item: first + k,
                             span,
                             prefix: before.clone(),
-                            rest: clip_rest(&llm.model, &projector, &windows, &after)?,
+                            rest,
                             stop_strings: prompt.stop_strings.clone(),
                             prepare_s,
                         })

@@ -10,7 +10,7 @@ use clap::{Args, ValueEnum};
 use crate::audio;
 use crate::caption::{caption_batch, clip_rest, Caption, CaptionRequest, PromptPrefix};
 use crate::config::RunConfig;
-use crate::mel::{LogMelExtractor, MelSettings};
+use crate::mel::MelSettings;
 use crate::models::llm::load_llm;
 use crate::models::projector::Projector;
 use crate::models::whisper::WhisperEncoder;
@@ -19,7 +19,6 @@ use crate::plugins::{
     AudioSource, DatasetAdapter, Example, PluginHost, PostProcessor, PromptTemplate,
 };
 use crate::sampler::Sampler;
-use crate::train::cache::EncoderCache;
 use crate::train::{build_manifest, load_example_audio, ClipEncoder};
 
 use super::common::SamplingArgs;
@@ -252,18 +251,7 @@ pub fn run(args: CaptionArgs) -> Result<()> {
     let items = list_items(&args, &cfg, &host)?;
     let jsonl = args.jsonl || args.split.is_some() || items.len() > 1;
     let stream = !jsonl && std::io::stdout().is_terminal();
-    let mut clips = ClipEncoder {
-        encoder: &encoder,
-        rt: &rt,
-        mel: LogMelExtractor::new(settings.n_mels)?,
-        cache: Some(EncoderCache::new(
-            EncoderCache::default_dir(),
-            &manifest.encoder,
-            &manifest.mel,
-        )),
-        settings,
-        fresh: 0,
-    };
+    let mut clips = ClipEncoder::with_default_cache(&encoder, &rt, settings, &manifest)?;
     let mut prefixes: HashMap<Vec<u32>, PromptPrefix> = HashMap::new();
     let mut out = std::io::stdout().lock();
     let mut failures = 0;

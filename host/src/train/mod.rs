@@ -67,7 +67,29 @@ pub struct ClipEncoder<'a> {
     pub fresh: usize,
 }
 
-impl ClipEncoder<'_> {
+impl<'a> ClipEncoder<'a> {
+    /// With the on-disk cache under `$EARSHOT_HOME/cache/encoder`, keyed by the manifest's
+    /// encoder checksum and mel settings.
+    pub fn with_default_cache(
+        encoder: &'a WhisperEncoder,
+        rt: &'a Runtime,
+        settings: MelSettings,
+        manifest: &Manifest,
+    ) -> Result<Self> {
+        Ok(Self {
+            encoder,
+            rt,
+            mel: LogMelExtractor::new(settings.n_mels)?,
+            cache: Some(EncoderCache::new(
+                EncoderCache::default_dir(),
+                &manifest.encoder,
+                &manifest.mel,
+            )),
+            settings,
+            fresh: 0,
+        })
+    }
+
     /// Decodes and encodes an example's audio: (1, 1500, d_enc). Clips longer than 30 s
     /// use their first window (with a warning).
     pub fn encode(&mut self, ex: &Example, root: &Path) -> Result<Tensor> {
@@ -190,18 +212,7 @@ impl Session {
             window_hop_s: 30.0,
         };
         let manifest = build_manifest(&config, &settings)?;
-        let mut clips = ClipEncoder {
-            encoder: &encoder,
-            rt: &rt,
-            mel: LogMelExtractor::new(settings.n_mels)?,
-            cache: Some(EncoderCache::new(
-                EncoderCache::default_dir(),
-                &manifest.encoder,
-                &manifest.mel,
-            )),
-            settings,
-            fresh: 0,
-        };
+        let mut clips = ClipEncoder::with_default_cache(&encoder, &rt, settings, &manifest)?;
         let mut inputs = SplitInputs {
             adapter: &mut adapter,
             template: &mut template,

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Once;
 
 use anyhow::{bail, Context, Result};
+use plotters::coord::types::{RangedCoordf64, RangedCoordusize};
 use plotters::prelude::*;
 
 /// DejaVu Sans Mono (free licence, see assets/fonts/DejaVu-LICENSE.txt): plots render the
@@ -169,12 +170,7 @@ pub fn plot_losses(runs: &[(String, RunCurves)], out: &Path, title: &str) -> Res
                 chart.draw_series(eval.into_iter().map(|p| Circle::new(p, 4, color.filled())))?;
             }
         }
-        chart
-            .configure_series_labels()
-            .label_font((FAMILY, 14))
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        draw_legend(&mut chart)?;
         root.present()?;
     }
     finish(&tmp, out)
@@ -221,15 +217,23 @@ pub fn plot_update_ratios(curves: &RunCurves, out: &Path, name: &str) -> Result<
                 .label(tensor.clone())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
         }
-        chart
-            .configure_series_labels()
-            .label_font((FAMILY, 14))
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        draw_legend(&mut chart)?;
         root.present()?;
     }
     finish(&tmp, out)
+}
+
+type Chart<'a, 'b> =
+    ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordusize, RangedCoordf64>>;
+
+fn draw_legend<'a>(chart: &mut Chart<'a, 'a>) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .label_font((FAMILY, 14))
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
 }
 
 fn temp_path(out: &Path) -> PathBuf {

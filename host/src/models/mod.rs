@@ -4,6 +4,7 @@
 pub mod ct2;
 pub mod device;
 pub mod frozen;
+pub mod fused;
 pub mod llm;
 pub mod nonfinite;
 pub mod projector;

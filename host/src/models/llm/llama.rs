@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::LanguageModel;
 use crate::models::frozen::FrozenLinear;
+use crate::models::fused;
 use crate::models::nonfinite::NonFiniteTrace;
 use crate::models::weights::{ModelError, Result, WeightStore};
 
@@ -180,6 +181,9 @@ pub struct Llama {
     sin: Tensor,
     dtype: DType,
     device: Device,
+    /// Fused CPU ops (RMSNorm, rotary, masked softmax, SwiGLU) instead of candle's
+    /// composed ones; off only for the benchmark's stock baseline.
+    fused: bool,
 }
 
 impl Llama {
@@ -271,12 +275,14 @@ impl Llama {
             sin: freqs.sin()?.to_dtype(dtype)?,
             dtype,
             device: device.clone(),
+            fused: true,
         })
     }
 
     /// Replaces every projection with candle's stock matmul (weight gradients computed and
     /// stored): only for measuring what [`FrozenLinear`] saves.
     pub fn use_stock_backward(&mut self) {
+        self.fused = false;
         for b in &mut self.blocks {
             for l in [
                 &mut b.q,
@@ -326,10 +332,20 @@ impl Llama {
     }
 
     fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        if self.fused && fused::fusable(x) {
+            return Ok(fused::rms_norm(x, weight, self.config.rms_norm_eps)?);
+        }
         let x32 = x.to_dtype(self.wide())?;
         let ms = x32.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = x32.broadcast_div(&(ms + self.config.rms_norm_eps)?.sqrt()?)?;
         Ok(normed.to_dtype(self.dtype)?.broadcast_mul(weight)?)
+    }
+
+    fn swiglu(&self, gate: Tensor, up: Tensor) -> Result<Tensor> {
+        if self.fused && fused::fusable(&gate) {
+            return Ok(fused::swiglu(&gate, &up)?);
+        }
+        Ok((gate.silu()? * up)?)
     }
 
     /// Rotary tables for the new inputs: cos and sin, each (B or 1, 1, T, head_dim / 2).
@@ -359,6 +375,9 @@ impl Llama {
     /// Rotary embedding of x (B, heads, T, head_dim) with tables from [`Self::rope_tables`];
     /// the same arithmetic as candle's `rope_slow` / `rope_i_slow`, with per-row tables.
     fn rope(&self, x: &Tensor, (cos, sin): &(Tensor, Tensor)) -> Result<Tensor> {
+        if self.fused && fused::fusable(x) {
+            return Ok(fused::rope(x, cos, sin, self.config.rope_interleaved)?);
+        }
         let x = x.contiguous()?;
         let (b, h, t, d) = x.dims4()?;
         Ok(if self.config.rope_interleaved {
@@ -474,16 +493,21 @@ impl Llama {
         let rep = nh / nkv;
         let q = q.reshape((b, nkv, rep * t, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        let scores = match mask {
-            Some(mask) => scores
-                .reshape((b, nkv, rep, t, s))?
-                .broadcast_add(mask)?
-                .reshape((b, nkv, rep * t, s))?,
-            None => scores,
+        let raw = q.matmul(&k.t()?)?;
+        let probs = if self.fused && fused::fusable(&raw) {
+            fused::masked_softmax(&raw, scale, mask, t)?
+        } else {
+            let scores = (raw * scale)?;
+            let scores = match mask {
+                Some(mask) => scores
+                    .reshape((b, nkv, rep, t, s))?
+                    .broadcast_add(mask)?
+                    .reshape((b, nkv, rep * t, s))?,
+                None => scores,
+            };
+            candle_nn::ops::softmax(&scores.to_dtype(self.wide())?, D::Minus1)?
+                .to_dtype(self.dtype)?
         };
-        let probs = candle_nn::ops::softmax(&scores.to_dtype(self.wide())?, D::Minus1)?
-            .to_dtype(self.dtype)?;
         let y = probs.matmul(&v)?; // (b, nkv, rep*t, hd)
         let y = y
             .reshape((b, nh, t, hd))?
@@ -565,7 +589,7 @@ impl Llama {
             let n = self.rms_norm(&x, &block.mlp_norm)?;
             let h = block
                 .down
-                .forward(&(block.gate.forward(&n)?.silu()? * block.up.forward(&n)?)?)?;
+                .forward(&self.swiglu(block.gate.forward(&n)?, block.up.forward(&n)?)?)?;
             x = (x + h)?;
             trace.check(|| format!("llm.layers.{i}"), &x)?;
         }

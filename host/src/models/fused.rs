@@ -108,7 +108,11 @@ impl CustomOp1 for RmsNorm {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         if l.dims().last() != Some(&self.weight.len()) {
-            candle_core::bail!("fused-rms-norm: width {:?} vs gain {}", l.dims(), self.weight.len());
+            candle_core::bail!(
+                "fused-rms-norm: width {:?} vs gain {}",
+                l.dims(),
+                self.weight.len()
+            );
         }
         let out = dispatch!(s, l, "fused-rms-norm", |x| rms_norm_rows(
             x,
@@ -163,7 +167,11 @@ impl Rope {
                     for i in 0..half {
                         let c = T::f(self.cos[tab + i]);
                         let s = T::f(sign * self.sin[tab + i]);
-                        let (a, bb) = if self.interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+                        let (a, bb) = if self.interleaved {
+                            (2 * i, 2 * i + 1)
+                        } else {
+                            (i, i + half)
+                        };
                         dst[a] = src[a].mul(c).sub(src[bb].mul(s));
                         dst[bb] = src[bb].mul(c).add(src[a].mul(s));
                     }
@@ -309,18 +317,28 @@ impl CustomOp1 for MaskedSoftmax {
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         // dx = scale * y * (g - sum(g y)).
         let dot = (grad * y)?.sum_keepdim(D::Minus1)?;
-        Ok(Some((grad.broadcast_sub(&dot)? * y)?.affine(self.scale, 0.0)?))
+        Ok(Some(
+            (grad.broadcast_sub(&dot)? * y)?.affine(self.scale, 0.0)?,
+        ))
     }
 }
 
 /// softmax(scale * scores + mask) over the last axis. `scores` (B, G, T, S): each batch
 /// entry's rows are its T query positions, repeated over G heads; `mask` (B or 1, 1, 1, T, S)
 /// or (B or 1, T, S), additive, -inf where a key is hidden.
-pub fn masked_softmax(scores: &Tensor, scale: f64, mask: Option<&Tensor>, t: usize) -> Result<Tensor> {
+pub fn masked_softmax(
+    scores: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+    t: usize,
+) -> Result<Tensor> {
     let mask = match mask {
         Some(m) => {
             let rows = m.dim(0)?;
-            Some((m.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?, rows))
+            Some((
+                m.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?,
+                rows,
+            ))
         }
         None => None,
     };
@@ -333,7 +351,6 @@ pub fn masked_softmax(scores: &Tensor, scale: f64, mask: Option<&Tensor>, t: usi
 // SwiGLU: silu(gate) * up.
 
 struct SwiGlu;
-
 
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
@@ -406,7 +423,14 @@ mod tests {
     fn fused_ops_match_composed_ops() {
         let dev = Device::Cpu;
         let close = |a: &Tensor, b: &Tensor, what: &str| {
-            let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            let d = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap();
             let d = d.to_scalar::<f64>().unwrap();
             assert!(d < 1e-10, "{what}: max difference {d}");
         };
@@ -423,9 +447,23 @@ mod tests {
             .broadcast_mul(&w)
             .unwrap();
         close(&fused, &composed, "rms-norm value");
-        let gf = (&fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let gc = (&composed * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        close(gf.get(&x).unwrap(), gc.get(&x).unwrap(), "rms-norm gradient");
+        let gf = (&fused * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (&composed * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        close(
+            gf.get(&x).unwrap(),
+            gc.get(&x).unwrap(),
+            "rms-norm gradient",
+        );
 
         // Rotary, both layouts, per-row tables.
         let cos = Tensor::randn(0f64, 1.0, (2, 1, 5, 4), &dev).unwrap();
@@ -441,7 +479,10 @@ mod tests {
                 let x1 = xr.narrow(D::Minus1, 1, 1).unwrap();
                 let y0 = (x0.broadcast_mul(&c).unwrap() - x1.broadcast_mul(&s).unwrap()).unwrap();
                 let y1 = (x0.broadcast_mul(&s).unwrap() + x1.broadcast_mul(&c).unwrap()).unwrap();
-                Tensor::cat(&[y0, y1], D::Minus1).unwrap().flatten_from(D::Minus2).unwrap()
+                Tensor::cat(&[y0, y1], D::Minus1)
+                    .unwrap()
+                    .flatten_from(D::Minus2)
+                    .unwrap()
             } else {
                 let c = Tensor::cat(&[&cos, &cos], D::Minus1).unwrap();
                 let s = Tensor::cat(&[&sin, &sin], D::Minus1).unwrap();
@@ -451,8 +492,18 @@ mod tests {
                 (x.broadcast_mul(&c).unwrap() + rot.broadcast_mul(&s).unwrap()).unwrap()
             };
             close(&fused, &composed, "rope value");
-            let gf = (&fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            let gc = (&composed * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let gf = (&fused * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gc = (&composed * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
             close(gf.get(&x).unwrap(), gc.get(&x).unwrap(), "rope gradient");
         }
 
@@ -480,8 +531,18 @@ mod tests {
         )
         .unwrap();
         close(&fused, &composed, "softmax value");
-        let gf = (&fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let gc = (&composed * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let gf = (&fused * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (&composed * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         close(gf.get(&x).unwrap(), gc.get(&x).unwrap(), "softmax gradient");
 
         // SwiGLU.
@@ -489,9 +550,27 @@ mod tests {
         let fused = swiglu(&x, &u).unwrap();
         let composed = (x.silu().unwrap() * u.as_tensor()).unwrap();
         close(&fused, &composed, "swiglu value");
-        let gf = (&fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let gc = (&composed * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        close(gf.get(&x).unwrap(), gc.get(&x).unwrap(), "swiglu gate gradient");
-        close(gf.get(&u).unwrap(), gc.get(&u).unwrap(), "swiglu up gradient");
+        let gf = (&fused * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (&composed * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        close(
+            gf.get(&x).unwrap(),
+            gc.get(&x).unwrap(),
+            "swiglu gate gradient",
+        );
+        close(
+            gf.get(&u).unwrap(),
+            gc.get(&u).unwrap(),
+            "swiglu up gradient",
+        );
     }
 }

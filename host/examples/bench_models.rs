@@ -1,7 +1,7 @@
 //! Model timings for scripts/bench_models.sh (which runs the references side by side).
 //!
 //! bench_models encoder WHISPER_DIR MEL.npy REPEATS   -> median s per 30 s window
-//! bench_models llm GGUF PROMPT_TOKENS DECODE_TOKENS  -> prompt tokens/s, decode tokens/s
+//! bench_models llm GGUF PROMPT_TOKENS DECODE_TOKENS [composed]  -> prompt tokens/s, decode tokens/s
 //! bench_models train-step GGUF fixed|stock REPEATS   -> median step s, peak RSS
 //! One JSON object on stdout per call.
 
@@ -57,7 +57,11 @@ fn main() {
             println!("{{\"what\":\"encoder\",\"median_s\":{}}}", median(times));
         }
         Some("llm") => {
-            let model = load_llama(&args[2]);
+            let mut model = load_llama(&args[2]);
+            // A/B: candle's composed ops instead of the fused ones.
+            if args.get(5).map(|s| s.as_str()) == Some("composed") {
+                model.use_stock_backward();
+            }
             let (n_prompt, n_decode): (usize, usize) =
                 (args[3].parse().unwrap(), args[4].parse().unwrap());
             let ids: Vec<u32> = (0..n_prompt as u32)

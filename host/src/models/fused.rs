@@ -9,6 +9,7 @@
 //! f32 and f64 on CPU; callers use the composed ops elsewhere ([`fusable`]).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
 
 /// Whether the fused ops apply to `x` (CPU, f32 or f64).
 pub fn fusable(x: &Tensor) -> bool {
@@ -56,6 +57,14 @@ macro_rules! float {
 float!(f32);
 float!(f64);
 
+/// Elements below which splitting work across threads costs more than it saves (decoding
+/// one token works on a few thousand).
+const PAR_MIN: usize = 1 << 15;
+
+fn rows_per_task(row_len: usize) -> usize {
+    (PAR_MIN / row_len.max(1)).max(1)
+}
+
 fn contiguous<'a, T>(data: &'a [T], l: &Layout, op: &str) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
@@ -91,13 +100,16 @@ struct RmsNorm {
 fn rms_norm_rows<T: Float>(x: &[T], w: &[f64], eps: f64) -> Vec<T> {
     let d = w.len();
     let mut out = vec![T::default(); x.len()];
-    for (row, dst) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        let ms = row.iter().map(|v| v.d() * v.d()).sum::<f64>() / d as f64;
-        let r = T::f(1.0 / (ms + eps).sqrt());
-        for ((o, &v), &g) in dst.iter_mut().zip(row).zip(w) {
-            *o = v.mul(r).mul(T::f(g));
-        }
-    }
+    out.par_chunks_exact_mut(d)
+        .zip(x.par_chunks_exact(d))
+        .with_min_len(rows_per_task(d))
+        .for_each(|(dst, row)| {
+            let ms = row.iter().map(|v| v.d() * v.d()).sum::<f64>() / d as f64;
+            let r = T::f(1.0 / (ms + eps).sqrt());
+            for ((o, &v), &g) in dst.iter_mut().zip(row).zip(w) {
+                *o = v.mul(r).mul(T::f(g));
+            }
+        });
     out
 }
 
@@ -270,35 +282,39 @@ impl MaskedSoftmax {
             .as_ref()
             .map(|(m, rows)| (m.iter().map(|&v| T::f(v)).collect(), *rows));
         // In the input's precision, as candle's own softmax computes it.
-        for (r, (row, dst)) in x.chunks_exact(s).zip(out.chunks_exact_mut(s)).enumerate() {
-            let (bi, tq) = (r / per_batch, r % self.t);
-            let mask = mask.as_ref().map(|(m, rows)| {
-                let mb = if *rows == 1 { 0 } else { bi };
-                &m[(mb * self.t + tq) * s..(mb * self.t + tq + 1) * s]
+        out.par_chunks_exact_mut(s)
+            .zip(x.par_chunks_exact(s))
+            .enumerate()
+            .with_min_len(rows_per_task(s))
+            .for_each(|(r, (dst, row))| {
+                let (bi, tq) = (r / per_batch, r % self.t);
+                let mask = mask.as_ref().map(|(m, rows)| {
+                    let mb = if *rows == 1 { 0 } else { bi };
+                    &m[(mb * self.t + tq) * s..(mb * self.t + tq + 1) * s]
+                });
+                let mut max = f64::NEG_INFINITY;
+                for j in 0..s {
+                    let v = match mask {
+                        Some(m) => row[j].mul(scale).add(m[j]),
+                        None => row[j].mul(scale),
+                    };
+                    dst[j] = v;
+                    max = max.max(v.d());
+                }
+                if max == f64::NEG_INFINITY {
+                    dst.fill(T::default());
+                    return;
+                }
+                let max = T::f(max);
+                let mut sum = T::default();
+                for v in dst.iter_mut() {
+                    *v = v.sub(max).exp();
+                    sum = sum.add(*v);
+                }
+                for v in dst.iter_mut() {
+                    *v = v.div(sum);
+                }
             });
-            let mut max = f64::NEG_INFINITY;
-            for j in 0..s {
-                let v = match mask {
-                    Some(m) => row[j].mul(scale).add(m[j]),
-                    None => row[j].mul(scale),
-                };
-                dst[j] = v;
-                max = max.max(v.d());
-            }
-            if max == f64::NEG_INFINITY {
-                dst.fill(T::default());
-                continue;
-            }
-            let max = T::f(max);
-            let mut sum = T::default();
-            for v in dst.iter_mut() {
-                *v = v.sub(max).exp();
-                sum = sum.add(*v);
-            }
-            for v in dst.iter_mut() {
-                *v = v.div(sum);
-            }
-        }
         out
     }
 }
@@ -368,8 +384,9 @@ impl CustomOp2 for SwiGlu {
             candle_core::bail!("fused-swiglu: {:?} vs {:?}", l1.dims(), l2.dims());
         }
         fn run<T: Float>(g: &[T], u: &[T]) -> Vec<T> {
-            g.iter()
-                .zip(u)
+            g.par_iter()
+                .zip(u.par_iter())
+                .with_min_len(PAR_MIN)
                 .map(|(&g, &u)| {
                     // silu(g) = g / (1 + exp(-g)), in the input's precision.
                     let one = T::f(1.0);

@@ -453,6 +453,8 @@ mod tests {
         };
         let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 3, 5, 8), &dev).unwrap()).unwrap();
         let probe = Tensor::randn(0f64, 1.0, (2, 3, 5, 8), &dev).unwrap();
+        // Gradients of <y, probe>: a random direction through the op's backward.
+        let grads = |y: &Tensor| (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
 
         // RMSNorm.
         let w = Tensor::randn(0f64, 1.0, 8, &dev).unwrap();
@@ -464,18 +466,8 @@ mod tests {
             .broadcast_mul(&w)
             .unwrap();
         close(&fused, &composed, "rms-norm value");
-        let gf = (&fused * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gc = (&composed * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let gf = grads(&fused);
+        let gc = grads(&composed);
         close(
             gf.get(&x).unwrap(),
             gc.get(&x).unwrap(),
@@ -509,18 +501,8 @@ mod tests {
                 (x.broadcast_mul(&c).unwrap() + rot.broadcast_mul(&s).unwrap()).unwrap()
             };
             close(&fused, &composed, "rope value");
-            let gf = (&fused * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gc = (&composed * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let gf = grads(&fused);
+            let gc = grads(&composed);
             close(gf.get(&x).unwrap(), gc.get(&x).unwrap(), "rope gradient");
         }
 
@@ -548,18 +530,8 @@ mod tests {
         )
         .unwrap();
         close(&fused, &composed, "softmax value");
-        let gf = (&fused * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gc = (&composed * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let gf = grads(&fused);
+        let gc = grads(&composed);
         close(gf.get(&x).unwrap(), gc.get(&x).unwrap(), "softmax gradient");
 
         // SwiGLU.
@@ -567,18 +539,8 @@ mod tests {
         let fused = swiglu(&x, &u).unwrap();
         let composed = (x.silu().unwrap() * u.as_tensor()).unwrap();
         close(&fused, &composed, "swiglu value");
-        let gf = (&fused * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gc = (&composed * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let gf = grads(&fused);
+        let gc = grads(&composed);
         close(
             gf.get(&x).unwrap(),
             gc.get(&x).unwrap(),

@@ -363,7 +363,7 @@ fn a_shared_prompt_prefix_cache_gives_the_same_tokens() {
         let mut sampler = Sampler::new(SamplingParams::default()).unwrap();
         let got = earshot::models::llm::generate_continuing(
             &l.model,
-            prefix.clone(),
+            prefix.try_clone().unwrap(),
             &tail,
             10,
             None,

@@ -10,7 +10,6 @@ use clap::{Args, ValueEnum};
 use crate::audio;
 use crate::caption::{caption_batch, clip_rest, Caption, CaptionRequest, PromptPrefix};
 use crate::config::RunConfig;
-use crate::mel::MelSettings;
 use crate::models::llm::load_llm;
 use crate::models::projector::Projector;
 use crate::models::whisper::WhisperEncoder;
@@ -19,7 +18,7 @@ use crate::plugins::{
     AudioSource, DatasetAdapter, Example, PluginHost, PostProcessor, PromptTemplate,
 };
 use crate::sampler::Sampler;
-use crate::train::{build_manifest, load_example_audio, ClipEncoder};
+use crate::train::{build_manifest, load_example_audio, mel_settings, ClipEncoder};
 
 use super::common::SamplingArgs;
 
@@ -208,11 +207,7 @@ pub fn run(args: CaptionArgs) -> Result<()> {
         Some(p) => Some(PostProcessor::load(&host, p)?),
         None => None,
     };
-    let settings = MelSettings {
-        n_mels: encoder.config.num_mel_bins,
-        padding: cfg.mel.padding,
-        window_hop_s: 30.0,
-    };
+    let settings = mel_settings(&cfg, &encoder);
     let manifest = build_manifest(&cfg, &settings)?;
     let mut projector = Projector::new(
         &cfg.projector,

@@ -6,15 +6,12 @@
 //! alive until the backward pass (and computes gradients for constant operands such as norm
 //! gains, rotary tables and masks); fused, only the op's inputs and output are kept. Their
 //! constants (gains, tables, masks) live inside the op, so no gradient can reach them.
-//! f32 and f64 on CPU; callers use the composed ops elsewhere ([`fusable`]).
+//! f32 and f64 on CPU; the LLM uses the composed ops elsewhere (`Llama::use_fused`).
+
+use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
-
-/// Whether the fused ops apply to `x` (CPU, f32 or f64).
-pub fn fusable(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
-}
 
 /// f32 / f64 arithmetic the kernels are written in.
 trait Float: Copy + Default + Send + Sync + 'static {
@@ -92,8 +89,18 @@ macro_rules! dispatch {
 // ---------------------------------------------------------------------------------------
 // RMSNorm: y = x / sqrt(mean(x^2) + eps) * w over the last axis.
 
+/// A norm gain as the kernel reads it, converted once when the model loads.
+#[derive(Debug, Clone)]
+pub struct Gain(Arc<Vec<f64>>);
+
+impl Gain {
+    pub fn new(weight: &Tensor) -> Result<Self> {
+        Ok(Self(Arc::new(weight.to_dtype(DType::F64)?.to_vec1()?)))
+    }
+}
+
 struct RmsNorm {
-    weight: Vec<f64>,
+    weight: Gain,
     eps: f64,
 }
 
@@ -119,24 +126,24 @@ impl CustomOp1 for RmsNorm {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        if l.dims().last() != Some(&self.weight.len()) {
+        let weight = &self.weight.0;
+        if l.dims().last() != Some(&weight.len()) {
             candle_core::bail!(
                 "fused-rms-norm: width {:?} vs gain {}",
                 l.dims(),
-                self.weight.len()
+                weight.len()
             );
         }
         let out = dispatch!(s, l, "fused-rms-norm", |x| rms_norm_rows(
-            x,
-            &self.weight,
-            self.eps
+            x, weight, self.eps
         ));
         Ok((out, l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         // r = 1/sqrt(mean(x^2)+eps), xh = x r, gw = g w: dx = r (gw - xh mean(gw xh)).
-        let w = Tensor::from_iter(self.weight.iter().copied(), x.device())?.to_dtype(x.dtype())?;
+        let w =
+            Tensor::from_iter(self.weight.0.iter().copied(), x.device())?.to_dtype(x.dtype())?;
         let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
             .sqrt()?
             .recip()?;
@@ -148,8 +155,8 @@ impl CustomOp1 for RmsNorm {
 }
 
 /// RMSNorm of x (.., d) with gain `weight` (d).
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let weight = weight.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+pub fn rms_norm(x: &Tensor, weight: &Gain, eps: f64) -> Result<Tensor> {
+    let weight = weight.clone();
     x.contiguous()?.apply_op1(RmsNorm { weight, eps })
 }
 
@@ -224,7 +231,7 @@ impl CustomOp1 for RopeOp<'_> {
 }
 
 /// The op that owns its tables (CustomOp1 needs 'static through apply_op1).
-struct RopeOwned(Rope, f64);
+struct RopeOwned(Arc<Rope>, f64);
 
 impl CustomOp1 for RopeOwned {
     fn name(&self) -> &'static str {
@@ -248,26 +255,53 @@ impl CustomOp1 for RopeOwned {
     }
 }
 
-/// Rotary embedding of x (B, H, T, D) with cos/sin (B or 1, 1, T, D/2); `interleaved` pairs
-/// (2i, 2i+1) as GGUF stores Q/K, otherwise (i, i + D/2).
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result<Tensor> {
-    let table_rows = cos.dim(0)?;
-    let rope = Rope {
-        cos: cos.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?,
-        sin: sin.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?,
-        table_rows,
-        interleaved,
-    };
-    x.contiguous()?.apply_op1(RopeOwned(rope, 1.0))
+/// Rotary tables for one forward, converted once and applied to every layer's Q and K.
+#[derive(Clone)]
+pub struct RopeTables(Arc<Rope>);
+
+impl RopeTables {
+    /// cos/sin (B or 1, 1, T, D/2); `interleaved` pairs (2i, 2i+1) as GGUF stores Q/K,
+    /// otherwise (i, i + D/2).
+    pub fn new(cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result<Self> {
+        Ok(Self(Arc::new(Rope {
+            cos: cos.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?,
+            sin: sin.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?,
+            table_rows: cos.dim(0)?,
+            interleaved,
+        })))
+    }
+
+    /// Rotary embedding of x (B, H, T, D).
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        x.contiguous()?.apply_op1(RopeOwned(self.0.clone(), 1.0))
+    }
 }
 
 // ---------------------------------------------------------------------------------------
 // Softmax(scale * x + mask) over the last axis of scores (B, G, T, S) where the rows of each
 // batch entry are T query positions repeated G times; mask (B or 1, T, S) additive.
 
+/// An additive attention mask for one forward, converted once and used by every layer.
+#[derive(Clone)]
+pub struct SoftmaxMask {
+    values: Arc<Vec<f64>>,
+    /// 1 (shared by the batch) or B.
+    rows: usize,
+}
+
+impl SoftmaxMask {
+    /// From a mask (B or 1, 1, 1, T, S) or (B or 1, T, S).
+    pub fn new(mask: &Tensor) -> Result<Self> {
+        Ok(Self {
+            values: Arc::new(mask.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?),
+            rows: mask.dim(0)?,
+        })
+    }
+}
+
 struct MaskedSoftmax {
     scale: f64,
-    mask: Option<(Vec<f64>, usize)>,
+    mask: Option<SoftmaxMask>,
     t: usize,
 }
 
@@ -277,10 +311,6 @@ impl MaskedSoftmax {
         let per_batch: usize = dims[1..dims.len() - 1].iter().product();
         let mut out = vec![T::default(); x.len()];
         let scale = T::f(self.scale);
-        let mask: Option<(Vec<T>, usize)> = self
-            .mask
-            .as_ref()
-            .map(|(m, rows)| (m.iter().map(|&v| T::f(v)).collect(), *rows));
         // In the input's precision, as candle's own softmax computes it.
         out.par_chunks_exact_mut(s)
             .zip(x.par_chunks_exact(s))
@@ -288,14 +318,14 @@ impl MaskedSoftmax {
             .with_min_len(rows_per_task(s))
             .for_each(|(r, (dst, row))| {
                 let (bi, tq) = (r / per_batch, r % self.t);
-                let mask = mask.as_ref().map(|(m, rows)| {
-                    let mb = if *rows == 1 { 0 } else { bi };
-                    &m[(mb * self.t + tq) * s..(mb * self.t + tq + 1) * s]
+                let mask = self.mask.as_ref().map(|m| {
+                    let mb = if m.rows == 1 { 0 } else { bi };
+                    &m.values[(mb * self.t + tq) * s..(mb * self.t + tq + 1) * s]
                 });
                 let mut max = f64::NEG_INFINITY;
                 for j in 0..s {
                     let v = match mask {
-                        Some(m) => row[j].mul(scale).add(m[j]),
+                        Some(m) => row[j].mul(scale).add(T::f(m[j])),
                         None => row[j].mul(scale),
                     };
                     dst[j] = v;
@@ -345,19 +375,10 @@ impl CustomOp1 for MaskedSoftmax {
 pub fn masked_softmax(
     scores: &Tensor,
     scale: f64,
-    mask: Option<&Tensor>,
+    mask: Option<&SoftmaxMask>,
     t: usize,
 ) -> Result<Tensor> {
-    let mask = match mask {
-        Some(m) => {
-            let rows = m.dim(0)?;
-            Some((
-                m.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?,
-                rows,
-            ))
-        }
-        None => None,
-    };
+    let mask = mask.cloned();
     scores
         .contiguous()?
         .apply_op1(MaskedSoftmax { scale, mask, t })
@@ -458,7 +479,7 @@ mod tests {
 
         // RMSNorm.
         let w = Tensor::randn(0f64, 1.0, 8, &dev).unwrap();
-        let fused = rms_norm(&x, &w, 1e-5).unwrap();
+        let fused = rms_norm(&x, &Gain::new(&w).unwrap(), 1e-5).unwrap();
         let ms = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
         let composed = x
             .broadcast_div(&(ms + 1e-5).unwrap().sqrt().unwrap())
@@ -478,7 +499,10 @@ mod tests {
         let cos = Tensor::randn(0f64, 1.0, (2, 1, 5, 4), &dev).unwrap();
         let sin = Tensor::randn(0f64, 1.0, (2, 1, 5, 4), &dev).unwrap();
         for interleaved in [false, true] {
-            let fused = rope(&x, &cos, &sin, interleaved).unwrap();
+            let fused = RopeTables::new(&cos, &sin, interleaved)
+                .unwrap()
+                .apply(&x)
+                .unwrap();
             let (b, h, t, d) = (2, 3, 5, 8);
             let composed = if interleaved {
                 let c = cos.unsqueeze(D::Minus1).unwrap();
@@ -516,7 +540,7 @@ mod tests {
             }
         }
         let mask = Tensor::from_vec(m, (1, 1, 1, 5, 8), &dev).unwrap();
-        let fused = masked_softmax(&x, 0.5, Some(&mask), 5).unwrap();
+        let fused = masked_softmax(&x, 0.5, Some(&SoftmaxMask::new(&mask).unwrap()), 5).unwrap();
         let composed = candle_nn::ops::softmax(
             &(x.as_tensor() * 0.5)
                 .unwrap()

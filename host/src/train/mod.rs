@@ -206,11 +206,7 @@ impl Session {
                 );
             }
         }
-        let settings = MelSettings {
-            n_mels: encoder.config.num_mel_bins,
-            padding: config.mel.padding,
-            window_hop_s: 30.0,
-        };
+        let settings = mel_settings(&config, &encoder);
         let manifest = build_manifest(&config, &settings)?;
         let mut clips = ClipEncoder::with_default_cache(&encoder, &rt, settings, &manifest)?;
         let mut inputs = SplitInputs {
@@ -303,6 +299,16 @@ impl SplitInputs<'_, '_> {
             );
         }
         Ok(examples)
+    }
+}
+
+/// The log-mel settings a run feeds its encoder: the encoder's bins, the config's padding,
+/// consecutive 30 s windows.
+pub fn mel_settings(config: &RunConfig, encoder: &WhisperEncoder) -> MelSettings {
+    MelSettings {
+        n_mels: encoder.config.num_mel_bins,
+        padding: config.mel.padding,
+        window_hop_s: 30.0,
     }
 }
 

@@ -78,21 +78,6 @@ pub struct KvCache {
     len: usize,
 }
 
-impl Clone for KvCache {
-    /// A deep copy: the buffers are written in place, so clones must not share them.
-    fn clone(&self) -> Self {
-        let copy = |t: &Tensor| t.copy().expect("copying a cache buffer on its own device");
-        Self {
-            layers: self
-                .layers
-                .iter()
-                .map(|s| s.as_ref().map(|(k, v)| (copy(k), copy(v))))
-                .collect(),
-            len: self.len,
-        }
-    }
-}
-
 /// Appends `new` (B, heads, T, hd) at position `len` of a layer's buffer, growing it when
 /// full; returns the valid part (B, heads, len + T, hd) as a view.
 fn append_kv(buf: &mut Option<Tensor>, len: usize, new: &Tensor) -> Result<Tensor> {
@@ -128,6 +113,22 @@ impl KvCache {
         self.len == 0
     }
 
+    /// A deep copy (not `Clone`: the buffers are written in place, so copies must not share
+    /// them, and copying can fail for lack of memory).
+    pub fn try_clone(&self) -> Result<Self> {
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for slot in &self.layers {
+            layers.push(match slot {
+                Some((k, v)) => Some((k.copy()?, v.copy()?)),
+                None => None,
+            });
+        }
+        Ok(Self {
+            layers,
+            len: self.len,
+        })
+    }
+
     /// The cache with its batch rows replaced by `rows` of this one (repeats allowed): a
     /// batch-1 prompt prefix becomes a batch, and finished rows drop out of a batch.
     pub fn select_rows(&self, rows: &[usize]) -> Result<Self> {
@@ -148,6 +149,15 @@ impl KvCache {
     }
 }
 
+/// What every layer of one forward needs about positions: rotary tables (B or 1, 1, T,
+/// head_dim / 2) and the additive mask (B or 1, 1, 1, T, S), plus their fused-op forms.
+struct Positional {
+    rope: (Tensor, Tensor),
+    rope_fused: Option<fused::RopeTables>,
+    mask: Option<Tensor>,
+    mask_fused: Option<fused::SoftmaxMask>,
+}
+
 /// Where the new inputs of a forward sit.
 #[derive(Debug, Clone, Copy)]
 pub enum Placement<'a> {
@@ -161,6 +171,8 @@ pub enum Placement<'a> {
 
 struct Block {
     attn_norm: Tensor,
+    attn_gain: fused::Gain,
+    mlp_gain: fused::Gain,
     q: FrozenLinear,
     k: FrozenLinear,
     v: FrozenLinear,
@@ -176,6 +188,7 @@ pub struct Llama {
     embed: Tensor,
     blocks: Vec<Block>,
     norm: Tensor,
+    norm_gain: fused::Gain,
     lm_head: FrozenLinear,
     cos: Tensor,
     sin: Tensor,
@@ -238,13 +251,17 @@ impl Llama {
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
+            let attn_norm = get(&format!("{p}.input_layernorm.weight"), &[h])?;
+            let mlp_norm = get(&format!("{p}.post_attention_layernorm.weight"), &[h])?;
             blocks.push(Block {
-                attn_norm: get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                attn_gain: fused::Gain::new(&attn_norm)?,
+                mlp_gain: fused::Gain::new(&mlp_norm)?,
+                attn_norm,
+                mlp_norm,
                 q: lin(&format!("{p}.self_attn.q_proj"), nh * hd, h)?,
                 k: lin(&format!("{p}.self_attn.k_proj"), nkv * hd, h)?,
                 v: lin(&format!("{p}.self_attn.v_proj"), nkv * hd, h)?,
                 o: lin(&format!("{p}.self_attn.o_proj"), h, nh * hd)?,
-                mlp_norm: get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
                 gate: lin(&format!("{p}.mlp.gate_proj"), cfg.intermediate_size, h)?,
                 up: lin(&format!("{p}.mlp.up_proj"), cfg.intermediate_size, h)?,
                 down: lin(&format!("{p}.mlp.down_proj"), h, cfg.intermediate_size)?,
@@ -265,11 +282,13 @@ impl Llama {
             .to_dtype(DType::F32)?
             .reshape((n, 1))?;
         let freqs = t.broadcast_mul(&inv_freq)?;
+        let norm = get("model.norm.weight", &[h])?;
         Ok(Self {
             config: cfg.clone(),
             embed,
             blocks,
-            norm: get("model.norm.weight", &[h])?,
+            norm_gain: fused::Gain::new(&norm)?,
+            norm,
             lm_head,
             cos: freqs.cos()?.to_dtype(dtype)?,
             sin: freqs.sin()?.to_dtype(dtype)?,
@@ -331,9 +350,15 @@ impl Llama {
         }
     }
 
-    fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-        if self.fused && fused::fusable(x) {
-            return Ok(fused::rms_norm(x, weight, self.config.rms_norm_eps)?);
+    /// Whether this forward uses the fused CPU ops (decided by the model's device and
+    /// dtype, so once per model, not per tensor).
+    fn use_fused(&self) -> bool {
+        self.fused && self.device.is_cpu() && matches!(self.dtype, DType::F32 | DType::F64)
+    }
+
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor, gain: &fused::Gain) -> Result<Tensor> {
+        if self.use_fused() {
+            return Ok(fused::rms_norm(x, gain, self.config.rms_norm_eps)?);
         }
         let x32 = x.to_dtype(self.wide())?;
         let ms = x32.sqr()?.mean_keepdim(D::Minus1)?;
@@ -342,7 +367,7 @@ impl Llama {
     }
 
     fn swiglu(&self, gate: Tensor, up: Tensor) -> Result<Tensor> {
-        if self.fused && fused::fusable(&gate) {
+        if self.use_fused() {
             return Ok(fused::swiglu(&gate, &up)?);
         }
         Ok((gate.silu()? * up)?)
@@ -374,10 +399,11 @@ impl Llama {
 
     /// Rotary embedding of x (B, heads, T, head_dim) with tables from [`Self::rope_tables`];
     /// the same arithmetic as candle's `rope_slow` / `rope_i_slow`, with per-row tables.
-    fn rope(&self, x: &Tensor, (cos, sin): &(Tensor, Tensor)) -> Result<Tensor> {
-        if self.fused && fused::fusable(x) {
-            return Ok(fused::rope(x, cos, sin, self.config.rope_interleaved)?);
+    fn rope(&self, x: &Tensor, tables: &Positional) -> Result<Tensor> {
+        if let Some(t) = &tables.rope_fused {
+            return Ok(t.apply(x)?);
         }
+        let (cos, sin) = &tables.rope;
         let x = x.contiguous()?;
         let (b, h, t, d) = x.dims4()?;
         Ok(if self.config.rope_interleaved {
@@ -449,8 +475,7 @@ impl Llama {
         &self,
         block: &Block,
         x: &Tensor,
-        rope: &(Tensor, Tensor),
-        mask: Option<&Tensor>,
+        pos: &Positional,
         layer_cache: Option<(&mut Option<(Tensor, Tensor)>, usize)>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
@@ -471,8 +496,8 @@ impl Llama {
             .forward(x)?
             .reshape((b, t, nkv, hd))?
             .transpose(1, 2)?;
-        let q = self.rope(&q, rope)?;
-        let k = self.rope(&k, rope)?;
+        let q = self.rope(&q, pos)?;
+        let k = self.rope(&k, pos)?;
         let v = v.contiguous()?;
         let (k, v) = match layer_cache {
             Some((slot, len)) => {
@@ -494,11 +519,11 @@ impl Llama {
         let q = q.reshape((b, nkv, rep * t, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
         let raw = q.matmul(&k.t()?)?;
-        let probs = if self.fused && fused::fusable(&raw) {
-            fused::masked_softmax(&raw, scale, mask, t)?
+        let probs = if self.use_fused() {
+            fused::masked_softmax(&raw, scale, pos.mask_fused.as_ref(), t)?
         } else {
             let scores = (raw * scale)?;
-            let scores = match mask {
+            let scores = match &pos.mask {
                 Some(mask) => scores
                     .reshape((b, nkv, rep, t, s))?
                     .broadcast_add(mask)?
@@ -578,15 +603,28 @@ impl Llama {
                 ),
             });
         }
+        // Rotary tables and the mask, made once for every layer of this forward.
         let rope = self.rope_tables(t, placement)?;
         let mask = self.mask(t, cached + t, placement)?;
+        let fused_ops = self.use_fused();
+        let pos = Positional {
+            rope_fused: fused_ops
+                .then(|| fused::RopeTables::new(&rope.0, &rope.1, self.config.rope_interleaved))
+                .transpose()?,
+            mask_fused: match (&mask, fused_ops) {
+                (Some(m), true) => Some(fused::SoftmaxMask::new(m)?),
+                _ => None,
+            },
+            rope,
+            mask,
+        };
         let mut x = embeds.to_dtype(self.dtype)?;
         for (i, block) in self.blocks.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| (&mut c.layers[i], cached));
-            let n = self.rms_norm(&x, &block.attn_norm)?;
-            let h = self.attention(block, &n, &rope, mask.as_ref(), slot)?;
+            let n = self.rms_norm(&x, &block.attn_norm, &block.attn_gain)?;
+            let h = self.attention(block, &n, &pos, slot)?;
             x = (x + h)?;
-            let n = self.rms_norm(&x, &block.mlp_norm)?;
+            let n = self.rms_norm(&x, &block.mlp_norm, &block.mlp_gain)?;
             let h = block
                 .down
                 .forward(&self.swiglu(block.gate.forward(&n)?, block.up.forward(&n)?)?)?;
@@ -596,7 +634,7 @@ impl Llama {
         if let Some(c) = cache {
             c.len += t;
         }
-        let x = self.rms_norm(&x, &self.norm)?;
+        let x = self.rms_norm(&x, &self.norm, &self.norm_gain)?;
         trace.check(|| "llm.norm".into(), &x)?;
         Ok(x)
     }

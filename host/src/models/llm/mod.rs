@@ -82,7 +82,7 @@ pub fn generate_from_embeds(
 }
 
 /// As [`generate_from_embeds`], continuing after the positions already in `cache` (e.g. a
-/// prompt prefix computed once and shared by many clips; pass a clone to keep it).
+/// prompt prefix computed once and shared by many clips; pass `try_clone()` to keep it).
 pub fn generate_continuing(
     model: &impl LanguageModel,
     mut cache: KvCache,

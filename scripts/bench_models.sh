@@ -62,7 +62,7 @@ PY
 )
 echo "$ours_llm"; echo "$ref_llm"
 
-fixed=$("$bench" train-step "$gguf" fixed 3)
+fixed=$("$bench" train-step "$gguf" full 3)
 stock=$("$bench" train-step "$gguf" stock 3)
 echo "$fixed"; echo "$stock"
 

@@ -1,37 +1,125 @@
 //! Finite-difference check of d(loss)/d(projector parameters) through the full pipeline:
 //! real Whisper encoder output -> projector -> frozen SmolLM2 -> caption-only loss. A
 //! silent gradient cut anywhere on that path fails here. float64 copies of the real weights.
+//! Training computes the prompt text before the audio once (`PrefixCache`); that path is the
+//! one checked, and it must give the loss and gradients of one full forward.
 
 use candle_core::{DType, Device, Tensor};
+use earshot::models::llm::ChatTokenizer;
 use earshot::models::llm::{read_gguf, Llama};
 use earshot::models::nonfinite::NonFiniteTrace;
 use earshot::models::projector::{Projector, ProjectorConfig, ProjectorKind};
 use earshot::models::whisper::WhisperEncoder;
 use earshot::models::Runtime;
-use earshot::train::batch::{caption_loss, TextPieces};
+use earshot::train::batch::{caption_loss, PrefixCache, TextPieces};
 use earshot_tests::*;
 
-#[test]
-fn projector_gradients_match_finite_differences() {
+/// The real SmolLM2 in float64, its tokenizer, and the encoder output of the speech clip.
+fn setup() -> (Llama, ChatTokenizer, Tensor) {
     let rt = Runtime::cpu();
     let (store, cfg, meta) = read_gguf(&default_gguf(), &rt).unwrap();
     let llm = Llama::load(&store, &cfg, DType::F64, &Device::Cpu).unwrap();
-    let tok = earshot::models::llm::ChatTokenizer::from_gguf(&default_gguf(), &meta).unwrap();
+    let tok = ChatTokenizer::from_gguf(&default_gguf(), &meta).unwrap();
     let encoder = WhisperEncoder::load_dir(&default_whisper(), &rt).unwrap();
     let (_, mel) = read_npy(&whisper_oracle("expected/a_speech_mel_pad30s.npy"));
     let mel = Tensor::from_vec(mel, (1, 80, 3000), &Device::Cpu).unwrap();
     let encoded = encoder.forward(&mel, NonFiniteTrace::default()).unwrap();
-    let pieces = vec![TextPieces {
+    (llm, tok, encoded)
+}
+
+fn pieces(tok: &ChatTokenizer, target: &str) -> TextPieces {
+    TextPieces {
         before: tok
             .encode("<|im_start|>user\nDescribe the sound\n")
             .unwrap(),
         after: tok
             .encode_piece("<|im_end|>\n<|im_start|>assistant\n")
             .unwrap(),
-        target: tok
-            .encode_piece("A voice says a pangram.<|im_end|>")
-            .unwrap(),
-    }];
+        target: tok.encode_piece(target).unwrap(),
+    }
+}
+
+#[test]
+fn shared_prefix_gives_the_loss_and_gradients_of_one_full_forward() {
+    let (llm, tok, encoded) = setup();
+    // Targets of different lengths, so the batch is right-padded.
+    let batch = vec![
+        pieces(&tok, "A voice says a pangram.<|im_end|>"),
+        pieces(&tok, "Birds.<|im_end|>"),
+        pieces(
+            &tok,
+            "A man reads a sentence about a quick brown fox.<|im_end|>",
+        ),
+    ];
+    let pcfg = ProjectorConfig {
+        positions: 8,
+        ..ProjectorConfig::default()
+    };
+    let projector = Projector::new(&pcfg, 384, 576, 3, &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    let prefixes = PrefixCache::default();
+    let run = |cache: Option<&PrefixCache>| {
+        // Different audio per row: the encoder output scaled.
+        let audio: Vec<Tensor> = (0..batch.len())
+            .map(|i| {
+                projector
+                    .forward(&(&encoded * (1.0 + i as f64 * 0.1)).unwrap())
+                    .unwrap()
+            })
+            .collect();
+        let loss = caption_loss(&llm, &batch, &audio, cache, NonFiniteTrace::default())
+            .unwrap()
+            .loss;
+        let grads = loss.backward().unwrap();
+        let grads: Vec<Vec<f64>> = projector
+            .params()
+            .iter()
+            .map(|(_, v)| {
+                let g = grads
+                    .get(v.as_tensor())
+                    .expect("a gradient for every parameter");
+                g.flatten_all().unwrap().to_vec1().unwrap()
+            })
+            .collect();
+        (loss.to_scalar::<f64>().unwrap(), grads)
+    };
+    let (full_loss, full_grads) = run(None);
+    let (loss, grads) = run(Some(&prefixes));
+    // Twice: the second call reads the prefix from the cache.
+    let (again, _) = run(Some(&prefixes));
+    assert!(
+        full_loss > 1.0,
+        "a random projector has a high loss: {full_loss}"
+    );
+    assert!(
+        (loss - full_loss).abs() <= 1e-9 * full_loss,
+        "{loss} vs {full_loss}"
+    );
+    assert_eq!(loss, again);
+    for ((name, _), (g, f)) in projector.params().iter().zip(grads.iter().zip(&full_grads)) {
+        let norm = f.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let diff = g
+            .iter()
+            .zip(f)
+            .map(|(a, b)| (a - b) * (a - b))
+            .sum::<f64>()
+            .sqrt();
+        assert!(norm > 0.0, "{name}: zero gradient");
+        assert!(
+            diff <= 1e-9 * norm,
+            "{name}: relative difference {}",
+            diff / norm
+        );
+    }
+}
+
+#[test]
+fn projector_gradients_match_finite_differences() {
+    let (llm, tok, encoded) = setup();
+    let pieces = vec![pieces(&tok, "A voice says a pangram.<|im_end|>")];
+    let prefixes = PrefixCache::default();
     for kind in [ProjectorKind::PoolLnLinear, ProjectorKind::Mlp] {
         let pcfg = ProjectorConfig {
             kind,
@@ -45,9 +133,15 @@ fn projector_gradients_match_finite_differences() {
             .unwrap();
         let loss_of = |p: &Projector| {
             let audio = p.forward(&encoded).unwrap();
-            caption_loss(&llm, &pieces, &[audio], NonFiniteTrace::default())
-                .unwrap()
-                .loss
+            caption_loss(
+                &llm,
+                &pieces,
+                &[audio],
+                Some(&prefixes),
+                NonFiniteTrace::default(),
+            )
+            .unwrap()
+            .loss
         };
         let loss = loss_of(&projector);
         let grads = loss.backward().unwrap();

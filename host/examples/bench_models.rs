@@ -2,17 +2,18 @@
 //!
 //! bench_models encoder WHISPER_DIR MEL.npy REPEATS   -> median s per 30 s window
 //! bench_models llm GGUF PROMPT_TOKENS DECODE_TOKENS [composed]  -> prompt tokens/s, decode tokens/s
-//! bench_models train-step GGUF fixed|stock REPEATS   -> median step s, peak RSS
+//! bench_models train-step GGUF prefix|full|stock REPEATS   -> median step s, peak RSS
 //! One JSON object on stdout per call.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use earshot::models::llm::{read_gguf, LanguageModel, Llama, LogitsAt};
 use earshot::models::nonfinite::NonFiniteTrace;
 use earshot::models::whisper::WhisperEncoder;
 use earshot::models::Runtime;
+use earshot::train::batch::{caption_loss, PrefixCache, TextPieces};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -127,63 +128,110 @@ fn main() {
             );
         }
         Some("train-step") => {
+            // As `earshot train` does.
+            earshot::models::device::keep_elementwise_on_caller();
             let mut model = load_llama(&args[2]);
-            let stock = args[3] == "stock";
-            if stock {
+            let variant = args[3].as_str();
+            if variant == "stock" {
                 model.use_stock_backward();
             }
             let repeats: usize = args[4].parse().unwrap();
-            // B = 4: 25 prompt + 64 audio + 5 suffix + 20 target positions; the audio frames
-            // are the trainable input, the loss covers the target positions only.
+            // B = 4: 25 prompt + 64 audio + 5 suffix + 20 target positions through the
+            // training code's loss; the audio frames are the trainable input.
             let (b, n_pre, n_audio, n_post, n_tgt) = (4, 25, 64, 5, 20);
             let h = model.hidden_size();
-            let ids = |n: usize, seed: u32| -> Tensor {
-                let v: Vec<u32> = (0..b * n)
-                    .map(|i| 100 + ((i as u32 + seed) * 131) % 40000)
-                    .collect();
-                Tensor::from_vec(v, (b, n), &Device::Cpu).unwrap()
+            let ids = |n: usize, seed: u32| -> Vec<u32> {
+                (0..n as u32)
+                    .map(|i| 100 + ((i + seed) * 131) % 40000)
+                    .collect()
             };
-            let pre = model.embed(&ids(n_pre, 1)).unwrap();
-            let post = model.embed(&ids(n_post, 2)).unwrap();
-            let tgt_ids = ids(n_tgt, 3);
-            let tgt = model.embed(&tgt_ids).unwrap();
-            let audio = Var::from_tensor(
-                &(Tensor::randn(0f32, 0.02, (b, n_audio, h), &Device::Cpu).unwrap()),
-            )
-            .unwrap();
+            let pieces: Vec<TextPieces> = (0..b as u32)
+                .map(|row| TextPieces {
+                    before: ids(n_pre, 1),
+                    after: ids(n_post, 2),
+                    target: ids(n_tgt, 3 + row),
+                })
+                .collect();
+            let audio: Vec<Var> = (0..b)
+                .map(|_| {
+                    Var::from_tensor(
+                        &Tensor::randn(0f32, 0.02, (1, n_audio, h), &Device::Cpu).unwrap(),
+                    )
+                    .unwrap()
+                })
+                .collect();
+            let inputs: Vec<Tensor> = audio.iter().map(|v| v.as_tensor().clone()).collect();
+            // "prefix": the prompt text before the audio computed once, as training does;
+            // "full" and "stock" recompute it every step.
+            let prefixes = PrefixCache::default();
+            let cache = (variant == "prefix").then_some(&prefixes);
             let step = || {
                 let t = Instant::now();
-                let x = Tensor::cat(&[&pre, audio.as_tensor(), &post, &tgt], 1).unwrap();
-                let hidden = model.forward_hidden(&x, 0, None, trace).unwrap();
-                let start = n_pre + n_audio + n_post - 1;
-                let logits = model
-                    .logits(&hidden.narrow(1, start, n_tgt).unwrap())
-                    .unwrap();
-                let logits = logits.reshape((b * n_tgt, ())).unwrap();
-                let lse = logits
-                    .exp()
-                    .unwrap()
-                    .sum_keepdim(D::Minus1)
-                    .unwrap()
-                    .log()
-                    .unwrap();
-                let picked = logits
-                    .gather(&tgt_ids.reshape((b * n_tgt, 1)).unwrap(), 1)
-                    .unwrap();
-                let loss = (lse - picked).unwrap().mean_all().unwrap();
-                let grads = loss.backward().unwrap();
-                assert!(grads.get(audio.as_tensor()).is_some());
+                let out = caption_loss(&model, &pieces, &inputs, cache, trace).unwrap();
+                let tf = t.elapsed().as_secs_f64();
+                let grads = out.loss.backward().unwrap();
+                if std::env::var_os("BENCH_SPLIT").is_some() {
+                    eprintln!(
+                        "forward {tf:.3} s, backward {:.3} s",
+                        t.elapsed().as_secs_f64() - tf
+                    );
+                }
+                assert!(audio.iter().all(|a| grads.get(a.as_tensor()).is_some()));
                 drop(grads);
                 t.elapsed().as_secs_f64()
             };
             step();
-            let times = (0..repeats).map(|_| step()).collect();
+            let times: Vec<f64> = (0..repeats).map(|_| step()).collect();
+            let min = times.iter().copied().fold(f64::INFINITY, f64::min);
             println!(
-                "{{\"what\":\"train-step\",\"variant\":\"{}\",\"median_s\":{},\"peak_rss_mb\":{}}}",
-                args[3],
+                "{{\"what\":\"train-step\",\"variant\":\"{variant}\",\"median_s\":{},\"min_s\":{min},\"peak_rss_mb\":{}}}",
                 median(times),
                 peak_rss_mb()
             );
+        }
+        Some("gemm") => {
+            let time = |f: &dyn Fn()| {
+                f();
+                let t = Instant::now();
+                for _ in 0..40 {
+                    f();
+                }
+                t.elapsed().as_secs_f64() / 40.0 * 1e3
+            };
+            let m = 356;
+            let x = Tensor::randn(0f32, 1.0, (m, 576), &Device::Cpu).unwrap();
+            let w = |n: usize, k: usize| Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
+            let (wq, wk, wv, wqkv) = (w(576, 576), w(192, 576), w(192, 576), w(960, 576));
+            let (wg, wu, wgu) = (w(1536, 576), w(1536, 576), w(3072, 576));
+            let sep = time(&|| {
+                for w in [&wq, &wk, &wv] {
+                    x.matmul(&w.t().unwrap()).unwrap();
+                }
+            });
+            let fused = time(&|| {
+                x.matmul(&wqkv.t().unwrap()).unwrap();
+            });
+            println!("qkv fwd: separate {sep:.2} ms, one matmul {fused:.2} ms");
+            let sep = time(&|| {
+                for w in [&wg, &wu] {
+                    x.matmul(&w.t().unwrap()).unwrap();
+                }
+            });
+            let fused = time(&|| {
+                x.matmul(&wgu.t().unwrap()).unwrap();
+            });
+            println!("gate/up fwd: separate {sep:.2} ms, one matmul {fused:.2} ms");
+            let (gq, gk, gqkv) = (w(m, 576), w(m, 192), w(m, 960));
+            let sep = time(&|| {
+                let a = gq.matmul(&wq).unwrap();
+                let b = gk.matmul(&wk).unwrap();
+                let c = gk.matmul(&wv).unwrap();
+                let _ = ((a + b).unwrap() + c).unwrap();
+            });
+            let fused = time(&|| {
+                gqkv.matmul(&wqkv).unwrap();
+            });
+            println!("qkv bwd: separate {sep:.2} ms, one matmul {fused:.2} ms");
         }
         _ => panic!("usage: see the header of examples/bench_models.rs"),
     }

@@ -36,6 +36,7 @@ pub struct TrainArgs {
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
+    crate::models::device::keep_elementwise_on_caller();
     let config = RunConfig::load(&args.config, &args.set)?;
     let steps = args.max_steps.unwrap_or(config.train.steps);
     let log_every = config.train.log_every.max(1);

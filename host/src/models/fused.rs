@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// f32 / f64 arithmetic the kernels are written in.
@@ -86,6 +86,82 @@ macro_rules! dispatch {
     };
 }
 
+/// As `dispatch!`, for two inputs of the same dtype.
+macro_rules! dispatch2 {
+    ($s1:expr, $l1:expr, $s2:expr, $l2:expr, $op:expr, |$x:ident, $y:ident| $body:expr) => {
+        match ($s1, $s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                let ($x, $y) = (contiguous(a, $l1, $op)?, contiguous(b, $l2, $op)?);
+                CpuStorage::F32($body)
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                let ($x, $y) = (contiguous(a, $l1, $op)?, contiguous(b, $l2, $op)?);
+                CpuStorage::F64($body)
+            }
+            _ => candle_core::bail!("{}: f32 or f64 only, same dtype", $op),
+        }
+    };
+}
+
+/// The gradient of an op, computed in one pass over (saved input or output, incoming
+/// gradient): candle's composed ops would make 4-10 full-size temporaries per backward.
+struct RowGrad<F> {
+    name: &'static str,
+    /// Row length of both inputs.
+    width: usize,
+    f: F,
+}
+
+/// Per-row kernel: (saved row, gradient row, output row), in f64 arithmetic.
+trait RowKernel: Send + Sync {
+    fn row<T: Float>(&self, saved: &[T], grad: &[T], out: &mut [T]);
+}
+
+impl<F: RowKernel> RowGrad<F> {
+    fn run<T: Float>(&self, saved: &[T], grad: &[T]) -> Vec<T> {
+        let mut out = vec![T::default(); saved.len()];
+        out.par_chunks_exact_mut(self.width)
+            .zip(saved.par_chunks_exact(self.width))
+            .zip(grad.par_chunks_exact(self.width))
+            .with_min_len(rows_per_task(self.width))
+            .for_each(|((dst, s), g)| self.f.row(s, g, dst));
+        out
+    }
+}
+
+impl<F: RowKernel> CustomOp2 for RowGrad<F> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() || l1.dims().last() != Some(&self.width) {
+            candle_core::bail!("{}: {:?} vs {:?}", self.name, l1.dims(), l2.dims());
+        }
+        let out = dispatch2!(s1, l1, s2, l2, self.name, |s, g| self.run(s, g));
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Applies a one-pass backward kernel to (saved, grad), both (.., width).
+fn row_grad<F: RowKernel>(
+    name: &'static str,
+    f: F,
+    saved: &Tensor,
+    grad: &Tensor,
+) -> Result<Tensor> {
+    let width = saved.dims().last().copied().unwrap_or(1);
+    saved
+        .contiguous()?
+        .apply_op2_no_bwd(&grad.contiguous()?, &RowGrad { name, width, f })
+}
+
 // ---------------------------------------------------------------------------------------
 // RMSNorm: y = x / sqrt(mean(x^2) + eps) * w over the last axis.
 
@@ -141,16 +217,41 @@ impl CustomOp1 for RmsNorm {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(rms_norm_grad(x, grad, &self.weight, self.eps)?))
+    }
+}
+
+/// d/dx of RMSNorm(x) with gain `weight`, given the output gradient (one pass).
+pub fn rms_norm_grad(x: &Tensor, grad: &Tensor, weight: &Gain, eps: f64) -> Result<Tensor> {
+    let kernel = RmsNormGrad {
+        weight: weight.clone(),
+        eps,
+    };
+    row_grad("fused-rms-norm-grad", kernel, x, grad)
+}
+
+struct RmsNormGrad {
+    weight: Gain,
+    eps: f64,
+}
+
+impl RowKernel for RmsNormGrad {
+    fn row<T: Float>(&self, x: &[T], g: &[T], dx: &mut [T]) {
         // r = 1/sqrt(mean(x^2)+eps), xh = x r, gw = g w: dx = r (gw - xh mean(gw xh)).
-        let w =
-            Tensor::from_iter(self.weight.0.iter().copied(), x.device())?.to_dtype(x.dtype())?;
-        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
-            .sqrt()?
-            .recip()?;
-        let xh = x.broadcast_mul(&r)?;
-        let gw = grad.broadcast_mul(&w)?;
-        let dot = (&gw * &xh)?.mean_keepdim(D::Minus1)?;
-        Ok(Some((gw - xh.broadcast_mul(&dot)?)?.broadcast_mul(&r)?))
+        let w = &self.weight.0;
+        let d = x.len() as f64;
+        let ms = x.iter().map(|v| v.d() * v.d()).sum::<f64>() / d;
+        let r = 1.0 / (ms + self.eps).sqrt();
+        let dot = x
+            .iter()
+            .zip(g)
+            .zip(w.iter())
+            .map(|((xv, gv), wv)| gv.d() * wv * xv.d() * r)
+            .sum::<f64>()
+            / d;
+        for (((o, xv), gv), wv) in dx.iter_mut().zip(x).zip(g).zip(w.iter()) {
+            *o = T::f(r * (gv.d() * wv - xv.d() * r * dot));
+        }
     }
 }
 
@@ -275,6 +376,15 @@ impl RopeTables {
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         x.contiguous()?.apply_op1(RopeOwned(self.0.clone(), 1.0))
     }
+
+    /// The inverse rotation (no graph): maps the gradient of the rotated tensor to the
+    /// gradient of its input.
+    pub fn apply_inverse(&self, x: &Tensor) -> Result<Tensor> {
+        x.contiguous()?.apply_op1_no_bwd(&RopeOp {
+            rope: &self.0,
+            sign: -1.0,
+        })
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -361,11 +471,32 @@ impl CustomOp1 for MaskedSoftmax {
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(masked_softmax_grad(y, grad, self.scale)?))
+    }
+}
+
+/// d/dscores of softmax(scale * scores + mask) from its output `probs` and the output
+/// gradient (one pass; the mask is constant).
+pub fn masked_softmax_grad(probs: &Tensor, grad: &Tensor, scale: f64) -> Result<Tensor> {
+    row_grad(
+        "fused-masked-softmax-grad",
+        SoftmaxGrad { scale },
+        probs,
+        grad,
+    )
+}
+
+struct SoftmaxGrad {
+    scale: f64,
+}
+
+impl RowKernel for SoftmaxGrad {
+    fn row<T: Float>(&self, y: &[T], g: &[T], dx: &mut [T]) {
         // dx = scale * y * (g - sum(g y)).
-        let dot = (grad * y)?.sum_keepdim(D::Minus1)?;
-        Ok(Some(
-            (grad.broadcast_sub(&dot)? * y)?.affine(self.scale, 0.0)?,
-        ))
+        let dot = y.iter().zip(g).map(|(a, b)| a.d() * b.d()).sum::<f64>();
+        for ((o, yv), gv) in dx.iter_mut().zip(y).zip(g) {
+            *o = T::f(self.scale * yv.d() * (gv.d() - dot));
+        }
     }
 }
 
@@ -385,13 +516,97 @@ pub fn masked_softmax(
 }
 
 // ---------------------------------------------------------------------------------------
-// SwiGLU: silu(gate) * up.
+// SwiGLU over the packed output of one gate+up matmul: [gate | up] (.., 2I) -> (.., I).
 
-struct SwiGlu;
+struct SwiGlu {
+    /// I: the width of the output, half the input's.
+    width: usize,
+}
 
-impl CustomOp2 for SwiGlu {
+fn silu_parts<T: Float>(g: T) -> (T, T) {
+    // s = sigmoid(g) = 1 / (1 + exp(-g)), silu(g) = g s, in the input's precision.
+    let one = T::f(1.0);
+    let s = one.div(one.add(T::f(0.0).sub(g).exp()));
+    (s, g.mul(s))
+}
+
+impl SwiGlu {
+    fn run<T: Float>(&self, x: &[T]) -> Vec<T> {
+        let i = self.width;
+        let mut out = vec![T::default(); x.len() / 2];
+        out.par_chunks_exact_mut(i)
+            .zip(x.par_chunks_exact(2 * i))
+            .with_min_len(rows_per_task(2 * i))
+            .for_each(|(dst, row)| {
+                let (gate, up) = row.split_at(i);
+                for ((o, &g), &u) in dst.iter_mut().zip(gate).zip(up) {
+                    *o = silu_parts(g).1.mul(u);
+                }
+            });
+        out
+    }
+}
+
+impl CustomOp1 for SwiGlu {
     fn name(&self) -> &'static str {
         "fused-swiglu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let mut dims = l.dims().to_vec();
+        match dims.last_mut() {
+            Some(w) if *w == 2 * self.width => *w = self.width,
+            _ => candle_core::bail!("fused-swiglu: input {dims:?}, width {}", self.width),
+        }
+        let out = dispatch!(s, l, "fused-swiglu", |x| self.run(x));
+        Ok((out, Shape::from(dims)))
+    }
+
+    fn bwd(&self, packed: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(swiglu_grad(packed, grad)?))
+    }
+}
+
+/// d/d[gate | up] of [`swiglu`] from its input (.., 2I) and the output gradient (.., I).
+pub fn swiglu_grad(packed: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    let width = packed.dims().last().copied().unwrap_or(0) / 2;
+    packed
+        .contiguous()?
+        .apply_op2_no_bwd(&grad.contiguous()?, &SwiGluGrad { width })
+}
+
+/// d/d[gate | up] of silu(gate) * up, one pass: with s = sigmoid(g),
+/// d/dg = grad u s (1 + g (1 - s)), d/du = grad g s.
+struct SwiGluGrad {
+    width: usize,
+}
+
+impl SwiGluGrad {
+    fn run<T: Float>(&self, x: &[T], grad: &[T]) -> Vec<T> {
+        let i = self.width;
+        let mut out = vec![T::default(); x.len()];
+        out.par_chunks_exact_mut(2 * i)
+            .zip(x.par_chunks_exact(2 * i))
+            .zip(grad.par_chunks_exact(i))
+            .with_min_len(rows_per_task(2 * i))
+            .for_each(|((dst, row), gr)| {
+                let (gate, up) = row.split_at(i);
+                let (dgate, dup) = dst.split_at_mut(i);
+                for j in 0..i {
+                    let (g, u, d) = (gate[j], up[j], gr[j]);
+                    let (s, silu) = silu_parts(g);
+                    let one = T::f(1.0);
+                    dgate[j] = d.mul(u).mul(s).mul(one.add(g.mul(one.sub(s))));
+                    dup[j] = d.mul(silu);
+                }
+            });
+        out
+    }
+}
+
+impl CustomOp2 for SwiGluGrad {
+    fn name(&self) -> &'static str {
+        "fused-swiglu-grad"
     }
 
     fn cpu_fwd(
@@ -401,60 +616,197 @@ impl CustomOp2 for SwiGlu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if l1.shape() != l2.shape() {
-            candle_core::bail!("fused-swiglu: {:?} vs {:?}", l1.dims(), l2.dims());
+        let (d1, d2) = (l1.dims(), l2.dims());
+        let ok = d1.len() == d2.len()
+            && d1.last() == Some(&(2 * self.width))
+            && d2.last() == Some(&self.width)
+            && d1[..d1.len() - 1] == d2[..d2.len() - 1];
+        if !ok {
+            candle_core::bail!("fused-swiglu-grad: {d1:?} vs {d2:?}");
         }
-        fn run<T: Float>(g: &[T], u: &[T]) -> Vec<T> {
-            g.par_iter()
-                .zip(u.par_iter())
-                .with_min_len(PAR_MIN)
-                .map(|(&g, &u)| {
-                    // silu(g) = g / (1 + exp(-g)), in the input's precision.
-                    let one = T::f(1.0);
-                    g.div(one.add(T::f(0.0).sub(g).exp())).mul(u)
-                })
-                .collect()
-        }
-        let out = match (s1, s2) {
-            (CpuStorage::F32(g), CpuStorage::F32(u)) => CpuStorage::F32(run(
-                contiguous(g, l1, "fused-swiglu")?,
-                contiguous(u, l2, "fused-swiglu")?,
-            )),
-            (CpuStorage::F64(g), CpuStorage::F64(u)) => CpuStorage::F64(run(
-                contiguous(g, l1, "fused-swiglu")?,
-                contiguous(u, l2, "fused-swiglu")?,
-            )),
-            _ => candle_core::bail!("fused-swiglu: f32 or f64 only, same dtype"),
-        };
+        let out = dispatch2!(s1, l1, s2, l2, "fused-swiglu-grad", |x, g| self.run(x, g));
         Ok((out, l1.shape().clone()))
+    }
+}
+
+/// silu(gate) * up of a packed [gate | up] (.., 2I) -> (.., I).
+pub fn swiglu(packed: &Tensor) -> Result<Tensor> {
+    let w = packed.dims().last().copied().unwrap_or(0);
+    if w % 2 != 0 {
+        candle_core::bail!("fused-swiglu: odd width {w}");
+    }
+    packed.contiguous()?.apply_op1(SwiGlu { width: w / 2 })
+}
+
+// ---------------------------------------------------------------------------------------
+// Cross-entropy per row of logits (N, V) against target ids: lse(row) - row[target].
+
+struct CrossEntropy {
+    targets: Arc<Vec<u32>>,
+}
+
+impl CrossEntropy {
+    fn check(&self, dims: &[usize]) -> Result<(usize, usize)> {
+        match dims {
+            [n, v]
+                if *n == self.targets.len() && self.targets.iter().all(|&t| (t as usize) < *v) =>
+            {
+                Ok((*n, *v))
+            }
+            _ => candle_core::bail!(
+                "fused-cross-entropy: logits {dims:?} for {} targets (ids must be < vocab)",
+                self.targets.len()
+            ),
+        }
+    }
+
+    fn run<T: Float>(&self, x: &[T], v: usize) -> Vec<T> {
+        x.par_chunks_exact(v)
+            .zip(self.targets.par_iter())
+            .map(|(row, &t)| T::f(log_sum_exp(row) - row[t as usize].d()))
+            .collect()
+    }
+}
+
+fn log_sum_exp<T: Float>(row: &[T]) -> f64 {
+    let max = row.iter().fold(f64::NEG_INFINITY, |m, v| m.max(v.d()));
+    if !max.is_finite() {
+        return max;
+    }
+    let sum: f64 = row.iter().map(|v| (v.d() - max).exp()).sum();
+    max + sum.ln()
+}
+
+impl CustomOp1 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "fused-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, v) = self.check(l.dims())?;
+        let out = dispatch!(s, l, "fused-cross-entropy", |x| self.run(x, v));
+        Ok((out, Shape::from(n)))
+    }
+
+    fn bwd(&self, logits: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let logits = logits.contiguous()?;
+        let grad = grad.contiguous()?;
+        Ok(Some(logits.apply_op2_no_bwd(
+            &grad,
+            &CrossEntropyGrad {
+                targets: self.targets.clone(),
+            },
+        )?))
+    }
+}
+
+/// d/dlogits of the per-row loss: grad[n] (softmax(row) - onehot(target)).
+struct CrossEntropyGrad {
+    targets: Arc<Vec<u32>>,
+}
+
+impl CrossEntropyGrad {
+    fn run<T: Float>(&self, x: &[T], grad: &[T], v: usize) -> Vec<T> {
+        let mut out = vec![T::default(); x.len()];
+        out.par_chunks_exact_mut(v)
+            .zip(x.par_chunks_exact(v))
+            .zip(grad.par_iter().zip(self.targets.par_iter()))
+            .for_each(|((dst, row), (&g, &t))| {
+                let lse = log_sum_exp(row);
+                let g = g.d();
+                for (o, x) in dst.iter_mut().zip(row) {
+                    *o = T::f(g * (x.d() - lse).exp());
+                }
+                dst[t as usize] = T::f(dst[t as usize].d() - g);
+            });
+        out
+    }
+}
+
+impl CustomOp2 for CrossEntropyGrad {
+    fn name(&self) -> &'static str {
+        "fused-cross-entropy-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, v) = CrossEntropy {
+            targets: self.targets.clone(),
+        }
+        .check(l1.dims())?;
+        if l2.dims() != [n] {
+            candle_core::bail!("fused-cross-entropy-grad: gradient {:?}", l2.dims());
+        }
+        let out = dispatch2!(s1, l1, s2, l2, "fused-cross-entropy-grad", |x, g| self
+            .run(x, g, v));
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Cross-entropy of each row of `logits` (N, V) against `targets` (N ids): (N,), in the
+/// logits' dtype (f32/f64, accumulated in f64). One pass forward and one backward, where
+/// candle's composed log-softmax keeps several (N, V) temporaries.
+pub fn cross_entropy_rows(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    logits.contiguous()?.apply_op1(CrossEntropy {
+        targets: Arc::new(targets.to_vec()),
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// A value computed off the graph, put on it with a hand-written backward.
+
+struct Attached<F> {
+    backward: F,
+}
+
+impl<F: Fn(&Tensor) -> Result<Tensor> + Send + Sync> CustomOp2 for Attached<F> {
+    fn name(&self) -> &'static str {
+        "attached-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        _l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = dispatch!(s2, l2, "attached-backward", |v| v.to_vec());
+        Ok((out, l2.shape().clone()))
     }
 
     fn bwd(
         &self,
-        gate: &Tensor,
-        up: &Tensor,
+        _input: &Tensor,
+        _value: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // s = sigmoid(g): d/dg = u s (1 + g (1 - s)), d/du = g s.
-        let s = (gate.neg()?.exp()? + 1.0)?.recip()?;
-        let silu = (gate * &s)?;
-        let ds = ((gate * (1.0 - &s)?)? + 1.0)?;
-        let dg = (((grad * up)? * &s)? * ds)?;
-        let du = (grad * silu)?;
-        Ok((Some(dg), Some(du)))
+        Ok((Some((self.backward)(grad)?), None))
     }
 }
 
-/// silu(gate) * up, elementwise.
-pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+/// `value`, computed from `input` without recording a graph, as a node of `input`'s graph
+/// whose backward is `backward` (output gradient -> input gradient). A whole decoder layer
+/// becomes one node: candle's backward allocates a zeroed tensor and adds into it for the
+/// input of every node, which for a layer's ~25 small ops cost more than its elementwise
+/// work. f32/f64 on CPU.
+pub fn attach<F>(input: &Tensor, value: &Tensor, backward: F) -> Result<Tensor>
+where
+    F: Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
+{
+    input.apply_op2(&value.contiguous()?, Attached { backward })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{Device, Var, D};
 
     /// Fused and composed forms agree in value and in gradient (f64).
     #[test]
@@ -558,9 +910,10 @@ mod tests {
         let gc = grads(&composed);
         close(gf.get(&x).unwrap(), gc.get(&x).unwrap(), "softmax gradient");
 
-        // SwiGLU.
+        // SwiGLU of the packed [gate | up] (2, 3, 5, 16) -> (2, 3, 5, 8).
         let u = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 3, 5, 8), &dev).unwrap()).unwrap();
-        let fused = swiglu(&x, &u).unwrap();
+        let packed = Tensor::cat(&[x.as_tensor(), u.as_tensor()], D::Minus1).unwrap();
+        let fused = swiglu(&packed).unwrap();
         let composed = (x.silu().unwrap() * u.as_tensor()).unwrap();
         close(&fused, &composed, "swiglu value");
         let gf = grads(&fused);
@@ -575,5 +928,26 @@ mod tests {
             gc.get(&u).unwrap(),
             "swiglu up gradient",
         );
+        assert!(swiglu(&Tensor::zeros((2, 7), DType::F64, &dev).unwrap()).is_err());
+
+        // Cross-entropy rows against candle_nn's (mean) cross-entropy.
+        let logits = Var::from_tensor(&Tensor::randn(0f64, 3.0, (4, 11), &dev).unwrap()).unwrap();
+        let targets = [3u32, 0, 10, 3];
+        let fused = cross_entropy_rows(&logits, &targets)
+            .unwrap()
+            .mean_all()
+            .unwrap();
+        let composed =
+            candle_nn::loss::cross_entropy(&logits, &Tensor::new(&targets[..], &dev).unwrap())
+                .unwrap();
+        close(&fused, &composed, "cross-entropy value");
+        let gf = fused.backward().unwrap();
+        let gc = composed.backward().unwrap();
+        close(
+            gf.get(&logits).unwrap(),
+            gc.get(&logits).unwrap(),
+            "cross-entropy gradient",
+        );
+        assert!(cross_entropy_rows(&logits, &[0, 1, 11, 2]).is_err());
     }
 }

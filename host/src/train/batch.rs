@@ -5,9 +5,12 @@
 //! never influences a real position, and the loss only reads the positions that predict
 //! target tokens (shifted by one), so prompt, audio and padding are excluded.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use candle_core::{DType, Tensor};
 
-use crate::models::llm::{LanguageModel, Llama};
+use crate::models::llm::{KvCache, LanguageModel, Llama};
 use crate::models::nonfinite::NonFiniteTrace;
 use crate::models::weights::Result;
 
@@ -30,15 +33,63 @@ pub struct BatchLoss {
     pub mean_prob: f64,
 }
 
+/// Keys and values of the prompt text before the audio, computed once per distinct text:
+/// the frozen LLM gives the same values every step, and when every example of a template
+/// starts with the same text this is ~20% of the positions of a training step.
+#[derive(Default)]
+pub struct PrefixCache {
+    entries: Mutex<HashMap<Vec<u32>, Arc<KvCache>>>,
+}
+
+/// Templates whose text before the audio varies per example would otherwise grow the cache
+/// without bound (each entry is layers x prefix length x key/value width).
+const MAX_CACHED_PREFIXES: usize = 16;
+
+impl PrefixCache {
+    /// The keys/values (batch 1) of `ids` at positions `0..ids.len()`.
+    pub fn get_or_compute(&self, llm: &Llama, ids: &[u32]) -> Result<Arc<KvCache>> {
+        if let Some(hit) = self.lock().get(ids) {
+            return Ok(hit.clone());
+        }
+        let mut cache = llm.new_cache();
+        let embeds = llm.embed(&Tensor::new(ids, llm.device())?.unsqueeze(0)?)?;
+        llm.forward_hidden(&embeds, 0, Some(&mut cache), NonFiniteTrace::default())?;
+        let cache = Arc::new(cache);
+        let mut entries = self.lock();
+        if entries.len() >= MAX_CACHED_PREFIXES {
+            entries.clear();
+        }
+        entries.insert(ids.to_vec(), cache.clone());
+        Ok(cache)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u32>, Arc<KvCache>>> {
+        // A panic while holding the lock leaves a usable map (entries are inserted whole).
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// Forward the batch and compute the caption-only loss. `audio[i]` is (1, N_i, hidden).
+/// With `prefixes`, a text-before-audio shared by every example of the batch is not
+/// recomputed (same loss and gradients, less work); without, everything is one forward
+/// (e.g. to trace non-finite values through every layer).
 pub fn caption_loss(
     llm: &Llama,
     pieces: &[TextPieces],
     audio: &[Tensor],
+    prefixes: Option<&PrefixCache>,
     trace: NonFiniteTrace,
 ) -> Result<BatchLoss> {
     let device = llm.device().clone();
     let h = llm.hidden_size();
+    let shared_before = pieces
+        .first()
+        .map(|p| p.before.as_slice())
+        .filter(|b| !b.is_empty() && pieces.iter().all(|p| p.before == *b));
+    let prefix = match (prefixes, shared_before) {
+        (Some(cache), Some(ids)) => Some(cache.get_or_compute(llm, ids)?),
+        _ => None,
+    };
     let mut rows = Vec::with_capacity(pieces.len());
     let mut lengths = Vec::with_capacity(pieces.len());
     let mut positions: Vec<u32> = Vec::new();
@@ -50,8 +101,9 @@ pub fn caption_loss(
             }
             Ok(Some(llm.embed(&Tensor::new(ids, &device)?.unsqueeze(0)?)?))
         };
+        let before = if prefix.is_some() { &[][..] } else { &p.before };
         let parts: Vec<Tensor> = [
-            embed(&p.before)?,
+            embed(before)?,
             Some(a.to_dtype(llm.dtype())?),
             embed(&p.after)?,
             embed(&p.target)?,
@@ -87,25 +139,37 @@ pub fn caption_loss(
         }
     }
     let x = Tensor::cat(&padded, 0)?;
-    let hidden = llm.forward_hidden(&x, 0, None, trace)?;
+    let hidden = match &prefix {
+        Some(prefix) => llm.forward_after_prefix(&x, prefix, trace)?,
+        None => llm.forward_hidden(&x, 0, None, trace)?,
+    };
     let hidden = hidden.reshape(((), h))?;
     let picked = hidden.index_select(&Tensor::new(flat_positions.as_slice(), &device)?, 0)?;
     // f32 (f64 for an f64 model, so gradient checks are exact enough).
     let logits = llm.logits(&picked)?;
-    let target_t = Tensor::new(targets.as_slice(), &device)?;
-    let loss = candle_nn::loss::cross_entropy(&logits, &target_t)?;
+    // Per target token: -log p(correct).
+    let token_losses = if llm.use_fused() {
+        crate::models::fused::cross_entropy_rows(&logits, &targets)?
+    } else {
+        let target_t = Tensor::new(targets.as_slice(), &device)?.unsqueeze(1)?;
+        let log_probs = candle_nn::ops::log_softmax(&logits, 1)?;
+        log_probs.gather(&target_t, 1)?.squeeze(1)?.neg()?
+    };
+    let loss = token_losses.mean_all()?;
     // Diagnostics (no graph needed).
-    let probs = candle_nn::ops::softmax_last_dim(&logits.detach().to_dtype(DType::F32)?)?;
-    let p_correct = probs
-        .gather(&target_t.unsqueeze(1)?, 1)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
+    let p_correct: Vec<f64> = token_losses
+        .detach()
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?
+        .into_iter()
+        .map(|l| (-l).exp())
+        .collect();
     let argmax = logits.detach().argmax(1)?.to_vec1::<u32>()?;
     let n = targets.len().max(1) as f64;
     Ok(BatchLoss {
         loss,
         target_tokens: targets.len(),
         accuracy: argmax.iter().zip(&targets).filter(|(a, t)| a == t).count() as f64 / n,
-        mean_prob: p_correct.iter().map(|&p| p as f64).sum::<f64>() / n,
+        mean_prob: p_correct.iter().sum::<f64>() / n,
     })
 }

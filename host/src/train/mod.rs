@@ -31,7 +31,7 @@ use crate::models::projector::Projector;
 use crate::models::whisper::WhisperEncoder;
 use crate::models::Runtime;
 use crate::plugins::{AudioSource, DatasetAdapter, Example, PluginHost, PromptTemplate};
-use batch::{caption_loss, TextPieces};
+use batch::{caption_loss, PrefixCache, TextPieces};
 use cache::EncoderCache;
 use checkpoint::{hash_files, Manifest, TrainState};
 use optim::{AdamW, AdamWParams};
@@ -177,6 +177,8 @@ pub struct Session {
     pub manifest: Manifest,
     /// Clips that had to go through the encoder (not found in the cache).
     pub fresh_encodings: usize,
+    /// Prompt text before the audio, through the LLM once (see [`PrefixCache`]).
+    pub prefixes: PrefixCache,
 }
 
 impl Session {
@@ -232,6 +234,7 @@ impl Session {
             eval_examples,
             manifest,
             fresh_encodings,
+            prefixes: PrefixCache::default(),
         })
     }
 }
@@ -393,6 +396,7 @@ pub fn eval_loss(session: &Session, projector: &Projector) -> Result<f64> {
             &session.llm.model,
             &pieces,
             &audio,
+            Some(&session.prefixes),
             NonFiniteTrace::default(),
         )?;
         let l = out
@@ -654,6 +658,7 @@ pub fn train(
                 &session.llm.model,
                 &pieces,
                 &audio,
+                Some(&session.prefixes),
                 NonFiniteTrace::default(),
             )?;
             loss += out
@@ -706,8 +711,14 @@ pub fn train(
             )));
             if nonfinite_run >= cfg.max_nonfinite_steps {
                 // Name the first layer that produces non-finite values.
-                let trace =
-                    caption_loss(&session.llm.model, &pieces, &audio, NonFiniteTrace::on()).err();
+                let trace = caption_loss(
+                    &session.llm.model,
+                    &pieces,
+                    &audio,
+                    None,
+                    NonFiniteTrace::on(),
+                )
+                .err();
                 bail!(
                     "{nonfinite_run} steps in a row with non-finite loss or gradients; stopping{}",
                     trace.map(|e| format!(" ({e})")).unwrap_or_default()

@@ -668,12 +668,15 @@ impl CrossEntropy {
     }
 }
 
+/// log(sum(exp(row))): exponentials in the row's precision (a vocabulary-wide row of f64
+/// `exp` calls costs several times the f32 ones), the sum in f64.
 fn log_sum_exp<T: Float>(row: &[T]) -> f64 {
     let max = row.iter().fold(f64::NEG_INFINITY, |m, v| m.max(v.d()));
     if !max.is_finite() {
         return max;
     }
-    let sum: f64 = row.iter().map(|v| (v.d() - max).exp()).sum();
+    let shift = T::f(max);
+    let sum: f64 = row.iter().map(|v| v.sub(shift).exp().d()).sum();
     max + sum.ln()
 }
 
@@ -712,11 +715,11 @@ impl CrossEntropyGrad {
             .zip(x.par_chunks_exact(v))
             .zip(grad.par_iter().zip(self.targets.par_iter()))
             .for_each(|((dst, row), (&g, &t))| {
-                let lse = log_sum_exp(row);
-                let g = g.d();
+                let lse = T::f(log_sum_exp(row));
                 for (o, x) in dst.iter_mut().zip(row) {
-                    *o = T::f(g * (x.d() - lse).exp());
+                    *o = g.mul(x.sub(lse).exp());
                 }
+                let g = g.d();
                 dst[t as usize] = T::f(dst[t as usize].d() - g);
             });
         out
@@ -755,6 +758,128 @@ pub fn cross_entropy_rows(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
     logits.contiguous()?.apply_op1(CrossEntropy {
         targets: Arc::new(targets.to_vec()),
     })
+}
+
+// ---------------------------------------------------------------------------------------
+// Batched matrix products without a graph (attention on the training path).
+
+struct BatchedMatmul {
+    transpose_a: bool,
+    transpose_b: bool,
+}
+
+impl BatchedMatmul {
+    /// (batch, m, k, n) of op(a) (m, k) times op(b) (k, n), checked.
+    fn dims(&self, a: &[usize], b: &[usize]) -> Result<(usize, usize, usize, usize)> {
+        let bad = || candle_core::bail!("batched-matmul: {a:?} x {b:?}");
+        if a.len() < 2 || a.len() != b.len() || a[..a.len() - 2] != b[..b.len() - 2] {
+            return bad();
+        }
+        let (ra, ca) = (a[a.len() - 2], a[a.len() - 1]);
+        let (rb, cb) = (b[b.len() - 2], b[b.len() - 1]);
+        let (m, k) = if self.transpose_a { (ca, ra) } else { (ra, ca) };
+        let (k2, n) = if self.transpose_b { (cb, rb) } else { (rb, cb) };
+        if k != k2 {
+            return bad();
+        }
+        Ok((a[..a.len() - 2].iter().product(), m, k, n))
+    }
+
+    fn run<T: Float>(
+        &self,
+        a: &[T],
+        b: &[T],
+        (batch, m, k, n): (usize, usize, usize, usize),
+    ) -> Vec<T> {
+        // Row and column strides of op(x) for x stored row-major (rows, cols).
+        let strides = |transposed: bool, cols: usize| -> (isize, isize) {
+            if transposed {
+                (1, cols as isize)
+            } else {
+                (cols as isize, 1)
+            }
+        };
+        let (a_rs, a_cs) = strides(self.transpose_a, if self.transpose_a { m } else { k });
+        let (b_rs, b_cs) = strides(self.transpose_b, if self.transpose_b { k } else { n });
+        let mut out = vec![T::default(); batch * m * n];
+        if m * n == 0 {
+            return out;
+        }
+        out.par_chunks_exact_mut(m * n)
+            .enumerate()
+            .for_each(|(i, dst)| {
+                let (lhs, rhs) = (
+                    &a[i * m * k..(i + 1) * m * k],
+                    &b[i * k * n..(i + 1) * k * n],
+                );
+                // SAFETY: lhs, rhs and dst hold exactly (m, k), (k, n) and (m, n) elements
+                // with the strides given; read_dst is false, so dst is only written.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        n,
+                        k,
+                        dst.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        false,
+                        lhs.as_ptr(),
+                        a_cs,
+                        a_rs,
+                        rhs.as_ptr(),
+                        b_cs,
+                        b_rs,
+                        T::f(0.0),
+                        T::f(1.0),
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    )
+                }
+            });
+        out
+    }
+}
+
+impl CustomOp2 for BatchedMatmul {
+    fn name(&self) -> &'static str {
+        "batched-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = self.dims(l1.dims(), l2.dims())?;
+        let out = dispatch2!(s1, l1, s2, l2, "batched-matmul", |a, b| self
+            .run(a, b, dims));
+        let mut shape = l1.dims()[..l1.dims().len() - 2].to_vec();
+        shape.extend([dims.1, dims.3]);
+        Ok((out, Shape::from(shape)))
+    }
+}
+
+/// op(a) x op(b) over leading batch dims, op = transpose when asked; no graph (for values
+/// and gradients computed off the graph). Parallel over the batch, each product on one
+/// thread: attention's products are a few MFLOP each, and splitting each one across threads
+/// (as candle's matmul does) costs more in synchronisation than it gains.
+pub fn batched_matmul(
+    a: &Tensor,
+    transpose_a: bool,
+    b: &Tensor,
+    transpose_b: bool,
+) -> Result<Tensor> {
+    a.contiguous()?.apply_op2_no_bwd(
+        &b.contiguous()?,
+        &BatchedMatmul {
+            transpose_a,
+            transpose_b,
+        },
+    )
 }
 
 // ---------------------------------------------------------------------------------------

@@ -250,11 +250,11 @@ impl LayerTape {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, nkv, group * t, hd))?;
-        let d_probs = dy.matmul(&self.v.t()?)?;
-        let dv = self.probs.t()?.matmul(&dy)?;
+        let d_probs = fused::batched_matmul(&dy, false, &self.v, true)?;
+        let dv = fused::batched_matmul(&self.probs, true, &dy, false)?;
         let d_scores = fused::masked_softmax_grad(&self.probs, &d_probs, scale(hd))?;
-        let dq = d_scores.matmul(&self.k)?;
-        let dk = d_scores.t()?.matmul(&self.q)?;
+        let dq = fused::batched_matmul(&d_scores, false, &self.k, false)?;
+        let dk = fused::batched_matmul(&d_scores, true, &self.q, false)?;
         // Keys/values of a frozen prefix come first; only this forward's positions matter.
         let s = self.k.dim(2)?;
         let dq = rope.apply_inverse(&dq.reshape((b, nh, t, hd))?)?;
@@ -281,6 +281,8 @@ struct Positional {
     rope_fused: Option<fused::RopeTables>,
     mask: Option<Tensor>,
     mask_fused: Option<fused::SoftmaxMask>,
+    /// The layers run off the graph (taped): products may use kernels without a backward.
+    off_graph: bool,
 }
 
 /// Where the new inputs of a forward sit.
@@ -659,7 +661,11 @@ impl Llama {
         let rep = nh / nkv;
         let q = q.reshape((b, nkv, rep * t, hd))?;
         let scale = scale(hd);
-        let raw = q.matmul(&k.t()?)?;
+        let raw = if pos.off_graph {
+            fused::batched_matmul(&q, false, &k, true)?
+        } else {
+            q.matmul(&k.t()?)?
+        };
         let probs = if self.use_fused() {
             fused::masked_softmax(&raw, scale, pos.mask_fused.as_ref(), t)?
         } else {
@@ -674,7 +680,11 @@ impl Llama {
             candle_nn::ops::softmax(&scores.to_dtype(self.wide())?, D::Minus1)?
                 .to_dtype(self.dtype)?
         };
-        let y = probs.matmul(&v)?; // (b, nkv, rep*t, hd)
+        let y = if pos.off_graph {
+            fused::batched_matmul(&probs, false, &v, false)?
+        } else {
+            probs.matmul(&v)?
+        }; // (b, nkv, rep*t, hd)
         let y = y
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
@@ -833,7 +843,7 @@ impl Llama {
         let rope = self.rope_tables(t, placement)?;
         let mask = self.mask(t, cached + t, placement)?;
         let fused_ops = self.use_fused();
-        let pos = Positional {
+        let mut pos = Positional {
             rope_fused: fused_ops
                 .then(|| fused::RopeTables::new(&rope.0, &rope.1, self.config.rope_interleaved))
                 .transpose()?,
@@ -843,12 +853,14 @@ impl Llama {
             },
             rope,
             mask,
+            off_graph: false,
         };
         // Training on the CPU: each layer runs off the graph and joins it as one node with a
         // hand-written backward (see `LayerTape`). Inference with a cache keeps no tape.
         let taped = self.use_fused()
             && matches!(placement, Placement::Offset(_))
             && !matches!(past, Past::Cache(_));
+        pos.off_graph = taped;
         let mut x = embeds.to_dtype(self.dtype)?;
         for (i, block) in self.blocks.iter().enumerate() {
             x = if taped {

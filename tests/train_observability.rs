@@ -146,3 +146,26 @@ fn progress_metrics_plots_and_compare() {
     let err = expect_failure(&out);
     assert!(err.contains("not a run folder"), "{err}");
 }
+
+/// A learning rate that blows the projector up: non-finite steps are skipped and logged, and
+/// after `train.max-nonfinite-steps` in a row the run stops, naming the first layer whose
+/// output is not finite.
+#[test]
+fn non_finite_steps_are_skipped_then_the_run_stops_naming_the_layer() {
+    let d = tempfile::tempdir().unwrap();
+    let mut args = train_args(&d.path().join("run"), "1e38");
+    args.extend(["--set".into(), "train.steps=12".into()]);
+    args.extend(["--set".into(), "train.max-nonfinite-steps=3".into()]);
+    let out = earshot(args);
+    let err = expect_failure(&out);
+    assert!(
+        err.contains("non-finite loss or gradient; step skipped"),
+        "{err}"
+    );
+    assert!(
+        err.contains("3 steps in a row with non-finite loss or gradients; stopping"),
+        "{err}"
+    );
+    assert!(err.contains("llm.layers.0"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

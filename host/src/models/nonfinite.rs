@@ -1,5 +1,6 @@
 //! `--trace-nonfinite`: check each layer's output during a forward pass and stop at the first
-//! layer that produces NaN/Inf, naming it. Off by default (it syncs and scans every output).
+//! layer that produces NaN/Inf, naming it; on the CPU training path also each layer's input
+//! gradient during the backward. Off by default (it syncs and scans every output).
 
 use candle_core::Tensor;
 

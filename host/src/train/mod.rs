@@ -710,7 +710,8 @@ pub fn train(
                 "warning: step {step}: non-finite loss or gradient; step skipped"
             )));
             if nonfinite_run >= cfg.max_nonfinite_steps {
-                // Name the first layer that produces non-finite values.
+                // Name the first layer that produces non-finite values, in the forward or
+                // else in the backward.
                 let trace = caption_loss(
                     &session.llm.model,
                     &pieces,
@@ -718,6 +719,8 @@ pub fn train(
                     None,
                     NonFiniteTrace::on(),
                 )
+                .map_err(anyhow::Error::from)
+                .and_then(|out| Ok(out.loss.backward()?))
                 .err();
                 bail!(
                     "{nonfinite_run} steps in a row with non-finite loss or gradients; stopping{}",

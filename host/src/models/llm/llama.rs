@@ -865,7 +865,15 @@ impl Llama {
         for (i, block) in self.blocks.iter().enumerate() {
             x = if taped {
                 let (out, tape) = self.layer(block, &x.detach(), &pos, past.layer(i))?;
-                fused::attach(&x, &out, move |grad| tape.backward(grad))?
+                fused::attach(&x, &out, move |grad| {
+                    let dx = tape.backward(grad)?;
+                    // The backward runs from the last layer down: the first failure names
+                    // the layer nearest the loss whose input gradient is not finite.
+                    trace
+                        .check(|| format!("llm.layers.{i} (gradient of its input)"), &dx)
+                        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                    Ok(dx)
+                })?
             } else {
                 self.layer(block, &x, &pos, past.layer(i))?.0
             };
@@ -1013,6 +1021,27 @@ mod tests {
             put(&format!("{p}.mlp.down_proj.weight"), &[8, 12]);
         }
         (WeightStore::new("tiny", t), cfg)
+    }
+
+    /// With tracing on, a backward that produces a non-finite gradient stops at the layer
+    /// nearest the loss where it appears, naming it.
+    #[test]
+    fn trace_names_the_layer_of_a_non_finite_gradient() {
+        let (store, cfg) = tiny_weights(2, None);
+        let m = Llama::load(&store, &cfg, DType::F32, &Device::Cpu).unwrap();
+        let x =
+            Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 4, 8), &Device::Cpu).unwrap()).unwrap();
+        let run = |trace: NonFiniteTrace| {
+            let hidden = m.forward_hidden(&x, 0, None, trace).unwrap();
+            // Finite values, but gradients beyond f32's range.
+            (hidden * 3e38).unwrap().sum_all().unwrap().backward()
+        };
+        assert!(run(NonFiniteTrace::default()).is_ok());
+        let err = run(NonFiniteTrace::on()).unwrap_err().to_string();
+        assert!(
+            err.contains("llm.layers.1 (gradient of its input)"),
+            "{err}"
+        );
     }
 
     /// The CPU training path (each layer one graph node with a hand-written backward) gives

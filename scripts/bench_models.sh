@@ -65,11 +65,20 @@ echo "$ours_llm"; echo "$ref_llm"
 fixed=$("$bench" train-step "$gguf" full 3)
 stock=$("$bench" train-step "$gguf" stock 3)
 echo "$fixed"; echo "$stock"
+peak=$("$bench" peak)
+echo "$peak"
 
-python3 - "$ours_enc" "$ref_enc" "$ours_llm" "$ref_llm" "$fixed" "$stock" <<'PY'
+python3 - "$ours_enc" "$ref_enc" "$ours_llm" "$ref_llm" "$fixed" "$stock" "$peak" "$models/whisper-tiny.en/config.json" <<'PY'
 import sys, json
-oe, re_, ol, rl, fx, st = (json.loads(a) for a in sys.argv[1:])
+oe, re_, ol, rl, fx, st, pk = (json.loads(a) for a in sys.argv[1:8])
+c = json.load(open(sys.argv[8]))
+# Multiply-adds of one 30 s window through the encoder: two convolutions, then per layer
+# q/k/v/o and the MLP on 1500 frames, and the attention products (scores and values).
+d, f, n, L, T = c["d_model"], c["encoder_ffn_dim"], c["num_mel_bins"], c["encoder_layers"], c["max_source_positions"]
+flops = 2 * (2 * T * n * d * 3 + T * d * d * 3) + L * 2 * (T * (4 * d * d + 2 * d * f) + 2 * T * T * d)
+floor = flops / (pk["gflops"] * 1e9)
 print(f"encoder 30 s window: earshot {oe['median_s']:.3f} s, CTranslate2 {re_['median_s']:.3f} s, ratio {oe['median_s']/re_['median_s']:.2f}")
+print(f"  {flops/1e9:.1f} GFLOP per window; at this machine's f32 matmul peak ({pk['gflops']:.0f} GFLOP/s, candle/gemm, 2 threads) the floor is {floor:.3f} s: ratio >= {floor/re_['median_s']:.2f} for any implementation doing these FLOPs")
 print(f"LLM prompt: earshot {ol['prompt_tokens_per_s']:.0f} tok/s, llama.cpp {rl['prompt_tokens_per_s']:.0f} tok/s, ratio {ol['prompt_tokens_per_s']/rl['prompt_tokens_per_s']:.2f}")
 print(f"LLM decode: earshot {ol['decode_tokens_per_s']:.1f} tok/s, llama.cpp {rl['decode_tokens_per_s']:.1f} tok/s, ratio {ol['decode_tokens_per_s']/rl['decode_tokens_per_s']:.2f}")
 print(f"train step B=4: frozen-weight fix {fx['median_s']:.2f} s / {fx['peak_rss_mb']:.0f} MB; stock matmul {st['median_s']:.2f} s / {st['peak_rss_mb']:.0f} MB; time x{st['median_s']/fx['median_s']:.2f}, memory x{st['peak_rss_mb']/fx['peak_rss_mb']:.2f}")

@@ -3,6 +3,7 @@
 //! bench_models encoder WHISPER_DIR MEL.npy REPEATS   -> median s per 30 s window
 //! bench_models llm GGUF PROMPT_TOKENS DECODE_TOKENS [composed]  -> prompt tokens/s, decode tokens/s
 //! bench_models train-step GGUF prefix|full|stock REPEATS   -> median step s, peak RSS
+//! bench_models peak   -> f32 matmul GFLOP/s at the encoder's MLP shape
 //! One JSON object on stdout per call.
 
 use std::path::PathBuf;
@@ -189,49 +190,27 @@ fn main() {
                 peak_rss_mb()
             );
         }
-        Some("gemm") => {
-            let time = |f: &dyn Fn()| {
-                f();
-                let t = Instant::now();
-                for _ in 0..40 {
-                    f();
-                }
-                t.elapsed().as_secs_f64() / 40.0 * 1e3
-            };
-            let m = 356;
-            let x = Tensor::randn(0f32, 1.0, (m, 576), &Device::Cpu).unwrap();
-            let w = |n: usize, k: usize| Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
-            let (wq, wk, wv, wqkv) = (w(576, 576), w(192, 576), w(192, 576), w(960, 576));
-            let (wg, wu, wgu) = (w(1536, 576), w(1536, 576), w(3072, 576));
-            let sep = time(&|| {
-                for w in [&wq, &wk, &wv] {
-                    x.matmul(&w.t().unwrap()).unwrap();
-                }
-            });
-            let fused = time(&|| {
-                x.matmul(&wqkv.t().unwrap()).unwrap();
-            });
-            println!("qkv fwd: separate {sep:.2} ms, one matmul {fused:.2} ms");
-            let sep = time(&|| {
-                for w in [&wg, &wu] {
-                    x.matmul(&w.t().unwrap()).unwrap();
-                }
-            });
-            let fused = time(&|| {
-                x.matmul(&wgu.t().unwrap()).unwrap();
-            });
-            println!("gate/up fwd: separate {sep:.2} ms, one matmul {fused:.2} ms");
-            let (gq, gk, gqkv) = (w(m, 576), w(m, 192), w(m, 960));
-            let sep = time(&|| {
-                let a = gq.matmul(&wq).unwrap();
-                let b = gk.matmul(&wk).unwrap();
-                let c = gk.matmul(&wv).unwrap();
-                let _ = ((a + b).unwrap() + c).unwrap();
-            });
-            let fused = time(&|| {
-                gqkv.matmul(&wqkv).unwrap();
-            });
-            println!("qkv bwd: separate {sep:.2} ms, one matmul {fused:.2} ms");
+        Some("peak") => {
+            // The best f32 matmul throughput candle reaches here, at the encoder's MLP shape
+            // (1500 frames x d 384 x 1536): the floor any implementation's encoder time has
+            // on this CPU is its FLOP count over this.
+            let (m, k, n) = (1500usize, 384usize, 1536usize);
+            let a = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)
+                .unwrap()
+                .t()
+                .unwrap();
+            a.matmul(&w).unwrap();
+            let reps = 40;
+            let t = Instant::now();
+            for _ in 0..reps {
+                a.matmul(&w).unwrap();
+            }
+            let s = t.elapsed().as_secs_f64() / reps as f64;
+            println!(
+                "{{\"what\":\"matmul peak\",\"gflops\":{}}}",
+                2.0 * (m * k * n) as f64 / s / 1e9
+            );
         }
         _ => panic!("usage: see the header of examples/bench_models.rs"),
     }

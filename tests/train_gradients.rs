@@ -113,6 +113,27 @@ fn shared_prefix_gives_the_loss_and_gradients_of_one_full_forward() {
             diff / norm
         );
     }
+
+    // Texts before the audio that differ within a batch are not shared: the cache is
+    // bypassed and the loss is that of the full forward (one row's text used for all rows
+    // would change it).
+    let mut mixed = batch.clone();
+    mixed[1].before = tok.encode("<|im_start|>user\nWhat do you hear?\n").unwrap();
+    let loss_of = |cache: Option<&PrefixCache>| {
+        let audio: Vec<Tensor> = (0..mixed.len())
+            .map(|_| projector.forward(&encoded).unwrap())
+            .collect();
+        caption_loss(&llm, &mixed, &audio, cache, NonFiniteTrace::default())
+            .unwrap()
+            .loss
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let (without, with) = (loss_of(None), loss_of(Some(&prefixes)));
+    assert!(
+        (without - with).abs() <= 1e-9 * without,
+        "{with} vs {without}"
+    );
 }
 
 #[test]

@@ -22,6 +22,13 @@ pub struct TextPieces {
     pub target: Vec<u32>,
 }
 
+impl BatchLoss {
+    /// The loss as a number.
+    pub fn value(&self) -> Result<f64> {
+        Ok(self.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+    }
+}
+
 /// Loss and the diagnostics computed with it.
 pub struct BatchLoss {
     /// Mean cross-entropy per target token (a scalar with a graph back to the projector).

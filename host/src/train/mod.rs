@@ -31,7 +31,7 @@ use crate::models::projector::Projector;
 use crate::models::whisper::WhisperEncoder;
 use crate::models::Runtime;
 use crate::plugins::{AudioSource, DatasetAdapter, Example, PluginHost, PromptTemplate};
-use batch::{caption_loss, PrefixCache, TextPieces};
+use batch::{caption_loss, BatchLoss, PrefixCache, TextPieces};
 use cache::EncoderCache;
 use checkpoint::{hash_files, Manifest, TrainState};
 use optim::{AdamW, AdamWParams};
@@ -182,6 +182,32 @@ pub struct Session {
 }
 
 impl Session {
+    /// Projected audio and caption loss of `examples`, as the training step and the eval
+    /// compute them; `keep_graph` keeps the audio's graph back to the projector (training).
+    fn batch_loss(
+        &self,
+        projector: &Projector,
+        examples: &[&Prepared],
+        keep_graph: bool,
+    ) -> Result<(BatchLoss, Vec<TextPieces>, Vec<Tensor>)> {
+        let pieces: Vec<TextPieces> = examples.iter().map(|e| e.pieces.clone()).collect();
+        let audio: Vec<Tensor> = examples
+            .iter()
+            .map(|e| {
+                let a = projector.forward(&e.encoded)?;
+                Ok(if keep_graph { a } else { a.detach() })
+            })
+            .collect::<Result<_>>()?;
+        let out = caption_loss(
+            &self.llm.model,
+            &pieces,
+            &audio,
+            Some(&self.prefixes),
+            NonFiniteTrace::default(),
+        )?;
+        Ok((out, pieces, audio))
+    }
+
     pub fn load(config: RunConfig) -> Result<Self> {
         let rt = Runtime::best_available();
         let encoder = WhisperEncoder::load_dir(&config.models.whisper, &rt)
@@ -387,23 +413,9 @@ pub fn eval_loss(session: &Session, projector: &Projector) -> Result<f64> {
         .eval_examples
         .chunks(session.config.train.batch_size.max(1))
     {
-        let pieces: Vec<TextPieces> = chunk.iter().map(|e| e.pieces.clone()).collect();
-        let audio: Vec<Tensor> = chunk
-            .iter()
-            .map(|e| projector.forward(&e.encoded).map(|t| t.detach()))
-            .collect::<Result<_, _>>()?;
-        let out = caption_loss(
-            &session.llm.model,
-            &pieces,
-            &audio,
-            Some(&session.prefixes),
-            NonFiniteTrace::default(),
-        )?;
-        let l = out
-            .loss
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?;
-        sum += l * out.target_tokens as f64;
+        let chunk: Vec<&Prepared> = chunk.iter().collect();
+        let (out, ..) = session.batch_loss(projector, &chunk, false)?;
+        sum += out.value()? * out.target_tokens as f64;
         tokens += out.target_tokens;
     }
     Ok(sum / tokens.max(1) as f64)
@@ -646,26 +658,9 @@ pub fn train(
                         .or_insert_with(|| epoch_order(cfg.seed, epoch, n))[i]
                 })
                 .collect();
-            let pieces: Vec<TextPieces> = batch
-                .iter()
-                .map(|&i| session.examples[i].pieces.clone())
-                .collect();
-            let audio: Vec<Tensor> = batch
-                .iter()
-                .map(|&i| projector.forward(&session.examples[i].encoded))
-                .collect::<Result<_, _>>()?;
-            let out = caption_loss(
-                &session.llm.model,
-                &pieces,
-                &audio,
-                Some(&session.prefixes),
-                NonFiniteTrace::default(),
-            )?;
-            loss += out
-                .loss
-                .to_dtype(candle_core::DType::F64)?
-                .to_scalar::<f64>()?
-                / micro as f64;
+            let examples: Vec<&Prepared> = batch.iter().map(|&i| &session.examples[i]).collect();
+            let (out, pieces, audio) = session.batch_loss(&projector, &examples, true)?;
+            loss += out.value()? / micro as f64;
             accuracy += out.accuracy / micro as f64;
             mean_prob += out.mean_prob / micro as f64;
             // Mean over micro-batches: each contributes 1/micro of the gradient.

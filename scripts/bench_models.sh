@@ -67,11 +67,27 @@ stock=$("$bench" train-step "$gguf" stock 3)
 echo "$fixed"; echo "$stock"
 peak=$("$bench" peak)
 echo "$peak"
+# Memory read bandwidth with 2 threads (numpy sums release the GIL): decode of f32 weights
+# cannot beat weight bytes / bandwidth.
+bandwidth=$("$venv/bin/python" - <<'PY'
+import json, threading, time, numpy as np
+a = np.ones(540 * 2**20 // 4, dtype=np.float32)
+parts = np.array_split(a, 2)
+best = float("inf")
+for _ in range(6):
+    t = time.perf_counter()
+    th = [threading.Thread(target=p.sum) for p in parts]
+    [x.start() for x in th]; [x.join() for x in th]
+    best = min(best, time.perf_counter() - t)
+print(json.dumps({"what": "read bandwidth", "gb_per_s": a.nbytes / best / 1e9}))
+PY
+)
+echo "$bandwidth"
 
-python3 - "$ours_enc" "$ref_enc" "$ours_llm" "$ref_llm" "$fixed" "$stock" "$peak" "$models/whisper-tiny.en/config.json" <<'PY'
+python3 - "$ours_enc" "$ref_enc" "$ours_llm" "$ref_llm" "$fixed" "$stock" "$peak" "$bandwidth" "$models/whisper-tiny.en/config.json" <<'PY'
 import sys, json
-oe, re_, ol, rl, fx, st, pk = (json.loads(a) for a in sys.argv[1:8])
-c = json.load(open(sys.argv[8]))
+oe, re_, ol, rl, fx, st, pk, bw = (json.loads(a) for a in sys.argv[1:9])
+c = json.load(open(sys.argv[9]))
 # Multiply-adds of one 30 s window through the encoder: two convolutions, then per layer
 # q/k/v/o and the MLP on 1500 frames, and the attention products (scores and values).
 d, f, n, L, T = c["d_model"], c["encoder_ffn_dim"], c["num_mel_bins"], c["encoder_layers"], c["max_source_positions"]
@@ -81,5 +97,8 @@ print(f"encoder 30 s window: earshot {oe['median_s']:.3f} s, CTranslate2 {re_['m
 print(f"  {flops/1e9:.1f} GFLOP per window; at this machine's f32 matmul peak ({pk['gflops']:.0f} GFLOP/s, candle/gemm, 2 threads) the floor is {floor:.3f} s: ratio >= {floor/re_['median_s']:.2f} for any implementation doing these FLOPs")
 print(f"LLM prompt: earshot {ol['prompt_tokens_per_s']:.0f} tok/s, llama.cpp {rl['prompt_tokens_per_s']:.0f} tok/s, ratio {ol['prompt_tokens_per_s']/rl['prompt_tokens_per_s']:.2f}")
 print(f"LLM decode: earshot {ol['decode_tokens_per_s']:.1f} tok/s, llama.cpp {rl['decode_tokens_per_s']:.1f} tok/s, ratio {ol['decode_tokens_per_s']/rl['decode_tokens_per_s']:.2f}")
+# SmolLM2-135M's f32 weights read once per token (embeddings tied to the LM head): 134.5M x 4 bytes.
+ceiling = bw["gb_per_s"] * 1e9 / (134.5e6 * 4)
+print(f"  read bandwidth {bw['gb_per_s']:.1f} GB/s (2 threads): f32 decode <= {ceiling:.0f} tok/s, ratio <= {ceiling/rl['decode_tokens_per_s']:.2f}")
 print(f"train step B=4: frozen-weight fix {fx['median_s']:.2f} s / {fx['peak_rss_mb']:.0f} MB; stock matmul {st['median_s']:.2f} s / {st['peak_rss_mb']:.0f} MB; time x{st['median_s']/fx['median_s']:.2f}, memory x{st['peak_rss_mb']/fx['peak_rss_mb']:.2f}")
 PY

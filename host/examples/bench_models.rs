@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
-use earshot::models::llm::{read_gguf, LanguageModel, Llama, LogitsAt};
+use earshot::models::llm::{read_gguf, stack_projections, LanguageModel, Llama, LogitsAt};
 use earshot::models::nonfinite::NonFiniteTrace;
 use earshot::models::whisper::WhisperEncoder;
 use earshot::models::Runtime;
@@ -34,7 +34,9 @@ fn peak_rss_mb() -> f64 {
 
 fn load_llama(gguf: &str) -> Llama {
     let rt = Runtime::cpu();
-    let (store, cfg, _) = read_gguf(&PathBuf::from(gguf), &rt).unwrap();
+    // As `load_llm` does.
+    let (mut store, cfg, _) = read_gguf(&PathBuf::from(gguf), &rt).unwrap();
+    stack_projections(&mut store, &cfg).unwrap();
     Llama::load(&store, &cfg, DType::F32, &Device::Cpu).unwrap()
 }
 

@@ -139,8 +139,36 @@ impl WeightStore {
         self.tensors.contains_key(name)
     }
 
+    /// A copy of the name -> tensor map (tests build variants of a store from it).
+    #[cfg(test)]
+    pub fn tensors_for_test(&self) -> HashMap<String, Tensor> {
+        self.tensors.clone()
+    }
+
     pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
         self.tensors.get(name).map(|t| t.dims().to_vec())
+    }
+
+    /// Replaces the 2-D tensors `parts` (present, same width) by one tensor `into` with their
+    /// rows in order. The parts are dropped as they are joined, so a large model is not held
+    /// twice while its projections are stacked.
+    pub fn stack_rows(&mut self, parts: &[String], into: &str) -> Result<()> {
+        let mut taken = Vec::with_capacity(parts.len());
+        for name in parts {
+            match self.tensors.remove(name) {
+                Some(t) => taken.push(t),
+                None => {
+                    return Err(ModelError::MissingTensor {
+                        source_desc: self.source_desc.clone(),
+                        name: name.clone(),
+                    })
+                }
+            }
+        }
+        let stacked = Tensor::cat(&taken, 0)?;
+        drop(taken);
+        self.tensors.insert(into.to_string(), stacked);
+        Ok(())
     }
 
     /// The tensor `name` with exactly `shape`, converted to `dtype`.

@@ -47,7 +47,7 @@ pub struct LoadedLlm {
 /// the model.
 pub fn load_llm(path: &Path, rt: &Runtime) -> Result<LoadedLlm> {
     let source = LlmSource::from_path(path)?;
-    let (store, config, tokenizer) = match &source {
+    let (mut store, config, tokenizer) = match &source {
         LlmSource::Gguf(p) => {
             let (store, config, meta) = read_gguf(p, rt)?;
             let tok = ChatTokenizer::from_gguf(p, &meta)?;
@@ -60,6 +60,7 @@ pub fn load_llm(path: &Path, rt: &Runtime) -> Result<LoadedLlm> {
         }
     };
     store.verify_finite()?;
+    super::stack_projections(&mut store, &config)?;
     let model = Llama::load(&store, &config, rt.dtype, &rt.device)?;
     Ok(LoadedLlm {
         model,

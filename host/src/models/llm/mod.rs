@@ -6,7 +6,7 @@ mod llama;
 mod load;
 mod tokenizer;
 
-pub use llama::{KvCache, Llama, LlamaConfig, LogitsAt, Placement};
+pub use llama::{stack_projections, KvCache, Llama, LlamaConfig, LogitsAt, Placement};
 pub use load::{export_gguf_to_hf, load_llm, read_gguf, unpermute_qk, LlmSource, LoadedLlm};
 pub use tokenizer::{ChatTokenizer, SpecialTokens};
 

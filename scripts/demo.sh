@@ -2,7 +2,7 @@
 # All set-up, then the main job on the embedded default: a short CPU training run of the
 # projector (Whisper tiny.en + SmolLM2-135M-Instruct, both frozen) on the bundled clips in
 # configs/data/tones, then captioning of those clips, each caption printed beside its
-# target. About 2-3 minutes on 2 cores after the build.
+# target. About a minute on 2 cores after the build.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 "$root/scripts/setup.sh"

@@ -11,6 +11,7 @@ use candle_nn::{Conv1d, Conv1dConfig, LayerNorm};
 use serde::Deserialize;
 
 use super::frozen::FrozenLinear;
+use super::fused;
 use super::nonfinite::NonFiniteTrace;
 use super::weights::{read_json_config, ModelError, Result, WeightStore};
 use super::Runtime;
@@ -209,8 +210,8 @@ impl WhisperEncoder {
             });
         }
         let mel = mel.to_dtype(self.dtype)?;
-        let x = self.conv1.forward(&mel)?.gelu_erf()?;
-        let x = self.conv2.forward(&x)?.gelu_erf()?;
+        let x = fused::gelu_erf_inference(&self.conv1.forward(&mel)?)?;
+        let x = fused::gelu_erf_inference(&self.conv2.forward(&x)?)?;
         let x = x.transpose(1, 2)?;
         let positions = x.dim(1)?;
         if positions > self.config.max_source_positions {
@@ -227,9 +228,9 @@ impl WhisperEncoder {
         for (i, block) in self.blocks.iter().enumerate() {
             let h = block.attn.forward(&block.attn_ln.forward(&x)?)?;
             x = (x + h)?;
-            let h = block
-                .fc2
-                .forward(&block.fc1.forward(&block.mlp_ln.forward(&x)?)?.gelu_erf()?)?;
+            let h = block.fc2.forward(&fused::gelu_erf_inference(
+                &block.fc1.forward(&block.mlp_ln.forward(&x)?)?,
+            )?)?;
             x = (x + h)?;
             trace.check(|| format!("whisper.encoder.layers.{i}"), &x)?;
         }
@@ -253,7 +254,7 @@ impl Attention {
         let k = split(self.k.forward(x)?)?;
         let v = split(self.v.forward(x)?)?;
         let scores = q.matmul(&k.t()?)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = fused::softmax_last_dim_inference(&scores)?;
         let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
         Ok(self.out.forward(&y)?)
     }

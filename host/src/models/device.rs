@@ -40,8 +40,8 @@ impl Runtime {
 /// keeps candle's elementwise ops on the calling thread unless `CANDLE_NUM_THREADS` is set.
 /// candle runs elementwise ops on its own worker pool, whose workers spin for a while after
 /// each op, while matmuls run on rayon's pool; the spinning workers then take cores from the
-/// matmul (on 2 cores: 1.34 s instead of 1.52 s per training step, see BENCHMARKS.md). The
-/// encoder alone is faster with the pool, so this is not the default. Takes effect only
+/// matmul (`scripts/bench_train.sh` prints the step both ways; figures in BENCHMARKS.md).
+/// The encoder alone is faster with the pool, so this is not the default. Takes effect only
 /// before candle's first CPU op in this process.
 pub fn keep_elementwise_on_caller() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {

@@ -62,6 +62,43 @@ fn rows_per_task(row_len: usize) -> usize {
     (PAR_MIN / row_len.max(1)).max(1)
 }
 
+/// Rows of `out_w` computed in parallel from the matching rows of `x` (width `x_w`):
+/// `f(row index, input row, output row)`. Every fused kernel is one of these.
+fn map_rows<T: Copy + Default + Send + Sync>(
+    x: &[T],
+    x_w: usize,
+    out_w: usize,
+    f: impl Fn(usize, &[T], &mut [T]) + Sync,
+) -> Vec<T> {
+    if x_w == 0 || out_w == 0 {
+        return Vec::new();
+    }
+    let mut out = vec![T::default(); x.len() / x_w * out_w];
+    out.par_chunks_exact_mut(out_w)
+        .zip(x.par_chunks_exact(x_w))
+        .enumerate()
+        .with_min_len(rows_per_task(x_w.max(out_w)))
+        .for_each(|(r, (dst, row))| f(r, row, dst));
+    out
+}
+
+/// As [`map_rows`], with a second input whose rows (width `y_w`) match `x`'s.
+fn map_rows2<T: Copy + Default + Send + Sync>(
+    x: &[T],
+    x_w: usize,
+    y: &[T],
+    y_w: usize,
+    out_w: usize,
+    f: impl Fn(usize, &[T], &[T], &mut [T]) + Sync,
+) -> Vec<T> {
+    if y_w == 0 {
+        return Vec::new();
+    }
+    map_rows(x, x_w, out_w, |r, row, dst| {
+        f(r, row, &y[r * y_w..(r + 1) * y_w], dst)
+    })
+}
+
 fn contiguous<'a, T>(data: &'a [T], l: &Layout, op: &str) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
@@ -119,13 +156,8 @@ trait RowKernel: Send + Sync {
 
 impl<F: RowKernel> RowGrad<F> {
     fn run<T: Float>(&self, saved: &[T], grad: &[T]) -> Vec<T> {
-        let mut out = vec![T::default(); saved.len()];
-        out.par_chunks_exact_mut(self.width)
-            .zip(saved.par_chunks_exact(self.width))
-            .zip(grad.par_chunks_exact(self.width))
-            .with_min_len(rows_per_task(self.width))
-            .for_each(|((dst, s), g)| self.f.row(s, g, dst));
-        out
+        let w = self.width;
+        map_rows2(saved, w, grad, w, w, |_, s, g, dst| self.f.row(s, g, dst))
     }
 }
 
@@ -182,18 +214,13 @@ struct RmsNorm {
 
 fn rms_norm_rows<T: Float>(x: &[T], w: &[f64], eps: f64) -> Vec<T> {
     let d = w.len();
-    let mut out = vec![T::default(); x.len()];
-    out.par_chunks_exact_mut(d)
-        .zip(x.par_chunks_exact(d))
-        .with_min_len(rows_per_task(d))
-        .for_each(|(dst, row)| {
-            let ms = row.iter().map(|v| v.d() * v.d()).sum::<f64>() / d as f64;
-            let r = T::f(1.0 / (ms + eps).sqrt());
-            for ((o, &v), &g) in dst.iter_mut().zip(row).zip(w) {
-                *o = v.mul(r).mul(T::f(g));
-            }
-        });
-    out
+    map_rows(x, d, d, |_, row, dst| {
+        let ms = row.iter().map(|v| v.d() * v.d()).sum::<f64>() / d as f64;
+        let r = T::f(1.0 / (ms + eps).sqrt());
+        for ((o, &v), &g) in dst.iter_mut().zip(row).zip(w) {
+            *o = v.mul(r).mul(T::f(g));
+        }
+    })
 }
 
 impl CustomOp1 for RmsNorm {
@@ -419,43 +446,37 @@ impl MaskedSoftmax {
     fn rows<T: Float>(&self, x: &[T], dims: &[usize]) -> Vec<T> {
         let s = dims[dims.len() - 1];
         let per_batch: usize = dims[1..dims.len() - 1].iter().product();
-        let mut out = vec![T::default(); x.len()];
         let scale = T::f(self.scale);
         // In the input's precision, as candle's own softmax computes it.
-        out.par_chunks_exact_mut(s)
-            .zip(x.par_chunks_exact(s))
-            .enumerate()
-            .with_min_len(rows_per_task(s))
-            .for_each(|(r, (dst, row))| {
-                let (bi, tq) = (r / per_batch, r % self.t);
-                let mask = self.mask.as_ref().map(|m| {
-                    let mb = if m.rows == 1 { 0 } else { bi };
-                    &m.values[(mb * self.t + tq) * s..(mb * self.t + tq + 1) * s]
-                });
-                let mut max = f64::NEG_INFINITY;
-                for j in 0..s {
-                    let v = match mask {
-                        Some(m) => row[j].mul(scale).add(T::f(m[j])),
-                        None => row[j].mul(scale),
-                    };
-                    dst[j] = v;
-                    max = max.max(v.d());
-                }
-                if max == f64::NEG_INFINITY {
-                    dst.fill(T::default());
-                    return;
-                }
-                let max = T::f(max);
-                let mut sum = T::default();
-                for v in dst.iter_mut() {
-                    *v = v.sub(max).exp();
-                    sum = sum.add(*v);
-                }
-                for v in dst.iter_mut() {
-                    *v = v.div(sum);
-                }
+        map_rows(x, s, s, |r, row, dst| {
+            let (bi, tq) = (r / per_batch, r % self.t);
+            let mask = self.mask.as_ref().map(|m| {
+                let mb = if m.rows == 1 { 0 } else { bi };
+                &m.values[(mb * self.t + tq) * s..(mb * self.t + tq + 1) * s]
             });
-        out
+            let mut max = f64::NEG_INFINITY;
+            for j in 0..s {
+                let v = match mask {
+                    Some(m) => row[j].mul(scale).add(T::f(m[j])),
+                    None => row[j].mul(scale),
+                };
+                dst[j] = v;
+                max = max.max(v.d());
+            }
+            if max == f64::NEG_INFINITY {
+                dst.fill(T::default());
+                return;
+            }
+            let max = T::f(max);
+            let mut sum = T::default();
+            for v in dst.iter_mut() {
+                *v = v.sub(max).exp();
+                sum = sum.add(*v);
+            }
+            for v in dst.iter_mut() {
+                *v = v.div(sum);
+            }
+        })
     }
 }
 
@@ -533,17 +554,12 @@ fn silu_parts<T: Float>(g: T) -> (T, T) {
 impl SwiGlu {
     fn run<T: Float>(&self, x: &[T]) -> Vec<T> {
         let i = self.width;
-        let mut out = vec![T::default(); x.len() / 2];
-        out.par_chunks_exact_mut(i)
-            .zip(x.par_chunks_exact(2 * i))
-            .with_min_len(rows_per_task(2 * i))
-            .for_each(|(dst, row)| {
-                let (gate, up) = row.split_at(i);
-                for ((o, &g), &u) in dst.iter_mut().zip(gate).zip(up) {
-                    *o = silu_parts(g).1.mul(u);
-                }
-            });
-        out
+        map_rows(x, 2 * i, i, |_, row, dst| {
+            let (gate, up) = row.split_at(i);
+            for ((o, &g), &u) in dst.iter_mut().zip(gate).zip(up) {
+                *o = silu_parts(g).1.mul(u);
+            }
+        })
     }
 }
 
@@ -584,23 +600,17 @@ struct SwiGluGrad {
 impl SwiGluGrad {
     fn run<T: Float>(&self, x: &[T], grad: &[T]) -> Vec<T> {
         let i = self.width;
-        let mut out = vec![T::default(); x.len()];
-        out.par_chunks_exact_mut(2 * i)
-            .zip(x.par_chunks_exact(2 * i))
-            .zip(grad.par_chunks_exact(i))
-            .with_min_len(rows_per_task(2 * i))
-            .for_each(|((dst, row), gr)| {
-                let (gate, up) = row.split_at(i);
-                let (dgate, dup) = dst.split_at_mut(i);
-                for j in 0..i {
-                    let (g, u, d) = (gate[j], up[j], gr[j]);
-                    let (s, silu) = silu_parts(g);
-                    let one = T::f(1.0);
-                    dgate[j] = d.mul(u).mul(s).mul(one.add(g.mul(one.sub(s))));
-                    dup[j] = d.mul(silu);
-                }
-            });
-        out
+        map_rows2(x, 2 * i, grad, i, 2 * i, |_, row, gr, dst| {
+            let (gate, up) = row.split_at(i);
+            let (dgate, dup) = dst.split_at_mut(i);
+            for j in 0..i {
+                let (g, u, d) = (gate[j], up[j], gr[j]);
+                let (s, silu) = silu_parts(g);
+                let one = T::f(1.0);
+                dgate[j] = d.mul(u).mul(s).mul(one.add(g.mul(one.sub(s))));
+                dup[j] = d.mul(silu);
+            }
+        })
     }
 }
 
@@ -661,10 +671,10 @@ impl CrossEntropy {
     }
 
     fn run<T: Float>(&self, x: &[T], v: usize) -> Vec<T> {
-        x.par_chunks_exact(v)
-            .zip(self.targets.par_iter())
-            .map(|(row, &t)| T::f(log_sum_exp(row) - row[t as usize].d()))
-            .collect()
+        map_rows(x, v, 1, |r, row, dst| {
+            let t = self.targets[r] as usize;
+            dst[0] = T::f(log_sum_exp(row) - row[t].d());
+        })
     }
 }
 
@@ -710,19 +720,14 @@ struct CrossEntropyGrad {
 
 impl CrossEntropyGrad {
     fn run<T: Float>(&self, x: &[T], grad: &[T], v: usize) -> Vec<T> {
-        let mut out = vec![T::default(); x.len()];
-        out.par_chunks_exact_mut(v)
-            .zip(x.par_chunks_exact(v))
-            .zip(grad.par_iter().zip(self.targets.par_iter()))
-            .for_each(|((dst, row), (&g, &t))| {
-                let lse = T::f(log_sum_exp(row));
-                for (o, x) in dst.iter_mut().zip(row) {
-                    *o = g.mul(x.sub(lse).exp());
-                }
-                let g = g.d();
-                dst[t as usize] = T::f(dst[t as usize].d() - g);
-            });
-        out
+        map_rows2(x, v, grad, 1, v, |r, row, g, dst| {
+            let (g, t) = (g[0], self.targets[r] as usize);
+            let lse = T::f(log_sum_exp(row));
+            for (o, x) in dst.iter_mut().zip(row) {
+                *o = g.mul(x.sub(lse).exp());
+            }
+            dst[t] = T::f(dst[t].d() - g.d());
+        })
     }
 }
 
@@ -919,25 +924,21 @@ impl CustomOp1 for FastSoftmax {
             candle_core::bail!("fast-softmax: f32 only");
         };
         let x = contiguous(v, l, "fast-softmax")?;
-        let n = l.dims().last().copied().unwrap_or(1).max(1);
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_exact_mut(n)
-            .zip(x.par_chunks_exact(n))
-            .with_min_len(rows_per_task(n))
-            .for_each(|(dst, row)| {
-                let max = lanes(row, f32::NEG_INFINITY, |m, v| if v > m { v } else { m });
-                if !max.is_finite() || row.iter().any(|v| v.is_nan()) {
-                    // NaN / infinite rows keep std's semantics (NaN stays visible).
-                    let mut sum = 0.0;
-                    for (d, &v) in dst.iter_mut().zip(row) {
-                        *d = (v - max).exp();
-                        sum += *d;
-                    }
-                    dst.iter_mut().for_each(|d| *d /= sum);
-                    return;
+        let n = l.dims().last().copied().unwrap_or(1);
+        let out = map_rows(x, n, n, |_, row, dst| {
+            let max = lanes(row, f32::NEG_INFINITY, |m, v| if v > m { v } else { m });
+            if !max.is_finite() || row.iter().any(|v| v.is_nan()) {
+                // NaN / infinite rows keep std's semantics (NaN stays visible).
+                let mut sum = 0.0;
+                for (d, &v) in dst.iter_mut().zip(row) {
+                    *d = (v - max).exp();
+                    sum += *d;
                 }
-                softmax_row(dst, row, max);
-            });
+                dst.iter_mut().for_each(|d| *d /= sum);
+                return;
+            }
+            softmax_row(dst, row, max);
+        });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 }

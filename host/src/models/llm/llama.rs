@@ -160,38 +160,48 @@ const GATE_UP: &str = "gate_up_proj";
 /// card). Layers whose tensors are missing or have other shapes than `cfg` says are left
 /// alone, so that `Llama::load` reports them by name. Run after the weights are verified.
 pub fn stack_projections(store: &mut WeightStore, cfg: &LlamaConfig) -> Result<()> {
-    let (h, hd) = (cfg.hidden_size, cfg.head_dim());
-    let (nh, nkv) = (cfg.num_attention_heads, cfg.n_kv_heads());
     for i in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{i}");
-        let groups = [
-            (
-                format!("{p}.self_attn.{QKV}.weight"),
-                vec![
-                    (format!("{p}.self_attn.q_proj.weight"), nh * hd),
-                    (format!("{p}.self_attn.k_proj.weight"), nkv * hd),
-                    (format!("{p}.self_attn.v_proj.weight"), nkv * hd),
-                ],
-            ),
-            (
-                format!("{p}.mlp.{GATE_UP}.weight"),
-                vec![
-                    (format!("{p}.mlp.gate_proj.weight"), cfg.intermediate_size),
-                    (format!("{p}.mlp.up_proj.weight"), cfg.intermediate_size),
-                ],
-            ),
-        ];
-        for (into, parts) in groups {
-            let fits = parts
-                .iter()
-                .all(|(name, out)| store.shape_of(name).as_deref() == Some(&[*out, h][..]));
+        for group in stacked_groups(cfg, i) {
+            let fits = group.parts.iter().all(|(name, out)| {
+                store.shape_of(name).as_deref() == Some(&[*out, cfg.hidden_size][..])
+            });
             if fits {
-                let names: Vec<String> = parts.into_iter().map(|(name, _)| name).collect();
-                store.stack_rows(&names, &into)?;
+                let names: Vec<String> = group.parts.into_iter().map(|(name, _)| name).collect();
+                store.stack_rows(&names, &group.into)?;
             }
         }
     }
     Ok(())
+}
+
+/// A stacked weight and the weights (name, rows) it is made of, in row order; each reads
+/// the hidden state.
+struct StackedGroup {
+    into: String,
+    parts: Vec<(String, usize)>,
+}
+
+/// Layer `i`'s stacked weights: [q | k | v] and [gate | up].
+fn stacked_groups(cfg: &LlamaConfig, i: usize) -> [StackedGroup; 2] {
+    let (hd, nh, nkv) = (cfg.head_dim(), cfg.num_attention_heads, cfg.n_kv_heads());
+    let p = format!("model.layers.{i}");
+    [
+        StackedGroup {
+            into: format!("{p}.self_attn.{QKV}.weight"),
+            parts: vec![
+                (format!("{p}.self_attn.q_proj.weight"), nh * hd),
+                (format!("{p}.self_attn.k_proj.weight"), nkv * hd),
+                (format!("{p}.self_attn.v_proj.weight"), nkv * hd),
+            ],
+        },
+        StackedGroup {
+            into: format!("{p}.mlp.{GATE_UP}.weight"),
+            parts: vec![
+                (format!("{p}.mlp.gate_proj.weight"), cfg.intermediate_size),
+                (format!("{p}.mlp.up_proj.weight"), cfg.intermediate_size),
+            ],
+        },
+    ]
 }
 
 /// Keys and values of earlier positions, as one layer's attention sees them.
@@ -265,7 +275,7 @@ struct LayerTape {
     attn_gain: fused::Gain,
     mlp_gain: fused::Gain,
     eps: f64,
-    rope: Option<fused::RopeTables>,
+    rope: fused::RopeTables,
     /// (query heads, key/value heads, head dim)
     heads: (usize, usize, usize),
 }
@@ -276,10 +286,7 @@ impl LayerTape {
         let (b, t, h) = grad.dims3()?;
         let (nh, nkv, hd) = self.heads;
         let (n, group) = (b * t, nh / nkv);
-        let rope = self
-            .rope
-            .as_ref()
-            .ok_or_else(|| candle_core::Error::Msg("layer tape without rotary tables".into()))?;
+        let rope = &self.rope;
         // MLP: x2 = x1 + down(swiglu(gate_up(norm(x1)))).
         let g2 = grad.reshape((n, h))?;
         let d_act = g2.matmul(&self.down_w)?;
@@ -425,50 +432,35 @@ impl Llama {
         };
         // Projections that read the same input, stacked into one weight (already in the
         // store after `stack_projections`, else stacked here).
-        let stacked =
-            |into: String, parts: &[(String, usize)], inp: usize| -> Result<FrozenLinear> {
-                let total = parts.iter().map(|(_, out)| out).sum::<usize>();
-                if store.contains(&format!("{into}.weight")) {
-                    return Ok(FrozenLinear::new(
-                        get(&format!("{into}.weight"), &[total, inp])?,
-                        None,
-                    ));
-                }
-                let weights = parts
+        let stacked = |group: &StackedGroup| -> Result<FrozenLinear> {
+            let total = group.parts.iter().map(|(_, out)| out).sum::<usize>();
+            let weight = if store.contains(&group.into) {
+                get(&group.into, &[total, h])?
+            } else {
+                let parts = group
+                    .parts
                     .iter()
-                    .map(|(name, out)| get(&format!("{name}.weight"), &[*out, inp]))
+                    .map(|(name, out)| get(name, &[*out, h]))
                     .collect::<Result<Vec<_>>>()?;
-                Ok(FrozenLinear::new(Tensor::cat(&weights, 0)?, None))
+                Tensor::cat(&parts, 0)?
             };
+            Ok(FrozenLinear::new(weight, None))
+        };
         let embed = get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let attn_norm = get(&format!("{p}.input_layernorm.weight"), &[h])?;
             let mlp_norm = get(&format!("{p}.post_attention_layernorm.weight"), &[h])?;
+            let [qkv, gate_up] = stacked_groups(cfg, i);
             blocks.push(Block {
                 attn_gain: fused::Gain::new(&attn_norm)?,
                 mlp_gain: fused::Gain::new(&mlp_norm)?,
                 attn_norm,
                 mlp_norm,
-                qkv: stacked(
-                    format!("{p}.self_attn.{QKV}"),
-                    &[
-                        (format!("{p}.self_attn.q_proj"), nh * hd),
-                        (format!("{p}.self_attn.k_proj"), nkv * hd),
-                        (format!("{p}.self_attn.v_proj"), nkv * hd),
-                    ],
-                    h,
-                )?,
+                qkv: stacked(&qkv)?,
                 o: lin(&format!("{p}.self_attn.o_proj"), h, nh * hd)?,
-                gate_up: stacked(
-                    format!("{p}.mlp.{GATE_UP}"),
-                    &[
-                        (format!("{p}.mlp.gate_proj"), cfg.intermediate_size),
-                        (format!("{p}.mlp.up_proj"), cfg.intermediate_size),
-                    ],
-                    h,
-                )?,
+                gate_up: stacked(&gate_up)?,
                 down: lin(&format!("{p}.mlp.down_proj"), h, cfg.intermediate_size)?,
             });
         }
@@ -758,14 +750,15 @@ impl Llama {
         })
     }
 
-    /// One decoder layer: x + attention(norm(x)), then + mlp(norm(.)).
+    /// One decoder layer: x + attention(norm(x)), then + mlp(norm(.)). When the forward
+    /// runs off the graph (`pos.off_graph`), also the tape of its hand-written backward.
     fn layer(
         &self,
         block: &Block,
         x: &Tensor,
         pos: &Positional,
         past: LayerPast<'_>,
-    ) -> Result<(Tensor, LayerTape)> {
+    ) -> Result<(Tensor, Option<LayerTape>)> {
         let n = self.rms_norm(x, &block.attn_norm, &block.attn_gain)?;
         let attended = self.attention(block, &n, pos, past)?;
         let x1 = (x + &attended.out)?;
@@ -773,6 +766,10 @@ impl Llama {
         let gate_up = block.gate_up.forward(&n)?;
         let x2 = (&x1 + block.down.forward(&self.swiglu(&gate_up)?)?)?;
         let cfg = &self.config;
+        let rope = match (&pos.rope_fused, pos.off_graph) {
+            (Some(rope), true) => rope.clone(),
+            _ => return Ok((x2, None)),
+        };
         let tape = LayerTape {
             x: x.clone(),
             x1,
@@ -788,10 +785,10 @@ impl Llama {
             attn_gain: block.attn_gain.clone(),
             mlp_gain: block.mlp_gain.clone(),
             eps: cfg.rms_norm_eps,
-            rope: pos.rope_fused.clone(),
+            rope,
             heads: (cfg.num_attention_heads, cfg.n_kv_heads(), cfg.head_dim()),
         };
-        Ok((x2, tape))
+        Ok((x2, Some(tape)))
     }
 
     /// Hidden states after the final norm: (B, T, hidden).
@@ -903,7 +900,12 @@ impl Llama {
         let rope = self.rope_tables(t, placement)?;
         let mask = self.mask(t, cached + t, placement)?;
         let fused_ops = self.use_fused();
-        let mut pos = Positional {
+        // Training on the CPU: each layer runs off the graph and joins it as one node with a
+        // hand-written backward (see `LayerTape`). Inference with a cache keeps no tape.
+        let taped = fused_ops
+            && matches!(placement, Placement::Offset(_))
+            && !matches!(past, Past::Cache(_));
+        let pos = Positional {
             rope_fused: fused_ops
                 .then(|| fused::RopeTables::new(&rope.0, &rope.1, self.config.rope_interleaved))
                 .transpose()?,
@@ -913,19 +915,14 @@ impl Llama {
             },
             rope,
             mask,
-            off_graph: false,
+            off_graph: taped,
         };
-        // Training on the CPU: each layer runs off the graph and joins it as one node with a
-        // hand-written backward (see `LayerTape`). Inference with a cache keeps no tape.
-        let taped = self.use_fused()
-            && matches!(placement, Placement::Offset(_))
-            && !matches!(past, Past::Cache(_));
-        pos.off_graph = taped;
         let mut x = embeds.to_dtype(self.dtype)?;
         for (i, block) in self.blocks.iter().enumerate() {
-            x = if taped {
-                let (out, tape) = self.layer(block, &x.detach(), &pos, past.layer(i))?;
-                fused::attach(&x, &out, move |grad| {
+            let input = if taped { x.detach() } else { x.clone() };
+            let (out, tape) = self.layer(block, &input, &pos, past.layer(i))?;
+            x = match tape {
+                Some(tape) => fused::attach(&x, &out, move |grad| {
                     let dx = tape.backward(grad)?;
                     // The backward runs from the last layer down: the first failure names
                     // the layer nearest the loss whose input gradient is not finite.
@@ -933,9 +930,8 @@ impl Llama {
                         .check(|| format!("llm.layers.{i} (gradient of its input)"), &dx)
                         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
                     Ok(dx)
-                })?
-            } else {
-                self.layer(block, &x, &pos, past.layer(i))?.0
+                })?,
+                None => out,
             };
             trace.check(|| format!("llm.layers.{i}"), &x)?;
         }

@@ -103,6 +103,38 @@ fn logits_at_every_position_match_the_float_reference() {
 }
 
 #[test]
+fn decoding_from_packed_gguf_blocks_matches_the_float_reference() {
+    // One position per forward, as decoding runs: the projections read the Q4_1 / Q8_0
+    // blocks kept from the GGUF (every one of them: 30 layers x 4 stacked projections, and
+    // the tied LM head) instead of the dequantized matrices. Three rows at once exercise the
+    // multi-row kernel as batched captioning does.
+    let model = &llm().model;
+    assert_eq!(model.packed_projections(), 30 * 4 + 1);
+    let ids = chatml_ids();
+    let rows = 3;
+    let mut cache = model.new_cache();
+    let mut per_row = vec![Vec::new(); rows];
+    for (pos, &id) in ids.iter().enumerate() {
+        let x = Tensor::new(&[id], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let e = model.embed(&x).unwrap().repeat((rows, 1, 1)).unwrap();
+        let l = model
+            .forward(&e, pos, Some(&mut cache), LogitsAt::Last, NO_TRACE)
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap();
+        for (row, l) in per_row.iter_mut().zip(l) {
+            row.extend(&l[0]);
+        }
+    }
+    for row in &per_row {
+        check_logits_against_oracle(row);
+    }
+}
+
+#[test]
 fn cached_forward_equals_full_forward() {
     let model = &llm().model;
     let ids = chatml_ids();

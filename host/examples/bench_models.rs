@@ -1,7 +1,7 @@
 //! Model timings for scripts/bench_models.sh (which runs the references side by side).
 //!
 //! bench_models encoder WHISPER_DIR MEL.npy REPEATS   -> median s per 30 s window
-//! bench_models llm GGUF PROMPT_TOKENS DECODE_TOKENS [composed]  -> prompt tokens/s, decode tokens/s
+//! bench_models llm GGUF PROMPT_TOKENS DECODE_TOKENS [composed|dequantized]  -> prompt tokens/s, decode tokens/s
 //! bench_models train-step GGUF prefix|full|stock REPEATS   -> median step s, peak RSS
 //! bench_models peak   -> f32 matmul GFLOP/s at the encoder's MLP shape
 //! One JSON object on stdout per call.
@@ -62,9 +62,12 @@ fn main() {
         }
         Some("llm") => {
             let mut model = load_llama(&args[2]);
-            // A/B: candle's composed ops instead of the fused ones.
-            if args.get(5).map(|s| s.as_str()) == Some("composed") {
-                model.use_stock_backward();
+            // A/B: candle's composed ops instead of the fused ones; decoding from the
+            // dequantized f32 matrices instead of the GGUF blocks.
+            match args.get(5).map(|s| s.as_str()) {
+                Some("composed") => model.use_stock_backward(),
+                Some("dequantized") => model.use_dequantized_products(),
+                _ => {}
             }
             let (n_prompt, n_decode): (usize, usize) =
                 (args[3].parse().unwrap(), args[4].parse().unwrap());
@@ -125,7 +128,8 @@ fn main() {
             let p = median(runs.iter().map(|r| r.0).collect());
             let d = median(runs.iter().map(|r| r.1).collect());
             println!(
-                "{{\"what\":\"llm\",\"prompt_tokens_per_s\":{},\"decode_tokens_per_s\":{}}}",
+                "{{\"what\":\"llm\",\"packed_projections\":{},\"prompt_tokens_per_s\":{},\"decode_tokens_per_s\":{}}}",
+                model.packed_projections(),
                 n_prompt as f64 / p,
                 n_decode as f64 / d
             );

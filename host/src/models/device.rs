@@ -48,3 +48,13 @@ pub fn keep_elementwise_on_caller() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
 }
+
+/// Runs `f` on a thread of rayon's pool, the one the parallel products (gemm, packed
+/// blocks, fused kernels) use, and waits for it. A thread outside the pool that starts a
+/// parallel product sleeps until the pool has finished it and is then woken: ~120 times per
+/// decoded token, which cost a fifth of a decode step (`bench_models llm`). On a thread of
+/// the pool, `f` works on its own products, so the handoff happens once per call. Runs `f`
+/// in place when already on the pool.
+pub fn on_compute_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    rayon::join(f, || ()).0
+}

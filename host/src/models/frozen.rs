@@ -5,8 +5,17 @@
 //! held in the GradStore (for 7B in bf16, ~14 GB) and roughly double the backward matmul work.
 //! Here the weight is hidden inside a custom op whose backward returns `None` for it.
 
+use std::sync::Arc;
+
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+
+use super::packed::{PackedMatrix, PackedProduct};
+
+/// Products with at most this many rows (one decoded token per sequence of a batch) read
+/// the packed blocks when there are some; more rows amortise the f32 matrix over enough
+/// work that gemm is faster.
+pub const PACKED_MAX_ROWS: usize = 4;
 
 /// y = x W^T (+ b) with W frozen: (.., in) -> (.., out).
 #[derive(Debug, Clone)]
@@ -19,6 +28,8 @@ pub struct FrozenLinear {
     bias: Option<Tensor>,
     /// Plain candle matmul instead of the custom op (for the memory benchmark's baseline).
     plain: bool,
+    /// The weight in the GGUF blocks it was stored in, for few-row products on the CPU.
+    packed: Option<Arc<PackedMatrix>>,
 }
 
 impl FrozenLinear {
@@ -29,7 +40,24 @@ impl FrozenLinear {
             weight_t,
             bias,
             plain: false,
+            packed: None,
         }
+    }
+
+    /// Few-row products (decoding) read `packed`, the same weight in GGUF blocks.
+    pub fn with_packed(mut self, packed: Option<Arc<PackedMatrix>>) -> Self {
+        self.packed = packed.filter(|p| {
+            let (r, c) = p.dims();
+            self.weight.dims() == [r, c]
+                && self.weight.device().is_cpu()
+                && self.weight.dtype() == DType::F32
+        });
+        self
+    }
+
+    /// Whether few-row products read packed blocks.
+    pub fn is_packed(&self) -> bool {
+        self.packed.is_some()
     }
 
     /// Same values, but through candle's stock matmul (keeps weight gradients).
@@ -61,7 +89,14 @@ impl FrozenLinear {
             );
         }
         let x2 = x.reshape(((), in_dim))?;
-        let y = if self.plain {
+        let few_rows = x2.dim(0)? <= PACKED_MAX_ROWS;
+        let y = if let Some(p) = self.packed.as_ref().filter(|_| few_rows && !x2.track_op()) {
+            // No gradient wanted (inference, or a taped layer whose backward uses `weight`).
+            x2.to_dtype(DType::F32)?
+                .contiguous()?
+                .apply_op1_no_bwd(&PackedProduct(p))?
+                .to_dtype(x.dtype())?
+        } else if self.plain {
             x2.matmul(&self.weight_t)?
         } else {
             x2.contiguous()?.apply_op2(&self.weight_t, FrozenMatmul)?

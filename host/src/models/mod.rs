@@ -7,6 +7,7 @@ pub mod frozen;
 pub mod fused;
 pub mod llm;
 pub mod nonfinite;
+pub mod packed;
 pub mod projector;
 pub mod weights;
 pub mod whisper;

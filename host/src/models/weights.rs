@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
+use super::packed::PackedMatrix;
+
 /// A tensor that holds NaN or infinite values, with counts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NonFiniteTensor {
@@ -77,6 +79,10 @@ pub type Result<T> = std::result::Result<T, ModelError>;
 pub struct WeightStore {
     pub source_desc: String,
     tensors: HashMap<String, Tensor>,
+    /// The same weights in the GGUF blocks they were read from (CPU f32 loads of Q4_0,
+    /// Q4_1 and Q8_0 matrices), for decoding (see `packed`). Checked through `tensors`,
+    /// which were dequantized from these bytes.
+    packed: HashMap<String, PackedMatrix>,
 }
 
 impl WeightStore {
@@ -84,7 +90,21 @@ impl WeightStore {
         Self {
             source_desc: source_desc.into(),
             tensors,
+            packed: HashMap::new(),
         }
+    }
+
+    /// Keeps `packed`, the block form of tensor `name` (same shape).
+    pub fn insert_packed(&mut self, name: impl Into<String>, packed: PackedMatrix) {
+        self.packed.insert(name.into(), packed);
+    }
+
+    /// The block form of tensor `name`, if it was read from one and has `shape`.
+    pub fn packed(&self, name: &str, shape: &[usize]) -> Option<&PackedMatrix> {
+        self.packed.get(name).filter(|p| {
+            let (r, c) = p.dims();
+            shape == [r, c]
+        })
     }
 
     /// Loads one or more safetensors files (the shards of one model) onto `device`.
@@ -168,6 +188,13 @@ impl WeightStore {
         let stacked = Tensor::cat(&taken, 0)?;
         drop(taken);
         self.tensors.insert(into.to_string(), stacked);
+        let packed: Vec<PackedMatrix> =
+            parts.iter().filter_map(|n| self.packed.remove(n)).collect();
+        if packed.len() == parts.len() {
+            if let Some(p) = PackedMatrix::stack(&packed.iter().collect::<Vec<_>>()) {
+                self.packed.insert(into.to_string(), p);
+            }
+        }
         Ok(())
     }
 

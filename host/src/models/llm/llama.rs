@@ -3,6 +3,8 @@
 //! RMSNorm from primitive ops, rotary via `rope_slow`/`rope_i_slow`; projections are
 //! [`FrozenLinear`], which passes gradients to its input but never computes weight gradients.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
@@ -10,6 +12,7 @@ use super::LanguageModel;
 use crate::models::frozen::FrozenLinear;
 use crate::models::fused;
 use crate::models::nonfinite::NonFiniteTrace;
+use crate::models::packed::PackedMatrix;
 use crate::models::weights::{ModelError, Result, WeightStore};
 
 /// Hugging Face `LlamaConfig` / `MistralConfig` fields (unknown fields ignored).
@@ -424,27 +427,38 @@ impl Llama {
             )));
         }
         let get = |name: &str, shape: &[usize]| store.get(name, shape, dtype);
+        // The GGUF blocks of a weight, for decoding (kept only for CPU f32 models).
+        let packed = |name: &str, shape: &[usize]| store.packed(name, shape).cloned().map(Arc::new);
         let lin = |name: &str, out: usize, inp: usize| -> Result<FrozenLinear> {
-            Ok(FrozenLinear::new(
-                get(&format!("{name}.weight"), &[out, inp])?,
-                None,
-            ))
+            let name = format!("{name}.weight");
+            Ok(FrozenLinear::new(get(&name, &[out, inp])?, None)
+                .with_packed(packed(&name, &[out, inp])))
         };
         // Projections that read the same input, stacked into one weight (already in the
         // store after `stack_projections`, else stacked here).
         let stacked = |group: &StackedGroup| -> Result<FrozenLinear> {
             let total = group.parts.iter().map(|(_, out)| out).sum::<usize>();
-            let weight = if store.contains(&group.into) {
-                get(&group.into, &[total, h])?
+            let (weight, blocks) = if store.contains(&group.into) {
+                (
+                    get(&group.into, &[total, h])?,
+                    packed(&group.into, &[total, h]),
+                )
             } else {
                 let parts = group
                     .parts
                     .iter()
                     .map(|(name, out)| get(name, &[*out, h]))
                     .collect::<Result<Vec<_>>>()?;
-                Tensor::cat(&parts, 0)?
+                let blocks = group
+                    .parts
+                    .iter()
+                    .map(|(name, out)| store.packed(name, &[*out, h]))
+                    .collect::<Option<Vec<_>>>()
+                    .and_then(|parts| PackedMatrix::stack(&parts))
+                    .map(Arc::new);
+                (Tensor::cat(&parts, 0)?, blocks)
             };
-            Ok(FrozenLinear::new(weight, None))
+            Ok(FrozenLinear::new(weight, None).with_packed(blocks))
         };
         let embed = get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
@@ -468,6 +482,7 @@ impl Llama {
             lin("lm_head", cfg.vocab_size, h)?
         } else {
             FrozenLinear::new(embed.clone(), None)
+                .with_packed(packed("model.embed_tokens.weight", &[cfg.vocab_size, h]))
         };
         // Rotary tables in f32: (max_pos, head_dim / 2).
         let inv_freq: Vec<f32> = (0..hd / 2)
@@ -505,6 +520,27 @@ impl Llama {
             }
         }
         self.lm_head = self.lm_head.clone().with_stock_backward();
+    }
+
+    /// Decodes with the dequantized f32 matrices even where packed GGUF blocks were kept
+    /// (the benchmark's A/B and tests that compare the two).
+    pub fn use_dequantized_products(&mut self) {
+        for b in &mut self.blocks {
+            for l in [&mut b.qkv, &mut b.o, &mut b.gate_up, &mut b.down] {
+                *l = l.clone().with_packed(None);
+            }
+        }
+        self.lm_head = self.lm_head.clone().with_packed(None);
+    }
+
+    /// How many of the model's projections (LM head included) decode from packed blocks.
+    pub fn packed_projections(&self) -> usize {
+        self.blocks
+            .iter()
+            .flat_map(|b| [&b.qkv, &b.o, &b.gate_up, &b.down])
+            .chain([&self.lm_head])
+            .filter(|l| l.is_packed())
+            .count()
     }
 
     pub fn dtype(&self) -> DType {
@@ -943,6 +979,16 @@ impl Llama {
         Ok(x)
     }
 
+    /// Runs an inference forward on the CPU's compute pool (see
+    /// [`crate::models::device::on_compute_pool`]); elsewhere in place.
+    fn on_pool<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        if self.device.is_cpu() {
+            crate::models::device::on_compute_pool(f)
+        } else {
+            f()
+        }
+    }
+
     /// Logits (.., vocab) from hidden states (.., hidden): f32 (f64 for an f64 model).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         Ok(self.lm_head.forward(hidden)?.to_dtype(self.wide())?)
@@ -977,17 +1023,19 @@ impl LanguageModel for Llama {
         at: LogitsAt,
         trace: NonFiniteTrace,
     ) -> Result<Tensor> {
-        let hidden = self.forward_hidden(embeds, offset, cache, trace)?;
-        let hidden = match at {
-            LogitsAt::All => hidden,
-            LogitsAt::Last => {
-                let t = hidden.dim(1)?;
-                hidden.narrow(1, t - 1, 1)?
-            }
-        };
-        let logits = self.logits(&hidden)?;
-        trace.check(|| "llm.lm_head".into(), &logits)?;
-        Ok(logits)
+        self.on_pool(|| {
+            let hidden = self.forward_hidden(embeds, offset, cache, trace)?;
+            let hidden = match at {
+                LogitsAt::All => hidden,
+                LogitsAt::Last => {
+                    let t = hidden.dim(1)?;
+                    hidden.narrow(1, t - 1, 1)?
+                }
+            };
+            let logits = self.logits(&hidden)?;
+            trace.check(|| "llm.lm_head".into(), &logits)?;
+            Ok(logits)
+        })
     }
 
     fn forward_padded(
@@ -997,11 +1045,14 @@ impl LanguageModel for Llama {
         cache: &mut KvCache,
         trace: NonFiniteTrace,
     ) -> Result<Tensor> {
-        let hidden = self.forward_placed(embeds, Placement::Padded(slots), Some(cache), trace)?;
-        let t = hidden.dim(1)?;
-        let logits = self.logits(&hidden.narrow(1, t - 1, 1)?)?;
-        trace.check(|| "llm.lm_head".into(), &logits)?;
-        Ok(logits)
+        self.on_pool(|| {
+            let hidden =
+                self.forward_placed(embeds, Placement::Padded(slots), Some(cache), trace)?;
+            let t = hidden.dim(1)?;
+            let logits = self.logits(&hidden.narrow(1, t - 1, 1)?)?;
+            trace.check(|| "llm.lm_head".into(), &logits)?;
+            Ok(logits)
+        })
     }
 
     fn hidden_size(&self) -> usize {

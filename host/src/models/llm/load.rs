@@ -11,6 +11,7 @@ use candle_core::Tensor;
 
 use super::llama::{Llama, LlamaConfig};
 use super::tokenizer::ChatTokenizer;
+use crate::models::packed::PackedMatrix;
 use crate::models::weights::{read_json_config, ModelError, Result, WeightStore};
 use crate::models::whisper::safetensors_files;
 use crate::models::Runtime;
@@ -149,6 +150,9 @@ pub fn read_gguf(
         )));
     }
     let mut tensors = HashMap::new();
+    let mut packed = Vec::new();
+    // Decoding on the CPU in f32 reads these blocks instead of the f32 copies (`packed`).
+    let keep_blocks = rt.device.is_cpu() && rt.dtype == candle_core::DType::F32;
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for name in names {
@@ -165,6 +169,11 @@ pub fn read_gguf(
             .tensor(&mut reader, name, &rt.device)
             .map_err(|e| fmt_err(format!("tensor `{name}`: {e}")))?;
         let t: Tensor = q.dequantize(&rt.device)?;
+        if keep_blocks {
+            if let Some(p) = PackedMatrix::from_qtensor(&q)? {
+                packed.push((hf_name(name), p));
+            }
+        }
         tensors.insert(hf_name(name), t);
     }
     let m = &content.metadata;
@@ -193,7 +202,10 @@ pub fn read_gguf(
         tie_word_embeddings: !tensors.contains_key("lm_head.weight"),
         rope_interleaved: true,
     };
-    let store = WeightStore::new(path.display().to_string(), tensors);
+    let mut store = WeightStore::new(path.display().to_string(), tensors);
+    for (name, p) in packed {
+        store.insert_packed(name, p);
+    }
     Ok((store, config, content.metadata))
 }
 

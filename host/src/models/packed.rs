@@ -1,0 +1,565 @@
+//! Frozen weights kept in the GGUF block formats they were stored in (Q4_0, Q4_1, Q8_0), for
+//! products with a few rows: decoding one token reads every weight once, and the f32 copy of
+//! a Q4_1 matrix is 6.4x its bytes, so a decode step spends its time reading memory.
+//!
+//! Each block is expanded to f32 inside the dot product and the activations stay f32
+//! (llama.cpp instead rounds them to 8 bits), so a product equals the one with the
+//! dequantized f32 matrix up to the order of f32 rounding. Products with many rows (prompts,
+//! training) use the dequantized matrix, which the gemm kernels read at full speed.
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
+use half::f16;
+use rayon::prelude::*;
+
+/// Weights per block in every supported format.
+const BLOCK: usize = 32;
+
+/// Weights below which a product runs on the calling thread: a task handed to the pool
+/// costs a few microseconds, and most of a layer's decode products take ~50-200 µs.
+const PAR_MIN_WEIGHTS: usize = 1 << 15;
+
+/// Weights per parallel task (a multiple of whole output rows).
+const TASK_WEIGHTS: usize = 1 << 13;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockFormat {
+    /// f16 scale d, 16 bytes of 4-bit q: w = d (q - 8).
+    Q4_0,
+    /// f16 scale d and minimum m, 16 bytes of 4-bit q: w = d q + m.
+    Q4_1,
+    /// f16 scale d, 32 signed bytes q: w = d q.
+    Q8_0,
+}
+
+impl BlockFormat {
+    pub fn from_ggml(dtype: GgmlDType) -> Option<Self> {
+        match dtype {
+            GgmlDType::Q4_0 => Some(Self::Q4_0),
+            GgmlDType::Q4_1 => Some(Self::Q4_1),
+            GgmlDType::Q8_0 => Some(Self::Q8_0),
+            _ => None,
+        }
+    }
+
+    /// Bytes of one block of 32 weights.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Self::Q4_0 => 18,
+            Self::Q4_1 => 20,
+            Self::Q8_0 => 34,
+        }
+    }
+
+    /// Scale, offset per unit of the block's input sum, and the 32 integer weights q, with
+    /// w = d q + offset: Q4_0's -8 d folds into the offset.
+    fn decode(self, block: &[u8]) -> (f32, f32, [f32; BLOCK]) {
+        let half = |at: usize| f16::from_le_bytes([block[at], block[at + 1]]).to_f32();
+        let d = half(0);
+        let mut q = [0f32; BLOCK];
+        let nibbles = |qs: &[u8], q: &mut [f32; BLOCK]| {
+            for (j, &b) in qs.iter().enumerate() {
+                q[j] = (b & 0x0F) as f32;
+                q[j + BLOCK / 2] = (b >> 4) as f32;
+            }
+        };
+        match self {
+            Self::Q4_0 => {
+                nibbles(&block[2..18], &mut q);
+                (d, -8.0 * d, q)
+            }
+            Self::Q4_1 => {
+                nibbles(&block[4..20], &mut q);
+                (d, half(2), q)
+            }
+            Self::Q8_0 => {
+                for (v, &b) in q.iter_mut().zip(&block[2..34]) {
+                    *v = b as i8 as f32;
+                }
+                (d, 0.0, q)
+            }
+        }
+    }
+}
+
+/// A (rows, cols) weight matrix as whole rows of blocks, row-major.
+#[derive(Debug, Clone)]
+pub struct PackedMatrix {
+    format: BlockFormat,
+    rows: usize,
+    cols: usize,
+    data: Vec<u8>,
+}
+
+impl PackedMatrix {
+    /// `Some` for a 2-D tensor in a supported format whose rows are whole blocks.
+    pub fn from_qtensor(q: &QTensor) -> Result<Option<Self>> {
+        let Some(format) = BlockFormat::from_ggml(q.dtype()) else {
+            return Ok(None);
+        };
+        let Ok((rows, cols)) = q.shape().dims2() else {
+            return Ok(None);
+        };
+        if cols % BLOCK != 0 {
+            return Ok(None);
+        }
+        Self::from_bytes(format, rows, cols, q.data()?.into_owned()).map(Some)
+    }
+
+    pub fn from_bytes(
+        format: BlockFormat,
+        rows: usize,
+        cols: usize,
+        data: Vec<u8>,
+    ) -> Result<Self> {
+        let want = rows * (cols / BLOCK) * format.block_bytes();
+        if cols % BLOCK != 0 || data.len() != want {
+            candle_core::bail!(
+                "packed {format:?} matrix ({rows}, {cols}) needs {want} bytes, got {}",
+                data.len()
+            );
+        }
+        Ok(Self {
+            format,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    pub fn format(&self) -> BlockFormat {
+        self.format
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// The rows of `parts` one after another (stacked projections); `None` unless every
+    /// part has the same format and width.
+    pub fn stack(parts: &[&PackedMatrix]) -> Option<Self> {
+        let first = parts.first()?;
+        if parts
+            .iter()
+            .any(|p| p.format != first.format || p.cols != first.cols)
+        {
+            return None;
+        }
+        Some(Self {
+            format: first.format,
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols: first.cols,
+            data: parts.iter().flat_map(|p| p.data.iter().copied()).collect(),
+        })
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.cols / BLOCK * self.format.block_bytes()
+    }
+
+    fn row(&self, r: usize) -> &[u8] {
+        let n = self.row_bytes();
+        &self.data[r * n..(r + 1) * n]
+    }
+
+    /// The matrix in f32 (rows, cols), each weight computed as d q + m exactly like
+    /// candle's dequantization (tests compare the two).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.rows * self.cols);
+        for block in self.data.chunks_exact(self.format.block_bytes()) {
+            let (d, offset, q) = self.format.decode(block);
+            out.extend(q.iter().map(|&q| match self.format {
+                BlockFormat::Q4_1 => q * d + offset,
+                // d (q - 8), as ggml writes it (exact: q - 8 is a small integer).
+                BlockFormat::Q4_0 => (q - 8.0) * d,
+                BlockFormat::Q8_0 => q * d,
+            }));
+        }
+        out
+    }
+
+    /// x W^T for x (m, cols) row-major: (m, rows).
+    pub fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let (n, k) = (self.rows, self.cols);
+        assert_eq!(x.len(), m * k, "packed product: input is not (m, cols)");
+        if m == 0 || n == 0 {
+            return vec![0.0; m * n];
+        }
+        let nb = k / BLOCK;
+        // Each block's input sum, for the offset term: sum_j (d q_j + o) x_j = d (q . x) + o sum(x).
+        let sums: Vec<f32> = x
+            .chunks_exact(BLOCK)
+            .map(|c| c.iter().sum::<f32>())
+            .collect();
+        let rows_of_x: Vec<(&[f32], &[f32])> =
+            x.chunks_exact(k).zip(sums.chunks_exact(nb)).collect();
+        // (rows, m): each output row of W is one contiguous run, whichever task computes it.
+        let mut out_t = vec![0f32; n * m];
+        let work = |first_row: usize, chunk: &mut [f32]| {
+            let avx2 = has_avx2_f16c();
+            for (i, dst) in chunk.chunks_exact_mut(m).enumerate() {
+                let w = self.row(first_row + i);
+                for (xs, d) in rows_of_x.chunks(4).zip(dst.chunks_mut(4)) {
+                    dot_rows(self.format, w, xs, d, avx2);
+                }
+            }
+        };
+        if n * k >= PAR_MIN_WEIGHTS {
+            let per_task = (TASK_WEIGHTS / k).max(1);
+            out_t
+                .par_chunks_mut(per_task * m)
+                .enumerate()
+                .for_each(|(t, chunk)| work(t * per_task, chunk));
+        } else {
+            work(0, &mut out_t);
+        }
+        if m == 1 {
+            return out_t;
+        }
+        let mut out = vec![0f32; m * n];
+        for (r, row) in out_t.chunks_exact(m).enumerate() {
+            for (i, &v) in row.iter().enumerate() {
+                out[i * n + r] = v;
+            }
+        }
+        out
+    }
+}
+
+/// Whether the vector kernels can run: AVX2 + FMA, and F16C for the block scales.
+fn has_avx2_f16c() -> bool {
+    #[cfg(test)]
+    if FORCE_SCALAR.with(|s| s.get()) {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `out[i] = w . x_i` for up to four input rows (x_i, its block sums), one weight row `w`.
+fn dot_rows(format: BlockFormat, w: &[u8], xs: &[(&[f32], &[f32])], out: &mut [f32], avx2: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: `avx2` is only true when the CPU has AVX2, FMA and F16C; every row of `xs`
+        // has `w`'s width (checked in `matmul_t`), so the kernels read inside both.
+        unsafe {
+            use x86::*;
+            match (format, xs.len()) {
+                (BlockFormat::Q4_0, 1) => dot::<Q40, 1>(w, xs, out),
+                (BlockFormat::Q4_0, 2) => dot::<Q40, 2>(w, xs, out),
+                (BlockFormat::Q4_0, 3) => dot::<Q40, 3>(w, xs, out),
+                (BlockFormat::Q4_0, _) => dot::<Q40, 4>(w, xs, out),
+                (BlockFormat::Q4_1, 1) => dot::<Q41, 1>(w, xs, out),
+                (BlockFormat::Q4_1, 2) => dot::<Q41, 2>(w, xs, out),
+                (BlockFormat::Q4_1, 3) => dot::<Q41, 3>(w, xs, out),
+                (BlockFormat::Q4_1, _) => dot::<Q41, 4>(w, xs, out),
+                (BlockFormat::Q8_0, 1) => dot::<Q80, 1>(w, xs, out),
+                (BlockFormat::Q8_0, 2) => dot::<Q80, 2>(w, xs, out),
+                (BlockFormat::Q8_0, 3) => dot::<Q80, 3>(w, xs, out),
+                (BlockFormat::Q8_0, _) => dot::<Q80, 4>(w, xs, out),
+            }
+        }
+        return;
+    }
+    let _ = avx2;
+    dot_rows_scalar(format, w, xs, out)
+}
+
+fn dot_rows_scalar(format: BlockFormat, w: &[u8], xs: &[(&[f32], &[f32])], out: &mut [f32]) {
+    let mut acc = [0f32; 4];
+    for (b, block) in w.chunks_exact(format.block_bytes()).enumerate() {
+        let (d, offset, q) = format.decode(block);
+        for (a, (x, sums)) in acc.iter_mut().zip(xs) {
+            let x = &x[b * BLOCK..(b + 1) * BLOCK];
+            let dot: f32 = q.iter().zip(x).map(|(q, x)| q * x).sum();
+            *a += d * dot + offset * sums[b];
+        }
+    }
+    out.copy_from_slice(&acc[..out.len()]);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::BLOCK;
+
+    /// One block format's expansion to f32 lanes.
+    pub trait Block {
+        const BYTES: usize;
+        /// (d broadcast, offset, the 32 weights' q in four vectors of 8).
+        unsafe fn load(p: *const u8) -> (__m256, f32, [__m256; 4]);
+    }
+
+    pub struct Q40;
+    pub struct Q41;
+    pub struct Q80;
+
+    #[inline(always)]
+    unsafe fn halves(p: *const u8) -> __m128 {
+        // Two f16 (d, m) or one followed by the first bytes of q (ignored by the caller).
+        _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)))
+    }
+
+    #[inline(always)]
+    unsafe fn nibbles(qs: *const u8) -> [__m256; 4] {
+        let raw = _mm_loadu_si128(qs as *const __m128i);
+        let mask = _mm_set1_epi8(0x0F);
+        let lo = _mm_and_si128(raw, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+        let f = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+        [
+            f(lo),
+            f(_mm_srli_si128(lo, 8)),
+            f(hi),
+            f(_mm_srli_si128(hi, 8)),
+        ]
+    }
+
+    impl Block for Q40 {
+        const BYTES: usize = 18;
+        #[inline(always)]
+        unsafe fn load(p: *const u8) -> (__m256, f32, [__m256; 4]) {
+            let s = halves(p);
+            (
+                _mm256_broadcastss_ps(s),
+                -8.0 * _mm_cvtss_f32(s),
+                nibbles(p.add(2)),
+            )
+        }
+    }
+
+    impl Block for Q41 {
+        const BYTES: usize = 20;
+        #[inline(always)]
+        unsafe fn load(p: *const u8) -> (__m256, f32, [__m256; 4]) {
+            let s = halves(p);
+            let m = _mm_cvtss_f32(_mm_movehdup_ps(s));
+            (_mm256_broadcastss_ps(s), m, nibbles(p.add(4)))
+        }
+    }
+
+    impl Block for Q80 {
+        const BYTES: usize = 34;
+        #[inline(always)]
+        unsafe fn load(p: *const u8) -> (__m256, f32, [__m256; 4]) {
+            let s = halves(p);
+            let a = _mm_loadu_si128(p.add(2) as *const __m128i);
+            let b = _mm_loadu_si128(p.add(18) as *const __m128i);
+            let f = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+            (
+                _mm256_broadcastss_ps(s),
+                0.0,
+                [f(a), f(_mm_srli_si128(a, 8)), f(b), f(_mm_srli_si128(b, 8))],
+            )
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// `out[i] = w . x_i` for R input rows: each block of `w` is expanded once for all R.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot<B: Block, const R: usize>(
+        w: &[u8],
+        xs: &[(&[f32], &[f32])],
+        out: &mut [f32],
+    ) {
+        let blocks = w.len() / B::BYTES;
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut offsets = [0f32; R];
+        let p = w.as_ptr();
+        for b in 0..blocks {
+            // The 4-byte read of a block's first f16 stays inside the block (>= 18 bytes).
+            let (d, offset, q) = B::load(p.add(b * B::BYTES));
+            for r in 0..R {
+                let x = xs[r].0.as_ptr().add(b * BLOCK);
+                let mut t = _mm256_mul_ps(q[0], _mm256_loadu_ps(x));
+                t = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(x.add(8)), t);
+                t = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(x.add(16)), t);
+                t = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(x.add(24)), t);
+                acc[r] = _mm256_fmadd_ps(t, d, acc[r]);
+                offsets[r] += offset * *xs[r].1.get_unchecked(b);
+            }
+        }
+        for r in 0..R {
+            out[r] = hsum(acc[r]) + offsets[r];
+        }
+    }
+}
+
+/// The packed product as a candle op on a contiguous (m, cols) f32 CPU tensor; no backward
+/// (used only where no gradient is wanted).
+pub struct PackedProduct<'a>(pub &'a PackedMatrix);
+
+impl CustomOp1 for PackedProduct<'_> {
+    fn name(&self) -> &'static str {
+        "packed-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = l.shape().dims2()?;
+        let x = match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(data), Some((a, b))) => &data[a..b],
+            (CpuStorage::F32(_), None) => candle_core::bail!("packed-matmul: input not contiguous"),
+            _ => candle_core::bail!("packed-matmul: input must be f32"),
+        };
+        if k != self.0.cols {
+            candle_core::bail!(
+                "packed-matmul: input width {k}, weight ({}, {})",
+                self.0.rows,
+                self.0.cols
+            );
+        }
+        Ok((
+            CpuStorage::F32(self.0.matmul_t(x, m)),
+            Shape::from((m, self.0.rows)),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// Random blocks of `format` with realistic scales (and a Q8_0 of extreme q values).
+    fn random(format: BlockFormat, rows: usize, cols: usize, seed: u64) -> PackedMatrix {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut data = Vec::new();
+        for _ in 0..rows * cols / BLOCK {
+            let d = f16::from_f32(rng.random_range(0.001..0.05));
+            let m = f16::from_f32(rng.random_range(-0.2..0.0));
+            data.extend(d.to_le_bytes());
+            if format == BlockFormat::Q4_1 {
+                data.extend(m.to_le_bytes());
+            }
+            let n = if format == BlockFormat::Q8_0 { 32 } else { 16 };
+            data.extend((0..n).map(|_| rng.random::<u8>()));
+        }
+        PackedMatrix::from_bytes(format, rows, cols, data).unwrap()
+    }
+
+    fn reference(w: &[f32], x: &[f32], m: usize, rows: usize, cols: usize) -> Vec<f64> {
+        let mut out = vec![0f64; m * rows];
+        for i in 0..m {
+            for r in 0..rows {
+                out[i * rows + r] = (0..cols)
+                    .map(|j| w[r * cols + j] as f64 * x[i * cols + j] as f64)
+                    .sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn dequantize_matches_candle() {
+        for (format, dtype) in [
+            (BlockFormat::Q4_0, GgmlDType::Q4_0),
+            (BlockFormat::Q4_1, GgmlDType::Q4_1),
+            (BlockFormat::Q8_0, GgmlDType::Q8_0),
+        ] {
+            let p = random(format, 5, 64, 7);
+            let q = QTensor::new(
+                candle_core::quantized::QStorage::from_data(
+                    std::borrow::Cow::Borrowed(&p.data),
+                    &candle_core::Device::Cpu,
+                    dtype,
+                )
+                .unwrap(),
+                (5, 64),
+            )
+            .unwrap();
+            let theirs = q
+                .dequantize(&candle_core::Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(p.dequantize(), theirs, "{format:?}");
+            let again = PackedMatrix::from_qtensor(&q).unwrap().unwrap();
+            assert_eq!(again.data, p.data);
+        }
+    }
+
+    #[test]
+    fn products_equal_the_dequantized_matrix() {
+        let (rows, cols) = (37, 96);
+        for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
+            let p = random(format, rows, cols, 3);
+            let w = p.dequantize();
+            let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+            for m in 1..=9 {
+                let x: Vec<f32> = (0..m * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+                let want = reference(&w, &x, m, rows, cols);
+                let scale = want.iter().map(|v| v.abs()).fold(0.0, f64::max);
+                for avx2 in [false, has_avx2_f16c()] {
+                    let got = with_kernel(avx2, || p.matmul_t(&x, m));
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (*g as f64 - w).abs() <= 1e-5 * scale,
+                            "{format:?} m={m} avx2={avx2} [{i}]: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn large_products_split_across_threads_agree() {
+        // Above PAR_MIN_WEIGHTS, with a last task shorter than the others.
+        let (rows, cols) = (4100, 288);
+        let p = random(BlockFormat::Q4_1, rows, cols, 5);
+        let w = p.dequantize();
+        let x: Vec<f32> = (0..2 * cols).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
+        let want = reference(&w, &x, 2, rows, cols);
+        let scale = want.iter().map(|v| v.abs()).fold(0.0, f64::max);
+        let got = p.matmul_t(&x, 2);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((*g as f64 - w).abs() <= 1e-5 * scale);
+        }
+    }
+
+    #[test]
+    fn stacking_keeps_rows_in_order_and_refuses_mixed_formats() {
+        let a = random(BlockFormat::Q4_1, 3, 64, 1);
+        let b = random(BlockFormat::Q4_1, 2, 64, 2);
+        let s = PackedMatrix::stack(&[&a, &b]).unwrap();
+        assert_eq!(s.dims(), (5, 64));
+        let mut want = a.dequantize();
+        want.extend(b.dequantize());
+        assert_eq!(s.dequantize(), want);
+        let c = random(BlockFormat::Q8_0, 2, 64, 2);
+        assert!(PackedMatrix::stack(&[&a, &c]).is_none());
+        assert!(PackedMatrix::from_bytes(BlockFormat::Q4_1, 2, 64, vec![0; 79]).is_err());
+    }
+
+    /// Runs `f` with the vector kernels on or off (off = the portable path).
+    fn with_kernel<T>(avx2: bool, f: impl FnOnce() -> T) -> T {
+        FORCE_SCALAR.with(|s| s.set(!avx2));
+        let out = f();
+        FORCE_SCALAR.with(|s| s.set(false));
+        out
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests run the portable kernel on an AVX2 machine through this.
+    static FORCE_SCALAR: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}

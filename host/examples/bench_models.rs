@@ -138,6 +138,7 @@ fn main() {
             // As `earshot train` does.
             earshot::models::device::keep_elementwise_on_caller();
             let mut model = load_llama(&args[2]);
+            model.use_dequantized_products();
             let variant = args[3].as_str();
             if variant == "stock" {
                 model.use_stock_backward();

@@ -212,8 +212,10 @@ impl Session {
         let rt = Runtime::best_available();
         let encoder = WhisperEncoder::load_dir(&config.models.whisper, &rt)
             .with_context(|| format!("loading Whisper from {}", config.models.whisper.display()))?;
-        let llm = load_llm(&config.models.llm, &rt)
+        let mut llm = load_llm(&config.models.llm, &rt)
             .with_context(|| format!("loading the LLM from {}", config.models.llm.display()))?;
+        // Training never decodes: the GGUF blocks kept for decoding would only take memory.
+        llm.model.use_dequantized_products();
         let host = PluginHost::new(config.plugins.sandbox, PluginHost::default_cache_dir());
         let mut template = PromptTemplate::load(&host, &config.plugins.prompt_template)?;
         let mut adapter = DatasetAdapter::open(

@@ -522,8 +522,8 @@ impl Llama {
         self.lm_head = self.lm_head.clone().with_stock_backward();
     }
 
-    /// Decodes with the dequantized f32 matrices even where packed GGUF blocks were kept
-    /// (the benchmark's A/B and tests that compare the two).
+    /// Decodes with the dequantized f32 matrices even where packed GGUF blocks were kept,
+    /// and frees the blocks (training, which never decodes; the benchmark's A/B).
     pub fn use_dequantized_products(&mut self) {
         for b in &mut self.blocks {
             for l in [&mut b.qkv, &mut b.o, &mut b.gate_up, &mut b.down] {

@@ -15,11 +15,13 @@ use rayon::prelude::*;
 /// Weights per block in every supported format.
 const BLOCK: usize = 32;
 
-/// Weights below which a product runs on the calling thread: a task handed to the pool
-/// costs a few microseconds, and most of a layer's decode products take ~50-200 µs.
+/// Weights below which a product runs on the calling thread. Every projection of SmolLM2
+/// is above it: split across 2 threads, decoding ran at 96-101 tok/s against 82-85 with
+/// only products of >= 1M weights split (`bench_models llm`, run on the compute pool).
 const PAR_MIN_WEIGHTS: usize = 1 << 15;
 
-/// Weights per parallel task (a multiple of whole output rows).
+/// Weights per parallel task (whole output rows; small tasks keep the threads balanced,
+/// 4x larger ones measured the same).
 const TASK_WEIGHTS: usize = 1 << 13;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,11 +147,15 @@ impl PackedMatrix {
         {
             return None;
         }
+        let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
+        for p in parts {
+            data.extend_from_slice(&p.data);
+        }
         Some(Self {
             format: first.format,
             rows: parts.iter().map(|p| p.rows).sum(),
             cols: first.cols,
-            data: parts.iter().flat_map(|p| p.data.iter().copied()).collect(),
+            data,
         })
     }
 

@@ -4,4 +4,5 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 "$root/scripts/setup.sh"
 cd "$root"
-cargo test --release --workspace
+# --no-fail-fast: a failing test binary does not hide the results of the ones after it.
+cargo test --release --workspace --no-fail-fast

@@ -201,6 +201,29 @@ fn generate_cli_prints_the_reference_continuation() {
 }
 
 #[test]
+fn generate_refuses_a_prompt_longer_than_the_context() {
+    // 9000 words are more than the 8192 positions SmolLM2's metadata allows: a clear error
+    // about the input (not about the weights), exit 1, nothing on stdout.
+    let prompt = "word ".repeat(9000);
+    let out = earshot([
+        "generate".as_ref(),
+        "--llm".as_ref(),
+        default_gguf().as_os_str(),
+        "--max-tokens".as_ref(),
+        "2".as_ref(),
+        "--prompt".as_ref(),
+        prompt.as_ref(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(out.stdout.is_empty());
+    assert!(
+        stderr.contains("exceed the model's context of 8192") && !stderr.contains("weights"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn hf_layout_with_halves_rotary_matches_the_oracle() {
     // GGUF -> HF folder (Q/K un-permuted, sharded with an index) -> halves rotary.
     let dir = tempfile::tempdir().unwrap();

@@ -181,8 +181,8 @@ impl Projector {
     pub fn forward(&self, enc: &Tensor) -> Result<Tensor> {
         let (b, frames, d) = enc.dims3()?;
         if d != self.d_in {
-            return Err(ModelError::ConfigMismatch {
-                source_desc: "projector input".into(),
+            return Err(ModelError::Input {
+                what: "projector input".into(),
                 reason: format!(
                     "encoder width {d}, the projector was built for {}",
                     self.d_in

@@ -62,6 +62,10 @@ pub enum ModelError {
     },
     #[error("{source_desc}: the config contradicts the weights: {reason}")]
     ConfigMismatch { source_desc: String, reason: String },
+    /// What a caller passed does not fit the model (too many positions, an id outside the
+    /// vocabulary, a tensor of the wrong width): not a fault of the weights or config.
+    #[error("{what}: {reason}")]
+    Input { what: String, reason: String },
     #[error("{source_desc}: {} tensor(s) hold non-finite values (bad download or bad RAM?):{}", .tensors.len(), list(.tensors))]
     NonFinite {
         source_desc: String,

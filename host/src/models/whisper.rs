@@ -201,8 +201,8 @@ impl WhisperEncoder {
     pub fn forward(&self, mel: &Tensor, trace: NonFiniteTrace) -> Result<Tensor> {
         let (_, n_mels, frames) = mel.dims3()?;
         if n_mels != self.config.num_mel_bins {
-            return Err(ModelError::ConfigMismatch {
-                source_desc: "encoder input".into(),
+            return Err(ModelError::Input {
+                what: "encoder input".into(),
                 reason: format!(
                     "the mel has {n_mels} bins, the encoder expects {}",
                     self.config.num_mel_bins
@@ -215,8 +215,8 @@ impl WhisperEncoder {
         let x = x.transpose(1, 2)?;
         let positions = x.dim(1)?;
         if positions > self.config.max_source_positions {
-            return Err(ModelError::ConfigMismatch {
-                source_desc: "encoder input".into(),
+            return Err(ModelError::Input {
+                what: "encoder input".into(),
                 reason: format!(
                     "{frames} mel frames give {positions} positions, more than {}",
                     self.config.max_source_positions

@@ -33,6 +33,11 @@ fn default_source_positions() -> usize {
 }
 
 const PREFIX: &str = "model.encoder";
+
+/// Bump when a change to this encoder's code changes its outputs (beyond run-to-run noise):
+/// the encoder cache keys on it, so entries computed by older code are not reused.
+/// 1: candle's composed ops; 2: the vectorised softmax and exact-GELU kernels.
+pub const OUTPUT_REVISION: u32 = 2;
 const LN_EPS: f64 = 1e-5;
 
 struct Attention {

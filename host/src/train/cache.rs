@@ -1,6 +1,7 @@
 //! On-disk cache of frozen-encoder outputs. The encoder never changes, so its output for a
 //! clip is computed once and reused across epochs and runs. Content-addressed by the decoded
-//! samples, the segment, the mel settings and the encoder weights' checksum; entries are
+//! samples, the segment, the mel settings, the encoder weights' checksum, the encoder code's
+//! output revision and the device/dtype it ran in; entries are
 //! written to a temp file and renamed, so concurrent runs never see a partial entry.
 
 use std::path::{Path, PathBuf};
@@ -13,6 +14,18 @@ pub struct EncoderCache {
     dir: PathBuf,
     /// Identifies the encoder weights and the mel settings.
     context: String,
+}
+
+/// What the cached outputs depend on besides the clip and the mel settings: the encoder
+/// weights (`weights_checksum`), the encoder code's output revision, and the device and
+/// dtype it ran in (a bf16 GPU run and an f32 CPU run differ by far more than noise).
+pub fn encoder_identity(weights_checksum: &str, rt: &crate::models::Runtime) -> String {
+    format!(
+        "{weights_checksum}|encoder code r{}|{:?} {:?}",
+        crate::models::whisper::OUTPUT_REVISION,
+        rt.device.location(),
+        rt.dtype
+    )
 }
 
 impl EncoderCache {
@@ -95,4 +108,30 @@ pub fn entries(dir: &Path) -> Vec<(PathBuf, u64, std::time::SystemTime)> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::Runtime;
+
+    #[test]
+    fn keys_depend_on_weights_dtype_and_segment() {
+        let f32_rt = Runtime::cpu();
+        let f64_rt = Runtime {
+            dtype: candle_core::DType::F64,
+            ..Runtime::cpu()
+        };
+        let key = |weights: &str, rt: &Runtime, seg: (Option<f64>, Option<f64>)| {
+            EncoderCache::new(PathBuf::from("x"), &encoder_identity(weights, rt), "mel80")
+                .key(&[0.0, 0.5], seg)
+        };
+        let base = key("w1", &f32_rt, (None, None));
+        assert_eq!(base, key("w1", &Runtime::cpu(), (None, None)));
+        assert_ne!(base, key("w2", &f32_rt, (None, None)));
+        assert_ne!(base, key("w1", &f64_rt, (None, None)));
+        assert_ne!(base, key("w1", &f32_rt, (Some(1.0), None)));
+        assert!(encoder_identity("w1", &f32_rt)
+            .contains(&format!("r{}", crate::models::whisper::OUTPUT_REVISION)));
+    }
 }

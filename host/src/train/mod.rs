@@ -82,7 +82,7 @@ impl<'a> ClipEncoder<'a> {
             mel: LogMelExtractor::new(settings.n_mels)?,
             cache: Some(EncoderCache::new(
                 EncoderCache::default_dir(),
-                &manifest.encoder,
+                &cache::encoder_identity(&manifest.encoder, rt),
                 &manifest.mel,
             )),
             settings,

@@ -188,7 +188,7 @@ impl PackedMatrix {
     pub fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.rows, self.cols);
         assert_eq!(x.len(), m * k, "packed product: input is not (m, cols)");
-        if m == 0 || n == 0 {
+        if m == 0 || n == 0 || k == 0 {
             return vec![0.0; m * n];
         }
         let nb = k / BLOCK;
@@ -553,6 +553,10 @@ mod tests {
         let c = random(BlockFormat::Q8_0, 2, 64, 2);
         assert!(PackedMatrix::stack(&[&a, &c]).is_none());
         assert!(PackedMatrix::from_bytes(BlockFormat::Q4_1, 2, 64, vec![0; 79]).is_err());
+        // Degenerate shapes give empty or zero products, not a panic.
+        let empty = PackedMatrix::from_bytes(BlockFormat::Q8_0, 3, 0, Vec::new()).unwrap();
+        assert_eq!(empty.matmul_t(&[], 2), vec![0.0; 6]);
+        assert!(a.matmul_t(&[], 0).is_empty());
     }
 
     /// Runs `f` with the vector kernels on or off (off = the portable path).

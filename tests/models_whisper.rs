@@ -95,3 +95,115 @@ fn encoder_refuses_a_mel_of_the_wrong_size() {
     let err = expect_failure(&out);
     assert!(err.contains("mel shape [128, 201]"), "{err}");
 }
+
+/// A Whisper folder shaped like large-v3's release: 128 mel bins, f16 weights in two
+/// shards with `model.safetensors.index.json`, decoder tensors present (and unused). Built
+/// from tiny.en's weights with a new 128-bin first convolution.
+fn write_128_bin_folder(dir: &std::path::Path, f16_shards: bool) {
+    use candle_core::{DType, Device, Tensor};
+    let src = default_whisper();
+    let mut tensors =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let d = tensors["model.encoder.conv1.weight"].dim(0).unwrap();
+    // Deterministic values, so both folders hold the same weights.
+    let conv1: Vec<f32> = (0..d * 128 * 3)
+        .map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.1)
+        .collect();
+    tensors.insert(
+        "model.encoder.conv1.weight".into(),
+        Tensor::from_vec(conv1, (d, 128, 3), &Device::Cpu).unwrap(),
+    );
+    tensors.insert(
+        "model.decoder.embed_tokens.weight".into(),
+        Tensor::ones((10, d), DType::F32, &Device::Cpu).unwrap(),
+    );
+    // The same values in both folders: rounded to f16 once.
+    let tensors: std::collections::HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, t)| {
+            let t = t.to_dtype(DType::F16).unwrap();
+            (
+                k,
+                if f16_shards {
+                    t
+                } else {
+                    t.to_dtype(DType::F32).unwrap()
+                },
+            )
+        })
+        .collect();
+    std::fs::create_dir_all(dir).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    config["num_mel_bins"] = 128.into();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    if !f16_shards {
+        candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+        return;
+    }
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (file, part) in [
+        ("model-00001-of-00002.safetensors", first),
+        ("model-00002-of-00002.safetensors", second),
+    ] {
+        let shard: std::collections::HashMap<String, Tensor> = part
+            .iter()
+            .map(|n| ((*n).clone(), tensors[*n].clone()))
+            .collect();
+        candle_core::safetensors::save(&shard, dir.join(file)).unwrap();
+        for n in part {
+            weight_map.insert((*n).clone(), file.into());
+        }
+    }
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::json!({ "metadata": {}, "weight_map": weight_map }).to_string(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_128_mel_bin_encoder_loads_from_f16_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sharded, single) = (dir.path().join("f16-shards"), dir.path().join("f32"));
+    write_128_bin_folder(&sharded, true);
+    write_128_bin_folder(&single, false);
+    assert!(!sharded.join("model.safetensors").exists());
+    let mut outputs = Vec::new();
+    for folder in [&sharded, &single] {
+        // From audio: the CLI computes a 128-bin mel for this encoder.
+        let enc = dir.path().join(format!(
+            "{}.npy",
+            folder.file_name().unwrap().to_string_lossy()
+        ));
+        let out = earshot([
+            "encode".as_ref(),
+            fixture("audio/speech_f32.wav").as_os_str(),
+            "--whisper".as_ref(),
+            folder.as_os_str(),
+            "--out".as_ref(),
+            enc.as_os_str(),
+        ]);
+        expect_success(&out);
+        let (shape, values) = read_npy(&enc);
+        assert_eq!(shape, vec![1, 1500, 384]);
+        assert!(values.iter().all(|v| v.is_finite()));
+        outputs.push(values);
+    }
+    // f16 shards widened to f32 are the same weights as the f32 file.
+    assert_eq!(max_abs_diff(&outputs[0], &outputs[1]), 0.0);
+    // An 80-bin mel is refused by this encoder, naming both sizes.
+    let out = earshot([
+        "encode".as_ref(),
+        whisper_oracle("expected/a_speech_mel_pad30s.npy").as_os_str(),
+        "--whisper".as_ref(),
+        sharded.as_os_str(),
+        "--out".as_ref(),
+        dir.path().join("x.npy").as_os_str(),
+    ]);
+    let err = expect_failure(&out);
+    assert!(err.contains("[80, 3000]") && err.contains("128"), "{err}");
+}

@@ -35,6 +35,19 @@ fn chatml_ids() -> Vec<u32> {
 
 const NO_TRACE: NonFiniteTrace = NonFiniteTrace { enabled: false };
 
+/// `earshot generate --llm <default GGUF> --max-tokens N --prompt PROMPT`.
+fn generate_cli(prompt: &str, max_tokens: usize) -> std::process::Output {
+    earshot([
+        "generate".as_ref(),
+        "--llm".as_ref(),
+        default_gguf().as_os_str(),
+        "--max-tokens".as_ref(),
+        max_tokens.to_string().as_ref(),
+        "--prompt".as_ref(),
+        prompt.as_ref(),
+    ])
+}
+
 fn all_logits(model: &impl LanguageModel, ids: &[u32]) -> Vec<f32> {
     let x = Tensor::new(ids, model.device())
         .unwrap()
@@ -184,15 +197,7 @@ fn greedy_continuation_matches_the_reference() {
 #[test]
 fn generate_cli_prints_the_reference_continuation() {
     let g = json(&smollm_oracle("greedy.json"));
-    let out = earshot([
-        "generate".as_ref(),
-        "--llm".as_ref(),
-        default_gguf().as_os_str(),
-        "--max-tokens".as_ref(),
-        "40".as_ref(),
-        "--prompt".as_ref(),
-        g["prompt"].as_str().unwrap().as_ref(),
-    ]);
+    let out = generate_cli(g["prompt"].as_str().unwrap(), 40);
     let stdout = expect_success(&out);
     assert_eq!(
         stdout.trim_end(),
@@ -205,15 +210,7 @@ fn generate_refuses_a_prompt_longer_than_the_context() {
     // 9000 words are more than the 8192 positions SmolLM2's metadata allows: a clear error
     // about the input (not about the weights), exit 1, nothing on stdout.
     let prompt = "word ".repeat(9000);
-    let out = earshot([
-        "generate".as_ref(),
-        "--llm".as_ref(),
-        default_gguf().as_os_str(),
-        "--max-tokens".as_ref(),
-        "2".as_ref(),
-        "--prompt".as_ref(),
-        prompt.as_ref(),
-    ]);
+    let out = generate_cli(&prompt, 2);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(out.stdout.is_empty());

@@ -5,6 +5,22 @@ use earshot::models::whisper::WhisperEncoder;
 use earshot::models::Runtime;
 use earshot_tests::*;
 
+/// `earshot encode INPUT --whisper WHISPER --out OUT`.
+fn encode_cli(
+    input: &std::path::Path,
+    whisper: &std::path::Path,
+    out: &std::path::Path,
+) -> std::process::Output {
+    earshot([
+        "encode".as_ref(),
+        input.as_os_str(),
+        "--whisper".as_ref(),
+        whisper.as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+    ])
+}
+
 #[test]
 fn import_ct2_then_encode_matches_ctranslate2() {
     // Fresh import through the CLI, not the set-up's copy.
@@ -22,14 +38,11 @@ fn import_ct2_then_encode_matches_ctranslate2() {
     assert!(!dir.path().join("tiny-hf.partial").exists());
 
     let enc = dir.path().join("enc.npy");
-    let out = earshot([
-        "encode".as_ref(),
-        whisper_oracle("expected/a_speech_mel_pad30s.npy").as_os_str(),
-        "--whisper".as_ref(),
-        hf.as_os_str(),
-        "--out".as_ref(),
-        enc.as_os_str(),
-    ]);
+    let out = encode_cli(
+        &whisper_oracle("expected/a_speech_mel_pad30s.npy"),
+        &hf,
+        &enc,
+    );
     expect_success(&out);
     let (shape, got) = read_npy(&enc);
     assert_eq!(shape, vec![1, 1500, 384]);
@@ -43,14 +56,11 @@ fn encode_from_audio_end_to_end() {
     // Audio -> our mel -> our encoder, against CTranslate2 on the reference mel.
     let dir = tempfile::tempdir().unwrap();
     let enc = dir.path().join("enc.npy");
-    let out = earshot([
-        "encode".as_ref(),
-        whisper_oracle("audio/a_speech_16k.flac").as_os_str(),
-        "--whisper".as_ref(),
-        default_whisper().as_os_str(),
-        "--out".as_ref(),
-        enc.as_os_str(),
-    ]);
+    let out = encode_cli(
+        &whisper_oracle("audio/a_speech_16k.flac"),
+        &default_whisper(),
+        &enc,
+    );
     expect_success(&out);
     let (shape, got) = read_npy(&enc);
     assert_eq!(shape, vec![1, 1500, 384]);
@@ -84,14 +94,11 @@ fn long_audio_gives_one_encoding_per_window() {
 #[test]
 fn encoder_refuses_a_mel_of_the_wrong_size() {
     let dir = tempfile::tempdir().unwrap();
-    let out = earshot([
-        "encode".as_ref(),
-        fixture("mel_filters_128_openai_whisper.npy").as_os_str(),
-        "--whisper".as_ref(),
-        default_whisper().as_os_str(),
-        "--out".as_ref(),
-        dir.path().join("x.npy").as_os_str(),
-    ]);
+    let out = encode_cli(
+        &fixture("mel_filters_128_openai_whisper.npy"),
+        &default_whisper(),
+        &dir.path().join("x.npy"),
+    );
     let err = expect_failure(&out);
     assert!(err.contains("mel shape [128, 201]"), "{err}");
 }
@@ -179,14 +186,7 @@ fn a_128_mel_bin_encoder_loads_from_f16_shards() {
             "{}.npy",
             folder.file_name().unwrap().to_string_lossy()
         ));
-        let out = earshot([
-            "encode".as_ref(),
-            fixture("audio/speech_f32.wav").as_os_str(),
-            "--whisper".as_ref(),
-            folder.as_os_str(),
-            "--out".as_ref(),
-            enc.as_os_str(),
-        ]);
+        let out = encode_cli(&fixture("audio/speech_f32.wav"), folder, &enc);
         expect_success(&out);
         let (shape, values) = read_npy(&enc);
         assert_eq!(shape, vec![1, 1500, 384]);
@@ -196,14 +196,11 @@ fn a_128_mel_bin_encoder_loads_from_f16_shards() {
     // f16 shards widened to f32 are the same weights as the f32 file.
     assert_eq!(max_abs_diff(&outputs[0], &outputs[1]), 0.0);
     // An 80-bin mel is refused by this encoder, naming both sizes.
-    let out = earshot([
-        "encode".as_ref(),
-        whisper_oracle("expected/a_speech_mel_pad30s.npy").as_os_str(),
-        "--whisper".as_ref(),
-        sharded.as_os_str(),
-        "--out".as_ref(),
-        dir.path().join("x.npy").as_os_str(),
-    ]);
+    let out = encode_cli(
+        &whisper_oracle("expected/a_speech_mel_pad30s.npy"),
+        &sharded,
+        &dir.path().join("x.npy"),
+    );
     let err = expect_failure(&out);
     assert!(err.contains("[80, 3000]") && err.contains("128"), "{err}");
 }

@@ -5,7 +5,8 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use earshot::models::llm::{
-    export_gguf_to_hf, generate_ids, load_llm, read_gguf, LanguageModel, Llama, LoadedLlm, LogitsAt,
+    export_gguf_to_hf, generate_ids, load_llm, read_gguf, GgufBlocks, LanguageModel, Llama,
+    LoadedLlm, LogitsAt,
 };
 use earshot::models::nonfinite::NonFiniteTrace;
 use earshot::models::Runtime;
@@ -241,7 +242,7 @@ fn rotating_halves_on_stored_weights_is_wrong() {
     // The oracle README: halves rotary on llama.cpp's stored rows breaks top-1 agreement.
     // Guards against a loader that forgets the convention.
     let rt = Runtime::cpu();
-    let (store, mut cfg, _) = read_gguf(&default_gguf(), &rt).unwrap();
+    let (store, mut cfg, _) = read_gguf(&default_gguf(), &rt, GgufBlocks::Skip).unwrap();
     cfg.rope_interleaved = false;
     let wrong = Llama::load(&store, &cfg, DType::F32, &Device::Cpu).unwrap();
     let got = all_logits(&wrong, &chatml_ids());
@@ -288,7 +289,7 @@ fn candle_nn_free_cross_entropy(logits: &Tensor, targets: &Tensor) -> Tensor {
 fn gradient_wrt_input_embeddings_matches_finite_differences() {
     // float64 copy of the real weights so the finite difference is exact enough.
     let rt = Runtime::cpu();
-    let (store, cfg, _) = read_gguf(&default_gguf(), &rt).unwrap();
+    let (store, cfg, _) = read_gguf(&default_gguf(), &rt, GgufBlocks::Skip).unwrap();
     let model = Llama::load(&store, &cfg, DType::F64, &Device::Cpu).unwrap();
     let ids: Vec<u32> = chatml_ids()[..12].to_vec();
     let x = Tensor::new(ids.as_slice(), &Device::Cpu)
@@ -333,7 +334,7 @@ fn gradient_wrt_input_embeddings_matches_finite_differences() {
 #[test]
 fn backward_stores_no_gradient_for_frozen_weights() {
     let rt = Runtime::cpu();
-    let (store, cfg, _) = read_gguf(&default_gguf(), &rt).unwrap();
+    let (store, cfg, _) = read_gguf(&default_gguf(), &rt, GgufBlocks::Skip).unwrap();
     let mut model = Llama::load(&store, &cfg, DType::F32, &Device::Cpu).unwrap();
     let ids: Vec<u32> = chatml_ids()[..8].to_vec();
     let x = Tensor::new(ids.as_slice(), &Device::Cpu)

@@ -6,7 +6,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use earshot::models::llm::ChatTokenizer;
-use earshot::models::llm::{read_gguf, Llama};
+use earshot::models::llm::{read_gguf, GgufBlocks, Llama};
 use earshot::models::nonfinite::NonFiniteTrace;
 use earshot::models::projector::{Projector, ProjectorConfig, ProjectorKind};
 use earshot::models::whisper::WhisperEncoder;
@@ -17,7 +17,7 @@ use earshot_tests::*;
 /// The real SmolLM2 in float64, its tokenizer, and the encoder output of the speech clip.
 fn setup() -> (Llama, ChatTokenizer, Tensor) {
     let rt = Runtime::cpu();
-    let (store, cfg, meta) = read_gguf(&default_gguf(), &rt).unwrap();
+    let (store, cfg, meta) = read_gguf(&default_gguf(), &rt, GgufBlocks::Skip).unwrap();
     let llm = Llama::load(&store, &cfg, DType::F64, &Device::Cpu).unwrap();
     let tok = ChatTokenizer::from_gguf(&default_gguf(), &meta).unwrap();
     let encoder = WhisperEncoder::load_dir(&default_whisper(), &rt).unwrap();

@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
-use earshot::models::llm::{read_gguf, stack_projections, LanguageModel, Llama, LogitsAt};
+use earshot::models::llm::{
+    read_gguf, stack_projections, GgufBlocks, LanguageModel, Llama, LogitsAt,
+};
 use earshot::models::nonfinite::NonFiniteTrace;
 use earshot::models::whisper::WhisperEncoder;
 use earshot::models::Runtime;
@@ -32,10 +34,10 @@ fn peak_rss_mb() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-fn load_llama(gguf: &str) -> Llama {
+fn load_llama(gguf: &str, blocks: GgufBlocks) -> Llama {
     let rt = Runtime::cpu();
-    // As `load_llm` does.
-    let (mut store, cfg, _) = read_gguf(&PathBuf::from(gguf), &rt).unwrap();
+    // As `load_llm_with` does.
+    let (mut store, cfg, _) = read_gguf(&PathBuf::from(gguf), &rt, blocks).unwrap();
     stack_projections(&mut store, &cfg).unwrap();
     Llama::load(&store, &cfg, DType::F32, &Device::Cpu).unwrap()
 }
@@ -61,7 +63,7 @@ fn main() {
             println!("{{\"what\":\"encoder\",\"median_s\":{}}}", median(times));
         }
         Some("llm") => {
-            let mut model = load_llama(&args[2]);
+            let mut model = load_llama(&args[2], GgufBlocks::Keep);
             // A/B: candle's composed ops instead of the fused ones; decoding from the
             // dequantized f32 matrices instead of the GGUF blocks.
             match args.get(5).map(|s| s.as_str()) {
@@ -137,8 +139,8 @@ fn main() {
         Some("train-step") => {
             // As `earshot train` does.
             earshot::models::device::keep_elementwise_on_caller();
-            let mut model = load_llama(&args[2]);
-            model.use_dequantized_products();
+            // As `earshot train` loads it: no decoding blocks.
+            let mut model = load_llama(&args[2], GgufBlocks::Skip);
             let variant = args[3].as_str();
             if variant == "stock" {
                 model.use_stock_backward();

@@ -119,7 +119,8 @@ fn inspect_gguf(path: &Path, rt: &Runtime) -> Result<(Summary, WeightStore)> {
             .or_insert(0) += 1;
         params += info.shape.elem_count();
     }
-    let (store, config, meta) = crate::models::llm::read_gguf(path, rt)?;
+    let (store, config, meta) =
+        crate::models::llm::read_gguf(path, rt, crate::models::llm::GgufBlocks::Skip)?;
     let tok = ChatTokenizer::from_gguf(path, &meta)?;
     let mut special = special_lines(&tok);
     special.insert(

@@ -93,10 +93,8 @@ impl FrozenLinear {
         let few_rows = x2.dim(0)? <= PACKED_MAX_ROWS;
         let y = if let Some(p) = self.packed.as_ref().filter(|_| few_rows && !x2.track_op()) {
             // No gradient wanted (inference, or a taped layer whose backward uses `weight`).
-            x2.to_dtype(DType::F32)?
-                .contiguous()?
-                .apply_op1_no_bwd(&PackedProduct(p))?
-                .to_dtype(x.dtype())?
+            // The weight is f32 (`with_packed`), so is a valid input.
+            x2.contiguous()?.apply_op1_no_bwd(&PackedProduct(p))?
         } else if self.plain {
             x2.matmul(&self.weight_t)?
         } else {

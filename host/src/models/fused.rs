@@ -99,6 +99,14 @@ fn map_rows2<T: Copy + Default + Send + Sync>(
     })
 }
 
+/// The f32 data of a contiguous CPU storage (inference-only ops that take f32 alone).
+pub(crate) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) => contiguous(v, l, op),
+        _ => candle_core::bail!("{op}: f32 only"),
+    }
+}
+
 fn contiguous<'a, T>(data: &'a [T], l: &Layout, op: &str) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
@@ -814,8 +822,9 @@ pub fn erf_f32(x: f32) -> f32 {
 }
 
 /// Whether the CPU runs AVX2 + FMA: the crate is built for baseline x86-64 (SSE2, 4 lanes),
-/// so the loops below are also compiled for 8 lanes and picked at run time.
-fn has_avx2() -> bool {
+/// so the hot loops are also compiled for 8 lanes and picked at run time (here through
+/// `with_avx2!`, in `packed` with its own kernels).
+pub(crate) fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
@@ -826,6 +835,28 @@ fn has_avx2() -> bool {
     }
 }
 
+/// `fn $name(args)` that runs `$body(args)` compiled for AVX2 + FMA when the CPU has them,
+/// else as the crate is built. `$body` is `#[inline(always)]`, so each copy is vectorised
+/// for its own target.
+macro_rules! with_avx2 {
+    (fn $name:ident($($arg:ident: $ty:ty),*) => $body:ident) => {
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn wide($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                if has_avx2() {
+                    // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
 #[inline(always)]
 fn gelu_body(out: &mut [f32], x: &[f32]) {
     for (o, &x) in out.iter_mut().zip(x) {
@@ -833,20 +864,7 @@ fn gelu_body(out: &mut [f32], x: &[f32]) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn gelu_avx2(out: &mut [f32], x: &[f32]) {
-    gelu_body(out, x)
-}
-
-fn gelu_chunk(out: &mut [f32], x: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked just above).
-        return unsafe { gelu_avx2(out, x) };
-    }
-    gelu_body(out, x)
-}
+with_avx2!(fn gelu_chunk(out: &mut [f32], x: &[f32]) => gelu_body);
 
 /// softmax of a row whose values are all finite (and not NaN).
 #[inline(always)]
@@ -858,20 +876,7 @@ fn softmax_body(dst: &mut [f32], row: &[f32], max: f32) {
     dst.iter_mut().for_each(|d| *d *= inv);
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_avx2(dst: &mut [f32], row: &[f32], max: f32) {
-    softmax_body(dst, row, max)
-}
-
-fn softmax_row(dst: &mut [f32], row: &[f32], max: f32) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked just above).
-        return unsafe { softmax_avx2(dst, row, max) };
-    }
-    softmax_body(dst, row, max)
-}
+with_avx2!(fn softmax_row(dst: &mut [f32], row: &[f32], max: f32) => softmax_body);
 
 struct FastGelu;
 
@@ -881,10 +886,7 @@ impl CustomOp1 for FastGelu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(v) = s else {
-            candle_core::bail!("fast-gelu-erf: f32 only");
-        };
-        let x = contiguous(v, l, "fast-gelu-erf")?;
+        let x = contiguous_f32(s, l, "fast-gelu-erf")?;
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(PAR_MIN)
             .zip(x.par_chunks(PAR_MIN))
@@ -920,10 +922,7 @@ impl CustomOp1 for FastSoftmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(v) = s else {
-            candle_core::bail!("fast-softmax: f32 only");
-        };
-        let x = contiguous(v, l, "fast-softmax")?;
+        let x = contiguous_f32(s, l, "fast-softmax")?;
         let n = l.dims().last().copied().unwrap_or(1);
         let out = map_rows(x, n, n, |_, row, dst| {
             let max = lanes(row, f32::NEG_INFINITY, |m, v| if v > m { v } else { m });

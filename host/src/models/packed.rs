@@ -232,7 +232,8 @@ impl PackedMatrix {
     }
 }
 
-/// Whether the vector kernels can run: AVX2 + FMA, and F16C for the block scales.
+/// Whether the vector kernels can run: AVX2 + FMA (`fused::has_avx2`), and F16C for the
+/// block scales.
 fn has_avx2_f16c() -> bool {
     #[cfg(test)]
     if FORCE_SCALAR.with(|s| s.get()) {
@@ -240,9 +241,7 @@ fn has_avx2_f16c() -> bool {
     }
     #[cfg(target_arch = "x86_64")]
     {
-        is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
+        super::fused::has_avx2() && is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -431,11 +430,7 @@ impl CustomOp1 for PackedProduct<'_> {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (m, k) = l.shape().dims2()?;
-        let x = match (s, l.contiguous_offsets()) {
-            (CpuStorage::F32(data), Some((a, b))) => &data[a..b],
-            (CpuStorage::F32(_), None) => candle_core::bail!("packed-matmul: input not contiguous"),
-            _ => candle_core::bail!("packed-matmul: input must be f32"),
-        };
+        let x = super::fused::contiguous_f32(s, l, "packed-matmul")?;
         if k != self.0.cols {
             candle_core::bail!(
                 "packed-matmul: input width {k}, weight ({}, {})",

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -86,7 +87,7 @@ pub struct WeightStore {
     /// The same weights in the GGUF blocks they were read from (CPU f32 loads of Q4_0,
     /// Q4_1 and Q8_0 matrices), for decoding (see `packed`). Checked through `tensors`,
     /// which were dequantized from these bytes.
-    packed: HashMap<String, PackedMatrix>,
+    packed: HashMap<String, Arc<PackedMatrix>>,
 }
 
 impl WeightStore {
@@ -100,15 +101,18 @@ impl WeightStore {
 
     /// Keeps `packed`, the block form of tensor `name` (same shape).
     pub fn insert_packed(&mut self, name: impl Into<String>, packed: PackedMatrix) {
-        self.packed.insert(name.into(), packed);
+        self.packed.insert(name.into(), Arc::new(packed));
     }
 
     /// The block form of tensor `name`, if it was read from one and has `shape`.
-    pub fn packed(&self, name: &str, shape: &[usize]) -> Option<&PackedMatrix> {
-        self.packed.get(name).filter(|p| {
-            let (r, c) = p.dims();
-            shape == [r, c]
-        })
+    pub fn packed(&self, name: &str, shape: &[usize]) -> Option<Arc<PackedMatrix>> {
+        self.packed
+            .get(name)
+            .filter(|p| {
+                let (r, c) = p.dims();
+                shape == [r, c]
+            })
+            .cloned()
     }
 
     /// Loads one or more safetensors files (the shards of one model) onto `device`.
@@ -192,11 +196,11 @@ impl WeightStore {
         let stacked = Tensor::cat(&taken, 0)?;
         drop(taken);
         self.tensors.insert(into.to_string(), stacked);
-        let packed: Vec<PackedMatrix> =
+        let packed: Vec<Arc<PackedMatrix>> =
             parts.iter().filter_map(|n| self.packed.remove(n)).collect();
         if packed.len() == parts.len() {
-            if let Some(p) = PackedMatrix::stack(&packed.iter().collect::<Vec<_>>()) {
-                self.packed.insert(into.to_string(), p);
+            if let Some(p) = PackedMatrix::stack(&packed.iter().map(|p| &**p).collect::<Vec<_>>()) {
+                self.packed.insert(into.to_string(), Arc::new(p));
             }
         }
         Ok(())

@@ -25,7 +25,7 @@ use rand::SeedableRng;
 use crate::audio::{self, Segment};
 use crate::config::RunConfig;
 use crate::mel::{LogMelExtractor, MelSettings, N_FRAMES, N_SAMPLES};
-use crate::models::llm::{load_llm, LoadedLlm};
+use crate::models::llm::{load_llm_with, GgufBlocks, LoadedLlm};
 use crate::models::nonfinite::NonFiniteTrace;
 use crate::models::projector::Projector;
 use crate::models::whisper::WhisperEncoder;
@@ -212,10 +212,9 @@ impl Session {
         let rt = Runtime::best_available();
         let encoder = WhisperEncoder::load_dir(&config.models.whisper, &rt)
             .with_context(|| format!("loading Whisper from {}", config.models.whisper.display()))?;
-        let mut llm = load_llm(&config.models.llm, &rt)
-            .with_context(|| format!("loading the LLM from {}", config.models.llm.display()))?;
         // Training never decodes: the GGUF blocks kept for decoding would only take memory.
-        llm.model.use_dequantized_products();
+        let llm = load_llm_with(&config.models.llm, &rt, GgufBlocks::Skip)
+            .with_context(|| format!("loading the LLM from {}", config.models.llm.display()))?;
         let host = PluginHost::new(config.plugins.sandbox, PluginHost::default_cache_dir());
         let mut template = PromptTemplate::load(&host, &config.plugins.prompt_template)?;
         let mut adapter = DatasetAdapter::open(

@@ -428,7 +428,7 @@ impl Llama {
         }
         let get = |name: &str, shape: &[usize]| store.get(name, shape, dtype);
         // The GGUF blocks of a weight, for decoding (kept only for CPU f32 models).
-        let packed = |name: &str, shape: &[usize]| store.packed(name, shape).cloned().map(Arc::new);
+        let packed = |name: &str, shape: &[usize]| store.packed(name, shape);
         let lin = |name: &str, out: usize, inp: usize| -> Result<FrozenLinear> {
             let name = format!("{name}.weight");
             Ok(FrozenLinear::new(get(&name, &[out, inp])?, None)
@@ -454,7 +454,9 @@ impl Llama {
                     .iter()
                     .map(|(name, out)| store.packed(name, &[*out, h]))
                     .collect::<Option<Vec<_>>>()
-                    .and_then(|parts| PackedMatrix::stack(&parts))
+                    .and_then(|parts| {
+                        PackedMatrix::stack(&parts.iter().map(|p| &**p).collect::<Vec<_>>())
+                    })
                     .map(Arc::new);
                 (Tensor::cat(&parts, 0)?, blocks)
             };
@@ -523,7 +525,7 @@ impl Llama {
     }
 
     /// Decodes with the dequantized f32 matrices even where packed GGUF blocks were kept,
-    /// and frees the blocks (training, which never decodes; the benchmark's A/B).
+    /// and frees the blocks (the benchmark's A/B).
     pub fn use_dequantized_products(&mut self) {
         for b in &mut self.blocks {
             for l in [&mut b.qkv, &mut b.o, &mut b.gate_up, &mut b.down] {

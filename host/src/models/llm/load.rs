@@ -38,6 +38,15 @@ impl LlmSource {
     }
 }
 
+/// Whether a GGUF load also keeps the Q4_0/Q4_1/Q8_0 blocks that decoding reads (see
+/// `models::packed`; only CPU f32 models use them). Training, inspection and export never
+/// decode, and skip the copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufBlocks {
+    Keep,
+    Skip,
+}
+
 pub struct LoadedLlm {
     pub model: Llama,
     pub tokenizer: ChatTokenizer,
@@ -45,12 +54,17 @@ pub struct LoadedLlm {
 }
 
 /// Reads the weights (and the tokenizer) of a GGUF file or HF folder, checks them, builds
-/// the model.
+/// the model; for generating text (GGUF blocks kept for decoding).
 pub fn load_llm(path: &Path, rt: &Runtime) -> Result<LoadedLlm> {
+    load_llm_with(path, rt, GgufBlocks::Keep)
+}
+
+/// As [`load_llm`], choosing whether GGUF blocks are kept (training passes `Skip`).
+pub fn load_llm_with(path: &Path, rt: &Runtime, blocks: GgufBlocks) -> Result<LoadedLlm> {
     let source = LlmSource::from_path(path)?;
     let (mut store, config, tokenizer) = match &source {
         LlmSource::Gguf(p) => {
-            let (store, config, meta) = read_gguf(p, rt)?;
+            let (store, config, meta) = read_gguf(p, rt, blocks)?;
             let tok = ChatTokenizer::from_gguf(p, &meta)?;
             (store, config, tok)
         }
@@ -125,6 +139,7 @@ fn meta_f64(meta: &HashMap<String, Value>, key: &str) -> Option<f64> {
 pub fn read_gguf(
     path: &Path,
     rt: &Runtime,
+    blocks: GgufBlocks,
 ) -> Result<(WeightStore, LlamaConfig, HashMap<String, Value>)> {
     let fmt_err = |reason: String| ModelError::Format {
         path: path.to_path_buf(),
@@ -152,7 +167,8 @@ pub fn read_gguf(
     let mut tensors = HashMap::new();
     let mut packed = Vec::new();
     // Decoding on the CPU in f32 reads these blocks instead of the f32 copies (`packed`).
-    let keep_blocks = rt.device.is_cpu() && rt.dtype == candle_core::DType::F32;
+    let keep_blocks =
+        blocks == GgufBlocks::Keep && rt.device.is_cpu() && rt.dtype == candle_core::DType::F32;
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for name in names {
@@ -232,7 +248,7 @@ pub struct ExportSummary {
 /// tokenizer_config.json), written to OUT.partial and renamed into place.
 pub fn export_gguf_to_hf(gguf: &Path, out_dir: &Path, shards: usize) -> Result<ExportSummary> {
     let rt = Runtime::cpu();
-    let (store, mut config, meta) = read_gguf(gguf, &rt)?;
+    let (store, mut config, meta) = read_gguf(gguf, &rt, GgufBlocks::Skip)?;
     store.verify_finite()?;
     let tok = ChatTokenizer::from_gguf(gguf, &meta)?;
     let mut tensors: Vec<(String, Tensor)> = Vec::new();

@@ -7,7 +7,10 @@ mod load;
 mod tokenizer;
 
 pub use llama::{stack_projections, KvCache, Llama, LlamaConfig, LogitsAt, Placement};
-pub use load::{export_gguf_to_hf, load_llm, read_gguf, unpermute_qk, LlmSource, LoadedLlm};
+pub use load::{
+    export_gguf_to_hf, load_llm, load_llm_with, read_gguf, unpermute_qk, GgufBlocks, LlmSource,
+    LoadedLlm,
+};
 pub use tokenizer::{ChatTokenizer, SpecialTokens};
 
 use candle_core::Tensor;

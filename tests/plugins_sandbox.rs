@@ -16,6 +16,7 @@ fn host() -> PluginHost {
             memory_mib: 64,
             call_timeout_s: 2.0,
             max_output_mib: 8,
+            ..SandboxLimits::default()
         },
         None,
     )
@@ -101,7 +102,7 @@ fn a_crashed_instance_is_not_entered_again() {
     let mut p = PostProcessor::load(&h, &hostile("panic")).unwrap();
     assert!(p.process("", &[], &[]).is_err());
     let again = p.process("", &[], &[]).unwrap_err().to_string();
-    assert!(again.contains("crashed earlier"), "{again}");
+    assert!(again.contains("failed earlier"), "{again}");
 }
 
 #[test]
@@ -226,4 +227,290 @@ fn a_plugin_used_in_the_wrong_role_is_refused() {
             && err.contains("prompt-template"),
         "{err}"
     );
+}
+
+/// Runs `f` on a thread and fails the test if it has not returned after `secs` seconds: a
+/// hang is a failure, not a stalled suite.
+fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(secs))
+        .unwrap_or_else(|_| panic!("still running after {secs} s: the host hangs"))
+}
+
+/// A call that must end within the 2 s limit (plus slack), with a timeout naming the call.
+fn assert_times_out(
+    call: &str,
+    started: std::time::Instant,
+    r: Result<impl std::fmt::Debug, PluginError>,
+) {
+    let elapsed = started.elapsed().as_secs_f64();
+    let err = match r {
+        Ok(v) => panic!("{call} returned {v:?}"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains(call) && err.contains("did not finish within 2.0 s"),
+        "{call}: {err}"
+    );
+    assert!(elapsed < 10.0, "{call} took {elapsed:.1} s");
+}
+
+#[test]
+fn sleeping_in_a_wasi_call_is_interrupted_in_every_call() {
+    within(120, sleeping_calls);
+}
+
+fn sleeping_calls() {
+    let h = host();
+    let sleep = hostile("sleep");
+
+    let mut p = PostProcessor::load(&h, &sleep).unwrap();
+    let t = std::time::Instant::now();
+    assert_times_out("process", t, p.process("sleep", &[], &[]));
+    // The timed-out instance is thrown away: it is not entered again.
+    let again = p.process("awake", &[], &[]).unwrap_err().to_string();
+    assert!(again.contains("failed earlier"), "{again}");
+
+    let mut t = PromptTemplate::load(&h, &sleep).unwrap();
+    let started = std::time::Instant::now();
+    assert_times_out("render", started, t.render(&[], "sleep"));
+
+    let d = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    assert_times_out(
+        "open",
+        started,
+        DatasetAdapter::open(&h, &sleep, d.path(), "sleep").map(|_| ()),
+    );
+    let mut ds = DatasetAdapter::open(&h, &sleep, d.path(), "").unwrap();
+    let started = std::time::Instant::now();
+    assert_times_out("read", started, ds.read("sleep", 0, 8));
+
+    let started = std::time::Instant::now();
+    assert_times_out(
+        "describe",
+        started,
+        PostProcessor::load(&h, &hostile("sleep-describe")).map(|_| ()),
+    );
+    good_plugin_still_works(&h);
+}
+
+#[test]
+fn a_fifo_in_the_dataset_root_does_not_hang_the_host() {
+    let d = tempfile::tempdir().unwrap();
+    let pipe = d.path().join("pipe");
+    let made = std::process::Command::new("mkfifo").arg(&pipe).status();
+    assert!(
+        made.is_ok_and(|s| s.success()),
+        "mkfifo is needed for this test"
+    );
+    let started = std::time::Instant::now();
+    let root = d.path().to_path_buf();
+    let r = within(60, move || {
+        DatasetAdapter::open(&host(), &hostile("fifo"), &root, "").map(|_| ())
+    });
+    assert_times_out("open", started, r);
+    good_plugin_still_works(&host());
+}
+
+#[test]
+fn a_page_that_does_not_advance_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let mut ds = DatasetAdapter::open(&host(), &hostile("stuck-page"), d.path(), "").unwrap();
+    let err = ds.read("train", 7, 8).expect_err("refused").to_string();
+    assert!(
+        err.contains("hostile-stuck-page")
+            && err.contains("position 7")
+            && err.contains("does not advance"),
+        "{err}"
+    );
+    // The same through the CLI's paging loop: an error, not a hang.
+    let out = earshot_with_timeout(
+        &[
+            "dataset".as_ref(),
+            "list".as_ref(),
+            "--adapter".as_ref(),
+            hostile("stuck-page").as_os_str(),
+            "--root".as_ref(),
+            d.path().as_os_str(),
+        ],
+        60,
+    );
+    let err = expect_failure(&out);
+    assert!(
+        err.contains("does not advance") && err.contains("position 0"),
+        "{err}"
+    );
+}
+
+#[test]
+fn twenty_million_roles_are_refused() {
+    let started = std::time::Instant::now();
+    // Under the default 64 MiB output cap: the 20 MB list is refused for what it is.
+    let err = PostProcessor::load(
+        &PluginHost::new(SandboxLimits::default(), None),
+        &hostile("many-roles"),
+    )
+    .err()
+    .expect("refused")
+    .to_string();
+    assert!(
+        err.contains("hostile_many_roles.wasm") && err.contains("20000000 roles"),
+        "{err}"
+    );
+    assert!(started.elapsed().as_secs_f64() < 30.0);
+    // `plugin check` says so in a line, instead of printing hundreds of MiB.
+    let out = earshot([
+        "plugin".as_ref(),
+        "check".as_ref(),
+        hostile("many-roles").as_os_str(),
+    ]);
+    let err = expect_failure(&out);
+    assert!(out.stdout.is_empty() && err.len() < 4096, "{err}");
+}
+
+#[test]
+fn logging_on_every_call_never_kills_a_plugin() {
+    let d = tempfile::tempdir().unwrap();
+    let mut ds = DatasetAdapter::open(&host(), &hostile("chatty"), d.path(), "").unwrap();
+    let mut pages = ds.pages("train", 256);
+    let mut n = 0;
+    while let Some(page) = pages.next_page().unwrap() {
+        n += page.len();
+    }
+    assert_eq!(n, 2000);
+}
+
+#[test]
+fn a_plugin_cannot_exhaust_the_hosts_file_descriptors() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("f.txt"), "x").unwrap();
+    let open_fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+    let before = open_fds();
+    let err = DatasetAdapter::open(&host(), &hostile("fd-hog"), d.path(), "")
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("hostile-fd-hog") && err.contains("open handles"),
+        "{err}"
+    );
+    assert!(!err.contains("SUCCEEDED"), "{err}");
+    // The instance is gone and its descriptors with it; the host can still open files.
+    assert!(
+        open_fds() <= before + 8,
+        "{} fds now, {before} before",
+        open_fds()
+    );
+    good_plugin_still_works(&host());
+}
+
+#[test]
+fn an_endless_split_stops_at_the_example_cap() {
+    let d = tempfile::tempdir().unwrap();
+    let h = PluginHost::new(
+        SandboxLimits {
+            max_examples: 1000,
+            ..SandboxLimits::default()
+        },
+        None,
+    );
+    let root = d.path().to_path_buf();
+    let (seen, err) = within(120, move || {
+        let mut ds = DatasetAdapter::open(&h, &hostile("endless-split"), &root, "").unwrap();
+        let mut pages = ds.pages("train", 256);
+        let mut seen = 0;
+        loop {
+            match pages.next_page() {
+                Ok(Some(p)) => seen += p.len(),
+                Ok(None) => panic!("the endless split ended"),
+                Err(e) => break (seen, e.to_string()),
+            }
+        }
+    });
+    assert!(seen <= 1000, "{seen}");
+    assert!(
+        err.contains("hostile-endless-split") && err.contains("past 1000 examples"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_output_cap_itself_is_enforced() {
+    // 8 MiB of text under a 64 MiB memory cap: the output cap, not the memory cap, refuses it.
+    let h = PluginHost::new(
+        SandboxLimits {
+            memory_mib: 64,
+            max_output_mib: 1,
+            ..SandboxLimits::default()
+        },
+        None,
+    );
+    let d = tempfile::tempdir().unwrap();
+    let _ = d;
+    let mut t = PromptTemplate::load(&h, &hostile("huge-prompt")).unwrap();
+    let err = t.render(&[], "").unwrap_err();
+    let (text, kind) = call_failure(err);
+    assert!(matches!(kind, CallFailure::BadOutput(_)), "{text}");
+    assert!(text.contains("more than the cap of 1 MiB"), "{text}");
+}
+
+#[test]
+fn plugin_text_cannot_drive_the_terminal() {
+    let nasty = hostile("terminal-escapes");
+    for json in [false, true] {
+        let mut args = vec!["plugin".as_ref(), "check".as_ref(), nasty.as_os_str()];
+        if json {
+            args.push("--json".as_ref());
+        }
+        let out = earshot(args);
+        let text = expect_success(&out);
+        for bad in ['\u{1b}', '\u{7}', '\u{9b}', '\u{202e}'] {
+            assert!(!text.contains(bad), "raw {bad:?} printed: {text:?}");
+        }
+        if json {
+            let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+            assert!(
+                v["description"].as_str().unwrap().contains("\\u{1b}]52"),
+                "{v}"
+            );
+        } else {
+            // The forged line stays inside the description's line.
+            assert_eq!(
+                text.lines().filter(|l| l.starts_with("roles:")).count(),
+                1,
+                "{text}"
+            );
+        }
+    }
+    // Warnings and error messages, through `dataset list`.
+    let d = tempfile::tempdir().unwrap();
+    let out = earshot([
+        "dataset".as_ref(),
+        "list".as_ref(),
+        "--adapter".as_ref(),
+        nasty.as_os_str(),
+        "--root".as_ref(),
+        d.path().as_os_str(),
+    ]);
+    let err = expect_failure(&out);
+    for bad in ['\u{1b}', '\u{7}', '\u{9b}', '\u{202e}'] {
+        assert!(!err.contains(bad), "raw {bad:?} printed: {err:?}");
+    }
+    assert!(err.contains("warning") && err.contains("message"), "{err}");
+    // A post-processed caption is data: kept, but escaped when printed.
+    let mut p = PostProcessor::load(&host(), &nasty).unwrap();
+    let caption = p.process("x", &[], &[]).unwrap();
+    assert!(caption.contains('\u{1b}'));
+    let safe =
+        earshot::plugins::terminal_safe_json(serde_json::json!({ "c": caption }).to_string());
+    assert!(
+        !safe.contains('\u{9b}') && !safe.contains('\u{202e}'),
+        "{safe}"
+    );
+    let back: serde_json::Value = serde_json::from_str(&safe).unwrap();
+    assert_eq!(back["c"], caption.as_str());
 }

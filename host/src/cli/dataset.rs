@@ -5,7 +5,7 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 
 use super::plugin::SandboxArgs;
-use crate::plugins::DatasetAdapter;
+use crate::plugins::{terminal_safe_json, DatasetAdapter};
 
 #[derive(Debug, Args)]
 pub struct DatasetArgs {
@@ -55,47 +55,37 @@ pub fn run(args: DatasetArgs) -> Result<()> {
         sandbox,
     } = args.command;
     anyhow::ensure!(batch > 0, "--batch must be at least 1");
-    let host = sandbox.host();
+    let host = sandbox.host()?;
     let mut ds = DatasetAdapter::open(&host, &adapter, &root, &options)?;
     for w in &ds.dataset.warnings {
         eprintln!("warning: {w}");
     }
     let splits = match split {
         Some(s) => {
-            anyhow::ensure!(
-                ds.dataset.splits.contains(&s),
-                "{}: no split {s:?} (have: {})",
-                root.display(),
-                ds.dataset.splits.join(", ")
-            );
+            ds.require_split(&s)?;
             vec![s]
         }
         None => ds.dataset.splits.clone(),
     };
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     for split in splits {
-        let mut pos = 0u64;
         let mut emitted = 0u64;
+        let mut pages = ds.pages(&split, batch);
         loop {
             let want = match limit {
                 Some(l) if emitted >= l => break,
                 Some(l) => (l - emitted).min(batch as u64) as u32,
                 None => batch,
             };
-            let b = ds.read(&split, pos, want)?;
-            for w in &b.warnings {
-                eprintln!("warning: {w}");
-            }
-            for ex in &b.examples {
+            let Some(examples) = pages.next_page_of(want)? else {
+                break;
+            };
+            for ex in &examples {
                 let mut v = serde_json::to_value(ex)?;
                 v["split"] = split.clone().into();
-                writeln!(out, "{v}")?;
+                writeln!(out, "{}", terminal_safe_json(v.to_string()))?;
             }
-            emitted += b.examples.len() as u64;
-            match b.next {
-                Some(n) => pos = n,
-                None => break,
-            }
+            emitted += examples.len() as u64;
         }
     }
     out.flush()?;

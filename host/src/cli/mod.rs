@@ -97,7 +97,13 @@ pub fn main() -> ExitCode {
             ExitCode::from(141)
         }
         Err(err) => {
-            eprintln!("error: {err:#}");
+            // Errors carry text from plugins and files: escape what could drive the terminal.
+            let text = format!("{err:#}");
+            let safe: Vec<String> = text
+                .lines()
+                .map(|l| crate::plugins::display_text(l, 64 * 1024))
+                .collect();
+            eprintln!("error: {}", safe.join("\n"));
             ExitCode::FAILURE
         }
     }

@@ -16,15 +16,20 @@ pub struct SandboxArgs {
 }
 
 impl SandboxArgs {
-    pub fn host(&self) -> PluginHost {
-        PluginHost::new(
-            SandboxLimits {
-                memory_mib: self.plugin_memory_mib,
-                call_timeout_s: self.plugin_timeout_s,
-                ..SandboxLimits::default()
-            },
-            PluginHost::default_cache_dir(),
-        )
+    pub fn host(&self) -> Result<PluginHost> {
+        let limits = SandboxLimits {
+            memory_mib: self.plugin_memory_mib,
+            call_timeout_s: self.plugin_timeout_s,
+            ..SandboxLimits::default()
+        };
+        limits.validate().map_err(|e| {
+            anyhow::anyhow!(
+                "{}",
+                e.replace("plugins.sandbox.call-timeout-s", "--plugin-timeout-s")
+                    .replace("plugins.sandbox.memory-mib", "--plugin-memory-mib")
+            )
+        })?;
+        Ok(PluginHost::new(limits, PluginHost::default_cache_dir()))
     }
 }
 
@@ -55,9 +60,12 @@ pub fn run(args: PluginArgs) -> Result<()> {
             json,
             sandbox,
         } => {
-            let info = sandbox.host().describe(&file)?;
+            let info = sandbox.host()?.describe(&file)?;
             if json {
-                println!("{}", serde_json::to_string(&info)?);
+                println!(
+                    "{}",
+                    crate::plugins::terminal_safe_json(serde_json::to_string(&info)?)
+                );
             } else {
                 println!("name: {}", info.name);
                 println!("version: {}", info.version);

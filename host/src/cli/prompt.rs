@@ -31,7 +31,7 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 }
 
 pub fn run(args: PromptArgs) -> Result<()> {
-    let host = args.sandbox.host();
+    let host = args.sandbox.host()?;
     let mut t = PromptTemplate::load(&host, &args.template)?;
     let pieces = t
         .render(&args.meta, &args.options)
@@ -40,6 +40,9 @@ pub fn run(args: PromptArgs) -> Result<()> {
     if let Some(target) = &args.target {
         v["target"] = t.format_target(target, &args.meta, &args.options)?.into();
     }
-    println!("{}", serde_json::to_string_pretty(&v)?);
+    println!(
+        "{}",
+        crate::plugins::terminal_safe_json(serde_json::to_string_pretty(&v)?)
+    );
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! `Store` per plugin instance in a sandbox, a cache of precompiled components, and one
 //! module per WIT version converting its bindings into the host types in [`types`].
 
+mod paging;
 mod sandbox;
 pub mod types;
 mod v0_1_0;
@@ -13,6 +14,7 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Engine, Store};
 
+pub use paging::{SplitPages, PAGE_SIZE};
 pub use sandbox::{SandboxLimits, DATA_MOUNT};
 pub use types::{
     AudioSource, Batch, CallFailure, DatasetInfo, Example, PluginError, PluginInfo, PromptPieces,
@@ -21,6 +23,54 @@ pub use types::{
 pub use v0_1_0::{DatasetAdapter, PostProcessor, PromptTemplate};
 
 use sandbox::{new_store, HostState};
+
+/// Whether printing `c` could move the cursor, change the terminal's state or reorder the
+/// text around it: C0 and C1 controls, DEL, and Unicode's bidirectional formatting marks.
+fn is_unsafe_char(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Text that came from a plugin, made safe to print on a terminal or in a log: every unsafe
+/// character (see [`is_unsafe_char`]) is written as a visible `\u{..}` escape, and the text
+/// is cut at about `max_bytes`, saying how much was left out.
+pub fn display_text(s: &str, max_bytes: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(max_bytes) + 16);
+    for (i, c) in s.char_indices() {
+        if out.len() >= max_bytes {
+            out.push_str(&format!("... ({} more bytes)", s.len() - i));
+            break;
+        }
+        if is_unsafe_char(c) {
+            out.push_str(&format!("\\u{{{:x}}}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A serialized JSON value made safe for a terminal without changing what it decodes to:
+/// the unsafe characters JSON allows raw inside strings (DEL, C1 controls, bidi marks; C0
+/// controls are already escaped by serde_json) are written as `\uXXXX` escapes.
+pub fn terminal_safe_json(json: String) -> String {
+    // Raw newlines, tabs and carriage returns in serialized JSON are its own whitespace
+    // (serde_json escapes them inside strings): they stay.
+    let unsafe_in_json = |c: char| is_unsafe_char(c) && !matches!(c, '\n' | '\r' | '\t');
+    if !json.chars().any(unsafe_in_json) {
+        return json;
+    }
+    let mut out = String::with_capacity(json.len() + 16);
+    for c in json.chars() {
+        if unsafe_in_json(c) {
+            // All of these are in the Basic Multilingual Plane: one \uXXXX each.
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
 
 /// Plugin API versions this host can run.
 pub const SUPPORTED_API_VERSIONS: &[&str] = &["0.1.0"];
@@ -32,6 +82,10 @@ fn engine() -> &'static Engine {
         let mut config = wasmtime::Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
+        // Shared memories escape the per-plugin memory accounting (wasmtime does not report
+        // their growth to the limiter): plugins get none.
+        config.wasm_threads(false);
+        config.shared_memory(false);
         let engine = Engine::new(&config).expect("wasmtime engine configuration is valid");
         let ticker = engine.clone();
         std::thread::Builder::new()
@@ -42,6 +96,24 @@ fn engine() -> &'static Engine {
             })
             .expect("spawn the epoch thread");
         engine
+    })
+}
+
+/// The process-wide executor plugin calls run on. Calls are async so that a call blocked in
+/// a WASI host function (a sleep, a FIFO) can be abandoned at its time limit: the caller's
+/// thread drives the call with `block_on`; the worker runs WASI's timers and blocking file
+/// operations. Never dropped: a file operation stuck in the kernel (a FIFO's open) keeps a
+/// blocking-pool thread, which must not hold up the process's exit.
+pub(crate) fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(64)
+            .thread_name("earshot-plugin-io")
+            .enable_all()
+            .build()
+            .expect("start the plugin executor")
     })
 }
 
@@ -154,7 +226,7 @@ impl PluginHost {
 
     pub(crate) fn linker(&self) -> Result<Linker<HostState>, PluginError> {
         let mut linker = Linker::new(engine());
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| PluginError::Load {
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| PluginError::Load {
             path: "<host>".into(),
             reason: e.to_string(),
         })?;

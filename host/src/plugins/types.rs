@@ -98,6 +98,8 @@ pub enum CallFailure {
     Timeout(std::time::Duration),
     OutOfMemory(usize),
     StackOverflow,
+    /// It tried to hold more handles (files, streams) than the sandbox allows.
+    TooManyHandles(usize),
     Trap(String),
     /// The plugin returned something the host refuses (too large, invalid).
     BadOutput(String),
@@ -114,6 +116,10 @@ impl fmt::Display for CallFailure {
                 write!(f, "exceeded its memory cap of {} MiB (killed)", cap >> 20)
             }
             CallFailure::StackOverflow => write!(f, "overflowed its call stack (killed)"),
+            CallFailure::TooManyHandles(n) => write!(
+                f,
+                "tried to hold more than {n} open handles (files, directories, streams) (killed)"
+            ),
             CallFailure::Trap(t) => write!(f, "crashed: {t}"),
             CallFailure::BadOutput(why) => write!(f, "returned unusable output: {why}"),
         }

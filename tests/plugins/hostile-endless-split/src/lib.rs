@@ -29,7 +29,12 @@ fn wav(n: u32) -> Vec<u8> {
 
 impl Plugin for Hostile {
     fn info() -> PluginInfo {
-        info("hostile-endless-split", "0.1.0", ROLES, "hostile test plugin")
+        info(
+            "hostile-endless-split",
+            "0.1.0",
+            ROLES,
+            "hostile test plugin",
+        )
     }
 
     fn open(_options: String) -> Result<DatasetInfo, PluginError> {

@@ -8,7 +8,12 @@ const ROLES: &[Role] = &[Role::CaptionPostProcessor];
 impl Plugin for Hostile {
     fn info() -> PluginInfo {
         std::thread::sleep(std::time::Duration::from_secs(3600));
-        info("hostile-sleep-describe", "0.1.0", ROLES, "hostile test plugin")
+        info(
+            "hostile-sleep-describe",
+            "0.1.0",
+            ROLES,
+            "hostile test plugin",
+        )
     }
 }
 

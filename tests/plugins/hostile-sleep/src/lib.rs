@@ -5,7 +5,11 @@ use earshot_plugin_sdk::*;
 
 struct Hostile;
 
-const ROLES: &[Role] = &[Role::PromptTemplate, Role::DatasetAdapter, Role::CaptionPostProcessor];
+const ROLES: &[Role] = &[
+    Role::PromptTemplate,
+    Role::DatasetAdapter,
+    Role::CaptionPostProcessor,
+];
 
 fn nap() {
     std::thread::sleep(std::time::Duration::from_secs(3600));

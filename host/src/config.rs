@@ -60,10 +60,23 @@ pub struct DataConfig {
     /// Held-out split for the eval loss (and the best checkpoint); none: no eval.
     #[serde(default)]
     pub eval_split: Option<String>,
+    /// Longest audio one example may decode to, in seconds; longer is an error naming the
+    /// example (a few KB of compressed input can claim hours).
+    #[serde(default = "default_max_audio_s")]
+    pub max_audio_s: f64,
 }
 
 fn default_train_split() -> String {
     "train".into()
+}
+
+/// Ten minutes: 20 of Whisper's 30 s windows.
+pub const DEFAULT_MAX_AUDIO_S: f64 = 600.0;
+/// The largest `data.max-audio-s` accepted (a day).
+pub const MAX_AUDIO_S_LIMIT: f64 = 24.0 * 3600.0;
+
+fn default_max_audio_s() -> f64 {
+    DEFAULT_MAX_AUDIO_S
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -247,6 +260,14 @@ impl RunConfig {
         }
         if !(0.0..1.0).contains(&t.beta1) || !(0.0..1.0).contains(&t.beta2) {
             bail!("{p}: train.beta1 and train.beta2 must be in [0, 1)");
+        }
+        self.plugins
+            .sandbox
+            .validate()
+            .map_err(|e| anyhow::anyhow!("{p}: {e}"))?;
+        let max_audio = self.data.max_audio_s;
+        if !(max_audio.is_finite() && max_audio > 0.0 && max_audio <= MAX_AUDIO_S_LIMIT) {
+            bail!("{p}: data.max-audio-s = {max_audio}: must be > 0 and at most {MAX_AUDIO_S_LIMIT} (a day)");
         }
         for (key, file) in [
             ("models.whisper", &self.models.whisper),

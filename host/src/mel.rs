@@ -56,18 +56,30 @@ impl Default for MelSettings {
 pub enum MelError {
     #[error("unsupported number of mel bins {0}: Whisper uses 80 or 128")]
     BadBins(usize),
-    #[error("window hop must be > 0 and <= 30 s, got {0}")]
+    #[error("window hop must be between {MIN_WINDOW_HOP_S} and 30 s, got {0}")]
     BadHop(f64),
+    #[error(
+        "{windows} windows of features would take {} MiB (more than {} MiB): use a segment \
+         (--start/--end) or a longer window hop",
+        .bytes >> 20,
+        MAX_FEATURE_BYTES >> 20
+    )]
+    TooManyWindows { windows: usize, bytes: usize },
     #[error("no samples to compute features from")]
     Empty,
 }
+
+/// The shortest window hop: shorter ones multiply the windows (and their memory) for no use.
+pub const MIN_WINDOW_HOP_S: f64 = 1.0;
+/// The most memory the features of one input may take.
+pub const MAX_FEATURE_BYTES: usize = 2 << 30;
 
 impl MelSettings {
     pub fn validate(&self) -> Result<(), MelError> {
         if self.n_mels != 80 && self.n_mels != 128 {
             return Err(MelError::BadBins(self.n_mels));
         }
-        if !(self.window_hop_s > 0.0 && self.window_hop_s <= 30.0) {
+        if !(self.window_hop_s >= MIN_WINDOW_HOP_S && self.window_hop_s <= 30.0) {
             return Err(MelError::BadHop(self.window_hop_s));
         }
         Ok(())
@@ -210,11 +222,14 @@ impl LogMelExtractor {
             return Err(MelError::Empty);
         }
         let hop = settings.hop_samples();
-        let mut starts = vec![0];
-        while starts.last().unwrap() + N_SAMPLES < samples.len() {
-            starts.push(starts.last().unwrap() + hop);
-        }
         let size = self.n_mels * N_FRAMES;
+        // Counted before anything is allocated.
+        let windows = 1 + samples.len().saturating_sub(N_SAMPLES).div_ceil(hop);
+        let bytes = windows.saturating_mul(size * std::mem::size_of::<f32>());
+        if bytes > MAX_FEATURE_BYTES {
+            return Err(MelError::TooManyWindows { windows, bytes });
+        }
+        let starts: Vec<usize> = (0..windows).map(|w| w * hop).collect();
         let mut out = vec![0f32; starts.len() * size];
         for (&start, dst) in starts.iter().zip(out.chunks_exact_mut(size)) {
             let end = (start + N_SAMPLES).min(samples.len());

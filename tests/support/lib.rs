@@ -88,11 +88,23 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
-    Command::new(earshot_bin())
+    earshot_command()
         .args(args)
-        .env_remove("RUST_LOG")
         .output()
         .expect("spawn earshot")
+}
+
+/// As [`earshot`], killed after `secs` seconds (exit 124, its output so far kept) so that a
+/// hang fails the test instead of stalling the suite.
+pub fn earshot_with_timeout<S: AsRef<std::ffi::OsStr>>(args: &[S], secs: u32) -> Output {
+    Command::new("timeout")
+        .args(["--signal=KILL".to_string(), secs.to_string()])
+        .arg(earshot_bin())
+        .args(args)
+        .env("EARSHOT_HOME", test_home())
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("spawn timeout + earshot")
 }
 
 pub fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
@@ -107,14 +119,66 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// The user's `$EARSHOT_HOME` (default ~/.cache/earshot), where scripts/setup.sh put the
+/// models; read before [`test_home`] points the variable elsewhere.
+fn user_home() -> &'static Path {
+    static USER: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    USER.get_or_init(|| {
+        std::env::var_os("EARSHOT_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/earshot")
+            })
+    })
+}
+
 /// `$EARSHOT_HOME/models` (default ~/.cache/earshot/models), as laid out by scripts/setup.sh.
 pub fn models_dir() -> PathBuf {
-    let home = std::env::var_os("EARSHOT_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/earshot")
-        });
-    home.join("models")
+    test_home();
+    user_home().join("models")
+}
+
+/// The `EARSHOT_HOME` the tests run under (`target/test-home`): its `models` links to the
+/// set-up's models, its caches (encoder outputs, compiled plugins) are the tests' own, never
+/// the user's. Set for this process too, so in-process library code uses it.
+pub fn test_home() -> PathBuf {
+    static HOME: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    HOME.get_or_init(|| {
+        let models = user_home().join("models");
+        let home = repo_root().join("target/test-home");
+        std::fs::create_dir_all(&home).unwrap();
+        let link = home.join("models");
+        if std::fs::read_link(&link).ok().as_deref() != Some(models.as_path()) {
+            let _ = std::fs::remove_file(&link);
+            if let Err(e) = std::os::unix::fs::symlink(&models, &link) {
+                assert!(
+                    e.kind() == std::io::ErrorKind::AlreadyExists,
+                    "cannot link {} to {}: {e}",
+                    link.display(),
+                    models.display()
+                );
+            }
+        }
+        std::env::set_var("EARSHOT_HOME", &home);
+        home
+    })
+    .clone()
+}
+
+/// A fresh `EARSHOT_HOME` under `dir` with the set-up's models and empty caches, for tests
+/// that count what the caches hold.
+pub fn fresh_home(dir: &Path) -> PathBuf {
+    let home = dir.join("earshot-home");
+    std::fs::create_dir_all(&home).unwrap();
+    std::os::unix::fs::symlink(user_home().join("models"), home.join("models")).unwrap();
+    home
+}
+
+/// The `earshot` binary as a command, under the tests' own `EARSHOT_HOME`.
+pub fn earshot_command() -> Command {
+    let mut c = Command::new(earshot_bin());
+    c.env("EARSHOT_HOME", test_home()).env_remove("RUST_LOG");
+    c
 }
 
 fn model_path(rel: &str) -> PathBuf {

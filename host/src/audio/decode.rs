@@ -1,7 +1,7 @@
 //! Container/codec decoding with symphonia, to mono f32 at the file's own sample rate.
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 use symphonia::core::audio::SampleBuffer;
@@ -45,24 +45,96 @@ struct Opened {
 
 /// Reads the headers of `path`.
 pub fn probe(path: &Path) -> Result<AudioInfo, AudioError> {
-    open(path).map(|o| o.info)
+    let file = open_path(path)?;
+    contain_panics(path, || open(file, path).map(|o| o.info))
 }
 
-fn open(path: &Path) -> Result<Opened, AudioError> {
+/// Opens `path` for decoding, refusing folders and empty files.
+fn open_path(path: &Path) -> Result<File, AudioError> {
+    File::open(path).map_err(|cause| AudioError::Open {
+        path: path.to_path_buf(),
+        cause,
+    })
+}
+
+/// Runs `f` (symphonia's probing and decoding) turning a panic inside the decoder into an
+/// error naming the file: no input file may take the process down.
+fn contain_panics<T>(
+    path: &Path,
+    f: impl FnOnce() -> Result<T, AudioError>,
+) -> Result<T, AudioError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let reason = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".into());
+        Err(AudioError::DecoderPanic {
+            path: path.to_path_buf(),
+            reason,
+        })
+    })
+}
+
+/// What a WAV header claims that symphonia would trust blindly (a 0 Hz rate panics in it).
+fn check_wav_header(file: &mut File, path: &Path) -> Result<(), AudioError> {
+    let mut head = [0u8; 512];
+    let n = read_up_to(file, &mut head).map_err(|cause| AudioError::Open {
+        path: path.to_path_buf(),
+        cause,
+    })?;
+    let head = &head[..n];
+    if n < 12 || &head[..4] != b"RIFF" || &head[8..12] != b"WAVE" {
+        return Ok(());
+    }
+    let mut at = 12;
+    while at + 8 <= head.len() {
+        let id = &head[at..at + 4];
+        let size = u32::from_le_bytes(head[at + 4..at + 8].try_into().unwrap()) as usize;
+        if id == b"fmt " {
+            if let Some(fmt) = head.get(at + 8..at + 16) {
+                let channels = u16::from_le_bytes([fmt[2], fmt[3]]);
+                let rate = u32::from_le_bytes(fmt[4..8].try_into().unwrap());
+                let bad = |reason: String| AudioError::Corrupt {
+                    path: path.to_path_buf(),
+                    reason,
+                };
+                if rate == 0 {
+                    return Err(bad("the WAV header gives a sample rate of 0 Hz".into()));
+                }
+                if channels == 0 {
+                    return Err(bad("the WAV header gives 0 channels".into()));
+                }
+            }
+            return Ok(());
+        }
+        at = at.saturating_add(8).saturating_add(size + (size & 1));
+    }
+    Ok(())
+}
+
+fn open(mut file: File, path: &Path) -> Result<Opened, AudioError> {
     let p = || path.to_path_buf();
-    let meta = std::fs::metadata(path).map_err(|cause| AudioError::Open { path: p(), cause })?;
+    let meta = file
+        .metadata()
+        .map_err(|cause| AudioError::Open { path: p(), cause })?;
     if meta.is_dir() {
         return Err(AudioError::IsDirectory { path: p() });
     }
     if meta.len() == 0 {
         return Err(AudioError::EmptyFile { path: p() });
     }
-    let mut file = File::open(path).map_err(|cause| AudioError::Open { path: p(), cause })?;
     let mut magic = [0u8; 12];
     let n =
         read_up_to(&mut file, &mut magic).map_err(|cause| AudioError::Open { path: p(), cause })?;
     let container = sniff_container(&magic[..n]);
-    let file = File::open(path).map_err(|cause| AudioError::Open { path: p(), cause })?;
+    let rewind = |file: &mut File| {
+        file.seek(SeekFrom::Start(0))
+            .map_err(|cause| AudioError::Open { path: p(), cause })
+    };
+    rewind(&mut file)?;
+    check_wav_header(&mut file, path)?;
+    rewind(&mut file)?;
 
     let mss = MediaSourceStream::new(Box::new(file), Default::default());
     let mut hint = Hint::new();
@@ -132,14 +204,122 @@ fn open(path: &Path) -> Result<Opened, AudioError> {
 
 /// Decodes `path` (or `segment` of it) to mono float32 at the file's sample rate.
 pub fn decode_mono(path: &Path, segment: Segment) -> Result<DecodedAudio, AudioError> {
+    decode_file_mono(open_path(path)?, path, segment, None)
+}
+
+/// Decodes an opened `file` (named `path` in errors), or `segment` of it, to mono float32 at
+/// its sample rate. With `max_s`, audio longer than that many seconds (after the segment)
+/// is an error, found without decoding more than the limit.
+pub fn decode_file_mono(
+    file: File,
+    path: &Path,
+    segment: Segment,
+    max_s: Option<f64>,
+) -> Result<DecodedAudio, AudioError> {
     segment.validate(path)?;
+    contain_panics(path, || {
+        let mut sink = Collect { out: Vec::new() };
+        let (info, channels) = decode_into(file, path, segment, max_s, &mut sink)?;
+        Ok(DecodedAudio {
+            samples: sink.out,
+            sample_rate: info.sample_rate,
+            channels,
+        })
+    })
+}
+
+/// What `audio-info` reports of a full decode: the frames it yields and the channels,
+/// counted without keeping the samples (memory stays flat whatever the file's length).
+pub fn count_decoded_frames(path: &Path) -> Result<(u64, usize), AudioError> {
+    let file = open_path(path)?;
+    contain_panics(path, || {
+        let mut sink = Count {
+            frames: 0,
+            bad: 0,
+            first_bad: 0,
+        };
+        let (_, channels) = decode_into(file, path, Segment::whole(), None, &mut sink)?;
+        Ok((sink.frames, channels))
+    })
+}
+
+/// Where decoded mono frames go.
+trait FrameSink {
+    /// Appends interleaved frames (averaging channels).
+    fn push(&mut self, interleaved: &[f32], channels: usize);
+    fn frames(&self) -> u64;
+    fn truncate(&mut self, frames: u64);
+    /// Non-finite samples: (how many, index of the first).
+    fn non_finite(&self) -> Option<(usize, usize)>;
+}
+
+struct Collect {
+    out: Vec<f32>,
+}
+
+impl FrameSink for Collect {
+    fn push(&mut self, interleaved: &[f32], channels: usize) {
+        append_mono(&mut self.out, interleaved, channels);
+    }
+    fn frames(&self) -> u64 {
+        self.out.len() as u64
+    }
+    fn truncate(&mut self, frames: u64) {
+        self.out.truncate(frames as usize);
+    }
+    fn non_finite(&self) -> Option<(usize, usize)> {
+        let first = self.out.iter().position(|x| !x.is_finite())?;
+        Some((self.out.iter().filter(|x| !x.is_finite()).count(), first))
+    }
+}
+
+struct Count {
+    frames: u64,
+    bad: usize,
+    first_bad: usize,
+}
+
+impl FrameSink for Count {
+    fn push(&mut self, interleaved: &[f32], channels: usize) {
+        let channels = channels.max(1);
+        for (i, frame) in interleaved.chunks_exact(channels).enumerate() {
+            let mono: f32 = frame.iter().sum();
+            if !mono.is_finite() {
+                if self.bad == 0 {
+                    self.first_bad = self.frames as usize + i;
+                }
+                self.bad += 1;
+            }
+        }
+        self.frames += (interleaved.len() / channels) as u64;
+    }
+    fn frames(&self) -> u64 {
+        self.frames
+    }
+    fn truncate(&mut self, frames: u64) {
+        self.frames = self.frames.min(frames);
+    }
+    fn non_finite(&self) -> Option<(usize, usize)> {
+        (self.bad > 0).then_some((self.bad, self.first_bad))
+    }
+}
+
+/// The decode loop: frames of `segment` of `file` into `sink`; returns the header and the
+/// channel count seen.
+fn decode_into(
+    file: File,
+    path: &Path,
+    segment: Segment,
+    max_s: Option<f64>,
+    sink: &mut dyn FrameSink,
+) -> Result<(AudioInfo, usize), AudioError> {
     let p = || path.to_path_buf();
     let Opened {
         mut format,
         track_id,
         info,
         params,
-    } = open(path)?;
+    } = open(file, path)?;
     let sr = info.sample_rate;
     let mut decoder = symphonia::default::get_codecs()
         .make(&params, &DecoderOptions::default())
@@ -157,6 +337,23 @@ pub fn decode_mono(path: &Path, segment: Segment) -> Result<DecodedAudio, AudioE
     let to_frame = |secs: f64| (secs * sr as f64).round() as u64;
     let start_frame = segment.start.map(to_frame).unwrap_or(0);
     let end_frame = segment.end.map(to_frame);
+    // The most frames this decode may yield: past it the audio is refused (max_s), and a
+    // header that already says so is refused before anything is decoded.
+    let max_frames = max_s.map(|m| (m * sr as f64).floor() as u64);
+    let too_long = || AudioError::TooLong {
+        path: p(),
+        limit_s: max_s.unwrap_or_default(),
+    };
+    if let Some(max) = max_frames {
+        let wanted = match (end_frame, info.frames) {
+            (Some(end), _) => Some(end.saturating_sub(start_frame)),
+            (None, Some(total)) => Some(total.saturating_sub(start_frame)),
+            (None, None) => None,
+        };
+        if wanted.is_some_and(|w| w > max) {
+            return Err(too_long());
+        }
+    }
     if let (Some(total), true) = (info.frames, start_frame > 0) {
         if start_frame >= total {
             return Err(AudioError::BadSegment {
@@ -197,7 +394,6 @@ pub fn decode_mono(path: &Path, segment: Segment) -> Result<DecodedAudio, AudioE
         }
     }
 
-    let mut out: Vec<f32> = Vec::new();
     let mut sample_buf: Option<SampleBuffer<f32>> = None;
     // Frame index of the next decoded frame; only meaningful for segment decoding, where it is
     // re-synchronised from packet timestamps.
@@ -271,11 +467,10 @@ pub fn decode_mono(path: &Path, segment: Segment) -> Result<DecodedAudio, AudioE
             None => n_frames,
         };
         if first < last {
-            append_mono(
-                &mut out,
-                &interleaved[first * channels..last * channels],
-                channels,
-            );
+            sink.push(&interleaved[first * channels..last * channels], channels);
+            if max_frames.is_some_and(|m| sink.frames() > m) {
+                return Err(too_long());
+            }
         }
         position += n_frames as u64;
         if let Some(end) = end_frame {
@@ -291,7 +486,7 @@ pub fn decode_mono(path: &Path, segment: Segment) -> Result<DecodedAudio, AudioE
         if let Some(promised) = info.frames {
             // Never return more than the container's declared duration: MP4 reports the
             // duration without the AAC encoder's end padding, which the decoder still emits.
-            out.truncate(promised.saturating_sub(start_frame) as usize);
+            sink.truncate(promised.saturating_sub(start_frame));
             if decoded_total < promised {
                 return Err(AudioError::Corrupt {
                     path: p(),
@@ -302,7 +497,7 @@ pub fn decode_mono(path: &Path, segment: Segment) -> Result<DecodedAudio, AudioE
             }
         }
     }
-    if out.is_empty() {
+    if sink.frames() == 0 {
         if start_frame > 0 {
             return Err(AudioError::BadSegment {
                 path: p(),
@@ -314,20 +509,14 @@ pub fn decode_mono(path: &Path, segment: Segment) -> Result<DecodedAudio, AudioE
         }
         return Err(AudioError::NoSamples { path: p() });
     }
-    let bad = out.iter().filter(|x| !x.is_finite()).count();
-    if bad > 0 {
-        let first_index = out.iter().position(|x| !x.is_finite()).unwrap_or(0);
+    if let Some((count, first_index)) = sink.non_finite() {
         return Err(AudioError::NonFinite {
             path: p(),
-            count: bad,
+            count,
             first_index,
         });
     }
-    Ok(DecodedAudio {
-        samples: out,
-        sample_rate: sr,
-        channels: channels_seen,
-    })
+    Ok((info, channels_seen))
 }
 
 /// Averages interleaved channels into `out`.

@@ -37,6 +37,13 @@ pub enum AudioError {
     },
     #[error("{path}: bad segment: {reason}")]
     BadSegment { path: PathBuf, reason: String },
+    #[error(
+        "{path}: longer than the limit of {limit_s} s of audio (data.max-audio-s); use a \
+         segment of it or raise the limit"
+    )]
+    TooLong { path: PathBuf, limit_s: f64 },
+    #[error("{path}: the decoder crashed on this file ({reason}); it is corrupt or hostile")]
+    DecoderPanic { path: PathBuf, reason: String },
     #[error("{path}: resampling failed: {reason}")]
     Resample { path: PathBuf, reason: String },
 }

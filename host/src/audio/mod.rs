@@ -5,7 +5,9 @@ mod decode;
 mod error;
 mod resample;
 
-pub use decode::{decode_mono, probe, AudioInfo, DecodedAudio};
+pub use decode::{
+    count_decoded_frames, decode_file_mono, decode_mono, probe, AudioInfo, DecodedAudio,
+};
 pub use error::AudioError;
 pub use resample::resample_mono;
 

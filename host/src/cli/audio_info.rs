@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use crate::audio::{self, Segment};
+use crate::audio;
 
 #[derive(Debug, Args)]
 pub struct AudioInfoArgs {
@@ -24,17 +24,20 @@ struct Report {
 
 pub fn run(args: AudioInfoArgs) -> Result<()> {
     let mut header = audio::probe(&args.input)?;
-    // Decode fully: the header's count can be absent or wrong, the decoded count is the truth.
-    let decoded = audio::decode_mono(&args.input, Segment::whole())?;
+    // Decode fully: the header's count can be absent or wrong, the decoded count is the
+    // truth. Frames are counted, not kept, so memory stays flat however long the file is.
+    let (frames, channels) = audio::count_decoded_frames(&args.input)?;
     if header.channels == 0 {
         // Some containers (MP4) only reveal the channel layout once a packet is decoded.
-        header.channels = decoded.channels;
+        header.channels = channels;
     }
-    let samples = audio::to_16k(&args.input, decoded)?;
+    // The resampler's output length: ceil(frames * 16000 / rate).
+    let rate = header.sample_rate as u64;
+    let samples_16k = (frames * audio::SAMPLE_RATE as u64).div_ceil(rate) as usize;
     let report = Report {
         header,
-        samples_16k: samples.len(),
-        decoded_duration_s: samples.len() as f64 / audio::SAMPLE_RATE as f64,
+        samples_16k,
+        decoded_duration_s: samples_16k as f64 / audio::SAMPLE_RATE as f64,
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

@@ -15,10 +15,13 @@ use crate::models::projector::Projector;
 use crate::models::whisper::WhisperEncoder;
 use crate::models::Runtime;
 use crate::plugins::{
-    AudioSource, DatasetAdapter, Example, PluginHost, PostProcessor, PromptTemplate,
+    display_text, terminal_safe_json, AudioSource, DatasetAdapter, Example, PluginHost,
+    PostProcessor, PromptTemplate, SplitPages, PAGE_SIZE,
 };
 use crate::sampler::Sampler;
-use crate::train::{build_manifest, load_example_audio, mel_settings, ClipEncoder};
+use crate::train::{
+    build_manifest, example_segment, load_example_audio, mel_settings, ClipEncoder,
+};
 
 use super::common::SamplingArgs;
 
@@ -129,67 +132,58 @@ fn checkpoint_files(path: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
     Ok((projector, state.is_file().then_some(state)))
 }
 
-fn list_items(args: &CaptionArgs, cfg: &RunConfig, host: &PluginHost) -> Result<Vec<Item>> {
-    let Some(split) = &args.split else {
-        if args.audio.is_empty() {
-            bail!("give audio files to caption, or --split NAME");
-        }
-        return Ok(args
-            .audio
-            .iter()
-            .map(|p| Item {
-                id: p
-                    .file_stem()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .to_string(),
-                audio: p.display().to_string(),
-                source: Source::File(p.clone()),
-                metadata: Vec::new(),
-                references: Vec::new(),
-            })
-            .collect());
-    };
-    let mut ds = DatasetAdapter::open(host, &cfg.data.adapter, &cfg.data.root, &cfg.data.options)?;
-    for w in &ds.dataset.warnings {
-        tracing::warn!("dataset: {w}");
-    }
-    if !ds.dataset.splits.contains(split) {
-        bail!(
-            "{}: no split {split:?} (have: {})",
-            cfg.data.root.display(),
-            ds.dataset.splits.join(", ")
-        );
-    }
-    let mut items = Vec::new();
-    let mut pos = 0;
-    loop {
-        let b = ds.read(split, pos, 256)?;
-        for w in &b.warnings {
-            tracing::warn!("dataset: {w}");
-        }
-        for ex in b.examples {
-            let mut references = ex.references.clone();
-            if let Some(t) = &ex.target {
-                references.insert(0, t.clone());
+/// Where the items to caption come from, read a chunk at a time so that a split is streamed
+/// through captioning with bounded memory (a split can be endless or hold inline audio).
+enum ItemSource<'a> {
+    Files(std::vec::IntoIter<PathBuf>),
+    Split(SplitPages<'a>),
+}
+
+impl ItemSource<'_> {
+    /// Up to `n` items; empty at the end.
+    fn next_chunk(&mut self, n: usize, root: &Path) -> Result<Vec<Item>> {
+        match self {
+            ItemSource::Files(files) => Ok(files
+                .by_ref()
+                .take(n)
+                .map(|p| Item {
+                    id: p
+                        .file_stem()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .to_string(),
+                    audio: p.display().to_string(),
+                    source: Source::File(p),
+                    metadata: Vec::new(),
+                    references: Vec::new(),
+                })
+                .collect()),
+            ItemSource::Split(pages) => {
+                let Some(examples) = pages.next_page_of(n.min(PAGE_SIZE as usize) as u32)? else {
+                    return Ok(Vec::new());
+                };
+                Ok(examples
+                    .into_iter()
+                    .map(|ex| {
+                        let mut references = ex.references.clone();
+                        if let Some(t) = &ex.target {
+                            references.insert(0, t.clone());
+                        }
+                        Item {
+                            id: ex.id.clone(),
+                            audio: match &ex.audio {
+                                AudioSource::Path(rel) => root.join(rel).display().to_string(),
+                                AudioSource::Inline(b) => format!("<{} inline bytes>", b.len()),
+                            },
+                            metadata: ex.metadata.clone(),
+                            references,
+                            source: Source::Example(Box::new(ex)),
+                        }
+                    })
+                    .collect())
             }
-            items.push(Item {
-                id: ex.id.clone(),
-                audio: match &ex.audio {
-                    AudioSource::Path(rel) => cfg.data.root.join(rel).display().to_string(),
-                    AudioSource::Inline(b) => format!("<{} inline bytes>", b.len()),
-                },
-                metadata: ex.metadata.clone(),
-                references,
-                source: Source::Example(Box::new(ex)),
-            });
-        }
-        match b.next {
-            Some(n) => pos = n,
-            None => break,
         }
     }
-    Ok(items)
 }
 
 pub fn run(args: CaptionArgs) -> Result<()> {
@@ -243,16 +237,37 @@ pub fn run(args: CaptionArgs) -> Result<()> {
             cfg.train.seed
         ),
     }
-    let items = list_items(&args, &cfg, &host)?;
-    let jsonl = args.jsonl || args.split.is_some() || items.len() > 1;
+    let mut adapter = match &args.split {
+        Some(split) => {
+            let ds =
+                DatasetAdapter::open(&host, &cfg.data.adapter, &cfg.data.root, &cfg.data.options)?;
+            for w in &ds.dataset.warnings {
+                tracing::warn!("dataset: {w}");
+            }
+            ds.require_split(split)?;
+            Some(ds)
+        }
+        None if args.audio.is_empty() => bail!("give audio files to caption, or --split NAME"),
+        None => None,
+    };
+    let mut items = match (&mut adapter, &args.split) {
+        (Some(ds), Some(split)) => ItemSource::Split(ds.pages(split, PAGE_SIZE)),
+        _ => ItemSource::Files(args.audio.clone().into_iter()),
+    };
+    let jsonl = args.jsonl || args.split.is_some() || args.audio.len() > 1;
     let stream = !jsonl && std::io::stdout().is_terminal();
     let mut clips = ClipEncoder::with_default_cache(&encoder, &rt, settings, &manifest)?;
     let mut prefixes: HashMap<Vec<u32>, PromptPrefix> = HashMap::new();
     let mut out = std::io::stdout().lock();
     let mut failures = 0;
     let batch = args.batch_size as usize;
-    for (chunk_no, chunk) in items.chunks(batch).enumerate() {
-        let first = chunk_no * batch;
+    let mut total = 0;
+    loop {
+        let chunk = items.next_chunk(batch, &cfg.data.root)?;
+        if chunk.is_empty() {
+            break;
+        }
+        total += chunk.len();
         // Decode, encode and lay out every clip of the chunk.
         let mut jobs = Vec::new();
         let mut failed: HashMap<usize, String> = HashMap::new();
@@ -261,11 +276,29 @@ pub fn run(args: CaptionArgs) -> Result<()> {
             let made = (|| -> Result<Vec<Job>> {
                 let (samples, segment) = match &item.source {
                     Source::File(p) => (
-                        audio::load_16k_mono(p, audio::Segment::whole())?,
+                        audio::to_16k(
+                            p,
+                            audio::decode_file_mono(
+                                std::fs::File::open(p).map_err(|cause| {
+                                    audio::AudioError::Open {
+                                        path: p.clone(),
+                                        cause,
+                                    }
+                                })?,
+                                p,
+                                audio::Segment::whole(),
+                                Some(cfg.data.max_audio_s),
+                            )?,
+                        )?,
                         (None, None),
                     ),
                     Source::Example(ex) => (
-                        load_example_audio(ex, &cfg.data.root)?,
+                        load_example_audio(
+                            ex,
+                            &cfg.data.root,
+                            example_segment(ex),
+                            cfg.data.max_audio_s,
+                        )?,
                         (ex.start_s, ex.end_s),
                     ),
                 };
@@ -302,7 +335,7 @@ pub fn run(args: CaptionArgs) -> Result<()> {
                             );
                         }
                         Ok(Job {
-                            item: first + k,
+                            item: k,
                             span,
                             prefix: before.clone(),
                             rest,
@@ -315,7 +348,7 @@ pub fn run(args: CaptionArgs) -> Result<()> {
             match made {
                 Ok(j) => jobs.extend(j),
                 Err(e) => {
-                    failed.insert(first + k, format!("{e:#}"));
+                    failed.insert(k, format!("{e:#}"));
                 }
             }
         }
@@ -391,7 +424,7 @@ pub fn run(args: CaptionArgs) -> Result<()> {
                         .unwrap_or_default();
                     match results[j].take().expect("decoded") {
                         Ok(c) => {
-                            let item = &items[job.item];
+                            let item = &chunk[job.item];
                             match finish_caption(&mut post, c, job, &item.metadata) {
                                 Ok(done) => {
                                     streamed.replace(&mut out, &label, &done.text)?;
@@ -415,7 +448,7 @@ pub fn run(args: CaptionArgs) -> Result<()> {
         for (job, result) in jobs.iter().zip(results) {
             let Some(result) = result else { continue };
             let done = result.and_then(|c| {
-                let metadata = &items[job.item].metadata;
+                let metadata = &chunk[job.item].metadata;
                 finish_caption(&mut post, c, job, metadata)
             });
             match done {
@@ -425,19 +458,19 @@ pub fn run(args: CaptionArgs) -> Result<()> {
                 }
             }
         }
-        for (k, item) in chunk.iter().enumerate() {
-            let i = first + k;
+        for (i, item) in chunk.iter().enumerate() {
             if let Some(msg) = failed.get(&i) {
                 failures += 1;
                 // Errors from decoding already name the file.
-                if msg.contains(&item.audio) {
-                    eprintln!("error: {msg}");
+                let shown = if msg.contains(&item.audio) {
+                    msg.clone()
                 } else {
-                    eprintln!("error: {}: {msg}", item.audio);
-                }
+                    format!("{}: {msg}", item.audio)
+                };
+                eprintln!("error: {}", display_text(&shown, 64 * 1024));
                 if jsonl {
                     let v = serde_json::json!({"id": item.id, "audio": item.audio, "error": msg});
-                    writeln!(out, "{v}")?;
+                    writeln!(out, "{}", terminal_safe_json(v.to_string()))?;
                 }
                 continue;
             }
@@ -459,11 +492,12 @@ pub fn run(args: CaptionArgs) -> Result<()> {
                         v["start_s"] = start.into();
                         v["end_s"] = end.into();
                     }
-                    writeln!(out, "{v}")?;
+                    writeln!(out, "{}", terminal_safe_json(v.to_string()))?;
                 } else {
+                    let text = display_text(&d.text, usize::MAX);
                     match d.span.filter(|_| several) {
-                        Some(span) => writeln!(out, "{}{}", span_label(span), d.text)?,
-                        None => writeln!(out, "{}", d.text)?,
+                        Some(span) => writeln!(out, "{}{text}", span_label(span))?,
+                        None => writeln!(out, "{text}")?,
                     }
                 }
             }
@@ -475,7 +509,7 @@ pub fn run(args: CaptionArgs) -> Result<()> {
         clips.fresh
     );
     if failures > 0 {
-        bail!("{failures} of {} input(s) failed", items.len());
+        bail!("{failures} of {total} input(s) failed");
     }
     Ok(())
 }
@@ -527,7 +561,7 @@ impl Streamed {
         if let Some(new) = text.strip_prefix(self.shown.as_str()) {
             let new = new.trim_end_matches('\u{FFFD}');
             if !new.is_empty() {
-                let _ = write!(out, "{new}");
+                let _ = write!(out, "{}", display_text(new, usize::MAX));
                 let _ = out.flush();
                 self.shown.push_str(new);
             }
@@ -549,7 +583,7 @@ impl Streamed {
         out.flush()?;
         term.clear_line()?;
         term.clear_last_lines(rows - 1)?;
-        writeln!(out, "{label}{text}")?;
+        writeln!(out, "{label}{}", display_text(text, usize::MAX))?;
         Ok(())
     }
 }

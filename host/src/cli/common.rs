@@ -19,7 +19,7 @@ pub struct AudioArgs {
     /// Padding convention for clips shorter than 30 s
     #[arg(long, value_enum, default_value_t = Padding::Whisper)]
     pub padding: Padding,
-    /// Seconds between the starts of consecutive 30 s windows for long audio (0 < hop <= 30)
+    /// Seconds between the starts of consecutive 30 s windows for long audio (1 <= hop <= 30)
     #[arg(long, value_name = "S", default_value_t = 30.0)]
     pub window_hop: f64,
 }

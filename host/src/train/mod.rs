@@ -30,7 +30,7 @@ use crate::models::nonfinite::NonFiniteTrace;
 use crate::models::projector::Projector;
 use crate::models::whisper::WhisperEncoder;
 use crate::models::Runtime;
-use crate::plugins::{AudioSource, DatasetAdapter, Example, PluginHost, PromptTemplate};
+use crate::plugins::{AudioSource, DatasetAdapter, Example, PluginHost, PromptTemplate, PAGE_SIZE};
 use batch::{caption_loss, BatchLoss, PrefixCache, TextPieces};
 use cache::EncoderCache;
 use checkpoint::{hash_files, Manifest, TrainState};
@@ -44,8 +44,11 @@ pub struct Prepared {
     pub encoded: Tensor,
 }
 
-/// A dataset path from an (untrusted) adapter, resolved under `root` or refused.
-pub fn resolve_audio(root: &Path, rel: &str) -> Result<PathBuf> {
+/// Opens an audio path from an (untrusted) adapter beneath `root` with the rule the plugin's
+/// own /data view follows: no `..`, no absolute path, and no symbolic link that leads out
+/// of the root (links that stay inside it are followed). Returns the file and the path to
+/// name it by.
+pub fn open_beneath(root: &Path, rel: &str) -> Result<(std::fs::File, PathBuf)> {
     let p = Path::new(rel);
     if p.is_absolute()
         || p.components()
@@ -53,7 +56,22 @@ pub fn resolve_audio(root: &Path, rel: &str) -> Result<PathBuf> {
     {
         bail!("audio path {rel:?} from the dataset adapter leaves the dataset root; refused");
     }
-    Ok(root.join(p))
+    let shown = root.join(p);
+    let dir = cap_std::fs::Dir::open_ambient_dir(root, cap_std::ambient_authority())
+        .with_context(|| format!("{}: cannot open the dataset root", root.display()))?;
+    let file = dir.open(p).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            anyhow::anyhow!("{}: cannot open: {e}", shown.display())
+        } else {
+            anyhow::anyhow!(
+                "{}: refused: it cannot be opened beneath the dataset root {} ({e}); a \
+                 symbolic link that leads out of the root is not followed",
+                shown.display(),
+                root.display()
+            )
+        }
+    })?;
+    Ok((file.into_std(), shown))
 }
 
 /// Turns examples into frozen-encoder outputs, through the on-disk cache.
@@ -92,14 +110,24 @@ impl<'a> ClipEncoder<'a> {
 
     /// Decodes and encodes an example's audio: (1, 1500, d_enc). Clips longer than 30 s
     /// use their first window (with a warning).
-    pub fn encode(&mut self, ex: &Example, root: &Path) -> Result<Tensor> {
-        let samples = load_example_audio(ex, root)?;
+    pub fn encode(&mut self, ex: &Example, root: &Path, max_audio_s: f64) -> Result<Tensor> {
+        // Only the first window is used: decode no more than that (and one sample more, to
+        // know whether the clip goes on).
+        let start = ex.start_s.unwrap_or(0.0);
+        let first_window_end = start + N_SAMPLES as f64 / audio::SAMPLE_RATE as f64 + 1e-3;
+        let segment = Segment {
+            start: ex.start_s,
+            end: Some(
+                ex.end_s
+                    .map_or(first_window_end, |e| e.min(first_window_end)),
+            ),
+        };
+        let samples = load_example_audio(ex, root, segment, max_audio_s)?;
         let mut windows = self.encode_samples(&samples, (ex.start_s, ex.end_s), Some(1))?;
         if samples.len() > N_SAMPLES {
             tracing::warn!(
-                "example {}: {:.1} s of audio; training uses the first 30 s",
-                ex.id,
-                samples.len() as f64 / 16000.0
+                "example {}: longer than 30 s of audio; training uses the first 30 s",
+                ex.id
             );
         }
         Ok(windows.remove(0))
@@ -123,7 +151,11 @@ impl<'a> ClipEncoder<'a> {
         for w in 0..n {
             let key = clip_key.as_ref().map(|k| EncoderCache::window_key(k, w));
             let cached = match (&self.cache, &key) {
-                (Some(c), Some(k)) => c.get(k, &self.rt.device),
+                (Some(c), Some(k)) => c.get(
+                    k,
+                    &[1, N_FRAMES / 2, self.encoder.config.d_model],
+                    &self.rt.device,
+                ),
                 _ => None,
             };
             if let Some(t) = cached {
@@ -148,21 +180,36 @@ impl<'a> ClipEncoder<'a> {
     }
 }
 
-/// The 16 kHz mono samples of an example (a file under `root`, or inline bytes).
-pub fn load_example_audio(ex: &Example, root: &Path) -> Result<Vec<f32>> {
-    let segment = Segment {
+/// The 16 kHz mono samples of `segment` of an example's audio (a file beneath `root`, or
+/// inline bytes), refused past `max_audio_s` seconds.
+pub fn load_example_audio(
+    ex: &Example,
+    root: &Path,
+    segment: Segment,
+    max_audio_s: f64,
+) -> Result<Vec<f32>> {
+    let (file, shown) = match &ex.audio {
+        AudioSource::Path(rel) => open_beneath(root, rel)?,
+        AudioSource::Inline(bytes) => {
+            let mut tmp = tempfile::tempfile()?;
+            tmp.write_all(bytes)?;
+            std::io::Seek::rewind(&mut tmp)?;
+            (
+                tmp,
+                PathBuf::from(format!("example {}: inline audio", ex.id)),
+            )
+        }
+    };
+    let decoded = audio::decode_file_mono(file, &shown, segment, Some(max_audio_s))?;
+    Ok(audio::to_16k(&shown, decoded)?)
+}
+
+/// The segment of its audio an example asks for.
+pub fn example_segment(ex: &Example) -> Segment {
+    Segment {
         start: ex.start_s,
         end: ex.end_s,
-    };
-    Ok(match &ex.audio {
-        AudioSource::Path(rel) => audio::load_16k_mono(&resolve_audio(root, rel)?, segment)?,
-        AudioSource::Inline(bytes) => {
-            let tmp = tempfile::NamedTempFile::new()?;
-            std::fs::write(tmp.path(), bytes)?;
-            audio::load_16k_mono(tmp.path(), segment)
-                .with_context(|| format!("example {}: inline audio", ex.id))?
-        }
-    })
+    }
 }
 
 /// Everything a run needs, loaded and checked.
@@ -227,13 +274,9 @@ impl Session {
             tracing::warn!("dataset: {w}");
         }
         for split in std::iter::once(&config.data.train_split).chain(&config.data.eval_split) {
-            if !adapter.dataset.splits.contains(split) {
-                bail!(
-                    "{}: no split {split:?} (have: {})",
-                    config.data.root.display(),
-                    adapter.dataset.splits.join(", ")
-                );
-            }
+            adapter
+                .require_split(split)
+                .with_context(|| format!("dataset {}", config.data.root.display()))?;
         }
         let settings = mel_settings(&config, &encoder);
         let manifest = build_manifest(&config, &settings)?;
@@ -282,10 +325,9 @@ impl SplitInputs<'_, '_> {
         let config = self.config;
         let options = &config.plugins.prompt_options;
         let mut examples = Vec::new();
-        let mut pos = 0;
-        loop {
-            let b = self.adapter.read(split, pos, 256)?;
-            for ex in b.examples {
+        let mut pages = self.adapter.pages(split, PAGE_SIZE);
+        while let Some(page) = pages.next_page()? {
+            for ex in page {
                 let Some(target) = ex.target.clone() else {
                     tracing::warn!("example {}: no target text; skipped", ex.id);
                     continue;
@@ -304,22 +346,22 @@ impl SplitInputs<'_, '_> {
                     tracing::warn!("example {}: empty target; skipped", ex.id);
                     continue;
                 }
-                let encoded = match self.clips.encode(&ex, &config.data.root) {
-                    Ok(e) => e,
-                    Err(e) => {
-                        tracing::warn!("example {}: {e:#}; skipped", ex.id);
-                        continue;
-                    }
-                };
+                let encoded =
+                    match self
+                        .clips
+                        .encode(&ex, &config.data.root, config.data.max_audio_s)
+                    {
+                        Ok(e) => e,
+                        Err(e) => {
+                            tracing::warn!("example {}: {e:#}; skipped", ex.id);
+                            continue;
+                        }
+                    };
                 examples.push(Prepared {
                     id: ex.id,
                     pieces,
                     encoded,
                 });
-            }
-            match b.next {
-                Some(n) => pos = n,
-                None => break,
             }
         }
         if examples.is_empty() {

@@ -62,7 +62,7 @@ pub fn load_llm(path: &Path, rt: &Runtime) -> Result<LoadedLlm> {
 /// As [`load_llm`], choosing whether GGUF blocks are kept (training passes `Skip`).
 pub fn load_llm_with(path: &Path, rt: &Runtime, blocks: GgufBlocks) -> Result<LoadedLlm> {
     let source = LlmSource::from_path(path)?;
-    let (mut store, config, tokenizer) = match &source {
+    let (mut store, config, mut tokenizer) = match &source {
         LlmSource::Gguf(p) => {
             let (store, config, meta) = read_gguf(p, rt, blocks)?;
             let tok = ChatTokenizer::from_gguf(p, &meta)?;
@@ -74,6 +74,7 @@ pub fn load_llm_with(path: &Path, rt: &Runtime, blocks: GgufBlocks) -> Result<Lo
             (store, config, ChatTokenizer::from_hf_dir(dir)?)
         }
     };
+    tokenizer.limit_to_context(config.max_position_embeddings);
     store.verify_finite()?;
     super::stack_projections(&mut store, &config)?;
     let model = Llama::load(&store, &config, rt.dtype, &rt.device)?;

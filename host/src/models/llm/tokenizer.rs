@@ -28,6 +28,10 @@ pub struct SpecialTokens {
 pub struct ChatTokenizer {
     pub tokenizer: Tokenizer,
     pub special: SpecialTokens,
+    /// Longest text [`Self::encode`] accepts, in bytes: past it the text cannot fit the
+    /// model's context whatever it says, and tokenizing it would cost ~75 bytes of memory a
+    /// byte. Set by the loader from the context length ([`Self::limit_to_context`]).
+    pub max_text_bytes: usize,
 }
 
 fn tok_err(path: &Path, e: impl std::fmt::Display) -> ModelError {
@@ -135,7 +139,11 @@ impl ChatTokenizer {
                 .unwrap_or(false),
             control,
         };
-        Ok(Self { tokenizer, special })
+        Ok(Self {
+            tokenizer,
+            special,
+            max_text_bytes: usize::MAX,
+        })
     }
 
     /// `dir/tokenizer.json`, with BOS/EOS from `config.json` / `generation_config.json` and
@@ -171,11 +179,48 @@ impl ChatTokenizer {
             add_bos: tok_cfg["add_bos_token"].as_bool().unwrap_or(false),
             control,
         };
-        Ok(Self { tokenizer, special })
+        Ok(Self {
+            tokenizer,
+            special,
+            max_text_bytes: usize::MAX,
+        })
+    }
+
+    /// Bounds the text [`Self::encode`] takes to what `context` tokens could hold: no token
+    /// stands for more text bytes than its vocabulary string's UTF-8 length (byte-level BPE
+    /// writes one byte as one or two, SentencePiece a space as three), times 4 for
+    /// normalizers that shorten text (NFKC ligatures).
+    pub fn limit_to_context(&mut self, context: usize) {
+        let longest = self
+            .tokenizer
+            .get_vocab(true)
+            .keys()
+            .map(|piece| piece.len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        self.max_text_bytes = context.saturating_mul(longest).saturating_mul(4);
+    }
+
+    /// Refuses text too long to fit the context, before tokenizing it.
+    fn check_length(&self, text: &str) -> Result<()> {
+        if text.len() > self.max_text_bytes {
+            return Err(ModelError::Input {
+                what: "LLM input".into(),
+                reason: format!(
+                    "a text of {} bytes cannot fit the model's context (at most {} bytes could); \
+                     refused before tokenizing",
+                    text.len(),
+                    self.max_text_bytes
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Ids for `text`, special tokens parsed, BOS prepended only when the model asks for it.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.check_length(text)?;
         let enc = self
             .tokenizer
             .encode(text, false)
@@ -190,6 +235,7 @@ impl ChatTokenizer {
 
     /// Ids for `text` exactly as tokenized (no BOS), for prompt pieces and targets.
     pub fn encode_piece(&self, text: &str) -> Result<Vec<u32>> {
+        self.check_length(text)?;
         let enc = self
             .tokenizer
             .encode(text, false)

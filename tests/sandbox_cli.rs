@@ -1,0 +1,437 @@
+//! Hostile datasets, plugins and inputs through the CLI on the real default models: every
+//! one ends in a clear error (or a skipped example) within bounded time and memory, never a
+//! hang, a panic, or a file read from outside the dataset root.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use earshot_tests::*;
+
+/// A 16 kHz mono 16-bit tone of `seconds`.
+fn tone(path: &Path, seconds: f64, freq: f64) {
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: 16000,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut w = hound::WavWriter::create(path, spec).unwrap();
+    for t in 0..(seconds * 16000.0) as u32 {
+        let v = 8000.0 * (2.0 * std::f64::consts::PI * freq * t as f64 / 16000.0).sin();
+        w.write_sample(v as i16).unwrap();
+    }
+    w.finalize().unwrap();
+}
+
+/// An 8 kHz mono 8-bit WAV of `seconds` (one byte a sample: long audio in a small file).
+fn long_wav(path: &Path, seconds: u32) {
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: 8000,
+        bits_per_sample: 8,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut w = hound::WavWriter::create(path, spec).unwrap();
+    for t in 0..seconds * 8000 {
+        w.write_sample(((t % 64) as i8) - 32).unwrap();
+    }
+    w.finalize().unwrap();
+}
+
+/// A WAV whose header claims a sample rate of 0 Hz (symphonia panics on it).
+fn zero_hz_wav(path: &Path) {
+    let mut b = Vec::new();
+    b.extend_from_slice(b"RIFF");
+    b.extend_from_slice(&(36u32 + 200).to_le_bytes());
+    b.extend_from_slice(b"WAVEfmt ");
+    b.extend_from_slice(&16u32.to_le_bytes());
+    b.extend_from_slice(&1u16.to_le_bytes()); // PCM
+    b.extend_from_slice(&1u16.to_le_bytes()); // mono
+    b.extend_from_slice(&0u32.to_le_bytes()); // 0 Hz
+    b.extend_from_slice(&0u32.to_le_bytes());
+    b.extend_from_slice(&2u16.to_le_bytes());
+    b.extend_from_slice(&16u16.to_le_bytes());
+    b.extend_from_slice(b"data");
+    b.extend_from_slice(&200u32.to_le_bytes());
+    b.extend_from_slice(&[0u8; 200]);
+    std::fs::write(path, b).unwrap();
+}
+
+/// A run config for the default models and first-party plugins on the dataset at `root`.
+fn config(dir: &Path, root: &Path) -> PathBuf {
+    let plugins = plugin_dir("plugins");
+    let cfg = format!(
+        r#"
+[models]
+whisper = "{whisper}"
+llm = "{llm}"
+
+[plugins]
+prompt-template = "{plugins}/chatml.wasm"
+
+[data]
+adapter = "{plugins}/jsonl.wasm"
+root = "{root}"
+
+[projector]
+positions = 16
+
+[train]
+steps = 1
+batch-size = 2
+run-dir = "run"
+"#,
+        whisper = default_whisper().display(),
+        llm = default_gguf().display(),
+        plugins = plugins.display(),
+        root = root.display(),
+    );
+    let path = dir.join("run.toml");
+    std::fs::write(&path, cfg).unwrap();
+    path
+}
+
+/// Runs earshot and returns its output with its peak resident memory in MiB (from wait4).
+fn run_measured(args: &[&std::ffi::OsStr]) -> (Output, f64) {
+    use std::os::unix::process::ExitStatusExt;
+    let child = earshot_command()
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    // A hang is a failure: the child is killed after 5 minutes (and fails the assertions).
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(300));
+        // SAFETY: signalling our own child; if it already exited and was reaped this is a
+        // no-op or ESRCH.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    });
+    // Read the pipes on threads so a chatty child cannot block on a full pipe.
+    let mut child = child;
+    let mut so = child.stdout.take().unwrap();
+    let mut se = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        std::io::Read::read_to_end(&mut so, &mut v).unwrap();
+        v
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        std::io::Read::read_to_end(&mut se, &mut v).unwrap();
+        v
+    });
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is valid; wait4 fills it for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid, "wait4");
+    std::mem::forget(child);
+    let out = Output {
+        status: std::process::ExitStatus::from_raw(status),
+        stdout: t_out.join().unwrap(),
+        stderr: t_err.join().unwrap(),
+    };
+    (out, usage.ru_maxrss as f64 / 1024.0)
+}
+
+fn jsonl_dataset(root: &Path, rows: &[(&str, &str)]) {
+    let lines: String = rows
+        .iter()
+        .map(|(id, audio)| {
+            format!("{{\"id\": \"{id}\", \"audio\": \"{audio}\", \"text\": \"A tone.\"}}\n")
+        })
+        .collect();
+    std::fs::write(root.join("train.jsonl"), lines).unwrap();
+}
+
+#[test]
+fn example_audio_cannot_leave_the_dataset_root_through_symlinks() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("root");
+    std::fs::create_dir_all(root.join("clips")).unwrap();
+    tone(&root.join("clips/real.wav"), 1.0, 440.0);
+    tone(&d.path().join("secret.wav"), 1.0, 660.0);
+    std::os::unix::fs::symlink("clips/real.wav", root.join("inside.wav")).unwrap();
+    std::os::unix::fs::symlink("../secret.wav", root.join("escape.wav")).unwrap();
+    std::os::unix::fs::symlink("..", root.join("link")).unwrap();
+    // An adapter that hands the host these paths as they are (the first-party jsonl adapter
+    // already skips them itself, inside its own sandboxed view of the root).
+    let split = "real=clips/real.wav;inside=inside.wav;escape=escape.wav;via-link=link/secret.wav";
+    let cfg = config(d.path(), &root);
+    let sets = [
+        format!("data.adapter=\"{}\"", hostile("unchecked-paths").display()),
+        format!("data.options=\"{split}\""),
+        format!("data.train-split=\"{split}\""),
+    ];
+    let out = earshot([
+        "caption".as_ref(),
+        "--config".as_ref(),
+        cfg.as_os_str(),
+        "--set".as_ref(),
+        sets[0].as_ref(),
+        "--set".as_ref(),
+        sets[1].as_ref(),
+        "--split".as_ref(),
+        split.as_ref(),
+        "--max-tokens".as_ref(),
+        "2".as_ref(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("2 of 4 input(s) failed"), "{err}");
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let by_id = |id: &str| lines.iter().find(|v| v["id"] == id).unwrap().clone();
+    for id in ["real", "inside"] {
+        assert!(by_id(id)["caption"].is_string(), "{}", by_id(id));
+    }
+    for id in ["escape", "via-link"] {
+        let e = by_id(id)["error"].as_str().unwrap().to_string();
+        assert!(
+            e.contains("refused") && e.contains("beneath the dataset root"),
+            "{id}: {e}"
+        );
+    }
+    // Training skips them with a warning naming each, and trains on the rest.
+    let out = earshot([
+        "train".as_ref(),
+        cfg.as_os_str(),
+        "--set".as_ref(),
+        sets[0].as_ref(),
+        "--set".as_ref(),
+        sets[1].as_ref(),
+        "--set".as_ref(),
+        sets[2].as_ref(),
+    ]);
+    let stdout = expect_success(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("trained to step 1"), "{stdout}");
+    for id in ["escape", "via-link"] {
+        assert!(
+            err.contains(&format!("example {id}")) && err.contains("refused"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn a_decoder_panic_is_an_error_naming_the_file() {
+    let d = tempfile::tempdir().unwrap();
+    let bad = d.path().join("zero-hz.wav");
+    zero_hz_wav(&bad);
+    for args in [
+        vec!["audio-info".into(), bad.clone().into_os_string()],
+        vec![
+            "mel".into(),
+            bad.clone().into_os_string(),
+            "--out".into(),
+            d.path().join("m.npy").into_os_string(),
+        ],
+        vec![
+            "encode".into(),
+            bad.clone().into_os_string(),
+            "--whisper".into(),
+            default_whisper().into_os_string(),
+            "--out".into(),
+            d.path().join("e.npy").into_os_string(),
+        ],
+    ] {
+        let out = earshot(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(
+            err.contains("zero-hz.wav") && err.contains("0 Hz"),
+            "{args:?}: {err}"
+        );
+    }
+    // In a dataset: that example fails, the others are still captioned.
+    let root = d.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::copy(&bad, root.join("bad.wav")).unwrap();
+    tone(&root.join("good.wav"), 1.0, 440.0);
+    jsonl_dataset(&root, &[("bad", "bad.wav"), ("good", "good.wav")]);
+    let cfg = config(d.path(), &root);
+    let out = earshot([
+        "caption".as_ref(),
+        "--config".as_ref(),
+        cfg.as_os_str(),
+        "--split".as_ref(),
+        "train".as_ref(),
+        "--max-tokens".as_ref(),
+        "2".as_ref(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("1 of 2 input(s) failed") && !err.contains("panicked"),
+        "{err}"
+    );
+}
+
+#[test]
+fn limits_that_make_no_sense_are_refused_clearly() {
+    let chatml = plugin_dir("plugins").join("chatml.wasm");
+    for t in ["1e30", "inf", "NaN", "0"] {
+        let err = expect_failure(&earshot([
+            "plugin".as_ref(),
+            "check".as_ref(),
+            chatml.as_os_str(),
+            "--plugin-timeout-s".as_ref(),
+            t.as_ref(),
+        ]));
+        assert!(
+            err.contains("--plugin-timeout-s") && !err.contains("panicked"),
+            "{t}: {err}"
+        );
+    }
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    tone(&root.join("a.wav"), 1.0, 440.0);
+    jsonl_dataset(&root, &[("a", "a.wav")]);
+    let cfg = config(d.path(), &root);
+    for (set, key) in [
+        ("plugins.sandbox.call-timeout-s=inf", "call-timeout-s"),
+        ("plugins.sandbox.memory-mib=0", "memory-mib"),
+        ("data.max-audio-s=-1", "max-audio-s"),
+    ] {
+        let err = expect_failure(&earshot([
+            "caption".as_ref(),
+            "--config".as_ref(),
+            cfg.as_os_str(),
+            "--set".as_ref(),
+            set.as_ref(),
+            root.join("a.wav").as_os_str(),
+        ]));
+        assert!(
+            err.contains(key) && !err.contains("panicked"),
+            "{set}: {err}"
+        );
+    }
+    let started = std::time::Instant::now();
+    let err = expect_failure(&earshot([
+        "mel".as_ref(),
+        root.join("a.wav").as_os_str(),
+        "--window-hop".as_ref(),
+        "1e-9".as_ref(),
+        "--out".as_ref(),
+        d.path().join("m.npy").as_os_str(),
+    ]));
+    assert!(
+        err.contains("window hop must be between 1 and 30 s"),
+        "{err}"
+    );
+    assert!(started.elapsed().as_secs_f64() < 10.0);
+}
+
+#[test]
+fn decoded_audio_is_bounded() {
+    let d = tempfile::tempdir().unwrap();
+    // An hour in a 29 MB file: audio-info reports it without holding it in memory.
+    let hour = d.path().join("hour.wav");
+    long_wav(&hour, 3600);
+    let (out, peak_mib) =
+        run_measured(&["audio-info".as_ref(), "--json".as_ref(), hour.as_os_str()]);
+    let v: serde_json::Value = serde_json::from_str(&expect_success(&out)).unwrap();
+    assert_eq!(v["samples_16k"], 3600 * 16000);
+    assert!(
+        (v["decoded_duration_s"].as_f64().unwrap() - 3600.0).abs() < 1e-6,
+        "{v}"
+    );
+    // Decoding it whole would hold 115 MB of samples and 230 MB resampled.
+    assert!(peak_mib < 100.0, "audio-info peaked at {peak_mib:.0} MiB");
+
+    // Captioning refuses audio past data.max-audio-s (default 10 minutes), naming the file.
+    let root = d.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    long_wav(&root.join("long.wav"), 660);
+    jsonl_dataset(&root, &[("long", "long.wav")]);
+    let cfg = config(d.path(), &root);
+    let out = earshot([
+        "caption".as_ref(),
+        "--config".as_ref(),
+        cfg.as_os_str(),
+        root.join("long.wav").as_os_str(),
+    ]);
+    let err = expect_failure(&out);
+    assert!(
+        err.contains("long.wav") && err.contains("longer than the limit of 600 s"),
+        "{err}"
+    );
+    let out = earshot([
+        "caption".as_ref(),
+        "--config".as_ref(),
+        cfg.as_os_str(),
+        "--set".as_ref(),
+        "data.max-audio-s=30".as_ref(),
+        "--split".as_ref(),
+        "train".as_ref(),
+    ]);
+    let err = expect_failure(&out);
+    assert!(err.contains("longer than the limit of 30 s"), "{err}");
+}
+
+#[test]
+fn a_huge_prompt_is_refused_before_tokenizing() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    tone(&root.join("a.wav"), 1.0, 440.0);
+    jsonl_dataset(&root, &[("a", "a.wav")]);
+    let cfg = config(d.path(), &root);
+    let huge = hostile("huge-prompt");
+    let set = format!("plugins.prompt-template=\"{}\"", huge.display());
+    let started = std::time::Instant::now();
+    let (out, peak_mib) = run_measured(&[
+        "caption".as_ref(),
+        "--config".as_ref(),
+        cfg.as_os_str(),
+        "--set".as_ref(),
+        set.as_ref(),
+        root.join("a.wav").as_os_str(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot fit the model's context"), "{err}");
+    // Tokenizing 50 MB took the host past 3 GB; the models themselves take ~1 GB.
+    assert!(peak_mib < 1800.0, "peaked at {peak_mib:.0} MiB");
+    assert!(started.elapsed().as_secs_f64() < 120.0);
+}
+
+#[test]
+fn an_endless_split_is_captioned_in_bounded_memory_up_to_the_cap() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let cfg = config(d.path(), &root);
+    let adapter = format!("data.adapter=\"{}\"", hostile("endless-split").display());
+    let (out, peak_mib) = run_measured(&[
+        "caption".as_ref(),
+        "--config".as_ref(),
+        cfg.as_os_str(),
+        "--set".as_ref(),
+        adapter.as_ref(),
+        "--set".as_ref(),
+        "plugins.sandbox.max-examples=16".as_ref(),
+        "--split".as_ref(),
+        "train".as_ref(),
+        "--max-tokens".as_ref(),
+        "1".as_ref(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("hostile-endless-split") && err.contains("past 16 examples"),
+        "{err}"
+    );
+    // Captions were streamed out before the cap was hit.
+    let captioned = String::from_utf8_lossy(&out.stdout).lines().count();
+    assert_eq!(captioned, 16, "{err}");
+    assert!(peak_mib < 1800.0, "peaked at {peak_mib:.0} MiB");
+}

@@ -108,7 +108,7 @@ fn resume_reproduces_the_uninterrupted_run() {
 }
 
 fn spawn_train(run_dir: &Path, steps: usize) -> std::process::Child {
-    Command::new(earshot_bin())
+    earshot_command()
         .args(["train".as_ref(), bundled().as_os_str()])
         .arg("--set")
         .arg(format!("train.run-dir=\"{}\"", run_dir.display()))
@@ -124,27 +124,87 @@ fn spawn_train(run_dir: &Path, steps: usize) -> std::process::Child {
 
 fn wait_for_checkpoints(run_dir: &Path, n: usize) {
     let started = Instant::now();
-    loop {
-        let count = std::fs::read_dir(run_dir.join("checkpoints"))
-            .map(|r| {
-                r.filter(|e| {
-                    e.as_ref()
-                        .unwrap()
-                        .file_name()
-                        .to_string_lossy()
-                        .starts_with("step-")
-                })
-                .count()
-            })
-            .unwrap_or(0);
-        if count >= n {
-            return;
-        }
+    while complete_checkpoints(run_dir).len() < n {
         assert!(
             started.elapsed() < Duration::from_secs(300),
             "no checkpoint appeared"
         );
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Steps of the complete checkpoints (`step-N` folders holding a state.json), ascending.
+fn complete_checkpoints(run_dir: &Path) -> Vec<usize> {
+    let mut steps: Vec<usize> = std::fs::read_dir(run_dir.join("checkpoints"))
+        .map(|r| {
+            r.filter_map(|e| {
+                let e = e.unwrap();
+                let n = e.file_name().to_string_lossy().to_string();
+                let step = n.strip_prefix("step-")?.parse().ok()?;
+                e.path().join("state.json").is_file().then_some(step)
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    steps.sort();
+    steps
+}
+
+/// Six steps with a checkpoint after each, killed (SIGKILL, by a fault-injection point only
+/// tests enable) inside the checkpoint write of step 4 at `stage`; then resumed.
+fn killed_in_checkpoint_write(run: &Path, stage: &str) -> std::process::Output {
+    let out = earshot_command()
+        .args(["train".as_ref(), bundled().as_os_str()])
+        .arg("--set")
+        .arg(format!("train.run-dir=\"{}\"", run.display()))
+        .args([
+            "--set",
+            "train.steps=6",
+            "--set",
+            "train.checkpoint-every=1",
+        ])
+        .env("EARSHOT_TEST_KILL_IN_CHECKPOINT", format!("{stage}@4"))
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        Some(9),
+        "{stage}: the fault injection did not kill the run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    train(run, &["--resume", "--set", "train.checkpoint-every=1"])
+}
+
+#[test]
+fn a_kill_inside_a_checkpoint_write_resumes_from_the_newest_complete_one() {
+    let d = tempfile::tempdir().unwrap();
+    let whole = d.path().join("whole");
+    expect_success(&train(&whole, &["--set", "train.checkpoint-every=1"]));
+    let uninterrupted = std::fs::read(whole.join("projector.safetensors")).unwrap();
+    // (stage, the step the resumed run must start from)
+    for (stage, resumes_at) in [("files-written", 3), ("state-written", 3), ("renamed", 4)] {
+        let run = d.path().join(stage);
+        let out = killed_in_checkpoint_write(&run, stage);
+        let stdout = expect_success(&out);
+        assert!(
+            stdout.contains(&format!(
+                "trained to step 6 ({} step(s) now)",
+                6 - resumes_at
+            )),
+            "{stage}: {stdout}"
+        );
+        assert_eq!(
+            losses(&run).iter().map(|x| x.0).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4, 5, 6],
+            "{stage}: the metrics hold every step once"
+        );
+        let resumed = std::fs::read(run.join("projector.safetensors")).unwrap();
+        assert!(
+            resumed == uninterrupted,
+            "{stage}: the resumed projector differs from the uninterrupted run's"
+        );
+        assert_eq!(complete_checkpoints(&run), vec![4, 5, 6], "{stage}");
     }
 }
 
@@ -154,21 +214,12 @@ fn kill_minus_nine_leaves_a_loadable_checkpoint() {
     let run = d.path().join("run");
     let mut child = spawn_train(&run, 50);
     wait_for_checkpoints(&run, 2);
-    // Kill at once: with a checkpoint per step the process is usually writing one.
     child.kill().unwrap();
     child.wait().unwrap();
     // A leftover partial write must be ignored too.
     std::fs::create_dir_all(run.join("checkpoints/.step-99999999.partial")).unwrap();
-    let latest = std::fs::read_dir(run.join("checkpoints"))
-        .unwrap()
-        .filter_map(|e| {
-            let n = e.unwrap().file_name().to_string_lossy().to_string();
-            n.strip_prefix("step-")
-                .and_then(|s| s.parse::<usize>().ok())
-        })
-        .max()
-        .unwrap();
-    let out = Command::new(earshot_bin())
+    let latest = *complete_checkpoints(&run).last().unwrap();
+    let out = earshot_command()
         .args(["train".as_ref(), bundled().as_os_str()])
         .arg("--set")
         .arg(format!("train.run-dir=\"{}\"", run.display()))
@@ -181,7 +232,7 @@ fn kill_minus_nine_leaves_a_loadable_checkpoint() {
         .unwrap();
     let stdout = expect_success(&out);
     assert!(
-        stdout.contains(&format!("trained to step {}", latest + 1)),
+        stdout.contains(&format!("trained to step {} (1 step(s) now)", latest + 1)),
         "{stdout}"
     );
 }
@@ -207,6 +258,21 @@ fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
     assert!(run.join("projector.safetensors").is_file());
 }
 
+/// (step, grad_norm) of every logged step.
+fn grad_norms(run_dir: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["step"].as_u64().unwrap(),
+                v["grad_norm"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
 #[test]
 fn gradient_accumulation_equals_the_larger_batch() {
     // Same samples in the same order; every target has the same number of tokens, so the
@@ -228,7 +294,36 @@ fn gradient_accumulation_equals_the_larger_batch() {
             "train.accumulate=2",
         ],
     ));
-    for ((s, x), (_, y)) in losses(&a).iter().zip(&losses(&b)) {
+    let (la, lb) = (losses(&a), losses(&b));
+    assert_eq!(
+        la.iter().map(|x| x.0).collect::<Vec<_>>(),
+        lb.iter().map(|x| x.0).collect::<Vec<_>>(),
+        "both runs log the same steps"
+    );
+    assert_eq!(la.len(), 3);
+    for ((s, x), (_, y)) in la.iter().zip(&lb) {
         assert!((x - y).abs() <= 1e-4, "step {s}: {x} vs {y}");
+    }
+    // Adam's update hardly changes if the gradient is scaled, so the loss alone would not
+    // catch a missing 1/micro-batches factor: the gradient norm does.
+    for ((s, x), (_, y)) in grad_norms(&a).iter().zip(&grad_norms(&b)) {
+        assert!(
+            (x - y).abs() <= 1e-4 * x.abs().max(1e-6),
+            "step {s}: gradient norm {x} vs {y}"
+        );
+    }
+    let load = |run: &Path| {
+        candle_core::safetensors::load(run.join("projector.safetensors"), &candle_core::Device::Cpu)
+            .unwrap()
+    };
+    let (pa, pb) = (load(&a), load(&b));
+    assert_eq!(pa.len(), pb.len());
+    for (name, ta) in &pa {
+        let (va, vb): (Vec<f32>, Vec<f32>) = (
+            ta.flatten_all().unwrap().to_vec1().unwrap(),
+            pb[name].flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        let diff = max_abs_diff(&va, &vb);
+        assert!(diff <= 1e-5, "{name}: projectors differ by {diff}");
     }
 }

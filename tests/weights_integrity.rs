@@ -229,3 +229,119 @@ fn trace_nonfinite_names_the_first_bad_layer() {
         "{err}"
     );
 }
+
+/// A copy of the default GGUF with `value` written over element `index` of the f32 tensor
+/// `name` (found through the file's own tensor table).
+fn gguf_copy_with(dir: &Path, name: &str, index: usize, value: f32) -> PathBuf {
+    use candle_core::quantized::{gguf_file, GgmlDType};
+    let src = default_gguf();
+    let mut f = std::fs::File::open(&src).unwrap();
+    let content = gguf_file::Content::read(&mut f).unwrap();
+    let info = &content.tensor_infos[name];
+    assert_eq!(info.ggml_dtype, GgmlDType::F32, "{name} is stored as f32");
+    let at = content.tensor_data_offset as usize + info.offset as usize + 4 * index;
+    let mut bytes = std::fs::read(&src).unwrap();
+    bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+    let out = dir.join("model.gguf");
+    std::fs::write(&out, bytes).unwrap();
+    out
+}
+
+fn generate_with(llm: &Path) -> std::process::Output {
+    earshot([
+        "generate".as_ref(),
+        "--llm".as_ref(),
+        llm.as_os_str(),
+        "--prompt".as_ref(),
+        "Hello".as_ref(),
+        "--max-tokens".as_ref(),
+        "1".as_ref(),
+    ])
+}
+
+#[test]
+fn nan_and_inf_in_gguf_and_hugging_face_llm_weights_are_named() {
+    let d = tempfile::tempdir().unwrap();
+    let gguf = gguf_copy_with(d.path(), "output_norm.weight", 7, f32::NAN);
+    let err = expect_failure(&generate_with(&gguf));
+    assert!(
+        err.contains("model.gguf") && err.contains("model.norm.weight (NaN: 1, +Inf: 0, -Inf: 0)"),
+        "{err}"
+    );
+    // The same model in Hugging Face layout, with an infinity in one projection.
+    let hf = d.path().join("hf");
+    expect_success(&earshot([
+        "import".as_ref(),
+        "gguf".as_ref(),
+        default_gguf().as_os_str(),
+        "--out".as_ref(),
+        hf.as_os_str(),
+    ]));
+    let file = hf.join("model.safetensors");
+    let mut t = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+    let name = "model.layers.3.mlp.down_proj.weight";
+    let edited = set_element(&t[name], 5, f32::NEG_INFINITY);
+    t.insert(name.to_string(), edited);
+    candle_core::safetensors::save(&t, &file).unwrap();
+    let err = expect_failure(&generate_with(&hf));
+    assert!(
+        err.contains(&format!("{name} (NaN: 0, +Inf: 0, -Inf: 1)")),
+        "{err}"
+    );
+}
+
+#[test]
+fn nan_in_a_projector_checkpoint_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    // A projector for the bundled config, trained one step, then poisoned.
+    let run = d.path().join("run");
+    expect_success(&earshot([
+        "train".as_ref(),
+        repo_root()
+            .join("configs/cpu-smollm2-tones.toml")
+            .as_os_str(),
+        "--set".as_ref(),
+        format!("train.run-dir=\"{}\"", run.display()).as_ref(),
+        "--set".as_ref(),
+        "train.steps=1".as_ref(),
+    ]));
+    let file = run.join("projector.safetensors");
+    let mut t = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+    let name = t.keys().find(|k| k.contains("weight")).unwrap().clone();
+    let edited = set_element(&t[&name], 3, f32::NAN);
+    t.insert(name.clone(), edited);
+    candle_core::safetensors::save(&t, &file).unwrap();
+    let clip = repo_root().join("configs/data/tones/clips/one.wav");
+    let err = expect_failure(&earshot([
+        "caption".as_ref(),
+        "--config".as_ref(),
+        repo_root()
+            .join("configs/cpu-smollm2-tones.toml")
+            .as_os_str(),
+        "--checkpoint".as_ref(),
+        file.as_os_str(),
+        clip.as_os_str(),
+    ]));
+    assert!(
+        err.contains("projector.safetensors") && err.contains(&name) && err.contains("NaN"),
+        "{err}"
+    );
+    // The same inside a checkpoint folder, which resume reads.
+    let ckpt = run.join("checkpoints/step-00000001/projector.safetensors");
+    candle_core::safetensors::save(&t, &ckpt).unwrap();
+    let err = expect_failure(&earshot([
+        "train".as_ref(),
+        repo_root()
+            .join("configs/cpu-smollm2-tones.toml")
+            .as_os_str(),
+        "--set".as_ref(),
+        format!("train.run-dir=\"{}\"", run.display()).as_ref(),
+        "--set".as_ref(),
+        "train.steps=2".as_ref(),
+        "--resume".as_ref(),
+    ]));
+    assert!(
+        err.contains("step-00000001") && err.contains("NaN"),
+        "{err}"
+    );
+}

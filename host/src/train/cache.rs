@@ -66,14 +66,33 @@ impl EncoderCache {
         self.dir.join(&key[..2]).join(format!("{key}.safetensors"))
     }
 
-    pub fn get(&self, key: &str, device: &Device) -> Option<Tensor> {
+    /// The entry for `key` if it holds a finite tensor of shape `dims`; a damaged entry
+    /// (unreadable, another shape, non-finite values) is reported and treated as absent, so
+    /// the caller recomputes and rewrites it.
+    pub fn get(&self, key: &str, dims: &[usize], device: &Device) -> Option<Tensor> {
         let p = self.path(key);
         let bytes = std::fs::read(&p).ok()?;
-        match candle_core::safetensors::load_buffer(&bytes, device) {
-            Ok(mut m) => m.remove("encoded"),
+        let checked = candle_core::safetensors::load_buffer(&bytes, device)
+            .map_err(|e| e.to_string())
+            .and_then(|mut m| {
+                m.remove("encoded")
+                    .ok_or_else(|| "no tensor `encoded`".into())
+            })
+            .and_then(|t| {
+                if t.dims() != dims {
+                    return Err(format!("shape {:?}, expected {dims:?}", t.dims()));
+                }
+                match crate::models::weights::count_non_finite("encoded", &t) {
+                    Ok(None) => Ok(t),
+                    Ok(Some(bad)) => Err(format!("non-finite values: {bad}")),
+                    Err(e) => Err(e.to_string()),
+                }
+            });
+        match checked {
+            Ok(t) => Some(t),
             Err(e) => {
                 tracing::warn!(
-                    "ignoring a damaged encoder cache entry {}: {e}",
+                    "ignoring a damaged encoder cache entry {} ({e}); recomputing it",
                     p.display()
                 );
                 None

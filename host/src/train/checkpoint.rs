@@ -96,7 +96,87 @@ fn sync_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes a checkpoint under `dir` and keeps the newest `keep_last`.
+/// Where inside a checkpoint write a test may stop the process (as a kill would): set
+/// `EARSHOT_TEST_KILL_IN_CHECKPOINT=<stage>@<step>` and the process kills itself with
+/// SIGKILL when the write of that step reaches that stage. Nothing else reads the variable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteStage {
+    /// The projector and optimizer files are written and synced; no state.json yet.
+    FilesWritten,
+    /// state.json too; the folder is still `.step-N.partial`.
+    StateWritten,
+    /// An older folder of the same step and the new one have traded places; the old one
+    /// (now `.step-N.partial`) is not deleted yet.
+    Swapped,
+    /// The folder is `step-N`; older checkpoints are not pruned yet.
+    Renamed,
+}
+
+impl WriteStage {
+    fn name(self) -> &'static str {
+        match self {
+            WriteStage::FilesWritten => "files-written",
+            WriteStage::StateWritten => "state-written",
+            WriteStage::Swapped => "swapped",
+            WriteStage::Renamed => "renamed",
+        }
+    }
+}
+
+/// Stops here when the test hook names this stage and step: by returning an error when
+/// `stop` says so (in-process tests), or with SIGKILL when the environment says so.
+fn reached(stage: WriteStage, step: usize, stop: Option<(WriteStage, usize)>) -> Result<()> {
+    if stop == Some((stage, step)) {
+        bail!("checkpoint write stopped at {} (test)", stage.name());
+    }
+    if let Ok(v) = std::env::var("EARSHOT_TEST_KILL_IN_CHECKPOINT") {
+        if v == format!("{}@{step}", stage.name()) {
+            // SAFETY: signalling our own process.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        }
+    }
+    Ok(())
+}
+
+/// Atomically replaces the folder `to` with the folder `from` (Linux `renameat2` with
+/// `RENAME_EXCHANGE`, then the old one is deleted): at every instant `to` is whole, old or
+/// new. Where the filesystem cannot exchange, falls back to delete-then-rename.
+fn replace_dir(
+    from: &Path,
+    to: &Path,
+    step: usize,
+    stop: Option<(WriteStage, usize)>,
+) -> Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).context("a path with a NUL byte");
+    let (a, b) = (c(from)?, c(to)?);
+    // SAFETY: two valid NUL-terminated paths, relative to the working directory.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if r == 0 {
+        reached(WriteStage::Swapped, step, stop)?;
+        std::fs::remove_dir_all(from)?;
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if !matches!(err.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) {
+        return Err(err).with_context(|| format!("replacing {}", to.display()));
+    }
+    std::fs::remove_dir_all(to)?;
+    std::fs::rename(from, to)?;
+    Ok(())
+}
+
+/// Writes a checkpoint under `dir` and keeps the newest `keep_last`. The folder appears
+/// whole or not at all; a checkpoint of the same step is replaced atomically.
 pub fn save(
     dir: &Path,
     state: &TrainState,
@@ -104,8 +184,22 @@ pub fn save(
     optimizer: &HashMap<String, Tensor>,
     keep_last: usize,
 ) -> Result<PathBuf> {
+    save_stopping(dir, state, projector, optimizer, keep_last, None)
+}
+
+/// [`save`], stopping with an error at `stop` (stage, step): how in-process tests leave the
+/// disk as a kill at that point would.
+pub fn save_stopping(
+    dir: &Path,
+    state: &TrainState,
+    projector: &HashMap<String, Tensor>,
+    optimizer: &HashMap<String, Tensor>,
+    keep_last: usize,
+    stop: Option<(WriteStage, usize)>,
+) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    let name = format!("step-{:08}", state.step);
+    let step = state.step;
+    let name = format!("step-{step:08}");
     let partial = dir.join(format!(".{name}.partial"));
     let done = dir.join(&name);
     if partial.exists() {
@@ -120,16 +214,20 @@ pub fn save(
         candle_core::safetensors::save(map, &path)?;
         std::fs::File::open(&path)?.sync_all()?;
     }
+    reached(WriteStage::FilesWritten, step, stop)?;
     write_synced(
         &partial.join("state.json"),
         serde_json::to_string_pretty(state)?.as_bytes(),
     )?;
     sync_dir(&partial)?;
+    reached(WriteStage::StateWritten, step, stop)?;
     if done.exists() {
-        std::fs::remove_dir_all(&done)?;
+        replace_dir(&partial, &done, step, stop)?;
+    } else {
+        std::fs::rename(&partial, &done)?;
     }
-    std::fs::rename(&partial, &done)?;
     sync_dir(dir)?;
+    reached(WriteStage::Renamed, step, stop)?;
     let mut all = complete(dir)?;
     all.sort();
     let excess = all.len().saturating_sub(keep_last.max(1));
@@ -194,4 +292,82 @@ pub fn load(ckpt: &Path, device: &Device) -> Result<Loaded> {
         optimizer: read("optimizer.safetensors")?,
         state,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(step: usize, samples_seen: u64) -> TrainState {
+        let m = String::from("x");
+        TrainState {
+            step,
+            samples_seen,
+            optimizer_steps: step as u64,
+            seed: 0,
+            batch_size: 1,
+            accumulate: 1,
+            examples: 1,
+            manifest: Manifest {
+                encoder: m.clone(),
+                llm: m.clone(),
+                tokenizer: m.clone(),
+                prompt_template: m.clone(),
+                mel: m.clone(),
+                projector: m,
+            },
+        }
+    }
+
+    fn tensors(v: f32) -> HashMap<String, Tensor> {
+        HashMap::from([("w".to_string(), Tensor::new(&[v, v], &Device::Cpu).unwrap())])
+    }
+
+    fn saved_value(ckpt: &Path) -> (u64, f32) {
+        let l = load(ckpt, &Device::Cpu).unwrap();
+        let w: Vec<f32> = l.projector["w"].to_vec1().unwrap();
+        (l.state.samples_seen, w[0])
+    }
+
+    #[test]
+    fn saving_the_same_step_twice_replaces_it_whole_at_every_point() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        let first = save(dir, &state(3, 30), &tensors(1.0), &tensors(0.0), 3).unwrap();
+        assert_eq!(saved_value(&first), (30, 1.0));
+        // A second save of step 3 replaces the first.
+        save(dir, &state(3, 31), &tensors(2.0), &tensors(0.0), 3).unwrap();
+        assert_eq!(saved_value(&latest(dir).unwrap().unwrap()), (31, 2.0));
+        // Stopped (as a kill would) at each point of a third save of step 3: step 3 is
+        // always a whole checkpoint, the old one or the new one.
+        for (stage, expect) in [
+            (WriteStage::FilesWritten, (31, 2.0)),
+            (WriteStage::StateWritten, (31, 2.0)),
+            (WriteStage::Swapped, (32, 3.0)),
+            (WriteStage::Renamed, (32, 3.0)),
+        ] {
+            save(dir, &state(3, 31), &tensors(2.0), &tensors(0.0), 3).unwrap();
+            let r = save_stopping(
+                dir,
+                &state(3, 32),
+                &tensors(3.0),
+                &tensors(0.0),
+                3,
+                Some((stage, 3)),
+            );
+            assert!(r.is_err(), "{stage:?}");
+            let newest = latest(dir).unwrap().unwrap();
+            assert!(newest.ends_with("step-00000003"), "{stage:?}");
+            assert_eq!(saved_value(&newest), expect, "{stage:?}");
+        }
+        // The leftover of a stopped write never counts and is cleared by the next save.
+        save(dir, &state(4, 40), &tensors(4.0), &tensors(0.0), 3).unwrap();
+        save(dir, &state(3, 33), &tensors(5.0), &tensors(0.0), 3).unwrap();
+        let names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        assert!(names.iter().all(|n| !n.ends_with(".partial")), "{names:?}");
+        assert_eq!(saved_value(&latest(dir).unwrap().unwrap()), (40, 4.0));
+    }
 }

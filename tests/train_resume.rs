@@ -327,3 +327,101 @@ fn gradient_accumulation_equals_the_larger_batch() {
         assert!(diff <= 1e-5, "{name}: projectors differ by {diff}");
     }
 }
+
+#[test]
+fn every_kind_of_checkpoint_path_captions() {
+    let d = tempfile::tempdir().unwrap();
+    let run = d.path().join("run");
+    // An eval split (the train split again) so that `best/` is written.
+    expect_success(&train(
+        &run,
+        &[
+            "--set",
+            "train.steps=2",
+            "--set",
+            "train.checkpoint-every=1",
+            "--set",
+            "train.eval-every=1",
+            "--set",
+            "data.eval-split=\"train\"",
+        ],
+    ));
+    let clip = repo_root().join("configs/data/tones/clips/one.wav");
+    let caption = |ckpt: &Path| {
+        let out = earshot([
+            "caption".as_ref(),
+            "--config".as_ref(),
+            bundled().as_os_str(),
+            "--checkpoint".as_ref(),
+            ckpt.as_os_str(),
+            "--max-tokens".as_ref(),
+            "3".as_ref(),
+            clip.as_os_str(),
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        (expect_success(&out), stderr)
+    };
+    let (final_caption, _) = caption(&run.join("projector.safetensors"));
+    for p in [
+        run.clone(),
+        run.join("best"),
+        run.join("checkpoints"),
+        run.join("checkpoints/step-00000002"),
+    ] {
+        let (got, stderr) = caption(&p);
+        assert!(!stderr.contains("gibberish"), "{}: {stderr}", p.display());
+        if p != run.join("best") {
+            assert_eq!(got, final_caption, "{}", p.display());
+        }
+    }
+    let err = expect_failure(&earshot([
+        "caption".as_ref(),
+        "--config".as_ref(),
+        bundled().as_os_str(),
+        "--checkpoint".as_ref(),
+        d.path().as_os_str(),
+        clip.as_os_str(),
+    ]));
+    assert!(err.contains("no step-N checkpoint folder"), "{err}");
+}
+
+#[test]
+fn early_stopping_ends_the_run_and_names_the_best_checkpoint() {
+    let d = tempfile::tempdir().unwrap();
+    let run = d.path().join("run");
+    // A learning rate so small that the eval loss cannot improve after the first eval.
+    let out = train(
+        &run,
+        &[
+            "--set",
+            "train.steps=20",
+            "--set",
+            "train.lr=1e-30",
+            "--set",
+            "train.eval-every=1",
+            "--set",
+            "train.early-stop-patience=2",
+            "--set",
+            "data.eval-split=\"train\"",
+        ],
+    );
+    let stdout = expect_success(&out);
+    assert!(
+        stdout.contains("stopped early: no better eval loss in 2 evaluation(s)")
+            && stdout.contains("best checkpoint: step 1 ")
+            && stdout.contains("trained to step 3 "),
+        "{stdout}"
+    );
+    assert_eq!(losses(&run).len(), 3);
+    assert!(run.join("best/step-00000001/state.json").is_file());
+    assert!(run.join("checkpoints/step-00000003/state.json").is_file());
+    // Early stopping without an eval split is refused up front.
+    let err = expect_failure(&train(
+        &d.path().join("other"),
+        &["--set", "train.early-stop-patience=2"],
+    ));
+    assert!(
+        err.contains("early-stop-patience needs an eval split"),
+        "{err}"
+    );
+}

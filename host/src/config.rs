@@ -117,6 +117,9 @@ pub struct TrainConfig {
     pub keep_last: usize,
     /// Eval loss on `data.eval-split` every this many steps (and at the end); 0: only at the end.
     pub eval_every: usize,
+    /// Stop after this many evaluations in a row without a better eval loss (a checkpoint
+    /// is written; `best/` holds the best one); 0: never stop early.
+    pub early_stop_patience: usize,
     pub run_dir: PathBuf,
 }
 
@@ -168,6 +171,7 @@ impl Default for TrainConfig {
             checkpoint_every: 100,
             keep_last: 3,
             eval_every: 100,
+            early_stop_patience: 0,
             run_dir: PathBuf::from("runs/default"),
         }
     }
@@ -224,15 +228,21 @@ impl RunConfig {
     pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("{}: cannot read", path.display()))?;
+        Self::from_toml(&text, path, sets)
+    }
+
+    /// Parses, overrides, resolves and validates a config whose text is `text` (read from
+    /// `path`, which errors name and relative paths start from).
+    pub fn from_toml(text: &str, path: &Path, sets: &[String]) -> Result<Self> {
         let mut doc: toml::Table =
-            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         for s in sets {
             apply_set(&mut doc, s)?;
         }
         // Re-serialise so errors after --set still point at a key; line numbers refer to the
         // file when there are no overrides.
         let mut cfg: RunConfig = if sets.is_empty() {
-            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
         } else {
             doc.try_into()
                 .map_err(|e| anyhow::anyhow!("{} (with --set): {e}", path.display()))?
@@ -265,6 +275,9 @@ impl RunConfig {
             .sandbox
             .validate()
             .map_err(|e| anyhow::anyhow!("{p}: {e}"))?;
+        if t.early_stop_patience > 0 && self.data.eval_split.is_none() {
+            bail!("{p}: train.early-stop-patience needs an eval split (data.eval-split)");
+        }
         let max_audio = self.data.max_audio_s;
         if !(max_audio.is_finite() && max_audio > 0.0 && max_audio <= MAX_AUDIO_S_LIMIT) {
             bail!("{p}: data.max-audio-s = {max_audio}: must be > 0 and at most {MAX_AUDIO_S_LIMIT} (a day)");

@@ -46,8 +46,9 @@ pub struct CaptionArgs {
     /// Run config (models, plugins, projector settings)
     #[arg(long)]
     pub config: PathBuf,
-    /// Trained projector: projector.safetensors, a checkpoint folder (step-N, best) or a
-    /// run folder. A checkpoint folder's manifest is checked against the config's models
+    /// Trained projector: projector.safetensors, a checkpoint folder (step-N), a folder of
+    /// checkpoints (best, checkpoints: the newest) or a run folder (its final projector).
+    /// A checkpoint's manifest is checked against the config's models
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
     /// Caption with a checkpoint made for other models / mel settings / template
@@ -111,25 +112,6 @@ struct Done {
     text: String,
     tokens: usize,
     seconds: f64,
-}
-
-/// The projector file inside what `--checkpoint` names, and the manifest beside it if any.
-fn checkpoint_files(path: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
-    if path.is_file() {
-        return Ok((path.to_path_buf(), None));
-    }
-    if !path.is_dir() {
-        bail!("checkpoint {}: no such file or folder", path.display());
-    }
-    let projector = path.join("projector.safetensors");
-    if !projector.is_file() {
-        bail!(
-            "checkpoint {}: no projector.safetensors in this folder",
-            path.display()
-        );
-    }
-    let state = path.join("state.json");
-    Ok((projector, state.is_file().then_some(state)))
 }
 
 /// Where the items to caption come from, read a chunk at a time so that a split is streamed
@@ -212,7 +194,7 @@ pub fn run(args: CaptionArgs) -> Result<()> {
     )?;
     match &args.checkpoint {
         Some(p) => {
-            let (file, state) = checkpoint_files(p)?;
+            let (file, state) = crate::train::checkpoint::resolve(p)?;
             if let Some(state) = state {
                 let text = std::fs::read_to_string(&state)
                     .with_context(|| format!("{}: cannot read", state.display()))?;

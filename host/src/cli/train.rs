@@ -5,7 +5,7 @@ use clap::Args;
 
 use super::printer::TrainPrinter;
 use crate::config::RunConfig;
-use crate::train::{train, Session, Start};
+use crate::train::{train, Session, Start, Stopped};
 
 #[derive(Debug, Args)]
 #[command(
@@ -41,11 +41,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let steps = args.max_steps.unwrap_or(config.train.steps);
     let log_every = config.train.log_every.max(1);
     let session = Session::load(config)?;
+    // Both splits' clips went through the encoder cache.
+    let clips = session.examples.len() + session.eval_examples.len();
     eprintln!(
         "training the projector on {} example(s) up to step {steps}; encoder: {} clip(s) encoded, {} from the cache",
         session.examples.len(),
         session.fresh_encodings,
-        session.examples.len() - session.fresh_encodings
+        clips.saturating_sub(session.fresh_encodings)
     );
     // Ctrl-C: finish the current step, write a checkpoint, exit cleanly.
     let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -69,14 +71,33 @@ pub fn run(args: TrainArgs) -> Result<()> {
         printer.event(e)
     });
     printer.finish();
-    let (_, metrics) = result?;
+    let outcome = result?;
+    let metrics = &outcome.metrics;
     let last = metrics.last().map(|m| m.loss).unwrap_or(f64::NAN);
     let reached = metrics.last().map(|m| m.step).unwrap_or(0);
-    let projector = session.config.train.run_dir.join("projector.safetensors");
+    let run_dir = &session.config.train.run_dir;
+    let projector = run_dir.join("projector.safetensors");
     println!(
         "trained to step {reached} ({} step(s) now); final loss {last:.4}; projector: {}",
         metrics.len(),
         projector.display()
     );
+    let why = match outcome.stopped {
+        Stopped::Finished => format!("reached step {reached}"),
+        Stopped::Interrupted => "interrupted (Ctrl-C)".into(),
+        Stopped::EarlyStop { evaluations } => format!(
+            "stopped early: no better eval loss in {evaluations} evaluation(s) \
+             (train.early-stop-patience)"
+        ),
+    };
+    match outcome.best {
+        Some(b) => println!(
+            "{why}; best checkpoint: step {} (lowest eval loss, {:.4}): {}",
+            b.step,
+            b.eval_loss,
+            run_dir.join("best").display()
+        ),
+        None => println!("{why}"),
+    }
     Ok(())
 }

@@ -258,6 +258,39 @@ fn complete(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     Ok(out)
 }
 
+/// The projector file a `--checkpoint` path names, and the checkpoint state (with its
+/// manifest) beside it when there is one. Accepted: a `projector.safetensors` file; a
+/// checkpoint folder (`checkpoints/step-N`); a folder of checkpoints (`best/`,
+/// `checkpoints/`: the newest complete one); a run folder (its final projector, else its
+/// newest checkpoint).
+pub fn resolve(path: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
+    if path.is_file() {
+        return Ok((path.to_path_buf(), None));
+    }
+    if !path.is_dir() {
+        bail!("checkpoint {}: no such file or folder", path.display());
+    }
+    let projector = path.join("projector.safetensors");
+    let state = path.join("state.json");
+    if projector.is_file() {
+        return Ok((projector, state.is_file().then_some(state)));
+    }
+    for holder in [path.to_path_buf(), path.join("checkpoints")] {
+        if let Some(newest) = latest(&holder)? {
+            return Ok((
+                newest.join("projector.safetensors"),
+                Some(newest.join("state.json")),
+            ));
+        }
+    }
+    bail!(
+        "checkpoint {}: holds no projector.safetensors, no step-N checkpoint folder and no \
+         checkpoints/ folder; give a projector file, a checkpoint folder (step-N, best) or a \
+         run folder",
+        path.display()
+    )
+}
+
 /// The newest complete checkpoint under `dir`.
 pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
     Ok(complete(dir)?.into_iter().max().map(|(_, p)| p))

@@ -516,13 +516,33 @@ pub enum Event<'a> {
 /// Trains the projector up to step `steps`; writes metrics.jsonl, eval.jsonl, plots
 /// (loss.png, update_ratios.png), config.toml, checkpoints and projector.safetensors in the
 /// run directory; returns the metrics of the steps run now.
+/// Why a training run ended.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Stopped {
+    /// It reached its last step.
+    Finished,
+    /// Ctrl-C.
+    Interrupted,
+    /// `train.early-stop-patience` evaluations in a row without a better eval loss.
+    EarlyStop { evaluations: usize },
+}
+
+/// What a training run leaves: the projector, every step's metrics, why it ended, and the
+/// best evaluation (when there is an eval split).
+pub struct TrainOutcome {
+    pub projector: Projector,
+    pub metrics: Vec<StepMetrics>,
+    pub stopped: Stopped,
+    pub best: Option<Best>,
+}
+
 pub fn train(
     session: &Session,
     steps: usize,
     start: Start,
     interrupted: Option<Arc<AtomicBool>>,
     progress: &mut dyn FnMut(Event),
-) -> Result<(Projector, Vec<StepMetrics>)> {
+) -> Result<TrainOutcome> {
     let cfg = &session.config.train;
     let run_dir = &cfg.run_dir;
     std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
@@ -677,6 +697,8 @@ pub fn train(
     let mut orders: HashMap<u64, Vec<usize>> = HashMap::new();
     let mut all = Vec::new();
     let mut nonfinite_run = 0;
+    let mut evals_without_improvement = 0;
+    let mut stopped = Stopped::Finished;
     progress(Event::Start {
         from: state.step,
         to: steps,
@@ -824,6 +846,16 @@ pub fn train(
                 examples: session.eval_examples.len(),
                 best: is_best,
             });
+            evals_without_improvement = if is_best {
+                0
+            } else {
+                evals_without_improvement + 1
+            };
+            if cfg.early_stop_patience > 0 && evals_without_improvement >= cfg.early_stop_patience {
+                stopped = Stopped::EarlyStop {
+                    evaluations: evals_without_improvement,
+                };
+            }
             if is_best {
                 save_checkpoint(&run_dir.join("best"), 1, &state, &projector, &opt)?;
                 let b = Best {
@@ -837,9 +869,13 @@ pub fn train(
             }
             refresh_plots(progress);
         }
-        let stop = interrupted
+        if interrupted
             .as_ref()
-            .is_some_and(|f| f.load(Ordering::SeqCst));
+            .is_some_and(|f| f.load(Ordering::SeqCst))
+        {
+            stopped = Stopped::Interrupted;
+        }
+        let stop = stopped != Stopped::Finished;
         if stop || step == steps || (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0) {
             metrics_file.sync_all()?;
             let p = save_checkpoint(&ckpt_dir, cfg.keep_last, &state, &projector, &opt)?;
@@ -848,13 +884,28 @@ pub fn train(
                 refresh_plots(progress);
             }
         }
-        if stop {
-            progress(Event::Note(format!(
-                "interrupted: checkpoint saved at step {step}; continue with --resume"
-            )));
-            break;
+        match stopped {
+            Stopped::Finished => {}
+            Stopped::Interrupted => {
+                progress(Event::Note(format!(
+                    "interrupted: checkpoint saved at step {step}; continue with --resume"
+                )));
+                break;
+            }
+            Stopped::EarlyStop { evaluations } => {
+                progress(Event::Note(format!(
+                    "stopping early at step {step}: the eval loss has not improved for \
+                     {evaluations} evaluation(s) (train.early-stop-patience)"
+                )));
+                break;
+            }
         }
     }
     projector.save(&run_dir.join("projector.safetensors"))?;
-    Ok((projector, all))
+    Ok(TrainOutcome {
+        projector,
+        metrics: all,
+        stopped,
+        best,
+    })
 }

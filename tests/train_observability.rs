@@ -169,3 +169,75 @@ fn non_finite_steps_are_skipped_then_the_run_stops_naming_the_layer() {
     assert!(err.contains("llm.layers.0"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn redirected_runs_print_progress_lines_for_every_long_phase() {
+    let d = tempfile::tempdir().unwrap();
+    let config = repo_root().join("configs/cpu-smollm2-tones.toml");
+    // stderr is a pipe here, as with `2> log`, CI or nohup; a short interval so that even 8
+    // clips give lines. A fresh EARSHOT_HOME, so the clips really go through the encoder.
+    let home = fresh_home(d.path());
+    let out = earshot_command()
+        .env("EARSHOT_HOME", &home)
+        .args(["--progress-interval", "0", "train"])
+        .arg(&config)
+        .arg("--set")
+        .arg(format!(
+            "train.run-dir=\"{}\"",
+            d.path().join("run").display()
+        ))
+        .args([
+            "--set",
+            "train.steps=1",
+            "--set",
+            "data.eval-split=\"train\"",
+        ])
+        .output()
+        .unwrap();
+    expect_success(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    for want in [
+        "encoding train: 1/8 clip(s)",
+        "encoding train: 8/8 clip(s)",
+        "evaluating: 8/8 clip(s)",
+        "encoder: 8 clip(s) encoded, 8 from the cache",
+    ] {
+        assert!(err.contains(want), "{want:?} not in: {err}");
+    }
+    // Lines come with a rate, and time left while the phase runs.
+    let line = err
+        .lines()
+        .find(|l| l.contains("encoding train: 4/8"))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(line.contains("/s, about "), "{line}");
+    // The default interval (10 s) keeps a fast phase to its final line.
+    let out = earshot_command()
+        .env("EARSHOT_HOME", &home)
+        .args(["train"])
+        .arg(&config)
+        .arg("--set")
+        .arg(format!(
+            "train.run-dir=\"{}\"",
+            d.path().join("run2").display()
+        ))
+        .args(["--set", "train.steps=1"])
+        .output()
+        .unwrap();
+    expect_success(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("encoding train:").count(), 1, "{err}");
+    // Captioning a split.
+    let out = earshot_command()
+        .env("EARSHOT_HOME", &home)
+        .args(["--progress-interval", "0", "caption", "--config"])
+        .arg(&config)
+        .args(["--split", "train", "--max-tokens", "1", "--batch-size", "4"])
+        .output()
+        .unwrap();
+    expect_success(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("captioning train: 4 clip(s)") && err.contains("captioning train: 8 clip(s)"),
+        "{err}"
+    );
+}

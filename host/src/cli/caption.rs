@@ -24,6 +24,7 @@ use crate::train::{
 };
 
 use super::common::SamplingArgs;
+use super::printer::PhaseProgress;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LongAudio {
@@ -244,12 +245,15 @@ pub fn run(args: CaptionArgs) -> Result<()> {
     let mut failures = 0;
     let batch = args.batch_size as usize;
     let mut total = 0;
+    let mut progress = args
+        .split
+        .as_ref()
+        .map(|split| PhaseProgress::new(format!("captioning {split}"), "clip(s)"));
     loop {
         let chunk = items.next_chunk(batch, &cfg.data.root)?;
         if chunk.is_empty() {
             break;
         }
-        total += chunk.len();
         // Decode, encode and lay out every clip of the chunk.
         let mut jobs = Vec::new();
         let mut failed: HashMap<usize, String> = HashMap::new();
@@ -485,6 +489,10 @@ pub fn run(args: CaptionArgs) -> Result<()> {
             }
         }
         out.flush()?;
+        total += chunk.len();
+        if let Some(line) = progress.as_mut().and_then(|p| p.line(total, None)) {
+            eprintln!("{line}");
+        }
     }
     tracing::info!(
         "{} window(s) went through the encoder, the rest came from the cache",

@@ -32,6 +32,11 @@ pub struct Cli {
     /// More log output on stderr (-v info, -vv debug). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// Seconds between progress lines of long phases (encoding, evaluating, captioning a
+    /// split) on stderr
+    #[arg(long, global = true, value_name = "S", default_value_t = 10.0,
+          value_parser = parse_interval)]
+    progress_interval: f64,
     #[command(subcommand)]
     command: Command,
 }
@@ -70,6 +75,7 @@ pub fn main() -> ExitCode {
     crate::alloc::tune_for_tensors();
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    printer::set_progress_interval(cli.progress_interval);
     let result = match cli.command {
         Command::Mel(args) => mel::run(args),
         Command::AudioInfo(args) => audio_info::run(args),
@@ -107,6 +113,14 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn parse_interval(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if !(v.is_finite() && (0.0..=86_400.0).contains(&v)) {
+        return Err(format!("{s}: must be between 0 and 86400 seconds"));
+    }
+    Ok(v)
 }
 
 fn init_logging(verbose: u8) {

@@ -1,17 +1,95 @@
-//! The one place training progress reaches the terminal (stderr): a progress bar (step,
-//! epoch, loss, lr, examples/s, ETA) when stderr is a terminal, plain log lines every
-//! `train.log-every` steps otherwise. Results go to stdout elsewhere.
+//! The one place progress reaches the terminal (stderr): a progress bar (step, epoch, loss,
+//! lr, examples/s, ETA) when stderr is a terminal, plain log lines every `train.log-every`
+//! steps otherwise, and for every long phase (encoding a split, an evaluation, captioning a
+//! split) a plain line at a steady interval (`--progress-interval`), so a run whose output
+//! goes to a file is never silent for minutes. Results go to stdout elsewhere.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::train::{Event, StepMetrics};
 
+/// Seconds between progress lines of a long phase, in milliseconds (set once from the
+/// global `--progress-interval` flag).
+static PROGRESS_INTERVAL_MS: AtomicU64 = AtomicU64::new(10_000);
+
+pub fn set_progress_interval(seconds: f64) {
+    let ms = (seconds.clamp(0.0, 86_400.0) * 1000.0) as u64;
+    PROGRESS_INTERVAL_MS.store(ms, Ordering::Relaxed);
+}
+
+fn progress_interval() -> Duration {
+    Duration::from_millis(PROGRESS_INTERVAL_MS.load(Ordering::Relaxed))
+}
+
+/// Rate-limited progress lines for one long phase: "encoding train: 120/823 clip(s),
+/// 2.31/s, about 5m 04s left" (no total: no time left).
+pub struct PhaseProgress {
+    phase: String,
+    unit: &'static str,
+    started: Instant,
+    last: Option<Instant>,
+    done: usize,
+}
+
+impl PhaseProgress {
+    pub fn new(phase: impl Into<String>, unit: &'static str) -> Self {
+        Self {
+            phase: phase.into(),
+            unit,
+            started: Instant::now(),
+            last: None,
+            done: 0,
+        }
+    }
+
+    /// The line to print now for `done` (of `total`) items, if one is due: at the interval,
+    /// and at the end of the phase.
+    pub fn line(&mut self, done: usize, total: Option<usize>) -> Option<String> {
+        self.done = done;
+        let now = Instant::now();
+        let finished = total.is_some_and(|t| done >= t);
+        let since = now.duration_since(self.last.unwrap_or(self.started));
+        let due = finished || (done > 0 && since >= progress_interval());
+        if !due {
+            return None;
+        }
+        self.last = Some(now);
+        let secs = now.duration_since(self.started).as_secs_f64();
+        let rate = done as f64 / secs.max(1e-9);
+        let mut text = match total {
+            Some(t) => format!("{}: {done}/{t} {}", self.phase, self.unit),
+            None => format!("{}: {done} {}", self.phase, self.unit),
+        };
+        text.push_str(&format!(", {rate:.2}/s"));
+        match total {
+            Some(_) if finished => text.push_str(&format!(", done in {}", clock(secs))),
+            Some(t) if rate > 0.0 => {
+                text.push_str(&format!(", about {} left", clock((t - done) as f64 / rate)))
+            }
+            _ => {}
+        }
+        Some(text)
+    }
+}
+
+/// "1h 02m", "5m 04s", "12s".
+fn clock(secs: f64) -> String {
+    let s = secs.round() as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m {:02}s", s / 60, s % 60),
+        _ => format!("{}h {:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
 pub struct TrainPrinter {
     bar: ProgressBar,
     log_every: usize,
     steps: usize,
+    phase: Option<PhaseProgress>,
 }
 
 impl TrainPrinter {
@@ -29,6 +107,7 @@ impl TrainPrinter {
             bar,
             log_every: log_every.max(1),
             steps,
+            phase: None,
         }
     }
 
@@ -77,6 +156,19 @@ impl TrainPrinter {
                 if best { " (best so far)" } else { "" }
             )),
             Event::Note(text) => self.line(&text),
+            Event::Progress { phase, done, total } => {
+                // A new phase, or the same one starting again (the next evaluation).
+                if self
+                    .phase
+                    .as_ref()
+                    .is_none_or(|p| p.phase != phase || done < p.done)
+                {
+                    self.phase = Some(PhaseProgress::new(phase, "clip(s)"));
+                }
+                if let Some(text) = self.phase.as_mut().and_then(|p| p.line(done, Some(total))) {
+                    self.line(&text);
+                }
+            }
         }
     }
 

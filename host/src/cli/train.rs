@@ -40,15 +40,23 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let config = RunConfig::load(&args.config, &args.set)?;
     let steps = args.max_steps.unwrap_or(config.train.steps);
     let log_every = config.train.log_every.max(1);
-    let session = Session::load(config)?;
+    let mut printer = TrainPrinter::new(steps, log_every);
+    let session = Session::load_reporting(config, &mut |e| printer.event(e));
+    let session = match session {
+        Ok(s) => s,
+        Err(e) => {
+            printer.finish();
+            return Err(e);
+        }
+    };
     // Both splits' clips went through the encoder cache.
     let clips = session.examples.len() + session.eval_examples.len();
-    eprintln!(
+    printer.line(&format!(
         "training the projector on {} example(s) up to step {steps}; encoder: {} clip(s) encoded, {} from the cache",
         session.examples.len(),
         session.fresh_encodings,
         clips.saturating_sub(session.fresh_encodings)
-    );
+    ));
     // Ctrl-C: finish the current step, write a checkpoint, exit cleanly.
     let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = interrupted.clone();
@@ -66,7 +74,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
             overwrite: args.overwrite,
         }
     };
-    let mut printer = TrainPrinter::new(steps, log_every);
     let result = train(&session, steps, start, Some(interrupted), &mut |e| {
         printer.event(e)
     });

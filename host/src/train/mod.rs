@@ -256,6 +256,11 @@ impl Session {
     }
 
     pub fn load(config: RunConfig) -> Result<Self> {
+        Self::load_reporting(config, &mut |_| {})
+    }
+
+    /// [`Self::load`], reporting the encoding of each split's clips through `progress`.
+    pub fn load_reporting(config: RunConfig, progress: &mut dyn FnMut(Event)) -> Result<Self> {
         let rt = Runtime::best_available();
         let encoder = WhisperEncoder::load_dir(&config.models.whisper, &rt)
             .with_context(|| format!("loading Whisper from {}", config.models.whisper.display()))?;
@@ -288,9 +293,9 @@ impl Session {
             clips: &mut clips,
             config: &config,
         };
-        let examples = inputs.load(&config.data.train_split)?;
+        let examples = inputs.load(&config.data.train_split, progress)?;
         let eval_examples = match &config.data.eval_split {
-            Some(split) => inputs.load(split)?,
+            Some(split) => inputs.load(split, progress)?,
             None => Vec::new(),
         };
         let fresh_encodings = clips.fresh;
@@ -321,49 +326,63 @@ struct SplitInputs<'a, 'e> {
 impl SplitInputs<'_, '_> {
     /// Every usable example of `split`: prompt and target tokens, encoder output. Examples
     /// without a target or whose audio fails are skipped with a warning.
-    fn load(&mut self, split: &str) -> Result<Vec<Prepared>> {
+    fn load(&mut self, split: &str, progress: &mut dyn FnMut(Event)) -> Result<Vec<Prepared>> {
         let config = self.config;
         let options = &config.plugins.prompt_options;
-        let mut examples = Vec::new();
+        // The split is listed first so that progress can say how much is left; what it
+        // holds is far smaller than the encoder outputs kept for it below.
+        let mut listed = Vec::new();
         let mut pages = self.adapter.pages(split, PAGE_SIZE);
         while let Some(page) = pages.next_page()? {
-            for ex in page {
-                let Some(target) = ex.target.clone() else {
-                    tracing::warn!("example {}: no target text; skipped", ex.id);
-                    continue;
-                };
-                let prompt = self.template.render(&ex.metadata, options)?;
-                let target = self
-                    .template
-                    .format_target(&target, &ex.metadata, options)?;
-                let tok = &self.llm.tokenizer;
-                let pieces = TextPieces {
-                    before: tok.encode(&prompt.before_audio)?,
-                    after: tok.encode_piece(&prompt.after_audio)?,
-                    target: tok.encode_piece(&target)?,
-                };
-                if pieces.target.is_empty() {
-                    tracing::warn!("example {}: empty target; skipped", ex.id);
+            listed.extend(page);
+        }
+        let total = listed.len();
+        let mut examples = Vec::new();
+        for (done, ex) in listed.into_iter().enumerate() {
+            progress(Event::Progress {
+                phase: format!("encoding {split}"),
+                done,
+                total,
+            });
+            let Some(target) = ex.target.clone() else {
+                tracing::warn!("example {}: no target text; skipped", ex.id);
+                continue;
+            };
+            let prompt = self.template.render(&ex.metadata, options)?;
+            let target = self
+                .template
+                .format_target(&target, &ex.metadata, options)?;
+            let tok = &self.llm.tokenizer;
+            let pieces = TextPieces {
+                before: tok.encode(&prompt.before_audio)?,
+                after: tok.encode_piece(&prompt.after_audio)?,
+                target: tok.encode_piece(&target)?,
+            };
+            if pieces.target.is_empty() {
+                tracing::warn!("example {}: empty target; skipped", ex.id);
+                continue;
+            }
+            let encoded = match self
+                .clips
+                .encode(&ex, &config.data.root, config.data.max_audio_s)
+            {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!("example {}: {e:#}; skipped", ex.id);
                     continue;
                 }
-                let encoded =
-                    match self
-                        .clips
-                        .encode(&ex, &config.data.root, config.data.max_audio_s)
-                    {
-                        Ok(e) => e,
-                        Err(e) => {
-                            tracing::warn!("example {}: {e:#}; skipped", ex.id);
-                            continue;
-                        }
-                    };
-                examples.push(Prepared {
-                    id: ex.id,
-                    pieces,
-                    encoded,
-                });
-            }
+            };
+            examples.push(Prepared {
+                id: ex.id,
+                pieces,
+                encoded,
+            });
         }
+        progress(Event::Progress {
+            phase: format!("encoding {split}"),
+            done: total,
+            total,
+        });
         if examples.is_empty() {
             bail!(
                 "split {split:?} of {} has no usable examples",
@@ -450,8 +469,13 @@ fn truncate_jsonl(path: &Path, max_step: usize) -> Result<()> {
 }
 
 /// Token-weighted mean caption loss of the held-out examples (no gradients kept).
-pub fn eval_loss(session: &Session, projector: &Projector) -> Result<f64> {
-    let (mut sum, mut tokens) = (0.0, 0usize);
+pub fn eval_loss(
+    session: &Session,
+    projector: &Projector,
+    progress: &mut dyn FnMut(Event),
+) -> Result<f64> {
+    let (mut sum, mut tokens, mut done) = (0.0, 0usize, 0);
+    let total = session.eval_examples.len();
     for chunk in session
         .eval_examples
         .chunks(session.config.train.batch_size.max(1))
@@ -460,6 +484,12 @@ pub fn eval_loss(session: &Session, projector: &Projector) -> Result<f64> {
         let (out, ..) = session.batch_loss(projector, &chunk, false)?;
         sum += out.value()? * out.target_tokens as f64;
         tokens += out.target_tokens;
+        done += chunk.len();
+        progress(Event::Progress {
+            phase: "evaluating".into(),
+            done,
+            total,
+        });
     }
     Ok(sum / tokens.max(1) as f64)
 }
@@ -511,11 +541,14 @@ pub enum Event<'a> {
     },
     /// Something the user should read (a warning, where the checkpoint went).
     Note(String),
+    /// `done` of `total` items of a long phase (encoding a split's clips, an evaluation).
+    Progress {
+        phase: String,
+        done: usize,
+        total: usize,
+    },
 }
 
-/// Trains the projector up to step `steps`; writes metrics.jsonl, eval.jsonl, plots
-/// (loss.png, update_ratios.png), config.toml, checkpoints and projector.safetensors in the
-/// run directory; returns the metrics of the steps run now.
 /// Why a training run ended.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Stopped {
@@ -536,6 +569,9 @@ pub struct TrainOutcome {
     pub best: Option<Best>,
 }
 
+/// Trains the projector up to step `steps`; writes metrics.jsonl, eval.jsonl, plots
+/// (loss.png, update_ratios.png), config.toml, checkpoints and projector.safetensors in the
+/// run directory; returns what the run leaves (see [`TrainOutcome`]).
 pub fn train(
     session: &Session,
     steps: usize,
@@ -833,7 +869,7 @@ pub fn train(
         all.push(m);
         let due = step == steps || (cfg.eval_every > 0 && step % cfg.eval_every == 0);
         if !session.eval_examples.is_empty() && due {
-            let eval = eval_loss(session, &projector)?;
+            let eval = eval_loss(session, &projector, progress)?;
             writeln!(
                 eval_file,
                 "{}",

@@ -1,6 +1,7 @@
 //! Run configs (TOML). Unknown keys and wrong types are errors that name the key and the
-//! line. Relative paths are relative to the config file; `${EARSHOT_HOME}` (default
-//! ~/.cache/earshot) and a leading `~` are expanded. `--set section.key=value` overrides.
+//! line. Relative paths are relative to the config file, those given with `--set` to the
+//! current folder (where the user typed them); `${EARSHOT_HOME}` (default ~/.cache/earshot)
+//! and a leading `~` are expanded. `--set section.key=value` overrides.
 
 use std::path::{Path, PathBuf};
 
@@ -247,14 +248,31 @@ impl RunConfig {
             doc.try_into()
                 .map_err(|e| anyhow::anyhow!("{} (with --set): {e}", path.display()))?
         };
-        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        cfg.models.whisper = resolve(&base, &cfg.models.whisper);
-        cfg.models.llm = resolve(&base, &cfg.models.llm);
-        cfg.plugins.prompt_template = resolve(&base, &cfg.plugins.prompt_template);
-        cfg.plugins.post_processor = cfg.plugins.post_processor.map(|p| resolve(&base, &p));
-        cfg.data.adapter = resolve(&base, &cfg.data.adapter);
-        cfg.data.root = resolve(&base, &cfg.data.root);
-        cfg.train.run_dir = resolve(&base, &cfg.train.run_dir);
+        let file_base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        // A path given with --set was typed relative to the current folder.
+        let base = |key: &str| -> PathBuf {
+            let set = sets
+                .iter()
+                .any(|s| s.split_once('=').is_some_and(|(k, _)| k.trim() == key));
+            if set {
+                PathBuf::new()
+            } else {
+                file_base.clone()
+            }
+        };
+        cfg.models.whisper = resolve(&base("models.whisper"), &cfg.models.whisper);
+        cfg.models.llm = resolve(&base("models.llm"), &cfg.models.llm);
+        cfg.plugins.prompt_template = resolve(
+            &base("plugins.prompt-template"),
+            &cfg.plugins.prompt_template,
+        );
+        cfg.plugins.post_processor = cfg
+            .plugins
+            .post_processor
+            .map(|p| resolve(&base("plugins.post-processor"), &p));
+        cfg.data.adapter = resolve(&base("data.adapter"), &cfg.data.adapter);
+        cfg.data.root = resolve(&base("data.root"), &cfg.data.root);
+        cfg.train.run_dir = resolve(&base("train.run-dir"), &cfg.train.run_dir);
         cfg.validate(path)?;
         Ok(cfg)
     }

@@ -6,6 +6,7 @@ use clap::Args;
 use crate::audio;
 
 #[derive(Debug, Args)]
+#[command(after_help = "Example:\n  earshot audio-info tests/fixtures/audio/speech.m4a")]
 pub struct AudioInfoArgs {
     /// Audio file
     pub input: PathBuf,

@@ -13,8 +13,10 @@ pub struct CacheArgs {
 #[derive(Debug, Subcommand)]
 pub enum CacheCommand {
     /// Size of the encoder-output and plugin caches
+    #[command(after_help = "Example:\n  earshot cache info")]
     Info,
     /// Delete the oldest cache entries until the caches fit in --max-mib (default: delete all)
+    #[command(after_help = "Example:\n  earshot cache prune --max-mib 4096")]
     Prune {
         #[arg(long, default_value_t = 0)]
         max_mib: u64,

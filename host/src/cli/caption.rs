@@ -41,7 +41,7 @@ captions are gibberish (a warning says so). One file: the caption on stdout, str
 generated when stdout is a terminal. Several files, --split or --jsonl: one JSON object per \
 line {id, audio, caption, references, tokens, seconds} (plus start_s/end_s per window). A file \
 that fails gets an error line; the others are still captioned and the exit status is 1. \
-Encoder outputs are cached under $EARSHOT_HOME/cache/encoder (shared with training)."
+Encoder outputs are cached under $EARSHOT_HOME/cache/encoder (shared with training).\n\nExample:\n  earshot caption --config configs/cpu-smollm2-tones.toml --checkpoint runs/try \\\n    configs/data/tones/clips/one.wav"
 )]
 pub struct CaptionArgs {
     /// Run config (models, plugins, projector settings)

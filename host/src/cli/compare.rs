@@ -11,9 +11,10 @@ use crate::train::plots::{plot_losses, RunCurves};
     after_help = "Reads each run folder's metrics.jsonl, eval.jsonl and config.toml \
 (written by `earshot train`). Prints a table of final and best losses with the settings that \
 differ between the runs, and overlays their loss curves in one PNG (training loss thin, eval \
-loss thick). Example, a learning-rate sweep:\n  \
-earshot train cfg.toml --set train.lr=1e-3 --set train.run-dir=runs/lr1e-3\n  \
-earshot train cfg.toml --set train.lr=3e-3 --set train.run-dir=runs/lr3e-3\n  \
+loss thick).\n\nExample, a learning-rate sweep:\n  \
+CFG=configs/cpu-smollm2-tones.toml\n  \
+earshot train $CFG --max-steps 5 --set train.lr=1e-3 --set train.run-dir=runs/lr1e-3\n  \
+earshot train $CFG --max-steps 5 --set train.lr=3e-3 --set train.run-dir=runs/lr3e-3\n  \
 earshot compare runs/lr1e-3 runs/lr3e-3 --out lr-sweep.png"
 )]
 pub struct CompareArgs {

@@ -18,7 +18,8 @@ pub enum DatasetCommand {
     /// Print a dataset's examples as JSON lines, through a dataset-adapter plugin
     #[command(
         after_help = "The adapter runs sandboxed and sees only DIR, read-only, at /data. \
-Warnings (bad rows, missing audio) go to stderr; examples, one JSON object per line, to stdout."
+Warnings (bad rows, missing audio) go to stderr; examples, one JSON object per line, to stdout.\n\n\
+Example:\n  earshot dataset list --adapter plugins/target/wasm32-wasip2/release/jsonl.wasm \\\n    --root configs/data/tones --limit 3"
     )]
     List {
         /// The dataset-adapter plugin (.wasm)

@@ -12,7 +12,7 @@ use crate::models::Runtime;
 #[derive(Debug, Args)]
 #[command(
     after_help = "Output: float32 .npy of shape (n_windows, 1500, d_model): the frozen \
-Whisper encoder's output (after its final layer norm) for each 30 s window."
+Whisper encoder's output (after its final layer norm) for each 30 s window.\n\nExample:\n  earshot encode tests/fixtures/audio/speech.mp3 \\\n    --whisper ~/.cache/earshot/models/whisper-tiny.en --out enc.npy"
 )]
 pub struct EncodeArgs {
     /// Audio file, or a log-mel .npy of shape (n_mels, 3000) or (n_windows, n_mels, 3000)

@@ -13,7 +13,7 @@ use crate::sampler::Sampler;
 #[command(
     after_help = "The prompt is tokenized as given: special tokens such as <|im_start|> are \
 parsed, and no BOS is added unless the model's metadata asks for one. Prints the continuation \
-on stdout. Example:\n  earshot generate --llm model.gguf --prompt $'<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'"
+on stdout.\n\nExample:\n  earshot generate \\\n    --llm ~/.cache/earshot/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf \\\n    --prompt 'The sky is' --max-tokens 8"
 )]
 pub struct GenerateArgs {
     /// LLM: a GGUF file, or a Hugging Face folder (config.json, safetensors, tokenizer.json)

@@ -13,6 +13,9 @@ pub struct ImportArgs {
 pub enum ImportFormat {
     /// Convert a CTranslate2 Whisper model (faster-whisper's format: model.bin, float16 or
     /// float32) to a Hugging Face layout folder (model.safetensors + config.json + tokenizer)
+    #[command(
+        after_help = "Example:\n  earshot import ct2 ~/.cache/earshot/models/whisper-tiny.en-ct2 --out whisper-tiny.en-hf"
+    )]
     Ct2 {
         /// Folder holding model.bin (and tokenizer.json)
         dir: PathBuf,
@@ -22,6 +25,9 @@ pub enum ImportFormat {
     },
     /// Convert a Llama-family GGUF file to a Hugging Face layout folder (f32 safetensors,
     /// config.json, tokenizer.json), undoing llama.cpp's Q/K row permutation
+    #[command(
+        after_help = "Example:\n  earshot import gguf \\\n    ~/.cache/earshot/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf --out smollm2-hf"
+    )]
     Gguf {
         /// The .gguf file
         file: PathBuf,

@@ -15,7 +15,7 @@ use crate::models::Runtime;
 #[command(
     after_help = "PATH may be a GGUF file, a .safetensors file, a Hugging Face layout folder \
 (config.json + safetensors) or a CTranslate2 folder (model.bin). Every tensor is checked for \
-NaN/Inf: the exit status is non-zero if any holds one, and each offending tensor is named."
+NaN/Inf: the exit status is non-zero if any holds one, and each offending tensor is named.\n\nExample:\n  earshot inspect \\\n    ~/.cache/earshot/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 )]
 pub struct InspectArgs {
     /// Model file or folder

@@ -10,7 +10,7 @@ use crate::mel::N_FRAMES;
 #[command(
     after_help = "Output: float32 .npy of shape (n_windows, n_mels, 3000). Audio longer \
 than 30 s gives consecutive 30 s windows (see --window-hop); each window is normalised on its own, \
-exactly as Whisper treats a single clip."
+exactly as Whisper treats a single clip.\n\nExample:\n  earshot mel tests/fixtures/audio/speech.ogg --out mel.npy"
 )]
 pub struct MelArgs {
     /// Audio file (WAV, FLAC, MP3, OGG/Vorbis, AAC in MP4/M4A, ...); any rate, any channels

@@ -42,6 +42,9 @@ pub struct PluginArgs {
 #[derive(Debug, Subcommand)]
 pub enum PluginCommand {
     /// Validate a plugin component and print its self-description and roles
+    #[command(
+        after_help = "Example:\n  earshot plugin check plugins/target/wasm32-wasip2/release/chatml.wasm"
+    )]
     Check {
         /// The plugin (.wasm component, built for wasm32-wasip2)
         file: PathBuf,

@@ -7,6 +7,9 @@ use super::plugin::SandboxArgs;
 use crate::plugins::PromptTemplate;
 
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Example:\n  earshot prompt --template plugins/target/wasm32-wasip2/release/chatml.wasm \\\n    --meta instruction='Who is speaking?' --target 'A man.'"
+)]
 pub struct PromptArgs {
     /// The prompt-template plugin (.wasm)
     #[arg(long, value_name = "FILE.wasm")]

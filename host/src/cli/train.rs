@@ -11,8 +11,7 @@ use crate::train::{train, Session, Start, Stopped};
 #[command(
     after_help = "Trains only the projector. Writes metrics.jsonl (one JSON object per \
 step: loss, target-token accuracy, mean probability of the correct token, gradient norm, \
-per-tensor log10 update ratio) and projector.safetensors into train.run-dir. \
-Example: earshot train configs/cpu-smollm2.toml --set train.lr=3e-3 --max-steps 50"
+per-tensor log10 update ratio) and projector.safetensors into train.run-dir.\n\nExample:\n  earshot train configs/cpu-smollm2-tones.toml --max-steps 5 --set 'train.run-dir=\"runs/try\"'"
 )]
 pub struct TrainArgs {
     /// Run config (TOML)

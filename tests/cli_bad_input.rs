@@ -168,3 +168,46 @@ fn nan_and_inf_samples_are_rejected() {
 fn unsupported_codec() {
     assert_clean_failure(&fixture("audio/speech.opus"), &["unsupported codec opus"]);
 }
+
+/// A `.npy` whose header claims far more data than the file holds: refused from the
+/// header, before anything is allocated (it used to reserve what the shape claimed).
+#[test]
+fn npy_header_claiming_terabytes_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let mut header =
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 80, 1000000000000), }".to_string();
+    while !(10 + header.len() + 1).is_multiple_of(64) {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(&[0u8; 64]);
+    let npy = write(d.path(), "huge.npy", &bytes);
+    let out = earshot([
+        "encode".as_ref(),
+        npy.as_os_str(),
+        "--whisper".as_ref(),
+        default_whisper().as_os_str(),
+        "--out".as_ref(),
+        d.path().join("out.npy").as_os_str(),
+    ]);
+    let err = expect_failure(&out);
+    assert!(
+        err.contains("huge.npy") && err.contains("needs more data than the file"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked") && !d.path().join("out.npy").exists());
+}
+
+/// Inputs the fuzzer (scripts/fuzz.sh) crashed the decoder with: each fails cleanly.
+#[test]
+fn fuzzer_findings_fail_cleanly() {
+    // WAVE_FORMAT_EXTENSIBLE claiming 64513 channels: symphonia's channel-mask arithmetic
+    // overflows (a panic with overflow checks, which a dev build has for dependencies).
+    assert_clean_failure(
+        &fixture("fuzz/wav-extensible-64513-channels.wav"),
+        &["not a recognised audio file"],
+    );
+}

@@ -92,6 +92,23 @@ pub fn read_f32(path: &Path) -> Result<(Vec<usize>, Vec<f32>), NpyError> {
             dtype: descr,
         });
     }
+    // The header's shape decides the allocation: it must match the bytes that follow, or a
+    // few bytes could claim terabytes.
+    let file_len = std::fs::metadata(path).map_err(io)?.len();
+    let claimed = shape
+        .iter()
+        .try_fold(4u64, |acc, &d| acc.checked_mul(d as u64));
+    if claimed.is_none_or(|c| c > file_len) {
+        return Err(NpyError::Io {
+            path: path.to_path_buf(),
+            cause: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "the header's shape {shape:?} needs more data than the file's {file_len} bytes"
+                ),
+            ),
+        });
+    }
     let data: Vec<f32> = npy.into_vec().map_err(io)?;
     Ok((shape, data))
 }

@@ -92,7 +92,7 @@ run-dir = "run"
 }
 
 /// Runs earshot and returns its output with its peak resident memory in MiB (from wait4).
-fn run_measured(args: &[&std::ffi::OsStr]) -> (Output, f64) {
+fn run_measured(args: &[impl AsRef<std::ffi::OsStr>]) -> (Output, f64) {
     use std::os::unix::process::ExitStatusExt;
     let child = earshot_command()
         .args(args)
@@ -137,6 +137,13 @@ fn run_measured(args: &[&std::ffi::OsStr]) -> (Output, f64) {
     (out, usage.ru_maxrss as f64 / 1024.0)
 }
 
+/// `caption --config CFG` followed by `rest`.
+fn caption_args(cfg: &Path, rest: &[&dyn AsRef<std::ffi::OsStr>]) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = vec!["caption".into(), "--config".into(), cfg.into()];
+    args.extend(rest.iter().map(|a| a.as_ref().to_os_string()));
+    args
+}
+
 fn jsonl_dataset(root: &Path, rows: &[(&str, &str)]) {
     let lines: String = rows
         .iter()
@@ -166,19 +173,19 @@ fn example_audio_cannot_leave_the_dataset_root_through_symlinks() {
         format!("data.options=\"{split}\""),
         format!("data.train-split=\"{split}\""),
     ];
-    let out = earshot([
-        "caption".as_ref(),
-        "--config".as_ref(),
-        cfg.as_os_str(),
-        "--set".as_ref(),
-        sets[0].as_ref(),
-        "--set".as_ref(),
-        sets[1].as_ref(),
-        "--split".as_ref(),
-        split.as_ref(),
-        "--max-tokens".as_ref(),
-        "2".as_ref(),
-    ]);
+    let out = earshot(caption_args(
+        &cfg,
+        &[
+            &"--set",
+            &sets[0],
+            &"--set",
+            &sets[1],
+            &"--split",
+            &split,
+            &"--max-tokens",
+            &"2",
+        ],
+    ));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("2 of 4 input(s) failed"), "{err}");
@@ -257,15 +264,10 @@ fn a_decoder_panic_is_an_error_naming_the_file() {
     tone(&root.join("good.wav"), 1.0, 440.0);
     jsonl_dataset(&root, &[("bad", "bad.wav"), ("good", "good.wav")]);
     let cfg = config(d.path(), &root);
-    let out = earshot([
-        "caption".as_ref(),
-        "--config".as_ref(),
-        cfg.as_os_str(),
-        "--split".as_ref(),
-        "train".as_ref(),
-        "--max-tokens".as_ref(),
-        "2".as_ref(),
-    ]);
+    let out = earshot(caption_args(
+        &cfg,
+        &[&"--split", &"train", &"--max-tokens", &"2"],
+    ));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
@@ -301,14 +303,10 @@ fn limits_that_make_no_sense_are_refused_clearly() {
         ("plugins.sandbox.memory-mib=0", "memory-mib"),
         ("data.max-audio-s=-1", "max-audio-s"),
     ] {
-        let err = expect_failure(&earshot([
-            "caption".as_ref(),
-            "--config".as_ref(),
-            cfg.as_os_str(),
-            "--set".as_ref(),
-            set.as_ref(),
-            root.join("a.wav").as_os_str(),
-        ]));
+        let err = expect_failure(&earshot(caption_args(
+            &cfg,
+            &[&"--set", &set, &root.join("a.wav")],
+        )));
         assert!(
             err.contains(key) && !err.contains("panicked"),
             "{set}: {err}"
@@ -353,26 +351,16 @@ fn decoded_audio_is_bounded() {
     long_wav(&root.join("long.wav"), 660);
     jsonl_dataset(&root, &[("long", "long.wav")]);
     let cfg = config(d.path(), &root);
-    let out = earshot([
-        "caption".as_ref(),
-        "--config".as_ref(),
-        cfg.as_os_str(),
-        root.join("long.wav").as_os_str(),
-    ]);
+    let out = earshot(caption_args(&cfg, &[&root.join("long.wav")]));
     let err = expect_failure(&out);
     assert!(
         err.contains("long.wav") && err.contains("longer than the limit of 600 s"),
         "{err}"
     );
-    let out = earshot([
-        "caption".as_ref(),
-        "--config".as_ref(),
-        cfg.as_os_str(),
-        "--set".as_ref(),
-        "data.max-audio-s=30".as_ref(),
-        "--split".as_ref(),
-        "train".as_ref(),
-    ]);
+    let out = earshot(caption_args(
+        &cfg,
+        &[&"--set", &"data.max-audio-s=30", &"--split", &"train"],
+    ));
     let err = expect_failure(&out);
     assert!(err.contains("longer than the limit of 30 s"), "{err}");
 }
@@ -388,14 +376,7 @@ fn a_huge_prompt_is_refused_before_tokenizing() {
     let huge = hostile("huge-prompt");
     let set = format!("plugins.prompt-template=\"{}\"", huge.display());
     let started = std::time::Instant::now();
-    let (out, peak_mib) = run_measured(&[
-        "caption".as_ref(),
-        "--config".as_ref(),
-        cfg.as_os_str(),
-        "--set".as_ref(),
-        set.as_ref(),
-        root.join("a.wav").as_os_str(),
-    ]);
+    let (out, peak_mib) = run_measured(&caption_args(&cfg, &[&"--set", &set, &root.join("a.wav")]));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("cannot fit the model's context"), "{err}");
@@ -411,19 +392,19 @@ fn an_endless_split_is_captioned_in_bounded_memory_up_to_the_cap() {
     std::fs::create_dir_all(&root).unwrap();
     let cfg = config(d.path(), &root);
     let adapter = format!("data.adapter=\"{}\"", hostile("endless-split").display());
-    let (out, peak_mib) = run_measured(&[
-        "caption".as_ref(),
-        "--config".as_ref(),
-        cfg.as_os_str(),
-        "--set".as_ref(),
-        adapter.as_ref(),
-        "--set".as_ref(),
-        "plugins.sandbox.max-examples=16".as_ref(),
-        "--split".as_ref(),
-        "train".as_ref(),
-        "--max-tokens".as_ref(),
-        "1".as_ref(),
-    ]);
+    let (out, peak_mib) = run_measured(&caption_args(
+        &cfg,
+        &[
+            &"--set",
+            &adapter,
+            &"--set",
+            &"plugins.sandbox.max-examples=16",
+            &"--split",
+            &"train",
+            &"--max-tokens",
+            &"1",
+        ],
+    ));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(

@@ -290,21 +290,29 @@ fn nan_and_inf_in_gguf_and_hugging_face_llm_weights_are_named() {
     );
 }
 
+/// `earshot train` on the bundled config into `run`, up to `steps`.
+fn train_tones(run: &Path, steps: usize, extra: &[&str]) -> std::process::Output {
+    let mut args: Vec<String> = vec![
+        "train".into(),
+        repo_root()
+            .join("configs/cpu-smollm2-tones.toml")
+            .display()
+            .to_string(),
+        "--set".into(),
+        format!("train.run-dir=\"{}\"", run.display()),
+        "--set".into(),
+        format!("train.steps={steps}"),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    earshot(args)
+}
+
 #[test]
 fn nan_in_a_projector_checkpoint_is_named() {
     let d = tempfile::tempdir().unwrap();
     // A projector for the bundled config, trained one step, then poisoned.
     let run = d.path().join("run");
-    expect_success(&earshot([
-        "train".as_ref(),
-        repo_root()
-            .join("configs/cpu-smollm2-tones.toml")
-            .as_os_str(),
-        "--set".as_ref(),
-        format!("train.run-dir=\"{}\"", run.display()).as_ref(),
-        "--set".as_ref(),
-        "train.steps=1".as_ref(),
-    ]));
+    expect_success(&train_tones(&run, 1, &[]));
     let file = run.join("projector.safetensors");
     let mut t = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
     let name = t.keys().find(|k| k.contains("weight")).unwrap().clone();
@@ -329,17 +337,7 @@ fn nan_in_a_projector_checkpoint_is_named() {
     // The same inside a checkpoint folder, which resume reads.
     let ckpt = run.join("checkpoints/step-00000001/projector.safetensors");
     candle_core::safetensors::save(&t, &ckpt).unwrap();
-    let err = expect_failure(&earshot([
-        "train".as_ref(),
-        repo_root()
-            .join("configs/cpu-smollm2-tones.toml")
-            .as_os_str(),
-        "--set".as_ref(),
-        format!("train.run-dir=\"{}\"", run.display()).as_ref(),
-        "--set".as_ref(),
-        "train.steps=2".as_ref(),
-        "--resume".as_ref(),
-    ]));
+    let err = expect_failure(&train_tones(&run, 2, &["--resume"]));
     assert!(
         err.contains("step-00000001") && err.contains("NaN"),
         "{err}"

@@ -466,8 +466,6 @@ fn the_output_cap_itself_is_enforced() {
         },
         None,
     );
-    let d = tempfile::tempdir().unwrap();
-    let _ = d;
     let mut t = PromptTemplate::load(&h, &hostile("huge-prompt")).unwrap();
     let err = t.render(&[], "").unwrap_err();
     let (text, kind) = call_failure(err);

@@ -57,38 +57,9 @@ fn zero_hz_wav(path: &Path) {
     std::fs::write(path, b).unwrap();
 }
 
-/// A run config for the default models and first-party plugins on the dataset at `root`.
+/// A one-step run config on the dataset at `root`.
 fn config(dir: &Path, root: &Path) -> PathBuf {
-    let plugins = plugin_dir("plugins");
-    let cfg = format!(
-        r#"
-[models]
-whisper = "{whisper}"
-llm = "{llm}"
-
-[plugins]
-prompt-template = "{plugins}/chatml.wasm"
-
-[data]
-adapter = "{plugins}/jsonl.wasm"
-root = "{root}"
-
-[projector]
-positions = 16
-
-[train]
-steps = 1
-batch-size = 2
-run-dir = "run"
-"#,
-        whisper = default_whisper().display(),
-        llm = default_gguf().display(),
-        plugins = plugins.display(),
-        root = root.display(),
-    );
-    let path = dir.join("run.toml");
-    std::fs::write(&path, cfg).unwrap();
-    path
+    write_run_config(dir, root, "steps = 1\nbatch-size = 2\nrun-dir = \"run\"")
 }
 
 /// Runs earshot and returns its output with its peak resident memory in MiB (from wait4).

@@ -44,39 +44,10 @@ fn make_dataset(root: &Path) {
 }
 
 fn write_config(dir: &Path, steps: usize) -> std::path::PathBuf {
-    let models = models_dir();
-    let plugins = plugin_dir("plugins");
-    let cfg = format!(
-        r#"
-[models]
-whisper = "{whisper}"
-llm = "{llm}"
-
-[plugins]
-prompt-template = "{plugins}/chatml.wasm"
-
-[data]
-adapter = "{plugins}/jsonl.wasm"
-root = "data"
-
-[projector]
-positions = 16
-
-[train]
-steps = {steps}
-batch-size = 4
-lr = 5e-3
-beta1 = 0.9
-log-every = 5
-run-dir = "run"
-"#,
-        whisper = models.join("whisper-tiny.en").display(),
-        llm = default_gguf().display(),
-        plugins = plugins.display(),
+    let train = format!(
+        "steps = {steps}\nbatch-size = 4\nlr = 5e-3\nbeta1 = 0.9\nlog-every = 5\nrun-dir = \"run\""
     );
-    let path = dir.join("run.toml");
-    std::fs::write(&path, cfg).unwrap();
-    path
+    write_run_config(dir, Path::new("data"), &train)
 }
 
 /// Steps of the overfitting run: the 220 Hz and 330 Hz clips take the longest to tell apart

@@ -313,3 +313,36 @@ pub fn hostile(name: &str) -> PathBuf {
     assert!(p.is_file(), "{} was not built", p.display());
     p
 }
+
+/// `dir/run.toml`: the default models, the first-party chatml template and jsonl adapter on
+/// the dataset at `root`, a 16-position projector, and `train` as the [train] section.
+pub fn write_run_config(dir: &Path, root: &Path, train: &str) -> PathBuf {
+    let plugins = plugin_dir("plugins");
+    let cfg = format!(
+        r#"
+[models]
+whisper = "{whisper}"
+llm = "{llm}"
+
+[plugins]
+prompt-template = "{plugins}/chatml.wasm"
+
+[data]
+adapter = "{plugins}/jsonl.wasm"
+root = "{root}"
+
+[projector]
+positions = 16
+
+[train]
+{train}
+"#,
+        whisper = models_dir().join("whisper-tiny.en").display(),
+        llm = default_gguf().display(),
+        plugins = plugins.display(),
+        root = root.display(),
+    );
+    let path = dir.join("run.toml");
+    std::fs::write(&path, cfg).unwrap();
+    path
+}

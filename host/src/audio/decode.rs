@@ -76,14 +76,10 @@ fn contain_panics<T>(
     })
 }
 
-/// What a WAV header claims that symphonia would trust blindly (a 0 Hz rate panics in it).
-fn check_wav_header(file: &mut File, path: &Path) -> Result<(), AudioError> {
-    let mut head = [0u8; 512];
-    let n = read_up_to(file, &mut head).map_err(|cause| AudioError::Open {
-        path: path.to_path_buf(),
-        cause,
-    })?;
-    let head = &head[..n];
+/// What a WAV header (the file's first bytes, `head`) claims that symphonia would trust
+/// blindly (a 0 Hz rate panics in it).
+fn check_wav_header(head: &[u8], path: &Path) -> Result<(), AudioError> {
+    let n = head.len();
     if n < 12 || &head[..4] != b"RIFF" || &head[8..12] != b"WAVE" {
         return Ok(());
     }
@@ -124,17 +120,14 @@ fn open(mut file: File, path: &Path) -> Result<Opened, AudioError> {
     if meta.len() == 0 {
         return Err(AudioError::EmptyFile { path: p() });
     }
-    let mut magic = [0u8; 12];
+    // One read of the head serves the container sniff and the WAV header check.
+    let mut head = [0u8; 512];
     let n =
-        read_up_to(&mut file, &mut magic).map_err(|cause| AudioError::Open { path: p(), cause })?;
-    let container = sniff_container(&magic[..n]);
-    let rewind = |file: &mut File| {
-        file.seek(SeekFrom::Start(0))
-            .map_err(|cause| AudioError::Open { path: p(), cause })
-    };
-    rewind(&mut file)?;
-    check_wav_header(&mut file, path)?;
-    rewind(&mut file)?;
+        read_up_to(&mut file, &mut head).map_err(|cause| AudioError::Open { path: p(), cause })?;
+    let container = sniff_container(&head[..n.min(12)]);
+    check_wav_header(&head[..n], path)?;
+    file.seek(SeekFrom::Start(0))
+        .map_err(|cause| AudioError::Open { path: p(), cause })?;
 
     let mss = MediaSourceStream::new(Box::new(file), Default::default());
     let mut hint = Hint::new();

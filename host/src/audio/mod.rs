@@ -58,6 +58,20 @@ pub fn load_16k_mono(path: &Path, segment: Segment) -> Result<Vec<f32>, AudioErr
     to_16k(path, decode_mono(path, segment)?)
 }
 
+/// [`load_16k_mono`], refusing audio longer than `max_s` seconds (found without decoding
+/// more than that).
+pub fn load_16k_mono_within(
+    path: &Path,
+    segment: Segment,
+    max_s: f64,
+) -> Result<Vec<f32>, AudioError> {
+    let file = std::fs::File::open(path).map_err(|cause| AudioError::Open {
+        path: path.to_path_buf(),
+        cause,
+    })?;
+    to_16k(path, decode_file_mono(file, path, segment, Some(max_s))?)
+}
+
 /// Resamples already decoded audio to 16 kHz (no-op when it already is).
 pub fn to_16k(path: &Path, decoded: DecodedAudio) -> Result<Vec<f32>, AudioError> {
     if decoded.sample_rate == SAMPLE_RATE {

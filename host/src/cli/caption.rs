@@ -262,19 +262,10 @@ pub fn run(args: CaptionArgs) -> Result<()> {
             let made = (|| -> Result<Vec<Job>> {
                 let (samples, segment) = match &item.source {
                     Source::File(p) => (
-                        audio::to_16k(
+                        audio::load_16k_mono_within(
                             p,
-                            audio::decode_file_mono(
-                                std::fs::File::open(p).map_err(|cause| {
-                                    audio::AudioError::Open {
-                                        path: p.clone(),
-                                        cause,
-                                    }
-                                })?,
-                                p,
-                                audio::Segment::whole(),
-                                Some(cfg.data.max_audio_s),
-                            )?,
+                            audio::Segment::whole(),
+                            cfg.data.max_audio_s,
                         )?,
                         (None, None),
                     ),

@@ -4,23 +4,26 @@
 //! decoder the same tokens as the write-up's no-cache recompute decoder; stop strings and
 //! the token limit are honoured; seeded sampling repeats.
 
+use std::sync::Arc;
+
 use candle_core::{Device, Tensor};
-use earshot::caption::{
-    caption_batch, caption_without_cache, clip_rest, prompt_embeddings, Caption, CaptionRequest,
-    Finish, PromptPrefix,
+use earshot::models::llm::{
+    decode_batch, decode_without_cache, load_llm, DecodeOptions, DecodeRequest, Decoded as Caption,
+    Finish, KvCache, LoadedLlm, PrefixCache,
 };
-use earshot::models::llm::{load_llm, LoadedLlm};
 use earshot::models::nonfinite::NonFiniteTrace;
 use earshot::models::projector::{Projector, ProjectorConfig};
 use earshot::models::whisper::WhisperEncoder;
 use earshot::models::Runtime;
+use earshot::pipeline::{project_windows, sequence_embeddings};
 use earshot::sampler::{Sampler, SamplingParams};
 use earshot_tests::*;
 
 struct Setup {
     llm: LoadedLlm,
     projector: Projector,
-    prefix: PromptPrefix,
+    before: Vec<u32>,
+    prefix: Arc<KvCache>,
     /// (windows, text after the audio, max tokens) per clip.
     clips: Vec<(Vec<Tensor>, Vec<u32>, usize)>,
 }
@@ -39,12 +42,12 @@ fn setup() -> Setup {
     };
     let projector = Projector::new(&pcfg, 384, 576, 11, &Device::Cpu).unwrap();
     let tok = &llm.tokenizer;
-    let prefix = PromptPrefix::new(
-        &llm.model,
-        &tok.encode("<|im_start|>user\nDescribe the audio:\n")
-            .unwrap(),
-    )
-    .unwrap();
+    let before = tok
+        .encode("<|im_start|>user\nDescribe the audio:\n")
+        .unwrap();
+    let prefix = PrefixCache::default()
+        .get_or_compute(&llm.model, &before)
+        .unwrap();
     let after = |s: &str| tok.encode_piece(s).unwrap();
     // Rest lengths 12 + 5, 24 + 3 and 12 + 14: every row of the batch is padded differently,
     // and the rows stop at different steps.
@@ -64,17 +67,25 @@ fn setup() -> Setup {
     Setup {
         llm,
         projector,
+        before,
         prefix,
         clips,
     }
 }
 
 impl Setup {
-    fn requests(&self, params: SamplingParams, stops: &[String]) -> Vec<CaptionRequest> {
+    fn requests(&self, params: SamplingParams, stops: &[String]) -> Vec<DecodeRequest> {
         self.clips
             .iter()
-            .map(|(windows, after, max)| CaptionRequest {
-                rest: clip_rest(&self.llm.model, &self.projector, windows, after).unwrap(),
+            .map(|(windows, after, max)| DecodeRequest {
+                rest: sequence_embeddings(
+                    &self.llm.model,
+                    &[],
+                    &project_windows(&self.projector, windows).unwrap(),
+                    after,
+                    &[],
+                )
+                .unwrap(),
                 sampler: Sampler::new(params).unwrap(),
                 max_tokens: *max,
                 stop_strings: stops.to_vec(),
@@ -82,20 +93,24 @@ impl Setup {
             .collect()
     }
 
-    fn decode(&self, requests: Vec<CaptionRequest>, eos: Option<u32>) -> Vec<Caption> {
-        caption_batch(
-            &self.llm.model,
-            &self.llm.tokenizer,
-            &self.prefix,
+    fn decode(&self, mut requests: Vec<DecodeRequest>, eos: Option<u32>) -> Vec<Caption> {
+        let options = DecodeOptions {
+            tokenizer: Some(&self.llm.tokenizer),
             eos,
-            requests,
+            trace: NonFiniteTrace::default(),
+        };
+        decode_batch(
+            &self.llm.model,
+            &self.prefix,
+            &mut requests,
+            &options,
             |_, _| {},
         )
         .unwrap()
     }
 
     /// Each request on its own.
-    fn one_at_a_time(&self, requests: Vec<CaptionRequest>, eos: Option<u32>) -> Vec<Caption> {
+    fn one_at_a_time(&self, requests: Vec<DecodeRequest>, eos: Option<u32>) -> Vec<Caption> {
         requests
             .into_iter()
             .map(|r| self.decode(vec![r], eos).remove(0))
@@ -136,10 +151,10 @@ fn batched_cached_and_recomputed_decoding_agree() {
             1,
         )
         .unwrap();
-        let prompt = prompt_embeddings(&s.llm.model, &s.prefix.ids, &audio, after).unwrap();
+        let prompt = sequence_embeddings(&s.llm.model, &s.before, &audio, after, &[]).unwrap();
         let mut sampler = Sampler::new(greedy).unwrap();
         let reference =
-            caption_without_cache(&s.llm.model, &prompt, eos, *max, &mut sampler).unwrap();
+            decode_without_cache(&s.llm.model, &prompt, eos, *max, &mut sampler).unwrap();
         assert_eq!(cached.ids, reference, "cached vs no-cache decoder");
     }
 

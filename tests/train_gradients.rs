@@ -6,12 +6,14 @@
 
 use candle_core::{DType, Device, Tensor};
 use earshot::models::llm::ChatTokenizer;
+use earshot::models::llm::PrefixCache;
 use earshot::models::llm::{read_gguf, GgufBlocks, Llama};
 use earshot::models::nonfinite::NonFiniteTrace;
 use earshot::models::projector::{Projector, ProjectorConfig, ProjectorKind};
 use earshot::models::whisper::WhisperEncoder;
 use earshot::models::Runtime;
-use earshot::train::batch::{caption_loss, PrefixCache, TextPieces};
+use earshot::pipeline::TextPieces;
+use earshot::train::batch::caption_loss;
 use earshot_tests::*;
 
 /// The real SmolLM2 in float64, its tokenizer, and the encoder output of the speech clip.

@@ -4,11 +4,8 @@
 
 use std::path::Path;
 
-use earshot::caption::{caption_clip, PromptPrefix};
+use earshot::caption::{CaptionSettings, Captioner, ItemSource};
 use earshot::config::RunConfig;
-use earshot::models::projector::Projector;
-use earshot::sampler::{Sampler, SamplingParams};
-use earshot::train::Session;
 use earshot_tests::*;
 
 const NAMES: [&str; 8] = [
@@ -90,42 +87,35 @@ fn overfitting_eight_clips_learns_their_captions() {
         );
     }
 
-    // Greedy captions of the training clips reproduce their targets.
+    // Greedy captions of the training clips reproduce their targets, captioned in process
+    // through the library `Captioner` (the CLI below goes through the same type).
     let config = RunConfig::load(&cfg_path, &[]).unwrap();
-    let session = Session::load(config).unwrap();
-    let mut projector = Projector::new(
-        &session.config.projector,
-        session.encoder.config.d_model,
-        session.llm.model.config.hidden_size,
-        999,
-        &session.rt.device,
-    )
+    let mut captioner = Captioner::load(config, Some(&d.path().join("run")), false).unwrap();
+    let mut dataset = captioner.open_dataset("train").unwrap();
+    let root = captioner.config.data.root.clone();
+    let items = ItemSource::Split {
+        pages: dataset.pages("train", 256),
+        root,
+    }
+    .next_chunk(64)
     .unwrap();
-    projector
-        .load_into(&d.path().join("run/projector.safetensors"))
+    assert_eq!(items.len(), 8);
+    let settings = CaptionSettings {
+        max_tokens: 12,
+        ..CaptionSettings::default()
+    };
+    let results = captioner
+        .caption(&items, &settings, false, &mut |_| {})
         .unwrap();
-    let stops = vec!["<|im_end|>".to_string()];
     let mut right = 0;
     let mut report = Vec::new();
-    for ex in &session.examples {
-        let sampler = Sampler::new(SamplingParams::default()).unwrap();
-        let text = caption_clip(
-            &session.llm.model,
-            &session.llm.tokenizer,
-            &projector,
-            &PromptPrefix::new(&session.llm.model, &ex.pieces.before).unwrap(),
-            &ex.pieces.after,
-            std::slice::from_ref(&ex.encoded),
-            &stops,
-            12,
-            sampler,
-        )
-        .unwrap();
-        let expected = format!("Tone number {}.", ex.id);
+    for (item, result) in items.iter().zip(&results) {
+        let text = &result.as_ref().unwrap()[0].text;
+        let expected = format!("Tone number {}.", item.id);
         if text.trim() == expected {
             right += 1;
         }
-        report.push(format!("{}: {text:?}", ex.id));
+        report.push(format!("{}: {text:?}", item.id));
     }
     assert_eq!(
         right, 8,

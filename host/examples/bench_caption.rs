@@ -11,15 +11,14 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use earshot::caption::{
-    caption_batch, caption_without_cache, clip_rest, prompt_embeddings, CaptionRequest,
-    PromptPrefix,
+use earshot::models::llm::{
+    decode_batch, decode_without_cache, load_llm, DecodeOptions, DecodeRequest, PrefixCache,
 };
-use earshot::models::llm::load_llm;
 use earshot::models::nonfinite::NonFiniteTrace;
 use earshot::models::projector::{Projector, ProjectorConfig};
 use earshot::models::whisper::WhisperEncoder;
 use earshot::models::Runtime;
+use earshot::pipeline::{project_windows, sequence_embeddings};
 use earshot::sampler::{Sampler, SamplingParams};
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -72,30 +71,25 @@ fn main() {
     let after = tok
         .encode_piece("<|im_end|>\n<|im_start|>assistant\n")
         .unwrap();
-    let prefix = PromptPrefix::new(&llm.model, &before).unwrap();
+    let prefix = PrefixCache::default()
+        .get_or_compute(&llm.model, &before)
+        .unwrap();
     let greedy = SamplingParams::default();
-    let request = || CaptionRequest {
-        rest: clip_rest(
-            &llm.model,
-            &projector,
-            std::slice::from_ref(&encoded),
-            &after,
-        )
-        .unwrap(),
+    let audio = project_windows(&projector, std::slice::from_ref(&encoded)).unwrap();
+    let request = || DecodeRequest {
+        rest: sequence_embeddings(&llm.model, &[], &audio, &after, &[]).unwrap(),
         sampler: Sampler::new(greedy).unwrap(),
         max_tokens: tokens,
         stop_strings: Vec::new(),
     };
     let decode = |n: usize| {
-        caption_batch(
-            &llm.model,
-            tok,
-            &prefix,
-            None,
-            (0..n).map(|_| request()).collect(),
-            |_, _| {},
-        )
-        .unwrap()
+        let options = DecodeOptions {
+            tokenizer: Some(tok),
+            eos: None,
+            trace: NonFiniteTrace::default(),
+        };
+        let mut requests: Vec<DecodeRequest> = (0..n).map(|_| request()).collect();
+        decode_batch(&llm.model, &prefix, &mut requests, &options, |_, _| {}).unwrap()
     };
     let prompt_len = before.len() + positions + after.len();
     println!(
@@ -121,10 +115,9 @@ fn main() {
     );
 
     // The write-up's sampler: the whole sequence again for every new token.
-    let audio = projector.forward(&encoded).unwrap();
-    let prompt = prompt_embeddings(&llm.model, &before, &audio, &after).unwrap();
+    let prompt = sequence_embeddings(&llm.model, &before, &audio, &after, &[]).unwrap();
     let t = Instant::now();
-    let ids = caption_without_cache(
+    let ids = decode_without_cache(
         &llm.model,
         &prompt,
         None,

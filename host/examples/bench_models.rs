@@ -10,13 +10,15 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
+use earshot::models::llm::PrefixCache;
 use earshot::models::llm::{
     read_gguf, stack_projections, GgufBlocks, LanguageModel, Llama, LogitsAt,
 };
 use earshot::models::nonfinite::NonFiniteTrace;
 use earshot::models::whisper::WhisperEncoder;
 use earshot::models::Runtime;
-use earshot::train::batch::{caption_loss, PrefixCache, TextPieces};
+use earshot::pipeline::TextPieces;
+use earshot::train::batch::caption_loss;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());

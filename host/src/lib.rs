@@ -11,6 +11,7 @@ pub mod config;
 pub mod mel;
 pub mod models;
 pub mod npy;
+pub mod pipeline;
 pub mod plugins;
 pub mod sampler;
 pub mod train;

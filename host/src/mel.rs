@@ -11,7 +11,8 @@ use realfft::num_complex::Complex;
 use realfft::{RealFftPlanner, RealToComplex};
 use serde::{Deserialize, Serialize};
 
-pub const SAMPLE_RATE: usize = 16_000;
+/// The rate the front-end reads (the one definition is [`crate::audio::SAMPLE_RATE`]).
+const SAMPLE_RATE: usize = crate::audio::SAMPLE_RATE as usize;
 pub const N_FFT: usize = 400;
 pub const HOP_LENGTH: usize = 160;
 pub const N_FREQ: usize = N_FFT / 2 + 1;
@@ -19,6 +20,8 @@ pub const N_FREQ: usize = N_FFT / 2 + 1;
 pub const N_FRAMES: usize = 3000;
 /// Samples in one encoder window (30 s).
 pub const N_SAMPLES: usize = N_FRAMES * HOP_LENGTH;
+/// Seconds in one encoder window.
+pub const WINDOW_S: f64 = N_SAMPLES as f64 / SAMPLE_RATE as f64;
 
 /// Where the zeros go when a clip is shorter than 30 s.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
@@ -47,7 +50,7 @@ impl Default for MelSettings {
         Self {
             n_mels: 80,
             padding: Padding::Whisper,
-            window_hop_s: 30.0,
+            window_hop_s: WINDOW_S,
         }
     }
 }
@@ -79,7 +82,7 @@ impl MelSettings {
         if self.n_mels != 80 && self.n_mels != 128 {
             return Err(MelError::BadBins(self.n_mels));
         }
-        if !(self.window_hop_s >= MIN_WINDOW_HOP_S && self.window_hop_s <= 30.0) {
+        if !(self.window_hop_s >= MIN_WINDOW_HOP_S && self.window_hop_s <= WINDOW_S) {
             return Err(MelError::BadHop(self.window_hop_s));
         }
         Ok(())
@@ -214,28 +217,39 @@ impl LogMelExtractor {
         samples: &[f32],
         settings: &MelSettings,
     ) -> Result<(usize, Vec<f32>), MelError> {
+        let spans = self.window_spans(samples.len(), settings)?;
+        let size = self.n_mels * N_FRAMES;
+        let mut out = vec![0f32; spans.len() * size];
+        for (span, dst) in spans.iter().zip(out.chunks_exact_mut(size)) {
+            self.window_features_into(&samples[span.clone()], settings.padding, dst);
+        }
+        Ok((spans.len(), out))
+    }
+
+    /// The sample ranges of the consecutive windows of a clip of `len` samples, without
+    /// computing any features (a cache lookup needs only these). Refused, before anything is
+    /// allocated, when the features of all windows would pass 2 GiB.
+    pub fn window_spans(
+        &self,
+        len: usize,
+        settings: &MelSettings,
+    ) -> Result<Vec<std::ops::Range<usize>>, MelError> {
         settings.validate()?;
         if settings.n_mels != self.n_mels {
             return Err(MelError::BadBins(settings.n_mels));
         }
-        if samples.is_empty() {
+        if len == 0 {
             return Err(MelError::Empty);
         }
         let hop = settings.hop_samples();
-        let size = self.n_mels * N_FRAMES;
-        // Counted before anything is allocated.
-        let windows = 1 + samples.len().saturating_sub(N_SAMPLES).div_ceil(hop);
-        let bytes = windows.saturating_mul(size * std::mem::size_of::<f32>());
+        let windows = 1 + len.saturating_sub(N_SAMPLES).div_ceil(hop);
+        let bytes = windows.saturating_mul(self.n_mels * N_FRAMES * std::mem::size_of::<f32>());
         if bytes > MAX_FEATURE_BYTES {
             return Err(MelError::TooManyWindows { windows, bytes });
         }
-        let starts: Vec<usize> = (0..windows).map(|w| w * hop).collect();
-        let mut out = vec![0f32; starts.len() * size];
-        for (&start, dst) in starts.iter().zip(out.chunks_exact_mut(size)) {
-            let end = (start + N_SAMPLES).min(samples.len());
-            self.window_features_into(&samples[start..end], settings.padding, dst);
-        }
-        Ok((starts.len(), out))
+        Ok((0..windows)
+            .map(|w| w * hop..(w * hop + N_SAMPLES).min(len))
+            .collect())
     }
 
     /// Log-mel (n_mels, 3000) of one clip of at most 30 s.

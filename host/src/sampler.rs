@@ -33,6 +33,7 @@ pub enum SamplingError {
     TopK,
 }
 
+#[derive(Clone)]
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,

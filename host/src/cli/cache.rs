@@ -1,8 +1,8 @@
 use anyhow::Result;
 use clap::{Args, Subcommand};
 
+use crate::pipeline::encoder_cache::{entries, EncoderCache};
 use crate::plugins::PluginHost;
-use crate::train::cache::{entries, EncoderCache};
 
 #[derive(Debug, Args)]
 pub struct CacheArgs {

@@ -1,38 +1,17 @@
-use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
-use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::path::PathBuf;
 
-use anyhow::{anyhow, bail, Context, Result};
-use candle_core::Tensor;
-use clap::{Args, ValueEnum};
+use anyhow::{bail, Result};
+use clap::Args;
 
-use crate::audio;
-use crate::caption::{caption_batch, clip_rest, Caption, CaptionRequest, PromptPrefix};
+use crate::caption::{
+    CaptionEvent, CaptionItem, CaptionSettings, Captioner, ItemResult, ItemSource, LongAudio, Span,
+};
 use crate::config::RunConfig;
-use crate::models::llm::load_llm;
-use crate::models::projector::Projector;
-use crate::models::whisper::WhisperEncoder;
-use crate::models::Runtime;
-use crate::plugins::{
-    display_text, terminal_safe_json, AudioSource, DatasetAdapter, Example, PluginHost,
-    PostProcessor, PromptTemplate, SplitPages, PAGE_SIZE,
-};
-use crate::sampler::Sampler;
-use crate::train::{
-    build_manifest, example_segment, load_example_audio, mel_settings, ClipEncoder,
-};
+use crate::plugins::{display_text, terminal_safe_json, PAGE_SIZE};
 
 use super::common::SamplingArgs;
 use super::printer::PhaseProgress;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LongAudio {
-    /// One caption per 30 s window, with its start and end time
-    PerWindow,
-    /// One caption from the concatenated windows' audio embeddings
-    Concat,
-}
 
 #[derive(Debug, Args)]
 #[command(
@@ -79,415 +58,75 @@ pub struct CaptionArgs {
     pub set: Vec<String>,
 }
 
-enum Source {
-    File(PathBuf),
-    Example(Box<Example>),
-}
-
-struct Item {
-    id: String,
-    /// Shown in output and errors.
-    audio: String,
-    source: Source,
-    metadata: Vec<(String, String)>,
-    references: Vec<String>,
-}
-
-/// A window's start and end in seconds.
-type Span = (f64, f64);
-
-/// One caption to produce: a clip, or one window of it.
-struct Job {
-    item: usize,
-    /// The window's span in seconds (per-window long audio only).
-    span: Option<(f64, f64)>,
-    prefix: Vec<u32>,
-    rest: Tensor,
-    stop_strings: Vec<String>,
-    /// Time spent decoding and encoding the item.
-    prepare_s: f64,
-}
-
-struct Done {
-    span: Option<(f64, f64)>,
-    text: String,
-    tokens: usize,
-    seconds: f64,
-}
-
-/// Where the items to caption come from, read a chunk at a time so that a split is streamed
-/// through captioning with bounded memory (a split can be endless or hold inline audio).
-enum ItemSource<'a> {
-    Files(std::vec::IntoIter<PathBuf>),
-    Split(SplitPages<'a>),
-}
-
-impl ItemSource<'_> {
-    /// Up to `n` items; empty at the end.
-    fn next_chunk(&mut self, n: usize, root: &Path) -> Result<Vec<Item>> {
-        match self {
-            ItemSource::Files(files) => Ok(files
-                .by_ref()
-                .take(n)
-                .map(|p| Item {
-                    id: p
-                        .file_stem()
-                        .unwrap_or_default()
-                        .to_string_lossy()
-                        .to_string(),
-                    audio: p.display().to_string(),
-                    source: Source::File(p),
-                    metadata: Vec::new(),
-                    references: Vec::new(),
-                })
-                .collect()),
-            ItemSource::Split(pages) => {
-                let Some(examples) = pages.next_page_of(n.min(PAGE_SIZE as usize) as u32)? else {
-                    return Ok(Vec::new());
-                };
-                Ok(examples
-                    .into_iter()
-                    .map(|ex| {
-                        let mut references = ex.references.clone();
-                        if let Some(t) = &ex.target {
-                            references.insert(0, t.clone());
-                        }
-                        Item {
-                            id: ex.id.clone(),
-                            audio: match &ex.audio {
-                                AudioSource::Path(rel) => root.join(rel).display().to_string(),
-                                AudioSource::Inline(b) => format!("<{} inline bytes>", b.len()),
-                            },
-                            metadata: ex.metadata.clone(),
-                            references,
-                            source: Source::Example(Box::new(ex)),
-                        }
-                    })
-                    .collect())
-            }
+impl CaptionArgs {
+    fn settings(&self) -> CaptionSettings {
+        CaptionSettings {
+            max_tokens: self.max_tokens,
+            batch_size: self.batch_size as usize,
+            sampling: self.sampling.params(),
+            long_audio: self.long_audio,
         }
     }
+}
+
+/// How results are written: JSON lines, or plain captions (streamed on a terminal).
+struct Output {
+    jsonl: bool,
+    stream: bool,
+    out: std::io::StdoutLock<'static>,
 }
 
 pub fn run(args: CaptionArgs) -> Result<()> {
     let cfg = RunConfig::load(&args.config, &args.set)?;
-    let params = args.sampling.params();
-    Sampler::new(params)?;
-    let rt = Runtime::best_available();
-    let encoder = WhisperEncoder::load_dir(&cfg.models.whisper, &rt)
-        .with_context(|| format!("loading Whisper from {}", cfg.models.whisper.display()))?;
-    let llm = load_llm(&cfg.models.llm, &rt)
-        .with_context(|| format!("loading the LLM from {}", cfg.models.llm.display()))?;
-    let host = PluginHost::new(cfg.plugins.sandbox, PluginHost::default_cache_dir());
-    let mut template = PromptTemplate::load(&host, &cfg.plugins.prompt_template)?;
-    let mut post = match &cfg.plugins.post_processor {
-        Some(p) => Some(PostProcessor::load(&host, p)?),
-        None => None,
-    };
-    let settings = mel_settings(&cfg, &encoder);
-    let manifest = build_manifest(&cfg, &settings)?;
-    let mut projector = Projector::new(
-        &cfg.projector,
-        encoder.config.d_model,
-        llm.model.config.hidden_size,
-        cfg.train.seed,
-        &rt.device,
-    )?;
-    match &args.checkpoint {
-        Some(p) => {
-            let (file, state) = crate::train::checkpoint::resolve(p)?;
-            if let Some(state) = state {
-                let text = std::fs::read_to_string(&state)
-                    .with_context(|| format!("{}: cannot read", state.display()))?;
-                let saved: crate::train::checkpoint::TrainState = serde_json::from_str(&text)
-                    .with_context(|| format!("{}: not a checkpoint state", state.display()))?;
-                let differs = saved.manifest.differences(&manifest);
-                if !differs.is_empty() {
-                    let what = differs.join(", ");
-                    if args.allow_mismatch {
-                        tracing::warn!("checkpoint {} was made with a different {what}; used anyway (--allow-mismatch)", p.display());
-                    } else {
-                        bail!("checkpoint {} was made with a different {what} than {} uses; pass --allow-mismatch to caption with it anyway", p.display(), args.config.display());
-                    }
-                }
-            }
-            projector
-                .load_into(&file)
-                .with_context(|| format!("loading the projector {}", file.display()))?;
-        }
-        None => eprintln!(
-            "warning: no --checkpoint: the projector is freshly initialised (seed {}), so the captions are gibberish",
-            cfg.train.seed
-        ),
+    let settings = args.settings();
+    crate::sampler::Sampler::new(settings.sampling)?;
+    if args.split.is_none() && args.audio.is_empty() {
+        bail!("give audio files to caption, or --split NAME");
     }
+    let mut captioner = Captioner::load(cfg, args.checkpoint.as_deref(), args.allow_mismatch)?;
     let mut adapter = match &args.split {
-        Some(split) => {
-            let ds =
-                DatasetAdapter::open(&host, &cfg.data.adapter, &cfg.data.root, &cfg.data.options)?;
-            for w in &ds.dataset.warnings {
-                tracing::warn!("dataset: {w}");
-            }
-            ds.require_split(split)?;
-            Some(ds)
-        }
-        None if args.audio.is_empty() => bail!("give audio files to caption, or --split NAME"),
+        Some(split) => Some(captioner.open_dataset(split)?),
         None => None,
     };
+    let root = captioner.config.data.root.clone();
     let mut items = match (&mut adapter, &args.split) {
-        (Some(ds), Some(split)) => ItemSource::Split(ds.pages(split, PAGE_SIZE)),
+        (Some(ds), Some(split)) => ItemSource::Split {
+            pages: ds.pages(split, PAGE_SIZE),
+            root,
+        },
         _ => ItemSource::Files(args.audio.clone().into_iter()),
     };
     let jsonl = args.jsonl || args.split.is_some() || args.audio.len() > 1;
-    let stream = !jsonl && std::io::stdout().is_terminal();
-    let mut clips = ClipEncoder::with_default_cache(&encoder, &rt, settings, &manifest)?;
-    let mut prefixes: HashMap<Vec<u32>, PromptPrefix> = HashMap::new();
-    let mut out = std::io::stdout().lock();
-    let mut failures = 0;
-    let batch = args.batch_size as usize;
-    let mut total = 0;
+    let mut output = Output {
+        jsonl,
+        stream: !jsonl && std::io::stdout().is_terminal(),
+        out: std::io::stdout().lock(),
+    };
     let mut progress = args
         .split
         .as_ref()
         .map(|split| PhaseProgress::new(format!("captioning {split}"), "clip(s)"));
+    let (mut failures, mut total) = (0, 0);
     loop {
-        let chunk = items.next_chunk(batch, &cfg.data.root)?;
+        let chunk = items.next_chunk(settings.batch_size)?;
         if chunk.is_empty() {
             break;
         }
-        // Decode, encode and lay out every clip of the chunk.
-        let mut jobs = Vec::new();
-        let mut failed: HashMap<usize, String> = HashMap::new();
-        for (k, item) in chunk.iter().enumerate() {
-            let started = Instant::now();
-            let made = (|| -> Result<Vec<Job>> {
-                let (samples, segment) = match &item.source {
-                    Source::File(p) => (
-                        audio::load_16k_mono_within(
-                            p,
-                            audio::Segment::whole(),
-                            cfg.data.max_audio_s,
-                        )?,
-                        (None, None),
-                    ),
-                    Source::Example(ex) => (
-                        load_example_audio(
-                            ex,
-                            &cfg.data.root,
-                            example_segment(ex),
-                            cfg.data.max_audio_s,
-                        )?,
-                        (ex.start_s, ex.end_s),
-                    ),
-                };
-                let encoded = clips.encode_samples(&samples, segment, None)?;
-                let prompt = template.render(&item.metadata, &cfg.plugins.prompt_options)?;
-                let before = llm.tokenizer.encode(&prompt.before_audio)?;
-                let after = llm.tokenizer.encode_piece(&prompt.after_audio)?;
-                let duration = samples.len() as f64 / 16000.0;
-                let groups: Vec<(Option<Span>, Vec<Tensor>)> = match args.long_audio {
-                    LongAudio::PerWindow => encoded
-                        .into_iter()
-                        .enumerate()
-                        .map(|(w, e)| {
-                            let start = w as f64 * 30.0;
-                            (Some((start, (start + 30.0).min(duration))), vec![e])
-                        })
-                        .collect(),
-                    LongAudio::Concat => vec![(None, encoded)],
-                };
-                let prepare_s = started.elapsed().as_secs_f64();
-                groups
-                    .into_iter()
-                    .map(|(span, windows)| {
-                        let rest = clip_rest(&llm.model, &projector, &windows, &after)?;
-                        // Checked here so one over-long clip fails alone, not its batch.
-                        let positions = before.len() + rest.dim(1)? + args.max_tokens;
-                        let context = llm.model.config.max_position_embeddings;
-                        if positions > context {
-                            bail!(
-                                "{} prompt positions ({} windows of audio) plus --max-tokens {} exceed the LLM's context of {context}; use --long-audio per-window or fewer tokens",
-                                before.len() + rest.dim(1)?,
-                                windows.len(),
-                                args.max_tokens
-                            );
-                        }
-                        Ok(Job {
-                            item: k,
-                            span,
-                            prefix: before.clone(),
-                            rest,
-                            stop_strings: prompt.stop_strings.clone(),
-                            prepare_s,
-                        })
-                    })
-                    .collect()
-            })();
-            match made {
-                Ok(j) => jobs.extend(j),
-                Err(e) => {
-                    failed.insert(k, format!("{e:#}"));
-                }
-            }
+        let results = caption_chunk(&mut captioner, &chunk, &settings, &mut output)?;
+        for (item, result) in chunk.iter().zip(&results) {
+            failures += usize::from(output.write(item, result)?);
         }
-        // Decode: jobs that share the text before the audio go together, `batch` at a time
-        // (one at a time when streaming to a terminal).
-        let per_batch = if stream { 1 } else { batch };
-        let mut results: Vec<Option<Result<Caption, String>>> =
-            (0..jobs.len()).map(|_| None).collect();
-        let mut order: Vec<usize> = (0..jobs.len()).collect();
-        order.sort_by(|&a, &b| jobs[a].prefix.cmp(&jobs[b].prefix).then(a.cmp(&b)));
-        for group in order.chunk_by(|&a, &b| jobs[a].prefix == jobs[b].prefix) {
-            let ids = &jobs[group[0]].prefix;
-            if !prefixes.contains_key(ids) {
-                // The text before the audio is usually the same for every clip: its keys
-                // and values are computed once and reused.
-                if prefixes.len() >= 16 {
-                    prefixes.clear();
-                }
-                prefixes.insert(ids.clone(), PromptPrefix::new(&llm.model, ids)?);
-            }
-            let prefix = &prefixes[ids];
-            for sub in group.chunks(per_batch) {
-                let requests = sub
-                    .iter()
-                    .map(|&j| {
-                        Ok(CaptionRequest {
-                            rest: jobs[j].rest.clone(),
-                            sampler: Sampler::new(params)?,
-                            max_tokens: args.max_tokens,
-                            stop_strings: jobs[j].stop_strings.clone(),
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                let mut streamed = Streamed::default();
-                if stream {
-                    let job = &jobs[sub[0]];
-                    if let Some(span) = job.span.filter(|_| many_windows(&jobs, job.item)) {
-                        write!(out, "{}", span_label(span))?;
-                    }
-                }
-                let decoded = caption_batch(
-                    &llm.model,
-                    &llm.tokenizer,
-                    prefix,
-                    llm.tokenizer.special.eos,
-                    requests,
-                    |_, text| {
-                        if stream {
-                            streamed.show(&mut out, text);
-                        }
-                    },
-                );
-                match decoded {
-                    Ok(captions) => {
-                        for (&j, c) in sub.iter().zip(captions) {
-                            results[j] = Some(Ok(c));
-                        }
-                    }
-                    Err(e) => {
-                        for &j in sub {
-                            results[j] = Some(Err(format!("{e:#}")));
-                        }
-                    }
-                }
-                if stream {
-                    // Post-process now so the streamed raw text can be replaced in place.
-                    let j = sub[0];
-                    let job = &jobs[j];
-                    let label = job
-                        .span
-                        .filter(|_| many_windows(&jobs, job.item))
-                        .map(span_label)
-                        .unwrap_or_default();
-                    match results[j].take().expect("decoded") {
-                        Ok(c) => {
-                            let item = &chunk[job.item];
-                            match finish_caption(&mut post, c, job, &item.metadata) {
-                                Ok(done) => {
-                                    streamed.replace(&mut out, &label, &done.text)?;
-                                }
-                                Err(e) => {
-                                    writeln!(out)?;
-                                    failed.entry(job.item).or_insert(e);
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            writeln!(out)?;
-                            failed.entry(job.item).or_insert(e);
-                        }
-                    }
-                }
-            }
-        }
-        // Report the chunk's items in input order.
-        let mut per_item: HashMap<usize, Vec<Done>> = HashMap::new();
-        for (job, result) in jobs.iter().zip(results) {
-            let Some(result) = result else { continue };
-            let done = result.and_then(|c| {
-                let metadata = &chunk[job.item].metadata;
-                finish_caption(&mut post, c, job, metadata)
-            });
-            match done {
-                Ok(d) => per_item.entry(job.item).or_default().push(d),
-                Err(e) => {
-                    failed.entry(job.item).or_insert(e);
-                }
-            }
-        }
-        for (i, item) in chunk.iter().enumerate() {
-            if let Some(msg) = failed.get(&i) {
-                failures += 1;
-                // Errors from decoding already name the file.
-                let shown = if msg.contains(&item.audio) {
-                    msg.clone()
-                } else {
-                    format!("{}: {msg}", item.audio)
-                };
-                eprintln!("error: {}", display_text(&shown, 64 * 1024));
-                if jsonl {
-                    let v = serde_json::json!({"id": item.id, "audio": item.audio, "error": msg});
-                    writeln!(out, "{}", terminal_safe_json(v.to_string()))?;
-                }
-                continue;
-            }
-            if stream {
-                continue;
-            }
-            let dones = per_item.remove(&i).unwrap_or_default();
-            let several = dones.len() > 1;
-            for d in dones {
-                if jsonl {
-                    let mut v = serde_json::json!({
-                        "id": item.id, "audio": item.audio, "caption": d.text,
-                        "tokens": d.tokens, "seconds": d.seconds,
-                    });
-                    if !item.references.is_empty() {
-                        v["references"] = item.references.clone().into();
-                    }
-                    if let Some((start, end)) = d.span {
-                        v["start_s"] = start.into();
-                        v["end_s"] = end.into();
-                    }
-                    writeln!(out, "{}", terminal_safe_json(v.to_string()))?;
-                } else {
-                    let text = display_text(&d.text, usize::MAX);
-                    match d.span.filter(|_| several) {
-                        Some(span) => writeln!(out, "{}{text}", span_label(span))?,
-                        None => writeln!(out, "{text}")?,
-                    }
-                }
-            }
-        }
-        out.flush()?;
+        output.out.flush()?;
         total += chunk.len();
         if let Some(line) = progress.as_mut().and_then(|p| p.line(total, None)) {
             eprintln!("{line}");
         }
     }
+    let counts = captioner.encode_counts();
     tracing::info!(
-        "{} window(s) went through the encoder, the rest came from the cache",
-        clips.fresh
+        "{} window(s) went through the encoder, {} came from the cache",
+        counts.encoder_runs,
+        counts.cache_hits
     );
     if failures > 0 {
         bail!("{failures} of {total} input(s) failed");
@@ -495,34 +134,100 @@ pub fn run(args: CaptionArgs) -> Result<()> {
     Ok(())
 }
 
-/// The caption post-processor applied to a decoded caption.
-fn finish_caption(
-    post: &mut Option<PostProcessor>,
-    c: Caption,
-    job: &Job,
-    metadata: &[(String, String)],
-) -> Result<Done, String> {
-    let tokens = c.ids.len();
-    let text = match post.as_mut() {
-        Some(p) => p
-            .process(&c.text, &job.stop_strings, metadata)
-            .map_err(|e| format!("{:#}", anyhow!(e)))?,
-        None => c.text,
-    };
-    Ok(Done {
-        span: job.span,
-        text,
-        tokens,
-        seconds: job.prepare_s + c.done.as_secs_f64(),
-    })
+/// Captions one chunk; on a terminal, each caption is shown as it is generated and then
+/// replaced by its post-processed text.
+fn caption_chunk(
+    captioner: &mut Captioner,
+    chunk: &[CaptionItem],
+    settings: &CaptionSettings,
+    output: &mut Output,
+) -> Result<Vec<ItemResult>> {
+    if !output.stream {
+        return captioner.caption(chunk, settings, false, &mut |_| {});
+    }
+    let out = &mut output.out;
+    let mut streamed = Streamed::default();
+    let mut label = String::new();
+    let mut failure: Option<std::io::Error> = None;
+    let results = captioner.caption(chunk, settings, true, &mut |event| match event {
+        CaptionEvent::Started { span, windows, .. } => {
+            streamed = Streamed::default();
+            label = span
+                .filter(|_| windows > 1)
+                .map(span_label)
+                .unwrap_or_default();
+            let _ = write!(out, "{label}");
+        }
+        CaptionEvent::Partial { text, .. } => streamed.show(out, text),
+        CaptionEvent::Finished { result, .. } => {
+            let shown = match result {
+                Ok(c) => streamed.replace(out, &label, &c.text),
+                Err(_) => writeln!(out).map_err(Into::into),
+            };
+            if let Err(e) = shown {
+                failure.get_or_insert(std::io::Error::other(format!("{e:#}")));
+            }
+        }
+    })?;
+    if let Some(e) = failure {
+        return Err(e.into());
+    }
+    Ok(results)
 }
 
-fn many_windows(jobs: &[Job], item: usize) -> bool {
-    jobs.iter().filter(|j| j.item == item).count() > 1
+impl Output {
+    /// Writes an item's result; whether it failed.
+    fn write(&mut self, item: &CaptionItem, result: &ItemResult) -> Result<bool> {
+        let out = &mut self.out;
+        let captions = match result {
+            Ok(c) => c,
+            Err(msg) => {
+                // Errors from decoding already name the file.
+                let shown = if msg.contains(&item.audio) {
+                    msg.clone()
+                } else {
+                    format!("{}: {msg}", item.audio)
+                };
+                eprintln!("error: {}", display_text(&shown, 64 * 1024));
+                if self.jsonl {
+                    let v = serde_json::json!({"id": item.id, "audio": item.audio, "error": msg});
+                    writeln!(out, "{}", terminal_safe_json(v.to_string()))?;
+                }
+                return Ok(true);
+            }
+        };
+        if self.stream {
+            return Ok(false);
+        }
+        let several = captions.len() > 1;
+        for c in captions {
+            if self.jsonl {
+                let mut v = serde_json::json!({
+                    "id": item.id, "audio": item.audio, "caption": c.text,
+                    "tokens": c.tokens, "seconds": c.seconds,
+                });
+                if !item.references.is_empty() {
+                    v["references"] = item.references.clone().into();
+                }
+                if let Some((start, end)) = c.span {
+                    v["start_s"] = start.into();
+                    v["end_s"] = end.into();
+                }
+                writeln!(out, "{}", terminal_safe_json(v.to_string()))?;
+            } else {
+                let text = display_text(&c.text, usize::MAX);
+                match c.span.filter(|_| several) {
+                    Some(span) => writeln!(out, "{}{text}", span_label(span))?,
+                    None => writeln!(out, "{text}")?,
+                }
+            }
+        }
+        Ok(false)
+    }
 }
 
 /// `[m:ss.s-m:ss.s] `
-fn span_label((start, end): (f64, f64)) -> String {
+fn span_label((start, end): Span) -> String {
     let t = |s: f64| format!("{}:{:04.1}", (s / 60.0).floor() as u64, s % 60.0);
     format!("[{}-{}] ", t(start), t(end))
 }

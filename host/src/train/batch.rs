@@ -5,22 +5,14 @@
 //! never influences a real position, and the loss only reads the positions that predict
 //! target tokens (shifted by one), so prompt, audio and padding are excluded.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 
-use crate::models::llm::{KvCache, LanguageModel, Llama};
+use crate::models::llm::{KvCache, LanguageModel, Llama, PrefixCache};
 use crate::models::nonfinite::NonFiniteTrace;
 use crate::models::weights::Result;
-
-/// Token ids of one example's text pieces.
-#[derive(Debug, Clone)]
-pub struct TextPieces {
-    pub before: Vec<u32>,
-    pub after: Vec<u32>,
-    pub target: Vec<u32>,
-}
+use crate::pipeline::{sequence_embeddings, TextPieces};
 
 impl BatchLoss {
     /// The loss as a number.
@@ -38,42 +30,6 @@ pub struct BatchLoss {
     pub accuracy: f64,
     /// Mean probability of the correct token.
     pub mean_prob: f64,
-}
-
-/// Keys and values of the prompt text before the audio, computed once per distinct text:
-/// the frozen LLM gives the same values every step, and when every example of a template
-/// starts with the same text this is ~20% of the positions of a training step.
-#[derive(Default)]
-pub struct PrefixCache {
-    entries: Mutex<HashMap<Vec<u32>, Arc<KvCache>>>,
-}
-
-/// Templates whose text before the audio varies per example would otherwise grow the cache
-/// without bound (each entry is layers x prefix length x key/value width).
-const MAX_CACHED_PREFIXES: usize = 16;
-
-impl PrefixCache {
-    /// The keys/values (batch 1) of `ids` at positions `0..ids.len()`.
-    pub fn get_or_compute(&self, llm: &Llama, ids: &[u32]) -> Result<Arc<KvCache>> {
-        if let Some(hit) = self.lock().get(ids) {
-            return Ok(hit.clone());
-        }
-        let mut cache = llm.new_cache();
-        let embeds = llm.embed(&Tensor::new(ids, llm.device())?.unsqueeze(0)?)?;
-        llm.forward_hidden(&embeds, 0, Some(&mut cache), NonFiniteTrace::default())?;
-        let cache = Arc::new(cache);
-        let mut entries = self.lock();
-        if entries.len() >= MAX_CACHED_PREFIXES {
-            entries.clear();
-        }
-        entries.insert(ids.to_vec(), cache.clone());
-        Ok(cache)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u32>, Arc<KvCache>>> {
-        // A panic while holding the lock leaves a usable map (entries are inserted whole).
-        self.entries.lock().unwrap_or_else(|e| e.into_inner())
-    }
 }
 
 /// Forward the batch and compute the caption-only loss. `audio[i]` is (1, N_i, hidden).
@@ -94,7 +50,7 @@ pub fn caption_loss(
         .map(|p| p.before.as_slice())
         .filter(|b| !b.is_empty() && pieces.iter().all(|p| p.before == *b));
     let prefix = match (prefixes, shared_before) {
-        (Some(cache), Some(ids)) => Some(cache.get_or_compute(llm, ids)?),
+        (Some(cache), Some(ids)) => Some::<Arc<KvCache>>(cache.get_or_compute(llm, ids)?),
         _ => None,
     };
     let mut rows = Vec::with_capacity(pieces.len());
@@ -102,23 +58,8 @@ pub fn caption_loss(
     let mut positions: Vec<u32> = Vec::new();
     let mut targets: Vec<u32> = Vec::new();
     for (p, a) in pieces.iter().zip(audio) {
-        let embed = |ids: &[u32]| -> Result<Option<Tensor>> {
-            if ids.is_empty() {
-                return Ok(None);
-            }
-            Ok(Some(llm.embed(&Tensor::new(ids, &device)?.unsqueeze(0)?)?))
-        };
         let before = if prefix.is_some() { &[][..] } else { &p.before };
-        let parts: Vec<Tensor> = [
-            embed(before)?,
-            Some(a.to_dtype(llm.dtype())?),
-            embed(&p.after)?,
-            embed(&p.target)?,
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        let row = Tensor::cat(&parts, 1)?;
+        let row = sequence_embeddings(llm, before, a, &p.after, &p.target)?;
         let len = row.dim(1)?;
         let first_target = len - p.target.len();
         lengths.push(len);

@@ -4,65 +4,14 @@
 //! leaves the previous checkpoint intact and loadable. The last K are kept.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-/// What a checkpoint was trained against; a resume against anything else is refused.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Manifest {
-    pub encoder: String,
-    pub llm: String,
-    pub tokenizer: String,
-    pub prompt_template: String,
-    pub mel: String,
-    pub projector: String,
-}
-
-impl Manifest {
-    /// Names of the fields that differ from `other`.
-    pub fn differences(&self, other: &Manifest) -> Vec<&'static str> {
-        let pairs = [
-            ("Whisper encoder weights", &self.encoder, &other.encoder),
-            ("LLM weights", &self.llm, &other.llm),
-            ("tokenizer", &self.tokenizer, &other.tokenizer),
-            (
-                "prompt-template plugin",
-                &self.prompt_template,
-                &other.prompt_template,
-            ),
-            ("mel settings", &self.mel, &other.mel),
-            ("projector config", &self.projector, &other.projector),
-        ];
-        pairs
-            .iter()
-            .filter(|(_, a, b)| a != b)
-            .map(|(n, _, _)| *n)
-            .collect()
-    }
-}
-
-/// sha256 over the files' contents, hex.
-pub fn hash_files(paths: &[PathBuf]) -> Result<String> {
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    for p in paths {
-        let mut f =
-            std::fs::File::open(p).with_context(|| format!("{}: cannot read", p.display()))?;
-        loop {
-            let n = f.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
-    }
-    Ok(hex::encode(h.finalize()))
-}
+use crate::models::projector::Projector;
+pub use crate::pipeline::Manifest;
 
 /// The training position and the settings that determine the data order.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -289,6 +238,32 @@ pub fn resolve(path: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
          run folder",
         path.display()
     )
+}
+
+/// Loads the trained projector that a `--checkpoint` path names (see [`resolve`]) into
+/// `projector`, after checking the checkpoint's manifest against `current` (for `purpose`,
+/// e.g. "caption"). Returns the projector file.
+pub fn load_trained(
+    path: &Path,
+    projector: &mut Projector,
+    current: &Manifest,
+    purpose: &str,
+    allow_mismatch: bool,
+) -> Result<PathBuf> {
+    let (file, state) = resolve(path)?;
+    if let Some(state) = state {
+        let text = std::fs::read_to_string(&state)
+            .with_context(|| format!("{}: cannot read", state.display()))?;
+        let saved: TrainState = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a checkpoint state", state.display()))?;
+        saved
+            .manifest
+            .check(current, path, purpose, allow_mismatch)?;
+    }
+    projector
+        .load_into(&file)
+        .with_context(|| format!("loading the projector {}", file.display()))?;
+    Ok(file)
 }
 
 /// The newest complete checkpoint under `dir`.

@@ -3,14 +3,13 @@
 //! projector as the only trainable parameters, caption-only loss, AdamW.
 
 pub mod batch;
-pub mod cache;
 pub mod checkpoint;
 pub mod optim;
 pub mod plots;
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -22,18 +21,19 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use crate::audio::{self, Segment};
 use crate::config::RunConfig;
-use crate::mel::{LogMelExtractor, MelSettings, N_FRAMES, N_SAMPLES};
-use crate::models::llm::{load_llm_with, GgufBlocks, LoadedLlm};
+use crate::models::llm::{load_llm_with, GgufBlocks, LoadedLlm, PrefixCache};
 use crate::models::nonfinite::NonFiniteTrace;
 use crate::models::projector::Projector;
 use crate::models::whisper::WhisperEncoder;
 use crate::models::Runtime;
-use crate::plugins::{AudioSource, DatasetAdapter, Example, PluginHost, PromptTemplate, PAGE_SIZE};
-use batch::{caption_loss, BatchLoss, PrefixCache, TextPieces};
-use cache::EncoderCache;
-use checkpoint::{hash_files, Manifest, TrainState};
+use crate::pipeline::clip::EncodeCounts;
+use crate::pipeline::{
+    build_manifest, mel_settings, open_dataset, prompt, ClipEncoder, Manifest, TextPieces,
+};
+use crate::plugins::{DatasetAdapter, PluginHost, PromptTemplate, PAGE_SIZE};
+use batch::{caption_loss, BatchLoss};
+use checkpoint::TrainState;
 use optim::{AdamW, AdamWParams};
 
 /// One training example ready for the loop.
@@ -42,174 +42,6 @@ pub struct Prepared {
     pub pieces: TextPieces,
     /// Frozen encoder output (1, 1500, d_enc).
     pub encoded: Tensor,
-}
-
-/// Opens an audio path from an (untrusted) adapter beneath `root` with the rule the plugin's
-/// own /data view follows: no `..`, no absolute path, and no symbolic link that leads out
-/// of the root (links that stay inside it are followed). Returns the file and the path to
-/// name it by.
-pub fn open_beneath(root: &Path, rel: &str) -> Result<(std::fs::File, PathBuf)> {
-    let p = Path::new(rel);
-    if p.is_absolute()
-        || p.components()
-            .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
-    {
-        bail!("audio path {rel:?} from the dataset adapter leaves the dataset root; refused");
-    }
-    let shown = root.join(p);
-    let dir = cap_std::fs::Dir::open_ambient_dir(root, cap_std::ambient_authority())
-        .with_context(|| format!("{}: cannot open the dataset root", root.display()))?;
-    let file = dir.open(p).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            anyhow::anyhow!("{}: cannot open: {e}", shown.display())
-        } else {
-            anyhow::anyhow!(
-                "{}: refused: it cannot be opened beneath the dataset root {} ({e}); a \
-                 symbolic link that leads out of the root is not followed",
-                shown.display(),
-                root.display()
-            )
-        }
-    })?;
-    Ok((file.into_std(), shown))
-}
-
-/// Turns examples into frozen-encoder outputs, through the on-disk cache.
-pub struct ClipEncoder<'a> {
-    pub encoder: &'a WhisperEncoder,
-    pub rt: &'a Runtime,
-    pub settings: MelSettings,
-    pub mel: LogMelExtractor,
-    pub cache: Option<EncoderCache>,
-    /// Clips that went through the encoder (not found in the cache).
-    pub fresh: usize,
-}
-
-impl<'a> ClipEncoder<'a> {
-    /// With the on-disk cache under `$EARSHOT_HOME/cache/encoder`, keyed by the manifest's
-    /// encoder checksum and mel settings.
-    pub fn with_default_cache(
-        encoder: &'a WhisperEncoder,
-        rt: &'a Runtime,
-        settings: MelSettings,
-        manifest: &Manifest,
-    ) -> Result<Self> {
-        Ok(Self {
-            encoder,
-            rt,
-            mel: LogMelExtractor::new(settings.n_mels)?,
-            cache: Some(EncoderCache::new(
-                EncoderCache::default_dir(),
-                &cache::encoder_identity(&manifest.encoder, rt),
-                &manifest.mel,
-            )),
-            settings,
-            fresh: 0,
-        })
-    }
-
-    /// Decodes and encodes an example's audio: (1, 1500, d_enc). Clips longer than 30 s
-    /// use their first window (with a warning).
-    pub fn encode(&mut self, ex: &Example, root: &Path, max_audio_s: f64) -> Result<Tensor> {
-        // Only the first window is used: decode no more than that (and one sample more, to
-        // know whether the clip goes on).
-        let start = ex.start_s.unwrap_or(0.0);
-        let first_window_end = start + N_SAMPLES as f64 / audio::SAMPLE_RATE as f64 + 1e-3;
-        let segment = Segment {
-            start: ex.start_s,
-            end: Some(
-                ex.end_s
-                    .map_or(first_window_end, |e| e.min(first_window_end)),
-            ),
-        };
-        let samples = load_example_audio(ex, root, segment, max_audio_s)?;
-        let mut windows = self.encode_samples(&samples, (ex.start_s, ex.end_s), Some(1))?;
-        if samples.len() > N_SAMPLES {
-            tracing::warn!(
-                "example {}: longer than 30 s of audio; training uses the first 30 s",
-                ex.id
-            );
-        }
-        Ok(windows.remove(0))
-    }
-
-    /// Encoder outputs (1, 1500, d_enc) of the 30 s windows of 16 kHz mono `samples` (at
-    /// most `max_windows`), each read from the cache or computed and stored there.
-    /// `segment` is the part of the file the samples came from (part of the cache key).
-    pub fn encode_samples(
-        &mut self,
-        samples: &[f32],
-        segment: (Option<f64>, Option<f64>),
-        max_windows: Option<usize>,
-    ) -> Result<Vec<Tensor>> {
-        let settings = &self.settings;
-        let clip_key = self.cache.as_ref().map(|c| c.key(samples, segment));
-        let (n, data) = self.mel.windows(samples, settings)?;
-        let n = max_windows.map_or(n, |m| n.min(m));
-        let per = settings.n_mels * N_FRAMES;
-        let mut out = Vec::with_capacity(n);
-        for w in 0..n {
-            let key = clip_key.as_ref().map(|k| EncoderCache::window_key(k, w));
-            let cached = match (&self.cache, &key) {
-                (Some(c), Some(k)) => c.get(
-                    k,
-                    &[1, N_FRAMES / 2, self.encoder.config.d_model],
-                    &self.rt.device,
-                ),
-                _ => None,
-            };
-            if let Some(t) = cached {
-                out.push(t);
-                continue;
-            }
-            let x = Tensor::from_slice(
-                &data[w * per..(w + 1) * per],
-                (1, settings.n_mels, N_FRAMES),
-                &self.rt.device,
-            )?;
-            let encoded = self.encoder.forward(&x, NonFiniteTrace::default())?;
-            self.fresh += 1;
-            if let (Some(c), Some(k)) = (&self.cache, &key) {
-                if let Err(e) = c.put(k, &encoded) {
-                    tracing::warn!("cannot write the encoder cache: {e:#}");
-                }
-            }
-            out.push(encoded);
-        }
-        Ok(out)
-    }
-}
-
-/// The 16 kHz mono samples of `segment` of an example's audio (a file beneath `root`, or
-/// inline bytes), refused past `max_audio_s` seconds.
-pub fn load_example_audio(
-    ex: &Example,
-    root: &Path,
-    segment: Segment,
-    max_audio_s: f64,
-) -> Result<Vec<f32>> {
-    let (file, shown) = match &ex.audio {
-        AudioSource::Path(rel) => open_beneath(root, rel)?,
-        AudioSource::Inline(bytes) => {
-            let mut tmp = tempfile::tempfile()?;
-            tmp.write_all(bytes)?;
-            std::io::Seek::rewind(&mut tmp)?;
-            (
-                tmp,
-                PathBuf::from(format!("example {}: inline audio", ex.id)),
-            )
-        }
-    };
-    let decoded = audio::decode_file_mono(file, &shown, segment, Some(max_audio_s))?;
-    Ok(audio::to_16k(&shown, decoded)?)
-}
-
-/// The segment of its audio an example asks for.
-pub fn example_segment(ex: &Example) -> Segment {
-    Segment {
-        start: ex.start_s,
-        end: ex.end_s,
-    }
 }
 
 /// Everything a run needs, loaded and checked.
@@ -224,6 +56,8 @@ pub struct Session {
     pub manifest: Manifest,
     /// Clips that had to go through the encoder (not found in the cache).
     pub fresh_encodings: usize,
+    /// What encoding both splits took: windows from the cache, mel and encoder runs.
+    pub encode_counts: EncodeCounts,
     /// Prompt text before the audio, through the LLM once (see [`PrefixCache`]).
     pub prefixes: PrefixCache,
 }
@@ -269,23 +103,14 @@ impl Session {
             .with_context(|| format!("loading the LLM from {}", config.models.llm.display()))?;
         let host = PluginHost::new(config.plugins.sandbox, PluginHost::default_cache_dir());
         let mut template = PromptTemplate::load(&host, &config.plugins.prompt_template)?;
-        let mut adapter = DatasetAdapter::open(
-            &host,
-            &config.data.adapter,
-            &config.data.root,
-            &config.data.options,
-        )?;
-        for w in &adapter.dataset.warnings {
-            tracing::warn!("dataset: {w}");
-        }
-        for split in std::iter::once(&config.data.train_split).chain(&config.data.eval_split) {
-            adapter
-                .require_split(split)
-                .with_context(|| format!("dataset {}", config.data.root.display()))?;
-        }
+        let splits: Vec<&str> = std::iter::once(&config.data.train_split)
+            .chain(&config.data.eval_split)
+            .map(String::as_str)
+            .collect();
+        let mut adapter = open_dataset(&host, &config, &splits)?;
         let settings = mel_settings(&config, &encoder);
         let manifest = build_manifest(&config, &settings)?;
-        let mut clips = ClipEncoder::with_default_cache(&encoder, &rt, settings, &manifest)?;
+        let mut clips = ClipEncoder::with_default_cache(encoder, rt.clone(), settings, &manifest)?;
         let mut inputs = SplitInputs {
             adapter: &mut adapter,
             template: &mut template,
@@ -298,8 +123,9 @@ impl Session {
             Some(split) => inputs.load(split, progress)?,
             None => Vec::new(),
         };
-        let fresh_encodings = clips.fresh;
-        drop(clips);
+        let ClipEncoder {
+            encoder, counts, ..
+        } = clips;
         Ok(Self {
             config,
             rt,
@@ -308,22 +134,23 @@ impl Session {
             examples,
             eval_examples,
             manifest,
-            fresh_encodings,
+            fresh_encodings: counts.encoder_runs,
+            encode_counts: counts,
             prefixes: PrefixCache::default(),
         })
     }
 }
 
 /// What turning a split into training examples needs.
-struct SplitInputs<'a, 'e> {
+struct SplitInputs<'a> {
     adapter: &'a mut DatasetAdapter,
     template: &'a mut PromptTemplate,
     llm: &'a LoadedLlm,
-    clips: &'a mut ClipEncoder<'e>,
+    clips: &'a mut ClipEncoder,
     config: &'a RunConfig,
 }
 
-impl SplitInputs<'_, '_> {
+impl SplitInputs<'_> {
     /// Every usable example of `split`: prompt and target tokens, encoder output. Examples
     /// without a target or whose audio fails are skipped with a warning.
     fn load(&mut self, split: &str, progress: &mut dyn FnMut(Event)) -> Result<Vec<Prepared>> {
@@ -348,24 +175,23 @@ impl SplitInputs<'_, '_> {
                 tracing::warn!("example {}: no target text; skipped", ex.id);
                 continue;
             };
-            let prompt = self.template.render(&ex.metadata, options)?;
-            let target = self
-                .template
-                .format_target(&target, &ex.metadata, options)?;
-            let tok = &self.llm.tokenizer;
-            let pieces = TextPieces {
-                before: tok.encode(&prompt.before_audio)?,
-                after: tok.encode_piece(&prompt.after_audio)?,
-                target: tok.encode_piece(&target)?,
-            };
+            let pieces = prompt::render(
+                self.template,
+                &self.llm.tokenizer,
+                &ex.metadata,
+                options,
+                Some(&target),
+            )?
+            .pieces;
             if pieces.target.is_empty() {
                 tracing::warn!("example {}: empty target; skipped", ex.id);
                 continue;
             }
-            let encoded = match self
-                .clips
-                .encode(&ex, &config.data.root, config.data.max_audio_s)
-            {
+            let encoded = match self.clips.encode_example_first_window(
+                &ex,
+                &config.data.root,
+                config.data.max_audio_s,
+            ) {
                 Ok(e) => e,
                 Err(e) => {
                     tracing::warn!("example {}: {e:#}; skipped", ex.id);
@@ -391,43 +217,6 @@ impl SplitInputs<'_, '_> {
         }
         Ok(examples)
     }
-}
-
-/// The log-mel settings a run feeds its encoder: the encoder's bins, the config's padding,
-/// consecutive 30 s windows.
-pub fn mel_settings(config: &RunConfig, encoder: &WhisperEncoder) -> MelSettings {
-    MelSettings {
-        n_mels: encoder.config.num_mel_bins,
-        padding: config.mel.padding,
-        window_hop_s: 30.0,
-    }
-}
-
-/// Checksums of everything a trained projector depends on.
-pub fn build_manifest(config: &RunConfig, mel: &MelSettings) -> Result<Manifest> {
-    let whisper = &config.models.whisper;
-    let mut enc_files = crate::models::whisper::safetensors_files(whisper)?;
-    enc_files.push(whisper.join("config.json"));
-    let llm = &config.models.llm;
-    let (llm_hash, tok_hash) = if llm.is_dir() {
-        let mut files = crate::models::whisper::safetensors_files(llm)?;
-        files.push(llm.join("config.json"));
-        (
-            hash_files(&files)?,
-            hash_files(&[llm.join("tokenizer.json")])?,
-        )
-    } else {
-        let h = hash_files(std::slice::from_ref(llm))?;
-        (h.clone(), format!("embedded in {h}"))
-    };
-    Ok(Manifest {
-        encoder: hash_files(&enc_files)?,
-        llm: llm_hash,
-        tokenizer: tok_hash,
-        prompt_template: hash_files(std::slice::from_ref(&config.plugins.prompt_template))?,
-        mel: serde_json::to_string(mel)?,
-        projector: serde_json::to_string(&config.projector)?,
-    })
 }
 
 /// The order of the examples in `epoch`: a fixed shuffle for (seed, epoch), so the data

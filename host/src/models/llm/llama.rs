@@ -1040,6 +1040,14 @@ impl LanguageModel for Llama {
         })
     }
 
+    fn prefill(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<()> {
+        let offset = cache.len();
+        self.on_pool(|| {
+            self.forward_hidden(embeds, offset, Some(cache), NonFiniteTrace::default())
+                .map(|_| ())
+        })
+    }
+
     fn forward_padded(
         &self,
         embeds: &Tensor,

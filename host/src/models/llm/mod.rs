@@ -2,9 +2,16 @@
 //! and a KV cache; logits at all positions or only the last) and one implementation for the
 //! Llama family (Llama 2/3, Mistral, SmolLM2), loaded from Hugging Face folders or GGUF.
 
+mod decode;
 mod llama;
 mod load;
+mod prefix;
 mod tokenizer;
+
+pub use decode::{
+    decode_batch, decode_without_cache, DecodeOptions, DecodeRequest, Decoded, Finish,
+};
+pub use prefix::{PrefixCache, MAX_CACHED_PREFIXES};
 
 pub use llama::{stack_projections, KvCache, Llama, LlamaConfig, LogitsAt, Placement};
 pub use load::{
@@ -42,6 +49,9 @@ pub trait LanguageModel {
         cache: &mut KvCache,
         trace: NonFiniteTrace,
     ) -> Result<Tensor>;
+    /// Appends the keys and values of `embeds` (1, T, hidden) to `cache`, at the positions
+    /// after it, computing no logits (a prompt prefix shared by many rows).
+    fn prefill(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<()>;
     fn hidden_size(&self) -> usize;
     /// The dtype of embeddings and activations.
     fn dtype(&self) -> candle_core::DType;
@@ -85,37 +95,29 @@ pub fn generate_from_embeds(
 }
 
 /// As [`generate_from_embeds`], continuing after the positions already in `cache` (e.g. a
-/// prompt prefix computed once and shared by many clips; pass `try_clone()` to keep it).
+/// prompt prefix computed once and shared by many clips): one row of [`decode_batch`].
 pub fn generate_continuing(
     model: &impl LanguageModel,
-    mut cache: KvCache,
+    cache: KvCache,
     prompt: &Tensor,
     max_tokens: usize,
     eos: Option<u32>,
     sampler: &mut crate::sampler::Sampler,
     trace: NonFiniteTrace,
 ) -> Result<Vec<u32>> {
-    let device = model.device().clone();
-    let mut embeds = prompt.clone();
-    let mut offset = cache.len();
-    let mut out = Vec::new();
-    for step in 0..max_tokens {
-        let t = embeds.dim(1)?;
-        let logits = model.forward(&embeds, offset, Some(&mut cache), LogitsAt::Last, trace)?;
-        offset += t;
-        let row = logits.flatten_all()?.to_vec1::<f32>()?;
-        if row.iter().any(|v| !v.is_finite()) {
-            return Err(super::ModelError::NonFiniteActivation {
-                layer: format!("llm logits at generation step {step}"),
-                detail: "rerun with --trace-nonfinite to find the first layer".into(),
-            });
-        }
-        let next = sampler.sample(&row);
-        if Some(next) == eos {
-            break;
-        }
-        out.push(next);
-        embeds = model.embed(&Tensor::new(&[next], &device)?.unsqueeze(0)?)?;
-    }
-    Ok(out)
+    let mut requests = [DecodeRequest {
+        rest: prompt.clone(),
+        sampler: sampler.clone(),
+        max_tokens,
+        stop_strings: Vec::new(),
+    }];
+    let options = DecodeOptions {
+        tokenizer: None,
+        eos,
+        trace,
+    };
+    let mut decoded = decode_batch(model, &cache, &mut requests, &options, |_, _| {})?;
+    let [request] = requests;
+    *sampler = request.sampler;
+    Ok(decoded.remove(0).ids)
 }

@@ -1,0 +1,421 @@
+//! Captioning as a library call: [`Captioner`] is built from a run config (and a trained
+//! projector), takes [`CaptionItem`]s (files, samples, dataset examples) and returns one
+//! result per item, reporting progress per caption as [`CaptionEvent`]s. The CLI, evaluation
+//! and any future server all caption through it.
+//!
+//! Per item: audio -> encoder windows (through the encoder cache) -> projector -> the prompt
+//! laid out around it ([`crate::pipeline::layout`]); items that share the text before the
+//! audio are decoded together, after that text's keys and values computed once
+//! ([`PrefixCache`]), by the one decode loop ([`decode_batch`]); each caption then goes
+//! through the post-processor plugin.
+
+pub mod items;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::Tensor;
+
+pub use items::{AudioInput, CaptionItem, ItemSource};
+
+use crate::audio;
+use crate::config::RunConfig;
+use crate::mel::WINDOW_S;
+use crate::models::llm::{
+    decode_batch, load_llm, DecodeOptions, DecodeRequest, Decoded, Finish, LoadedLlm, PrefixCache,
+};
+use crate::models::nonfinite::NonFiniteTrace;
+use crate::models::projector::Projector;
+use crate::models::whisper::WhisperEncoder;
+use crate::models::Runtime;
+use crate::pipeline::clip::EncodeCounts;
+use crate::pipeline::{
+    build_manifest, example_segment, load_example_audio, mel_settings, open_dataset,
+    project_windows, prompt, sequence_embeddings, ClipEncoder, Manifest,
+};
+use crate::plugins::{DatasetAdapter, PluginHost, PostProcessor, PromptTemplate};
+use crate::sampler::{Sampler, SamplingParams};
+
+/// What to do with audio longer than one 30 s window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LongAudio {
+    /// One caption per 30 s window, with its start and end time
+    PerWindow,
+    /// One caption from the concatenated windows' audio embeddings
+    Concat,
+}
+
+/// How to caption.
+#[derive(Debug, Clone, Copy)]
+pub struct CaptionSettings {
+    pub max_tokens: usize,
+    /// Captions decoded together (clips that finish early drop out).
+    pub batch_size: usize,
+    pub sampling: SamplingParams,
+    pub long_audio: LongAudio,
+}
+
+impl Default for CaptionSettings {
+    fn default() -> Self {
+        Self {
+            max_tokens: 60,
+            batch_size: 8,
+            sampling: SamplingParams::default(),
+            long_audio: LongAudio::PerWindow,
+        }
+    }
+}
+
+/// A window's start and end in seconds.
+pub type Span = (f64, f64);
+
+/// One finished caption: of a whole item, or of one window of it (per-window long audio).
+#[derive(Debug, Clone)]
+pub struct WindowCaption {
+    /// The window's span (per-window long audio only).
+    pub span: Option<Span>,
+    /// After the post-processor.
+    pub text: String,
+    /// As decoded (cut at a stop string), before the post-processor.
+    pub raw: String,
+    pub tokens: usize,
+    pub finish: Finish,
+    /// Decoding and encoding the item plus decoding this caption.
+    pub seconds: f64,
+}
+
+/// An item's captions (one per window with per-window long audio), or why it failed.
+pub type ItemResult = std::result::Result<Vec<WindowCaption>, String>;
+
+/// Progress of a [`Captioner::caption`] call, in the order it happens.
+pub enum CaptionEvent<'a> {
+    /// A caption of `item` starts decoding; `windows` captions are made for that item.
+    Started {
+        item: usize,
+        span: Option<Span>,
+        windows: usize,
+    },
+    /// The raw text of a caption of `item` so far (only when decoding one at a time).
+    Partial { item: usize, text: &'a str },
+    /// A caption of `item` is finished (post-processed) or failed.
+    Finished {
+        item: usize,
+        result: &'a std::result::Result<WindowCaption, String>,
+    },
+}
+
+/// One caption to make: a clip, or one window of it.
+struct Job {
+    item: usize,
+    span: Option<Span>,
+    prefix: Vec<u32>,
+    rest: Tensor,
+    stop_strings: Vec<String>,
+    /// Time spent decoding and encoding the item.
+    prepare_s: f64,
+}
+
+/// Models, plugins and a trained projector, ready to caption.
+pub struct Captioner {
+    pub config: RunConfig,
+    pub llm: LoadedLlm,
+    pub clips: ClipEncoder,
+    pub projector: Projector,
+    pub manifest: Manifest,
+    host: PluginHost,
+    template: PromptTemplate,
+    post: Option<PostProcessor>,
+    prefixes: PrefixCache,
+}
+
+impl Captioner {
+    /// Loads the config's models and plugins, and the projector that `checkpoint` names (see
+    /// [`crate::train::checkpoint::resolve`]; its manifest must match unless
+    /// `allow_mismatch`). Without a checkpoint the projector is freshly initialised (a
+    /// warning says the captions will be gibberish).
+    pub fn load(
+        config: RunConfig,
+        checkpoint: Option<&Path>,
+        allow_mismatch: bool,
+    ) -> Result<Self> {
+        let rt = Runtime::best_available();
+        let encoder = WhisperEncoder::load_dir(&config.models.whisper, &rt)
+            .with_context(|| format!("loading Whisper from {}", config.models.whisper.display()))?;
+        let llm = load_llm(&config.models.llm, &rt)
+            .with_context(|| format!("loading the LLM from {}", config.models.llm.display()))?;
+        let host = PluginHost::new(config.plugins.sandbox, PluginHost::default_cache_dir());
+        let template = PromptTemplate::load(&host, &config.plugins.prompt_template)?;
+        let post = match &config.plugins.post_processor {
+            Some(p) => Some(PostProcessor::load(&host, p)?),
+            None => None,
+        };
+        let settings = mel_settings(&config, &encoder);
+        let manifest = build_manifest(&config, &settings)?;
+        let mut projector = Projector::new(
+            &config.projector,
+            encoder.config.d_model,
+            llm.model.config.hidden_size,
+            config.train.seed,
+            &rt.device,
+        )?;
+        match checkpoint {
+            Some(p) => {
+                crate::train::checkpoint::load_trained(
+                    p,
+                    &mut projector,
+                    &manifest,
+                    "caption",
+                    allow_mismatch,
+                )?;
+            }
+            None => tracing::warn!(
+                "no checkpoint: the projector is freshly initialised (seed {}), so the captions are gibberish",
+                config.train.seed
+            ),
+        }
+        let clips = ClipEncoder::with_default_cache(encoder, rt, settings, &manifest)?;
+        Ok(Self {
+            config,
+            llm,
+            clips,
+            projector,
+            manifest,
+            host,
+            template,
+            post,
+            prefixes: PrefixCache::default(),
+        })
+    }
+
+    /// The config's dataset, with `split` checked to exist.
+    pub fn open_dataset(&self, split: &str) -> Result<DatasetAdapter> {
+        open_dataset(&self.host, &self.config, &[split])
+    }
+
+    /// Work done by the encoder so far (windows from the cache, mel and encoder runs).
+    pub fn encode_counts(&self) -> EncodeCounts {
+        self.clips.counts
+    }
+
+    /// Captions `items`: one result per item, in order. Items that share the text before the
+    /// audio are decoded `batch_size` at a time; one item's failure (bad audio, a prompt too
+    /// long for the context, a failing plugin) fails that item only. `one_at_a_time` decodes
+    /// each caption alone and reports its text as it grows ([`CaptionEvent::Partial`]).
+    pub fn caption(
+        &mut self,
+        items: &[CaptionItem],
+        settings: &CaptionSettings,
+        one_at_a_time: bool,
+        on_event: &mut dyn FnMut(CaptionEvent),
+    ) -> Result<Vec<ItemResult>> {
+        Sampler::new(settings.sampling)?;
+        let mut jobs = Vec::new();
+        let mut failed: HashMap<usize, String> = HashMap::new();
+        for (k, item) in items.iter().enumerate() {
+            match self.prepare(k, item, settings) {
+                Ok(j) => jobs.extend(j),
+                Err(e) => {
+                    failed.insert(k, format!("{e:#}"));
+                }
+            }
+        }
+        let per_batch = if one_at_a_time {
+            1
+        } else {
+            settings.batch_size.max(1)
+        };
+        let results =
+            self.decode_jobs(items, &jobs, settings, per_batch, one_at_a_time, on_event)?;
+        let mut per_item: Vec<ItemResult> = (0..items.len()).map(|_| Ok(Vec::new())).collect();
+        for (job, result) in jobs.iter().zip(results) {
+            match (&mut per_item[job.item], result) {
+                (Ok(done), Ok(c)) => done.push(c),
+                (slot @ Ok(_), Err(e)) => *slot = Err(e),
+                (Err(_), _) => {}
+            }
+        }
+        for (k, e) in failed {
+            per_item[k] = Err(e);
+        }
+        Ok(per_item)
+    }
+
+    /// Decodes, encodes and lays out one item: one job per caption it needs.
+    fn prepare(
+        &mut self,
+        k: usize,
+        item: &CaptionItem,
+        settings: &CaptionSettings,
+    ) -> Result<Vec<Job>> {
+        let started = Instant::now();
+        let max_s = self.config.data.max_audio_s;
+        let root = &self.config.data.root;
+        let (samples, segment) = match &item.input {
+            AudioInput::File(p) => (
+                audio::load_16k_mono_within(p, audio::Segment::whole(), max_s)?,
+                (None, None),
+            ),
+            AudioInput::Example(ex) => (
+                load_example_audio(ex, root, example_segment(ex), max_s)?,
+                (ex.start_s, ex.end_s),
+            ),
+            AudioInput::Samples(s) => {
+                if s.len() as f64 > max_s * audio::SAMPLE_RATE as f64 {
+                    bail!("{}: longer than data.max-audio-s = {max_s} s", item.audio);
+                }
+                (s.clone(), (None, None))
+            }
+        };
+        let encoded = self.clips.encode_samples(&samples, segment, None)?;
+        let prompt = prompt::render(
+            &mut self.template,
+            &self.llm.tokenizer,
+            &item.metadata,
+            &self.config.plugins.prompt_options,
+            None,
+        )?;
+        let duration = samples.len() as f64 / audio::SAMPLE_RATE as f64;
+        let groups: Vec<(Option<Span>, Vec<Tensor>)> = match settings.long_audio {
+            LongAudio::PerWindow => encoded
+                .into_iter()
+                .enumerate()
+                .map(|(w, e)| {
+                    let start = w as f64 * WINDOW_S;
+                    (Some((start, (start + WINDOW_S).min(duration))), vec![e])
+                })
+                .collect(),
+            LongAudio::Concat => vec![(None, encoded)],
+        };
+        let prepare_s = started.elapsed().as_secs_f64();
+        let before = &prompt.pieces.before;
+        let context = self.llm.model.config.max_position_embeddings;
+        groups
+            .into_iter()
+            .map(|(span, windows)| {
+                let audio = project_windows(&self.projector, &windows)?;
+                let rest =
+                    sequence_embeddings(&self.llm.model, &[], &audio, &prompt.pieces.after, &[])?;
+                // Checked here so one over-long clip fails alone, not its batch.
+                let positions = before.len() + rest.dim(1)?;
+                if positions + settings.max_tokens > context {
+                    bail!(
+                        "{positions} prompt positions ({} windows of audio) plus --max-tokens {} exceed the LLM's context of {context}; use --long-audio per-window or fewer tokens",
+                        windows.len(),
+                        settings.max_tokens
+                    );
+                }
+                Ok(Job {
+                    item: k,
+                    span,
+                    prefix: before.clone(),
+                    rest,
+                    stop_strings: prompt.stop_strings.clone(),
+                    prepare_s,
+                })
+            })
+            .collect()
+    }
+
+    /// Decodes the jobs, those sharing the text before the audio together, `per_batch` at a
+    /// time; each caption post-processed as soon as it is decoded.
+    fn decode_jobs(
+        &mut self,
+        items: &[CaptionItem],
+        jobs: &[Job],
+        settings: &CaptionSettings,
+        per_batch: usize,
+        stream: bool,
+        on_event: &mut dyn FnMut(CaptionEvent),
+    ) -> Result<Vec<std::result::Result<WindowCaption, String>>> {
+        let mut results: Vec<Option<std::result::Result<WindowCaption, String>>> =
+            (0..jobs.len()).map(|_| None).collect();
+        let mut order: Vec<usize> = (0..jobs.len()).collect();
+        order.sort_by(|&a, &b| jobs[a].prefix.cmp(&jobs[b].prefix).then(a.cmp(&b)));
+        let windows_of = |item: usize| jobs.iter().filter(|j| j.item == item).count();
+        for group in order.chunk_by(|&a, &b| jobs[a].prefix == jobs[b].prefix) {
+            let prefix = self
+                .prefixes
+                .get_or_compute(&self.llm.model, &jobs[group[0]].prefix)?;
+            for sub in group.chunks(per_batch) {
+                for &j in sub {
+                    on_event(CaptionEvent::Started {
+                        item: jobs[j].item,
+                        span: jobs[j].span,
+                        windows: windows_of(jobs[j].item),
+                    });
+                }
+                let mut requests = sub
+                    .iter()
+                    .map(|&j| {
+                        Ok(DecodeRequest {
+                            rest: jobs[j].rest.clone(),
+                            sampler: Sampler::new(settings.sampling)?,
+                            max_tokens: settings.max_tokens,
+                            stop_strings: jobs[j].stop_strings.clone(),
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let options = DecodeOptions {
+                    tokenizer: Some(&self.llm.tokenizer),
+                    eos: self.llm.tokenizer.special.eos,
+                    trace: NonFiniteTrace::default(),
+                };
+                let decoded = decode_batch(
+                    &self.llm.model,
+                    &prefix,
+                    &mut requests,
+                    &options,
+                    |r, text| {
+                        if stream {
+                            on_event(CaptionEvent::Partial {
+                                item: jobs[sub[r]].item,
+                                text,
+                            });
+                        }
+                    },
+                );
+                for (r, &j) in sub.iter().enumerate() {
+                    let result = match &decoded {
+                        Ok(d) => self.finish(&jobs[j], &items[jobs[j].item], d[r].clone()),
+                        Err(e) => Err(format!("{e:#}")),
+                    };
+                    on_event(CaptionEvent::Finished {
+                        item: jobs[j].item,
+                        result: &result,
+                    });
+                    results[j] = Some(result);
+                }
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("every job decoded"))
+            .collect())
+    }
+
+    /// The post-processor applied to a decoded caption.
+    fn finish(
+        &mut self,
+        job: &Job,
+        item: &CaptionItem,
+        d: Decoded,
+    ) -> std::result::Result<WindowCaption, String> {
+        let _span = tracing::debug_span!("post-process").entered();
+        let text = match self.post.as_mut() {
+            Some(p) => p
+                .process(&d.text, &job.stop_strings, &item.metadata)
+                .map_err(|e| format!("{:#}", anyhow!(e)))?,
+            None => d.text.clone(),
+        };
+        Ok(WindowCaption {
+            span: job.span,
+            text,
+            raw: d.text,
+            tokens: d.ids.len(),
+            finish: d.finish,
+            seconds: job.prepare_s + d.done.as_secs_f64(),
+        })
+    }
+}

@@ -1,0 +1,159 @@
+//! Audio into frozen-encoder outputs, one (1, 1500, d_enc) tensor per 30 s window, through
+//! the on-disk encoder cache. The cache is looked up first: a window found there costs no
+//! log-mel and no encoder forward (an epoch served from the cache computes neither; the
+//! counters below let a test check it).
+
+use anyhow::Result;
+use candle_core::Tensor;
+
+use super::encoder_cache::{encoder_identity, EncoderCache};
+use crate::config::RunConfig;
+use crate::mel::{LogMelExtractor, MelSettings, N_FRAMES, N_SAMPLES, WINDOW_S};
+use crate::models::nonfinite::NonFiniteTrace;
+use crate::models::whisper::WhisperEncoder;
+use crate::models::Runtime;
+use crate::plugins::Example;
+
+use super::examples::{first_window_segment, load_example_audio};
+use super::manifest::Manifest;
+
+/// The log-mel settings a run feeds its encoder: the encoder's bins, the config's padding,
+/// consecutive 30 s windows.
+pub fn mel_settings(config: &RunConfig, encoder: &WhisperEncoder) -> MelSettings {
+    MelSettings {
+        n_mels: encoder.config.num_mel_bins,
+        padding: config.mel.padding,
+        window_hop_s: WINDOW_S,
+    }
+}
+
+/// Work done by a [`ClipEncoder`], for logs and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EncodeCounts {
+    /// Windows whose log-mel was computed.
+    pub mel_windows: usize,
+    /// Windows that went through the encoder (not found in the cache).
+    pub encoder_runs: usize,
+    /// Windows read from the cache.
+    pub cache_hits: usize,
+}
+
+/// The frozen encoder with its mel front-end and cache.
+pub struct ClipEncoder {
+    pub encoder: WhisperEncoder,
+    pub rt: Runtime,
+    pub settings: MelSettings,
+    mel: LogMelExtractor,
+    cache: Option<EncoderCache>,
+    pub counts: EncodeCounts,
+}
+
+impl ClipEncoder {
+    /// With the on-disk cache under `$EARSHOT_HOME/cache/encoder`, keyed by the manifest's
+    /// encoder checksum and mel settings.
+    pub fn with_default_cache(
+        encoder: WhisperEncoder,
+        rt: Runtime,
+        settings: MelSettings,
+        manifest: &Manifest,
+    ) -> Result<Self> {
+        let cache = EncoderCache::new(
+            EncoderCache::default_dir(),
+            &encoder_identity(&manifest.encoder, &rt),
+            &manifest.mel,
+        );
+        Self::new(encoder, rt, settings, Some(cache))
+    }
+
+    /// `cache: None` computes every window.
+    pub fn new(
+        encoder: WhisperEncoder,
+        rt: Runtime,
+        settings: MelSettings,
+        cache: Option<EncoderCache>,
+    ) -> Result<Self> {
+        Ok(Self {
+            mel: LogMelExtractor::new(settings.n_mels)?,
+            encoder,
+            rt,
+            settings,
+            cache,
+            counts: EncodeCounts::default(),
+        })
+    }
+
+    /// The encoder's output width.
+    pub fn d_model(&self) -> usize {
+        self.encoder.config.d_model
+    }
+
+    /// Decodes and encodes the first window of an example's audio: (1, 1500, d_enc), what
+    /// training uses. Clips longer than 30 s are cut (with a warning).
+    pub fn encode_example_first_window(
+        &mut self,
+        ex: &Example,
+        root: &std::path::Path,
+        max_audio_s: f64,
+    ) -> Result<Tensor> {
+        let samples = load_example_audio(ex, root, first_window_segment(ex), max_audio_s)?;
+        let mut windows = self.encode_samples(&samples, (ex.start_s, ex.end_s), Some(1))?;
+        if samples.len() > N_SAMPLES {
+            tracing::warn!(
+                "example {}: longer than 30 s of audio; training uses the first 30 s",
+                ex.id
+            );
+        }
+        Ok(windows.remove(0))
+    }
+
+    /// Encoder outputs (1, 1500, d_enc) of the 30 s windows of 16 kHz mono `samples` (at
+    /// most `max_windows`), each read from the cache or computed and stored there.
+    /// `segment` is the part of the file the samples came from (part of the cache key).
+    pub fn encode_samples(
+        &mut self,
+        samples: &[f32],
+        segment: (Option<f64>, Option<f64>),
+        max_windows: Option<usize>,
+    ) -> Result<Vec<Tensor>> {
+        let _span = tracing::debug_span!("encode", samples = samples.len()).entered();
+        let spans = self.mel.window_spans(samples.len(), &self.settings)?;
+        let n = max_windows.map_or(spans.len(), |m| spans.len().min(m));
+        let clip_key = self.cache.as_ref().map(|c| c.key(samples, segment));
+        let dims = [1, N_FRAMES / 2, self.encoder.config.d_model];
+        let mut features = vec![0f32; self.settings.n_mels * N_FRAMES];
+        let mut out = Vec::with_capacity(n);
+        for (w, span) in spans.into_iter().take(n).enumerate() {
+            let key = clip_key.as_ref().map(|k| EncoderCache::window_key(k, w));
+            if let (Some(c), Some(k)) = (&self.cache, &key) {
+                if let Some(t) = c.get(k, &dims, &self.rt.device) {
+                    self.counts.cache_hits += 1;
+                    out.push(t);
+                    continue;
+                }
+            }
+            {
+                let _mel = tracing::debug_span!("mel", window = w).entered();
+                self.mel
+                    .window_features_into(&samples[span], self.settings.padding, &mut features);
+                self.counts.mel_windows += 1;
+            }
+            let x = Tensor::from_slice(
+                &features,
+                (1, self.settings.n_mels, N_FRAMES),
+                &self.rt.device,
+            )?;
+            let encoded = {
+                let _enc = tracing::debug_span!("encoder forward", window = w).entered();
+                self.encoder.forward(&x, NonFiniteTrace::default())?
+            };
+            self.counts.encoder_runs += 1;
+            if let (Some(c), Some(k)) = (&self.cache, &key) {
+                if let Err(e) = c.put(k, &encoded) {
+                    tracing::warn!("cannot write the encoder cache: {e:#}");
+                }
+            }
+            out.push(encoded);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,115 @@
+//! Examples from a dataset adapter: the dataset opened with its split checks and warnings,
+//! and each example's audio (a path beneath the dataset root, or inline bytes) decoded.
+
+use std::io::Write;
+use std::path::{Component, Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use crate::audio::{self, Segment};
+use crate::config::RunConfig;
+use crate::plugins::{AudioSource, DatasetAdapter, Example, PluginHost};
+
+/// The run config's dataset adapter opened on its root, its warnings logged, and each of
+/// `splits` checked to exist (an error lists the splits there are).
+pub fn open_dataset(
+    host: &PluginHost,
+    config: &RunConfig,
+    splits: &[&str],
+) -> Result<DatasetAdapter> {
+    let data = &config.data;
+    let adapter = DatasetAdapter::open(host, &data.adapter, &data.root, &data.options)?;
+    for w in &adapter.dataset.warnings {
+        tracing::warn!("dataset: {w}");
+    }
+    for split in splits {
+        adapter
+            .require_split(split)
+            .with_context(|| format!("dataset {}", data.root.display()))?;
+    }
+    Ok(adapter)
+}
+
+/// Opens an audio path from an (untrusted) adapter beneath `root` with the rule the plugin's
+/// own /data view follows: no `..`, no absolute path, and no symbolic link that leads out
+/// of the root (links that stay inside it are followed). Returns the file and the path to
+/// name it by.
+pub fn open_beneath(root: &Path, rel: &str) -> Result<(std::fs::File, PathBuf)> {
+    let p = Path::new(rel);
+    if p.is_absolute()
+        || p.components()
+            .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+    {
+        bail!("audio path {rel:?} from the dataset adapter leaves the dataset root; refused");
+    }
+    let shown = root.join(p);
+    let dir = cap_std::fs::Dir::open_ambient_dir(root, cap_std::ambient_authority())
+        .with_context(|| format!("{}: cannot open the dataset root", root.display()))?;
+    let file = dir.open(p).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            anyhow::anyhow!("{}: cannot open: {e}", shown.display())
+        } else {
+            anyhow::anyhow!(
+                "{}: refused: it cannot be opened beneath the dataset root {} ({e}); a \
+                 symbolic link that leads out of the root is not followed",
+                shown.display(),
+                root.display()
+            )
+        }
+    })?;
+    Ok((file.into_std(), shown))
+}
+
+/// How an example's audio is named in output and errors.
+pub fn audio_label(ex: &Example, root: &Path) -> String {
+    match &ex.audio {
+        AudioSource::Path(rel) => root.join(rel).display().to_string(),
+        AudioSource::Inline(b) => format!("<{} inline bytes>", b.len()),
+    }
+}
+
+/// The 16 kHz mono samples of `segment` of an example's audio (a file beneath `root`, or
+/// inline bytes), refused past `max_audio_s` seconds.
+pub fn load_example_audio(
+    ex: &Example,
+    root: &Path,
+    segment: Segment,
+    max_audio_s: f64,
+) -> Result<Vec<f32>> {
+    let (file, shown) = match &ex.audio {
+        AudioSource::Path(rel) => open_beneath(root, rel)?,
+        AudioSource::Inline(bytes) => {
+            let mut tmp = tempfile::tempfile()?;
+            tmp.write_all(bytes)?;
+            std::io::Seek::rewind(&mut tmp)?;
+            (
+                tmp,
+                PathBuf::from(format!("example {}: inline audio", ex.id)),
+            )
+        }
+    };
+    let decoded = audio::decode_file_mono(file, &shown, segment, Some(max_audio_s))?;
+    Ok(audio::to_16k(&shown, decoded)?)
+}
+
+/// The segment of its audio an example asks for.
+pub fn example_segment(ex: &Example) -> Segment {
+    Segment {
+        start: ex.start_s,
+        end: ex.end_s,
+    }
+}
+
+/// The part of an example's segment that its first encoder window covers, and one sample
+/// more (to know whether the clip goes on): all that training decodes.
+pub fn first_window_segment(ex: &Example) -> Segment {
+    let start = ex.start_s.unwrap_or(0.0);
+    let first_window_end = start + crate::mel::WINDOW_S + 1e-3;
+    Segment {
+        start: ex.start_s,
+        end: Some(
+            ex.end_s
+                .map_or(first_window_end, |e| e.min(first_window_end)),
+        ),
+    }
+}

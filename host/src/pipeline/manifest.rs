@@ -1,0 +1,123 @@
+//! What a trained projector depends on (encoder, LLM, tokenizer, template, mel settings,
+//! projector shape) as checksums, and the one check a checkpoint passes before it is used
+//! for resuming, captioning or evaluation.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::RunConfig;
+use crate::mel::MelSettings;
+
+/// What a checkpoint was trained against; using it against anything else is refused unless
+/// the user allows the mismatch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub encoder: String,
+    pub llm: String,
+    pub tokenizer: String,
+    pub prompt_template: String,
+    pub mel: String,
+    pub projector: String,
+}
+
+impl Manifest {
+    /// Names of the fields that differ from `other`.
+    pub fn differences(&self, other: &Manifest) -> Vec<&'static str> {
+        let pairs = [
+            ("Whisper encoder weights", &self.encoder, &other.encoder),
+            ("LLM weights", &self.llm, &other.llm),
+            ("tokenizer", &self.tokenizer, &other.tokenizer),
+            (
+                "prompt-template plugin",
+                &self.prompt_template,
+                &other.prompt_template,
+            ),
+            ("mel settings", &self.mel, &other.mel),
+            ("projector config", &self.projector, &other.projector),
+        ];
+        pairs
+            .iter()
+            .filter(|(_, a, b)| a != b)
+            .map(|(n, _, _)| *n)
+            .collect()
+    }
+
+    /// Checks that the checkpoint `what` (trained against `self`) fits `current`: an error
+    /// naming the differences, or a warning when `allow_mismatch`. `purpose` says what the
+    /// checkpoint is about to be used for ("resume", "caption").
+    pub fn check(
+        &self,
+        current: &Manifest,
+        what: &Path,
+        purpose: &str,
+        allow_mismatch: bool,
+    ) -> Result<()> {
+        let differs = self.differences(current);
+        if differs.is_empty() {
+            return Ok(());
+        }
+        let what_differs = differs.join(", ");
+        if allow_mismatch {
+            tracing::warn!(
+                "checkpoint {} was made with a different {what_differs}; used anyway (--allow-mismatch)",
+                what.display()
+            );
+            return Ok(());
+        }
+        bail!(
+            "checkpoint {} was made with a different {what_differs}; refusing to {purpose} with it (--allow-mismatch overrides)",
+            what.display()
+        )
+    }
+}
+
+/// sha256 over the files' contents, in order, hex.
+pub fn sha256_files(paths: &[PathBuf]) -> Result<String> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for p in paths {
+        let mut f =
+            std::fs::File::open(p).with_context(|| format!("{}: cannot read", p.display()))?;
+        loop {
+            let n = f
+                .read(&mut buf)
+                .with_context(|| format!("{}: cannot read", p.display()))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Checksums of everything a trained projector depends on.
+pub fn build_manifest(config: &RunConfig, mel: &MelSettings) -> Result<Manifest> {
+    let whisper = &config.models.whisper;
+    let mut enc_files = crate::models::whisper::safetensors_files(whisper)?;
+    enc_files.push(whisper.join("config.json"));
+    let llm = &config.models.llm;
+    let (llm_hash, tok_hash) = if llm.is_dir() {
+        let mut files = crate::models::whisper::safetensors_files(llm)?;
+        files.push(llm.join("config.json"));
+        (
+            sha256_files(&files)?,
+            sha256_files(&[llm.join("tokenizer.json")])?,
+        )
+    } else {
+        let h = sha256_files(std::slice::from_ref(llm))?;
+        (h.clone(), format!("embedded in {h}"))
+    };
+    Ok(Manifest {
+        encoder: sha256_files(&enc_files)?,
+        llm: llm_hash,
+        tokenizer: tok_hash,
+        prompt_template: sha256_files(std::slice::from_ref(&config.plugins.prompt_template))?,
+        mel: serde_json::to_string(mel)?,
+        projector: serde_json::to_string(&config.projector)?,
+    })
+}

@@ -211,3 +211,23 @@ fn fuzzer_findings_fail_cleanly() {
         &["not a recognised audio file"],
     );
 }
+
+/// The exit statuses `earshot --help` documents: 2 for a bad command line, 1 for a failed
+/// command (here a missing file), and the list itself in the help text.
+#[test]
+fn exit_statuses_are_documented_and_distinct() {
+    let help = expect_success(&earshot(["--help"]));
+    for status in [
+        "0 success",
+        "1 the command failed",
+        "2 usage error",
+        "3 partial failure",
+        "4 integrity",
+    ] {
+        assert!(help.contains(status), "--help lacks {status:?}: {help}");
+    }
+    let err = expect_exit(&earshot(["caption", "--no-such-flag"]), EXIT_USAGE);
+    assert!(err.contains("--no-such-flag"), "{err}");
+    let err = expect_failure(&earshot(["inspect", "/no/such/model.gguf"]));
+    assert!(err.contains("/no/such/model.gguf"), "{err}");
+}

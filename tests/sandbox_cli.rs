@@ -158,7 +158,7 @@ fn example_audio_cannot_leave_the_dataset_root_through_symlinks() {
         ],
     ));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(out.status.code(), Some(EXIT_PARTIAL), "{err}");
     assert!(err.contains("2 of 4 input(s) failed"), "{err}");
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -240,7 +240,7 @@ fn a_decoder_panic_is_an_error_naming_the_file() {
         &[&"--split", &"train", &"--max-tokens", &"2"],
     ));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(out.status.code(), Some(EXIT_PARTIAL), "{err}");
     assert!(
         err.contains("1 of 2 input(s) failed") && !err.contains("panicked"),
         "{err}"

@@ -156,10 +156,11 @@ fn overfitting_eight_clips_learns_their_captions() {
         ]))
     };
     assert_eq!(sampled("3"), sampled("3"));
-    // One bad input: an error line for it, the others captioned, exit 1 with a count.
+    // One bad input: an error line for it, the others captioned, exit 3 (partial failure)
+    // with a count; every input failing is a failed run (exit 1).
     let missing = d.path().join("data/clips/missing.wav");
     let out = caption(&[clip.as_os_str(), missing.as_os_str()]);
-    let err = expect_failure(&out);
+    let err = expect_exit(&out, EXIT_PARTIAL);
     assert!(
         err.contains("missing.wav") && err.contains("1 of 2 input(s) failed"),
         "{err}"
@@ -171,6 +172,9 @@ fn overfitting_eight_clips_learns_their_captions() {
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[0]["caption"], "Tone number five.");
     assert!(lines[1]["error"].as_str().unwrap().contains("missing.wav"));
+    let out = caption(&[missing.as_os_str(), missing.as_os_str()]);
+    let err = expect_failure(&out);
+    assert!(err.contains("all 2 input(s) failed"), "{err}");
 
     check_caption_cli(d.path(), &caption);
 }

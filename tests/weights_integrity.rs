@@ -61,11 +61,11 @@ fn nan_and_inf_weights_are_reported_by_name_with_counts() {
         t.insert(FC1.into(), set_element(&a, 11, f32::NAN));
         t.insert(POS.into(), set_element(&t[POS], 3, f32::INFINITY));
     });
-    for out in [
-        encode_with(&w, &[]),
-        earshot(["inspect".as_ref(), w.as_os_str()]),
+    for (out, code) in [
+        (encode_with(&w, &[]), 1),
+        (earshot(["inspect".as_ref(), w.as_os_str()]), EXIT_INTEGRITY),
     ] {
-        let err = expect_failure(&out);
+        let err = expect_exit(&out, code);
         assert!(err.contains("2 tensor(s) hold non-finite values"), "{err}");
         assert!(
             err.contains(&format!("{FC1} (NaN: 2, +Inf: 0, -Inf: 0)")),
@@ -105,11 +105,11 @@ fn truncated_safetensors_is_refused() {
     let f = w.join("model.safetensors");
     let bytes = std::fs::read(&f).unwrap();
     std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
-    for out in [
-        encode_with(&w, &[]),
-        earshot(["inspect".as_ref(), w.as_os_str()]),
+    for (out, code) in [
+        (encode_with(&w, &[]), 1),
+        (earshot(["inspect".as_ref(), w.as_os_str()]), EXIT_INTEGRITY),
     ] {
-        let err = expect_failure(&out);
+        let err = expect_exit(&out, code);
         assert!(
             err.contains("model.safetensors: invalid or truncated safetensors"),
             "{err}"
@@ -124,7 +124,7 @@ fn truncated_gguf_is_refused() {
     let bytes = std::fs::read(default_gguf()).unwrap();
     std::fs::write(&f, &bytes[..bytes.len() * 2 / 3]).unwrap();
     let out = earshot(["inspect".as_ref(), f.as_os_str()]);
-    let err = expect_failure(&out);
+    let err = expect_exit(&out, EXIT_INTEGRITY);
     assert!(
         err.contains("cut.gguf") && err.contains("truncated"),
         "{err}"
@@ -144,7 +144,7 @@ fn truncated_gguf_is_refused() {
     // Cut inside the header.
     std::fs::write(&f, &bytes[..1000]).unwrap();
     let out = earshot(["inspect".as_ref(), f.as_os_str()]);
-    let err = expect_failure(&out);
+    let err = expect_exit(&out, EXIT_INTEGRITY);
     assert!(err.contains("invalid or truncated GGUF"), "{err}");
 }
 

@@ -222,11 +222,22 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
 
 /// Asserts a CLI run failed cleanly (exit 1, no panic) and returns its stderr.
 pub fn expect_failure(out: &Output) -> String {
+    expect_exit(out, 1)
+}
+
+/// Exit statuses the CLI documents (`earshot --help`, README): a caption run where some
+/// inputs failed, and `inspect` finding damaged weights.
+pub const EXIT_USAGE: i32 = 2;
+pub const EXIT_PARTIAL: i32 = 3;
+pub const EXIT_INTEGRITY: i32 = 4;
+
+/// Asserts a CLI run exited with `code` without panicking and returns its stderr.
+pub fn expect_exit(out: &Output, code: i32) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(
         out.status.code(),
-        Some(1),
-        "expected exit 1; stderr: {stderr}"
+        Some(code),
+        "expected exit {code}; stderr: {stderr}"
     );
     assert!(!stderr.contains("panicked"), "panicked: {stderr}");
     stderr

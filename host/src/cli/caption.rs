@@ -128,8 +128,13 @@ pub fn run(args: CaptionArgs) -> Result<()> {
         counts.encoder_runs,
         counts.cache_hits
     );
+    if failures == total && total > 0 {
+        bail!("all {total} input(s) failed");
+    }
     if failures > 0 {
-        bail!("{failures} of {total} input(s) failed");
+        return Err(super::exit::Exit::partial(format!(
+            "{failures} of {total} input(s) failed; the others were captioned"
+        )));
     }
     Ok(())
 }

@@ -1,13 +1,11 @@
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use sha2::{Digest, Sha256};
 
 use crate::models::llm::ChatTokenizer;
-use crate::models::weights::WeightStore;
+use crate::models::weights::{ModelError, WeightStore};
 use crate::models::whisper::safetensors_files;
 use crate::models::Runtime;
 
@@ -32,6 +30,24 @@ struct Summary {
 }
 
 pub fn run(args: InspectArgs) -> Result<()> {
+    inspect(&args).map_err(|e| {
+        // Damaged weights (a truncated or invalid file, non-finite values) exit with their
+        // own status, so scripts can tell them from a wrong path.
+        let damaged = e.chain().any(|c| {
+            matches!(
+                c.downcast_ref::<ModelError>(),
+                Some(ModelError::Format { .. } | ModelError::NonFinite { .. })
+            )
+        });
+        if damaged {
+            super::exit::Exit::integrity(format!("{e:#}"))
+        } else {
+            e
+        }
+    })
+}
+
+fn inspect(args: &InspectArgs) -> Result<()> {
     let rt = Runtime::cpu();
     let p = &args.path;
     let (summary, store) = if p.is_dir() && p.join("model.bin").is_file() {
@@ -63,7 +79,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
         println!(
             "sha256 {}: {}",
             f.file_name().unwrap_or_default().to_string_lossy(),
-            sha256(f)?
+            crate::pipeline::sha256_files(std::slice::from_ref(f))?
         );
     }
     store.verify_finite()?;
@@ -109,8 +125,13 @@ fn special_lines(tok: &ChatTokenizer) -> Vec<String> {
 fn inspect_gguf(path: &Path, rt: &Runtime) -> Result<(Summary, WeightStore)> {
     // Stored (quantized) dtypes from the header; values checked after dequantization.
     let mut f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
-    let content = candle_core::quantized::gguf_file::Content::read(&mut f)
-        .map_err(|e| anyhow::anyhow!("{}: invalid or truncated GGUF file: {e}", path.display()))?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut f).map_err(|e| {
+        ModelError::Format {
+            path: path.to_path_buf(),
+            format: "GGUF",
+            reason: e.to_string(),
+        }
+    })?;
     let mut by_dtype = BTreeMap::new();
     let mut params = 0;
     for info in content.tensor_infos.values() {
@@ -192,18 +213,4 @@ fn inspect_ct2(dir: &Path) -> Result<(Summary, WeightStore)> {
     s.architecture = format!("{} (CTranslate2)", model.spec);
     s.files = vec![bin];
     Ok((s, store))
-}
-
-fn sha256(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
 }

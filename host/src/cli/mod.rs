@@ -8,6 +8,7 @@ mod common;
 mod compare;
 mod dataset;
 mod encode;
+pub mod exit;
 mod generate;
 mod import;
 mod inspect;
@@ -27,6 +28,7 @@ use clap::{Parser, Subcommand};
     version,
     about = "Teach a frozen LLM to listen: Whisper encoder + trainable projector + frozen LLM",
     long_about = None,
+    after_help = exit::HELP,
 )]
 pub struct Cli {
     /// More log output on stderr (-v info, -vv debug). RUST_LOG overrides.
@@ -94,14 +96,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // The reader went away (`| head`): stop quietly, as other Unix tools do.
-        Err(err)
-            if err.chain().any(|e| {
-                e.downcast_ref::<std::io::Error>()
-                    .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
-            }) =>
-        {
-            ExitCode::from(141)
-        }
+        Err(err) if exit::code_of(&err) == exit::BROKEN_PIPE => ExitCode::from(exit::BROKEN_PIPE),
         Err(err) => {
             // Errors carry text from plugins and files: escape what could drive the terminal.
             let text = format!("{err:#}");
@@ -110,7 +105,7 @@ pub fn main() -> ExitCode {
                 .map(|l| crate::plugins::display_text(l, 64 * 1024))
                 .collect();
             eprintln!("error: {}", safe.join("\n"));
-            ExitCode::FAILURE
+            ExitCode::from(exit::code_of(&err))
         }
     }
 }

@@ -159,17 +159,24 @@ impl Ct2Model {
 
     fn scalar_int(&self, path: &Path, name: &str) -> Result<usize> {
         let v = self.var(path, name)?;
-        Ok(match v.bytes.len() {
-            1 => v.bytes[0] as usize,
-            2 => i16::from_le_bytes([v.bytes[0], v.bytes[1]]) as usize,
-            4 => i32::from_le_bytes(v.bytes[..4].try_into().unwrap()) as usize,
-            _ => {
-                return Err(ModelError::Format {
-                    path: path.to_path_buf(),
-                    format: "CTranslate2 model.bin",
-                    reason: format!("scalar `{name}` has {} bytes", v.bytes.len()),
-                })
-            }
+        let bad = |reason: String| ModelError::Format {
+            path: path.to_path_buf(),
+            format: "CTranslate2 model.bin",
+            reason,
+        };
+        // CTranslate2 stores integer scalars as signed int8/int16/int32.
+        let value: i64 = match v.bytes.len() {
+            1 => i64::from(v.bytes[0] as i8),
+            2 => i64::from(i16::from_le_bytes([v.bytes[0], v.bytes[1]])),
+            4 => i64::from(i32::from_le_bytes([
+                v.bytes[0], v.bytes[1], v.bytes[2], v.bytes[3],
+            ])),
+            n => return Err(bad(format!("scalar `{name}` has {n} bytes"))),
+        };
+        usize::try_from(value).map_err(|_| {
+            bad(format!(
+                "scalar `{name}` is {value}; a count must not be negative"
+            ))
         })
     }
 
@@ -434,4 +441,48 @@ pub struct ImportSummary {
     pub decoder_layers: usize,
     pub d_model: usize,
     pub n_mels: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model_with(bytes: Vec<u8>) -> Ct2Model {
+        let mut vars = BTreeMap::new();
+        vars.insert(
+            "encoder/num_heads".to_string(),
+            Ct2Var {
+                dims: Vec::new(),
+                dtype: DType::U8,
+                bytes,
+            },
+        );
+        Ct2Model {
+            spec: "WhisperSpec".into(),
+            vars,
+            aliases: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn integer_scalars_are_signed_and_a_negative_count_is_an_error() {
+        let path = Path::new("model.bin");
+        let read = |b: Vec<u8>| model_with(b).scalar_int(path, "encoder/num_heads");
+        assert_eq!(read(vec![6]).unwrap(), 6);
+        assert_eq!(read(6i16.to_le_bytes().to_vec()).unwrap(), 6);
+        assert_eq!(read(20i32.to_le_bytes().to_vec()).unwrap(), 20);
+        for bytes in [
+            vec![0xff],
+            (-2i16).to_le_bytes().to_vec(),
+            (-6i32).to_le_bytes().to_vec(),
+        ] {
+            let err = read(bytes).unwrap_err().to_string();
+            assert!(
+                err.contains("encoder/num_heads") && err.contains("negative"),
+                "{err}"
+            );
+        }
+        let err = read(vec![0; 3]).unwrap_err().to_string();
+        assert!(err.contains("3 bytes"), "{err}");
+    }
 }

@@ -1,8 +1,12 @@
 //! WebAssembly plugins: one wasmtime `Engine` (component model, epoch interruption), a
 //! `Store` per plugin instance in a sandbox, a cache of precompiled components, and one
-//! module per WIT version converting its bindings into the host types in [`types`].
+//! module per WIT version converting its bindings into the host types in [`types`]. Callers
+//! use the version-neutral role handles of `roles` ([`PromptTemplate`], [`DatasetAdapter`],
+//! [`PostProcessor`]); a new WIT version adds a module and a match arm there, and changes no
+//! caller.
 
 mod paging;
+mod roles;
 mod sandbox;
 pub mod types;
 mod v0_1_0;
@@ -15,12 +19,12 @@ use wasmtime::component::{Component, Linker};
 use wasmtime::{Engine, Store};
 
 pub use paging::{SplitPages, PAGE_SIZE};
+pub use roles::{DatasetAdapter, PostProcessor, PromptTemplate};
 pub use sandbox::{SandboxLimits, DATA_MOUNT};
 pub use types::{
     AudioSource, Batch, CallFailure, DatasetInfo, Example, PluginError, PluginInfo, PromptPieces,
     Role,
 };
-pub use v0_1_0::{DatasetAdapter, PostProcessor, PromptTemplate};
 
 use sandbox::{new_store, HostState};
 
@@ -127,6 +131,8 @@ pub struct PluginHost {
 /// A compiled component and what we know about it before running it.
 pub(crate) struct Loaded {
     pub component: Component,
+    /// The plugin API version it was built against (one of [`SUPPORTED_API_VERSIONS`]).
+    pub api_version: &'static str,
 }
 
 impl PluginHost {
@@ -137,12 +143,7 @@ impl PluginHost {
 
     /// The default cache: `$EARSHOT_HOME/cache/plugins` (~/.cache/earshot/cache/plugins).
     pub fn default_cache_dir() -> Option<PathBuf> {
-        let home = std::env::var_os("EARSHOT_HOME")
-            .map(PathBuf::from)
-            .or_else(|| {
-                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/earshot"))
-            })?;
-        Some(home.join("cache/plugins"))
+        Some(crate::config::earshot_home().join("cache/plugins"))
     }
 
     pub fn limits(&self) -> &SandboxLimits {
@@ -170,8 +171,11 @@ impl PluginHost {
         let component = self
             .compile_cached(engine, &bytes)
             .map_err(|e| load_err(format!("invalid component: {e:#}")))?;
-        check_api_version(engine, &component).map_err(load_err)?;
-        Ok(Loaded { component })
+        let api_version = check_api_version(engine, &component).map_err(load_err)?;
+        Ok(Loaded {
+            component,
+            api_version,
+        })
     }
 
     fn compile_cached(&self, engine: &Engine, bytes: &[u8]) -> wasmtime::Result<Component> {
@@ -235,12 +239,12 @@ impl PluginHost {
 
     /// Instantiates `path` only to read its self-description (`earshot plugin check`).
     pub fn describe(&self, path: &Path) -> Result<PluginInfo, PluginError> {
-        v0_1_0::describe(self, path)
+        roles::describe(self, path)
     }
 }
 
 /// Refuses components built against a plugin API this host does not support, naming both.
-fn check_api_version(engine: &Engine, component: &Component) -> Result<(), String> {
+fn check_api_version(engine: &Engine, component: &Component) -> Result<&'static str, String> {
     let ty = component.component_type();
     let exports: Vec<String> = ty
         .exports(engine)
@@ -264,15 +268,16 @@ fn check_api_version(engine: &Engine, component: &Component) -> Result<(), Strin
     let supported = |n: &str| {
         SUPPORTED_API_VERSIONS
             .iter()
-            .any(|v| n.ends_with(&format!("@{v}")))
+            .copied()
+            .find(|v| n.ends_with(&format!("@{v}")))
     };
-    if !ours.iter().any(|n| supported(n)) {
-        let found: Vec<&str> = ours.iter().filter_map(|n| n.split('@').nth(1)).collect();
-        return Err(format!(
-            "built for earshot plugin API {}; this earshot supports {}",
-            found.first().copied().unwrap_or("(unversioned)"),
-            SUPPORTED_API_VERSIONS.join(", ")
-        ));
+    if let Some(version) = ours.iter().find_map(|n| supported(n)) {
+        return Ok(version);
     }
-    Ok(())
+    let found: Vec<&str> = ours.iter().filter_map(|n| n.split('@').nth(1)).collect();
+    Err(format!(
+        "built for earshot plugin API {}; this earshot supports {}",
+        found.first().copied().unwrap_or("(unversioned)"),
+        SUPPORTED_API_VERSIONS.join(", ")
+    ))
 }

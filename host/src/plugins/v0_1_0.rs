@@ -255,6 +255,7 @@ fn classify(store: &Store<HostState>, limits: &SandboxLimits, e: &wasmtime::Erro
 fn instantiate<B>(
     host: &PluginHost,
     path: &Path,
+    loaded: Loaded,
     dataset_root: Option<&Path>,
     make: impl AsyncFnOnce(
         &mut Store<HostState>,
@@ -263,7 +264,6 @@ fn instantiate<B>(
     ) -> wasmtime::Result<B>,
     describe: impl AsyncFnOnce(&B, &mut Store<HostState>) -> wasmtime::Result<wit::PluginInfo>,
 ) -> Result<(Instance<B>, host::PluginInfo), PluginError> {
-    let loaded = host.load(path)?;
     let linker = host.linker()?;
     let mut store = host.store(dataset_root, path)?;
     let load_err = |reason: String| PluginError::Load {
@@ -338,10 +338,15 @@ fn require_role(path: &Path, info: &host::PluginInfo, role: host::Role) -> Resul
     })
 }
 
-pub(crate) fn describe(host: &PluginHost, path: &Path) -> Result<host::PluginInfo, PluginError> {
+pub(crate) fn describe(
+    host: &PluginHost,
+    path: &Path,
+    loaded: Loaded,
+) -> Result<host::PluginInfo, PluginError> {
     let (_, info) = instantiate(
         host,
         path,
+        loaded,
         None,
         async |s, l, linker| base::PluginBase::instantiate_async(s, &l.component, linker).await,
         async |b: &base::PluginBase, s| b.earshot_plugin_plugin().call_describe(s).await,
@@ -396,10 +401,11 @@ pub struct PromptTemplate {
 }
 
 impl PromptTemplate {
-    pub fn load(host: &PluginHost, path: &Path) -> Result<Self, PluginError> {
+    pub fn load(host: &PluginHost, path: &Path, loaded: Loaded) -> Result<Self, PluginError> {
         let (inst, info) = instantiate(
             host,
             path,
+            loaded,
             None,
             async |s, l, linker| {
                 prompt::PromptTemplatePlugin::instantiate_async(s, &l.component, linker).await
@@ -469,10 +475,11 @@ pub struct PostProcessor {
 }
 
 impl PostProcessor {
-    pub fn load(host: &PluginHost, path: &Path) -> Result<Self, PluginError> {
+    pub fn load(host: &PluginHost, path: &Path, loaded: Loaded) -> Result<Self, PluginError> {
         let (inst, info) = instantiate(
             host,
             path,
+            loaded,
             None,
             async |s, l, linker| {
                 post::CaptionPostProcessorPlugin::instantiate_async(s, &l.component, linker).await
@@ -596,6 +603,7 @@ impl DatasetAdapter {
     pub fn open(
         host: &PluginHost,
         path: &Path,
+        loaded: Loaded,
         root: &Path,
         options: &str,
     ) -> Result<Self, PluginError> {
@@ -608,6 +616,7 @@ impl DatasetAdapter {
         let (mut inst, info) = instantiate(
             host,
             path,
+            loaded,
             Some(root),
             async |s, l, linker| {
                 dataset::DatasetAdapterPlugin::instantiate_async(s, &l.component, linker).await
@@ -653,11 +662,6 @@ impl DatasetAdapter {
         &self.inst.name
     }
 
-    /// The sandbox's bound on the examples one split may yield.
-    pub(crate) fn max_examples(&self) -> u64 {
-        self.inst.host.limits().max_examples
-    }
-
     /// Up to `max` examples of `split` from position `start`. A `next` that does not move
     /// past `start` is refused (it would page forever), with or without examples.
     pub fn read(&mut self, split: &str, start: u64, max: u32) -> Result<host::Batch, PluginError> {
@@ -697,5 +701,45 @@ impl DatasetAdapter {
             warnings: warnings(b.warnings),
             next: b.next,
         })
+    }
+}
+
+impl super::roles::PromptTemplateApi for PromptTemplate {
+    fn render(
+        &mut self,
+        metadata: &[(String, String)],
+        options: &str,
+    ) -> Result<host::PromptPieces, PluginError> {
+        PromptTemplate::render(self, metadata, options)
+    }
+
+    fn format_target(
+        &mut self,
+        target: &str,
+        metadata: &[(String, String)],
+        options: &str,
+    ) -> Result<String, PluginError> {
+        PromptTemplate::format_target(self, target, metadata, options)
+    }
+}
+
+impl super::roles::PostProcessorApi for PostProcessor {
+    fn process(
+        &mut self,
+        raw: &str,
+        stop_strings: &[String],
+        metadata: &[(String, String)],
+    ) -> Result<String, PluginError> {
+        PostProcessor::process(self, raw, stop_strings, metadata)
+    }
+}
+
+impl super::roles::DatasetAdapterApi for DatasetAdapter {
+    fn name(&self) -> &str {
+        DatasetAdapter::name(self)
+    }
+
+    fn read(&mut self, split: &str, start: u64, max: u32) -> Result<host::Batch, PluginError> {
+        DatasetAdapter::read(self, split, start, max)
     }
 }

@@ -6,20 +6,20 @@ pub mod batch;
 pub mod checkpoint;
 pub mod optim;
 pub mod plots;
+pub mod run_dir;
+pub mod trainer;
+
+pub use run_dir::RunDir;
+pub use trainer::Trainer;
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use candle_core::Tensor;
-use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
 
 use crate::config::RunConfig;
 use crate::models::llm::{load_llm_with, GgufBlocks, LoadedLlm, PrefixCache};
@@ -33,8 +33,6 @@ use crate::pipeline::{
 };
 use crate::plugins::{DatasetAdapter, PluginHost, PromptTemplate, PAGE_SIZE};
 use batch::{caption_loss, BatchLoss};
-use checkpoint::TrainState;
-use optim::{AdamW, AdamWParams};
 
 /// One training example ready for the loop.
 pub struct Prepared {
@@ -219,16 +217,6 @@ impl SplitInputs<'_> {
     }
 }
 
-/// The order of the examples in `epoch`: a fixed shuffle for (seed, epoch), so the data
-/// position is just the number of samples seen.
-fn epoch_order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..n).collect();
-    order.shuffle(&mut StdRng::seed_from_u64(
-        seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ epoch,
-    ));
-    order
-}
-
 /// How a run starts.
 pub enum Start {
     /// A new run; `overwrite` allows replacing an earlier run in the same folder.
@@ -236,25 +224,6 @@ pub enum Start {
     /// From the newest checkpoint in the run directory; `allow_mismatch` skips the
     /// manifest check.
     Resume { allow_mismatch: bool },
-}
-
-/// Keeps the JSON lines of `path` whose "step" is at most `max_step`.
-fn truncate_jsonl(path: &Path, max_step: usize) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Ok(());
-    };
-    let kept: String = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v["step"].as_u64())
-                .is_some_and(|s| s as usize <= max_step)
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    std::fs::write(path, kept)?;
-    Ok(())
 }
 
 /// Token-weighted mean caption loss of the held-out examples (no gradients kept).
@@ -305,13 +274,6 @@ pub struct StepMetrics {
     /// log10(||delta w|| / ||w||) per parameter tensor.
     pub update_ratio_log10: HashMap<String, f64>,
     pub skipped: bool,
-}
-
-fn sq_norm(t: &Tensor) -> Result<f64> {
-    Ok(t.sqr()?
-        .sum_all()?
-        .to_dtype(candle_core::DType::F64)?
-        .to_scalar::<f64>()?)
 }
 
 /// What the training loop reports as it goes (the CLI prints it through one printer).
@@ -369,330 +331,35 @@ pub fn train(
     progress: &mut dyn FnMut(Event),
 ) -> Result<TrainOutcome> {
     let cfg = &session.config.train;
-    let run_dir = &cfg.run_dir;
-    std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    let ckpt_dir = run_dir.join("checkpoints");
-    let d_enc = session.encoder.config.d_model;
-    let d_llm = session.llm.model.config.hidden_size;
-    let projector = Projector::new(
-        &session.config.projector,
-        d_enc,
-        d_llm,
-        cfg.seed,
-        &session.rt.device,
-    )?;
-    let mut opt = AdamW::new(
-        projector.params().to_vec(),
-        AdamWParams {
-            lr: cfg.lr,
-            beta1: cfg.beta1,
-            beta2: cfg.beta2,
-            eps: cfg.eps,
-            weight_decay: cfg.weight_decay,
-        },
-    )?;
-    let n = session.examples.len();
-    let mut state = TrainState {
-        step: 0,
-        samples_seen: 0,
-        optimizer_steps: 0,
-        seed: cfg.seed,
-        batch_size: cfg.batch_size,
-        accumulate: cfg.accumulate,
-        examples: n,
-        manifest: session.manifest.clone(),
+    let run = RunDir::create(&cfg.run_dir)?;
+    let mut trainer = Trainer::new(session, &run, &start)?;
+    run.write_config(&session.config)?;
+    let mut metrics_file = run.append("metrics.jsonl")?;
+    let mut evals = Evaluations {
+        file: run.append("eval.jsonl")?,
+        best: run.best(trainer.state.step),
+        without_improvement: 0,
     };
-    let metrics_path = run_dir.join("metrics.jsonl");
-    if let Start::Resume { allow_mismatch } = &start {
-        let allow_mismatch = *allow_mismatch;
-        let Some(ckpt) = checkpoint::latest(&ckpt_dir)? else {
-            bail!("--resume: no checkpoint in {}", ckpt_dir.display());
-        };
-        let loaded = checkpoint::load(&ckpt, &session.rt.device)?;
-        let diff = loaded.state.manifest.differences(&session.manifest);
-        if !diff.is_empty() && !allow_mismatch {
-            bail!(
-                "{}: trained against a different {}; refusing to resume (--allow-mismatch overrides)",
-                ckpt.display(),
-                diff.join(", ")
-            );
-        }
-        if loaded.state.seed != cfg.seed
-            || loaded.state.batch_size != cfg.batch_size
-            || loaded.state.accumulate != cfg.accumulate
-            || loaded.state.examples != n
-        {
-            bail!(
-                "{}: seed/batch size/dataset size were {}/{}/{}, now {}/{}/{}: the data order would differ",
-                ckpt.display(),
-                loaded.state.seed,
-                loaded.state.batch_size,
-                loaded.state.examples,
-                cfg.seed,
-                cfg.batch_size,
-                n
-            );
-        }
-        for (name, var) in projector.params() {
-            let t = loaded
-                .projector
-                .get(name)
-                .with_context(|| format!("{}: no tensor {name}", ckpt.display()))?;
-            var.set(t)?;
-        }
-        opt.restore(&loaded.optimizer, loaded.state.optimizer_steps)?;
-        state = loaded.state;
-        state.manifest = session.manifest.clone();
-        // Keep the records of the steps the checkpoint covers, drop any written after it.
-        truncate_jsonl(&metrics_path, state.step)?;
-        truncate_jsonl(&run_dir.join("eval.jsonl"), state.step)?;
-        tracing::info!("resumed from {} at step {}", ckpt.display(), state.step);
-    } else {
-        // A fresh run: nothing of an earlier run in this folder may mix with it, and an
-        // earlier run is never deleted unless asked to.
-        let earlier = ["metrics.jsonl", "checkpoints"]
-            .iter()
-            .any(|f| run_dir.join(f).exists());
-        if earlier && !matches!(start, Start::Fresh { overwrite: true }) {
-            bail!(
-                "{} already holds a run; continue it with --resume, or replace it with --overwrite",
-                run_dir.display()
-            );
-        }
-        for f in [
-            "metrics.jsonl",
-            "eval.jsonl",
-            "best.json",
-            "loss.png",
-            "update_ratios.png",
-        ] {
-            let p = run_dir.join(f);
-            if p.exists() {
-                std::fs::remove_file(&p)?;
-            }
-        }
-        for d in ["best", "checkpoints"] {
-            let p = run_dir.join(d);
-            if p.exists() {
-                std::fs::remove_dir_all(&p)?;
-            }
-        }
-    }
-    // The settings this run trains with, for `earshot compare` and for the record.
-    let config_tmp = run_dir.join("config.toml.tmp");
-    std::fs::write(&config_tmp, toml::to_string(&session.config)?)?;
-    std::fs::rename(&config_tmp, run_dir.join("config.toml"))?;
-    let mut metrics_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)?;
-    let refresh_plots = |progress: &mut dyn FnMut(Event)| {
-        if let Err(e) = plots::write_run_plots(run_dir) {
-            progress(Event::Note(format!(
-                "warning: cannot draw the plots: {e:#}"
-            )));
-        }
-    };
-    // Projector, optimizer state and position into a checkpoint folder under `dir`.
-    let save_checkpoint = |dir: &Path,
-                           keep: usize,
-                           state: &TrainState,
-                           projector: &Projector,
-                           opt: &AdamW|
-     -> Result<PathBuf> {
-        let p: HashMap<String, Tensor> = projector
-            .params()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
-        let (o, t) = opt.state();
-        let mut st = state.clone();
-        st.optimizer_steps = t;
-        checkpoint::save(dir, &st, &p, &o, keep)
-    };
-    let best_path = run_dir.join("best.json");
-    let mut best: Option<Best> = std::fs::read_to_string(&best_path)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .filter(|b: &Best| b.step <= state.step);
-    let mut eval_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(run_dir.join("eval.jsonl"))?;
-    let mut orders: HashMap<u64, Vec<usize>> = HashMap::new();
     let mut all = Vec::new();
-    let mut nonfinite_run = 0;
-    let mut evals_without_improvement = 0;
     let mut stopped = Stopped::Finished;
     progress(Event::Start {
-        from: state.step,
+        from: trainer.state.step,
         to: steps,
     });
-    while state.step < steps {
-        let step = state.step + 1;
-        let started = Instant::now();
-        let bs = cfg.batch_size.min(n);
-        let micro = cfg.accumulate.max(1);
-        let lr = cfg.lr_at(step);
-        let mut summed: Option<candle_core::backprop::GradStore> = None;
-        let (mut loss, mut accuracy, mut mean_prob) = (0.0, 0.0, 0.0);
-        let mut last_inputs = None;
-        for mb in 0..micro {
-            let first = state.samples_seen + (mb * bs) as u64;
-            let batch: Vec<usize> = (0..bs as u64)
-                .map(|k| {
-                    let c = first + k;
-                    let (epoch, i) = (c / n as u64, (c % n as u64) as usize);
-                    orders
-                        .entry(epoch)
-                        .or_insert_with(|| epoch_order(cfg.seed, epoch, n))[i]
-                })
-                .collect();
-            let examples: Vec<&Prepared> = batch.iter().map(|&i| &session.examples[i]).collect();
-            let (out, pieces, audio) = session.batch_loss(&projector, &examples, true)?;
-            loss += out.value()? / micro as f64;
-            accuracy += out.accuracy / micro as f64;
-            mean_prob += out.mean_prob / micro as f64;
-            // Mean over micro-batches: each contributes 1/micro of the gradient.
-            let g = (&out.loss / micro as f64)?.backward()?;
-            summed = Some(match summed {
-                None => g,
-                Some(mut acc) => {
-                    for (name, var) in projector.params() {
-                        let a = acc.remove(var.as_tensor());
-                        let b = g.get(var.as_tensor()).with_context(|| {
-                            format!("projector parameter {name} received no gradient")
-                        })?;
-                        acc.insert(
-                            var.as_tensor(),
-                            match a {
-                                Some(a) => (a + b)?,
-                                None => b.clone(),
-                            },
-                        );
-                    }
-                    acc
-                }
-            });
-            last_inputs = Some((pieces, audio));
-        }
-        orders.retain(|&e, _| e + 1 >= state.samples_seen / n as u64);
-        let grads = summed.expect("at least one micro-batch");
-        let (pieces, audio) = last_inputs.expect("at least one micro-batch");
-        let mut grad_sq = 0.0;
-        for (name, var) in projector.params() {
-            let g = grads
-                .get(var.as_tensor())
-                .with_context(|| format!("projector parameter {name} received no gradient"))?;
-            grad_sq += sq_norm(g)?;
-        }
-        let grad_norm = grad_sq.sqrt();
-        let skipped = !loss.is_finite() || !grad_norm.is_finite();
-        let mut update = HashMap::new();
-        if skipped {
-            nonfinite_run += 1;
-            progress(Event::Note(format!(
-                "warning: step {step}: non-finite loss or gradient; step skipped"
-            )));
-            if nonfinite_run >= cfg.max_nonfinite_steps {
-                // Name the first layer that produces non-finite values, in the forward or
-                // else in the backward.
-                let trace = caption_loss(
-                    &session.llm.model,
-                    &pieces,
-                    &audio,
-                    None,
-                    NonFiniteTrace::on(),
-                )
-                .map_err(anyhow::Error::from)
-                .and_then(|out| Ok(out.loss.backward()?))
-                .err();
-                bail!(
-                    "{nonfinite_run} steps in a row with non-finite loss or gradients; stopping{}",
-                    trace.map(|e| format!(" ({e})")).unwrap_or_default()
-                );
-            }
-        } else {
-            nonfinite_run = 0;
-            let mut grads = grads;
-            if cfg.grad_clip > 0.0 && grad_norm > cfg.grad_clip {
-                let scale = cfg.grad_clip / grad_norm;
-                for (_, var) in projector.params() {
-                    let g = grads.remove(var.as_tensor()).expect("checked above");
-                    grads.insert(var.as_tensor(), (g * scale)?);
-                }
-            }
-            let before: Vec<Tensor> = projector
-                .params()
-                .iter()
-                .map(|(_, v)| v.as_tensor().copy())
-                .collect::<Result<_, _>>()?;
-            opt.step(&grads, lr)?;
-            for ((name, var), old) in projector.params().iter().zip(&before) {
-                let delta = sq_norm(&(var.as_tensor() - old)?)?.sqrt();
-                // Against the larger of the old and new norms: a tensor initialised to zero
-                // (a LayerNorm bias) would otherwise report an infinite first ratio.
-                let norm = sq_norm(old)?
-                    .sqrt()
-                    .max(sq_norm(var.as_tensor())?.sqrt())
-                    .max(1e-12);
-                update.insert(name.clone(), (delta / norm).max(1e-30).log10());
-            }
-        }
-        state.step = step;
-        state.samples_seen += (bs * micro) as u64;
-        let m = StepMetrics {
-            step,
-            loss,
-            accuracy,
-            mean_prob,
-            grad_norm,
-            lr,
-            epoch: state.samples_seen as f64 / n as f64,
-            examples_per_s: (bs * micro) as f64 / started.elapsed().as_secs_f64(),
-            update_ratio_log10: update,
-            skipped,
-        };
+    while trainer.state.step < steps {
+        let m = trainer.step(progress)?;
+        let step = m.step;
         writeln!(metrics_file, "{}", serde_json::to_string(&m)?)?;
         progress(Event::Step(&m));
         all.push(m);
         let due = step == steps || (cfg.eval_every > 0 && step % cfg.eval_every == 0);
         if !session.eval_examples.is_empty() && due {
-            let eval = eval_loss(session, &projector, progress)?;
-            writeln!(
-                eval_file,
-                "{}",
-                serde_json::json!({"step": step, "eval_loss": eval})
-            )?;
-            let is_best = eval.is_finite() && best.is_none_or(|b| eval < b.eval_loss);
-            progress(Event::Eval {
-                step,
-                loss: eval,
-                examples: session.eval_examples.len(),
-                best: is_best,
-            });
-            evals_without_improvement = if is_best {
-                0
-            } else {
-                evals_without_improvement + 1
-            };
-            if cfg.early_stop_patience > 0 && evals_without_improvement >= cfg.early_stop_patience {
+            evals.run(&trainer, &run, progress)?;
+            if cfg.early_stop_patience > 0 && evals.without_improvement >= cfg.early_stop_patience {
                 stopped = Stopped::EarlyStop {
-                    evaluations: evals_without_improvement,
+                    evaluations: evals.without_improvement,
                 };
             }
-            if is_best {
-                save_checkpoint(&run_dir.join("best"), 1, &state, &projector, &opt)?;
-                let b = Best {
-                    step,
-                    eval_loss: eval,
-                };
-                let tmp = run_dir.join("best.json.tmp");
-                std::fs::write(&tmp, serde_json::to_string(&b)?)?;
-                std::fs::rename(&tmp, &best_path)?;
-                best = Some(b);
-            }
-            refresh_plots(progress);
         }
         if interrupted
             .as_ref()
@@ -703,34 +370,93 @@ pub fn train(
         let stop = stopped != Stopped::Finished;
         if stop || step == steps || (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0) {
             metrics_file.sync_all()?;
-            let p = save_checkpoint(&ckpt_dir, cfg.keep_last, &state, &projector, &opt)?;
+            let p = trainer.save_checkpoint(&run)?;
             tracing::info!("checkpoint {}", p.display());
             if session.eval_examples.is_empty() {
-                refresh_plots(progress);
+                refresh_plots(&run, progress);
             }
         }
-        match stopped {
-            Stopped::Finished => {}
-            Stopped::Interrupted => {
-                progress(Event::Note(format!(
-                    "interrupted: checkpoint saved at step {step}; continue with --resume"
-                )));
-                break;
-            }
-            Stopped::EarlyStop { evaluations } => {
-                progress(Event::Note(format!(
-                    "stopping early at step {step}: the eval loss has not improved for \
-                     {evaluations} evaluation(s) (train.early-stop-patience)"
-                )));
-                break;
-            }
+        if stop {
+            progress(Event::Note(stopped.note(step)));
+            break;
         }
     }
-    projector.save(&run_dir.join("projector.safetensors"))?;
+    run.save_final(&trainer.projector)?;
     Ok(TrainOutcome {
-        projector,
+        projector: trainer.projector,
         metrics: all,
         stopped,
-        best,
+        best: evals.best,
     })
+}
+
+fn refresh_plots(run: &RunDir, progress: &mut dyn FnMut(Event)) {
+    if let Err(e) = run.refresh_plots() {
+        progress(Event::Note(format!(
+            "warning: cannot draw the plots: {e:#}"
+        )));
+    }
+}
+
+impl Stopped {
+    /// What the user is told when a run stops before its last step.
+    fn note(&self, step: usize) -> String {
+        match self {
+            Stopped::Finished => format!("reached step {step}"),
+            Stopped::Interrupted => {
+                format!("interrupted: checkpoint saved at step {step}; continue with --resume")
+            }
+            Stopped::EarlyStop { evaluations } => format!(
+                "stopping early at step {step}: the eval loss has not improved for \
+                 {evaluations} evaluation(s) (train.early-stop-patience)"
+            ),
+        }
+    }
+}
+
+/// The held-out evaluations of a run: their record, the best so far, and how many in a
+/// row did not improve on it.
+struct Evaluations {
+    file: std::fs::File,
+    best: Option<Best>,
+    without_improvement: usize,
+}
+
+impl Evaluations {
+    /// Evaluates the current projector, records it, and saves it as the best when it is.
+    fn run(
+        &mut self,
+        trainer: &Trainer,
+        run: &RunDir,
+        progress: &mut dyn FnMut(Event),
+    ) -> Result<()> {
+        let step = trainer.state.step;
+        let session = trainer.session();
+        let eval = eval_loss(session, &trainer.projector, progress)?;
+        writeln!(
+            self.file,
+            "{}",
+            serde_json::json!({"step": step, "eval_loss": eval})
+        )?;
+        let is_best = eval.is_finite() && self.best.is_none_or(|b| eval < b.eval_loss);
+        progress(Event::Eval {
+            step,
+            loss: eval,
+            examples: session.eval_examples.len(),
+            best: is_best,
+        });
+        if is_best {
+            let best = Best {
+                step,
+                eval_loss: eval,
+            };
+            run.save_best(best, &trainer.state, &trainer.projector, &trainer.opt)?;
+            self.best = Some(best);
+            self.without_improvement = 0;
+        } else {
+            self.without_improvement += 1;
+        }
+        refresh_plots(run, progress);
+        Ok(())
+    }
 }

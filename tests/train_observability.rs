@@ -241,3 +241,78 @@ fn redirected_runs_print_progress_lines_for_every_long_phase() {
         "{err}"
     );
 }
+
+/// `RUST_LOG=earshot=debug` shows where a run spends its time: each stage's span is logged as
+/// it closes, with its time, in training (encode, mel, encoder forward, plugin calls, train
+/// step, checkpoint) and captioning (prefill, decode loop, post-process); without colour
+/// codes when stderr is not a terminal.
+#[test]
+fn debug_logging_times_every_stage() {
+    let d = tempfile::tempdir().unwrap();
+    // A fresh home: nothing cached, so the mel and the encoder run.
+    let home = fresh_home(d.path());
+    let run_dir = d.path().join("run");
+    let out = earshot_command()
+        .env("EARSHOT_HOME", &home)
+        .env("RUST_LOG", "earshot=debug")
+        .args([
+            "train",
+            &bundled().display().to_string(),
+            "--set",
+            &format!("train.run-dir=\"{}\"", run_dir.display()),
+            "--set",
+            "train.steps=1",
+        ])
+        .output()
+        .unwrap();
+    let train_log = expect_exit(&out, 0);
+    let out = earshot_command()
+        .env("EARSHOT_HOME", &home)
+        .env("RUST_LOG", "earshot=debug")
+        .args([
+            "caption",
+            "--config",
+            &bundled().display().to_string(),
+            "--checkpoint",
+            &run_dir.display().to_string(),
+            "--max-tokens",
+            "3",
+        ])
+        .arg(repo_root().join("configs/data/tones/clips/one.wav"))
+        .output()
+        .unwrap();
+    let caption_log = expect_exit(&out, 0);
+    let closed = |log: &str, span: &str| {
+        log.lines()
+            .any(|l| l.contains(span) && l.contains("close time.busy="))
+    };
+    for span in [
+        "encode{",
+        "mel{",
+        "encoder forward{",
+        "plugin call{call=\"render\"}",
+        "plugin call{call=\"read\"",
+        "train step{step=1}",
+        "checkpoint{step=1}",
+    ] {
+        assert!(
+            closed(&train_log, span),
+            "train: no closed {span}: {train_log}"
+        );
+    }
+    for span in [
+        "project{",
+        "prefill prefix{",
+        "decode loop{",
+        "post-process",
+    ] {
+        assert!(
+            closed(&caption_log, span),
+            "caption: no closed {span}: {caption_log}"
+        );
+    }
+    assert!(
+        !caption_log.contains('\u{1b}'),
+        "colour codes in a log file"
+    );
+}

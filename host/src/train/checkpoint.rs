@@ -146,6 +146,7 @@ pub fn save_stopping(
     keep_last: usize,
     stop: Option<(WriteStage, usize)>,
 ) -> Result<PathBuf> {
+    let _span = tracing::debug_span!("checkpoint", step = state.step).entered();
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let step = state.step;
     let name = format!("step-{step:08}");

@@ -5,7 +5,22 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+/// What is wrong with a run config, naming the file (and the key or `--set` at fault).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {cause}")]
+    Read {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+    /// Not TOML, an unknown key, a value of the wrong type, or a value out of range.
+    #[error("{path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("--set {assignment}: {reason}")]
+    Set { assignment: String, reason: String },
+}
+
+pub type Result<T, E = ConfigError> = std::result::Result<T, E>;
 use serde::{Deserialize, Serialize};
 
 use crate::mel::Padding;
@@ -204,22 +219,26 @@ fn resolve(base: &Path, p: &Path) -> PathBuf {
 
 /// Applies `section.key=value` to the TOML tree (the value parsed as TOML, else a string).
 fn apply_set(doc: &mut toml::Table, assignment: &str) -> Result<()> {
+    let bad = |reason: String| ConfigError::Set {
+        assignment: format!("{assignment:?}"),
+        reason,
+    };
     let (key, raw) = assignment
         .split_once('=')
-        .with_context(|| format!("--set {assignment:?}: expected section.key=value"))?;
+        .ok_or_else(|| bad("expected section.key=value".into()))?;
     let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
         .ok()
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(raw.to_string()));
     let parts: Vec<&str> = key.trim().split('.').collect();
-    let (last, path) = parts.split_last().context("--set: empty key")?;
+    let (last, path) = parts.split_last().ok_or_else(|| bad("empty key".into()))?;
     let mut table = doc;
     for part in path {
         table = table
             .entry(part.to_string())
             .or_insert_with(|| toml::Value::Table(Default::default()))
             .as_table_mut()
-            .with_context(|| format!("--set {key}: {part} is not a section"))?;
+            .ok_or_else(|| bad(format!("{part} is not a section")))?;
     }
     table.insert(last.to_string(), value);
     Ok(())
@@ -227,26 +246,31 @@ fn apply_set(doc: &mut toml::Table, assignment: &str) -> Result<()> {
 
 impl RunConfig {
     pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
+            path: path.to_path_buf(),
+            cause,
+        })?;
         Self::from_toml(&text, path, sets)
     }
 
     /// Parses, overrides, resolves and validates a config whose text is `text` (read from
     /// `path`, which errors name and relative paths start from).
     pub fn from_toml(text: &str, path: &Path, sets: &[String]) -> Result<Self> {
-        let mut doc: toml::Table =
-            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let invalid = |reason: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let mut doc: toml::Table = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
         for s in sets {
             apply_set(&mut doc, s)?;
         }
         // Re-serialise so errors after --set still point at a key; line numbers refer to the
         // file when there are no overrides.
         let mut cfg: RunConfig = if sets.is_empty() {
-            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+            toml::from_str(text).map_err(|e| invalid(e.to_string()))?
         } else {
             doc.try_into()
-                .map_err(|e| anyhow::anyhow!("{} (with --set): {e}", path.display()))?
+                .map_err(|e| invalid(format!("(with --set) {e}")))?
         };
         let file_base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         // A path given with --set was typed relative to the current folder.
@@ -279,26 +303,34 @@ impl RunConfig {
 
     fn validate(&self, path: &Path) -> Result<()> {
         let t = &self.train;
-        let p = path.display();
+        let invalid = |reason: String| {
+            Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                reason,
+            })
+        };
         if t.batch_size == 0 || t.accumulate == 0 {
-            bail!("{p}: train.batch-size and train.accumulate must be at least 1");
+            return invalid("train.batch-size and train.accumulate must be at least 1".into());
         }
         if !(t.lr > 0.0 && t.lr.is_finite()) {
-            bail!("{p}: train.lr must be a positive number, got {}", t.lr);
+            return invalid(format!("train.lr must be a positive number, got {}", t.lr));
         }
         if !(0.0..1.0).contains(&t.beta1) || !(0.0..1.0).contains(&t.beta2) {
-            bail!("{p}: train.beta1 and train.beta2 must be in [0, 1)");
+            return invalid("train.beta1 and train.beta2 must be in [0, 1)".into());
         }
-        self.plugins
-            .sandbox
-            .validate()
-            .map_err(|e| anyhow::anyhow!("{p}: {e}"))?;
+        if let Err(e) = self.plugins.sandbox.validate() {
+            return invalid(e.to_string());
+        }
         if t.early_stop_patience > 0 && self.data.eval_split.is_none() {
-            bail!("{p}: train.early-stop-patience needs an eval split (data.eval-split)");
+            return invalid(
+                "train.early-stop-patience needs an eval split (data.eval-split)".into(),
+            );
         }
         let max_audio = self.data.max_audio_s;
         if !(max_audio.is_finite() && max_audio > 0.0 && max_audio <= MAX_AUDIO_S_LIMIT) {
-            bail!("{p}: data.max-audio-s = {max_audio}: must be > 0 and at most {MAX_AUDIO_S_LIMIT} (a day)");
+            return invalid(format!(
+                "data.max-audio-s = {max_audio}: must be > 0 and at most {MAX_AUDIO_S_LIMIT} (a day)"
+            ));
         }
         for (key, file) in [
             ("models.whisper", &self.models.whisper),
@@ -308,7 +340,10 @@ impl RunConfig {
             ("data.root", &self.data.root),
         ] {
             if !file.exists() {
-                bail!("{p}: {key} = {}: no such file or folder", file.display());
+                return invalid(format!(
+                    "{key} = {}: no such file or folder",
+                    file.display()
+                ));
             }
         }
         Ok(())

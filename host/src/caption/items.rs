@@ -3,10 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
-
 use crate::pipeline::examples::audio_label;
-use crate::plugins::{Example, SplitPages, PAGE_SIZE};
+use crate::plugins::{Example, PluginError, SplitPages, PAGE_SIZE};
 
 /// Where a caption item's audio comes from.
 pub enum AudioInput {
@@ -82,7 +80,7 @@ pub enum ItemSource<'a> {
 
 impl ItemSource<'_> {
     /// Up to `n` items; empty at the end.
-    pub fn next_chunk(&mut self, n: usize) -> Result<Vec<CaptionItem>> {
+    pub fn next_chunk(&mut self, n: usize) -> Result<Vec<CaptionItem>, PluginError> {
         match self {
             ItemSource::Files(files) => Ok(files.by_ref().take(n).map(CaptionItem::file).collect()),
             ItemSource::Split { pages, root } => {

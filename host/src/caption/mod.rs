@@ -11,11 +11,55 @@
 
 pub mod items;
 
+use crate::models::weights::ModelError;
+use crate::pipeline::PipelineError;
+use crate::plugins::PluginError;
+use crate::sampler::SamplingError;
+use crate::train::TrainError;
+
+/// Why captioning could not run, or why one item failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptionError {
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error(transparent)]
+    Audio(#[from] crate::audio::AudioError),
+    /// The checkpoint could not be used.
+    #[error(transparent)]
+    Checkpoint(#[from] TrainError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    #[error(transparent)]
+    Sampling(#[from] SamplingError),
+    #[error("{item}: longer than data.max-audio-s = {max_s} s")]
+    TooLong { item: String, max_s: f64 },
+    #[error(
+        "{positions} prompt positions ({windows} windows of audio) plus --max-tokens \
+         {max_tokens} exceed the LLM's context of {context}; use --long-audio per-window or \
+         fewer tokens"
+    )]
+    BeyondContext {
+        positions: usize,
+        windows: usize,
+        max_tokens: usize,
+        context: usize,
+    },
+}
+
+impl From<candle_core::Error> for CaptionError {
+    fn from(e: candle_core::Error) -> Self {
+        CaptionError::Model(e.into())
+    }
+}
+
+pub type Result<T, E = CaptionError> = std::result::Result<T, E>;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
 use candle_core::Tensor;
 
 pub use items::{AudioInput, CaptionItem, ItemSource};
@@ -24,15 +68,13 @@ use crate::audio;
 use crate::config::RunConfig;
 use crate::mel::WINDOW_S;
 use crate::models::llm::{
-    decode_batch, load_llm, DecodeOptions, DecodeRequest, Decoded, Finish, LoadedLlm, PrefixCache,
+    decode_batch, DecodeOptions, DecodeRequest, Decoded, Finish, GgufBlocks, LoadedLlm, PrefixCache,
 };
 use crate::models::nonfinite::NonFiniteTrace;
 use crate::models::projector::Projector;
-use crate::models::whisper::WhisperEncoder;
-use crate::models::Runtime;
 use crate::pipeline::clip::EncodeCounts;
 use crate::pipeline::{
-    build_manifest, example_segment, load_example_audio, mel_settings, open_dataset,
+    build_manifest, example_segment, load_example_audio, load_models, mel_settings, open_dataset,
     project_windows, prompt, sequence_embeddings, ClipEncoder, Manifest,
 };
 use crate::plugins::{DatasetAdapter, PluginHost, PostProcessor, PromptTemplate};
@@ -140,11 +182,7 @@ impl Captioner {
         checkpoint: Option<&Path>,
         allow_mismatch: bool,
     ) -> Result<Self> {
-        let rt = Runtime::best_available();
-        let encoder = WhisperEncoder::load_dir(&config.models.whisper, &rt)
-            .with_context(|| format!("loading Whisper from {}", config.models.whisper.display()))?;
-        let llm = load_llm(&config.models.llm, &rt)
-            .with_context(|| format!("loading the LLM from {}", config.models.llm.display()))?;
+        let (rt, encoder, llm) = load_models(&config, GgufBlocks::Keep)?;
         let host = PluginHost::new(config.plugins.sandbox, PluginHost::default_cache_dir());
         let template = PromptTemplate::load(&host, &config.plugins.prompt_template)?;
         let post = match &config.plugins.post_processor {
@@ -191,7 +229,7 @@ impl Captioner {
 
     /// The config's dataset, with `split` checked to exist.
     pub fn open_dataset(&self, split: &str) -> Result<DatasetAdapter> {
-        open_dataset(&self.host, &self.config, &[split])
+        Ok(open_dataset(&self.host, &self.config, &[split])?)
     }
 
     /// Work done by the encoder so far (windows from the cache, mel and encoder runs).
@@ -263,7 +301,10 @@ impl Captioner {
             ),
             AudioInput::Samples(s) => {
                 if s.len() as f64 > max_s * audio::SAMPLE_RATE as f64 {
-                    bail!("{}: longer than data.max-audio-s = {max_s} s", item.audio);
+                    return Err(CaptionError::TooLong {
+                        item: item.audio.clone(),
+                        max_s,
+                    });
                 }
                 (s.clone(), (None, None))
             }
@@ -300,11 +341,12 @@ impl Captioner {
                 // Checked here so one over-long clip fails alone, not its batch.
                 let positions = before.len() + rest.dim(1)?;
                 if positions + settings.max_tokens > context {
-                    bail!(
-                        "{positions} prompt positions ({} windows of audio) plus --max-tokens {} exceed the LLM's context of {context}; use --long-audio per-window or fewer tokens",
-                        windows.len(),
-                        settings.max_tokens
-                    );
+                    return Err(CaptionError::BeyondContext {
+                        positions,
+                        windows: windows.len(),
+                        max_tokens: settings.max_tokens,
+                        context,
+                    });
                 }
                 Ok(Job {
                     item: k,
@@ -406,7 +448,7 @@ impl Captioner {
         let text = match self.post.as_mut() {
             Some(p) => p
                 .process(&d.text, &job.stop_strings, &item.metadata)
-                .map_err(|e| format!("{:#}", anyhow!(e)))?,
+                .map_err(|e| e.to_string())?,
             None => d.text.clone(),
         };
         Ok(WindowCaption {

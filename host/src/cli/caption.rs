@@ -148,7 +148,7 @@ fn caption_chunk(
     output: &mut Output,
 ) -> Result<Vec<ItemResult>> {
     if !output.stream {
-        return captioner.caption(chunk, settings, false, &mut |_| {});
+        return Ok(captioner.caption(chunk, settings, false, &mut |_| {})?);
     }
     let out = &mut output.out;
     let mut streamed = Streamed::default();

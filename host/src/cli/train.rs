@@ -45,7 +45,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         Ok(s) => s,
         Err(e) => {
             printer.finish();
-            return Err(e);
+            return Err(e.into());
         }
     };
     // Both splits' clips went through the encoder cache.

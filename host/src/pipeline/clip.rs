@@ -3,10 +3,10 @@
 //! log-mel and no encoder forward (an epoch served from the cache computes neither; the
 //! counters below let a test check it).
 
-use anyhow::Result;
 use candle_core::Tensor;
 
 use super::encoder_cache::{encoder_identity, EncoderCache};
+use super::error::Result;
 use crate::config::RunConfig;
 use crate::mel::{LogMelExtractor, MelSettings, N_FRAMES, N_SAMPLES, WINDOW_S};
 use crate::models::nonfinite::NonFiniteTrace;

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use super::error::{io, Result};
 use candle_core::{Device, Tensor};
 use sha2::{Digest, Sha256};
 
@@ -103,11 +103,12 @@ impl EncoderCache {
     pub fn put(&self, key: &str, encoded: &Tensor) -> Result<()> {
         let p = self.path(key);
         let dir = p.parent().expect("entry has a folder");
-        std::fs::create_dir_all(dir)?;
-        let tmp = tempfile::NamedTempFile::new_in(dir)?;
+        std::fs::create_dir_all(dir).map_err(io(dir, "cannot create"))?;
+        let tmp = tempfile::NamedTempFile::new_in(dir).map_err(io(dir, "cannot write"))?;
         let map = std::collections::HashMap::from([("encoded".to_string(), encoded.clone())]);
         candle_core::safetensors::save(&map, tmp.path())?;
-        tmp.persist(&p).map_err(|e| e.error)?;
+        tmp.persist(&p)
+            .map_err(|e| io(&p, "cannot write")(e.error))?;
         Ok(())
     }
 }

@@ -4,8 +4,7 @@
 use std::io::Write;
 use std::path::{Component, Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
-
+use super::error::{io, PipelineError, Result};
 use crate::audio::{self, Segment};
 use crate::config::RunConfig;
 use crate::plugins::{AudioSource, DatasetAdapter, Example, PluginHost};
@@ -25,7 +24,10 @@ pub fn open_dataset(
     for split in splits {
         adapter
             .require_split(split)
-            .with_context(|| format!("dataset {}", data.root.display()))?;
+            .map_err(|cause| PipelineError::Dataset {
+                root: data.root.clone(),
+                cause,
+            })?;
     }
     Ok(adapter)
 }
@@ -40,21 +42,24 @@ pub fn open_beneath(root: &Path, rel: &str) -> Result<(std::fs::File, PathBuf)> 
         || p.components()
             .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
     {
-        bail!("audio path {rel:?} from the dataset adapter leaves the dataset root; refused");
+        return Err(PipelineError::LeavesRoot(rel.to_string()));
     }
     let shown = root.join(p);
     let dir = cap_std::fs::Dir::open_ambient_dir(root, cap_std::ambient_authority())
-        .with_context(|| format!("{}: cannot open the dataset root", root.display()))?;
-    let file = dir.open(p).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            anyhow::anyhow!("{}: cannot open: {e}", shown.display())
+        .map_err(io(root, "cannot open the dataset root"))?;
+    let file = dir.open(p).map_err(|cause| {
+        if cause.kind() == std::io::ErrorKind::NotFound {
+            PipelineError::Io {
+                path: shown.clone(),
+                action: "cannot open",
+                cause,
+            }
         } else {
-            anyhow::anyhow!(
-                "{}: refused: it cannot be opened beneath the dataset root {} ({e}); a \
-                 symbolic link that leads out of the root is not followed",
-                shown.display(),
-                root.display()
-            )
+            PipelineError::OutsideRoot {
+                path: shown.clone(),
+                root: root.to_path_buf(),
+                cause,
+            }
         }
     })?;
     Ok((file.into_std(), shown))
@@ -79,13 +84,12 @@ pub fn load_example_audio(
     let (file, shown) = match &ex.audio {
         AudioSource::Path(rel) => open_beneath(root, rel)?,
         AudioSource::Inline(bytes) => {
-            let mut tmp = tempfile::tempfile()?;
-            tmp.write_all(bytes)?;
-            std::io::Seek::rewind(&mut tmp)?;
-            (
-                tmp,
-                PathBuf::from(format!("example {}: inline audio", ex.id)),
-            )
+            let shown = PathBuf::from(format!("example {}: inline audio", ex.id));
+            let mut tmp = tempfile::tempfile().map_err(io(&shown, "cannot stage"))?;
+            tmp.write_all(bytes)
+                .and_then(|()| std::io::Seek::rewind(&mut tmp))
+                .map_err(io(&shown, "cannot stage"))?;
+            (tmp, shown)
         }
     };
     let decoded = audio::decode_file_mono(file, &shown, segment, Some(max_audio_s))?;

@@ -5,10 +5,10 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::error::{io, PipelineError, Result};
 use crate::config::RunConfig;
 use crate::mel::MelSettings;
 
@@ -68,10 +68,11 @@ impl Manifest {
             );
             return Ok(());
         }
-        bail!(
-            "checkpoint {} was made with a different {what_differs}; refusing to {purpose} with it (--allow-mismatch overrides)",
-            what.display()
-        )
+        Err(PipelineError::Mismatch {
+            path: what.to_path_buf(),
+            what: what_differs,
+            purpose: purpose.to_string(),
+        })
     }
 }
 
@@ -80,12 +81,9 @@ pub fn sha256_files(paths: &[PathBuf]) -> Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     for p in paths {
-        let mut f =
-            std::fs::File::open(p).with_context(|| format!("{}: cannot read", p.display()))?;
+        let mut f = std::fs::File::open(p).map_err(io(p, "cannot read"))?;
         loop {
-            let n = f
-                .read(&mut buf)
-                .with_context(|| format!("{}: cannot read", p.display()))?;
+            let n = f.read(&mut buf).map_err(io(p, "cannot read"))?;
             if n == 0 {
                 break;
             }
@@ -117,7 +115,14 @@ pub fn build_manifest(config: &RunConfig, mel: &MelSettings) -> Result<Manifest>
         llm: llm_hash,
         tokenizer: tok_hash,
         prompt_template: sha256_files(std::slice::from_ref(&config.plugins.prompt_template))?,
-        mel: serde_json::to_string(mel)?,
-        projector: serde_json::to_string(&config.projector)?,
+        mel: to_json(mel)?,
+        projector: to_json(&config.projector)?,
+    })
+}
+
+fn to_json(v: &impl Serialize) -> Result<String> {
+    serde_json::to_string(v).map_err(|cause| PipelineError::Json {
+        what: "manifest",
+        cause,
     })
 }

@@ -12,13 +12,17 @@
 
 pub mod clip;
 pub mod encoder_cache;
+pub mod error;
 pub mod examples;
 pub mod layout;
 pub mod manifest;
+pub mod models;
 pub mod prompt;
 
 pub use clip::{mel_settings, ClipEncoder};
+pub use error::{PipelineError, Result};
 pub use examples::{example_segment, load_example_audio, open_beneath, open_dataset};
 pub use layout::{project_windows, sequence_embeddings};
 pub use manifest::{build_manifest, sha256_files, Manifest};
+pub use models::load_models;
 pub use prompt::{Prompt, TextPieces};

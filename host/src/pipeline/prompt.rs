@@ -1,7 +1,7 @@
 //! The prompt-template plugin's pieces, tokenized: the one path from an example's metadata
 //! (and target) to token ids, for training and captioning alike.
 
-use anyhow::Result;
+use super::error::Result;
 
 use crate::models::llm::ChatTokenizer;
 use crate::plugins::PromptTemplate;

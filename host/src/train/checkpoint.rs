@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use super::error::{bad_checkpoint, io, Result, TrainError};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -33,16 +33,16 @@ fn one() -> usize {
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let mut f = std::fs::File::create(path)
-        .with_context(|| format!("{}: cannot create", path.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    Ok(())
+    let mut f = std::fs::File::create(path).map_err(io(path, "cannot create"))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(io(path, "cannot write"))
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(())
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io(dir, "cannot sync"))
 }
 
 /// Where inside a checkpoint write a test may stop the process (as a kill would): set
@@ -76,7 +76,7 @@ impl WriteStage {
 /// `stop` says so (in-process tests), or with SIGKILL when the environment says so.
 fn reached(stage: WriteStage, step: usize, stop: Option<(WriteStage, usize)>) -> Result<()> {
     if stop == Some((stage, step)) {
-        bail!("checkpoint write stopped at {} (test)", stage.name());
+        return Err(TrainError::TestStop(stage.name()));
     }
     if let Ok(v) = std::env::var("EARSHOT_TEST_KILL_IN_CHECKPOINT") {
         if v == format!("{}@{step}", stage.name()) {
@@ -98,7 +98,10 @@ fn replace_dir(
 ) -> Result<()> {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
-    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).context("a path with a NUL byte");
+    let c = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| bad_checkpoint(p, "a path with a NUL byte"))
+    };
     let (a, b) = (c(from)?, c(to)?);
     // SAFETY: two valid NUL-terminated paths, relative to the working directory.
     let r = unsafe {
@@ -112,16 +115,15 @@ fn replace_dir(
     };
     if r == 0 {
         reached(WriteStage::Swapped, step, stop)?;
-        std::fs::remove_dir_all(from)?;
+        std::fs::remove_dir_all(from).map_err(io(from, "cannot remove"))?;
         return Ok(());
     }
     let err = std::io::Error::last_os_error();
     if !matches!(err.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) {
-        return Err(err).with_context(|| format!("replacing {}", to.display()));
+        return Err(io(to, "cannot replace")(err));
     }
-    std::fs::remove_dir_all(to)?;
-    std::fs::rename(from, to)?;
-    Ok(())
+    std::fs::remove_dir_all(to).map_err(io(to, "cannot remove"))?;
+    std::fs::rename(from, to).map_err(io(to, "cannot rename into place"))
 }
 
 /// Writes a checkpoint under `dir` and keeps the newest `keep_last`. The folder appears
@@ -147,34 +149,38 @@ pub fn save_stopping(
     stop: Option<(WriteStage, usize)>,
 ) -> Result<PathBuf> {
     let _span = tracing::debug_span!("checkpoint", step = state.step).entered();
-    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(io(dir, "cannot create"))?;
     let step = state.step;
     let name = format!("step-{step:08}");
     let partial = dir.join(format!(".{name}.partial"));
     let done = dir.join(&name);
     if partial.exists() {
-        std::fs::remove_dir_all(&partial)?;
+        std::fs::remove_dir_all(&partial).map_err(io(&partial, "cannot remove"))?;
     }
-    std::fs::create_dir(&partial)?;
+    std::fs::create_dir(&partial).map_err(io(&partial, "cannot create"))?;
     for (map, file) in [
         (projector, "projector.safetensors"),
         (optimizer, "optimizer.safetensors"),
     ] {
         let path = partial.join(file);
         candle_core::safetensors::save(map, &path)?;
-        std::fs::File::open(&path)?.sync_all()?;
+        std::fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(io(&path, "cannot sync"))?;
     }
     reached(WriteStage::FilesWritten, step, stop)?;
     write_synced(
         &partial.join("state.json"),
-        serde_json::to_string_pretty(state)?.as_bytes(),
+        serde_json::to_string_pretty(state)
+            .map_err(|e| bad_checkpoint(&partial, e.to_string()))?
+            .as_bytes(),
     )?;
     sync_dir(&partial)?;
     reached(WriteStage::StateWritten, step, stop)?;
     if done.exists() {
         replace_dir(&partial, &done, step, stop)?;
     } else {
-        std::fs::rename(&partial, &done)?;
+        std::fs::rename(&partial, &done).map_err(io(&done, "cannot rename into place"))?;
     }
     sync_dir(dir)?;
     reached(WriteStage::Renamed, step, stop)?;
@@ -182,7 +188,7 @@ pub fn save_stopping(
     all.sort();
     let excess = all.len().saturating_sub(keep_last.max(1));
     for (_, old) in all.into_iter().take(excess) {
-        std::fs::remove_dir_all(old)?;
+        std::fs::remove_dir_all(&old).map_err(io(&old, "cannot prune"))?;
     }
     Ok(done)
 }
@@ -194,7 +200,10 @@ fn complete(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     if !dir.is_dir() {
         return Ok(out);
     }
-    for e in std::fs::read_dir(dir)?.flatten() {
+    for e in std::fs::read_dir(dir)
+        .map_err(io(dir, "cannot list"))?
+        .flatten()
+    {
         let name = e.file_name().to_string_lossy().to_string();
         if let Some(n) = name
             .strip_prefix("step-")
@@ -218,7 +227,10 @@ pub fn resolve(path: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
         return Ok((path.to_path_buf(), None));
     }
     if !path.is_dir() {
-        bail!("checkpoint {}: no such file or folder", path.display());
+        return Err(bad_checkpoint(
+            path,
+            "no such file or folder (given as a checkpoint)",
+        ));
     }
     let projector = path.join("projector.safetensors");
     let state = path.join("state.json");
@@ -233,12 +245,11 @@ pub fn resolve(path: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
             ));
         }
     }
-    bail!(
-        "checkpoint {}: holds no projector.safetensors, no step-N checkpoint folder and no \
-         checkpoints/ folder; give a projector file, a checkpoint folder (step-N, best) or a \
-         run folder",
-        path.display()
-    )
+    Err(bad_checkpoint(
+        path,
+        "holds no projector.safetensors, no step-N checkpoint folder and no checkpoints/ \
+         folder; give a projector file, a checkpoint folder (step-N, best) or a run folder",
+    ))
 }
 
 /// Loads the trained projector that a `--checkpoint` path names (see [`resolve`]) into
@@ -253,17 +264,16 @@ pub fn load_trained(
 ) -> Result<PathBuf> {
     let (file, state) = resolve(path)?;
     if let Some(state) = state {
-        let text = std::fs::read_to_string(&state)
-            .with_context(|| format!("{}: cannot read", state.display()))?;
+        let text = std::fs::read_to_string(&state).map_err(io(&state, "cannot read"))?;
         let saved: TrainState = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a checkpoint state", state.display()))?;
+            .map_err(|e| bad_checkpoint(&state, format!("not a checkpoint state: {e}")))?;
         saved
             .manifest
             .check(current, path, purpose, allow_mismatch)?;
     }
     projector
         .load_into(&file)
-        .with_context(|| format!("loading the projector {}", file.display()))?;
+        .map_err(|e| bad_checkpoint(&file, format!("cannot load the projector: {e}")))?;
     Ok(file)
 }
 
@@ -280,18 +290,17 @@ pub struct Loaded {
 
 pub fn load(ckpt: &Path, device: &Device) -> Result<Loaded> {
     let state_path = ckpt.join("state.json");
-    let text = std::fs::read_to_string(&state_path)
-        .with_context(|| format!("{}: cannot read", state_path.display()))?;
+    let text = std::fs::read_to_string(&state_path).map_err(io(&state_path, "cannot read"))?;
     let state: TrainState = serde_json::from_str(&text)
-        .with_context(|| format!("{}: invalid", state_path.display()))?;
+        .map_err(|e| bad_checkpoint(&state_path, format!("invalid: {e}")))?;
     let read = |f: &str| -> Result<HashMap<String, Tensor>> {
         let p = ckpt.join(f);
-        let bytes = std::fs::read(&p).with_context(|| format!("{}: cannot read", p.display()))?;
+        let bytes = std::fs::read(&p).map_err(io(&p, "cannot read"))?;
         let t = candle_core::safetensors::load_buffer(&bytes, device)
-            .with_context(|| format!("{}: invalid or truncated", p.display()))?;
+            .map_err(|e| bad_checkpoint(&p, format!("invalid or truncated: {e}")))?;
         for (name, tensor) in &t {
             if let Some(bad) = crate::models::weights::count_non_finite(name, tensor)? {
-                bail!("{}: non-finite values in {bad}", p.display());
+                return Err(bad_checkpoint(&p, format!("non-finite values in {bad}")));
             }
         }
         Ok(t)

@@ -4,35 +4,38 @@
 
 pub mod batch;
 pub mod checkpoint;
+pub mod error;
 pub mod optim;
 pub mod plots;
 pub mod run_dir;
 pub mod trainer;
 
+pub use error::{Result, TrainError};
 pub use run_dir::RunDir;
 pub use trainer::Trainer;
 
 use std::collections::HashMap;
 use std::io::Write;
 
-use anyhow::{bail, Context, Result};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use candle_core::Tensor;
 
 use crate::config::RunConfig;
-use crate::models::llm::{load_llm_with, GgufBlocks, LoadedLlm, PrefixCache};
+use crate::models::llm::{GgufBlocks, LoadedLlm, PrefixCache};
 use crate::models::nonfinite::NonFiniteTrace;
 use crate::models::projector::Projector;
 use crate::models::whisper::WhisperEncoder;
 use crate::models::Runtime;
 use crate::pipeline::clip::EncodeCounts;
 use crate::pipeline::{
-    build_manifest, mel_settings, open_dataset, prompt, ClipEncoder, Manifest, TextPieces,
+    build_manifest, load_models, mel_settings, open_dataset, prompt, ClipEncoder, Manifest,
+    TextPieces,
 };
 use crate::plugins::{DatasetAdapter, PluginHost, PromptTemplate, PAGE_SIZE};
 use batch::{caption_loss, BatchLoss};
+use error::io;
 
 /// One training example ready for the loop.
 pub struct Prepared {
@@ -93,12 +96,8 @@ impl Session {
 
     /// [`Self::load`], reporting the encoding of each split's clips through `progress`.
     pub fn load_reporting(config: RunConfig, progress: &mut dyn FnMut(Event)) -> Result<Self> {
-        let rt = Runtime::best_available();
-        let encoder = WhisperEncoder::load_dir(&config.models.whisper, &rt)
-            .with_context(|| format!("loading Whisper from {}", config.models.whisper.display()))?;
         // Training never decodes: the GGUF blocks kept for decoding would only take memory.
-        let llm = load_llm_with(&config.models.llm, &rt, GgufBlocks::Skip)
-            .with_context(|| format!("loading the LLM from {}", config.models.llm.display()))?;
+        let (rt, encoder, llm) = load_models(&config, GgufBlocks::Skip)?;
         let host = PluginHost::new(config.plugins.sandbox, PluginHost::default_cache_dir());
         let mut template = PromptTemplate::load(&host, &config.plugins.prompt_template)?;
         let splits: Vec<&str> = std::iter::once(&config.data.train_split)
@@ -208,10 +207,10 @@ impl SplitInputs<'_> {
             total,
         });
         if examples.is_empty() {
-            bail!(
-                "split {split:?} of {} has no usable examples",
-                config.data.root.display()
-            );
+            return Err(TrainError::NoUsableExamples {
+                split: split.to_string(),
+                root: config.data.root.clone(),
+            });
         }
         Ok(examples)
     }
@@ -349,7 +348,8 @@ pub fn train(
     while trainer.state.step < steps {
         let m = trainer.step(progress)?;
         let step = m.step;
-        writeln!(metrics_file, "{}", serde_json::to_string(&m)?)?;
+        writeln!(metrics_file, "{}", run_dir::json(&m))
+            .map_err(io(&run.path, "cannot write metrics.jsonl"))?;
         progress(Event::Step(&m));
         all.push(m);
         let due = step == steps || (cfg.eval_every > 0 && step % cfg.eval_every == 0);
@@ -369,7 +369,9 @@ pub fn train(
         }
         let stop = stopped != Stopped::Finished;
         if stop || step == steps || (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0) {
-            metrics_file.sync_all()?;
+            metrics_file
+                .sync_all()
+                .map_err(io(&run.path, "cannot write metrics.jsonl"))?;
             let p = trainer.save_checkpoint(&run)?;
             tracing::info!("checkpoint {}", p.display());
             if session.eval_examples.is_empty() {
@@ -437,7 +439,8 @@ impl Evaluations {
             self.file,
             "{}",
             serde_json::json!({"step": step, "eval_loss": eval})
-        )?;
+        )
+        .map_err(io(&run.path, "cannot write eval.jsonl"))?;
         let is_best = eval.is_finite() && self.best.is_none_or(|b| eval < b.eval_loss);
         progress(Event::Eval {
             step,

@@ -5,7 +5,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 
-use anyhow::{bail, Context, Result};
+use super::error::{Result, TrainError};
+
+/// What drawing fails with (plotters' errors differ per backend); reported as
+/// [`TrainError::Plot`] naming the file.
+type Drawn = std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>;
 use plotters::coord::types::{RangedCoordf64, RangedCoordusize};
 use plotters::prelude::*;
 
@@ -38,21 +42,23 @@ impl RunCurves {
     /// Reads `metrics.jsonl` (required) and `eval.jsonl` (optional) of a run folder.
     pub fn read(run_dir: &Path) -> Result<Self> {
         let metrics = run_dir.join("metrics.jsonl");
-        let text = std::fs::read_to_string(&metrics).with_context(|| {
-            format!(
-                "{}: not a run folder (no readable metrics.jsonl)",
-                run_dir.display()
-            )
+        let text = std::fs::read_to_string(&metrics).map_err(|_| TrainError::Records {
+            path: run_dir.to_path_buf(),
+            reason: "not a run folder (no readable metrics.jsonl)".into(),
         })?;
         let mut curves = RunCurves::default();
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }
-            let v: serde_json::Value = serde_json::from_str(line)
-                .with_context(|| format!("{} line {}: not JSON", metrics.display(), i + 1))?;
+            let bad_line = |why: &str| TrainError::Records {
+                path: metrics.clone(),
+                reason: format!("line {}: {why}", i + 1),
+            };
+            let v: serde_json::Value =
+                serde_json::from_str(line).map_err(|_| bad_line("not JSON"))?;
             let Some(step) = v["step"].as_u64().map(|s| s as usize) else {
-                bail!("{} line {}: no step", metrics.display(), i + 1);
+                return Err(bad_line("no step"));
             };
             if v["skipped"].as_bool() == Some(true) {
                 continue;
@@ -109,6 +115,14 @@ pub fn write_run_plots(run_dir: &Path) -> Result<Vec<PathBuf>> {
 /// Loss curves of several runs in one PNG: training loss as thin lines, eval loss as
 /// thick lines with dots, one colour per run; log-scale y.
 pub fn plot_losses(runs: &[(String, RunCurves)], out: &Path, title: &str) -> Result<()> {
+    drawn(out, draw_losses(runs, out, title))
+}
+
+fn drawn(out: &Path, d: Drawn) -> Result<()> {
+    d.map_err(|e| TrainError::Plot(format!("{}: cannot draw: {e}", out.display())))
+}
+
+fn draw_losses(runs: &[(String, RunCurves)], out: &Path, title: &str) -> Drawn {
     register_font();
     let points = runs
         .iter()
@@ -179,6 +193,10 @@ pub fn plot_losses(runs: &[(String, RunCurves)], out: &Path, title: &str) -> Res
 /// log10 update-to-data ratio per parameter tensor over the steps, with the usual
 /// rule-of-thumb band around -3 marked.
 pub fn plot_update_ratios(curves: &RunCurves, out: &Path, name: &str) -> Result<()> {
+    drawn(out, draw_update_ratios(curves, out, name))
+}
+
+fn draw_update_ratios(curves: &RunCurves, out: &Path, name: &str) -> Drawn {
     register_font();
     let all = curves.update_ratios.values().flatten().copied();
     let (mut max_step, mut lo, mut hi) = (1usize, -3.5f64, -2.5f64);
@@ -226,7 +244,7 @@ pub fn plot_update_ratios(curves: &RunCurves, out: &Path, name: &str) -> Result<
 type Chart<'a, 'b> =
     ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordusize, RangedCoordf64>>;
 
-fn draw_legend<'a>(chart: &mut Chart<'a, 'a>) -> Result<()> {
+fn draw_legend<'a>(chart: &mut Chart<'a, 'a>) -> Drawn {
     chart
         .configure_series_labels()
         .label_font((FAMILY, 14))
@@ -243,6 +261,6 @@ fn temp_path(out: &Path) -> PathBuf {
 }
 
 /// Renames the finished PNG into place, so a reader never sees half a file.
-fn finish(tmp: &Path, out: &Path) -> Result<()> {
-    std::fs::rename(tmp, out).with_context(|| format!("writing {}", out.display()))
+fn finish(tmp: &Path, out: &Path) -> Drawn {
+    Ok(std::fs::rename(tmp, out)?)
 }

@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use super::error::{io, Result, TrainError};
 use candle_core::Tensor;
 
 use super::checkpoint::{self, TrainState};
@@ -34,7 +34,7 @@ pub struct RunDir {
 impl RunDir {
     /// The folder, created if missing.
     pub fn create(path: &Path) -> Result<Self> {
-        std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+        std::fs::create_dir_all(path).map_err(io(path, "cannot create"))?;
         Ok(Self {
             path: path.to_path_buf(),
         })
@@ -51,21 +51,18 @@ impl RunDir {
             .iter()
             .any(|f| self.path.join(f).exists());
         if earlier && !overwrite {
-            bail!(
-                "{} already holds a run; continue it with --resume, or replace it with --overwrite",
-                self.path.display()
-            );
+            return Err(TrainError::RunExists(self.path.clone()));
         }
         for f in RUN_FILES {
             let p = self.path.join(f);
             if p.exists() {
-                std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+                std::fs::remove_file(&p).map_err(io(&p, "cannot remove"))?;
             }
         }
         for d in RUN_FOLDERS {
             let p = self.path.join(d);
             if p.exists() {
-                std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
+                std::fs::remove_dir_all(&p).map_err(io(&p, "cannot remove"))?;
             }
         }
         Ok(())
@@ -75,10 +72,7 @@ impl RunDir {
     pub fn latest_checkpoint(&self) -> Result<PathBuf> {
         match checkpoint::latest(&self.checkpoints())? {
             Some(c) => Ok(c),
-            None => bail!(
-                "--resume: no checkpoint in {}",
-                self.checkpoints().display()
-            ),
+            None => Err(TrainError::NoCheckpoint(self.checkpoints())),
         }
     }
 
@@ -90,7 +84,11 @@ impl RunDir {
 
     /// The settings this run trains with, for `earshot compare` and for the record.
     pub fn write_config(&self, config: &RunConfig) -> Result<()> {
-        write_atomic(&self.path.join("config.toml"), toml::to_string(config)?)
+        let text = toml::to_string(config).map_err(|e| TrainError::Records {
+            path: self.path.join("config.toml"),
+            reason: e.to_string(),
+        })?;
+        write_atomic(&self.path.join("config.toml"), text)
     }
 
     /// Opens a record file (`metrics.jsonl`, `eval.jsonl`) for appending.
@@ -100,7 +98,7 @@ impl RunDir {
             .create(true)
             .append(true)
             .open(&p)
-            .with_context(|| format!("opening {}", p.display()))
+            .map_err(io(&p, "cannot open"))
     }
 
     /// The recorded best evaluation, if it is not after `step`.
@@ -131,7 +129,7 @@ impl RunDir {
         opt: &AdamW,
     ) -> Result<()> {
         save_into(&self.path.join("best"), 1, state, projector, opt)?;
-        write_atomic(&self.path.join("best.json"), serde_json::to_string(&best)?)
+        write_atomic(&self.path.join("best.json"), json(&best))
     }
 
     /// Redraws loss.png and update_ratios.png.
@@ -165,10 +163,11 @@ fn save_into(
 
 fn write_atomic(path: &Path, text: String) -> Result<()> {
     let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+    let mut f = File::create(&tmp).map_err(io(&tmp, "cannot write"))?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(io(&tmp, "cannot write"))?;
+    std::fs::rename(&tmp, path).map_err(io(path, "cannot write"))
 }
 
 /// Keeps the JSON lines of `path` whose "step" is at most `max_step`.
@@ -187,4 +186,9 @@ fn truncate_jsonl(path: &Path, max_step: usize) -> Result<()> {
         .map(|l| format!("{l}\n"))
         .collect();
     write_atomic(path, kept)
+}
+
+/// A record as one JSON line (serializing plain numbers and strings cannot fail).
+pub(super) fn json(v: &impl serde::Serialize) -> String {
+    serde_json::to_string(v).expect("records are plain data")
 }

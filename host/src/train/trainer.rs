@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use super::error::{bad_checkpoint, Result, TrainError};
 use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use rand::rngs::StdRng;
@@ -105,22 +105,20 @@ impl<'s> Trainer<'s> {
             || saved.accumulate != cfg.accumulate
             || saved.examples != n
         {
-            bail!(
-                "{}: seed/batch size/dataset size were {}/{}/{}, now {}/{}/{}: the data order would differ",
-                ckpt.display(),
-                saved.seed,
-                saved.batch_size,
-                saved.examples,
-                cfg.seed,
-                cfg.batch_size,
-                n
-            );
+            return Err(bad_checkpoint(
+                &ckpt,
+                format!(
+                    "seed/batch size/dataset size were {}/{}/{}, now {}/{}/{}: the data order \
+                     would differ",
+                    saved.seed, saved.batch_size, saved.examples, cfg.seed, cfg.batch_size, n
+                ),
+            ));
         }
         for (name, var) in self.projector.params() {
             let t = loaded
                 .projector
                 .get(name)
-                .with_context(|| format!("{}: no tensor {name}", ckpt.display()))?;
+                .ok_or_else(|| bad_checkpoint(&ckpt, format!("no tensor {name}")))?;
             var.set(t)?;
         }
         self.opt
@@ -276,7 +274,7 @@ impl<'s> Trainer<'s> {
 
     /// The error that stops a run after too many non-finite steps, naming the first layer
     /// that produces non-finite values in the forward or else in the backward.
-    fn nonfinite_failure(&self, (pieces, audio): &(Vec<TextPieces>, Vec<Tensor>)) -> anyhow::Error {
+    fn nonfinite_failure(&self, (pieces, audio): &(Vec<TextPieces>, Vec<Tensor>)) -> TrainError {
         let trace = caption_loss(
             &self.session.llm.model,
             pieces,
@@ -284,14 +282,12 @@ impl<'s> Trainer<'s> {
             None,
             NonFiniteTrace::on(),
         )
-        .map_err(anyhow::Error::from)
         .and_then(|out| Ok(out.loss.backward()?))
         .err();
-        anyhow::anyhow!(
-            "{} steps in a row with non-finite loss or gradients; stopping{}",
-            self.nonfinite_run,
-            trace.map(|e| format!(" ({e})")).unwrap_or_default()
-        )
+        TrainError::NonFinite {
+            steps: self.nonfinite_run,
+            trace: trace.map(|e| format!(" ({e})")).unwrap_or_default(),
+        }
     }
 
     pub fn session(&self) -> &'s Session {
@@ -310,7 +306,7 @@ fn add_grads(projector: &Projector, acc: &mut GradStore, g: &GradStore) -> Resul
     for (name, var) in projector.params() {
         let b = g
             .get(var.as_tensor())
-            .with_context(|| format!("projector parameter {name} received no gradient"))?;
+            .ok_or_else(|| TrainError::NoGradient(name.clone()))?;
         let sum = match acc.remove(var.as_tensor()) {
             Some(a) => (a + b)?,
             None => b.clone(),
@@ -326,7 +322,7 @@ fn grad_norm(projector: &Projector, grads: &GradStore) -> Result<f64> {
     for (name, var) in projector.params() {
         let g = grads
             .get(var.as_tensor())
-            .with_context(|| format!("projector parameter {name} received no gradient"))?;
+            .ok_or_else(|| TrainError::NoGradient(name.clone()))?;
         sq += sq_norm(g)?;
     }
     Ok(sq.sqrt())

@@ -34,7 +34,7 @@ fn make_dataset(root: &Path) {
         }
         w.finalize().unwrap();
         lines.push_str(&format!(
-            "{{\"id\": \"{name}\", \"audio\": \"clips/{name}.wav\", \"text\": \"Tone number {name}.\"}}\n"
+            "{{\"id\": \"{name}\", \"audio\": \"clips/{name}.wav\", \"text\": \"Tone number {name}.\", \"number\": \"{name}\"}}\n"
         ));
     }
     std::fs::write(root.join("train.jsonl"), lines).unwrap();
@@ -144,6 +144,7 @@ fn overfitting_eight_clips_learns_their_captions() {
     for v in &lines {
         assert_eq!(v["caption"], v["references"][0], "{v}");
     }
+    check_eval(d.path(), &cfg_path, &ckpt);
     // Seeded sampling is deterministic.
     let clip = d.path().join("data/clips/five.wav");
     let sampled = |seed: &str| {
@@ -310,4 +311,51 @@ fn check_caption_cli(dir: &Path, caption: &dyn Fn(&[&std::ffi::OsStr]) -> std::p
         after_clear.trim_end().ends_with("TONE NUMBER THREE."),
         "{screen:?}"
     );
+}
+
+/// `earshot eval` on the trained run: the training clips' captions match their targets, each
+/// names the number in its metadata, and the listening check sees the model use the audio
+/// (with silence every caption is the same, with shuffled audio each names its neighbour's
+/// number); the saved predictions score the same through `--predictions`.
+fn check_eval(dir: &Path, cfg: &Path, ckpt: &Path) {
+    let numbers = format!("number={}", NAMES.join(","));
+    let saved = dir.join("predictions.jsonl");
+    let out = earshot([
+        "eval".as_ref(),
+        "--config".as_ref(),
+        cfg.as_os_str(),
+        "--checkpoint".as_ref(),
+        ckpt.as_os_str(),
+        "--split".as_ref(),
+        "train".as_ref(),
+        "--max-tokens".as_ref(),
+        "12".as_ref(),
+        "--attribute".as_ref(),
+        numbers.as_ref(),
+        "--save-predictions".as_ref(),
+        saved.as_os_str(),
+        "--json".as_ref(),
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&expect_success(&out)).unwrap();
+    assert_eq!(v["examples"], 8, "{v}");
+    assert_eq!(v["scores"]["exact_match"], 1.0, "{v}");
+    assert_eq!(v["attributes"]["number"]["accuracy"], 1.0, "{v}");
+    let check = &v["listening_check"];
+    assert_eq!(check["clearly_better"], true, "{check}");
+    assert!(
+        check["silence_score"].as_f64().unwrap() <= 0.125 + 1e-9,
+        "{check}"
+    );
+    assert!(check["shuffled_score"].as_f64().unwrap() <= 0.25, "{check}");
+    let out = earshot([
+        "eval".as_ref(),
+        "--predictions".as_ref(),
+        saved.as_os_str(),
+        "--attribute".as_ref(),
+        numbers.as_ref(),
+        "--json".as_ref(),
+    ]);
+    let again: serde_json::Value = serde_json::from_str(&expect_success(&out)).unwrap();
+    assert_eq!(again["scores"], v["scores"]);
+    assert_eq!(again["attributes"], v["attributes"]);
 }

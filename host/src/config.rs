@@ -39,6 +39,18 @@ pub struct RunConfig {
     pub projector: ProjectorConfig,
     #[serde(default)]
     pub train: TrainConfig,
+    #[serde(default)]
+    pub eval: EvalConfig,
+}
+
+/// What `earshot eval --config` scores besides the caption metrics.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct EvalConfig {
+    /// Attribute name -> its allowed values, e.g. `family = ["piano", "organ"]`: the value
+    /// a caption names is compared with the example's metadata of that name.
+    #[serde(default)]
+    pub attributes: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

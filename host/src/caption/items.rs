@@ -7,6 +7,7 @@ use crate::pipeline::examples::audio_label;
 use crate::plugins::{Example, PluginError, SplitPages, PAGE_SIZE};
 
 /// Where a caption item's audio comes from.
+#[derive(Clone)]
 pub enum AudioInput {
     /// An audio file (any format the decoder reads).
     File(PathBuf),

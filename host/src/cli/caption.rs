@@ -214,6 +214,9 @@ impl Output {
                 if !item.references.is_empty() {
                     v["references"] = item.references.clone().into();
                 }
+                if !item.metadata.is_empty() {
+                    v["metadata"] = crate::eval::split::metadata_object(&item.metadata);
+                }
                 if let Some((start, end)) = c.span {
                     v["start_s"] = start.into();
                     v["end_s"] = end.into();

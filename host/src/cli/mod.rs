@@ -8,6 +8,7 @@ mod common;
 mod compare;
 mod dataset;
 mod encode;
+mod eval;
 pub mod exit;
 mod generate;
 mod import;
@@ -67,6 +68,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Caption audio files or a dataset split with a trained projector
     Caption(caption::CaptionArgs),
+    /// Score captions against references (BLEU, ROUGE-L, CIDEr-D, WER/CER, attributes)
+    Eval(eval::EvalArgs),
     /// Compare training runs: loss table and overlaid curves (PNG)
     Compare(compare::CompareArgs),
     /// Inspect or prune the encoder-output and plugin caches
@@ -90,6 +93,7 @@ pub fn main() -> ExitCode {
         Command::Prompt(args) => prompt::run(args),
         Command::Train(args) => train::run(args),
         Command::Caption(args) => caption::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Cache(args) => cache::run(args),
         Command::Compare(args) => compare::run(args),
     };

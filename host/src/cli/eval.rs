@@ -1,0 +1,292 @@
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use crate::caption::{CaptionSettings, Captioner};
+use crate::config::RunConfig;
+use crate::eval::split::{caption_split, listening_check, Hearing, ListeningCheck, CLEAR_MARGIN};
+use crate::eval::{read_predictions, score, AttributeSpec, Report};
+use crate::plugins::{display_text, terminal_safe_json};
+
+use super::printer::PhaseProgress;
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Scores: BLEU-1..4, ROUGE-L and CIDEr-D as pycocoevalcap computes them (PTB \
+tokenisation), WER and CER as jiwer defines them (after lower-casing and removing punctuation, \
+against the first reference), exact match after the same normalisation, and attribute accuracy \
+(an allowed value named as a whole word in the caption, compared with the example's metadata; \
+none or several named counts as wrong). CIDEr-D's document frequencies come from the \
+references of the examples scored together. Lines of a predictions file that carry an \
+\"error\" are counted as failed.\n\nExample:\n  earshot caption --config configs/cpu-smollm2-tones.toml --checkpoint runs/try \\\n    --split train > captions.jsonl\n  earshot eval --predictions captions.jsonl"
+)]
+pub struct EvalArgs {
+    /// JSON lines carrying `caption` and `references` (`earshot caption` output as is)
+    #[arg(long, required_unless_present = "config", conflicts_with = "config")]
+    pub predictions: Option<PathBuf>,
+    /// Caption a split of this run config's dataset with --checkpoint, then score it
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Trained projector (as for `earshot caption`)
+    #[arg(long, requires = "config")]
+    pub checkpoint: Option<PathBuf>,
+    /// Evaluate with a checkpoint made for other models / mel settings / template
+    #[arg(long, requires = "checkpoint")]
+    pub allow_mismatch: bool,
+    /// The split to caption (default: the config's data.eval-split)
+    #[arg(long, requires = "config")]
+    pub split: Option<String>,
+    /// Write the captions made with --config here (JSON lines, as `earshot caption`)
+    #[arg(long, requires = "config", value_name = "FILE")]
+    pub save_predictions: Option<PathBuf>,
+    /// Maximum new tokens per caption (with --config)
+    #[arg(long, default_value_t = 60)]
+    pub max_tokens: usize,
+    /// Captions decoded together (with --config)
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub batch_size: u64,
+    /// An attribute to score, NAME=VALUE,VALUE,... (repeatable; adds to the config's
+    /// [eval] attributes); the expected value is the example's metadata NAME
+    #[arg(long = "attribute", value_name = "NAME=V1,V2,...")]
+    pub attributes: Vec<String>,
+    /// The report as one JSON object (scores, attributes with confusion tables, every example,
+    /// the listening check)
+    #[arg(long)]
+    pub json: bool,
+    /// With --config: skip captioning the split again with silence and with shuffled audio
+    #[arg(long, requires = "config")]
+    pub no_listening_check: bool,
+    /// Override a config value (repeatable)
+    #[arg(long = "set", value_name = "KEY=VALUE", requires = "config")]
+    pub set: Vec<String>,
+}
+
+fn parse_attribute(s: &str) -> Result<(String, Vec<String>)> {
+    let Some((name, values)) = s.split_once('=') else {
+        bail!("--attribute {s:?}: expected NAME=VALUE,VALUE,...");
+    };
+    let values: Vec<String> = values
+        .split(',')
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+        .collect();
+    if name.trim().is_empty() || values.is_empty() {
+        bail!("--attribute {s:?}: expected NAME=VALUE,VALUE,...");
+    }
+    Ok((name.trim().to_string(), values))
+}
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    let mut attributes = AttributeSpec::new();
+    let mut listening = None;
+    let report = match (&args.predictions, &args.config) {
+        (Some(path), _) => {
+            for a in &args.attributes {
+                let (name, values) = parse_attribute(a)?;
+                attributes.insert(name, values);
+            }
+            let file = read_predictions(path)?;
+            score(&file.predictions, file.failed.len(), &attributes)
+        }
+        (None, Some(config)) => {
+            let cfg = RunConfig::load(config, &args.set)?;
+            attributes.extend(cfg.eval.attributes.clone());
+            for a in &args.attributes {
+                let (name, values) = parse_attribute(a)?;
+                attributes.insert(name, values);
+            }
+            let (report, check) = evaluate_config(&args, cfg, &attributes)?;
+            listening = check;
+            report
+        }
+        (None, None) => bail!("give --predictions FILE or --config RUN.toml"),
+    };
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let mut v = serde_json::to_value(&report)?;
+        if let Some(check) = &listening {
+            v["listening_check"] = serde_json::to_value(check)?;
+        }
+        writeln!(out, "{}", terminal_safe_json(v.to_string()))?;
+    } else {
+        write_table(&mut out, &report)?;
+        if let Some(check) = &listening {
+            write_listening(&mut out, check)?;
+        }
+    }
+    Ok(())
+}
+
+/// Captions the split with real audio (and, for the listening check, with silence and with
+/// shuffled audio) and scores each.
+fn evaluate_config(
+    args: &EvalArgs,
+    cfg: RunConfig,
+    attributes: &AttributeSpec,
+) -> Result<(Report, Option<ListeningCheck>)> {
+    let split = match (&args.split, &cfg.data.eval_split) {
+        (Some(s), _) | (None, Some(s)) => s.clone(),
+        (None, None) => {
+            bail!("no split to evaluate: give --split NAME (the config has no data.eval-split)")
+        }
+    };
+    let mut captioner = Captioner::load(cfg, args.checkpoint.as_deref(), args.allow_mismatch)?;
+    let mut dataset = captioner.open_dataset(&split)?;
+    let settings = CaptionSettings {
+        max_tokens: args.max_tokens,
+        batch_size: args.batch_size as usize,
+        ..CaptionSettings::default()
+    };
+    let mut run = |hearing: Hearing| -> Result<Report> {
+        let what = match hearing {
+            Hearing::Real => format!("captioning {split}"),
+            Hearing::Silence => format!("captioning {split} with silence"),
+            Hearing::Shuffled => format!("captioning {split} with shuffled audio"),
+        };
+        let mut progress = PhaseProgress::new(what, "clip(s)");
+        let (predictions, failed, lines) = caption_split(
+            &mut captioner,
+            &mut dataset,
+            &split,
+            &settings,
+            hearing,
+            &mut |done| {
+                if let Some(line) = progress.line(done, None) {
+                    eprintln!("{line}");
+                }
+            },
+        )?;
+        if hearing == Hearing::Real {
+            if let Some(path) = &args.save_predictions {
+                save_lines(path, &lines)?;
+            }
+            for l in lines.iter().filter(|l| l.get("error").is_some()) {
+                eprintln!(
+                    "error: {}: {}",
+                    display_text(l["audio"].as_str().unwrap_or_default(), 4096),
+                    display_text(l["error"].as_str().unwrap_or_default(), 64 * 1024)
+                );
+            }
+        }
+        if predictions.is_empty() {
+            bail!(
+                "split {split:?}: nothing to score ({failed} failed, the rest had no references)"
+            );
+        }
+        Ok(score(&predictions, failed, attributes))
+    };
+    let report = run(Hearing::Real)?;
+    if args.no_listening_check {
+        return Ok((report, None));
+    }
+    let silence = run(Hearing::Silence)?;
+    let shuffled = run(Hearing::Shuffled)?;
+    let check = listening_check(&report, silence, shuffled);
+    if !check.clearly_better {
+        eprintln!(
+            "warning: the model does not clearly use the audio: {} is {:.3} with the real audio, \
+             {:.3} with silence and {:.3} with shuffled audio (real should lead both by {CLEAR_MARGIN})",
+            check.primary, check.real_score, check.silence_score, check.shuffled_score
+        );
+    }
+    Ok((report, Some(check)))
+}
+
+/// Writes JSON lines atomically (a temp file renamed into place).
+fn save_lines(path: &std::path::Path, lines: &[serde_json::Value]) -> Result<()> {
+    let tmp = path.with_extension("jsonl.tmp");
+    let mut text = String::new();
+    for l in lines {
+        text.push_str(&terminal_safe_json(l.to_string()));
+        text.push('\n');
+    }
+    std::fs::write(&tmp, text).with_context(|| format!("{}: cannot write", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))?;
+    Ok(())
+}
+
+fn write_table(out: &mut impl Write, r: &Report) -> Result<()> {
+    let s = &r.scores;
+    writeln!(out, "examples  {} ({} failed)", r.examples, r.failed)?;
+    for (name, v) in [
+        ("BLEU-1", s.bleu_1),
+        ("BLEU-2", s.bleu_2),
+        ("BLEU-3", s.bleu_3),
+        ("BLEU-4", s.bleu_4),
+        ("ROUGE-L", s.rouge_l),
+        ("CIDEr-D", s.cider_d),
+        ("WER", s.wer),
+        ("CER", s.cer),
+        ("exact", s.exact_match),
+    ] {
+        writeln!(out, "{name:<9} {v:.4}")?;
+    }
+    for (name, a) in &r.attributes {
+        writeln!(
+            out,
+            "\nattribute {}: accuracy {:.3} over {} example(s)",
+            display_text(name, 256),
+            a.accuracy,
+            a.examples
+        )?;
+        write_confusion(out, &a.confusion)?;
+    }
+    Ok(())
+}
+
+fn write_listening(out: &mut impl Write, c: &ListeningCheck) -> Result<()> {
+    writeln!(out, "\nlistening check ({}):", c.primary)?;
+    writeln!(out, "  real audio      {:.4}", c.real_score)?;
+    writeln!(out, "  silence         {:.4}", c.silence_score)?;
+    writeln!(out, "  shuffled audio  {:.4}", c.shuffled_score)?;
+    writeln!(
+        out,
+        "  {}",
+        if c.clearly_better {
+            "the model uses the audio"
+        } else {
+            "WARNING: real audio is not clearly better than silence and shuffled audio"
+        }
+    )?;
+    Ok(())
+}
+
+/// Rows: expected value; columns: the value the caption named.
+fn write_confusion(
+    out: &mut impl Write,
+    confusion: &BTreeMap<String, BTreeMap<String, usize>>,
+) -> Result<()> {
+    let mut columns: Vec<&String> = confusion.values().flat_map(|m| m.keys()).collect();
+    columns.sort();
+    columns.dedup();
+    let width = columns
+        .iter()
+        .map(|c| c.chars().count())
+        .chain(confusion.keys().map(|k| k.chars().count()))
+        .max()
+        .unwrap_or(4)
+        .clamp(4, 24);
+    const CORNER: &str = "expected \\ named";
+    let first = confusion
+        .keys()
+        .map(|k| k.chars().count())
+        .max()
+        .unwrap_or(0)
+        .clamp(CORNER.len(), 32);
+    write!(out, "  {CORNER:<first$}")?;
+    for c in &columns {
+        write!(out, " {:>width$}", display_text(c, 64))?;
+    }
+    writeln!(out)?;
+    for (expected, row) in confusion {
+        write!(out, "  {:<first$}", display_text(expected, 64))?;
+        for c in &columns {
+            write!(out, " {:>width$}", row.get(*c).copied().unwrap_or(0))?;
+        }
+        writeln!(out)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,168 @@
+//! Captioning a dataset split for evaluation, three ways: with its audio, with the audio
+//! replaced by silence, and with the audio shuffled between examples (the listening check:
+//! a model that ignores its audio scores the same on all three).
+
+use serde::Serialize;
+
+use super::{Prediction, Report};
+use crate::caption::{AudioInput, CaptionItem, CaptionSettings, Captioner, ItemSource, Result};
+use crate::plugins::{DatasetAdapter, PAGE_SIZE};
+
+/// What the model hears.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Hearing {
+    /// Each example's own audio.
+    Real,
+    /// One second of silence (any silence up to 30 s gives the same log-mel window).
+    Silence,
+    /// Another example's audio: each example gets the audio of the one before it.
+    Shuffled,
+}
+
+/// One line of captioning output, for `--save-predictions` (as `earshot caption` writes).
+pub type Line = serde_json::Value;
+
+/// The split captioned as `hearing` says: predictions to score, failed count, output lines.
+/// `progress(done)` is called after each chunk.
+pub fn caption_split(
+    captioner: &mut Captioner,
+    dataset: &mut DatasetAdapter,
+    split: &str,
+    settings: &CaptionSettings,
+    hearing: Hearing,
+    progress: &mut dyn FnMut(usize),
+) -> Result<(Vec<Prediction>, usize, Vec<Line>)> {
+    let root = captioner.config.data.root.clone();
+    let mut items = ItemSource::Split {
+        pages: dataset.pages(split, PAGE_SIZE),
+        root,
+    };
+    let (mut predictions, mut failed, mut lines) = (Vec::new(), 0, Vec::new());
+    let mut carried: Option<AudioInput> = None;
+    loop {
+        let mut chunk = items.next_chunk(settings.batch_size)?;
+        if chunk.is_empty() {
+            break;
+        }
+        match hearing {
+            Hearing::Real => {}
+            Hearing::Silence => {
+                for item in &mut chunk {
+                    item.input = AudioInput::Samples(vec![0.0; crate::audio::SAMPLE_RATE as usize]);
+                }
+            }
+            Hearing::Shuffled => {
+                // Rotate by one, carrying the last input into the next chunk: no example
+                // keeps its own audio unless the split has a single example.
+                let last = chunk.last().map(|i| i.input.clone());
+                let first_in = carried.take().or_else(|| last.clone());
+                for k in (1..chunk.len()).rev() {
+                    chunk[k].input = chunk[k - 1].input.clone();
+                }
+                if let Some(input) = first_in {
+                    chunk[0].input = input;
+                }
+                carried = last;
+            }
+        }
+        let results = captioner.caption(&chunk, settings, false, &mut |_| {})?;
+        for (item, result) in chunk.into_iter().zip(results) {
+            lines.push(record(&item, &result));
+            match result {
+                Ok(captions) => {
+                    if item.references.is_empty() {
+                        tracing::warn!("example {}: no references; not scored", item.id);
+                        continue;
+                    }
+                    predictions.push(Prediction {
+                        id: item.id,
+                        caption: joined(&captions),
+                        references: item.references,
+                        metadata: item.metadata,
+                    });
+                }
+                Err(_) => failed += 1,
+            }
+        }
+        progress(lines.len());
+    }
+    Ok((predictions, failed, lines))
+}
+
+/// A caption per window joined into one text.
+fn joined(captions: &[crate::caption::WindowCaption]) -> String {
+    captions
+        .iter()
+        .map(|c| c.text.trim())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn record(item: &CaptionItem, result: &crate::caption::ItemResult) -> Line {
+    match result {
+        Ok(captions) => serde_json::json!({
+            "id": item.id, "audio": item.audio, "caption": joined(captions),
+            "references": item.references,
+            "metadata": metadata_object(&item.metadata),
+        }),
+        Err(e) => serde_json::json!({"id": item.id, "audio": item.audio, "error": e}),
+    }
+}
+
+/// Scores of the split heard each way, and whether the real audio is clearly better.
+#[derive(Debug, Clone, Serialize)]
+pub struct ListeningCheck {
+    pub silence: Report,
+    pub shuffled: Report,
+    /// The primary score (mean attribute accuracy when attributes are scored, else
+    /// CIDEr-D) with real audio, silence and shuffled audio.
+    pub primary: String,
+    pub real_score: f64,
+    pub silence_score: f64,
+    pub shuffled_score: f64,
+    /// Real audio beats both by at least [`CLEAR_MARGIN`].
+    pub clearly_better: bool,
+}
+
+/// How much better (absolute) real audio must score than silence and shuffled audio.
+pub const CLEAR_MARGIN: f64 = 0.05;
+
+/// The primary score of a report: mean attribute accuracy, or CIDEr-D without attributes.
+pub fn primary_score(report: &Report) -> (String, f64) {
+    if report.attributes.is_empty() {
+        ("CIDEr-D".into(), report.scores.cider_d)
+    } else {
+        let n = report.attributes.len() as f64;
+        (
+            "attribute accuracy".into(),
+            report.attributes.values().map(|a| a.accuracy).sum::<f64>() / n,
+        )
+    }
+}
+
+/// Compares the real report with the silence and shuffled ones.
+pub fn listening_check(real: &Report, silence: Report, shuffled: Report) -> ListeningCheck {
+    let (primary, real_score) = primary_score(real);
+    let silence_score = primary_score(&silence).1;
+    let shuffled_score = primary_score(&shuffled).1;
+    ListeningCheck {
+        clearly_better: real_score >= silence_score.max(shuffled_score) + CLEAR_MARGIN,
+        silence,
+        shuffled,
+        primary,
+        real_score,
+        silence_score,
+        shuffled_score,
+    }
+}
+
+/// Metadata as a JSON object (what `earshot eval --predictions` reads back).
+pub fn metadata_object(metadata: &[(String, String)]) -> serde_json::Value {
+    serde_json::Value::Object(
+        metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect(),
+    )
+}

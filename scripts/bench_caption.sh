@@ -10,7 +10,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 models=${EARSHOT_HOME:-$HOME/.cache/earshot}/models
 export RAYON_NUM_THREADS=2
-cargo build --release --quiet -p earshot --example bench_caption
+cargo build --release --quiet -p earshot-tests --example bench_caption
 mel=../shared/oracle/whisper-tiny-en/expected/a_speech_mel_pad30s.npy
 gguf=$models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
 out=$(target/release/examples/bench_caption "$models/whisper-tiny.en" "$gguf" "$mel" 250 60)

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use earshot::models::llm::{
-    decode_batch, decode_without_cache, load_llm, DecodeOptions, DecodeRequest, Decoded as Caption,
-    Finish, KvCache, LoadedLlm, PrefixCache,
+    decode_batch, load_llm, DecodeOptions, DecodeRequest, Decoded as Caption, Finish, KvCache,
+    LoadedLlm, PrefixCache,
 };
 use earshot::models::nonfinite::NonFiniteTrace;
 use earshot::models::projector::{Projector, ProjectorConfig};

@@ -357,3 +357,36 @@ positions = 16
     std::fs::write(&path, cfg).unwrap();
     path
 }
+
+/// The write-up's sampler, the reference the cached decode loop is tested against (and the
+/// captioning benchmark's baseline): every new token re-runs the whole sequence, without a
+/// KV cache. Returns the generated ids.
+pub fn decode_without_cache(
+    llm: &impl earshot::models::llm::LanguageModel,
+    prompt: &candle_core::Tensor,
+    eos: Option<u32>,
+    max_tokens: usize,
+    sampler: &mut earshot::sampler::Sampler,
+) -> earshot::models::weights::Result<Vec<u32>> {
+    use candle_core::{DType, Tensor};
+    use earshot::models::llm::LogitsAt;
+    use earshot::models::nonfinite::NonFiniteTrace;
+    let device = llm.device().clone();
+    let mut seq = prompt.detach();
+    let mut ids = Vec::new();
+    while ids.len() < max_tokens {
+        let logits = llm.forward(&seq, 0, None, LogitsAt::Last, NonFiniteTrace::default())?;
+        let row = logits
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
+        let next = sampler.sample(&row);
+        if Some(next) == eos {
+            break;
+        }
+        ids.push(next);
+        let e = llm.embed(&Tensor::new(&[next], &device)?.unsqueeze(0)?)?;
+        seq = Tensor::cat(&[&seq, &e], 1)?;
+    }
+    Ok(ids)
+}

@@ -20,7 +20,7 @@ pub struct AudioArgs {
     #[arg(long, value_enum, default_value_t = Padding::Whisper)]
     pub padding: Padding,
     /// Seconds between the starts of consecutive 30 s windows for long audio (1 <= hop <= 30)
-    #[arg(long, value_name = "S", default_value_t = 30.0)]
+    #[arg(long, value_name = "S", default_value_t = crate::mel::WINDOW_S)]
     pub window_hop: f64,
 }
 

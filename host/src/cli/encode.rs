@@ -67,7 +67,7 @@ pub fn run(args: EncodeArgs) -> Result<()> {
         );
     }
     let d = encoder.config.d_model;
-    let mut out = Vec::with_capacity(n_windows * 1500 * d);
+    let mut out = Vec::with_capacity(n_windows * crate::models::whisper::ENCODER_FRAMES * d);
     let per_window = n_mels * N_FRAMES;
     for chunk in mel.chunks(WINDOWS_PER_BATCH * per_window) {
         let b = chunk.len() / per_window;

@@ -5,6 +5,7 @@
 //! LayerNorm(d_enc), Linear(d_enc -> d_llm, no bias)), `mlp` (pool, LayerNorm, Linear, GELU,
 //! Linear), `stack` (concatenate k consecutive frames, LayerNorm, Linear).
 
+use crate::models::whisper::ENCODER_FRAMES;
 use candle_core::{DType, Device, Tensor, Var, D};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -78,15 +79,18 @@ impl Projector {
         let mut rng = StdRng::seed_from_u64(seed);
         let ln_in = match config.kind {
             ProjectorKind::Stack => {
-                if config.stack == 0 || 1500 % config.stack != 0 {
-                    return Err(bad(format!("stack = {} must divide 1500", config.stack)));
+                if config.stack == 0 || ENCODER_FRAMES % config.stack != 0 {
+                    return Err(bad(format!(
+                        "stack = {} must divide {ENCODER_FRAMES}",
+                        config.stack
+                    )));
                 }
                 d_in * config.stack
             }
             _ => {
-                if config.positions == 0 || config.positions > 1500 {
+                if config.positions == 0 || config.positions > ENCODER_FRAMES {
                     return Err(bad(format!(
-                        "positions = {} must be in 1..=1500",
+                        "positions = {} must be in 1..={ENCODER_FRAMES}",
                         config.positions
                     )));
                 }

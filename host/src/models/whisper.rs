@@ -28,8 +28,11 @@ pub struct WhisperConfig {
     pub max_source_positions: usize,
 }
 
+/// Encoder output frames per 30 s window (3000 mel frames, halved by the stride-2 conv).
+pub const ENCODER_FRAMES: usize = crate::mel::N_FRAMES / 2;
+
 fn default_source_positions() -> usize {
-    1500
+    ENCODER_FRAMES
 }
 
 const PREFIX: &str = "model.encoder";

@@ -10,7 +10,7 @@ use super::error::Result;
 use crate::config::RunConfig;
 use crate::mel::{LogMelExtractor, MelSettings, N_FRAMES, N_SAMPLES, WINDOW_S};
 use crate::models::nonfinite::NonFiniteTrace;
-use crate::models::whisper::WhisperEncoder;
+use crate::models::whisper::{WhisperEncoder, ENCODER_FRAMES};
 use crate::models::Runtime;
 use crate::plugins::Example;
 
@@ -119,7 +119,7 @@ impl ClipEncoder {
         let spans = self.mel.window_spans(samples.len(), &self.settings)?;
         let n = max_windows.map_or(spans.len(), |m| spans.len().min(m));
         let clip_key = self.cache.as_ref().map(|c| c.key(samples, segment));
-        let dims = [1, N_FRAMES / 2, self.encoder.config.d_model];
+        let dims = [1, ENCODER_FRAMES, self.encoder.config.d_model];
         let mut features = vec![0f32; self.settings.n_mels * N_FRAMES];
         let mut out = Vec::with_capacity(n);
         for (w, span) in spans.into_iter().take(n).enumerate() {

@@ -417,8 +417,10 @@ impl PromptTemplate {
         require_role(path, &info, host::Role::PromptTemplate)?;
         Ok(Self { inst, info })
     }
+}
 
-    pub fn render(
+impl super::roles::PromptTemplateApi for PromptTemplate {
+    fn render(
         &mut self,
         metadata: &[(String, String)],
         options: &str,
@@ -452,7 +454,7 @@ impl PromptTemplate {
         })
     }
 
-    pub fn format_target(
+    fn format_target(
         &mut self,
         target: &str,
         metadata: &[(String, String)],
@@ -491,8 +493,10 @@ impl PostProcessor {
         require_role(path, &info, host::Role::CaptionPostProcessor)?;
         Ok(Self { inst, info })
     }
+}
 
-    pub fn process(
+impl super::roles::PostProcessorApi for PostProcessor {
+    fn process(
         &mut self,
         raw: &str,
         stop_strings: &[String],
@@ -656,15 +660,16 @@ impl DatasetAdapter {
             },
         })
     }
+}
 
-    /// The plugin's name as errors show it.
-    pub fn name(&self) -> &str {
+impl super::roles::DatasetAdapterApi for DatasetAdapter {
+    fn name(&self) -> &str {
         &self.inst.name
     }
 
     /// Up to `max` examples of `split` from position `start`. A `next` that does not move
     /// past `start` is refused (it would page forever), with or without examples.
-    pub fn read(&mut self, split: &str, start: u64, max: u32) -> Result<host::Batch, PluginError> {
+    fn read(&mut self, split: &str, start: u64, max: u32) -> Result<host::Batch, PluginError> {
         let r = self.inst.call("read", batch_size, async |b, s| {
             b.earshot_plugin_dataset_adapter()
                 .call_read(s, split, start, max)
@@ -701,45 +706,5 @@ impl DatasetAdapter {
             warnings: warnings(b.warnings),
             next: b.next,
         })
-    }
-}
-
-impl super::roles::PromptTemplateApi for PromptTemplate {
-    fn render(
-        &mut self,
-        metadata: &[(String, String)],
-        options: &str,
-    ) -> Result<host::PromptPieces, PluginError> {
-        PromptTemplate::render(self, metadata, options)
-    }
-
-    fn format_target(
-        &mut self,
-        target: &str,
-        metadata: &[(String, String)],
-        options: &str,
-    ) -> Result<String, PluginError> {
-        PromptTemplate::format_target(self, target, metadata, options)
-    }
-}
-
-impl super::roles::PostProcessorApi for PostProcessor {
-    fn process(
-        &mut self,
-        raw: &str,
-        stop_strings: &[String],
-        metadata: &[(String, String)],
-    ) -> Result<String, PluginError> {
-        PostProcessor::process(self, raw, stop_strings, metadata)
-    }
-}
-
-impl super::roles::DatasetAdapterApi for DatasetAdapter {
-    fn name(&self) -> &str {
-        DatasetAdapter::name(self)
-    }
-
-    fn read(&mut self, split: &str, start: u64, max: u32) -> Result<host::Batch, PluginError> {
-        DatasetAdapter::read(self, split, start, max)
     }
 }

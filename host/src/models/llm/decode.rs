@@ -243,34 +243,3 @@ fn left_padded(
     // alive for a backward pass that never comes (that held gigabytes per batch).
     Ok((Tensor::cat(&parts, 0)?.detach(), rows))
 }
-
-/// The write-up's sampler, kept as the reference the cached loop is tested against and a
-/// benchmark baseline: every new token re-runs the whole sequence, without a KV cache.
-/// Returns the generated ids.
-pub fn decode_without_cache(
-    llm: &impl LanguageModel,
-    prompt: &Tensor,
-    eos: Option<u32>,
-    max_tokens: usize,
-    sampler: &mut Sampler,
-) -> Result<Vec<u32>> {
-    use super::LogitsAt;
-    let device = llm.device().clone();
-    let mut seq = prompt.detach();
-    let mut ids = Vec::new();
-    while ids.len() < max_tokens {
-        let logits = llm.forward(&seq, 0, None, LogitsAt::Last, NonFiniteTrace::default())?;
-        let row = logits
-            .flatten_all()?
-            .to_dtype(DType::F32)?
-            .to_vec1::<f32>()?;
-        let next = sampler.sample(&row);
-        if Some(next) == eos {
-            break;
-        }
-        ids.push(next);
-        let e = llm.embed(&Tensor::new(&[next], &device)?.unsqueeze(0)?)?;
-        seq = Tensor::cat(&[&seq, &e], 1)?;
-    }
-    Ok(ids)
-}

@@ -8,9 +8,7 @@ mod load;
 mod prefix;
 mod tokenizer;
 
-pub use decode::{
-    decode_batch, decode_without_cache, DecodeOptions, DecodeRequest, Decoded, Finish,
-};
+pub use decode::{decode_batch, DecodeOptions, DecodeRequest, Decoded, Finish};
 pub use prefix::{PrefixCache, MAX_CACHED_PREFIXES};
 
 pub use llama::{stack_projections, KvCache, Llama, LlamaConfig, LogitsAt, Placement};

@@ -11,15 +11,14 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use earshot::models::llm::{
-    decode_batch, decode_without_cache, load_llm, DecodeOptions, DecodeRequest, PrefixCache,
-};
+use earshot::models::llm::{decode_batch, load_llm, DecodeOptions, DecodeRequest, PrefixCache};
 use earshot::models::nonfinite::NonFiniteTrace;
 use earshot::models::projector::{Projector, ProjectorConfig};
 use earshot::models::whisper::WhisperEncoder;
 use earshot::models::Runtime;
 use earshot::pipeline::{project_windows, sequence_embeddings};
 use earshot::sampler::{Sampler, SamplingParams};
+use earshot_tests::decode_without_cache;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));

@@ -71,8 +71,7 @@ fn cut_at_stop(text: &mut String, stops: &[String]) -> bool {
 /// Row state while a batch decodes.
 struct Row {
     request: usize,
-    /// The slots this row's cache holds (None: padding), and the next input's position.
-    slots: Vec<Option<usize>>,
+    /// The position of this row's next input.
     next_pos: usize,
     ids: Vec<u32>,
     text: String,
@@ -107,12 +106,13 @@ pub fn decode_batch(
         }
     }
     if !live.is_empty() {
-        let (mut embeds, mut state) = left_padded(prefix.len(), requests, &live)?;
+        // Per row, the slots its cache holds (None: padding); kept beside the rows because
+        // the forward takes them for the whole batch.
+        let (mut embeds, mut state, mut slots) = left_padded(prefix.len(), requests, &live)?;
         let mut cache = prefix.select_rows(&vec![0; live.len()])?;
         let device = llm.device().clone();
         let mut step = 0;
         loop {
-            let slots: Vec<Vec<Option<usize>>> = state.iter().map(|r| r.slots.clone()).collect();
             let logits = llm.forward_padded(&embeds, &slots, &mut cache, options.trace)?;
             let logits = logits.squeeze(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
             let mut keep = Vec::with_capacity(state.len());
@@ -145,14 +145,15 @@ pub fn decode_batch(
             }
             if keep.len() < state.len() {
                 cache = cache.select_rows(&keep)?;
-                let mut old: Vec<Option<Row>> = state.into_iter().map(Some).collect();
-                state = keep
+                let mut old: Vec<Option<(Row, Slots)>> =
+                    state.into_iter().zip(slots).map(Some).collect();
+                (state, slots) = keep
                     .iter()
                     .map(|&b| old[b].take().expect("kept once"))
-                    .collect();
+                    .unzip();
             }
-            for row in &mut state {
-                row.slots.push(Some(row.next_pos));
+            for (row, s) in state.iter_mut().zip(&mut slots) {
+                s.push(Some(row.next_pos));
                 row.next_pos += 1;
             }
             embeds = llm.embed(&Tensor::from_vec(next_ids, (state.len(), 1), &device)?)?;
@@ -203,13 +204,17 @@ fn advance(
     Ok((row.ids.len() >= request.max_tokens).then_some(Finish::MaxTokens))
 }
 
+/// The slots one row's cache holds, in order (None: padding).
+type Slots = Vec<Option<usize>>;
+
 /// The live requests' rests left-padded to a common length (padding slots are zeros and
-/// masked), as one (B, L, hidden) batch after `prefix_len` cached positions.
+/// masked), as one (B, L, hidden) batch after `prefix_len` cached positions; the rows'
+/// state and slots.
 fn left_padded(
     prefix_len: usize,
     requests: &[DecodeRequest],
     live: &[usize],
-) -> Result<(Tensor, Vec<Row>)> {
+) -> Result<(Tensor, Vec<Row>, Vec<Slots>)> {
     let lens: Vec<usize> = live
         .iter()
         .map(|&i| requests[i].rest.dim(1))
@@ -217,6 +222,7 @@ fn left_padded(
     let longest = *lens.iter().max().expect("non-empty");
     let mut parts = Vec::with_capacity(live.len());
     let mut rows = Vec::with_capacity(live.len());
+    let mut all_slots = Vec::with_capacity(live.len());
     for (&i, &len) in live.iter().zip(&lens) {
         let rest = &requests[i].rest;
         let (_, _, hidden) = rest.dims3()?;
@@ -230,9 +236,9 @@ fn left_padded(
         let mut slots: Vec<Option<usize>> = (0..prefix_len).map(Some).collect();
         slots.extend(std::iter::repeat_n(None, pad));
         slots.extend((prefix_len..prefix_len + len).map(Some));
+        all_slots.push(slots);
         rows.push(Row {
             request: i,
-            slots,
             next_pos: prefix_len + len,
             ids: Vec::new(),
             text: String::new(),
@@ -241,5 +247,5 @@ fn left_padded(
     }
     // Inference only: detached from the projector's parameters, so no activation is kept
     // alive for a backward pass that never comes (that held gigabytes per batch).
-    Ok((Tensor::cat(&parts, 0)?.detach(), rows))
+    Ok((Tensor::cat(&parts, 0)?.detach(), rows, all_slots))
 }

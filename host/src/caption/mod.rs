@@ -56,6 +56,7 @@ impl From<candle_core::Error> for CaptionError {
 
 pub type Result<T, E = CaptionError> = std::result::Result<T, E>;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
@@ -290,13 +291,14 @@ impl Captioner {
         let started = Instant::now();
         let max_s = self.config.data.max_audio_s;
         let root = &self.config.data.root;
-        let (samples, segment) = match &item.input {
+        // Samples given in memory are used in place, not copied.
+        let (samples, segment): (Cow<[f32]>, _) = match &item.input {
             AudioInput::File(p) => (
-                audio::load_16k_mono_within(p, audio::Segment::whole(), max_s)?,
+                audio::load_16k_mono_within(p, audio::Segment::whole(), max_s)?.into(),
                 (None, None),
             ),
             AudioInput::Example(ex) => (
-                load_example_audio(ex, root, example_segment(ex), max_s)?,
+                load_example_audio(ex, root, example_segment(ex), max_s)?.into(),
                 (ex.start_s, ex.end_s),
             ),
             AudioInput::Samples(s) => {
@@ -306,7 +308,7 @@ impl Captioner {
                         max_s,
                     });
                 }
-                (s.clone(), (None, None))
+                (s.as_slice().into(), (None, None))
             }
         };
         let encoded = self.clips.encode_samples(&samples, segment, None)?;

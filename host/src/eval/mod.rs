@@ -180,26 +180,25 @@ pub struct Report {
     pub per_example: Vec<ExampleScores>,
 }
 
+/// Lower-cased words (runs of letters and digits).
+fn lower_words(text: &str) -> Vec<String> {
+    text.to_lowercase()
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
 /// Attributes to check: name -> allowed values (e.g. family -> piano, organ ...).
 pub type AttributeSpec = BTreeMap<String, Vec<String>>;
 
 /// The one allowed value `caption` names as a whole word (case-insensitive), if exactly one.
 pub fn value_named(caption: &str, allowed: &[String]) -> Option<String> {
-    let words: Vec<String> = caption
-        .to_lowercase()
-        .split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty())
-        .map(str::to_string)
-        .collect();
+    let words = lower_words(caption);
     let named: Vec<&String> = allowed
         .iter()
         .filter(|v| {
-            let v_words: Vec<String> = v
-                .to_lowercase()
-                .split(|c: char| !c.is_alphanumeric())
-                .filter(|w| !w.is_empty())
-                .map(str::to_string)
-                .collect();
+            let v_words = lower_words(v);
             !v_words.is_empty()
                 && words
                     .windows(v_words.len())

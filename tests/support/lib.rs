@@ -138,25 +138,33 @@ pub fn models_dir() -> PathBuf {
     user_home().join("models")
 }
 
-/// The `EARSHOT_HOME` the tests run under (`target/test-home`): its `models` links to the
-/// set-up's models, its caches (encoder outputs, compiled plugins) are the tests' own, never
+/// `$EARSHOT_HOME/data` (default ~/.cache/earshot/data): the recordings scripts/setup.sh
+/// fetched.
+pub fn data_dir() -> PathBuf {
+    user_home().join("data")
+}
+
+/// The `EARSHOT_HOME` the tests run under (`target/test-home`): its `models` and `data` link
+/// to the set-up's, its caches (encoder outputs, compiled plugins) are the tests' own, never
 /// the user's. Set for this process too, so in-process library code uses it.
 pub fn test_home() -> PathBuf {
     static HOME: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     HOME.get_or_init(|| {
-        let models = user_home().join("models");
         let home = repo_root().join("target/test-home");
         std::fs::create_dir_all(&home).unwrap();
-        let link = home.join("models");
-        if std::fs::read_link(&link).ok().as_deref() != Some(models.as_path()) {
-            let _ = std::fs::remove_file(&link);
-            if let Err(e) = std::os::unix::fs::symlink(&models, &link) {
-                assert!(
-                    e.kind() == std::io::ErrorKind::AlreadyExists,
-                    "cannot link {} to {}: {e}",
-                    link.display(),
-                    models.display()
-                );
+        for name in ["models", "data"] {
+            let target = user_home().join(name);
+            let link = home.join(name);
+            if std::fs::read_link(&link).ok().as_deref() != Some(target.as_path()) {
+                let _ = std::fs::remove_file(&link);
+                if let Err(e) = std::os::unix::fs::symlink(&target, &link) {
+                    assert!(
+                        e.kind() == std::io::ErrorKind::AlreadyExists,
+                        "cannot link {} to {}: {e}",
+                        link.display(),
+                        target.display()
+                    );
+                }
             }
         }
         std::env::set_var("EARSHOT_HOME", &home);
@@ -389,4 +397,46 @@ pub fn decode_without_cache(
         seq = Tensor::cat(&[&seq, &e], 1)?;
     }
     Ok(ids)
+}
+
+/// Debian's `chromium`, for tests that load a page the way a browser does. Missing is a
+/// failure that says how to get it, never a skip.
+pub fn chromium() -> PathBuf {
+    for dir in ["/usr/bin", "/usr/local/bin", "/bin"] {
+        let p = Path::new(dir).join("chromium");
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("chromium not found: scripts/test.sh installs it (apt-get install chromium, as root)");
+}
+
+/// Runs headless Chromium on `page` with `args` (e.g. --dump-dom), stdout as text; a minute
+/// at most.
+pub fn headless_chromium(page: &Path, args: &[&str]) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", page.canonicalize().unwrap().display());
+    let out = Command::new("timeout")
+        .arg("60")
+        .arg(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-dev-shm-usage",
+            "--allow-file-access-from-files",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(args)
+        .arg(&url)
+        .output()
+        .expect("run chromium");
+    assert!(
+        out.status.success(),
+        "chromium {args:?} {url}: {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
 }

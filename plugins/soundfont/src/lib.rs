@@ -1,0 +1,469 @@
+//! SoundFont dataset adapter: every recorded sample of a SoundFont 2 file (`.sf2`) as an
+//! example with inline WAV audio, labelled by the General MIDI family of the presets that
+//! play it, its root key and register. Splits `train` and `eval` are by groups of presets
+//! that share recordings, so no recording of the eval split is played by a training preset.
+//!
+//! Options (JSON, all optional):
+//!   {"file": "FluidR3_GM.sf2",           // default: the only *.sf2 in the dataset root
+//!    "families": ["piano", "organ", ...], // GM families kept (default: the eight below)
+//!    "eval_fraction": 0.25,               // share of each family's recordings held out
+//!    "seed": 0,                           // which preset groups are held out
+//!    "min_duration_s": 1.0,               // looped samples are played out to this length
+//!    "max_duration_s": 4.0,               // longer recordings are cut (with a fade)
+//!    "register_bounds": [52, 72],         // root key < 52: low, >= 72: high, else middle
+//!    "max_per_family": null,              // cap on each family's train recordings
+//!    "caption": "A {family} note in the {register} register."}
+//! Metadata: family, preset, program, root_key, note, register, duration_s, sample_rate.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::fs::File;
+
+use earshot_plugin_sdk::*;
+
+pub mod render;
+pub mod sf2;
+
+use render::{render, wav_bytes};
+use sf2::SoundFont;
+
+/// General MIDI program families, eight programs each (program / 8).
+pub const GM_FAMILIES: [&str; 16] = [
+    "piano",
+    "chromatic percussion",
+    "organ",
+    "guitar",
+    "bass",
+    "strings",
+    "ensemble",
+    "brass",
+    "reed",
+    "pipe",
+    "synth lead",
+    "synth pad",
+    "synth effects",
+    "ethnic",
+    "percussive",
+    "sound effects",
+];
+
+/// The families kept by default: acoustic instrument families a listener can name.
+pub const DEFAULT_FAMILIES: [&str; 8] = [
+    "piano", "organ", "guitar", "bass", "strings", "brass", "reed", "pipe",
+];
+
+/// A batch's WAV bytes stay under this, whatever `max` the host asks for.
+const MAX_BATCH_BYTES: usize = 8 << 20;
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Options {
+    pub file: Option<String>,
+    pub families: Vec<String>,
+    pub eval_fraction: f64,
+    pub seed: u64,
+    pub min_duration_s: f64,
+    pub max_duration_s: f64,
+    pub register_bounds: [u8; 2],
+    pub max_per_family: Option<usize>,
+    pub caption: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            file: None,
+            families: DEFAULT_FAMILIES.iter().map(|s| s.to_string()).collect(),
+            eval_fraction: 0.25,
+            seed: 0,
+            min_duration_s: 1.0,
+            max_duration_s: 4.0,
+            register_bounds: [52, 72],
+            max_per_family: None,
+            caption: "A {family} note in the {register} register.".into(),
+        }
+    }
+}
+
+impl Options {
+    fn check(&self) -> Result<(), String> {
+        for f in &self.families {
+            if !GM_FAMILIES.contains(&f.as_str()) {
+                return Err(format!(
+                    "families: unknown GM family {f:?} (known: {})",
+                    GM_FAMILIES.join(", ")
+                ));
+            }
+        }
+        if self.families.is_empty() {
+            return Err("families: empty".into());
+        }
+        if !(0.0..1.0).contains(&self.eval_fraction) {
+            return Err(format!(
+                "eval_fraction: {} is not in [0, 1)",
+                self.eval_fraction
+            ));
+        }
+        let d = (self.min_duration_s, self.max_duration_s);
+        if !(d.0 >= 0.0 && d.1 > 0.0 && d.0 <= d.1 && d.1 <= 30.0) {
+            return Err(format!(
+                "min_duration_s {} / max_duration_s {}: need 0 <= min <= max <= 30",
+                d.0, d.1
+            ));
+        }
+        if self.register_bounds[0] > self.register_bounds[1] || self.register_bounds[1] > 127 {
+            return Err(format!(
+                "register_bounds: {:?} must be two MIDI keys, low <= high",
+                self.register_bounds
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One recording and what it is labelled with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recording {
+    pub sample: usize,
+    pub family: String,
+    pub preset: String,
+    pub program: u16,
+    pub root_key: u8,
+    pub loops: bool,
+    /// Index of the preset group (presets sharing recordings) it belongs to.
+    pub group: usize,
+}
+
+pub fn note_name(key: u8) -> String {
+    const NAMES: [&str; 12] = [
+        "C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B",
+    ];
+    format!("{}{}", NAMES[key as usize % 12], key as i32 / 12 - 1)
+}
+
+pub fn register(key: u8, bounds: [u8; 2]) -> &'static str {
+    if key < bounds[0] {
+        "low"
+    } else if key >= bounds[1] {
+        "high"
+    } else {
+        "middle"
+    }
+}
+
+fn fnv(seed: u64, s: &str) -> u64 {
+    let mut h = 0xcbf29ce484222325u64 ^ seed.wrapping_mul(0x100000001b3);
+    for b in s.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+/// The recordings of the kept families' bank-0 presets, and the warnings found on the way.
+pub fn recordings(sf: &SoundFont, o: &Options) -> Result<(Vec<Recording>, Vec<String>), String> {
+    let mut warnings = Vec::new();
+    // sample -> (family, preset index, zone)
+    let mut users: BTreeMap<usize, Vec<(usize, &sf2::Zone)>> = BTreeMap::new();
+    for (pi, p) in sf.presets.iter().enumerate() {
+        let family = GM_FAMILIES[(p.program as usize / 8).min(15)];
+        if p.bank != 0 || p.program > 127 || !o.families.iter().any(|f| f == family) {
+            continue;
+        }
+        // Stereo recordings: the left half stands for the pair. (Sample links cannot be
+        // trusted for this: FluidR3's all point at sample 0.)
+        let has_left = p.zones.iter().any(|z| sf.samples[z.sample].is_left());
+        for z in &p.zones {
+            let s = &sf.samples[z.sample];
+            if s.is_rom() || (has_left && s.is_right()) {
+                continue;
+            }
+            users.entry(z.sample).or_default().push((pi, z));
+        }
+    }
+    // Preset groups: presets joined when they play a common recording (union-find).
+    let mut parent: Vec<usize> = (0..sf.presets.len()).collect();
+    fn find(parent: &mut [usize], i: usize) -> usize {
+        let mut r = i;
+        while parent[r] != r {
+            r = parent[r];
+        }
+        parent[i] = r;
+        r
+    }
+    for us in users.values() {
+        let first = find(&mut parent, us[0].0);
+        for &(pi, _) in &us[1..] {
+            let r = find(&mut parent, pi);
+            parent[r] = first;
+        }
+    }
+    let mut out = Vec::new();
+    for (&sample, us) in &users {
+        let families: Vec<&str> = us
+            .iter()
+            .map(|(pi, _)| GM_FAMILIES[sf.presets[*pi].program as usize / 8])
+            .collect();
+        if families.iter().any(|f| *f != families[0]) {
+            warnings.push(format!(
+                "sample '{}' is played by presets of several families ({}); left out",
+                sf.samples[sample].name,
+                families.join(", ")
+            ));
+            continue;
+        }
+        sf.check_sample(sample)?;
+        let (pi, zone) = us
+            .iter()
+            .min_by_key(|(pi, _)| (sf.presets[*pi].program, *pi))
+            .copied()
+            .unwrap();
+        let p = &sf.presets[pi];
+        out.push(Recording {
+            sample,
+            family: families[0].to_string(),
+            preset: p.name.clone(),
+            program: p.program,
+            root_key: zone.root_key,
+            loops: zone.loops,
+            group: find(&mut parent, pi),
+        });
+    }
+    if out.is_empty() {
+        return Err(format!(
+            "no recordings in bank-0 presets of the families {}",
+            o.families.join(", ")
+        ));
+    }
+    Ok((out, warnings))
+}
+
+/// Splits recordings by preset group: per family, groups (in a seeded order) go to `eval`
+/// until it holds `eval_fraction` of the family's recordings; at least one group stays in
+/// `train`.
+pub fn split(
+    recs: Vec<Recording>,
+    o: &Options,
+    warnings: &mut Vec<String>,
+) -> BTreeMap<String, Vec<Recording>> {
+    let mut by_family: BTreeMap<String, BTreeMap<usize, Vec<Recording>>> = BTreeMap::new();
+    for r in recs {
+        by_family
+            .entry(r.family.clone())
+            .or_default()
+            .entry(r.group)
+            .or_default()
+            .push(r);
+    }
+    let mut train = Vec::new();
+    let mut eval = Vec::new();
+    for (family, groups) in by_family {
+        let total: usize = groups.values().map(Vec::len).sum();
+        let mut order: Vec<Vec<Recording>> = groups.into_values().collect();
+        order.sort_by_key(|g| (fnv(o.seed, &g[0].preset), g[0].sample));
+        if order.len() < 2 && o.eval_fraction > 0.0 {
+            warnings.push(format!(
+                "family {family}: one preset group only; all of it is in train"
+            ));
+        }
+        let mut held = 0usize;
+        let mut family_train = Vec::new();
+        let n_groups = order.len();
+        for (i, g) in order.into_iter().enumerate() {
+            let room = i + 1 < n_groups || !family_train.is_empty();
+            if (held as f64) < o.eval_fraction * total as f64 && room && n_groups > 1 {
+                held += g.len();
+                eval.extend(g);
+            } else {
+                family_train.extend(g);
+            }
+        }
+        if let Some(cap) = o.max_per_family {
+            // An even spread over the family's recordings, deterministic.
+            if family_train.len() > cap {
+                let n = family_train.len();
+                family_train = (0..cap)
+                    .map(|i| family_train[i * n / cap].clone())
+                    .collect();
+            }
+        }
+        train.extend(family_train);
+    }
+    for s in [&mut train, &mut eval] {
+        s.sort_by_key(|r| r.sample);
+    }
+    BTreeMap::from([("train".to_string(), train), ("eval".to_string(), eval)])
+}
+
+pub fn caption(template: &str, r: &Recording, reg: &str) -> String {
+    template
+        .replace("{family}", &r.family)
+        .replace("{register}", reg)
+        .replace("{note}", &note_name(r.root_key))
+        .replace("{preset}", &r.preset)
+}
+
+struct State {
+    file: File,
+    font: SoundFont,
+    options: Options,
+    splits: BTreeMap<String, Vec<Recording>>,
+}
+
+thread_local! {
+    static STATE: RefCell<Option<State>> = const { RefCell::new(None) };
+}
+
+fn find_file(o: &Options) -> Result<String, PluginError> {
+    if let Some(f) = &o.file {
+        if f.split('/').any(|c| c == "..") || f.starts_with('/') {
+            return Err(error(
+                ErrorCode::InvalidInput,
+                format!("file: {f:?} must be a path inside the dataset root"),
+            ));
+        }
+        return Ok(f.clone());
+    }
+    let dir = std::fs::read_dir(DATA_ROOT)
+        .map_err(|e| error(ErrorCode::Io, format!("listing the dataset root: {e}")))?;
+    let mut found: Vec<String> = dir
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.to_ascii_lowercase().ends_with(".sf2"))
+        .collect();
+    found.sort();
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(error(
+            ErrorCode::NotFound,
+            "no .sf2 file in the dataset root (name one with the \"file\" option)",
+        )),
+        _ => Err(error(
+            ErrorCode::InvalidInput,
+            format!(
+                "several .sf2 files in the dataset root ({}); name one with the \"file\" option",
+                found.join(", ")
+            ),
+        )),
+    }
+}
+
+fn example(state: &mut State, r: &Recording) -> Result<Example, PluginError> {
+    let o = &state.options;
+    let s = &state.font.samples[r.sample];
+    let points = state
+        .font
+        .read_points(&mut state.file, r.sample)
+        .map_err(|e| error(ErrorCode::InvalidInput, e))?;
+    let audio = render(&points, s, r.loops, o.min_duration_s, o.max_duration_s);
+    let duration = audio.len() as f64 / s.sample_rate as f64;
+    let reg = register(r.root_key, o.register_bounds);
+    let target = caption(&o.caption, r, reg);
+    let kv = |k: &str, v: String| KeyValue {
+        key: k.into(),
+        value: v,
+    };
+    Ok(Example {
+        id: format!("{}/{}", r.preset, s.name),
+        audio: AudioSource::Inline(wav_bytes(&audio, s.sample_rate)),
+        start_s: None,
+        end_s: None,
+        target: Some(target),
+        // The target is the one reference; the WIT's `references` are the others.
+        references: Vec::new(),
+        metadata: vec![
+            kv("family", r.family.clone()),
+            kv("preset", r.preset.clone()),
+            kv("program", r.program.to_string()),
+            kv("root_key", r.root_key.to_string()),
+            kv("note", note_name(r.root_key)),
+            kv("register", reg.into()),
+            kv("duration_s", format!("{duration:.2}")),
+            kv("sample_rate", s.sample_rate.to_string()),
+        ],
+    })
+}
+
+struct SoundFontAdapter;
+
+impl Plugin for SoundFontAdapter {
+    fn info() -> PluginInfo {
+        info(
+            "soundfont",
+            env!("CARGO_PKG_VERSION"),
+            &[Role::DatasetAdapter],
+            "SoundFont 2 recordings labelled by General MIDI family and register, split by preset",
+        )
+    }
+
+    fn open(options: String) -> Result<DatasetInfo, PluginError> {
+        let o: Options = parse_options(&options)?;
+        o.check().map_err(|e| error(ErrorCode::InvalidInput, e))?;
+        let name = find_file(&o)?;
+        let path = format!("{DATA_ROOT}/{name}");
+        let mut file =
+            File::open(&path).map_err(|e| error(ErrorCode::NotFound, format!("{name}: {e}")))?;
+        let len = file
+            .metadata()
+            .map_err(|e| error(ErrorCode::Io, format!("{name}: {e}")))?
+            .len();
+        let font = SoundFont::read(&mut file, len)
+            .map_err(|e| error(ErrorCode::InvalidInput, format!("{name}: {e}")))?;
+        let (recs, mut warnings) = recordings(&font, &o)
+            .map_err(|e| error(ErrorCode::InvalidInput, format!("{name}: {e}")))?;
+        let splits = split(recs, &o, &mut warnings);
+        STATE.with(|s| {
+            *s.borrow_mut() = Some(State {
+                file,
+                font,
+                options: o,
+                splits,
+            })
+        });
+        Ok(DatasetInfo {
+            splits: vec!["train".into(), "eval".into()],
+            warnings,
+        })
+    }
+
+    fn read(split: String, start: u64, max: u32) -> Result<Batch, PluginError> {
+        STATE.with(|s| {
+            let mut guard = s.borrow_mut();
+            let state = guard
+                .as_mut()
+                .ok_or_else(|| error(ErrorCode::InvalidInput, "read before open"))?;
+            let recs = state
+                .splits
+                .get(&split)
+                .ok_or_else(|| {
+                    error(
+                        ErrorCode::NotFound,
+                        format!("no split {split:?} (have: train, eval)"),
+                    )
+                })?
+                .clone();
+            let from = (start as usize).min(recs.len());
+            let mut examples = Vec::new();
+            let mut bytes = 0usize;
+            let mut next = from;
+            while next < recs.len() && examples.len() < max.max(1) as usize {
+                let ex = example(state, &recs[next])?;
+                if let AudioSource::Inline(b) = &ex.audio {
+                    bytes += b.len();
+                }
+                examples.push(ex);
+                next += 1;
+                if bytes >= MAX_BATCH_BYTES {
+                    break;
+                }
+            }
+            Ok(Batch {
+                examples,
+                warnings: Vec::new(),
+                next: (next < recs.len()).then_some(next as u64),
+            })
+        })
+    }
+}
+
+export_plugin!(SoundFontAdapter);

@@ -101,6 +101,7 @@ fn long_audio_windows_are_independent_clips() {
             n_mels: 80,
             padding,
             window_hop_s: 30.0,
+            ..Default::default()
         };
         let mut ex = LogMelExtractor::new(80).unwrap();
         let (n, data) = ex.windows(&long, &settings).unwrap();

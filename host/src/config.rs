@@ -23,7 +23,7 @@ pub enum ConfigError {
 pub type Result<T, E = ConfigError> = std::result::Result<T, E>;
 use serde::{Deserialize, Serialize};
 
-use crate::mel::Padding;
+use crate::mel::{EncoderWindow, Padding};
 use crate::models::projector::ProjectorConfig;
 use crate::plugins::SandboxLimits;
 
@@ -112,6 +112,10 @@ fn default_max_audio_s() -> f64 {
 pub struct MelConfig {
     #[serde(default)]
     pub padding: Padding,
+    /// `full` (default): every encoder window is 30 s, short clips padded; `clip`: the
+    /// encoder runs on the frames covering the clip, rounded up to whole seconds.
+    #[serde(default)]
+    pub window: EncoderWindow,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -23,6 +23,24 @@ pub const N_SAMPLES: usize = N_FRAMES * HOP_LENGTH;
 /// Seconds in one encoder window.
 pub const WINDOW_S: f64 = N_SAMPLES as f64 / SAMPLE_RATE as f64;
 
+/// Mel frames a clip-length window is rounded up to a multiple of: one second, so clips of
+/// similar length share shapes and the encoder (stride 2) gets an even frame count.
+pub const CLIP_ROUND_FRAMES: usize = 100;
+
+/// How long each encoder window is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum EncoderWindow {
+    /// Always 30 s (3000 mel frames, 1500 encoder frames): a short clip is padded, as Whisper
+    /// was trained.
+    #[default]
+    Full,
+    /// Only the frames covering the clip, rounded up to whole seconds (whisper.cpp's
+    /// `audio_ctx`): a 1 s clip costs ~1/30 of a full window. Windows after the first of a
+    /// long input are 30 s but the last, which covers what is left.
+    Clip,
+}
+
 /// Where the zeros go when a clip is shorter than 30 s.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -43,6 +61,9 @@ pub struct MelSettings {
     pub padding: Padding,
     /// Distance between the starts of consecutive 30 s windows for long audio, in seconds.
     pub window_hop_s: f64,
+    /// Absent from manifests written before it existed: those used full windows.
+    #[serde(default)]
+    pub window: EncoderWindow,
 }
 
 impl Default for MelSettings {
@@ -51,6 +72,7 @@ impl Default for MelSettings {
             n_mels: 80,
             padding: Padding::Whisper,
             window_hop_s: WINDOW_S,
+            window: EncoderWindow::Full,
         }
     }
 }
@@ -90,6 +112,20 @@ impl MelSettings {
 
     fn hop_samples(&self) -> usize {
         ((self.window_hop_s * SAMPLE_RATE as f64).round() as usize).max(1)
+    }
+
+    /// Mel frames of the window covering `samples` samples: 3000, or with clip-length
+    /// windows the clip's frames rounded up to whole seconds.
+    pub fn window_frames(&self, samples: usize) -> usize {
+        match self.window {
+            EncoderWindow::Full => N_FRAMES,
+            EncoderWindow::Clip => samples
+                .div_ceil(HOP_LENGTH)
+                .div_ceil(CLIP_ROUND_FRAMES)
+                .max(1)
+                .saturating_mul(CLIP_ROUND_FRAMES)
+                .min(N_FRAMES),
+        }
     }
 }
 
@@ -261,27 +297,49 @@ impl LogMelExtractor {
 
     /// As [`Self::window_features`], into `mel` (length n_mels * 3000, overwritten).
     pub fn window_features_into(&mut self, clip: &[f32], padding: Padding, mel: &mut [f32]) {
-        assert_eq!(mel.len(), self.n_mels * N_FRAMES, "output buffer size");
-        let clip = &clip[..clip.len().min(N_SAMPLES)];
+        self.features_into(clip, padding, N_FRAMES, mel);
+    }
+
+    /// Log-mel (n_mels, `frames`) of `clip` as if the window were `frames` long: the clip
+    /// (at most that long) zero-padded to it. With `frames` = 3000 this is Whisper's window;
+    /// fewer frames is a clip-length window ([`EncoderWindow::Clip`]). `mel` has length
+    /// n_mels * frames and is overwritten.
+    pub fn features_into(
+        &mut self,
+        clip: &[f32],
+        padding: Padding,
+        frames: usize,
+        mel: &mut [f32],
+    ) {
+        assert!(frames <= N_FRAMES, "at most one 30 s window");
+        assert_eq!(mel.len(), self.n_mels * frames, "output buffer size");
+        let window_samples = frames * HOP_LENGTH;
+        let clip = &clip[..clip.len().min(window_samples)];
         match padding {
             Padding::Whisper => {
-                // STFT of the clip zero-padded to exactly 30 s: 3001 frames, the last dropped.
-                reflect_pad_into(clip, N_SAMPLES, &mut self.padded);
-                self.power_mel(N_FRAMES);
-                let used = &mut self.frame_major[..N_FRAMES * self.n_mels];
+                // STFT of the clip zero-padded to exactly the window: frames + 1 STFT
+                // frames, the last dropped.
+                reflect_pad_into(clip, window_samples, &mut self.padded);
+                self.power_mel(frames);
+                let used = &mut self.frame_major[..frames * self.n_mels];
                 log_normalise(used);
-                transpose_into(used, N_FRAMES, self.n_mels, mel);
+                transpose_into(used, frames, self.n_mels, mel);
             }
             Padding::Trailing => {
                 // faster-whisper: append one hop of zeros, STFT, drop the last frame.
                 let len = clip.len() + HOP_LENGTH;
-                let frames = (len / HOP_LENGTH).min(N_FRAMES);
+                let used_frames = (len / HOP_LENGTH).min(frames);
                 reflect_pad_into(clip, len, &mut self.padded);
-                self.power_mel(frames);
-                let used = &mut self.frame_major[..frames * self.n_mels];
+                self.power_mel(used_frames);
+                let used = &mut self.frame_major[..used_frames * self.n_mels];
                 log_normalise(used);
-                self.frame_major[frames * self.n_mels..].fill(0.0);
-                transpose_into(&self.frame_major, N_FRAMES, self.n_mels, mel);
+                self.frame_major[used_frames * self.n_mels..frames * self.n_mels].fill(0.0);
+                transpose_into(
+                    &self.frame_major[..frames * self.n_mels],
+                    frames,
+                    self.n_mels,
+                    mel,
+                );
             }
         }
     }
@@ -426,5 +484,43 @@ mod tests {
         // 65 s with 10 s hop: windows start at 0,10,20,30 (the one at 30 s reaches 60 s), 40 (reaches 65).
         let long = vec![0.01f32; 65 * SAMPLE_RATE];
         assert_eq!(ex.windows(&long, &overlapping).unwrap().0, 5);
+    }
+
+    #[test]
+    fn clip_window_frames_round_up_to_whole_seconds() {
+        let clip = MelSettings {
+            window: EncoderWindow::Clip,
+            ..MelSettings::default()
+        };
+        assert_eq!(clip.window_frames(1), 100);
+        assert_eq!(clip.window_frames(16_000), 100);
+        assert_eq!(clip.window_frames(16_001), 200);
+        assert_eq!(clip.window_frames(N_SAMPLES * 2), N_FRAMES);
+        assert_eq!(MelSettings::default().window_frames(1), N_FRAMES);
+    }
+
+    /// A clip-length window is the start of the padded 30 s window: same STFT frames, same
+    /// max for the clamp (the padding is silence), when the clip ends at least half an FFT
+    /// before the rounded window does.
+    #[test]
+    fn clip_window_is_the_start_of_the_full_window() {
+        let mut ex = LogMelExtractor::new(80).unwrap();
+        let n = 21_900; // 1.37 s: rounded up to 2 s = 200 frames
+        let clip: Vec<f32> = (0..n)
+            .map(|i| {
+                let t = i as f32 / SAMPLE_RATE as f32;
+                0.3 * (2.0 * std::f32::consts::PI * 440.0 * t).sin() * (1.0 - t / 2.0)
+            })
+            .collect();
+        let frames = 200;
+        let full = ex.window_features(&clip, Padding::Whisper);
+        let mut short = vec![0f32; 80 * frames];
+        ex.features_into(&clip, Padding::Whisper, frames, &mut short);
+        for m in 0..80 {
+            for t in 0..frames {
+                let (a, b) = (full[m * N_FRAMES + t], short[m * frames + t]);
+                assert!((a - b).abs() <= 1e-6, "bin {m} frame {t}: {a} vs {b}");
+            }
+        }
     }
 }

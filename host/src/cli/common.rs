@@ -30,6 +30,8 @@ impl AudioArgs {
             n_mels,
             padding: self.padding,
             window_hop_s: self.window_hop,
+            // `mel` and `encode` write (n, bins, 3000) arrays, comparable with Whisper's.
+            window: crate::mel::EncoderWindow::Full,
         }
     }
 

@@ -1,4 +1,5 @@
-//! Audio into frozen-encoder outputs, one (1, 1500, d_enc) tensor per 30 s window, through
+//! Audio into frozen-encoder outputs, one (1, frames, d_enc) tensor per window (1500 frames
+//! for a 30 s window, fewer for a clip-length one: `[mel] window = "clip"`), through
 //! the on-disk encoder cache. The cache is looked up first: a window found there costs no
 //! log-mel and no encoder forward (an epoch served from the cache computes neither; the
 //! counters below let a test check it).
@@ -10,20 +11,21 @@ use super::error::Result;
 use crate::config::RunConfig;
 use crate::mel::{LogMelExtractor, MelSettings, N_FRAMES, N_SAMPLES, WINDOW_S};
 use crate::models::nonfinite::NonFiniteTrace;
-use crate::models::whisper::{WhisperEncoder, ENCODER_FRAMES};
+use crate::models::whisper::WhisperEncoder;
 use crate::models::Runtime;
 use crate::plugins::Example;
 
 use super::examples::{first_window_segment, load_example_audio};
 use super::manifest::Manifest;
 
-/// The log-mel settings a run feeds its encoder: the encoder's bins, the config's padding,
-/// consecutive 30 s windows.
+/// The log-mel settings a run feeds its encoder: the encoder's bins, the config's padding
+/// and window length, consecutive 30 s windows.
 pub fn mel_settings(config: &RunConfig, encoder: &WhisperEncoder) -> MelSettings {
     MelSettings {
         n_mels: encoder.config.num_mel_bins,
         padding: config.mel.padding,
         window_hop_s: WINDOW_S,
+        window: config.mel.window,
     }
 }
 
@@ -87,7 +89,7 @@ impl ClipEncoder {
         self.encoder.config.d_model
     }
 
-    /// Decodes and encodes the first window of an example's audio: (1, 1500, d_enc), what
+    /// Decodes and encodes the first window of an example's audio: (1, frames, d_enc), what
     /// training uses. Clips longer than 30 s are cut (with a warning).
     pub fn encode_example_first_window(
         &mut self,
@@ -106,7 +108,7 @@ impl ClipEncoder {
         Ok(windows.remove(0))
     }
 
-    /// Encoder outputs (1, 1500, d_enc) of the 30 s windows of 16 kHz mono `samples` (at
+    /// Encoder outputs (1, frames, d_enc) of the windows of 16 kHz mono `samples` (at
     /// most `max_windows`), each read from the cache or computed and stored there.
     /// `segment` is the part of the file the samples came from (part of the cache key).
     pub fn encode_samples(
@@ -119,10 +121,12 @@ impl ClipEncoder {
         let spans = self.mel.window_spans(samples.len(), &self.settings)?;
         let n = max_windows.map_or(spans.len(), |m| spans.len().min(m));
         let clip_key = self.cache.as_ref().map(|c| c.key(samples, segment));
-        let dims = [1, ENCODER_FRAMES, self.encoder.config.d_model];
-        let mut features = vec![0f32; self.settings.n_mels * N_FRAMES];
+        let mut features = Vec::with_capacity(self.settings.n_mels * N_FRAMES);
         let mut out = Vec::with_capacity(n);
         for (w, span) in spans.into_iter().take(n).enumerate() {
+            let frames = self.settings.window_frames(span.len());
+            // The encoder's stride-2 convolution halves the mel frames.
+            let dims = [1, frames / 2, self.encoder.config.d_model];
             let key = clip_key.as_ref().map(|k| EncoderCache::window_key(k, w));
             if let (Some(c), Some(k)) = (&self.cache, &key) {
                 if let Some(t) = c.get(k, &dims, &self.rt.device) {
@@ -133,13 +137,18 @@ impl ClipEncoder {
             }
             {
                 let _mel = tracing::debug_span!("mel", window = w).entered();
-                self.mel
-                    .window_features_into(&samples[span], self.settings.padding, &mut features);
+                features.resize(self.settings.n_mels * frames, 0.0);
+                self.mel.features_into(
+                    &samples[span],
+                    self.settings.padding,
+                    frames,
+                    &mut features,
+                );
                 self.counts.mel_windows += 1;
             }
             let x = Tensor::from_slice(
                 &features,
-                (1, self.settings.n_mels, N_FRAMES),
+                (1, self.settings.n_mels, frames),
                 &self.rt.device,
             )?;
             let encoded = {

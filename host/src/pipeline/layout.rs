@@ -37,7 +37,7 @@ pub fn sequence_embeddings(
     Ok(Tensor::cat(&parts, 1)?)
 }
 
-/// The projector applied to each encoder window (1, 1500, d_enc), the results joined in
+/// The projector applied to each encoder window (1, frames, d_enc), the results joined in
 /// time: (1, N, hidden).
 pub fn project_windows(projector: &Projector, encoded: &[Tensor]) -> Result<Tensor> {
     let _span = tracing::debug_span!("project", windows = encoded.len()).entered();

@@ -41,7 +41,7 @@ use error::io;
 pub struct Prepared {
     pub id: String,
     pub pieces: TextPieces,
-    /// Frozen encoder output (1, 1500, d_enc).
+    /// Frozen encoder output (1, frames, d_enc): 1500 frames for a full window.
     pub encoded: Tensor,
 }
 

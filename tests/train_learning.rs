@@ -315,7 +315,7 @@ fn check_caption_cli(dir: &Path, caption: &dyn Fn(&[&std::ffi::OsStr]) -> std::p
 
 /// `earshot eval` on the trained run: the training clips' captions match their targets, each
 /// names the number in its metadata, and the listening check sees the model use the audio
-/// (with silence every caption is the same, with shuffled audio each names its neighbour's
+/// (with silence every caption is the same, with shuffled audio each names another clip's
 /// number); the saved predictions score the same through `--predictions`.
 fn check_eval(dir: &Path, cfg: &Path, ckpt: &Path) {
     let numbers = format!("number={}", NAMES.join(","));
@@ -334,9 +334,12 @@ fn check_eval(dir: &Path, cfg: &Path, ckpt: &Path) {
         numbers.as_ref(),
         "--save-predictions".as_ref(),
         saved.as_os_str(),
+        "--report".as_ref(),
+        dir.join("report.html").as_os_str(),
         "--json".as_ref(),
     ]);
     let v: serde_json::Value = serde_json::from_str(&expect_success(&out)).unwrap();
+    check_report(&dir.join("report.html"));
     assert_eq!(v["examples"], 8, "{v}");
     assert_eq!(v["scores"]["exact_match"], 1.0, "{v}");
     assert_eq!(v["attributes"]["number"]["accuracy"], 1.0, "{v}");
@@ -358,4 +361,65 @@ fn check_eval(dir: &Path, cfg: &Path, ckpt: &Path) {
     let again: serde_json::Value = serde_json::from_str(&expect_success(&out)).unwrap();
     assert_eq!(again["scores"], v["scores"]);
     assert_eq!(again["attributes"], v["attributes"]);
+}
+
+/// The HTML report as Chromium renders it: every section, one row with an audio player per
+/// example, the confusion table's diagonal (all right), the loss curve; and a screenshot that
+/// shows the page drawn (the diagonal's green among other colours).
+fn check_report(page: &Path) {
+    let dom = headless_chromium(page, &["--dump-dom"]);
+    assert!(
+        dom.contains("<h1 id=\"title\">earshot evaluation"),
+        "{dom:.2000}"
+    );
+    assert_eq!(
+        dom.matches("<tr class=\"example\">").count(),
+        8,
+        "{dom:.2000}"
+    );
+    assert_eq!(
+        dom.matches("<audio controls=\"\" preload=\"none\" src=\"data:audio/wav;base64,")
+            .count(),
+        8,
+        "{dom:.3000}"
+    );
+    assert!(dom.contains("<table class=\"confusion\" data-attribute=\"number\">"));
+    assert_eq!(dom.matches("class=\"num diag\">1</td>").count(), 8);
+    assert!(dom.contains("id=\"listening-verdict\" class=\"ok\""));
+    assert!(dom.contains("<img id=\"loss-curve\""), "no loss curve");
+    assert!(dom.contains("<td class=\"caption\">Tone number three.</td>"));
+    assert!(!dom.contains("<script"), "a script in the report");
+
+    let shot = tempfile::tempdir().unwrap();
+    let png_path = shot.path().join("report.png");
+    headless_chromium(
+        page,
+        &[
+            &format!("--screenshot={}", png_path.display()),
+            "--window-size=1280,4000",
+        ],
+    );
+    let decoder = png::Decoder::new(std::fs::File::open(&png_path).unwrap());
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!((info.width, info.height), (1280, 4000));
+    let channels = info.color_type.samples();
+    let pixels: Vec<&[u8]> = buf[..info.buffer_size()].chunks(channels).collect();
+    let diag = pixels
+        .iter()
+        .filter(|p| p[..3] == [0xd9, 0xf2, 0xd9])
+        .count();
+    let ink = pixels
+        .iter()
+        .filter(|p| p[..3].iter().any(|&c| c < 200))
+        .count();
+    assert!(
+        diag > 100,
+        "the confusion diagonal is not drawn ({diag} pixels)"
+    );
+    assert!(
+        ink as f64 / pixels.len() as f64 > 0.005,
+        "the page looks blank ({ink} dark pixels)"
+    );
 }

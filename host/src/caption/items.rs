@@ -56,9 +56,13 @@ impl CaptionItem {
 
     /// A dataset example, its audio named beneath `root`.
     pub fn example(ex: Example, root: &Path) -> Self {
-        let mut references = ex.references.clone();
-        if let Some(t) = &ex.target {
-            references.insert(0, t.clone());
+        // An adapter that repeats its target among the references would count it twice
+        // (CIDEr-D's document frequencies, BLEU's clipping): each text once, target first.
+        let mut references: Vec<String> = Vec::with_capacity(ex.references.len() + 1);
+        for r in ex.target.iter().chain(&ex.references) {
+            if !references.contains(r) {
+                references.push(r.clone());
+            }
         }
         Self {
             id: ex.id.clone(),

@@ -7,6 +7,7 @@ use clap::Args;
 
 use crate::caption::{CaptionSettings, Captioner};
 use crate::config::RunConfig;
+use crate::eval::report::{write_html, ReportPage};
 use crate::eval::split::{caption_split, listening_check, Hearing, ListeningCheck, CLEAR_MARGIN};
 use crate::eval::{read_predictions, score, AttributeSpec, Report};
 use crate::plugins::{display_text, terminal_safe_json};
@@ -62,6 +63,18 @@ pub struct EvalArgs {
     /// Override a config value (repeatable)
     #[arg(long = "set", value_name = "KEY=VALUE", requires = "config")]
     pub set: Vec<String>,
+    /// With --config: write the HTML report here (default: report.html in the run folder,
+    /// train.run-dir, when it exists)
+    #[arg(
+        long,
+        value_name = "FILE.html",
+        requires = "config",
+        conflicts_with = "no_report"
+    )]
+    pub report: Option<PathBuf>,
+    /// With --config: write no HTML report
+    #[arg(long, requires = "config")]
+    pub no_report: bool,
 }
 
 fn parse_attribute(s: &str) -> Result<(String, Vec<String>)> {
@@ -98,8 +111,11 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 let (name, values) = parse_attribute(a)?;
                 attributes.insert(name, values);
             }
-            let (report, check) = evaluate_config(&args, cfg, &attributes)?;
+            let (report, check, page) = evaluate_config(&args, cfg, &attributes)?;
             listening = check;
+            if let Some(path) = page {
+                eprintln!("report: {}", path.display());
+            }
             report
         }
         (None, None) => bail!("give --predictions FILE or --config RUN.toml"),
@@ -121,12 +137,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
 }
 
 /// Captions the split with real audio (and, for the listening check, with silence and with
-/// shuffled audio) and scores each.
+/// shuffled audio), scores each and writes the HTML report (its path is returned).
 fn evaluate_config(
     args: &EvalArgs,
     cfg: RunConfig,
     attributes: &AttributeSpec,
-) -> Result<(Report, Option<ListeningCheck>)> {
+) -> Result<(Report, Option<ListeningCheck>, Option<PathBuf>)> {
     let split = match (&args.split, &cfg.data.eval_split) {
         (Some(s), _) | (None, Some(s)) => s.clone(),
         (None, None) => {
@@ -179,20 +195,123 @@ fn evaluate_config(
         Ok(score(&predictions, failed, attributes))
     };
     let report = run(Hearing::Real)?;
-    if args.no_listening_check {
-        return Ok((report, None));
-    }
-    let silence = run(Hearing::Silence)?;
-    let shuffled = run(Hearing::Shuffled)?;
-    let check = listening_check(&report, silence, shuffled);
-    if !check.clearly_better {
+    let check = if args.no_listening_check {
+        None
+    } else {
+        let silence = run(Hearing::Silence)?;
+        let shuffled = run(Hearing::Shuffled)?;
+        Some(listening_check(&report, silence, shuffled))
+    };
+    if let Some(check) = check.as_ref().filter(|c| !c.clearly_better) {
         eprintln!(
             "warning: the model does not clearly use the audio: {} is {:.3} with the real audio, \
              {:.3} with silence and {:.3} with shuffled audio (real should lead both by {CLEAR_MARGIN})",
             check.primary, check.real_score, check.silence_score, check.shuffled_score
         );
     }
-    Ok((report, Some(check)))
+    let run_dir = captioner.config.train.run_dir.clone();
+    let page = match (&args.report, args.no_report) {
+        (_, true) => None,
+        (Some(p), _) => Some(p.clone()),
+        (None, false) => run_dir.is_dir().then(|| run_dir.join("report.html")),
+    };
+    if let Some(path) = &page {
+        let details = vec![
+            (
+                "config".to_string(),
+                args.config
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+            ),
+            ("checkpoint".to_string(), checkpoint_shown(args, &run_dir)),
+            ("split".to_string(), split.clone()),
+            (
+                "encoder".to_string(),
+                captioner.config.models.whisper.display().to_string(),
+            ),
+            (
+                "LLM".to_string(),
+                captioner.config.models.llm.display().to_string(),
+            ),
+            (
+                "encoder window".to_string(),
+                format!("{:?}", captioner.config.mel.window).to_lowercase(),
+            ),
+        ];
+        write_report(
+            path,
+            &mut captioner,
+            &mut dataset,
+            &split,
+            &report,
+            check.as_ref(),
+            details,
+        )?;
+    }
+    Ok((report, check, page))
+}
+
+fn checkpoint_shown(args: &EvalArgs, run_dir: &std::path::Path) -> String {
+    match &args.checkpoint {
+        Some(p) => p.display().to_string(),
+        None => format!(
+            "none: a freshly initialised projector (the run folder is {})",
+            run_dir.display()
+        ),
+    }
+}
+
+/// The HTML report: the scores, the training curves of the run folder (if any) and every
+/// example's audio as the model heard it.
+fn write_report(
+    path: &std::path::Path,
+    captioner: &mut Captioner,
+    dataset: &mut crate::plugins::DatasetAdapter,
+    split: &str,
+    report: &Report,
+    listening: Option<&ListeningCheck>,
+    details: Vec<(String, String)>,
+) -> Result<()> {
+    let root = captioner.config.data.root.clone();
+    let max_audio_s = captioner.config.data.max_audio_s;
+    let mut audio = BTreeMap::new();
+    let mut pages = dataset.pages(split, crate::plugins::PAGE_SIZE);
+    while let Some(page) = pages.next_page()? {
+        for ex in page {
+            // A clip that cannot be loaded again already failed captioning: no player.
+            if let Ok(samples) = crate::pipeline::examples::load_example_audio(
+                &ex,
+                &root,
+                crate::pipeline::examples::example_segment(&ex),
+                max_audio_s,
+            ) {
+                audio.insert(ex.id, samples);
+            }
+        }
+    }
+    let run_dir = &captioner.config.train.run_dir;
+    let loss_png = run_dir.join("loss.png");
+    if !loss_png.is_file() && run_dir.join("metrics.jsonl").is_file() {
+        if let Err(e) = crate::train::plots::write_run_plots(run_dir) {
+            tracing::warn!("no training curves in the report: {e:#}");
+        }
+    }
+    let page = ReportPage {
+        title: format!(
+            "earshot evaluation: {}",
+            run_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default()
+        ),
+        details,
+        report,
+        listening,
+        loss_curve_png: std::fs::read(&loss_png).ok(),
+        audio,
+    };
+    write_html(path, &page).with_context(|| format!("{}: cannot write the report", path.display()))
 }
 
 /// Writes JSON lines atomically (a temp file renamed into place).

@@ -4,6 +4,7 @@
 //! [`crate::caption::Captioner`].
 
 pub mod metrics;
+pub mod report;
 pub mod split;
 
 use std::collections::BTreeMap;

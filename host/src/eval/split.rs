@@ -16,7 +16,8 @@ pub enum Hearing {
     Real,
     /// One second of silence (any silence up to 30 s gives the same log-mel window).
     Silence,
-    /// Another example's audio: each example gets the audio of the one before it.
+    /// Another example's audio, by a seeded random permutation of the split without fixed
+    /// points.
     Shuffled,
 }
 
@@ -39,31 +40,33 @@ pub fn caption_split(
         root,
     };
     let (mut predictions, mut failed, mut lines) = (Vec::new(), 0, Vec::new());
-    let mut carried: Option<AudioInput> = None;
+    // Shuffled: the whole split first, so each example can get the audio of one far from it
+    // (neighbours in a split are often the same source: the same preset, speaker, album).
+    let mut shuffled = if hearing == Hearing::Shuffled {
+        let mut all = Vec::new();
+        loop {
+            let chunk = items.next_chunk(settings.batch_size)?;
+            if chunk.is_empty() {
+                break;
+            }
+            all.extend(chunk);
+        }
+        shuffle_audio(&mut all, SHUFFLE_SEED);
+        Some(all.into_iter())
+    } else {
+        None
+    };
     loop {
-        let mut chunk = items.next_chunk(settings.batch_size)?;
+        let mut chunk = match &mut shuffled {
+            Some(all) => all.by_ref().take(settings.batch_size).collect(),
+            None => items.next_chunk(settings.batch_size)?,
+        };
         if chunk.is_empty() {
             break;
         }
-        match hearing {
-            Hearing::Real => {}
-            Hearing::Silence => {
-                for item in &mut chunk {
-                    item.input = AudioInput::Samples(vec![0.0; crate::audio::SAMPLE_RATE as usize]);
-                }
-            }
-            Hearing::Shuffled => {
-                // Rotate by one, carrying the last input into the next chunk: no example
-                // keeps its own audio unless the split has a single example.
-                let last = chunk.last().map(|i| i.input.clone());
-                let first_in = carried.take().or_else(|| last.clone());
-                for k in (1..chunk.len()).rev() {
-                    chunk[k].input = chunk[k - 1].input.clone();
-                }
-                if let Some(input) = first_in {
-                    chunk[0].input = input;
-                }
-                carried = last;
+        if hearing == Hearing::Silence {
+            for item in &mut chunk {
+                item.input = AudioInput::Samples(vec![0.0; crate::audio::SAMPLE_RATE as usize]);
             }
         }
         let results = captioner.caption(&chunk, settings, false, &mut |_| {})?;
@@ -88,6 +91,26 @@ pub fn caption_split(
         progress(lines.len());
     }
     Ok((predictions, failed, lines))
+}
+
+/// The shuffle's seed: the listening check is the same on every run.
+const SHUFFLE_SEED: u64 = 0x5eed;
+
+/// Gives each item the audio of another, by a random cyclic permutation (Sattolo's
+/// algorithm): no item keeps its own audio unless there is only one.
+pub fn shuffle_audio(items: &mut [CaptionItem], seed: u64) {
+    use rand::{Rng, SeedableRng};
+    let n = items.len();
+    let mut perm: Vec<usize> = (0..n).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for i in (1..n).rev() {
+        let j = rng.random_range(0..i);
+        perm.swap(i, j);
+    }
+    let inputs: Vec<AudioInput> = items.iter().map(|i| i.input.clone()).collect();
+    for (item, &from) in items.iter_mut().zip(&perm) {
+        item.input = inputs[from].clone();
+    }
 }
 
 /// A caption per window joined into one text.
@@ -165,4 +188,44 @@ pub fn metadata_object(metadata: &[(String, String)]) -> serde_json::Value {
             .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
             .collect(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn marker(item: &CaptionItem) -> usize {
+        match &item.input {
+            AudioInput::Samples(s) => s.len(),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn shuffled_audio_is_a_permutation_without_fixed_points() {
+        for n in [2usize, 3, 8, 191] {
+            let mut items: Vec<CaptionItem> = (0..n)
+                .map(|i| CaptionItem::samples(&i.to_string(), vec![0.0; i + 1], Vec::new()))
+                .collect();
+            shuffle_audio(&mut items, 7);
+            let mut seen: Vec<usize> = items.iter().map(marker).collect();
+            for (i, &m) in seen.iter().enumerate() {
+                assert_ne!(m, i + 1, "n = {n}: item {i} kept its audio");
+            }
+            seen.sort_unstable();
+            assert_eq!(seen, (1..=n).collect::<Vec<_>>(), "n = {n}");
+            if n > 8 {
+                // Not a rotation: neighbours do not simply hand their audio on.
+                let next = items
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, it)| marker(it) == *i)
+                    .count();
+                assert!(
+                    next < n / 4,
+                    "n = {n}: {next} items got their neighbour's audio"
+                );
+            }
+        }
+    }
 }

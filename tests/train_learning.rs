@@ -350,6 +350,12 @@ fn check_eval(dir: &Path, cfg: &Path, ckpt: &Path) {
         "{check}"
     );
     assert!(check["shuffled_score"].as_f64().unwrap() <= 0.25, "{check}");
+    // The memorised captions are likely only with their own audio.
+    let loss = |k: &str| check[k].as_f64().unwrap();
+    assert!(
+        loss("real_loss") < 0.1 && loss("silence_loss") > 1.0 && loss("shuffled_loss") > 1.0,
+        "{check}"
+    );
     let out = earshot([
         "eval".as_ref(),
         "--predictions".as_ref(),

@@ -149,6 +149,9 @@ pub enum CaptionEvent<'a> {
     },
 }
 
+/// The part of a source file some samples came from (start, end in seconds; none: whole).
+pub type SourceSpan = (Option<f64>, Option<f64>);
+
 /// One caption to make: a clip, or one window of it.
 struct Job {
     item: usize,
@@ -281,18 +284,13 @@ impl Captioner {
         Ok(per_item)
     }
 
-    /// Decodes, encodes and lays out one item: one job per caption it needs.
-    fn prepare(
-        &mut self,
-        k: usize,
-        item: &CaptionItem,
-        settings: &CaptionSettings,
-    ) -> Result<Vec<Job>> {
-        let started = Instant::now();
+    /// The 16 kHz mono samples of an item (refused past `data.max-audio-s`) and the segment
+    /// of the source they came from (part of the encoder cache key).
+    pub fn item_samples<'a>(&self, item: &'a CaptionItem) -> Result<(Cow<'a, [f32]>, SourceSpan)> {
         let max_s = self.config.data.max_audio_s;
         let root = &self.config.data.root;
         // Samples given in memory are used in place, not copied.
-        let (samples, segment): (Cow<[f32]>, _) = match &item.input {
+        Ok(match &item.input {
             AudioInput::File(p) => (
                 audio::load_16k_mono_within(p, audio::Segment::whole(), max_s)?.into(),
                 (None, None),
@@ -310,7 +308,39 @@ impl Captioner {
                 }
                 (s.as_slice().into(), (None, None))
             }
-        };
+        })
+    }
+
+    /// The prompt template rendered for `metadata` and tokenized, with `target` formatted
+    /// after it when given (as training lays it out).
+    pub fn render_prompt(
+        &mut self,
+        metadata: &[(String, String)],
+        target: Option<&str>,
+    ) -> Result<prompt::Prompt> {
+        Ok(prompt::render(
+            &mut self.template,
+            &self.llm.tokenizer,
+            metadata,
+            &self.config.plugins.prompt_options,
+            target,
+        )?)
+    }
+
+    /// The prompt-prefix cache (shared with a loss computed on the same models).
+    pub fn prefixes(&self) -> &PrefixCache {
+        &self.prefixes
+    }
+
+    /// Decodes, encodes and lays out one item: one job per caption it needs.
+    fn prepare(
+        &mut self,
+        k: usize,
+        item: &CaptionItem,
+        settings: &CaptionSettings,
+    ) -> Result<Vec<Job>> {
+        let started = Instant::now();
+        let (samples, segment) = self.item_samples(item)?;
         let encoded = self.clips.encode_samples(&samples, segment, None)?;
         let prompt = prompt::render(
             &mut self.template,

@@ -163,7 +163,7 @@ fn evaluate_config(
             Hearing::Shuffled => format!("captioning {split} with shuffled audio"),
         };
         let mut progress = PhaseProgress::new(what, "clip(s)");
-        let (predictions, failed, lines) = caption_split(
+        let captions = caption_split(
             &mut captioner,
             &mut dataset,
             &split,
@@ -177,9 +177,9 @@ fn evaluate_config(
         )?;
         if hearing == Hearing::Real {
             if let Some(path) = &args.save_predictions {
-                save_lines(path, &lines)?;
+                save_lines(path, &captions.lines)?;
             }
-            for l in lines.iter().filter(|l| l.get("error").is_some()) {
+            for l in captions.lines.iter().filter(|l| l.get("error").is_some()) {
                 eprintln!(
                     "error: {}: {}",
                     display_text(l["audio"].as_str().unwrap_or_default(), 4096),
@@ -187,12 +187,15 @@ fn evaluate_config(
                 );
             }
         }
-        if predictions.is_empty() {
+        if captions.predictions.is_empty() {
             bail!(
-                "split {split:?}: nothing to score ({failed} failed, the rest had no references)"
+                "split {split:?}: nothing to score ({} failed, the rest had no references)",
+                captions.failed
             );
         }
-        Ok(score(&predictions, failed, attributes))
+        let mut report = score(&captions.predictions, captions.failed, attributes);
+        report.eval_loss = captions.loss;
+        Ok(report)
     };
     let report = run(Hearing::Real)?;
     let check = if args.no_listening_check {
@@ -330,6 +333,9 @@ fn save_lines(path: &std::path::Path, lines: &[serde_json::Value]) -> Result<()>
 fn write_table(out: &mut impl Write, r: &Report) -> Result<()> {
     let s = &r.scores;
     writeln!(out, "examples  {} ({} failed)", r.examples, r.failed)?;
+    if let Some(loss) = r.eval_loss {
+        writeln!(out, "eval loss {loss:.4}")?;
+    }
     for (name, v) in [
         ("BLEU-1", s.bleu_1),
         ("BLEU-2", s.bleu_2),
@@ -357,10 +363,15 @@ fn write_table(out: &mut impl Write, r: &Report) -> Result<()> {
 }
 
 fn write_listening(out: &mut impl Write, c: &ListeningCheck) -> Result<()> {
-    writeln!(out, "\nlistening check ({}):", c.primary)?;
-    writeln!(out, "  real audio      {:.4}", c.real_score)?;
-    writeln!(out, "  silence         {:.4}", c.silence_score)?;
-    writeln!(out, "  shuffled audio  {:.4}", c.shuffled_score)?;
+    writeln!(out, "\nlistening check ({}, eval loss):", c.primary)?;
+    let loss = |l: Option<f64>| l.map_or("-".to_string(), |l| format!("{l:.4}"));
+    for (name, score, l) in [
+        ("real audio", c.real_score, c.real_loss),
+        ("silence", c.silence_score, c.silence_loss),
+        ("shuffled audio", c.shuffled_score, c.shuffled_loss),
+    ] {
+        writeln!(out, "  {name:<15} {score:.4}  {:>8}", loss(l))?;
+    }
     writeln!(
         out,
         "  {}",

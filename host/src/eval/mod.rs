@@ -175,6 +175,9 @@ pub struct AttributeScores {
 pub struct Report {
     pub examples: usize,
     pub failed: usize,
+    /// Teacher-forced loss per target token, when the captions were made here (`--config`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
     pub scores: Scores,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub attributes: BTreeMap<String, AttributeScores>,
@@ -293,6 +296,7 @@ pub fn score(predictions: &[Prediction], failed: usize, attributes: &AttributeSp
         .map(|name| (name.clone(), attribute_scores(&per_example, name)))
         .collect();
     Report {
+        eval_loss: None,
         examples: predictions.len(),
         failed,
         scores: Scores {

@@ -135,6 +135,12 @@ fn summary(h: &mut String, page: &ReportPage) {
         "<tr><th>examples</th><td class=\"num\">{}</td></tr><tr><th>failed</th><td class=\"num\">{}</td></tr>",
         r.examples, r.failed
     );
+    if let Some(loss) = r.eval_loss {
+        let _ = write!(
+            h,
+            "<tr><th>eval loss</th><td class=\"num\">{loss:.4}</td></tr>"
+        );
+    }
     for (name, a) in &r.attributes {
         let _ = write!(
             h,
@@ -153,7 +159,7 @@ fn summary(h: &mut String, page: &ReportPage) {
     for a in &attrs {
         let _ = write!(h, "<th>{} accuracy</th>", escape(a));
     }
-    h.push_str("<th>CIDEr-D</th></tr>");
+    h.push_str("<th>CIDEr-D</th><th>eval loss</th></tr>");
     for (label, score, rep) in [
         ("real", c.real_score, r),
         ("silence", c.silence_score, &c.silence),
@@ -164,7 +170,12 @@ fn summary(h: &mut String, page: &ReportPage) {
             let acc = rep.attributes.get(*a).map_or(f64::NAN, |s| s.accuracy);
             let _ = write!(h, "<td class=\"num\">{acc:.3}</td>");
         }
-        let _ = write!(h, "<td class=\"num\">{:.3}</td></tr>", rep.scores.cider_d);
+        let loss = rep.eval_loss.map_or("-".into(), |l| format!("{l:.4}"));
+        let _ = write!(
+            h,
+            "<td class=\"num\">{:.3}</td><td class=\"num\">{loss}</td></tr>",
+            rep.scores.cider_d
+        );
     }
     h.push_str("</table>\n");
     let gap = c.real_score - c.silence_score.max(c.shuffled_score);

@@ -6,7 +6,10 @@ use serde::Serialize;
 
 use super::{Prediction, Report};
 use crate::caption::{AudioInput, CaptionItem, CaptionSettings, Captioner, ItemSource, Result};
+use crate::models::nonfinite::NonFiniteTrace;
+use crate::pipeline::layout::project_windows;
 use crate::plugins::{DatasetAdapter, PAGE_SIZE};
+use crate::train::batch::caption_loss;
 
 /// What the model hears.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -24,8 +27,20 @@ pub enum Hearing {
 /// One line of captioning output, for `--save-predictions` (as `earshot caption` writes).
 pub type Line = serde_json::Value;
 
-/// The split captioned as `hearing` says: predictions to score, failed count, output lines.
-/// `progress(done)` is called after each chunk.
+/// A split captioned one way.
+pub struct SplitCaptions {
+    pub predictions: Vec<Prediction>,
+    /// Items whose captioning failed.
+    pub failed: usize,
+    /// One output line per item (as `earshot caption` writes).
+    pub lines: Vec<Line>,
+    /// Teacher-forced cross-entropy per target token against each item's first reference,
+    /// on the first encoder window as training computes it; none without references.
+    pub loss: Option<f64>,
+}
+
+/// The split captioned as `hearing` says, and its loss heard the same way. `progress(done)`
+/// is called after each chunk.
 pub fn caption_split(
     captioner: &mut Captioner,
     dataset: &mut DatasetAdapter,
@@ -33,13 +48,14 @@ pub fn caption_split(
     settings: &CaptionSettings,
     hearing: Hearing,
     progress: &mut dyn FnMut(usize),
-) -> Result<(Vec<Prediction>, usize, Vec<Line>)> {
+) -> Result<SplitCaptions> {
     let root = captioner.config.data.root.clone();
     let mut items = ItemSource::Split {
         pages: dataset.pages(split, PAGE_SIZE),
         root,
     };
     let (mut predictions, mut failed, mut lines) = (Vec::new(), 0, Vec::new());
+    let (mut loss_sum, mut loss_tokens) = (0.0, 0usize);
     // Shuffled: the whole split first, so each example can get the audio of one far from it
     // (neighbours in a split are often the same source: the same preset, speaker, album).
     let mut shuffled = if hearing == Hearing::Shuffled {
@@ -69,6 +85,9 @@ pub fn caption_split(
                 item.input = AudioInput::Samples(vec![0.0; crate::audio::SAMPLE_RATE as usize]);
             }
         }
+        let (sum, tokens) = chunk_loss(captioner, &chunk)?;
+        loss_sum += sum;
+        loss_tokens += tokens;
         let results = captioner.caption(&chunk, settings, false, &mut |_| {})?;
         for (item, result) in chunk.into_iter().zip(results) {
             lines.push(record(&item, &result));
@@ -90,7 +109,50 @@ pub fn caption_split(
         }
         progress(lines.len());
     }
-    Ok((predictions, failed, lines))
+    Ok(SplitCaptions {
+        predictions,
+        failed,
+        lines,
+        loss: (loss_tokens > 0).then(|| loss_sum / loss_tokens as f64),
+    })
+}
+
+/// The chunk's summed cross-entropy over its target tokens, and how many there are. Items
+/// without a reference, or whose audio or prompt fails (captioning reports those), are left
+/// out.
+fn chunk_loss(captioner: &mut Captioner, chunk: &[CaptionItem]) -> Result<(f64, usize)> {
+    let mut pieces = Vec::with_capacity(chunk.len());
+    let mut audio = Vec::with_capacity(chunk.len());
+    for item in chunk {
+        let Some(target) = item.references.first() else {
+            continue;
+        };
+        let mut prepare = || -> Result<_> {
+            let (samples, span) = captioner.item_samples(item)?;
+            let encoded = captioner.clips.encode_samples(&samples, span, Some(1))?;
+            let projected = project_windows(&captioner.projector, &encoded)?;
+            let prompt = captioner.render_prompt(&item.metadata, Some(target))?;
+            Ok((prompt.pieces, projected))
+        };
+        match prepare() {
+            Ok((p, a)) => {
+                pieces.push(p);
+                audio.push(a);
+            }
+            Err(e) => tracing::debug!("example {}: no loss: {e:#}", item.id),
+        }
+    }
+    if pieces.is_empty() {
+        return Ok((0.0, 0));
+    }
+    let out = caption_loss(
+        &captioner.llm.model,
+        &pieces,
+        &audio,
+        Some(captioner.prefixes()),
+        NonFiniteTrace::default(),
+    )?;
+    Ok((out.value()? * out.target_tokens as f64, out.target_tokens))
 }
 
 /// The shuffle's seed: the listening check is the same on every run.
@@ -144,6 +206,11 @@ pub struct ListeningCheck {
     pub real_score: f64,
     pub silence_score: f64,
     pub shuffled_score: f64,
+    /// Eval loss (cross-entropy per target token) each way; a model that uses its audio
+    /// has the lowest with the real audio.
+    pub real_loss: Option<f64>,
+    pub silence_loss: Option<f64>,
+    pub shuffled_loss: Option<f64>,
     /// Real audio beats both by at least [`CLEAR_MARGIN`].
     pub clearly_better: bool,
 }
@@ -164,13 +231,17 @@ pub fn primary_score(report: &Report) -> (String, f64) {
     }
 }
 
-/// Compares the real report with the silence and shuffled ones.
+/// Compares the real report with the silence and shuffled ones (the verdict is on the
+/// primary score; the losses are shown beside it).
 pub fn listening_check(real: &Report, silence: Report, shuffled: Report) -> ListeningCheck {
     let (primary, real_score) = primary_score(real);
     let silence_score = primary_score(&silence).1;
     let shuffled_score = primary_score(&shuffled).1;
     ListeningCheck {
         clearly_better: real_score >= silence_score.max(shuffled_score) + CLEAR_MARGIN,
+        real_loss: real.eval_loss,
+        silence_loss: silence.eval_loss,
+        shuffled_loss: shuffled.eval_loss,
         silence,
         shuffled,
         primary,

@@ -371,6 +371,20 @@ fn labels_splits_and_renders_a_small_font() {
     let ids_of = |xs: &[Example]| xs.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
     assert_eq!(ids_of(&all(&mut again, "eval")), ids_of(&eval));
 
+    // A cap per family and split.
+    let mut capped = DatasetAdapter::open(
+        &host(),
+        &first_party("soundfont"),
+        &dir,
+        r#"{"eval_fraction": 0.3, "max_per_family": 1}"#,
+    )
+    .unwrap();
+    for split in ["train", "eval"] {
+        let xs = all(&mut capped, split);
+        let families: Vec<&str> = xs.iter().map(|e| meta(e, "family")).collect();
+        assert_eq!(families, vec!["piano", "organ"], "{split}");
+    }
+
     // Options: other families, a caption template.
     let mut strings = DatasetAdapter::open(
         &host(),

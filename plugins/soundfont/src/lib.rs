@@ -11,7 +11,7 @@
 //!    "min_duration_s": 1.0,               // looped samples are played out to this length
 //!    "max_duration_s": 4.0,               // longer recordings are cut (with a fade)
 //!    "register_bounds": [52, 72],         // root key < 52: low, >= 72: high, else middle
-//!    "max_per_family": null,              // cap on each family's train recordings
+//!    "max_per_family": null,              // cap on each family's recordings per split
 //!    "caption": "A {family} note in the {register} register."}
 //! Metadata: family, preset, program, root_key, note, register, duration_s, sample_rate.
 
@@ -240,7 +240,7 @@ pub fn recordings(sf: &SoundFont, o: &Options) -> Result<(Vec<Recording>, Vec<St
 
 /// Splits recordings by preset group: per family, groups (in a seeded order) go to `eval`
 /// until it holds `eval_fraction` of the family's recordings; at least one group stays in
-/// `train`.
+/// `train`. Then each side is cut to `max_per_family` recordings per family, if set.
 pub fn split(
     recs: Vec<Recording>,
     o: &Options,
@@ -268,31 +268,35 @@ pub fn split(
         }
         let mut held = 0usize;
         let mut family_train = Vec::new();
+        let mut family_eval = Vec::new();
         let n_groups = order.len();
         for (i, g) in order.into_iter().enumerate() {
             let room = i + 1 < n_groups || !family_train.is_empty();
             if (held as f64) < o.eval_fraction * total as f64 && room && n_groups > 1 {
                 held += g.len();
-                eval.extend(g);
+                family_eval.extend(g);
             } else {
                 family_train.extend(g);
             }
         }
-        if let Some(cap) = o.max_per_family {
-            // An even spread over the family's recordings, deterministic.
-            if family_train.len() > cap {
-                let n = family_train.len();
-                family_train = (0..cap)
-                    .map(|i| family_train[i * n / cap].clone())
-                    .collect();
-            }
-        }
-        train.extend(family_train);
+        train.extend(capped(family_train, o.max_per_family));
+        eval.extend(capped(family_eval, o.max_per_family));
     }
     for s in [&mut train, &mut eval] {
         s.sort_by_key(|r| r.sample);
     }
     BTreeMap::from([("train".to_string(), train), ("eval".to_string(), eval)])
+}
+
+/// At most `cap` recordings, spread evenly over `recs` (deterministic).
+fn capped(recs: Vec<Recording>, cap: Option<usize>) -> Vec<Recording> {
+    match cap {
+        Some(cap) if recs.len() > cap => {
+            let n = recs.len();
+            (0..cap).map(|i| recs[i * n / cap].clone()).collect()
+        }
+        _ => recs,
+    }
 }
 
 pub fn caption(template: &str, r: &Recording, reg: &str) -> String {

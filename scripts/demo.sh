@@ -25,6 +25,7 @@ for name, a in r["attributes"].items():
     shu = c["shuffled"]["attributes"][name]["accuracy"]
     chance = 1 / len(a["confusion"]) if a["confusion"] else 0
     print(f"  {name:<9} accuracy {a['accuracy']:.3f}   silence {sil:.3f}   shuffled {shu:.3f}   (chance ~{chance:.3f})")
+print(f"  eval loss {c['real_loss']:.3f} real, {c['silence_loss']:.3f} silence, {c['shuffled_loss']:.3f} shuffled")
 print(f"listening check: {c['primary']} {c['real_score']:.3f} real vs {c['silence_score']:.3f} silence, "
       f"{c['shuffled_score']:.3f} shuffled: " + ("the model uses the audio" if c["clearly_better"] else "WARNING: not clearly better"))
 print(f"report: {run}/report.html   scores: {run}/eval.json")

@@ -15,4 +15,5 @@ pub mod npy;
 pub mod pipeline;
 pub mod plugins;
 pub mod sampler;
+pub mod selftest;
 pub mod train;

@@ -17,6 +17,7 @@ mod mel;
 mod plugin;
 mod printer;
 mod prompt;
+mod selftest;
 mod train;
 
 use std::process::ExitCode;
@@ -74,6 +75,8 @@ enum Command {
     Compare(compare::CompareArgs),
     /// Inspect or prune the encoder-output and plugin caches
     Cache(cache::CacheArgs),
+    /// Check the models on a device with random weights at named shapes (no download)
+    Selftest(selftest::SelftestArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -96,6 +99,7 @@ pub fn main() -> ExitCode {
         Command::Eval(args) => eval::run(args),
         Command::Cache(args) => cache::run(args),
         Command::Compare(args) => compare::run(args),
+        Command::Selftest(args) => selftest::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

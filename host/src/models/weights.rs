@@ -99,6 +99,16 @@ impl WeightStore {
         }
     }
 
+    /// The same tensors on `device` (the block forms stay behind: they are CPU-only).
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        let tensors = self
+            .tensors
+            .iter()
+            .map(|(k, t)| Ok((k.clone(), t.to_device(device)?)))
+            .collect::<Result<HashMap<_, _>>>()?;
+        Ok(Self::new(self.source_desc.clone(), tensors))
+    }
+
     /// Keeps `packed`, the block form of tensor `name` (same shape).
     pub fn insert_packed(&mut self, name: impl Into<String>, packed: PackedMatrix) {
         self.packed.insert(name.into(), Arc::new(packed));

@@ -1,0 +1,593 @@
+//! `earshot selftest`: the frozen models and the projector at named shapes, with seeded
+//! random weights (nothing downloaded), checked on one device: forward passes against the
+//! CPU in f32 on the same weights, the projector gradient against a finite difference, a few
+//! training steps on a fixed batch (the loss must fall), KV-cache decoding against
+//! recomputing the whole sequence; with step time, decode speed and peak memory.
+//!
+//! Shapes: `tiny` = Whisper tiny's encoder + a SmolLM2-135M-shaped Llama (what the test suite
+//! runs on the CPU); `seed` = Whisper large-v3's encoder (128 mel bins) + a Mistral-7B-shaped
+//! LLM with the write-up's projector (pool to 250, LayerNorm, Linear), for a GPU.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::models::llm::{KvCache, LanguageModel, Llama, LlamaConfig, LogitsAt};
+use crate::models::nonfinite::NonFiniteTrace;
+use crate::models::projector::{Projector, ProjectorConfig, ProjectorKind};
+use crate::models::weights::{ModelError, WeightStore};
+use crate::models::whisper::{WhisperConfig, WhisperEncoder};
+use crate::pipeline::TextPieces;
+use crate::train::batch::caption_loss;
+use crate::train::optim::{AdamW, AdamWParams};
+use crate::train::TrainError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SelftestError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+    #[error("selftest: {0}")]
+    Missing(String),
+}
+
+pub type Result<T> = std::result::Result<T, SelftestError>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Shape {
+    /// Whisper tiny encoder + a 135M Llama (SmolLM2-135M's shape).
+    Tiny,
+    /// Whisper large-v3 encoder + a 7B Mistral-shaped LLM, the write-up's projector.
+    Seed,
+}
+
+/// Everything a shape fixes.
+pub struct ShapeSpec {
+    pub whisper: WhisperConfig,
+    pub llm: LlamaConfig,
+    pub projector: ProjectorConfig,
+    /// Training batch and its lengths (tokens before and after the audio, target tokens).
+    pub batch: usize,
+    pub mel_frames: usize,
+    pub text: (usize, usize, usize),
+    pub decode_tokens: usize,
+}
+
+impl Shape {
+    pub fn spec(self) -> ShapeSpec {
+        let llama = |vocab, hidden, inter, layers, heads, kv, tie, theta| LlamaConfig {
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: inter,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            num_key_value_heads: Some(kv),
+            head_dim: None,
+            rms_norm_eps: 1e-5,
+            rope_theta: theta,
+            max_position_embeddings: 4096,
+            sliding_window: None,
+            tie_word_embeddings: tie,
+            rope_interleaved: false,
+        };
+        match self {
+            Shape::Tiny => ShapeSpec {
+                whisper: WhisperConfig {
+                    num_mel_bins: 80,
+                    d_model: 384,
+                    encoder_layers: 4,
+                    encoder_attention_heads: 6,
+                    encoder_ffn_dim: 1536,
+                    max_source_positions: 1500,
+                },
+                llm: llama(49_152, 576, 1536, 30, 9, 3, true, 100_000.0),
+                projector: ProjectorConfig {
+                    kind: ProjectorKind::PoolLnLinear,
+                    positions: 16,
+                    ..ProjectorConfig::default()
+                },
+                batch: 4,
+                mel_frames: 3000,
+                text: (25, 5, 20),
+                decode_tokens: 16,
+            },
+            Shape::Seed => ShapeSpec {
+                whisper: WhisperConfig {
+                    num_mel_bins: 128,
+                    d_model: 1280,
+                    encoder_layers: 32,
+                    encoder_attention_heads: 20,
+                    encoder_ffn_dim: 5120,
+                    max_source_positions: 1500,
+                },
+                llm: llama(32_000, 4096, 14_336, 32, 32, 8, false, 10_000.0),
+                // The write-up's: average-pool to 250 positions, LayerNorm, Linear.
+                projector: ProjectorConfig {
+                    kind: ProjectorKind::PoolLnLinear,
+                    positions: 250,
+                    ..ProjectorConfig::default()
+                },
+                batch: 4,
+                mel_frames: 3000,
+                text: (25, 5, 40),
+                decode_tokens: 16,
+            },
+        }
+    }
+}
+
+/// One named check: its measured value against its limit.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub value: f64,
+    pub limit: f64,
+    pub passed: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SelftestReport {
+    pub shape: Shape,
+    pub device: String,
+    pub dtype: String,
+    pub checks: Vec<Check>,
+    /// Mean time of one training step (forward + backward + AdamW) on the shape's batch.
+    pub train_step_s: f64,
+    /// Greedy decoding with the KV cache, one row.
+    pub decode_tokens_per_s: f64,
+    /// Peak resident memory of the process (CPU) so far, in MiB.
+    pub peak_rss_mib: Option<f64>,
+}
+
+impl SelftestReport {
+    pub fn passed(&self) -> bool {
+        self.checks.iter().all(|c| c.passed)
+    }
+}
+
+/// Seeded N(0, std) weights, ones for norm gains, zeros for biases.
+struct RandomWeights {
+    rng: rand::rngs::StdRng,
+    tensors: HashMap<String, Tensor>,
+}
+
+impl RandomWeights {
+    fn new(seed: u64) -> Self {
+        Self {
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            tensors: HashMap::new(),
+        }
+    }
+    fn normal(&mut self, name: String, shape: &[usize], std: f32) -> Result<()> {
+        let n: usize = shape.iter().product();
+        // Box-Muller from the seeded generator: the same weights on every machine.
+        let data: Vec<f32> = (0..n)
+            .map(|_| {
+                let (u, v): (f32, f32) = (self.rng.random::<f32>().max(1e-7), self.rng.random());
+                std * (-2.0 * u.ln()).sqrt() * (2.0 * std::f32::consts::PI * v).cos()
+            })
+            .collect();
+        self.tensors
+            .insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
+        Ok(())
+    }
+    fn fill(&mut self, name: String, shape: &[usize], value: f32) -> Result<()> {
+        let t = Tensor::full(value, shape, &Device::Cpu)?;
+        self.tensors.insert(name, t);
+        Ok(())
+    }
+    fn store(self, what: &str) -> WeightStore {
+        WeightStore::new(what, self.tensors)
+    }
+}
+
+fn whisper_weights(cfg: &WhisperConfig, seed: u64) -> Result<WeightStore> {
+    let mut w = RandomWeights::new(seed);
+    let (d, f, m) = (cfg.d_model, cfg.encoder_ffn_dim, cfg.num_mel_bins);
+    let p = "model.encoder";
+    let std = (1.0 / d as f32).sqrt();
+    w.normal(
+        format!("{p}.conv1.weight"),
+        &[d, m, 3],
+        (1.0 / (3 * m) as f32).sqrt(),
+    )?;
+    w.fill(format!("{p}.conv1.bias"), &[d], 0.0)?;
+    w.normal(
+        format!("{p}.conv2.weight"),
+        &[d, d, 3],
+        (1.0 / (3 * d) as f32).sqrt(),
+    )?;
+    w.fill(format!("{p}.conv2.bias"), &[d], 0.0)?;
+    w.normal(
+        format!("{p}.embed_positions.weight"),
+        &[cfg.max_source_positions, d],
+        0.02,
+    )?;
+    for i in 0..cfg.encoder_layers {
+        let l = format!("{p}.layers.{i}");
+        for ln in ["self_attn_layer_norm", "final_layer_norm"] {
+            w.fill(format!("{l}.{ln}.weight"), &[d], 1.0)?;
+            w.fill(format!("{l}.{ln}.bias"), &[d], 0.0)?;
+        }
+        for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+            w.normal(format!("{l}.self_attn.{proj}.weight"), &[d, d], std)?;
+            if proj != "k_proj" {
+                w.fill(format!("{l}.self_attn.{proj}.bias"), &[d], 0.0)?;
+            }
+        }
+        w.normal(format!("{l}.fc1.weight"), &[f, d], std)?;
+        w.fill(format!("{l}.fc1.bias"), &[f], 0.0)?;
+        w.normal(format!("{l}.fc2.weight"), &[d, f], (1.0 / f as f32).sqrt())?;
+        w.fill(format!("{l}.fc2.bias"), &[d], 0.0)?;
+    }
+    w.fill(format!("{p}.layer_norm.weight"), &[d], 1.0)?;
+    w.fill(format!("{p}.layer_norm.bias"), &[d], 0.0)?;
+    Ok(w.store("selftest whisper"))
+}
+
+fn llama_weights(cfg: &LlamaConfig, seed: u64) -> Result<WeightStore> {
+    let mut w = RandomWeights::new(seed);
+    let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
+    let (nh, nkv) = (cfg.num_attention_heads, cfg.n_kv_heads());
+    let std = (1.0 / h as f32).sqrt();
+    w.normal(
+        "model.embed_tokens.weight".into(),
+        &[cfg.vocab_size, h],
+        0.02,
+    )?;
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        w.fill(format!("{p}.input_layernorm.weight"), &[h], 1.0)?;
+        w.fill(format!("{p}.post_attention_layernorm.weight"), &[h], 1.0)?;
+        w.normal(format!("{p}.self_attn.q_proj.weight"), &[nh * hd, h], std)?;
+        w.normal(format!("{p}.self_attn.k_proj.weight"), &[nkv * hd, h], std)?;
+        w.normal(format!("{p}.self_attn.v_proj.weight"), &[nkv * hd, h], std)?;
+        w.normal(format!("{p}.self_attn.o_proj.weight"), &[h, nh * hd], std)?;
+        w.normal(format!("{p}.mlp.gate_proj.weight"), &[i, h], std)?;
+        w.normal(format!("{p}.mlp.up_proj.weight"), &[i, h], std)?;
+        w.normal(
+            format!("{p}.mlp.down_proj.weight"),
+            &[h, i],
+            (1.0 / i as f32).sqrt(),
+        )?;
+    }
+    w.fill("model.norm.weight".into(), &[h], 1.0)?;
+    if !cfg.tie_word_embeddings {
+        w.normal("lm_head.weight".into(), &[cfg.vocab_size, h], std)?;
+    }
+    Ok(w.store("selftest llm"))
+}
+
+/// Relative L2 distance of `a` from the reference `b`.
+fn rel_l2(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let a = a
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?;
+    let b = b
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?;
+    let diff = (&a - &b)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    let norm = b.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    Ok(diff / norm.max(f64::MIN_POSITIVE))
+}
+
+fn check(name: &str, value: f64, limit: f64, detail: String) -> Check {
+    Check {
+        name: name.into(),
+        value,
+        limit,
+        passed: value.is_finite() && value <= limit,
+        detail,
+    }
+}
+
+/// Peak resident set size of this process, from /proc (Linux).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Runs every check of `shape` on `device` (models in `dtype` there), `seed` for the weights.
+pub fn run(shape: Shape, device: &Device, dtype: DType, seed: u64) -> Result<SelftestReport> {
+    let spec = shape.spec();
+    let cpu = Device::Cpu;
+    let wstore = whisper_weights(&spec.whisper, seed)?;
+    let lstore = llama_weights(&spec.llm, seed + 1)?;
+    let mut checks = Vec::new();
+    // bf16 keeps 8 bits of mantissa (relative rounding 2^-9 = 0.2%) per operation; through a
+    // deep stack the errors add up in quadrature, so a few percent is a correct result and a
+    // wrong kernel (transposed, mis-scaled, wrong mask) is off by ~100%.
+    let tolerance = if dtype == DType::F32 { 1e-4 } else { 5e-2 };
+
+    // Forward passes against a CPU reference on the same weights: f32 for a GPU (bf16 there);
+    // on the CPU the LLM against f64 (its f32 path uses fused kernels, the f64 one the stock
+    // candle ops) and the encoder against itself (candle's layer norm has no f64 kernel).
+    let on_cpu = device.is_cpu() && dtype == DType::F32;
+    let (ref_dtype, ref_name) = if on_cpu {
+        (DType::F64, "CPU f64")
+    } else {
+        (DType::F32, "CPU f32")
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed + 2);
+    let n_mels = spec.whisper.num_mel_bins;
+    let mel: Vec<f32> = (0..n_mels * spec.mel_frames)
+        .map(|_| rng.random_range(-1.0f32..1.0))
+        .collect();
+    let mel = Tensor::from_vec(mel, (1, n_mels, spec.mel_frames), &cpu)?;
+    let enc_ref = WhisperEncoder::load(&wstore, &spec.whisper, DType::F32)?
+        .forward(&mel, NonFiniteTrace::default())?;
+    let encoder = WhisperEncoder::load(&wstore.to_device(device)?, &spec.whisper, dtype)?;
+    let encoded = encoder.forward(&mel.to_device(device)?, NonFiniteTrace::default())?;
+    drop(encoder);
+    checks.push(check(
+        "encoder forward vs CPU f32 (relative L2)",
+        rel_l2(&encoded, &enc_ref)?,
+        tolerance,
+        format!("{:?}", encoded.dims()),
+    ));
+
+    // LLM: logits of a random token sequence.
+    let ids: Vec<u32> = (0..32)
+        .map(|_| rng.random_range(0..spec.llm.vocab_size as u32))
+        .collect();
+    let logits_of = |m: &Llama, dev: &Device| -> Result<Tensor> {
+        let x = m.embed(&Tensor::new(ids.as_slice(), dev)?.unsqueeze(0)?)?;
+        Ok(m.forward(&x, 0, None, LogitsAt::All, NonFiniteTrace::default())?)
+    };
+    let logits_ref = logits_of(&Llama::load(&lstore, &spec.llm, ref_dtype, &cpu)?, &cpu)?;
+    let llm = Llama::load(&lstore.to_device(device)?, &spec.llm, dtype, device)?;
+    drop(lstore);
+    let logits = logits_of(&llm, device)?;
+    checks.push(check(
+        &format!("LLM forward vs {ref_name} (relative L2 of logits)"),
+        rel_l2(&logits, &logits_ref)?,
+        tolerance,
+        format!("{:?}", logits.dims()),
+    ));
+
+    // KV cache: greedy decoding token by token with the cache equals recomputing the whole
+    // sequence for every token.
+    let prompt = llm.embed(&Tensor::new(&ids[..8], device)?.unsqueeze(0)?)?;
+    let started = Instant::now();
+    let cached = greedy_with_cache(&llm, &prompt, spec.decode_tokens)?;
+    let decode_s = started.elapsed().as_secs_f64();
+    let recomputed = greedy_recomputed(&llm, &prompt, spec.decode_tokens)?;
+    let differing = cached
+        .iter()
+        .zip(&recomputed)
+        .filter(|(a, b)| a != b)
+        .count();
+    checks.push(check(
+        "KV-cache decoding vs recompute (differing tokens)",
+        differing as f64,
+        0.0,
+        format!("{} tokens", cached.len()),
+    ));
+
+    // The projector's gradient against a central finite difference, in f64 on the CPU (a
+    // finite difference in bf16 measures rounding, not the gradient).
+    let d_enc = spec.whisper.d_model;
+    let fd = gradient_check(&spec, &enc_ref, d_enc, seed)?;
+    checks.push(check(
+        "projector gradient vs finite difference (relative error)",
+        fd,
+        1e-4,
+        "f64, CPU".into(),
+    ));
+
+    // A few training steps on one fixed batch: the loss must fall.
+    let (first, last, step_s) =
+        train_steps(&spec, &llm, &encoded.to_dtype(DType::F32)?, device, seed)?;
+    checks.push(check(
+        "training: final / first loss on a fixed batch",
+        last / first,
+        0.9,
+        format!("{first:.4} -> {last:.4}"),
+    ));
+    Ok(SelftestReport {
+        shape,
+        device: format!("{device:?}"),
+        dtype: format!("{dtype:?}"),
+        checks,
+        train_step_s: step_s,
+        decode_tokens_per_s: spec.decode_tokens as f64 / decode_s.max(1e-9),
+        peak_rss_mib: peak_rss_mib(),
+    })
+}
+
+fn argmax_last(logits: &Tensor) -> Result<u32> {
+    let row = logits
+        .flatten_all()?
+        .to_dtype(DType::F32)?
+        .to_vec1::<f32>()?;
+    Ok(row
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i as u32))
+}
+
+fn greedy_with_cache(llm: &Llama, prompt: &Tensor, n: usize) -> Result<Vec<u32>> {
+    let mut cache: KvCache = llm.new_cache();
+    let mut logits = llm.forward(
+        prompt,
+        0,
+        Some(&mut cache),
+        LogitsAt::Last,
+        NonFiniteTrace::default(),
+    )?;
+    let start = prompt.dim(1)?;
+    let mut out = Vec::with_capacity(n);
+    for offset in start..start + n {
+        let next = argmax_last(&logits)?;
+        out.push(next);
+        let e = llm.embed(&Tensor::new(&[next], prompt.device())?.unsqueeze(0)?)?;
+        logits = llm.forward(
+            &e,
+            offset,
+            Some(&mut cache),
+            LogitsAt::Last,
+            NonFiniteTrace::default(),
+        )?;
+    }
+    Ok(out)
+}
+
+fn greedy_recomputed(llm: &Llama, prompt: &Tensor, n: usize) -> Result<Vec<u32>> {
+    let mut seq = prompt.clone();
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let logits = llm.forward(&seq, 0, None, LogitsAt::Last, NonFiniteTrace::default())?;
+        let next = argmax_last(&logits)?;
+        out.push(next);
+        let e = llm.embed(&Tensor::new(&[next], prompt.device())?.unsqueeze(0)?)?;
+        seq = Tensor::cat(&[&seq, &e], 1)?;
+    }
+    Ok(out)
+}
+
+/// Random text pieces of the shape's lengths, one per batch row (targets of different
+/// lengths, so the batch is padded). Each target repeats one token: something a projector
+/// can learn to make a random LLM say in a few steps.
+fn batch_pieces(spec: &ShapeSpec, seed: u64) -> Vec<TextPieces> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed + 3);
+    let vocab = spec.llm.vocab_size as u32;
+    let mut ids = |n: usize| {
+        (0..n)
+            .map(|_| rng.random_range(0..vocab))
+            .collect::<Vec<u32>>()
+    };
+    let before = ids(spec.text.0);
+    (0..spec.batch)
+        .map(|r| TextPieces {
+            before: before.clone(),
+            after: ids(spec.text.1),
+            target: vec![ids(1)[0]; spec.text.2 - r % 3],
+        })
+        .collect()
+}
+
+/// Largest relative error of the analytic gradient against a central difference, over a
+/// few coordinates of each projector parameter; a small LLM of the shape's widths (2
+/// layers) in f64 keeps this affordable at any shape.
+fn gradient_check(spec: &ShapeSpec, encoded: &Tensor, d_enc: usize, seed: u64) -> Result<f64> {
+    let cfg = LlamaConfig {
+        num_hidden_layers: 2,
+        ..spec.llm.clone()
+    };
+    let llm = Llama::load(
+        &llama_weights(&cfg, seed + 4)?,
+        &cfg,
+        DType::F64,
+        &Device::Cpu,
+    )?;
+    let projector = Projector::new(&spec.projector, d_enc, cfg.hidden_size, seed, &Device::Cpu)?
+        .to_dtype(DType::F64)?;
+    let pieces: Vec<TextPieces> = batch_pieces(spec, seed).into_iter().take(2).collect();
+    let encoded = encoded.to_dtype(DType::F64)?;
+    let loss_of = |p: &Projector| -> Result<Tensor> {
+        let audio: Vec<Tensor> = (0..pieces.len())
+            .map(|i| p.forward(&(&encoded * (1.0 + 0.1 * i as f64))?))
+            .collect::<std::result::Result<_, ModelError>>()?;
+        Ok(caption_loss(&llm, &pieces, &audio, None, NonFiniteTrace::default())?.loss)
+    };
+    let loss = loss_of(&projector)?;
+    let grads = loss.backward()?;
+    let mut worst = 0f64;
+    let eps = 1e-5;
+    for (name, var) in projector.params() {
+        let g = grads
+            .get(var.as_tensor())
+            .ok_or_else(|| SelftestError::Missing(format!("no gradient for {name}")))?
+            .flatten_all()?
+            .to_vec1::<f64>()?;
+        let base = var.as_tensor().flatten_all()?.to_vec1::<f64>()?;
+        // The coordinates with the largest gradients: a relative error is meaningful there.
+        let mut order: Vec<usize> = (0..g.len()).collect();
+        order.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
+        for &k in order.iter().take(3) {
+            let at = |delta: f64| -> Result<f64> {
+                let mut v = base.clone();
+                v[k] += delta;
+                var.set(&Tensor::from_vec(v, var.as_tensor().shape(), &Device::Cpu)?)?;
+                Ok(loss_of(&projector)?.to_scalar::<f64>()?)
+            };
+            let numeric = (at(eps)? - at(-eps)?) / (2.0 * eps);
+            let rel = (numeric - g[k]).abs() / g[k].abs().max(1e-12);
+            worst = worst.max(rel);
+        }
+        var.set(&Tensor::from_vec(
+            base,
+            var.as_tensor().shape(),
+            &Device::Cpu,
+        )?)?;
+    }
+    Ok(worst)
+}
+
+/// `steps` AdamW steps on one fixed batch: (first loss, last loss, mean step seconds).
+fn train_steps(
+    spec: &ShapeSpec,
+    llm: &Llama,
+    encoded: &Tensor,
+    device: &Device,
+    seed: u64,
+) -> Result<(f64, f64, f64)> {
+    const STEPS: usize = 10;
+    let projector = Projector::new(
+        &spec.projector,
+        spec.whisper.d_model,
+        spec.llm.hidden_size,
+        seed,
+        device,
+    )?;
+    let mut opt = AdamW::new(
+        projector.params().to_vec(),
+        AdamWParams {
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        },
+    )?;
+    let pieces = batch_pieces(spec, seed);
+    let prefixes = crate::models::llm::PrefixCache::default();
+    let (mut first, mut last, mut total_s) = (f64::NAN, f64::NAN, 0.0);
+    for step in 0..STEPS {
+        let started = Instant::now();
+        let audio: Vec<Tensor> = (0..pieces.len())
+            .map(|i| projector.forward(&(encoded * (1.0 + 0.1 * i as f64))?))
+            .collect::<std::result::Result<_, ModelError>>()?;
+        let out = caption_loss(
+            llm,
+            &pieces,
+            &audio,
+            Some(&prefixes),
+            NonFiniteTrace::default(),
+        )?;
+        let grads = out.loss.backward()?;
+        opt.step(&grads, 1e-2)?;
+        let value = out.value()?;
+        if step > 0 {
+            total_s += started.elapsed().as_secs_f64();
+        }
+        if step == 0 {
+            first = value;
+        }
+        last = value;
+    }
+    Ok((first, last, total_s / (STEPS - 1) as f64))
+}

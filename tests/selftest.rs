@@ -1,0 +1,52 @@
+//! `earshot selftest --shape tiny` on the CPU: random weights at Whisper tiny + SmolLM2-135M
+//! shapes, every check passing (LLM f32 vs f64, gradient vs finite difference, loss falling,
+//! KV-cache decoding vs recompute), and a clear refusal of `--device cuda` without CUDA.
+
+use earshot_tests::*;
+
+#[test]
+fn tiny_shape_passes_on_the_cpu() {
+    let out = earshot(["selftest", "--shape", "tiny", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&expect_success(&out)).unwrap();
+    assert_eq!(v["shape"], "tiny");
+    let checks = v["checks"].as_array().unwrap();
+    let names: Vec<&str> = checks.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    for wanted in [
+        "encoder forward",
+        "LLM forward vs CPU f64",
+        "KV-cache decoding",
+        "projector gradient vs finite difference",
+        "training: final / first loss",
+    ] {
+        assert!(
+            names.iter().any(|n| n.starts_with(wanted)),
+            "no check {wanted:?} in {names:?}"
+        );
+    }
+    for c in checks {
+        assert_eq!(c["passed"], true, "{c}");
+    }
+    let llm = checks
+        .iter()
+        .find(|c| c["name"].as_str().unwrap().starts_with("LLM forward"))
+        .unwrap();
+    // f32 against f64 through 30 layers: far below the limit, and not zero (two paths).
+    let err = llm["value"].as_f64().unwrap();
+    assert!(err > 0.0 && err < 1e-5, "{llm}");
+    assert!(v["train_step_s"].as_f64().unwrap() > 0.0);
+    assert!(v["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["peak_rss_mib"].as_f64().unwrap() > 100.0);
+}
+
+#[test]
+fn cuda_without_cuda_is_a_clear_error() {
+    // The suite builds earshot without the cuda feature.
+    let out = earshot(["selftest", "--device", "cuda"]);
+    let err = expect_failure(&out);
+    assert!(
+        err.contains(
+            "--device cuda: no CUDA device (this binary was built without the cuda feature)"
+        ),
+        "{err}"
+    );
+}

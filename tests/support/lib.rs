@@ -309,8 +309,17 @@ pub fn first_party(name: &str) -> PathBuf {
 /// The Python dataset adapter (plugins/python-jsonl), built by scripts/setup.sh with
 /// componentize-py.
 pub fn python_plugin() -> PathBuf {
-    let p = repo_root().join("plugins/target/python/python_jsonl.wasm");
-    let src = repo_root().join("plugins/python-jsonl/app.py");
+    python_plugin_named("python-jsonl")
+}
+
+/// A Python plugin of `plugins/NAME` as scripts/setup.sh builds it, checked to be newer than
+/// its source.
+pub fn python_plugin_named(name: &str) -> PathBuf {
+    let p = repo_root().join(format!(
+        "plugins/target/python/{}.wasm",
+        name.replace('-', "_")
+    ));
+    let src = repo_root().join(format!("plugins/{name}/app.py"));
     assert!(
         p.is_file(),
         "{} is missing: run scripts/setup.sh (it builds it with componentize-py)",
@@ -439,4 +448,49 @@ pub fn headless_chromium(page: &Path, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// `earshot train CONFIG` for `steps` steps into `run` (eval only at the end), then `earshot
+/// eval --config CONFIG --checkpoint run/projector.safetensors --json` with the listening
+/// check; the same `--set KEY=VALUE` overrides for both. Returns the eval report and eval's
+/// stderr.
+pub fn train_then_eval(
+    config: &Path,
+    run: &Path,
+    steps: usize,
+    sets: &[String],
+) -> (serde_json::Value, String) {
+    let mut all_sets = vec![format!("train.run-dir=\"{}\"", run.display())];
+    all_sets.extend(sets.iter().cloned());
+    let with_sets = |mut args: Vec<String>| {
+        for s in &all_sets {
+            args.extend(["--set".to_string(), s.clone()]);
+        }
+        args
+    };
+    let train = with_sets(vec![
+        "train".into(),
+        config.display().to_string(),
+        "--set".into(),
+        format!("train.steps={steps}"),
+        "--set".into(),
+        "train.eval-every=0".into(),
+    ]);
+    let log = expect_success(&earshot(&train));
+    assert!(run.join("projector.safetensors").is_file(), "{log}");
+    let eval = with_sets(vec![
+        "eval".into(),
+        "--config".into(),
+        config.display().to_string(),
+        "--checkpoint".into(),
+        run.join("projector.safetensors").display().to_string(),
+        "--max-tokens".into(),
+        "24".into(),
+        "--json".into(),
+    ]);
+    let out = earshot(&eval);
+    let stdout = expect_success(&out);
+    let v = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("stdout is one JSON object ({e}): {stdout:.2000}"));
+    (v, String::from_utf8_lossy(&out.stderr).to_string())
 }

@@ -1,0 +1,396 @@
+//! Speech dataset adapters. `tuxpaint-stamps` (spoken stamp descriptions): on a small tree
+//! built here (file naming, transcripts per language, warnings, caption templates, splits
+//! by stamp) and on the real `tuxpaint-stamps-default` tree the set-up fetches. The Python
+//! `audio<TAB>text` adapter (`python-tsv`, componentize-py): on a fixture of real clips.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use earshot::plugins::{AudioSource, DatasetAdapter, Example, PluginHost, SandboxLimits};
+use earshot_tests::*;
+
+fn host() -> PluginHost {
+    PluginHost::new(SandboxLimits::default(), None)
+}
+
+fn adapter() -> std::path::PathBuf {
+    first_party("tuxpaint_stamps")
+}
+
+fn all(ds: &mut DatasetAdapter, split: &str) -> Vec<Example> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    loop {
+        let b = ds.read(split, start, 100).unwrap();
+        out.extend(b.examples);
+        match b.next {
+            Some(n) => start = n,
+            None => return out,
+        }
+    }
+}
+
+fn meta<'a>(ex: &'a Example, key: &str) -> Option<&'a str> {
+    ex.metadata
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+fn write(root: &Path, rel: &str, text: &str) {
+    let p = root.join(rel);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, text).unwrap();
+}
+
+/// cat: English, French and a language the .txt lacks; apple: Russian only; one name that
+/// does not follow the pattern; files that are not clips.
+fn small_tree(root: &Path) {
+    for clip in [
+        "animals/cat_desc.ogg",
+        "animals/cat_desc_fr.ogg",
+        "animals/cat_desc_xx.ogg",
+        "food/fruit/apple_desc_ru.ogg",
+        "food/fruit/apple_desc-fr.ogg",
+    ] {
+        write(root, clip, "not decoded by the adapter");
+    }
+    write(
+        root,
+        "animals/cat.txt",
+        "A cat.\nde.utf8=Eine Katze.\nfr.utf8=Un chat.\n",
+    );
+    write(root, "food/fruit/apple.txt", "An apple.\nru.utf8=Яблоко.\n");
+    write(root, "animals/cat.png", "");
+    write(root, "animals/cat.ogg", "a sound effect, not a description");
+}
+
+#[test]
+fn small_tree_transcripts_warnings_and_templates() {
+    let tmp = tempfile::tempdir().unwrap();
+    small_tree(tmp.path());
+    let opts = r#"{"eval_fraction": 0.0}"#;
+    let mut ds = DatasetAdapter::open(&host(), &adapter(), tmp.path(), opts).unwrap();
+    assert_eq!(ds.dataset.splits, vec!["eval", "train"]);
+    let w = ds.dataset.warnings.join("\n");
+    assert!(
+        w.contains("animals/cat_desc_xx.ogg: no xx transcript in animals/cat.txt; left out"),
+        "{w}"
+    );
+    assert!(
+        w.contains("food/fruit/apple_desc-fr.ogg: not <name>_desc[_<lang>].ogg; left out"),
+        "{w}"
+    );
+    assert_eq!(ds.dataset.warnings.len(), 2, "{w}");
+    let train = all(&mut ds, "train");
+    assert!(all(&mut ds, "eval").is_empty());
+    let got: Vec<(&str, &str, Option<&str>)> = train
+        .iter()
+        .map(|e| {
+            let AudioSource::Path(p) = &e.audio else {
+                panic!("{}: not a path", e.id)
+            };
+            (e.id.as_str(), p.as_str(), e.target.as_deref())
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("animals/cat:en", "animals/cat_desc.ogg", Some("A cat.")),
+            (
+                "animals/cat:fr",
+                "animals/cat_desc_fr.ogg",
+                Some("Un chat.")
+            ),
+            (
+                "food/fruit/apple:ru",
+                "food/fruit/apple_desc_ru.ogg",
+                Some("Яблоко.")
+            ),
+        ]
+    );
+    let apple = &train[2];
+    assert_eq!(meta(apple, "language"), Some("Russian"));
+    assert_eq!(meta(apple, "language_code"), Some("ru"));
+    assert_eq!(meta(apple, "stamp"), Some("food/fruit/apple"));
+    assert_eq!(meta(apple, "category"), Some("food"));
+    assert_eq!(meta(apple, "transcript"), Some("Яблоко."));
+
+    // The speaker-traits caption needs no transcript: the xx clip is kept, named by its code.
+    let mut traits = DatasetAdapter::open(
+        &host(),
+        &adapter(),
+        tmp.path(),
+        r#"{"eval_fraction": 0.0, "caption": "Spoken in {language}."}"#,
+    )
+    .unwrap();
+    let targets: Vec<Option<String>> = all(&mut traits, "train")
+        .into_iter()
+        .map(|e| e.target)
+        .collect();
+    assert_eq!(
+        targets,
+        vec![
+            Some("Spoken in English.".to_string()),
+            Some("Spoken in French.".to_string()),
+            Some("Spoken in xx.".to_string()),
+            Some("Spoken in Russian.".to_string()),
+        ]
+    );
+
+    // A language filter.
+    let mut fr = DatasetAdapter::open(
+        &host(),
+        &adapter(),
+        tmp.path(),
+        r#"{"eval_fraction": 0.0, "languages": ["fr"]}"#,
+    )
+    .unwrap();
+    let ids: Vec<String> = all(&mut fr, "train").into_iter().map(|e| e.id).collect();
+    assert_eq!(ids, vec!["animals/cat:fr"]);
+
+    // Bad options and an empty root are clean errors.
+    for (opts, wanted) in [
+        (r#"{"eval_fraction": 1.0}"#, "eval_fraction"),
+        (r#"{"colour": 1}"#, "unknown field `colour`"),
+    ] {
+        let err = DatasetAdapter::open(&host(), &adapter(), tmp.path(), opts)
+            .err()
+            .unwrap_or_else(|| panic!("{opts} accepted"));
+        assert!(format!("{err:#}").contains(wanted), "{err:#}");
+    }
+    let empty = tempfile::tempdir().unwrap();
+    let err = DatasetAdapter::open(&host(), &adapter(), empty.path(), "")
+        .err()
+        .expect("an empty root is refused");
+    assert!(
+        format!("{err:#}").contains("no <name>_desc*.ogg clips"),
+        "{err:#}"
+    );
+}
+
+/// The set-up's tuxpaint-stamps-default tree: the 9 languages with >= 300 clips, every clip
+/// of a stamp on one side of the split whatever its language.
+#[test]
+fn real_stamps_split_by_stamp() {
+    let root = data_dir().join("tuxpaint-stamps-default/stamps");
+    assert!(
+        root.is_dir(),
+        "{}: missing; run scripts/setup.sh",
+        root.display()
+    );
+    let opts = r#"{"caption": "Spoken in {language}."}"#;
+    let mut ds = DatasetAdapter::open(&host(), &adapter(), &root, opts).unwrap();
+    let train = all(&mut ds, "train");
+    let eval = all(&mut ds, "eval");
+    let mut per_language: BTreeMap<String, usize> = BTreeMap::new();
+    for e in train.iter().chain(&eval) {
+        *per_language
+            .entry(meta(e, "language_code").unwrap().to_string())
+            .or_default() += 1;
+    }
+    let big: BTreeSet<&str> = per_language
+        .iter()
+        .filter(|(_, n)| **n >= 300)
+        .map(|(k, _)| k.as_str())
+        .collect();
+    assert_eq!(
+        big,
+        BTreeSet::from(["be", "bg", "ca", "da", "el", "es", "fr", "ro", "ru"]),
+        "{per_language:?}"
+    );
+    let stamps = |xs: &[Example]| -> BTreeSet<String> {
+        xs.iter()
+            .map(|e| meta(e, "stamp").unwrap().to_string())
+            .collect()
+    };
+    assert!(stamps(&train).is_disjoint(&stamps(&eval)));
+    let share = eval.len() as f64 / (train.len() + eval.len()) as f64;
+    assert!((0.15..0.25).contains(&share), "eval share {share}");
+    // Every clip the adapter names exists beneath the root.
+    for e in train.iter().chain(&eval).step_by(97) {
+        let AudioSource::Path(p) = &e.audio else {
+            panic!("{}: not a path", e.id)
+        };
+        assert!(root.join(p).is_file(), "{p}");
+    }
+}
+
+/// Three real French clips of the set-up's tree, with their transcripts, in `root`; the
+/// transcripts as the adapter should return them.
+fn real_tsv_fixture(root: &Path) -> Vec<(String, String)> {
+    let stamps = data_dir().join("tuxpaint-stamps-default/stamps");
+    assert!(
+        stamps.is_dir(),
+        "{}: missing; run scripts/setup.sh",
+        stamps.display()
+    );
+    let mut rows = Vec::new();
+    for (stamp, text) in [
+        ("animals/marsupials/kangaroo", "Un kangourou rouge."),
+        ("animals/birds/blackbird", "Un merle."),
+        ("food/fruit/apple_fuji", "Une pomme “Fuji”."),
+    ] {
+        let clip = stamps.join(format!("{stamp}_desc_fr.ogg"));
+        let name = format!("clips/{}.ogg", stamp.rsplit('/').next().unwrap());
+        std::fs::create_dir_all(root.join("clips")).unwrap();
+        std::fs::copy(&clip, root.join(&name)).unwrap();
+        let txt = std::fs::read_to_string(stamps.join(format!("{stamp}.txt"))).unwrap();
+        let said = txt
+            .lines()
+            .find_map(|l| l.strip_prefix("fr.utf8="))
+            .unwrap()
+            .trim()
+            .to_string();
+        assert_eq!(said, text, "{stamp}.txt");
+        rows.push((name, said));
+    }
+    rows
+}
+
+#[test]
+fn python_tsv_adapter_on_real_clips() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rows = real_tsv_fixture(tmp.path());
+    let mut tsv = String::from("# audio\ttext\n");
+    for (audio, text) in &rows {
+        tsv.push_str(&format!("{audio}\t{text}\n"));
+    }
+    tsv.push_str("no tab on this line\n");
+    tsv.push_str("clips/missing.ogg\tNot here.\n");
+    tsv.push_str("../outside.ogg\tEscapes.\n\n");
+    std::fs::write(tmp.path().join("train.tsv"), &tsv).unwrap();
+    std::fs::write(
+        tmp.path().join("eval.tsv"),
+        format!("{}\t{}\n", rows[0].0, rows[0].1),
+    )
+    .unwrap();
+    let plugin = python_plugin_named("python-tsv");
+    let mut ds = DatasetAdapter::open(&host(), &plugin, tmp.path(), "").unwrap();
+    assert_eq!(ds.dataset.splits, vec!["eval", "train"]);
+    let n = rows.len() + 2;
+    let w = ds.dataset.warnings.join("\n");
+    assert!(
+        w.contains(&format!(
+            "train.tsv:{n}: no tab between audio and text; skipped"
+        )),
+        "{w}"
+    );
+    assert!(
+        w.contains(&format!(
+            "train.tsv:{}: audio file clips/missing.ogg not found; skipped",
+            n + 1
+        )),
+        "{w}"
+    );
+    assert!(
+        w.contains(&format!(
+            "train.tsv:{}: audio path '../outside.ogg' leaves the dataset root; skipped",
+            n + 2
+        )),
+        "{w}"
+    );
+    assert_eq!(ds.dataset.warnings.len(), 3, "{w}");
+    let train = all(&mut ds, "train");
+    let got: Vec<(String, String)> = train
+        .iter()
+        .map(|e| {
+            let AudioSource::Path(p) = &e.audio else {
+                panic!("{}: not a path", e.id)
+            };
+            (p.clone(), e.target.clone().unwrap())
+        })
+        .collect();
+    assert_eq!(got, rows);
+    assert_eq!(train[0].id, "train:2");
+    assert_eq!(meta(&train[0], "transcript"), Some(rows[0].1.as_str()));
+    // The clips decode: real Ogg Vorbis speech of a second or more.
+    for (audio, _) in &rows {
+        let out = earshot([
+            "audio-info",
+            "--json",
+            &tmp.path().join(audio).display().to_string(),
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&expect_success(&out)).unwrap();
+        assert!(v["duration_s"].as_f64().unwrap() > 0.5, "{v}");
+    }
+    let err = DatasetAdapter::open(&host(), &plugin, tmp.path(), r#"{"colour": 1}"#)
+        .err()
+        .expect("unknown option refused");
+    assert!(
+        format!("{err:#}").contains("unknown field(s) ['colour']"),
+        "{err:#}"
+    );
+}
+
+/// The LibriSpeech-layout adapter on tests/fixtures/librispeech (real English speech in
+/// LibriSpeech's folders and FLAC; scripts/make-speech-fixtures.sh).
+#[test]
+fn librispeech_layout_on_real_clips() {
+    let root = fixture("librispeech");
+    let plugin = first_party("librispeech");
+    let mut ds = DatasetAdapter::open(&host(), &plugin, &root, "").unwrap();
+    assert_eq!(ds.dataset.splits, vec!["dev-clean", "train-clean-5"]);
+    assert_eq!(
+        ds.dataset.warnings,
+        vec![
+            "dev-clean/1001/2002/1001-2002.trans.txt:4: audio dev-clean/1001/2002/1001-2002-0099.flac not found; skipped"
+        ]
+    );
+    let dev = all(&mut ds, "dev-clean");
+    let got: Vec<(&str, Option<&str>)> = dev
+        .iter()
+        .map(|e| (e.id.as_str(), e.target.as_deref()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("1001-2002-0000", Some("A FROG")),
+            ("1001-2002-0001", Some("A CROW")),
+            ("1001-2002-0002", Some("A DUCK")),
+        ]
+    );
+    assert_eq!(meta(&dev[0], "speaker"), Some("1001"));
+    assert_eq!(meta(&dev[0], "chapter"), Some("2002"));
+    let AudioSource::Path(p) = &dev[1].audio else {
+        panic!("not a path")
+    };
+    assert_eq!(p, "dev-clean/1001/2002/1001-2002-0001.flac");
+    let out = earshot(["audio-info", "--json", &root.join(p).display().to_string()]);
+    let v: serde_json::Value = serde_json::from_str(&expect_success(&out)).unwrap();
+    assert_eq!(
+        (v["codec"].as_str(), v["sample_rate"].as_u64()),
+        (Some("flac"), Some(16000))
+    );
+
+    // Splits named by the options, lower-cased targets; a split folder as the root.
+    let mut renamed = DatasetAdapter::open(
+        &host(),
+        &plugin,
+        &root,
+        r#"{"splits": {"train": "train-clean-5", "eval": "dev-clean"}, "lowercase": true}"#,
+    )
+    .unwrap();
+    assert_eq!(renamed.dataset.splits, vec!["eval", "train"]);
+    let train = all(&mut renamed, "train");
+    assert_eq!(train.len(), 2);
+    assert_eq!(train[0].target.as_deref(), Some("a brown hen"));
+    let mut one = DatasetAdapter::open(&host(), &plugin, &root.join("train-clean-5"), "").unwrap();
+    assert_eq!(one.dataset.splits, vec!["all"]);
+    assert_eq!(all(&mut one, "all").len(), 2);
+    let err = DatasetAdapter::open(&host(), &plugin, &root, r#"{"splits": {"x": "../etc"}}"#)
+        .err()
+        .expect("a split outside the root is refused");
+    assert!(
+        format!("{err:#}").contains("must be a folder inside the dataset root"),
+        "{err:#}"
+    );
+    let empty = tempfile::tempdir().unwrap();
+    let err = DatasetAdapter::open(&host(), &plugin, empty.path(), "")
+        .err()
+        .expect("an empty root is refused");
+    assert!(
+        format!("{err:#}").contains("no LibriSpeech split folders"),
+        "{err:#}"
+    );
+}

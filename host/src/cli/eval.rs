@@ -331,23 +331,12 @@ fn save_lines(path: &std::path::Path, lines: &[serde_json::Value]) -> Result<()>
 }
 
 fn write_table(out: &mut impl Write, r: &Report) -> Result<()> {
-    let s = &r.scores;
-    writeln!(out, "examples  {} ({} failed)", r.examples, r.failed)?;
+    writeln!(out, "examples    {} ({} failed)", r.examples, r.failed)?;
     if let Some(loss) = r.eval_loss {
-        writeln!(out, "eval loss {loss:.4}")?;
+        writeln!(out, "eval loss   {loss:.4}")?;
     }
-    for (name, v) in [
-        ("BLEU-1", s.bleu_1),
-        ("BLEU-2", s.bleu_2),
-        ("BLEU-3", s.bleu_3),
-        ("BLEU-4", s.bleu_4),
-        ("ROUGE-L", s.rouge_l),
-        ("CIDEr-D", s.cider_d),
-        ("WER", s.wer),
-        ("CER", s.cer),
-        ("exact", s.exact_match),
-    ] {
-        writeln!(out, "{name:<9} {v:.4}")?;
+    for (name, v) in r.scores.named() {
+        writeln!(out, "{name:<11} {v:.4}")?;
     }
     for (name, a) in &r.attributes {
         writeln!(

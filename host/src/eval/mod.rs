@@ -136,6 +136,23 @@ pub struct Scores {
     pub exact_match: f64,
 }
 
+impl Scores {
+    /// Each corpus score with its display name, in the order tables show them.
+    pub fn named(&self) -> [(&'static str, f64); 9] {
+        [
+            ("BLEU-1", self.bleu_1),
+            ("BLEU-2", self.bleu_2),
+            ("BLEU-3", self.bleu_3),
+            ("BLEU-4", self.bleu_4),
+            ("ROUGE-L", self.rouge_l),
+            ("CIDEr-D", self.cider_d),
+            ("WER", self.wer),
+            ("CER", self.cer),
+            ("exact match", self.exact_match),
+        ]
+    }
+}
+
 /// One example's scores.
 #[derive(Debug, Clone, Serialize)]
 pub struct ExampleScores {

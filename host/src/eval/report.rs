@@ -196,21 +196,10 @@ fn summary(h: &mut String, page: &ReportPage) {
 }
 
 fn scores(h: &mut String, r: &Report) {
-    let s = &r.scores;
     h.push_str(
         "<h2>Caption metrics</h2>\n<table id=\"metrics\"><tr><th>metric</th><th>value</th></tr>",
     );
-    for (name, v) in [
-        ("BLEU-1", s.bleu_1),
-        ("BLEU-2", s.bleu_2),
-        ("BLEU-3", s.bleu_3),
-        ("BLEU-4", s.bleu_4),
-        ("ROUGE-L", s.rouge_l),
-        ("CIDEr-D", s.cider_d),
-        ("WER", s.wer),
-        ("CER", s.cer),
-        ("exact match", s.exact_match),
-    ] {
+    for (name, v) in r.scores.named() {
         let _ = write!(h, "<tr><td>{name}</td><td class=\"num\">{v:.4}</td></tr>");
     }
     h.push_str("</table>\n");

@@ -189,19 +189,32 @@ fn name_at(b: &[u8]) -> String {
 /// A generator: operator and its two amount bytes.
 type Generator = (u16, [u8; 2]);
 
-/// The generators of each zone of one preset or instrument, global zone merged into the
-/// others; `terminal` is the generator that ends a non-global zone.
-fn zones(
+/// The name of header record `w[0]` (a preset or an instrument; its zones run to those of
+/// the next record, `w[1]`, whose bag index is at byte `bag_field`) and the generators of
+/// each of its zones, the global zone's merged into the others; `terminal` is the generator
+/// that ends a non-global zone.
+fn record_zones(
     what: &str,
-    name: &str,
-    bags: std::ops::Range<usize>,
+    w: &[Vec<u8>],
+    bag_field: usize,
     bag: &[(usize, usize)],
     gens: &[Generator],
     terminal: u16,
-) -> Result<Vec<Vec<Generator>>, String> {
+) -> Result<(String, Vec<Vec<Generator>>), String> {
+    let name = name_at(&w[0]);
+    let (first, end) = (
+        u16_at(&w[0], bag_field) as usize,
+        u16_at(&w[1], bag_field) as usize,
+    );
+    if first > end || end + 1 > bag.len() {
+        return Err(format!(
+            "{what} '{name}': zones {first}..{end} out of range ({} in the file)",
+            bag.len().saturating_sub(1)
+        ));
+    }
     let mut global: Vec<Generator> = Vec::new();
     let mut out = Vec::new();
-    for (i, b) in bags.clone().enumerate() {
+    for (i, b) in (first..end).enumerate() {
         let (from, to) = (bag[b].0, bag[b + 1].0);
         if from > to || to > gens.len() {
             return Err(format!(
@@ -218,7 +231,7 @@ fn zones(
             global = own.to_vec();
         }
     }
-    Ok(out)
+    Ok((name, out))
 }
 
 fn bag_table(recs: &[Vec<u8>]) -> Vec<(usize, usize)> {
@@ -286,29 +299,11 @@ impl SoundFont {
             })
             .collect();
 
-        let bag_range = |what: &str, name: &str, from: usize, to: usize, n: usize| {
-            if from > to || to + 1 > n {
-                Err(format!(
-                    "{what} '{name}': zones {from}..{to} out of range ({} in the file)",
-                    n.saturating_sub(1)
-                ))
-            } else {
-                Ok(from..to)
-            }
-        };
-
         let mut instruments: Vec<Vec<Zone>> = Vec::new();
         for w in inst.windows(2) {
-            let name = name_at(&w[0]);
-            let bags = bag_range(
-                "instrument",
-                &name,
-                u16_at(&w[0], 20) as usize,
-                u16_at(&w[1], 20) as usize,
-                ibag.len(),
-            )?;
+            let (name, zones) = record_zones("instrument", w, 20, &ibag, &igen, GEN_SAMPLE_ID)?;
             let mut out = Vec::new();
-            for z in zones("instrument", &name, bags, &ibag, &igen, GEN_SAMPLE_ID)? {
+            for z in zones {
                 let id = u16::from_le_bytes(last(&z, GEN_SAMPLE_ID).unwrap()) as usize;
                 let s = samples.get(id).ok_or_else(|| {
                     format!(
@@ -337,16 +332,9 @@ impl SoundFont {
 
         let mut presets = Vec::new();
         for w in phdr.windows(2) {
-            let name = name_at(&w[0]);
-            let bags = bag_range(
-                "preset",
-                &name,
-                u16_at(&w[0], 24) as usize,
-                u16_at(&w[1], 24) as usize,
-                pbag.len(),
-            )?;
+            let (name, zones) = record_zones("preset", w, 24, &pbag, &pgen, GEN_INSTRUMENT)?;
             let mut preset_zones = Vec::new();
-            for z in zones("preset", &name, bags, &pbag, &pgen, GEN_INSTRUMENT)? {
+            for z in zones {
                 let id = u16::from_le_bytes(last(&z, GEN_INSTRUMENT).unwrap()) as usize;
                 let zs = instruments.get(id).ok_or_else(|| {
                     format!(

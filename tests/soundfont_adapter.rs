@@ -245,25 +245,13 @@ fn write_font(dir: &Path, bytes: &[u8]) {
     std::fs::write(dir.join("test.sf2"), bytes).unwrap();
 }
 
+/// Two examples per call: the adapter's paging (and its byte cap) is exercised.
 fn all(ds: &mut DatasetAdapter, split: &str) -> Vec<Example> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    loop {
-        let b = ds.read(split, start, 2).unwrap();
-        out.extend(b.examples);
-        match b.next {
-            Some(n) => start = n,
-            None => return out,
-        }
-    }
+    read_all(ds, split, 2)
 }
 
 fn meta<'a>(ex: &'a Example, key: &str) -> &'a str {
-    ex.metadata
-        .iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.as_str())
-        .unwrap_or_else(|| panic!("{}: no metadata {key}", ex.id))
+    metadata_value(ex, key).unwrap_or_else(|| panic!("{}: no metadata {key}", ex.id))
 }
 
 /// (sample rate, seconds) of a 16-bit mono PCM WAV.

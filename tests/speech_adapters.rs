@@ -18,23 +18,11 @@ fn adapter() -> std::path::PathBuf {
 }
 
 fn all(ds: &mut DatasetAdapter, split: &str) -> Vec<Example> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    loop {
-        let b = ds.read(split, start, 100).unwrap();
-        out.extend(b.examples);
-        match b.next {
-            Some(n) => start = n,
-            None => return out,
-        }
-    }
+    read_all(ds, split, 100)
 }
 
 fn meta<'a>(ex: &'a Example, key: &str) -> Option<&'a str> {
-    ex.metadata
-        .iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.as_str())
+    metadata_value(ex, key)
 }
 
 fn write(root: &Path, rel: &str, text: &str) {

@@ -494,3 +494,29 @@ pub fn train_then_eval(
         .unwrap_or_else(|e| panic!("stdout is one JSON object ({e}): {stdout:.2000}"));
     (v, String::from_utf8_lossy(&out.stderr).to_string())
 }
+
+/// Every example of `split`, read `page` at a time through the adapter's paging.
+pub fn read_all(
+    ds: &mut earshot::plugins::DatasetAdapter,
+    split: &str,
+    page: u32,
+) -> Vec<earshot::plugins::Example> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    loop {
+        let b = ds.read(split, start, page).unwrap();
+        out.extend(b.examples);
+        match b.next {
+            Some(n) => start = n,
+            None => return out,
+        }
+    }
+}
+
+/// The value of metadata `key` of an example.
+pub fn metadata_value<'a>(ex: &'a earshot::plugins::Example, key: &str) -> Option<&'a str> {
+    ex.metadata
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}

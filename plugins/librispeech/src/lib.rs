@@ -191,22 +191,7 @@ impl Plugin for LibriSpeech {
     }
 
     fn read(split: String, start: u64, max: u32) -> Result<Batch, PluginError> {
-        STATE.with(|s| {
-            let state = s.borrow();
-            let state = state
-                .as_ref()
-                .ok_or_else(|| error(ErrorCode::InvalidInput, "read before open"))?;
-            let examples = state.splits.get(&split).ok_or_else(|| {
-                error(
-                    ErrorCode::NotFound,
-                    format!(
-                        "no split {split:?} (have: {:?})",
-                        state.splits.keys().collect::<Vec<_>>()
-                    ),
-                )
-            })?;
-            Ok(page(examples, start, max))
-        })
+        STATE.with(|s| page_of(s.borrow().as_ref().map(|st| &st.splits), &split, start, max))
     }
 }
 

@@ -132,6 +132,28 @@ pub fn page(examples: &[Example], start: u64, max: u32) -> Batch {
     }
 }
 
+/// The body of `Plugin::read` for an adapter that holds its splits in memory after `open`
+/// (`None` before it): the batch of `split` at `start`, or an error naming the splits there
+/// are.
+pub fn page_of(
+    splits: Option<&std::collections::BTreeMap<String, Vec<Example>>>,
+    split: &str,
+    start: u64,
+    max: u32,
+) -> Result<Batch, PluginError> {
+    let splits = splits.ok_or_else(|| error(ErrorCode::InvalidInput, "read before open"))?;
+    let examples = splits.get(split).ok_or_else(|| {
+        error(
+            ErrorCode::NotFound,
+            format!(
+                "no split {split:?} (have: {:?})",
+                splits.keys().collect::<Vec<_>>()
+            ),
+        )
+    })?;
+    Ok(page(examples, start, max))
+}
+
 /// Exports `$t: Plugin` as a component implementing every role interface.
 #[macro_export]
 macro_rules! export_plugin {

@@ -26,14 +26,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn peak_rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
+    earshot::selftest::peak_rss_mib().unwrap_or(f64::NAN)
 }
 
 fn load_llama(gguf: &str, blocks: GgufBlocks) -> Llama {

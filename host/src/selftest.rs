@@ -15,12 +15,16 @@ use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::models::llm::{KvCache, LanguageModel, Llama, LlamaConfig, LogitsAt};
+use crate::models::llm::{
+    decode_batch, DecodeOptions, DecodeRequest, KvCache, LanguageModel, Llama, LlamaConfig,
+    LogitsAt,
+};
 use crate::models::nonfinite::NonFiniteTrace;
 use crate::models::projector::{Projector, ProjectorConfig, ProjectorKind};
 use crate::models::weights::{ModelError, WeightStore};
 use crate::models::whisper::{WhisperConfig, WhisperEncoder};
 use crate::pipeline::TextPieces;
+use crate::sampler::{Sampler, SamplingParams};
 use crate::train::batch::caption_loss;
 use crate::train::optim::{AdamW, AdamWParams};
 use crate::train::TrainError;
@@ -33,6 +37,8 @@ pub enum SelftestError {
     Train(#[from] TrainError),
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
+    #[error(transparent)]
+    Sampling(#[from] crate::sampler::SamplingError),
     #[error("selftest: {0}")]
     Missing(String),
 }
@@ -357,18 +363,20 @@ pub fn run(shape: Shape, device: &Device, dtype: DType, seed: u64) -> Result<Sel
         format!("{:?}", logits.dims()),
     ));
 
-    // KV cache: greedy decoding token by token with the cache equals recomputing the whole
-    // sequence for every token.
+    // KV cache: greedy decoding through the decode loop (prefix cache, then one token at a
+    // time with the KV cache) equals recomputing the whole sequence for every token.
     let prompt = llm.embed(&Tensor::new(&ids[..8], device)?.unsqueeze(0)?)?;
     let started = Instant::now();
-    let cached = greedy_with_cache(&llm, &prompt, spec.decode_tokens)?;
+    let cached = greedy_decode_loop(&llm, &ids[..8], spec.decode_tokens)?;
     let decode_s = started.elapsed().as_secs_f64();
     let recomputed = greedy_recomputed(&llm, &prompt, spec.decode_tokens)?;
+    // Tokens that differ, and any the one has beyond the other.
     let differing = cached
         .iter()
         .zip(&recomputed)
         .filter(|(a, b)| a != b)
-        .count();
+        .count()
+        + cached.len().abs_diff(recomputed.len());
     checks.push(check(
         "KV-cache decoding vs recompute (differing tokens)",
         differing as f64,
@@ -419,30 +427,28 @@ fn argmax_last(logits: &Tensor) -> Result<u32> {
         .map_or(0, |(i, _)| i as u32))
 }
 
-fn greedy_with_cache(llm: &Llama, prompt: &Tensor, n: usize) -> Result<Vec<u32>> {
-    let mut cache: KvCache = llm.new_cache();
-    let mut logits = llm.forward(
-        prompt,
-        0,
-        Some(&mut cache),
-        LogitsAt::Last,
-        NonFiniteTrace::default(),
-    )?;
-    let start = prompt.dim(1)?;
-    let mut out = Vec::with_capacity(n);
-    for offset in start..start + n {
-        let next = argmax_last(&logits)?;
-        out.push(next);
-        let e = llm.embed(&Tensor::new(&[next], prompt.device())?.unsqueeze(0)?)?;
-        logits = llm.forward(
-            &e,
-            offset,
-            Some(&mut cache),
-            LogitsAt::Last,
-            NonFiniteTrace::default(),
-        )?;
-    }
-    Ok(out)
+/// Greedy decoding through the one decode loop captioning uses (`decode_batch`): the first
+/// half of `ids` prefilled into a prefix cache, the rest after it, `n` new tokens.
+fn greedy_decode_loop(llm: &Llama, ids: &[u32], n: usize) -> Result<Vec<u32>> {
+    let embed = |part: &[u32]| -> Result<Tensor> {
+        Ok(llm.embed(&Tensor::new(part, llm.device())?.unsqueeze(0)?)?)
+    };
+    let (head, tail) = ids.split_at(ids.len() / 2);
+    let mut prefix: KvCache = llm.new_cache();
+    llm.prefill(&embed(head)?, &mut prefix)?;
+    let mut requests = [DecodeRequest {
+        rest: embed(tail)?,
+        sampler: Sampler::new(SamplingParams::default())?,
+        max_tokens: n,
+        stop_strings: Vec::new(),
+    }];
+    let options = DecodeOptions {
+        tokenizer: None,
+        eos: None,
+        trace: NonFiniteTrace::default(),
+    };
+    let mut decoded = decode_batch(llm, &prefix, &mut requests, &options, |_, _| {})?;
+    Ok(decoded.remove(0).ids)
 }
 
 fn greedy_recomputed(llm: &Llama, prompt: &Tensor, n: usize) -> Result<Vec<u32>> {

@@ -2,8 +2,9 @@
 # What a GPU machine runs, in one command of at most ~8 minutes: the CUDA self-test at both
 # shapes, each printed as a table (bf16 errors vs CPU f32 on the same random weights,
 # gradient vs finite difference, loss falling, KV-cache decoding vs recompute, step time,
-# decode tokens/s, peak host memory). Nothing is downloaded: the models are random at named
-# shapes.
+# decode tokens/s, peak host memory, and the device memory of a training step: the memory
+# pool's high-water mark, weights included). Nothing is downloaded: the models are random at
+# named shapes. Each phase is logged on stderr with its time, so a timeout shows where.
 #
 # Bring along (the device tool's 64 MiB limit): this script and target/cuda/earshot-cuda.xz
 # (~15 MB, from scripts/build-cuda.sh; the unstripped binary is ~100 MB). Nothing else: the
@@ -19,11 +20,16 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda-13/lib64 /usr/lib/x86_64-linux-gn
   [ -d "$d" ] && LD_LIBRARY_PATH=${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d
 done
 export LD_LIBRARY_PATH
+export RUST_LOG=${RUST_LOG:-earshot=info}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | head -3
 missing=$(ldd "$work/earshot-cuda" | grep "not found")
 [ -z "$missing" ] || { echo "device-check: missing libraries:" >&2; echo "$missing" >&2; exit 1; }
 status=0
-# tiny: seconds; seed: ~30 GB of random f32 weights made on the host, then bf16 on the GPU.
+# tiny: seconds. seed: ~32 GB of random f32 weights made on the host (~20 s on 16 cores), a
+# CPU f32 reference of both forwards and an f64 gradient check (~1-2 minutes), then bf16 on
+# the GPU; the training step is the write-up's setup at batch 1 (400 positions), so its peak
+# is the figure for a 24 GB card. On this 2-core CPU machine the seed shape cut to 2 LLM
+# layers took 5 min 20 s (`earshot selftest --shape seed --llm-layers 2`).
 timeout 120 "$work/earshot-cuda" selftest --shape tiny --device cuda || status=1
 timeout 330 "$work/earshot-cuda" selftest --shape seed --device cuda || status=1
 echo "device-check: $([ $status = 0 ] && echo 'all checks passed' || echo 'FAILED')"

@@ -36,6 +36,24 @@ fn tiny_shape_passes_on_the_cpu() {
     assert!(v["train_step_s"].as_f64().unwrap() > 0.0);
     assert!(v["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
     assert!(v["peak_rss_mib"].as_f64().unwrap() > 100.0);
+    assert_eq!(v["llm_layers"], 30);
+    // Device memory comes from the CUDA driver: none on the CPU.
+    assert!(v["device_memory"].is_null(), "{}", v["device_memory"]);
+}
+
+#[test]
+fn llm_layers_out_of_range_is_a_usage_error() {
+    for layers in ["0", "31"] {
+        let out = earshot(["selftest", "--shape", "tiny", "--llm-layers", layers]);
+        assert_eq!(out.status.code(), Some(2), "--llm-layers {layers}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!(
+                "--llm-layers {layers}: the Tiny shape's LLM has 1 to 30 layers"
+            )),
+            "{err}"
+        );
+    }
 }
 
 #[test]

@@ -13,8 +13,10 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
 use serde::Serialize;
 
+use crate::models::device::MemoryMeter;
 use crate::models::llm::{
     decode_batch, DecodeOptions, DecodeRequest, KvCache, LanguageModel, Llama, LlamaConfig,
     LogitsAt,
@@ -41,6 +43,8 @@ pub enum SelftestError {
     Sampling(#[from] crate::sampler::SamplingError),
     #[error("selftest: {0}")]
     Missing(String),
+    #[error("selftest: {0}")]
+    Usage(String),
 }
 
 pub type Result<T> = std::result::Result<T, SelftestError>;
@@ -120,9 +124,11 @@ impl Shape {
                     positions: 250,
                     ..ProjectorConfig::default()
                 },
-                batch: 4,
+                // The write-up's setup at batch 1 (what fits 24 GB; BENCHMARKS.md): ~30 prompt
+                // tokens, 250 audio positions, ~10 after, ~110 caption tokens.
+                batch: 1,
                 mel_frames: 3000,
-                text: (25, 5, 40),
+                text: (30, 10, 110),
                 decode_tokens: 16,
             },
         }
@@ -142,6 +148,7 @@ pub struct Check {
 #[derive(Debug, Clone, Serialize)]
 pub struct SelftestReport {
     pub shape: Shape,
+    pub llm_layers: usize,
     pub device: String,
     pub dtype: String,
     pub checks: Vec<Check>,
@@ -151,6 +158,21 @@ pub struct SelftestReport {
     pub decode_tokens_per_s: f64,
     /// Peak resident memory of the process (CPU) so far, in MiB.
     pub peak_rss_mib: Option<f64>,
+    /// On a CUDA device: its memory around the training steps (`None` on the CPU).
+    pub device_memory: Option<DeviceMemoryReport>,
+}
+
+/// Device memory of the training steps, from the CUDA driver (`models::device::MemoryMeter`).
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceMemoryReport {
+    /// Tensors resident before the steps: the LLM's weights, the encoder output.
+    pub resident_mib: f64,
+    /// Most tensor memory at once during the steps (forward, backward, AdamW): what a
+    /// training step at the shape's batch and lengths needs, the weights included.
+    pub train_step_peak_mib: f64,
+    /// All the device had in use after the steps (tensors, the pool's reserve, the CUDA
+    /// context, cuBLAS workspaces; other processes too).
+    pub device_used_mib: f64,
 }
 
 impl SelftestReport {
@@ -159,28 +181,43 @@ impl SelftestReport {
     }
 }
 
-/// Seeded N(0, std) weights, ones for norm gains, zeros for biases.
+/// Seeded N(0, std) weights, ones for norm gains, zeros for biases. Each tensor's values come
+/// in blocks, each block from its own generator seeded by (seed, tensor, block): the same
+/// weights on every machine whatever its thread count, made on every core (the seed shape's
+/// 7.8 billion values take ~2 minutes on one).
 struct RandomWeights {
-    rng: rand::rngs::StdRng,
+    seed: u64,
+    made: u64,
     tensors: HashMap<String, Tensor>,
 }
 
 impl RandomWeights {
     fn new(seed: u64) -> Self {
         Self {
-            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            seed,
+            made: 0,
             tensors: HashMap::new(),
         }
     }
     fn normal(&mut self, name: String, shape: &[usize], std: f32) -> Result<()> {
+        const BLOCK: usize = 1 << 16;
         let n: usize = shape.iter().product();
-        // Box-Muller from the seeded generator: the same weights on every machine.
-        let data: Vec<f32> = (0..n)
-            .map(|_| {
-                let (u, v): (f32, f32) = (self.rng.random::<f32>().max(1e-7), self.rng.random());
-                std * (-2.0 * u.ln()).sqrt() * (2.0 * std::f32::consts::PI * v).cos()
-            })
-            .collect();
+        let tensor_seed = self
+            .seed
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(self.made << 32);
+        self.made += 1;
+        let mut data = vec![0f32; n];
+        data.par_chunks_mut(BLOCK)
+            .enumerate()
+            .for_each(|(block, values)| {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(tensor_seed + block as u64);
+                // Box-Muller.
+                for x in values {
+                    let (u, v): (f32, f32) = (rng.random::<f32>().max(1e-7), rng.random());
+                    *x = std * (-2.0 * u.ln()).sqrt() * (2.0 * std::f32::consts::PI * v).cos();
+                }
+            });
         self.tensors
             .insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
         Ok(())
@@ -305,12 +342,38 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-/// Runs every check of `shape` on `device` (models in `dtype` there), `seed` for the weights.
-pub fn run(shape: Shape, device: &Device, dtype: DType, seed: u64) -> Result<SelftestReport> {
-    let spec = shape.spec();
+/// Runs every check of `shape` on `device` (models in `dtype` there), `seed` for the weights;
+/// `llm_layers` cuts the LLM to its first layers (every width, head count, the vocabulary and
+/// the untied head stay the shape's).
+pub fn run(
+    shape: Shape,
+    device: &Device,
+    dtype: DType,
+    seed: u64,
+    llm_layers: Option<usize>,
+) -> Result<SelftestReport> {
+    let mut spec = shape.spec();
+    if let Some(layers) = llm_layers {
+        if layers == 0 || layers > spec.llm.num_hidden_layers {
+            return Err(SelftestError::Usage(format!(
+                "--llm-layers {layers}: the {shape:?} shape's LLM has 1 to {} layers",
+                spec.llm.num_hidden_layers
+            )));
+        }
+        spec.llm.num_hidden_layers = layers;
+    }
     let cpu = Device::Cpu;
+    let started = Instant::now();
+    // Progress on stderr: the seed shape takes minutes, and a GPU check runs under a timeout.
+    let phase = |what: &str| {
+        tracing::info!(
+            "selftest: {what} ({:.1} s)",
+            started.elapsed().as_secs_f64()
+        )
+    };
     let wstore = whisper_weights(&spec.whisper, seed)?;
     let lstore = llama_weights(&spec.llm, seed + 1)?;
+    phase("random weights made");
     let mut checks = Vec::new();
     // bf16 keeps 8 bits of mantissa (relative rounding 2^-9 = 0.2%) per operation; through a
     // deep stack the errors add up in quadrature, so a few percent is a correct result and a
@@ -337,6 +400,7 @@ pub fn run(shape: Shape, device: &Device, dtype: DType, seed: u64) -> Result<Sel
     let encoder = WhisperEncoder::load(&wstore.to_device(device)?, &spec.whisper, dtype)?;
     let encoded = encoder.forward(&mel.to_device(device)?, NonFiniteTrace::default())?;
     drop(encoder);
+    phase("encoder forward checked");
     checks.push(check(
         "encoder forward vs CPU f32 (relative L2)",
         rel_l2(&encoded, &enc_ref)?,
@@ -356,6 +420,7 @@ pub fn run(shape: Shape, device: &Device, dtype: DType, seed: u64) -> Result<Sel
     let llm = Llama::load(&lstore.to_device(device)?, &spec.llm, dtype, device)?;
     drop(lstore);
     let logits = logits_of(&llm, device)?;
+    phase("LLM forward checked");
     checks.push(check(
         &format!("LLM forward vs {ref_name} (relative L2 of logits)"),
         rel_l2(&logits, &logits_ref)?,
@@ -387,7 +452,9 @@ pub fn run(shape: Shape, device: &Device, dtype: DType, seed: u64) -> Result<Sel
     // The projector's gradient against a central finite difference, in f64 on the CPU (a
     // finite difference in bf16 measures rounding, not the gradient).
     let d_enc = spec.whisper.d_model;
+    phase("KV-cache decoding checked");
     let fd = gradient_check(&spec, &enc_ref, d_enc, seed)?;
+    phase("projector gradient checked");
     checks.push(check(
         "projector gradient vs finite difference (relative error)",
         fd,
@@ -396,8 +463,23 @@ pub fn run(shape: Shape, device: &Device, dtype: DType, seed: u64) -> Result<Sel
     ));
 
     // A few training steps on one fixed batch: the loss must fall.
-    let (first, last, step_s) =
-        train_steps(&spec, &llm, &encoded.to_dtype(DType::F32)?, device, seed)?;
+    let encoded = encoded.to_dtype(DType::F32)?;
+    let meter = MemoryMeter::of(device);
+    let resident = meter.as_ref().map(|m| {
+        m.reset_peak();
+        m.read()
+    });
+    let (first, last, step_s) = train_steps(&spec, &llm, &encoded, device, seed)?;
+    let device_memory = meter.zip(resident).map(|(m, before)| {
+        let after = m.read();
+        let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+        DeviceMemoryReport {
+            resident_mib: mib(before.in_use),
+            train_step_peak_mib: mib(after.peak),
+            device_used_mib: mib(after.device_used),
+        }
+    });
+    phase("training steps done");
     checks.push(check(
         "training: final / first loss on a fixed batch",
         last / first,
@@ -406,12 +488,14 @@ pub fn run(shape: Shape, device: &Device, dtype: DType, seed: u64) -> Result<Sel
     ));
     Ok(SelftestReport {
         shape,
+        llm_layers: spec.llm.num_hidden_layers,
         device: format!("{device:?}"),
         dtype: format!("{dtype:?}"),
         checks,
         train_step_s: step_s,
         decode_tokens_per_s: spec.decode_tokens as f64 / decode_s.max(1e-9),
         peak_rss_mib: peak_rss_mib(),
+        device_memory,
     })
 }
 
@@ -486,11 +570,12 @@ fn batch_pieces(spec: &ShapeSpec, seed: u64) -> Vec<TextPieces> {
 }
 
 /// Largest relative error of the analytic gradient against a central difference, over a
-/// few coordinates of each projector parameter; a small LLM of the shape's widths (2
-/// layers) in f64 keeps this affordable at any shape.
+/// the two coordinates of each projector parameter with the largest gradients; an LLM of
+/// the shape's widths but one layer, in f64, keeps this affordable at any shape (17 forward
+/// passes: ~5 TFLOP in f64 at the seed shape).
 fn gradient_check(spec: &ShapeSpec, encoded: &Tensor, d_enc: usize, seed: u64) -> Result<f64> {
     let cfg = LlamaConfig {
-        num_hidden_layers: 2,
+        num_hidden_layers: 1,
         ..spec.llm.clone()
     };
     let llm = Llama::load(
@@ -523,7 +608,7 @@ fn gradient_check(spec: &ShapeSpec, encoded: &Tensor, d_enc: usize, seed: u64) -
         // The coordinates with the largest gradients: a relative error is meaningful there.
         let mut order: Vec<usize> = (0..g.len()).collect();
         order.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
-        for &k in order.iter().take(3) {
+        for &k in order.iter().take(2) {
             let at = |delta: f64| -> Result<f64> {
                 let mut v = base.clone();
                 v[k] += delta;
@@ -596,4 +681,46 @@ fn train_steps(
         last = value;
     }
     Ok((first, last, total_s / (STEPS - 1) as f64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(threads: usize) -> Vec<f32> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut w = RandomWeights::new(7);
+            w.normal("a".into(), &[3, 100_000], 0.5).unwrap();
+            w.normal("b".into(), &[1000], 0.5).unwrap();
+            let mut out = w.tensors["a"].flatten_all().unwrap().to_vec1().unwrap();
+            out.extend(w.tensors["b"].to_vec1::<f32>().unwrap());
+            out
+        })
+    }
+
+    #[test]
+    fn random_weights_do_not_depend_on_the_thread_count() {
+        let one = values(1);
+        assert_eq!(one, values(3));
+        // N(0, 0.5): the sample's mean and spread, and two tensors that differ.
+        let n = one.len() as f64;
+        let mean = one.iter().map(|&x| x as f64).sum::<f64>() / n;
+        let sd = (one.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+        assert!(mean.abs() < 0.01 && (sd - 0.5).abs() < 0.01, "{mean} {sd}");
+        assert_ne!(one[..1000], one[300_000..]);
+    }
+
+    #[test]
+    fn seed_shape_is_the_write_ups_setup() {
+        let spec = Shape::Seed.spec();
+        assert_eq!(spec.whisper.num_mel_bins, 128);
+        assert_eq!(spec.projector.positions, 250);
+        let tokens = spec.text.0 + spec.projector.positions + spec.text.1 + spec.text.2;
+        assert_eq!((spec.batch, tokens), (1, 400));
+        assert!(!spec.llm.tie_word_embeddings);
+    }
 }

@@ -38,6 +38,14 @@ impl Exit {
         .into()
     }
 
+    pub fn usage(message: String) -> anyhow::Error {
+        Self {
+            code: USAGE,
+            message,
+        }
+        .into()
+    }
+
     pub fn integrity(message: String) -> anyhow::Error {
         Self {
             code: INTEGRITY,

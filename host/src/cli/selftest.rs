@@ -3,9 +3,10 @@ use std::io::Write;
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 
+use crate::cli::exit::Exit;
 use crate::models::Runtime;
 use crate::plugins::terminal_safe_json;
-use crate::selftest::{run as run_selftest, SelftestReport, Shape};
+use crate::selftest::{run as run_selftest, SelftestError, SelftestReport, Shape};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DeviceChoice {
@@ -21,11 +22,14 @@ pub enum DeviceChoice {
 random weights (nothing is downloaded) and checks them on the device: encoder and LLM forward \
 against the CPU in f32 on the same weights (relative L2; 1e-4 in f32, 5e-2 in bf16, whose \
 8-bit mantissa rounds each op by up to 0.2%), the projector gradient against a central finite \
-difference (f64, CPU, a 2-layer LLM of the shape's widths; 1e-4), 10 AdamW steps (lr 1e-2) on one fixed \
+difference (f64, CPU, a 1-layer LLM of the shape's widths; 1e-4), 10 AdamW steps (lr 1e-2) on one fixed \
 batch (the loss must fall below 0.9x its first value), greedy decoding with the KV cache \
 against recomputing the sequence (no token may differ). Prints each check, the training step \
-time, decode tokens/s and peak memory; exit 1 if a check fails.\n\n`seed` (Whisper large-v3 \
-encoder + a Mistral-7B-shaped LLM) needs ~40 GB of memory in f32: run it on a GPU.\n\n\
+time, decode tokens/s, peak host memory and, on CUDA, the device memory of a training step \
+(the pool's high-water mark: weights, activations, gradients, optimizer state); exit 1 if a \
+check fails.\n\n`seed` (Whisper large-v3 \
+encoder + a Mistral-7B-shaped LLM) needs ~60 GB of host memory (f32 weights and the CPU \
+reference): run it on a GPU machine, or here with --llm-layers 2 (~8 GB).\n\n\
 Example:\n  earshot selftest --shape tiny"
 )]
 pub struct SelftestArgs {
@@ -35,6 +39,10 @@ pub struct SelftestArgs {
     /// Where to run the checks
     #[arg(long, value_enum, default_value_t = DeviceChoice::Cpu)]
     pub device: DeviceChoice,
+    /// Cut the LLM to its first N layers (widths, heads, vocabulary and head stay the
+    /// shape's): the seed shape's structure on a machine without the memory for 7B
+    #[arg(long, value_name = "N")]
+    pub llm_layers: Option<usize>,
     /// Seed of the random weights and inputs
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -61,7 +69,11 @@ pub fn run(args: SelftestArgs) -> Result<()> {
             rt
         }
     };
-    let report = run_selftest(args.shape, &rt.device, rt.dtype, args.seed)?;
+    let report = run_selftest(args.shape, &rt.device, rt.dtype, args.seed, args.llm_layers)
+        .map_err(|e| match e {
+            SelftestError::Usage(message) => Exit::usage(message),
+            e => e.into(),
+        })?;
     let mut out = std::io::stdout().lock();
     if args.json {
         writeln!(
@@ -79,7 +91,11 @@ pub fn run(args: SelftestArgs) -> Result<()> {
 }
 
 fn write_table(out: &mut impl Write, r: &SelftestReport) -> Result<()> {
-    writeln!(out, "selftest {:?} on {} ({})", r.shape, r.device, r.dtype)?;
+    writeln!(
+        out,
+        "selftest {:?} ({} LLM layers) on {} ({})",
+        r.shape, r.llm_layers, r.device, r.dtype
+    )?;
     for c in &r.checks {
         writeln!(
             out,
@@ -97,6 +113,14 @@ fn write_table(out: &mut impl Write, r: &SelftestReport) -> Result<()> {
         "  decode             {:.1} tokens/s",
         r.decode_tokens_per_s
     )?;
+    if let Some(m) = &r.device_memory {
+        writeln!(
+            out,
+            "  device memory      {:.0} MiB resident before training, {:.0} MiB peak in a \
+             training step, {:.0} MiB in use on the device after",
+            m.resident_mib, m.train_step_peak_mib, m.device_used_mib
+        )?;
+    }
     match r.peak_rss_mib {
         Some(m) => writeln!(out, "  peak memory (RSS)  {m:.0} MiB")?,
         None => writeln!(out, "  peak memory (RSS)  unknown")?,

@@ -29,6 +29,7 @@ wheels=(nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88
 
 if [ ! -x "$tk/bin/nvcc" ]; then
   log "fetching the CUDA 13.0 toolkit wheels (~650 MB) into $tk"
+  mkdir -p "$home/tools"
   stage=$(mktemp -d "$home/tools/.stage-cuda.XXXXXX")
   trap 'rm -rf "$stage"' EXIT
   mkdir -p "$stage/wheels" "$stage/unpacked"

@@ -220,3 +220,50 @@ fn a_long_clip_is_captioned_per_window_or_concatenated_and_reuses_the_encoder_ca
     );
     assert_eq!(after.cache_hits - counts.cache_hits, 3);
 }
+
+#[test]
+fn an_example_decoded_in_place_captions_the_same_from_the_encoder_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = captioner(dir.path());
+    let root = repo_root().join("configs/data/tones");
+    // A segment of a real clip: the segment is part of the encoder cache key.
+    let example = earshot::plugins::Example {
+        id: "three-part".into(),
+        audio: earshot::plugins::AudioSource::Path("clips/three.wav".into()),
+        start_s: Some(0.1),
+        end_s: Some(0.6),
+        target: Some("three".into()),
+        references: Vec::new(),
+        metadata: Vec::new(),
+    };
+    let item = || CaptionItem::example(example.clone(), &root);
+    let s = settings(1, LongAudio::PerWindow);
+    let from_file = c.caption(&[item()], &s, false, &mut |_| {}).unwrap();
+
+    let mut decoded = [item()];
+    c.decode_in_place(&mut decoded);
+    let samples = match &decoded[0].input {
+        earshot::caption::AudioInput::Decoded { samples, span } => {
+            assert_eq!(*span, (Some(0.1), Some(0.6)));
+            samples.clone()
+        }
+        _ => panic!("not decoded in place"),
+    };
+    assert_eq!(samples.len(), 8000, "0.5 s at 16 kHz");
+    let before = c.encode_counts();
+    let again = c.caption(&decoded, &s, false, &mut |_| {}).unwrap();
+    assert_eq!(texts(&again), texts(&from_file));
+    let after = c.encode_counts();
+    assert_eq!(after.mel_windows, before.mel_windows, "no mel: a cache hit");
+    assert_eq!(after.cache_hits - before.cache_hits, 1);
+
+    // An item whose audio cannot be read stays as it is, and captioning reports it.
+    let mut missing = [CaptionItem::file(dir.path().join("missing.wav"))];
+    c.decode_in_place(&mut missing);
+    assert!(matches!(
+        missing[0].input,
+        earshot::caption::AudioInput::File(_)
+    ));
+    let failed = c.caption(&missing, &s, false, &mut |_| {}).unwrap();
+    assert!(failed[0].as_ref().unwrap_err().contains("missing.wav"));
+}

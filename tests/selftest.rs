@@ -1,6 +1,7 @@
 //! `earshot selftest --shape tiny` on the CPU: random weights at Whisper tiny + SmolLM2-135M
 //! shapes, every check passing (LLM f32 vs f64, gradient vs finite difference, loss falling,
-//! KV-cache decoding vs recompute), and a clear refusal of `--device cuda` without CUDA.
+//! KV-cache decoding vs recompute), in f32 and in bf16 (the GPU's code path), and a clear
+//! refusal of `--device cuda` without CUDA.
 
 use earshot_tests::*;
 
@@ -39,6 +40,30 @@ fn tiny_shape_passes_on_the_cpu() {
     assert_eq!(v["llm_layers"], 30);
     // Device memory comes from the CUDA driver: none on the CPU.
     assert!(v["device_memory"].is_null(), "{}", v["device_memory"]);
+}
+
+/// What a GPU runs (candle's composed ops in bf16, the projector in f32 feeding a bf16 LLM,
+/// bf16 KV caches), on the CPU against the CPU f32 reference. It found candle's CPU softmax
+/// summing in bf16 (the encoder was 65% off).
+#[test]
+fn tiny_shape_in_bf16_passes_within_bf16_tolerances() {
+    let out = earshot(["selftest", "--shape", "tiny", "--dtype", "bf16", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&expect_success(&out)).unwrap();
+    assert_eq!(v["dtype"], "BF16");
+    let checks = v["checks"].as_array().unwrap();
+    for c in checks {
+        assert_eq!(c["passed"], true, "{c}");
+    }
+    for forward in ["encoder forward vs CPU f32", "LLM forward vs CPU f32"] {
+        let c = checks
+            .iter()
+            .find(|c| c["name"].as_str().unwrap().starts_with(forward))
+            .unwrap_or_else(|| panic!("no check {forward:?}"));
+        // Really bf16 (errors far above f32's), and within the stated bf16 limit.
+        let err = c["value"].as_f64().unwrap();
+        assert!(err > 1e-3 && err <= 5e-2, "{c}");
+        assert_eq!(c["limit"].as_f64().unwrap(), 5e-2);
+    }
 }
 
 #[test]

@@ -429,24 +429,21 @@ pub fn run(
     ));
 
     // KV cache: greedy decoding through the decode loop (prefix cache, then one token at a
-    // time with the KV cache) equals recomputing the whole sequence for every token.
-    let prompt = llm.embed(&Tensor::new(&ids[..8], device)?.unsqueeze(0)?)?;
+    // time with the KV cache) against one forward pass over the prompt and the decoded
+    // tokens, teacher-forced so a disagreement does not carry on into the next tokens.
     let started = Instant::now();
     let cached = greedy_decode_loop(&llm, &ids[..8], spec.decode_tokens)?;
     let decode_s = started.elapsed().as_secs_f64();
-    let recomputed = greedy_recomputed(&llm, &prompt, spec.decode_tokens)?;
-    // Tokens that differ, and any the one has beyond the other.
-    let differing = cached
-        .iter()
-        .zip(&recomputed)
-        .filter(|(a, b)| a != b)
-        .count()
-        + cached.len().abs_diff(recomputed.len());
+    let agreement = recomputed_agreement(&llm, &ids[..8], &cached, tolerance)?;
     checks.push(check(
         "KV-cache decoding vs recompute (differing tokens)",
-        differing as f64,
+        (agreement.differing + spec.decode_tokens.abs_diff(cached.len())) as f64,
         0.0,
-        format!("{} tokens", cached.len()),
+        format!(
+            "{} tokens, {} near-tie(s) within rounding",
+            cached.len(),
+            agreement.near_ties
+        ),
     ));
 
     // The projector's gradient against a central finite difference, in f64 on the CPU (a
@@ -535,17 +532,55 @@ fn greedy_decode_loop(llm: &Llama, ids: &[u32], n: usize) -> Result<Vec<u32>> {
     Ok(decoded.remove(0).ids)
 }
 
-fn greedy_recomputed(llm: &Llama, prompt: &Tensor, n: usize) -> Result<Vec<u32>> {
-    let mut seq = prompt.clone();
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        let logits = llm.forward(&seq, 0, None, LogitsAt::Last, NonFiniteTrace::default())?;
-        let next = argmax_last(&logits)?;
-        out.push(next);
-        let e = llm.embed(&Tensor::new(&[next], prompt.device())?.unsqueeze(0)?)?;
-        seq = Tensor::cat(&[&seq, &e], 1)?;
+/// How the recomputed sequence agrees with tokens decoded with the KV cache.
+struct Agreement {
+    /// Tokens where the recomputed logits prefer another token by more than rounding.
+    differing: usize,
+    /// Tokens where they prefer another by less: two orders of summation in bf16 may pick
+    /// either of two near-equal logits, so these are not errors.
+    near_ties: usize,
+}
+
+/// One forward pass over `prompt` + `decoded` (all positions' logits) compared with each
+/// decoded token: the pass's best token at the position before it must be the decoded one,
+/// or lead it by at most `2 * rel_tolerance * RMS(logits)` (each of two logits off by the
+/// forward check's tolerance). A wrong cache (stale keys, a wrong rotary offset, a lost
+/// position) changes the logits by far more.
+fn recomputed_agreement(
+    llm: &Llama,
+    prompt: &[u32],
+    decoded: &[u32],
+    rel_tolerance: f64,
+) -> Result<Agreement> {
+    let mut agreement = Agreement {
+        differing: 0,
+        near_ties: 0,
+    };
+    let Some((_, fed)) = decoded.split_last() else {
+        return Ok(agreement);
+    };
+    let seq: Vec<u32> = prompt.iter().chain(fed).copied().collect();
+    let x = llm.embed(&Tensor::new(seq.as_slice(), llm.device())?.unsqueeze(0)?)?;
+    let logits = llm
+        .forward(&x, 0, None, LogitsAt::All, NonFiniteTrace::default())?
+        .squeeze(0)?
+        .to_dtype(DType::F32)?
+        .to_device(&Device::Cpu)?;
+    for (i, &token) in decoded.iter().enumerate() {
+        let row = logits.get(prompt.len() - 1 + i)?.to_vec1::<f32>()?;
+        let best = argmax_last(&Tensor::new(row.as_slice(), &Device::Cpu)?)?;
+        if best == token {
+            continue;
+        }
+        let rms = (row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / row.len() as f64).sqrt();
+        let lead = (row[best as usize] - row[token as usize]) as f64;
+        if lead <= 2.0 * rel_tolerance * rms {
+            agreement.near_ties += 1;
+        } else {
+            agreement.differing += 1;
+        }
     }
-    Ok(out)
+    Ok(agreement)
 }
 
 /// Random text pieces of the shape's lengths, one per batch row (targets of different

@@ -15,6 +15,13 @@ pub enum AudioInput {
     Example(Box<Example>),
     /// 16 kHz mono samples.
     Samples(Vec<f32>),
+    /// A file's or an example's audio already decoded (16 kHz mono, within the length limit)
+    /// with the segment it came from, which stays part of the encoder cache key: evaluation
+    /// decodes a clip once for its loss, its caption and the report's player.
+    Decoded {
+        samples: Vec<f32>,
+        span: super::SourceSpan,
+    },
 }
 
 /// One thing to caption.

@@ -299,6 +299,7 @@ impl Captioner {
                 load_example_audio(ex, root, example_segment(ex), max_s)?.into(),
                 (ex.start_s, ex.end_s),
             ),
+            AudioInput::Decoded { samples, span } => (samples.as_slice().into(), *span),
             AudioInput::Samples(s) => {
                 if s.len() as f64 > max_s * audio::SAMPLE_RATE as f64 {
                     return Err(CaptionError::TooLong {
@@ -309,6 +310,23 @@ impl Captioner {
                 (s.as_slice().into(), (None, None))
             }
         })
+    }
+
+    /// Decodes each item's audio from its file or example once, in place (as
+    /// [`AudioInput::Decoded`]), so that what follows reads the samples without decoding
+    /// again. An item whose audio fails is left as it is: captioning reports its error.
+    pub fn decode_in_place(&self, items: &mut [CaptionItem]) {
+        for item in items {
+            if !matches!(item.input, AudioInput::File(_) | AudioInput::Example(_)) {
+                continue;
+            }
+            let decoded = self
+                .item_samples(item)
+                .map(|(samples, span)| (samples.into_owned(), span));
+            if let Ok((samples, span)) = decoded {
+                item.input = AudioInput::Decoded { samples, span };
+            }
+        }
     }
 
     /// The prompt template rendered for `metadata` and tokenized, with `target` formatted

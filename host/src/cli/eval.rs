@@ -156,6 +156,13 @@ fn evaluate_config(
         batch_size: args.batch_size as usize,
         ..CaptionSettings::default()
     };
+    let run_dir = captioner.config.train.run_dir.clone();
+    let page = match (&args.report, args.no_report) {
+        (_, true) => None,
+        (Some(p), _) => Some(p.clone()),
+        (None, false) => run_dir.is_dir().then(|| run_dir.join("report.html")),
+    };
+    let mut heard = BTreeMap::new();
     let mut run = |hearing: Hearing| -> Result<Report> {
         let what = match hearing {
             Hearing::Real => format!("captioning {split}"),
@@ -169,6 +176,7 @@ fn evaluate_config(
             &split,
             &settings,
             hearing,
+            hearing == Hearing::Real && page.is_some(),
             &mut |done| {
                 if let Some(line) = progress.line(done, None) {
                     eprintln!("{line}");
@@ -195,6 +203,9 @@ fn evaluate_config(
         }
         let mut report = score(&captions.predictions, captions.failed, attributes);
         report.eval_loss = captions.loss;
+        if hearing == Hearing::Real {
+            heard = captions.heard;
+        }
         Ok(report)
     };
     let report = run(Hearing::Real)?;
@@ -212,12 +223,6 @@ fn evaluate_config(
             check.primary, check.real_score, check.silence_score, check.shuffled_score
         );
     }
-    let run_dir = captioner.config.train.run_dir.clone();
-    let page = match (&args.report, args.no_report) {
-        (_, true) => None,
-        (Some(p), _) => Some(p.clone()),
-        (None, false) => run_dir.is_dir().then(|| run_dir.join("report.html")),
-    };
     if let Some(path) = &page {
         let details = vec![
             (
@@ -242,15 +247,7 @@ fn evaluate_config(
                 format!("{:?}", captioner.config.mel.window).to_lowercase(),
             ),
         ];
-        write_report(
-            path,
-            &mut captioner,
-            &mut dataset,
-            &split,
-            &report,
-            check.as_ref(),
-            details,
-        )?;
+        write_report(path, &captioner, heard, &report, check.as_ref(), details)?;
     }
     Ok((report, check, page))
 }
@@ -265,34 +262,16 @@ fn checkpoint_shown(args: &EvalArgs, run_dir: &std::path::Path) -> String {
     }
 }
 
-/// The HTML report: the scores, the training curves of the run folder (if any) and every
-/// example's audio as the model heard it.
+/// The HTML report: the scores, the training curves of the run folder (if any) and the
+/// examples' audio as the model heard it (`heard`, kept while captioning).
 fn write_report(
     path: &std::path::Path,
-    captioner: &mut Captioner,
-    dataset: &mut crate::plugins::DatasetAdapter,
-    split: &str,
+    captioner: &Captioner,
+    audio: BTreeMap<String, Vec<f32>>,
     report: &Report,
     listening: Option<&ListeningCheck>,
     details: Vec<(String, String)>,
 ) -> Result<()> {
-    let root = captioner.config.data.root.clone();
-    let max_audio_s = captioner.config.data.max_audio_s;
-    let mut audio = BTreeMap::new();
-    let mut pages = dataset.pages(split, crate::plugins::PAGE_SIZE);
-    while let Some(page) = pages.next_page()? {
-        for ex in page {
-            // A clip that cannot be loaded again already failed captioning: no player.
-            if let Ok(samples) = crate::pipeline::examples::load_example_audio(
-                &ex,
-                &root,
-                crate::pipeline::examples::example_segment(&ex),
-                max_audio_s,
-            ) {
-                audio.insert(ex.id, samples);
-            }
-        }
-    }
     let run_dir = &captioner.config.train.run_dir;
     let loss_png = run_dir.join("loss.png");
     if !loss_png.is_file() && run_dir.join("metrics.jsonl").is_file() {

@@ -1,6 +1,7 @@
 use std::io::Write;
 
 use anyhow::{bail, Result};
+use candle_core::DType;
 use clap::{Args, ValueEnum};
 
 use crate::cli::exit::Exit;
@@ -14,6 +15,12 @@ pub enum DeviceChoice {
     Cpu,
     /// CUDA device 0, bf16 (needs a build with --features cuda)
     Cuda,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DTypeChoice {
+    F32,
+    Bf16,
 }
 
 #[derive(Debug, Args)]
@@ -39,6 +46,11 @@ pub struct SelftestArgs {
     /// Where to run the checks
     #[arg(long, value_enum, default_value_t = DeviceChoice::Cpu)]
     pub device: DeviceChoice,
+    /// Precision of the models on the device (default: f32 on the CPU, bf16 on CUDA).
+    /// `--dtype bf16` on the CPU runs the composed (unfused) ops a GPU runs, in bf16, against
+    /// the CPU f32 reference: the GPU's code path checked without a GPU, slowly
+    #[arg(long, value_enum)]
+    pub dtype: Option<DTypeChoice>,
     /// Cut the LLM to its first N layers (widths, heads, vocabulary and head stay the
     /// shape's): the seed shape's structure on a machine without the memory for 7B
     #[arg(long, value_name = "N")]
@@ -69,11 +81,17 @@ pub fn run(args: SelftestArgs) -> Result<()> {
             rt
         }
     };
-    let report = run_selftest(args.shape, &rt.device, rt.dtype, args.seed, args.llm_layers)
-        .map_err(|e| match e {
+    let dtype = match args.dtype {
+        None => rt.dtype,
+        Some(DTypeChoice::F32) => DType::F32,
+        Some(DTypeChoice::Bf16) => DType::BF16,
+    };
+    let report = run_selftest(args.shape, &rt.device, dtype, args.seed, args.llm_layers).map_err(
+        |e| match e {
             SelftestError::Usage(message) => Exit::usage(message),
             e => e.into(),
-        })?;
+        },
+    )?;
     let mut out = std::io::stdout().lock();
     if args.json {
         writeln!(

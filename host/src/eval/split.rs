@@ -2,8 +2,11 @@
 //! replaced by silence, and with the audio shuffled between examples (the listening check:
 //! a model that ignores its audio scores the same on all three).
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
+use super::report::{MAX_EMBEDDED_AUDIO_BYTES, MAX_EMBEDDED_CLIP_S};
 use super::{Prediction, Report};
 use crate::caption::{AudioInput, CaptionItem, CaptionSettings, Captioner, ItemSource, Result};
 use crate::models::nonfinite::NonFiniteTrace;
@@ -37,16 +40,22 @@ pub struct SplitCaptions {
     /// Teacher-forced cross-entropy per target token against each item's first reference,
     /// on the first encoder window as training computes it; none without references.
     pub loss: Option<f64>,
+    /// Example id -> the first [`MAX_EMBEDDED_CLIP_S`] seconds of what the model heard, in
+    /// split order while they fit the report's [`MAX_EMBEDDED_AUDIO_BYTES`] (as 16-bit
+    /// WAV); empty unless asked for.
+    pub heard: BTreeMap<String, Vec<f32>>,
 }
 
-/// The split captioned as `hearing` says, and its loss heard the same way. `progress(done)`
-/// is called after each chunk.
+/// The split captioned as `hearing` says, and its loss heard the same way; with
+/// `keep_heard`, the start of each clip for the report's players. Each clip is decoded once.
+/// `progress(done)` is called after each chunk.
 pub fn caption_split(
     captioner: &mut Captioner,
     dataset: &mut DatasetAdapter,
     split: &str,
     settings: &CaptionSettings,
     hearing: Hearing,
+    keep_heard: bool,
     progress: &mut dyn FnMut(usize),
 ) -> Result<SplitCaptions> {
     let root = captioner.config.data.root.clone();
@@ -56,6 +65,9 @@ pub fn caption_split(
     };
     let (mut predictions, mut failed, mut lines) = (Vec::new(), 0, Vec::new());
     let (mut loss_sum, mut loss_tokens) = (0.0, 0usize);
+    let mut heard = BTreeMap::new();
+    let mut heard_bytes = 0usize;
+    let clip_samples = (MAX_EMBEDDED_CLIP_S * crate::audio::SAMPLE_RATE as f64) as usize;
     // Shuffled: the whole split first, so each example can get the audio of one far from it
     // (neighbours in a split are often the same source: the same preset, speaker, album).
     let mut shuffled = if hearing == Hearing::Shuffled {
@@ -83,6 +95,25 @@ pub fn caption_split(
         if hearing == Hearing::Silence {
             for item in &mut chunk {
                 item.input = AudioInput::Samples(vec![0.0; crate::audio::SAMPLE_RATE as usize]);
+            }
+        } else {
+            captioner.decode_in_place(&mut chunk);
+        }
+        if keep_heard {
+            for item in &chunk {
+                let (AudioInput::Decoded { samples, .. } | AudioInput::Samples(samples)) =
+                    &item.input
+                else {
+                    continue;
+                };
+                let start = &samples[..samples.len().min(clip_samples)];
+                if heard_bytes + 2 * start.len() > MAX_EMBEDDED_AUDIO_BYTES {
+                    // Full: no later clip either, so the players are the split's first clips.
+                    heard_bytes = MAX_EMBEDDED_AUDIO_BYTES;
+                    break;
+                }
+                heard_bytes += 2 * start.len();
+                heard.insert(item.id.clone(), start.to_vec());
             }
         }
         let (sum, tokens) = chunk_loss(captioner, &chunk)?;
@@ -114,6 +145,7 @@ pub fn caption_split(
         failed,
         lines,
         loss: (loss_tokens > 0).then(|| loss_sum / loss_tokens as f64),
+        heard,
     })
 }
 

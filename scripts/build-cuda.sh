@@ -15,7 +15,8 @@
 #   5. a smoke test here: the binary runs `selftest --shape tiny` on the CPU through the stub.
 # On the GPU machine the binary finds libcudart/libcublas/libcurand (CUDA 13) through
 # LD_LIBRARY_PATH (scripts/device-check.sh sets it to /usr/local/cuda/lib64 and the usual
-# system folders). Cold: ~10 minutes more than the CPU build on 2 cores.
+# system folders). Cold, from a clean clone with an empty $EARSHOT_HOME: ~31 minutes on 2
+# cores (BENCHMARKS.md); an incremental rebuild ~2 minutes.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 home=${EARSHOT_HOME:-$HOME/.cache/earshot}

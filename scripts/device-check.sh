@@ -14,8 +14,10 @@ set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 packed=${1:-$root/target/cuda/earshot-cuda.xz}
 work=$(mktemp -d)
-xz -dc "$packed" > "$work/earshot-cuda" && chmod +x "$work/earshot-cuda" || {
-  echo "device-check: cannot unpack $packed" >&2; exit 1; }
+# xz, or Python's lzma where the machine has no xz.
+{ xz -dc "$packed" 2>/dev/null || python3 -c 'import lzma, shutil, sys
+shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)' "$packed"; } > "$work/earshot-cuda" &&
+  chmod +x "$work/earshot-cuda" || { echo "device-check: cannot unpack $packed" >&2; exit 1; }
 for d in /usr/local/cuda/lib64 /usr/local/cuda-13/lib64 /usr/lib/x86_64-linux-gnu; do
   [ -d "$d" ] && LD_LIBRARY_PATH=${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d
 done

@@ -342,16 +342,9 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-/// Runs every check of `shape` on `device` (models in `dtype` there), `seed` for the weights;
-/// `llm_layers` cuts the LLM to its first layers (every width, head count, the vocabulary and
-/// the untied head stay the shape's).
-pub fn run(
-    shape: Shape,
-    device: &Device,
-    dtype: DType,
-    seed: u64,
-    llm_layers: Option<usize>,
-) -> Result<SelftestReport> {
+/// The shape's spec with its LLM cut to `llm_layers` (every width, head count, the
+/// vocabulary and the untied head stay the shape's).
+fn spec_of(shape: Shape, llm_layers: Option<usize>) -> Result<ShapeSpec> {
     let mut spec = shape.spec();
     if let Some(layers) = llm_layers {
         if layers == 0 || layers > spec.llm.num_hidden_layers {
@@ -362,7 +355,19 @@ pub fn run(
         }
         spec.llm.num_hidden_layers = layers;
     }
-    let cpu = Device::Cpu;
+    Ok(spec)
+}
+
+/// Runs every check of `shape` on `device` (models in `dtype` there), `seed` for the weights;
+/// `llm_layers` cuts the LLM to its first layers.
+pub fn run(
+    shape: Shape,
+    device: &Device,
+    dtype: DType,
+    seed: u64,
+    llm_layers: Option<usize>,
+) -> Result<SelftestReport> {
+    let spec = spec_of(shape, llm_layers)?;
     let started = Instant::now();
     // Progress on stderr: the seed shape takes minutes, and a GPU check runs under a timeout.
     let phase = |what: &str| {
@@ -374,68 +379,28 @@ pub fn run(
     let wstore = whisper_weights(&spec.whisper, seed)?;
     let lstore = llama_weights(&spec.llm, seed + 1)?;
     phase("random weights made");
-    let mut checks = Vec::new();
     // bf16 keeps 8 bits of mantissa (relative rounding 2^-9 = 0.2%) per operation; through a
     // deep stack the errors add up in quadrature, so a few percent is a correct result and a
     // wrong kernel (transposed, mis-scaled, wrong mask) is off by ~100%.
     let tolerance = if dtype == DType::F32 { 1e-4 } else { 5e-2 };
-
-    // Forward passes against a CPU reference on the same weights: f32 for a GPU (bf16 there);
-    // on the CPU the LLM against f64 (its f32 path uses fused kernels, the f64 one the stock
-    // candle ops) and the encoder against itself (candle's layer norm has no f64 kernel).
-    let on_cpu = device.is_cpu() && dtype == DType::F32;
-    let (ref_dtype, ref_name) = if on_cpu {
-        (DType::F64, "CPU f64")
-    } else {
-        (DType::F32, "CPU f32")
-    };
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed + 2);
-    let n_mels = spec.whisper.num_mel_bins;
-    let mel: Vec<f32> = (0..n_mels * spec.mel_frames)
-        .map(|_| rng.random_range(-1.0f32..1.0))
-        .collect();
-    let mel = Tensor::from_vec(mel, (1, n_mels, spec.mel_frames), &cpu)?;
-    let enc_ref = WhisperEncoder::load(&wstore, &spec.whisper, DType::F32)?
-        .forward(&mel, NonFiniteTrace::default())?;
-    let encoder = WhisperEncoder::load(&wstore.to_device(device)?, &spec.whisper, dtype)?;
-    let encoded = encoder.forward(&mel.to_device(device)?, NonFiniteTrace::default())?;
-    drop(encoder);
+    let (encoder_check, enc_ref, encoded) =
+        check_encoder(&spec, wstore, device, dtype, tolerance, &mut rng)?;
     phase("encoder forward checked");
-    checks.push(check(
-        "encoder forward vs CPU f32 (relative L2)",
-        rel_l2(&encoded, &enc_ref)?,
-        tolerance,
-        format!("{:?}", encoded.dims()),
-    ));
-
-    // LLM: logits of a random token sequence.
     let ids: Vec<u32> = (0..32)
         .map(|_| rng.random_range(0..spec.llm.vocab_size as u32))
         .collect();
-    let logits_of = |m: &Llama, dev: &Device| -> Result<Tensor> {
-        let x = m.embed(&Tensor::new(ids.as_slice(), dev)?.unsqueeze(0)?)?;
-        Ok(m.forward(&x, 0, None, LogitsAt::All, NonFiniteTrace::default())?)
-    };
-    let logits_ref = logits_of(&Llama::load(&lstore, &spec.llm, ref_dtype, &cpu)?, &cpu)?;
-    let llm = Llama::load(&lstore.to_device(device)?, &spec.llm, dtype, device)?;
-    drop(lstore);
-    let logits = logits_of(&llm, device)?;
+    let (llm_check, llm) = check_llm(&spec, lstore, device, dtype, tolerance, &ids)?;
     phase("LLM forward checked");
-    checks.push(check(
-        &format!("LLM forward vs {ref_name} (relative L2 of logits)"),
-        rel_l2(&logits, &logits_ref)?,
-        tolerance,
-        format!("{:?}", logits.dims()),
-    ));
 
     // KV cache: greedy decoding through the decode loop (prefix cache, then one token at a
     // time with the KV cache) against one forward pass over the prompt and the decoded
     // tokens, teacher-forced so a disagreement does not carry on into the next tokens.
-    let started = Instant::now();
+    let decode_started = Instant::now();
     let cached = greedy_decode_loop(&llm, &ids[..8], spec.decode_tokens)?;
-    let decode_s = started.elapsed().as_secs_f64();
+    let decode_s = decode_started.elapsed().as_secs_f64();
     let agreement = recomputed_agreement(&llm, &ids[..8], &cached, tolerance)?;
-    checks.push(check(
+    let kv_check = check(
         "KV-cache decoding vs recompute (differing tokens)",
         (agreement.differing + spec.decode_tokens.abs_diff(cached.len())) as f64,
         0.0,
@@ -444,29 +409,124 @@ pub fn run(
             cached.len(),
             agreement.near_ties
         ),
-    ));
+    );
+    phase("KV-cache decoding checked");
 
     // The projector's gradient against a central finite difference, in f64 on the CPU (a
     // finite difference in bf16 measures rounding, not the gradient).
-    let d_enc = spec.whisper.d_model;
-    phase("KV-cache decoding checked");
-    let fd = gradient_check(&spec, &enc_ref, d_enc, seed)?;
-    phase("projector gradient checked");
-    checks.push(check(
+    let fd = gradient_check(&spec, &enc_ref, spec.whisper.d_model, seed)?;
+    let gradient_check = check(
         "projector gradient vs finite difference (relative error)",
         fd,
         1e-4,
         "f64, CPU".into(),
-    ));
+    );
+    phase("projector gradient checked");
+    let (training_check, step_s, device_memory) =
+        measured_training(&spec, &llm, &encoded.to_dtype(DType::F32)?, device, seed)?;
+    phase("training steps done");
+    Ok(SelftestReport {
+        shape,
+        llm_layers: spec.llm.num_hidden_layers,
+        device: format!("{device:?}"),
+        dtype: format!("{dtype:?}"),
+        checks: vec![
+            encoder_check,
+            llm_check,
+            kv_check,
+            gradient_check,
+            training_check,
+        ],
+        train_step_s: step_s,
+        decode_tokens_per_s: spec.decode_tokens as f64 / decode_s.max(1e-9),
+        peak_rss_mib: peak_rss_mib(),
+        device_memory,
+    })
+}
 
-    // A few training steps on one fixed batch: the loss must fall.
-    let encoded = encoded.to_dtype(DType::F32)?;
+/// The encoder on `device` in `dtype` against the CPU in f32 on a random mel: the check, the
+/// reference output and the device's.
+fn check_encoder(
+    spec: &ShapeSpec,
+    weights: WeightStore,
+    device: &Device,
+    dtype: DType,
+    tolerance: f64,
+    rng: &mut rand::rngs::StdRng,
+) -> Result<(Check, Tensor, Tensor)> {
+    let n_mels = spec.whisper.num_mel_bins;
+    let mel: Vec<f32> = (0..n_mels * spec.mel_frames)
+        .map(|_| rng.random_range(-1.0f32..1.0))
+        .collect();
+    let mel = Tensor::from_vec(mel, (1, n_mels, spec.mel_frames), &Device::Cpu)?;
+    // On the CPU in f32 this compares the encoder with itself (candle's layer norm has no
+    // f64 kernel); the LLM below has an f64 reference.
+    let reference = WhisperEncoder::load(&weights, &spec.whisper, DType::F32)?
+        .forward(&mel, NonFiniteTrace::default())?;
+    let encoder = WhisperEncoder::load(&weights.to_device(device)?, &spec.whisper, dtype)?;
+    drop(weights);
+    let encoded = encoder.forward(&mel.to_device(device)?, NonFiniteTrace::default())?;
+    let c = check(
+        "encoder forward vs CPU f32 (relative L2)",
+        rel_l2(&encoded, &reference)?,
+        tolerance,
+        format!("{:?}", encoded.dims()),
+    );
+    Ok((c, reference, encoded))
+}
+
+/// The LLM's logits for `ids` on `device` in `dtype` against a CPU reference on the same
+/// weights: f64 when the device is the CPU in f32 (its f32 path uses the fused kernels, the
+/// f64 one candle's stock ops), f32 otherwise. Returns the device's model.
+fn check_llm(
+    spec: &ShapeSpec,
+    weights: WeightStore,
+    device: &Device,
+    dtype: DType,
+    tolerance: f64,
+    ids: &[u32],
+) -> Result<(Check, Llama)> {
+    let (ref_dtype, ref_name) = if device.is_cpu() && dtype == DType::F32 {
+        (DType::F64, "CPU f64")
+    } else {
+        (DType::F32, "CPU f32")
+    };
+    let logits_of = |m: &Llama, dev: &Device| -> Result<Tensor> {
+        let x = m.embed(&Tensor::new(ids, dev)?.unsqueeze(0)?)?;
+        Ok(m.forward(&x, 0, None, LogitsAt::All, NonFiniteTrace::default())?)
+    };
+    let reference = logits_of(
+        &Llama::load(&weights, &spec.llm, ref_dtype, &Device::Cpu)?,
+        &Device::Cpu,
+    )?;
+    let llm = Llama::load(&weights.to_device(device)?, &spec.llm, dtype, device)?;
+    drop(weights);
+    let logits = logits_of(&llm, device)?;
+    let c = check(
+        &format!("LLM forward vs {ref_name} (relative L2 of logits)"),
+        rel_l2(&logits, &reference)?,
+        tolerance,
+        format!("{:?}", logits.dims()),
+    );
+    Ok((c, llm))
+}
+
+/// A few training steps on one fixed batch (the loss must fall), with the device memory they
+/// take on CUDA: the pool's peak is reset first, so it is the resident tensors (the LLM's
+/// weights, the encoder output) plus what a step adds.
+fn measured_training(
+    spec: &ShapeSpec,
+    llm: &Llama,
+    encoded: &Tensor,
+    device: &Device,
+    seed: u64,
+) -> Result<(Check, f64, Option<DeviceMemoryReport>)> {
     let meter = MemoryMeter::of(device);
     let resident = meter.as_ref().map(|m| {
         m.reset_peak();
         m.read()
     });
-    let (first, last, step_s) = train_steps(&spec, &llm, &encoded, device, seed)?;
+    let (first, last, step_s) = train_steps(spec, llm, encoded, device, seed)?;
     let device_memory = meter.zip(resident).map(|(m, before)| {
         let after = m.read();
         let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
@@ -476,24 +536,13 @@ pub fn run(
             device_used_mib: mib(after.device_used),
         }
     });
-    phase("training steps done");
-    checks.push(check(
+    let c = check(
         "training: final / first loss on a fixed batch",
         last / first,
         0.9,
         format!("{first:.4} -> {last:.4}"),
-    ));
-    Ok(SelftestReport {
-        shape,
-        llm_layers: spec.llm.num_hidden_layers,
-        device: format!("{device:?}"),
-        dtype: format!("{dtype:?}"),
-        checks,
-        train_step_s: step_s,
-        decode_tokens_per_s: spec.decode_tokens as f64 / decode_s.max(1e-9),
-        peak_rss_mib: peak_rss_mib(),
-        device_memory,
-    })
+    );
+    Ok((c, step_s, device_memory))
 }
 
 fn argmax_last(logits: &Tensor) -> Result<u32> {

@@ -11,9 +11,9 @@ use crate::selftest::{run as run_selftest, SelftestError, SelftestReport, Shape}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DeviceChoice {
-    /// The CPU, f32
+    /// The CPU (f32 unless --dtype says otherwise)
     Cpu,
-    /// CUDA device 0, bf16 (needs a build with --features cuda)
+    /// CUDA device 0, bf16 unless --dtype says otherwise (needs a build with --features cuda)
     Cuda,
 }
 

@@ -382,10 +382,7 @@ fn labels_splits_and_renders_a_small_font() {
     )
     .unwrap();
     let xs = all(&mut strings, "train");
-    let got: Vec<(&str, Option<&str>)> = xs
-        .iter()
-        .map(|e| (e.id.as_str(), e.target.as_deref()))
-        .collect();
+    let got = ids_and_targets(&xs);
     assert_eq!(
         got,
         vec![

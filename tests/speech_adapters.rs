@@ -326,10 +326,7 @@ fn librispeech_layout_on_real_clips() {
         ]
     );
     let dev = all(&mut ds, "dev-clean");
-    let got: Vec<(&str, Option<&str>)> = dev
-        .iter()
-        .map(|e| (e.id.as_str(), e.target.as_deref()))
-        .collect();
+    let got = ids_and_targets(&dev);
     assert_eq!(
         got,
         vec![

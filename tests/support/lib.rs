@@ -496,6 +496,14 @@ pub fn train_then_eval(
 }
 
 /// Every example of `split`, read `page` at a time through the adapter's paging.
+/// Each example's id and target, in order: what an adapter's golden-value tests compare.
+pub fn ids_and_targets(examples: &[earshot::plugins::Example]) -> Vec<(&str, Option<&str>)> {
+    examples
+        .iter()
+        .map(|e| (e.id.as_str(), e.target.as_deref()))
+        .collect()
+}
+
 pub fn read_all(
     ds: &mut earshot::plugins::DatasetAdapter,
     split: &str,

@@ -8,7 +8,6 @@
 //! Lines that are not valid, and examples whose audio file is missing, are reported as
 //! warnings with file and line number, and skipped.
 
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 use earshot_plugin_sdk::*;
@@ -19,14 +18,6 @@ use serde_json::Value;
 struct Options {
     files: Option<BTreeMap<String, String>>,
     check_audio: Option<bool>,
-}
-
-struct State {
-    splits: BTreeMap<String, Vec<Example>>,
-}
-
-thread_local! {
-    static STATE: RefCell<Option<State>> = const { RefCell::new(None) };
 }
 
 fn parse_line(v: &Value, split: &str, line: usize) -> Result<Example, String> {
@@ -161,16 +152,14 @@ impl Plugin for Jsonl {
             }
             splits.insert(split, examples);
         }
-        let info = DatasetInfo {
-            splits: splits.keys().cloned().collect(),
+        Ok(DatasetInfo {
+            splits: hold_splits(splits),
             warnings,
-        };
-        STATE.with(|s| *s.borrow_mut() = Some(State { splits }));
-        Ok(info)
+        })
     }
 
     fn read(split: String, start: u64, max: u32) -> Result<Batch, PluginError> {
-        STATE.with(|s| page_of(s.borrow().as_ref().map(|st| &st.splits), &split, start, max))
+        read_held(&split, start, max)
     }
 }
 

@@ -8,7 +8,6 @@
 //! Options (JSON): {"splits": {"train": "train-clean-100", "eval": "dev-clean"}} renames or
 //! picks splits; {"lowercase": true} lower-cases the targets (LibriSpeech is upper case).
 
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 use earshot_plugin_sdk::*;
@@ -18,14 +17,6 @@ use earshot_plugin_sdk::*;
 struct Options {
     splits: Option<BTreeMap<String, String>>,
     lowercase: Option<bool>,
-}
-
-struct State {
-    splits: BTreeMap<String, Vec<Example>>,
-}
-
-thread_local! {
-    static STATE: RefCell<Option<State>> = const { RefCell::new(None) };
 }
 
 fn sorted_dirs(abs: &str) -> Result<Vec<String>, PluginError> {
@@ -182,8 +173,7 @@ impl Plugin for LibriSpeech {
         for (split, folder) in folders {
             splits.insert(split, read_split(&folder, lowercase, &mut warnings)?);
         }
-        let names = splits.keys().cloned().collect();
-        STATE.with(|s| *s.borrow_mut() = Some(State { splits }));
+        let names = hold_splits(splits);
         Ok(DatasetInfo {
             splits: names,
             warnings,
@@ -191,7 +181,7 @@ impl Plugin for LibriSpeech {
     }
 
     fn read(split: String, start: u64, max: u32) -> Result<Batch, PluginError> {
-        STATE.with(|s| page_of(s.borrow().as_ref().map(|st| &st.splits), &split, start, max))
+        read_held(&split, start, max)
     }
 }
 

@@ -154,6 +154,24 @@ pub fn page_of(
     Ok(page(examples, start, max))
 }
 
+std::thread_local! {
+    static HELD: std::cell::RefCell<Option<std::collections::BTreeMap<String, Vec<Example>>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Keeps `splits` for [`read_held`] (what an adapter that reads its whole dataset in `open`
+/// holds), replacing any held before; returns the split names for `DatasetInfo`.
+pub fn hold_splits(splits: std::collections::BTreeMap<String, Vec<Example>>) -> Vec<String> {
+    let names = splits.keys().cloned().collect();
+    HELD.with(|h| *h.borrow_mut() = Some(splits));
+    names
+}
+
+/// The body of `Plugin::read` for an adapter whose splits [`hold_splits`] keeps.
+pub fn read_held(split: &str, start: u64, max: u32) -> Result<Batch, PluginError> {
+    HELD.with(|h| page_of(h.borrow().as_ref(), split, start, max))
+}
+
 /// Exports `$t: Plugin` as a component implementing every role interface.
 #[macro_export]
 macro_rules! export_plugin {

@@ -17,7 +17,6 @@
 //! "eval_fraction": 0.2, "seed": 0, "max_per_language": null, "max_eval_per_language": null}
 //! (the caps keep clips spread evenly over the split; the eval cap defaults to the other).
 
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 use earshot_plugin_sdk::*;
@@ -75,14 +74,6 @@ struct Clip {
     audio: String,
     stamp: String,
     code: String,
-}
-
-struct State {
-    splits: BTreeMap<String, Vec<Example>>,
-}
-
-thread_local! {
-    static STATE: RefCell<Option<State>> = const { RefCell::new(None) };
 }
 
 /// Every `*_desc*.ogg` below `dir` (relative to the root), with a warning for each name
@@ -299,8 +290,7 @@ impl Plugin for TuxPaintStamps {
     fn open(options: String) -> Result<DatasetInfo, PluginError> {
         let o: Options = parse_options(&options)?;
         let (splits, warnings) = build(&o)?;
-        let names: Vec<String> = splits.keys().cloned().collect();
-        STATE.with(|s| *s.borrow_mut() = Some(State { splits }));
+        let names = hold_splits(splits);
         Ok(DatasetInfo {
             splits: names,
             warnings,
@@ -308,7 +298,7 @@ impl Plugin for TuxPaintStamps {
     }
 
     fn read(split: String, start: u64, max: u32) -> Result<Batch, PluginError> {
-        STATE.with(|s| page_of(s.borrow().as_ref().map(|st| &st.splits), &split, start, max))
+        read_held(&split, start, max)
     }
 }
 

@@ -8,7 +8,8 @@
 #
 # Bring along (the device tool's 64 MiB limit): this script and target/cuda/earshot-cuda.xz
 # (~15 MB, from scripts/build-cuda.sh; the unstripped binary is ~100 MB). Nothing else: the
-# CUDA 13 libraries come from the machine (/usr/local/cuda/lib64 or the system folders).
+# CUDA 13 libraries come from the machine (/usr/local/cuda/lib64, the system folders, or
+# Python's nvidia wheels where the toolkit has no cuBLAS).
 #   bash scripts/device-check.sh [BINARY.xz]
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -18,14 +19,28 @@ work=$(mktemp -d)
 { xz -dc "$packed" 2>/dev/null || python3 -c 'import lzma, shutil, sys
 shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)' "$packed"; } > "$work/earshot-cuda" &&
   chmod +x "$work/earshot-cuda" || { echo "device-check: cannot unpack $packed" >&2; exit 1; }
-for d in /usr/local/cuda/lib64 /usr/local/cuda-13/lib64 /usr/lib/x86_64-linux-gnu; do
-  [ -d "$d" ] && LD_LIBRARY_PATH=${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d
+add_libs() { [ -d "$1" ] && LD_LIBRARY_PATH=${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$1; return 0; }
+# The driver's folder (libcuda.so.1) where it is mounted rather than registered, then the
+# toolkit's libraries.
+for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/local/cuda/lib64 \
+  /usr/local/cuda-13/lib64 /usr/lib/x86_64-linux-gnu; do
+  add_libs "$d"
 done
 export LD_LIBRARY_PATH
+# A toolkit with no cuBLAS/cuRAND (nvcc only): the CUDA 13 libraries a Python CUDA stack
+# installs as wheels (site-packages/nvidia/cu13/lib, e.g. PyTorch's cu130 build).
+if ldd "$work/earshot-cuda" | grep -q "not found" && command -v python3 >/dev/null; then
+  for d in $(python3 -c 'import glob, site
+for p in site.getsitepackages(): print("\n".join(sorted(glob.glob(p + "/nvidia/*/lib"))))' 2>/dev/null); do
+    add_libs "$d"
+  done
+fi
+echo "device-check: LD_LIBRARY_PATH=$LD_LIBRARY_PATH" >&2
 export RUST_LOG=${RUST_LOG:-earshot=info}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | head -3
 missing=$(ldd "$work/earshot-cuda" | grep "not found")
 [ -z "$missing" ] || { echo "device-check: missing libraries:" >&2; echo "$missing" >&2; exit 1; }
+ldd "$work/earshot-cuda" | grep -E "libcuda|libcublas|libcudart|libcurand" >&2
 status=0
 # tiny: seconds. seed: ~32 GB of random f32 weights made on the host (~20 s on 16 cores), a
 # CPU f32 reference of both forwards and an f64 gradient check (~1-2 minutes), then bf16 on

@@ -394,14 +394,23 @@ mod tests {
     #[test]
     fn a_component_with_nine_memories_gets_no_more_than_the_cap() {
         let engine = super::super::engine();
-        let modules: String = (0..9)
-            .map(|i| {
-                format!("(core module $m{i} (memory 160)) (core instance (instantiate $m{i}))")
-            })
-            .collect();
-        // Nine core instances with a 10 MiB memory each, under a 64 MiB cap.
-        let component =
-            wasmtime::component::Component::new(engine, format!("(component {modules})")).unwrap();
+        // Nine core instances with a 10 MiB memory (160 pages) each, under a 64 MiB cap.
+        let mut builder = wasm_encoder::ComponentBuilder::default();
+        for _ in 0..9 {
+            let mut memories = wasm_encoder::MemorySection::new();
+            memories.memory(wasm_encoder::MemoryType {
+                minimum: 160,
+                maximum: None,
+                memory64: false,
+                shared: false,
+                page_size_log2: None,
+            });
+            let mut module = wasm_encoder::Module::new();
+            module.section(&memories);
+            let index = builder.core_module(None, &module);
+            builder.core_instantiate(None, index, []);
+        }
+        let component = wasmtime::component::Component::new(engine, builder.finish()).unwrap();
         let limits = SandboxLimits {
             memory_mib: 64,
             ..SandboxLimits::default()

@@ -128,7 +128,9 @@ impl ChatTokenizer {
                 AddedToken::from(tokens[i].clone(), t == 3)
             })
             .collect();
-        tokenizer.add_special_tokens(&added);
+        tokenizer
+            .add_special_tokens(added)
+            .map_err(|e| tok_err(path, e))?;
         let id = |k: &str| get(k).and_then(int).map(|v| v as u32);
         let special = SpecialTokens {
             bos: id("tokenizer.ggml.bos_token_id"),

@@ -44,10 +44,21 @@ fn tiny_shape_passes_on_the_cpu() {
 
 /// What a GPU runs (candle's composed ops in bf16, the projector in f32 feeding a bf16 LLM,
 /// bf16 KV caches), on the CPU against the CPU f32 reference. It found candle's CPU softmax
-/// summing in bf16 (the encoder was 65% off).
+/// summing in bf16 (the encoder was 65% off). Four of the LLM's 30 layers: every op is still
+/// run in bf16 (the LLM's logits are 1.6e-2 off, against 2.0e-2 with all 30), at a third of the
+/// time (bf16 matrix products are slow on the CPU); the f32 test above runs all 30.
 #[test]
 fn tiny_shape_in_bf16_passes_within_bf16_tolerances() {
-    let out = earshot(["selftest", "--shape", "tiny", "--dtype", "bf16", "--json"]);
+    let out = earshot([
+        "selftest",
+        "--shape",
+        "tiny",
+        "--dtype",
+        "bf16",
+        "--llm-layers",
+        "4",
+        "--json",
+    ]);
     let v: serde_json::Value = serde_json::from_str(&expect_success(&out)).unwrap();
     assert_eq!(v["dtype"], "BF16");
     let checks = v["checks"].as_array().unwrap();

@@ -7,9 +7,10 @@
 # named shapes. Each phase is logged on stderr with its time, so a timeout shows where.
 #
 # Bring along (the device tool's 64 MiB limit): this script and target/cuda/earshot-cuda.xz
-# (~15 MB, from scripts/build-cuda.sh; the unstripped binary is ~100 MB). Nothing else: the
-# CUDA 13 libraries come from the machine (/usr/local/cuda/lib64, the system folders, or
-# Python's nvidia wheels where the toolkit has no cuBLAS).
+# (~13 MB, from scripts/build-cuda.sh; the unstripped binary is ~100 MB). Nothing else: the
+# CUDA libraries of the binary's major version (13 for the wheel build) come from the machine
+# (/usr/local/cuda/lib64, the system folders, or Python's nvidia wheels where the toolkit has
+# no cuBLAS).
 #   bash scripts/device-check.sh [BINARY.xz]
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -23,12 +24,13 @@ add_libs() { [ -d "$1" ] && LD_LIBRARY_PATH=${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:
 # The driver's folder (libcuda.so.1) where it is mounted rather than registered, then the
 # toolkit's libraries.
 for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/local/cuda/lib64 \
-  /usr/local/cuda-13/lib64 /usr/lib/x86_64-linux-gnu; do
+  /usr/local/cuda-13/lib64 /usr/local/cuda-12/lib64 /usr/lib/x86_64-linux-gnu; do
   add_libs "$d"
 done
 export LD_LIBRARY_PATH
-# A toolkit with no cuBLAS/cuRAND (nvcc only): the CUDA 13 libraries a Python CUDA stack
-# installs as wheels (site-packages/nvidia/cu13/lib, e.g. PyTorch's cu130 build).
+# A toolkit with no cuBLAS/cuRAND (nvcc only): the libraries a Python CUDA stack installs as
+# wheels (site-packages/nvidia/cu13/lib for CUDA 13, e.g. PyTorch's cu130 build;
+# nvidia/cublas/lib and the like for CUDA 12).
 if ldd "$work/earshot-cuda" | grep -q "not found" && command -v python3 >/dev/null; then
   for d in $(python3 -c 'import glob, site
 for p in site.getsitepackages(): print("\n".join(sorted(glob.glob(p + "/nvidia/*/lib"))))' 2>/dev/null); do

@@ -4,10 +4,10 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
-use symphonia::core::audio::SampleBuffer;
+use symphonia::core::audio::{AudioBufferRef, SampleBuffer};
 use symphonia::core::codecs::{self, CodecType, DecoderOptions, CODEC_TYPE_NULL};
 use symphonia::core::errors::Error as SymError;
-use symphonia::core::formats::{FormatOptions, FormatReader, SeekMode, SeekTo};
+use symphonia::core::formats::{FormatOptions, FormatReader, Packet, SeekMode, SeekTo};
 use symphonia::core::io::MediaSourceStream;
 use symphonia::core::meta::MetadataOptions;
 use symphonia::core::probe::Hint;
@@ -297,6 +297,183 @@ impl FrameSink for Count {
     }
 }
 
+/// Frames of `segment` and the most frames a decode may yield, at the stream's rate.
+#[derive(Debug, Clone, Copy)]
+struct FrameRange {
+    start: u64,
+    end: Option<u64>,
+    /// Past it the audio is refused (`max_s`).
+    max: Option<u64>,
+}
+
+/// The codec's decoder, or an error naming the codec.
+fn make_decoder(
+    params: &codecs::CodecParameters,
+    info: &AudioInfo,
+    path: &Path,
+) -> Result<Box<dyn codecs::Decoder>, AudioError> {
+    symphonia::default::get_codecs()
+        .make(params, &DecoderOptions::default())
+        .map_err(|e| match e {
+            SymError::Unsupported(_) => AudioError::UnsupportedCodec {
+                path: path.to_path_buf(),
+                codec: info.codec.clone(),
+            },
+            other => AudioError::Corrupt {
+                path: path.to_path_buf(),
+                reason: format!("cannot initialise the {} decoder: {other}", info.codec),
+            },
+        })
+}
+
+/// What the header alone refuses before anything is decoded: more frames than `max_s`
+/// allows, or a segment starting at or past the end.
+fn check_against_header(
+    range: FrameRange,
+    segment: Segment,
+    info: &AudioInfo,
+    path: &Path,
+    too_long: &dyn Fn() -> AudioError,
+) -> Result<(), AudioError> {
+    if let Some(max) = range.max {
+        let wanted = match (range.end, info.frames) {
+            (Some(end), _) => Some(end.saturating_sub(range.start)),
+            (None, Some(total)) => Some(total.saturating_sub(range.start)),
+            (None, None) => None,
+        };
+        if wanted.is_some_and(|w| w > max) {
+            return Err(too_long());
+        }
+    }
+    if let (Some(total), true) = (info.frames, range.start > 0) {
+        if range.start >= total {
+            return Err(AudioError::BadSegment {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "start {} s is at or past the end of the audio ({:.3} s)",
+                    segment.start.unwrap_or(0.0),
+                    total as f64 / info.sample_rate as f64
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Seeks close to `start_frame` so long files are not decoded from the beginning; false for
+/// containers that cannot seek (they are decoded from the start and the head discarded).
+fn seek_near(
+    format: &mut dyn FormatReader,
+    decoder: &mut dyn codecs::Decoder,
+    track_id: u32,
+    start_frame: u64,
+    sr: u32,
+) -> bool {
+    if start_frame == 0 {
+        return false;
+    }
+    let secs = start_frame as f64 / sr as f64;
+    let time = Time::new(secs.trunc() as u64, secs.fract());
+    let seek = SeekTo::Time {
+        time,
+        track_id: Some(track_id),
+    };
+    if format.seek(SeekMode::Accurate, seek).is_err() {
+        return false;
+    }
+    decoder.reset();
+    true
+}
+
+/// The next packet of the stream; None at its end.
+fn next_packet(format: &mut dyn FormatReader, path: &Path) -> Result<Option<Packet>, AudioError> {
+    let corrupt = |reason: String| AudioError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    match format.next_packet() {
+        Ok(packet) => Ok(Some(packet)),
+        Err(SymError::IoError(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(SymError::ResetRequired) => Err(corrupt(
+            "the stream changes its parameters mid-file (chained streams are not supported)".into(),
+        )),
+        Err(e) => Err(corrupt(format!("cannot read the next packet: {e}"))),
+    }
+}
+
+/// One packet decoded (`at_s`: its time, for the error); the sample rate may not change.
+fn decode_packet<'d>(
+    decoder: &'d mut dyn codecs::Decoder,
+    packet: &Packet,
+    sr: u32,
+    at_s: f64,
+    path: &Path,
+) -> Result<AudioBufferRef<'d>, AudioError> {
+    let corrupt = |reason: String| AudioError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let decoded = decoder
+        .decode(packet)
+        .map_err(|e| corrupt(format!("decoding failed at {at_s:.3} s: {e}")))?;
+    let rate = decoded.spec().rate;
+    if rate != sr {
+        return Err(corrupt(format!(
+            "sample rate changes mid-stream ({sr} Hz -> {rate} Hz)"
+        )));
+    }
+    Ok(decoded)
+}
+
+/// What decoding found once the packets are read: a truncated stream (a header promising
+/// more frames than decoded), no frames at all, non-finite samples.
+fn check_decoded(
+    sink: &mut dyn FrameSink,
+    info: &AudioInfo,
+    segment: Segment,
+    start_frame: u64,
+    read_to_the_end: bool,
+    decoded_total: u64,
+    path: &Path,
+) -> Result<(), AudioError> {
+    let p = || path.to_path_buf();
+    if read_to_the_end {
+        if let Some(promised) = info.frames {
+            // Never return more than the container's declared duration: MP4 reports the
+            // duration without the AAC encoder's end padding, which the decoder still emits.
+            sink.truncate(promised.saturating_sub(start_frame));
+            if decoded_total < promised {
+                return Err(AudioError::Corrupt {
+                    path: p(),
+                    reason: format!(
+                        "truncated: the header promises {promised} frames but only {decoded_total} could be decoded"
+                    ),
+                });
+            }
+        }
+    }
+    if sink.frames() == 0 {
+        if start_frame > 0 {
+            return Err(AudioError::BadSegment {
+                path: p(),
+                reason: format!(
+                    "no audio between {} s and the requested end",
+                    segment.start.unwrap_or(0.0)
+                ),
+            });
+        }
+        return Err(AudioError::NoSamples { path: p() });
+    }
+    if let Some((count, first_index)) = sink.non_finite() {
+        return Err(AudioError::NonFinite {
+            path: p(),
+            count,
+            first_index,
+        });
+    }
+    Ok(())
+}
+
 /// The decode loop: frames of `segment` of `file` into `sink`; returns the header and the
 /// channel count seen.
 fn decode_into(
@@ -314,78 +491,27 @@ fn decode_into(
         params,
     } = open(file, path)?;
     let sr = info.sample_rate;
-    let mut decoder = symphonia::default::get_codecs()
-        .make(&params, &DecoderOptions::default())
-        .map_err(|e| match e {
-            SymError::Unsupported(_) => AudioError::UnsupportedCodec {
-                path: p(),
-                codec: info.codec.clone(),
-            },
-            other => AudioError::Corrupt {
-                path: p(),
-                reason: format!("cannot initialise the {} decoder: {other}", info.codec),
-            },
-        })?;
+    let mut decoder = make_decoder(&params, &info, path)?;
 
     let to_frame = |secs: f64| (secs * sr as f64).round() as u64;
-    let start_frame = segment.start.map(to_frame).unwrap_or(0);
-    let end_frame = segment.end.map(to_frame);
-    // The most frames this decode may yield: past it the audio is refused (max_s), and a
-    // header that already says so is refused before anything is decoded.
-    let max_frames = max_s.map(|m| (m * sr as f64).floor() as u64);
+    let range = FrameRange {
+        start: segment.start.map(to_frame).unwrap_or(0),
+        end: segment.end.map(to_frame),
+        max: max_s.map(|m| (m * sr as f64).floor() as u64),
+    };
+    let (start_frame, end_frame, max_frames) = (range.start, range.end, range.max);
     let too_long = || AudioError::TooLong {
         path: p(),
         limit_s: max_s.unwrap_or_default(),
     };
-    if let Some(max) = max_frames {
-        let wanted = match (end_frame, info.frames) {
-            (Some(end), _) => Some(end.saturating_sub(start_frame)),
-            (None, Some(total)) => Some(total.saturating_sub(start_frame)),
-            (None, None) => None,
-        };
-        if wanted.is_some_and(|w| w > max) {
-            return Err(too_long());
-        }
-    }
-    if let (Some(total), true) = (info.frames, start_frame > 0) {
-        if start_frame >= total {
-            return Err(AudioError::BadSegment {
-                path: p(),
-                reason: format!(
-                    "start {} s is at or past the end of the audio ({:.3} s)",
-                    segment.start.unwrap_or(0.0),
-                    total as f64 / sr as f64
-                ),
-            });
-        }
-    }
+    check_against_header(range, segment, &info, path, &too_long)?;
     let time_base = params.time_base.unwrap_or_else(|| TimeBase::new(1, sr));
     // Timestamps -> frame index at `sr`.
     let ts_to_frame = |ts: u64| -> u64 {
         let t = time_base.calc_time(ts);
         ((t.seconds as f64 + t.frac) * sr as f64).round() as u64
     };
-
-    // Seek close to the start so long files are not decoded from the beginning. Containers
-    // that cannot seek are decoded from the start and the head is discarded below.
-    let mut seeked = false;
-    if start_frame > 0 {
-        let secs = start_frame as f64 / sr as f64;
-        let time = Time::new(secs.trunc() as u64, secs.fract());
-        if format
-            .seek(
-                SeekMode::Accurate,
-                SeekTo::Time {
-                    time,
-                    track_id: Some(track_id),
-                },
-            )
-            .is_ok()
-        {
-            decoder.reset();
-            seeked = true;
-        }
-    }
+    let seeked = seek_near(format.as_mut(), decoder.as_mut(), track_id, start_frame, sr);
 
     let mut sample_buf: Option<SampleBuffer<f32>> = None;
     // Frame index of the next decoded frame; only meaningful for segment decoding, where it is
@@ -394,51 +520,16 @@ fn decode_into(
     let mut decoded_total: u64 = 0;
     let mut hit_end = false;
     let mut channels_seen = info.channels;
-    loop {
-        let packet = match format.next_packet() {
-            Ok(packet) => packet,
-            Err(SymError::IoError(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-            Err(SymError::ResetRequired) => return Err(AudioError::Corrupt {
-                path: p(),
-                reason:
-                    "the stream changes its parameters mid-file (chained streams are not supported)"
-                        .into(),
-            }),
-            Err(e) => {
-                return Err(AudioError::Corrupt {
-                    path: p(),
-                    reason: format!("cannot read the next packet: {e}"),
-                })
-            }
-        };
+    while let Some(packet) = next_packet(format.as_mut(), path)? {
         if packet.track_id() != track_id {
             continue;
         }
         if seeked || start_frame > 0 || end_frame.is_some() {
             position = ts_to_frame(packet.ts());
         }
-        let decoded = match decoder.decode(&packet) {
-            Ok(d) => d,
-            Err(e) => {
-                return Err(AudioError::Corrupt {
-                    path: p(),
-                    reason: format!(
-                        "decoding failed at {:.3} s: {e}",
-                        ts_to_frame(packet.ts()) as f64 / sr as f64
-                    ),
-                })
-            }
-        };
+        let at_s = ts_to_frame(packet.ts()) as f64 / sr as f64;
+        let decoded = decode_packet(decoder.as_mut(), &packet, sr, at_s, path)?;
         let spec = *decoded.spec();
-        if spec.rate != sr {
-            return Err(AudioError::Corrupt {
-                path: p(),
-                reason: format!(
-                    "sample rate changes mid-stream ({sr} Hz -> {} Hz)",
-                    spec.rate
-                ),
-            });
-        }
         let n_frames = decoded.frames();
         if n_frames == 0 {
             continue;
@@ -474,41 +565,17 @@ fn decode_into(
         }
     }
 
-    // A header that promises more frames than the stream holds means a truncated file.
-    if !seeked && !hit_end {
-        if let Some(promised) = info.frames {
-            // Never return more than the container's declared duration: MP4 reports the
-            // duration without the AAC encoder's end padding, which the decoder still emits.
-            sink.truncate(promised.saturating_sub(start_frame));
-            if decoded_total < promised {
-                return Err(AudioError::Corrupt {
-                    path: p(),
-                    reason: format!(
-                        "truncated: the header promises {promised} frames but only {decoded_total} could be decoded"
-                    ),
-                });
-            }
-        }
-    }
-    if sink.frames() == 0 {
-        if start_frame > 0 {
-            return Err(AudioError::BadSegment {
-                path: p(),
-                reason: format!(
-                    "no audio between {} s and the requested end",
-                    segment.start.unwrap_or(0.0)
-                ),
-            });
-        }
-        return Err(AudioError::NoSamples { path: p() });
-    }
-    if let Some((count, first_index)) = sink.non_finite() {
-        return Err(AudioError::NonFinite {
-            path: p(),
-            count,
-            first_index,
-        });
-    }
+    // A header that promises more frames than the stream holds means a truncated file (not
+    // judged after a seek or a segment's end: the stream was not read from start to end).
+    check_decoded(
+        sink,
+        &info,
+        segment,
+        start_frame,
+        !seeked && !hit_end,
+        decoded_total,
+        path,
+    )?;
     Ok((info, channels_seen))
 }
 

@@ -191,210 +191,199 @@ impl Ct2Model {
     }
 }
 
-/// Converts `ct2_dir` (model.bin + tokenizer.json) into `out_dir`, atomically: everything is
-/// written to `out_dir.partial` and renamed at the end.
-pub fn import_whisper(ct2_dir: &Path, out_dir: &Path) -> Result<ImportSummary> {
-    let bin = ct2_dir.join("model.bin");
-    let model = Ct2Model::read(&bin)?;
-    if model.spec != "WhisperSpec" {
-        return Err(ModelError::Format {
-            path: bin,
-            format: "CTranslate2 model.bin",
-            reason: format!("spec is {}, not WhisperSpec", model.spec),
-        });
+/// Hugging Face Whisper tensors made from a CTranslate2 model's variables.
+struct Converter<'a> {
+    model: &'a Ct2Model,
+    /// model.bin, for errors.
+    bin: &'a Path,
+    out: HashMap<String, Tensor>,
+}
+
+impl Converter<'_> {
+    fn var(&self, name: &str) -> Result<&Ct2Var> {
+        self.model.var(self.bin, name)
     }
-    let mut out: HashMap<String, Tensor> = HashMap::new();
-    let tensor = |v: &Ct2Var, rows: Option<(usize, usize)>| -> Result<Tensor> {
+
+    /// `v` as a tensor, or its rows `start..start + len`.
+    fn tensor(v: &Ct2Var, rows: Option<(usize, usize)>) -> Result<Tensor> {
         let t = Tensor::from_raw_buffer(&v.bytes, v.dtype, &v.dims, &Device::Cpu)?;
         Ok(match rows {
             Some((start, len)) => t.narrow(0, start, len)?.contiguous()?,
             None => t,
         })
-    };
-    let put = |out: &mut HashMap<String, Tensor>, hf: String, v: &Ct2Var| -> Result<()> {
-        out.insert(hf, tensor(v, None)?);
+    }
+
+    fn put(&mut self, hf: &str, ct: &str) -> Result<()> {
+        let t = Self::tensor(self.var(ct)?, None)?;
+        self.out.insert(hf.to_string(), t);
         Ok(())
-    };
-    // Linear (weight + bias) and LayerNorm (gamma/beta) copies.
-    let linear = |out: &mut HashMap<String, Tensor>, ct: &str, hf: &str| -> Result<()> {
-        put(
-            out,
-            format!("{hf}.weight"),
-            model.var(&bin, &format!("{ct}/weight"))?,
-        )?;
-        put(
-            out,
-            format!("{hf}.bias"),
-            model.var(&bin, &format!("{ct}/bias"))?,
-        )
-    };
-    let norm = |out: &mut HashMap<String, Tensor>, ct: &str, hf: &str| -> Result<()> {
-        put(
-            out,
-            format!("{hf}.weight"),
-            model.var(&bin, &format!("{ct}/gamma"))?,
-        )?;
-        put(
-            out,
-            format!("{hf}.bias"),
-            model.var(&bin, &format!("{ct}/beta"))?,
-        )
-    };
-    // A fused projection split along rows into parts; k projections have no bias in HF
-    // Whisper, so CTranslate2 stores zeros there, which we check.
-    let split = |out: &mut HashMap<String, Tensor>,
-                 ct: &str,
-                 parts: &[(&str, bool)]|
-     -> Result<()> {
-        let w = model.var(&bin, &format!("{ct}/weight"))?;
-        let b = model.var(&bin, &format!("{ct}/bias"))?;
+    }
+
+    /// A Linear layer: weight and bias.
+    fn linear(&mut self, ct: &str, hf: &str) -> Result<()> {
+        self.put(&format!("{hf}.weight"), &format!("{ct}/weight"))?;
+        self.put(&format!("{hf}.bias"), &format!("{ct}/bias"))
+    }
+
+    /// A LayerNorm: CTranslate2's gamma and beta.
+    fn norm(&mut self, ct: &str, hf: &str) -> Result<()> {
+        self.put(&format!("{hf}.weight"), &format!("{ct}/gamma"))?;
+        self.put(&format!("{hf}.bias"), &format!("{ct}/beta"))
+    }
+
+    /// A fused projection split along rows into parts; k projections have no bias in HF
+    /// Whisper, so CTranslate2 stores zeros there, which we check.
+    fn split(&mut self, ct: &str, parts: &[(String, bool)]) -> Result<()> {
+        let w = self.var(&format!("{ct}/weight"))?;
+        let b = self.var(&format!("{ct}/bias"))?;
         let rows = w.dims[0] / parts.len();
+        let mut made = Vec::new();
         for (i, (hf, has_bias)) in parts.iter().enumerate() {
-            out.insert(format!("{hf}.weight"), tensor(w, Some((i * rows, rows)))?);
-            let bias = tensor(b, Some((i * rows, rows)))?;
+            made.push((
+                format!("{hf}.weight"),
+                Self::tensor(w, Some((i * rows, rows)))?,
+            ));
+            let bias = Self::tensor(b, Some((i * rows, rows)))?;
             if *has_bias {
-                out.insert(format!("{hf}.bias"), bias);
-            } else {
-                let max = bias
-                    .to_dtype(DType::F32)?
-                    .abs()?
-                    .max_all()?
-                    .to_scalar::<f32>()?;
-                if max != 0.0 {
-                    return Err(ModelError::Format {
-                        path: bin.clone(),
-                        format: "CTranslate2 model.bin",
-                        reason: format!("{ct}: the k-projection bias is not zero (max |b| = {max}); HF Whisper has no k bias"),
-                    });
-                }
+                made.push((format!("{hf}.bias"), bias));
+                continue;
+            }
+            let max = bias
+                .to_dtype(DType::F32)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            if max != 0.0 {
+                return Err(ModelError::Format {
+                    path: self.bin.to_path_buf(),
+                    format: "CTranslate2 model.bin",
+                    reason: format!("{ct}: the k-projection bias is not zero (max |b| = {max}); HF Whisper has no k bias"),
+                });
             }
         }
+        self.out.extend(made);
         Ok(())
-    };
+    }
 
-    let enc_layers = model.count_layers("encoder");
-    let dec_layers = model.count_layers("decoder");
-    let conv1 = model.var(&bin, "encoder/conv1/weight")?;
-    let (d_model, n_mels) = (conv1.dims[0], conv1.dims[1]);
-    let enc_ffn = model.var(&bin, "encoder/layer_0/ffn/linear_0/weight")?.dims[0];
-    let dec_emb = model.var(&bin, "decoder/embeddings/weight")?;
-    let vocab = dec_emb.dims[0];
-    let dec_ffn = model.var(&bin, "decoder/layer_0/ffn/linear_0/weight")?.dims[0];
-    let src_pos = model
-        .var(&bin, "encoder/position_encodings/encodings")?
-        .dims[0];
-    let tgt_pos = model
-        .var(&bin, "decoder/position_encodings/encodings")?
-        .dims[0];
-
-    linear(&mut out, "encoder/conv1", "model.encoder.conv1")?;
-    linear(&mut out, "encoder/conv2", "model.encoder.conv2")?;
-    put(
-        &mut out,
-        "model.encoder.embed_positions.weight".into(),
-        model.var(&bin, "encoder/position_encodings/encodings")?,
-    )?;
-    norm(&mut out, "encoder/layer_norm", "model.encoder.layer_norm")?;
-    // The parts every encoder and decoder layer has: self-attention (fused q/k/v) and FFN.
-    let block = |out: &mut HashMap<String, Tensor>, c: &str, h: &str| -> Result<()> {
-        norm(
-            out,
+    /// The parts every encoder and decoder layer has: self-attention (fused q/k/v) and FFN.
+    fn block(&mut self, c: &str, h: &str) -> Result<()> {
+        self.norm(
             &format!("{c}/self_attention/layer_norm"),
             &format!("{h}.self_attn_layer_norm"),
         )?;
-        split(
-            out,
+        self.split(
             &format!("{c}/self_attention/linear_0"),
             &[
-                (&format!("{h}.self_attn.q_proj"), true),
-                (&format!("{h}.self_attn.k_proj"), false),
-                (&format!("{h}.self_attn.v_proj"), true),
+                (format!("{h}.self_attn.q_proj"), true),
+                (format!("{h}.self_attn.k_proj"), false),
+                (format!("{h}.self_attn.v_proj"), true),
             ],
         )?;
-        linear(
-            out,
+        self.linear(
             &format!("{c}/self_attention/linear_1"),
             &format!("{h}.self_attn.out_proj"),
         )?;
-        norm(
-            out,
+        self.norm(
             &format!("{c}/ffn/layer_norm"),
             &format!("{h}.final_layer_norm"),
         )?;
-        linear(out, &format!("{c}/ffn/linear_0"), &format!("{h}.fc1"))?;
-        linear(out, &format!("{c}/ffn/linear_1"), &format!("{h}.fc2"))
-    };
-    for i in 0..enc_layers {
-        block(
-            &mut out,
-            &format!("encoder/layer_{i}"),
-            &format!("model.encoder.layers.{i}"),
-        )?;
+        self.linear(&format!("{c}/ffn/linear_0"), &format!("{h}.fc1"))?;
+        self.linear(&format!("{c}/ffn/linear_1"), &format!("{h}.fc2"))
     }
-    put(
-        &mut out,
-        "model.decoder.embed_tokens.weight".into(),
-        dec_emb,
-    )?;
-    put(
-        &mut out,
-        "model.decoder.embed_positions.weight".into(),
-        model.var(&bin, "decoder/position_encodings/encodings")?,
-    )?;
-    norm(&mut out, "decoder/layer_norm", "model.decoder.layer_norm")?;
-    for i in 0..dec_layers {
-        let (c, h) = (
-            format!("decoder/layer_{i}"),
-            format!("model.decoder.layers.{i}"),
-        );
-        block(&mut out, &c, &h)?;
-        // Cross-attention: q alone, k and v fused.
-        norm(
-            &mut out,
+
+    /// A decoder layer's cross-attention: q alone, k and v fused.
+    fn cross_attention(&mut self, c: &str, h: &str) -> Result<()> {
+        self.norm(
             &format!("{c}/attention/layer_norm"),
             &format!("{h}.encoder_attn_layer_norm"),
         )?;
-        linear(
-            &mut out,
+        self.linear(
             &format!("{c}/attention/linear_0"),
             &format!("{h}.encoder_attn.q_proj"),
         )?;
-        split(
-            &mut out,
+        self.split(
             &format!("{c}/attention/linear_1"),
             &[
-                (&format!("{h}.encoder_attn.k_proj"), false),
-                (&format!("{h}.encoder_attn.v_proj"), true),
+                (format!("{h}.encoder_attn.k_proj"), false),
+                (format!("{h}.encoder_attn.v_proj"), true),
             ],
         )?;
-        linear(
-            &mut out,
+        self.linear(
             &format!("{c}/attention/linear_2"),
             &format!("{h}.encoder_attn.out_proj"),
-        )?;
+        )
     }
 
-    let config = serde_json::json!({
+    /// Every tensor of the model, renamed and split into the Hugging Face layout.
+    fn convert(mut self, enc_layers: usize, dec_layers: usize) -> Result<HashMap<String, Tensor>> {
+        self.linear("encoder/conv1", "model.encoder.conv1")?;
+        self.linear("encoder/conv2", "model.encoder.conv2")?;
+        self.put(
+            "model.encoder.embed_positions.weight",
+            "encoder/position_encodings/encodings",
+        )?;
+        self.norm("encoder/layer_norm", "model.encoder.layer_norm")?;
+        for i in 0..enc_layers {
+            self.block(
+                &format!("encoder/layer_{i}"),
+                &format!("model.encoder.layers.{i}"),
+            )?;
+        }
+        self.put(
+            "model.decoder.embed_tokens.weight",
+            "decoder/embeddings/weight",
+        )?;
+        self.put(
+            "model.decoder.embed_positions.weight",
+            "decoder/position_encodings/encodings",
+        )?;
+        self.norm("decoder/layer_norm", "model.decoder.layer_norm")?;
+        for i in 0..dec_layers {
+            let (c, h) = (
+                format!("decoder/layer_{i}"),
+                format!("model.decoder.layers.{i}"),
+            );
+            self.block(&c, &h)?;
+            self.cross_attention(&c, &h)?;
+        }
+        Ok(self.out)
+    }
+}
+
+/// The Hugging Face config.json of the model, read off its shapes and scalars.
+fn hf_config(model: &Ct2Model, bin: &Path, summary: &ImportSummary) -> Result<serde_json::Value> {
+    let dims = |name: &str| model.var(bin, name).map(|v| v.dims.clone());
+    let dec_emb = model.var(bin, "decoder/embeddings/weight")?;
+    Ok(serde_json::json!({
         "architectures": ["WhisperForConditionalGeneration"],
         "model_type": "whisper",
-        "num_mel_bins": n_mels,
-        "d_model": d_model,
-        "encoder_layers": enc_layers,
-        "encoder_attention_heads": model.scalar_int(&bin, "encoder/num_heads")?,
-        "encoder_ffn_dim": enc_ffn,
-        "decoder_layers": dec_layers,
-        "decoder_attention_heads": model.scalar_int(&bin, "decoder/num_heads")?,
-        "decoder_ffn_dim": dec_ffn,
-        "vocab_size": vocab,
-        "max_source_positions": src_pos,
-        "max_target_positions": tgt_pos,
+        "num_mel_bins": summary.n_mels,
+        "d_model": summary.d_model,
+        "encoder_layers": summary.encoder_layers,
+        "encoder_attention_heads": model.scalar_int(bin, "encoder/num_heads")?,
+        "encoder_ffn_dim": dims("encoder/layer_0/ffn/linear_0/weight")?[0],
+        "decoder_layers": summary.decoder_layers,
+        "decoder_attention_heads": model.scalar_int(bin, "decoder/num_heads")?,
+        "decoder_ffn_dim": dims("decoder/layer_0/ffn/linear_0/weight")?[0],
+        "vocab_size": dec_emb.dims[0],
+        "max_source_positions": dims("encoder/position_encodings/encodings")?[0],
+        "max_target_positions": dims("decoder/position_encodings/encodings")?[0],
         "activation_function": "gelu",
         "scale_embedding": false,
         "tie_word_embeddings": true,
         "torch_dtype": format!("{:?}", dec_emb.dtype).to_lowercase(),
         "earshot_imported_from": "ctranslate2",
-    });
+    }))
+}
 
+/// Writes the model folder to `out_dir.partial` and renames it to `out_dir` at the end, so
+/// an interrupted import never leaves a half-written `out_dir`.
+fn write_model_folder(
+    ct2_dir: &Path,
+    out_dir: &Path,
+    tensors: &HashMap<String, Tensor>,
+    config: &serde_json::Value,
+) -> Result<()> {
     let partial = PathBuf::from(format!("{}.partial", out_dir.display()));
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -404,11 +393,10 @@ pub fn import_whisper(ct2_dir: &Path, out_dir: &Path) -> Result<ImportSummary> {
         std::fs::remove_dir_all(&partial).map_err(io(&partial))?;
     }
     std::fs::create_dir_all(&partial).map_err(io(&partial))?;
-    let n_tensors = out.len();
-    candle_core::safetensors::save(&out, partial.join("model.safetensors"))?;
+    candle_core::safetensors::save(tensors, partial.join("model.safetensors"))?;
     std::fs::write(
         partial.join("config.json"),
-        serde_json::to_string_pretty(&config).expect("json"),
+        serde_json::to_string_pretty(config).expect("json"),
     )
     .map_err(io(&partial))?;
     for extra in [
@@ -424,14 +412,39 @@ pub fn import_whisper(ct2_dir: &Path, out_dir: &Path) -> Result<ImportSummary> {
     if out_dir.exists() {
         std::fs::remove_dir_all(out_dir).map_err(io(out_dir))?;
     }
-    std::fs::rename(&partial, out_dir).map_err(io(out_dir))?;
-    Ok(ImportSummary {
-        tensors: n_tensors,
-        encoder_layers: enc_layers,
-        decoder_layers: dec_layers,
-        d_model,
-        n_mels,
-    })
+    std::fs::rename(&partial, out_dir).map_err(io(out_dir))
+}
+
+/// Converts `ct2_dir` (model.bin + tokenizer.json) into `out_dir`, atomically: everything is
+/// written to `out_dir.partial` and renamed at the end.
+pub fn import_whisper(ct2_dir: &Path, out_dir: &Path) -> Result<ImportSummary> {
+    let bin = ct2_dir.join("model.bin");
+    let model = Ct2Model::read(&bin)?;
+    if model.spec != "WhisperSpec" {
+        return Err(ModelError::Format {
+            path: bin,
+            format: "CTranslate2 model.bin",
+            reason: format!("spec is {}, not WhisperSpec", model.spec),
+        });
+    }
+    let conv1 = model.var(&bin, "encoder/conv1/weight")?;
+    let mut summary = ImportSummary {
+        tensors: 0,
+        encoder_layers: model.count_layers("encoder"),
+        decoder_layers: model.count_layers("decoder"),
+        d_model: conv1.dims[0],
+        n_mels: conv1.dims[1],
+    };
+    let config = hf_config(&model, &bin, &summary)?;
+    let converter = Converter {
+        model: &model,
+        bin: &bin,
+        out: HashMap::new(),
+    };
+    let tensors = converter.convert(summary.encoder_layers, summary.decoder_layers)?;
+    summary.tensors = tensors.len();
+    write_model_folder(ct2_dir, out_dir, &tensors, &config)?;
+    Ok(summary)
 }
 
 #[derive(Debug, Clone, serde::Serialize)]

@@ -381,6 +381,64 @@ pub struct Llama {
     fused: bool,
 }
 
+/// What a config must agree on with the weights before anything is built: head counts that
+/// group, an even head dim (rotary pairs), the embedding's shape and the layer count.
+fn check_config_against_weights(store: &WeightStore, cfg: &LlamaConfig) -> Result<()> {
+    let (h, hd) = (cfg.hidden_size, cfg.head_dim());
+    let (nh, nkv) = (cfg.num_attention_heads, cfg.n_kv_heads());
+    let mismatch = |reason: String| ModelError::ConfigMismatch {
+        source_desc: store.source_desc.clone(),
+        reason,
+    };
+    if nh == 0 || nkv == 0 || nh % nkv != 0 {
+        return Err(mismatch(format!(
+            "num_attention_heads {nh} must be a positive multiple of num_key_value_heads {nkv}"
+        )));
+    }
+    if hd % 2 != 0 {
+        return Err(mismatch(format!(
+            "head dim {hd} must be even for rotary embeddings"
+        )));
+    }
+    if let Some(shape) = store.shape_of("model.embed_tokens.weight") {
+        if shape != [cfg.vocab_size, h] {
+            return Err(mismatch(format!(
+                    "config says vocab_size {} and hidden_size {h}, model.embed_tokens.weight is {shape:?}",
+                    cfg.vocab_size
+                )));
+        }
+    }
+    let layers_in_weights = (0..)
+        .take_while(|i| {
+            let p = format!("model.layers.{i}.self_attn");
+            store.contains(&format!("{p}.q_proj.weight"))
+                || store.contains(&format!("{p}.{QKV}.weight"))
+        })
+        .count();
+    if layers_in_weights != cfg.num_hidden_layers {
+        return Err(mismatch(format!(
+            "config says num_hidden_layers = {}, the weights have {layers_in_weights}",
+            cfg.num_hidden_layers
+        )));
+    }
+    Ok(())
+}
+
+/// Rotary tables (max_pos, head_dim / 2), computed in f32 and stored in `dtype`.
+fn rotary_tables(cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    let hd = cfg.head_dim();
+    let inv_freq: Vec<f32> = (0..hd / 2)
+        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64) as f32)
+        .collect();
+    let n = cfg.max_position_embeddings;
+    let inv_freq = Tensor::from_vec(inv_freq, (1, hd / 2), device)?;
+    let t = Tensor::arange(0u32, n as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((n, 1))?;
+    let freqs = t.broadcast_mul(&inv_freq)?;
+    Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
+}
+
 impl Llama {
     /// Builds the model from tensors named as in Hugging Face's Llama layout.
     pub fn load(
@@ -390,42 +448,8 @@ impl Llama {
         device: &Device,
     ) -> Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim());
-        let (nh, nkv) = (cfg.num_attention_heads, cfg.n_kv_heads());
-        let mismatch = |reason: String| ModelError::ConfigMismatch {
-            source_desc: store.source_desc.clone(),
-            reason,
-        };
-        if nh == 0 || nkv == 0 || nh % nkv != 0 {
-            return Err(mismatch(format!(
-                "num_attention_heads {nh} must be a positive multiple of num_key_value_heads {nkv}"
-            )));
-        }
-        if hd % 2 != 0 {
-            return Err(mismatch(format!(
-                "head dim {hd} must be even for rotary embeddings"
-            )));
-        }
-        if let Some(shape) = store.shape_of("model.embed_tokens.weight") {
-            if shape != [cfg.vocab_size, h] {
-                return Err(mismatch(format!(
-                    "config says vocab_size {} and hidden_size {h}, model.embed_tokens.weight is {shape:?}",
-                    cfg.vocab_size
-                )));
-            }
-        }
-        let layers_in_weights = (0..)
-            .take_while(|i| {
-                let p = format!("model.layers.{i}.self_attn");
-                store.contains(&format!("{p}.q_proj.weight"))
-                    || store.contains(&format!("{p}.{QKV}.weight"))
-            })
-            .count();
-        if layers_in_weights != cfg.num_hidden_layers {
-            return Err(mismatch(format!(
-                "config says num_hidden_layers = {}, the weights have {layers_in_weights}",
-                cfg.num_hidden_layers
-            )));
-        }
+        let nh = cfg.num_attention_heads;
+        check_config_against_weights(store, cfg)?;
         let get = |name: &str, shape: &[usize]| store.get(name, shape, dtype);
         // The GGUF blocks of a weight, for decoding (kept only for CPU f32 models).
         let packed = |name: &str, shape: &[usize]| store.packed(name, shape);
@@ -486,16 +510,7 @@ impl Llama {
             FrozenLinear::new(embed.clone(), None)
                 .with_packed(packed("model.embed_tokens.weight", &[cfg.vocab_size, h]))
         };
-        // Rotary tables in f32: (max_pos, head_dim / 2).
-        let inv_freq: Vec<f32> = (0..hd / 2)
-            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64) as f32)
-            .collect();
-        let n = cfg.max_position_embeddings;
-        let inv_freq = Tensor::from_vec(inv_freq, (1, hd / 2), device)?;
-        let t = Tensor::arange(0u32, n as u32, device)?
-            .to_dtype(DType::F32)?
-            .reshape((n, 1))?;
-        let freqs = t.broadcast_mul(&inv_freq)?;
+        let (cos, sin) = rotary_tables(cfg, dtype, device)?;
         let norm = get("model.norm.weight", &[h])?;
         Ok(Self {
             config: cfg.clone(),
@@ -504,8 +519,8 @@ impl Llama {
             norm_gain: fused::Gain::new(&norm)?,
             norm,
             lm_head,
-            cos: freqs.cos()?.to_dtype(dtype)?,
-            sin: freqs.sin()?.to_dtype(dtype)?,
+            cos,
+            sin,
             dtype,
             device: device.clone(),
             fused: true,

@@ -77,10 +77,10 @@ cudarc_version=$(awk '/^name = "cudarc"/{getline; gsub(/"/, "", $3); print $3}' 
 cudarc_src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-"$cudarc_version" | head -1)
 if [ ! -f "$tk/lib64/stubs/libcuda.so" ]; then
   log "building the libcuda.so link stub from cudarc $cudarc_version's driver bindings"
-  mkdir -p "$tk/lib/stubs"
+  mkdir -p "$tk/lib64/stubs"
   grep -oE 'pub unsafe fn cu[A-Za-z0-9_]+' "$cudarc_src/src/driver/sys/mod.rs" | awk '{print $4}' \
-    | sort -u | sed 's/.*/int &(void) { return 34; }/' > "$tk/lib/stubs/libcuda_stub.c"
-  gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$tk/lib/stubs/libcuda.so" "$tk/lib/stubs/libcuda_stub.c"
+    | sort -u | sed 's/.*/int &(void) { return 34; }/' > "$tk/lib64/stubs/libcuda_stub.c"
+  gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$tk/lib64/stubs/libcuda.so" "$tk/lib64/stubs/libcuda_stub.c"
 fi
 
 log "cargo build --release -p earshot --features cuda (sm_$CUDA_COMPUTE_CAP) into $out"

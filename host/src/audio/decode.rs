@@ -326,14 +326,21 @@ fn make_decoder(
         })
 }
 
+fn too_long(path: &Path, max_s: Option<f64>) -> AudioError {
+    AudioError::TooLong {
+        path: path.to_path_buf(),
+        limit_s: max_s.unwrap_or_default(),
+    }
+}
+
 /// What the header alone refuses before anything is decoded: more frames than `max_s`
 /// allows, or a segment starting at or past the end.
 fn check_against_header(
     range: FrameRange,
     segment: Segment,
+    max_s: Option<f64>,
     info: &AudioInfo,
     path: &Path,
-    too_long: &dyn Fn() -> AudioError,
 ) -> Result<(), AudioError> {
     if let Some(max) = range.max {
         let wanted = match (range.end, info.frames) {
@@ -342,7 +349,7 @@ fn check_against_header(
             (None, None) => None,
         };
         if wanted.is_some_and(|w| w > max) {
-            return Err(too_long());
+            return Err(too_long(path, max_s));
         }
     }
     if let (Some(total), true) = (info.frames, range.start > 0) {
@@ -401,21 +408,23 @@ fn next_packet(format: &mut dyn FormatReader, path: &Path) -> Result<Option<Pack
     }
 }
 
-/// One packet decoded (`at_s`: its time, for the error); the sample rate may not change.
+/// One packet decoded; the sample rate may not change.
 fn decode_packet<'d>(
     decoder: &'d mut dyn codecs::Decoder,
     packet: &Packet,
+    time_base: TimeBase,
     sr: u32,
-    at_s: f64,
     path: &Path,
 ) -> Result<AudioBufferRef<'d>, AudioError> {
     let corrupt = |reason: String| AudioError::Corrupt {
         path: path.to_path_buf(),
         reason,
     };
-    let decoded = decoder
-        .decode(packet)
-        .map_err(|e| corrupt(format!("decoding failed at {at_s:.3} s: {e}")))?;
+    let decoded = decoder.decode(packet).map_err(|e| {
+        let at = time_base.calc_time(packet.ts());
+        let at_s = at.seconds as f64 + at.frac;
+        corrupt(format!("decoding failed at {at_s:.3} s: {e}"))
+    })?;
     let rate = decoded.spec().rate;
     if rate != sr {
         return Err(corrupt(format!(
@@ -483,7 +492,6 @@ fn decode_into(
     max_s: Option<f64>,
     sink: &mut dyn FrameSink,
 ) -> Result<(AudioInfo, usize), AudioError> {
-    let p = || path.to_path_buf();
     let Opened {
         mut format,
         track_id,
@@ -499,19 +507,14 @@ fn decode_into(
         end: segment.end.map(to_frame),
         max: max_s.map(|m| (m * sr as f64).floor() as u64),
     };
-    let (start_frame, end_frame, max_frames) = (range.start, range.end, range.max);
-    let too_long = || AudioError::TooLong {
-        path: p(),
-        limit_s: max_s.unwrap_or_default(),
-    };
-    check_against_header(range, segment, &info, path, &too_long)?;
+    check_against_header(range, segment, max_s, &info, path)?;
     let time_base = params.time_base.unwrap_or_else(|| TimeBase::new(1, sr));
     // Timestamps -> frame index at `sr`.
     let ts_to_frame = |ts: u64| -> u64 {
         let t = time_base.calc_time(ts);
         ((t.seconds as f64 + t.frac) * sr as f64).round() as u64
     };
-    let seeked = seek_near(format.as_mut(), decoder.as_mut(), track_id, start_frame, sr);
+    let seeked = seek_near(format.as_mut(), decoder.as_mut(), track_id, range.start, sr);
 
     let mut sample_buf: Option<SampleBuffer<f32>> = None;
     // Frame index of the next decoded frame; only meaningful for segment decoding, where it is
@@ -524,11 +527,10 @@ fn decode_into(
         if packet.track_id() != track_id {
             continue;
         }
-        if seeked || start_frame > 0 || end_frame.is_some() {
+        if seeked || range.start > 0 || range.end.is_some() {
             position = ts_to_frame(packet.ts());
         }
-        let at_s = ts_to_frame(packet.ts()) as f64 / sr as f64;
-        let decoded = decode_packet(decoder.as_mut(), &packet, sr, at_s, path)?;
+        let decoded = decode_packet(decoder.as_mut(), &packet, time_base, sr, path)?;
         let spec = *decoded.spec();
         let n_frames = decoded.frames();
         if n_frames == 0 {
@@ -544,20 +546,20 @@ fn decode_into(
         let interleaved = &buf.samples()[..n_frames * channels];
         decoded_total += n_frames as u64;
 
-        // Keep only frames in [start_frame, end_frame).
-        let first = start_frame.saturating_sub(position).min(n_frames as u64) as usize;
-        let last = match end_frame {
+        // Keep only frames in [range.start, range.end).
+        let first = range.start.saturating_sub(position).min(n_frames as u64) as usize;
+        let last = match range.end {
             Some(end) => end.saturating_sub(position).min(n_frames as u64) as usize,
             None => n_frames,
         };
         if first < last {
             sink.push(&interleaved[first * channels..last * channels], channels);
-            if max_frames.is_some_and(|m| sink.frames() > m) {
-                return Err(too_long());
+            if range.max.is_some_and(|m| sink.frames() > m) {
+                return Err(too_long(path, max_s));
             }
         }
         position += n_frames as u64;
-        if let Some(end) = end_frame {
+        if let Some(end) = range.end {
             if position >= end {
                 hit_end = true;
                 break;
@@ -571,7 +573,7 @@ fn decode_into(
         sink,
         &info,
         segment,
-        start_frame,
+        range.start,
         !seeked && !hit_end,
         decoded_total,
         path,

@@ -208,8 +208,46 @@ fn fuzzer_findings_fail_cleanly() {
     // overflows (a panic with overflow checks, which a dev build has for dependencies).
     assert_clean_failure(
         &fixture("fuzz/wav-extensible-64513-channels.wav"),
-        &["not a recognised audio file"],
+        &["cannot read this variant of the wav format", "too many channels"],
     );
+}
+
+/// A RIFF/WAVE file the WAV reader recognises but cannot read is named as such, with the
+/// reader's reason: not "not audio" (which would send the user looking for a wrong file).
+#[test]
+fn unreadable_wav_variants_are_named_as_wav() {
+    let d = tempfile::tempdir().unwrap();
+    let riff = |fmt: &[u8], rest: &[u8]| {
+        let mut body = b"WAVEfmt ".to_vec();
+        body.extend_from_slice(&(fmt.len() as u32).to_le_bytes());
+        body.extend_from_slice(fmt);
+        body.extend_from_slice(rest);
+        let mut file = b"RIFF".to_vec();
+        file.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        file.extend_from_slice(&body);
+        file
+    };
+    let data = |bytes: &[u8]| {
+        let mut chunk = b"data".to_vec();
+        chunk.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        chunk.extend_from_slice(bytes);
+        chunk
+    };
+    // WAVE_FORMAT_EXTENSIBLE, mono 16-bit, whose sub-format GUID is no known codec.
+    let mut extensible = vec![0xFE, 0xFF, 1, 0];
+    extensible.extend_from_slice(&48_000u32.to_le_bytes());
+    extensible.extend_from_slice(&96_000u32.to_le_bytes());
+    extensible.extend_from_slice(&[2, 0, 16, 0, 22, 0, 16, 0, 4, 0, 0, 0]);
+    extensible.extend_from_slice(b"not-a-known-guid");
+    let p = write(d.path(), "unknown_guid.wav", &riff(&extensible, &data(&[0; 64])));
+    assert_clean_failure(&p, &["variant of the wav format", "sub-type"]);
+    // A well-formed PCM header and no data chunk at all.
+    let mut pcm = vec![1, 0, 1, 0];
+    pcm.extend_from_slice(&16_000u32.to_le_bytes());
+    pcm.extend_from_slice(&32_000u32.to_le_bytes());
+    pcm.extend_from_slice(&[2, 0, 16, 0]);
+    let p = write(d.path(), "no_data_chunk.wav", &riff(&pcm, b""));
+    assert_clean_failure(&p, &["variant of the wav format", "missing data chunk"]);
 }
 
 /// The exit statuses `earshot --help` documents: 2 for a bad command line, 1 for a failed

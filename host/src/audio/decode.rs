@@ -143,9 +143,19 @@ fn open(mut file: File, path: &Path) -> Result<Opened, AudioError> {
     let probed = symphonia::default::get_probe()
         .format(&hint, mss, &format_opts, &MetadataOptions::default())
         .map_err(|e| match e {
-            SymError::Unsupported(_) => AudioError::UnrecognisedFormat {
+            // symphonia says "unsupported" both when no reader knows the signature and when
+            // the reader that does know it meets a variant it cannot read (a WAV sub-format,
+            // an AIFC compression): only the first is "not audio".
+            SymError::Unsupported(what) if what.starts_with("core (probe)") => {
+                AudioError::UnrecognisedFormat {
+                    path: p(),
+                    reason: "no known container signature".into(),
+                }
+            }
+            SymError::Unsupported(what) => AudioError::UnsupportedVariant {
                 path: p(),
-                reason: "no known container signature".into(),
+                container: container.to_string(),
+                reason: what.to_string(),
             },
             SymError::IoError(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                 AudioError::UnrecognisedFormat {

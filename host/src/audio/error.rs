@@ -18,6 +18,12 @@ pub enum AudioError {
     UnrecognisedFormat { path: PathBuf, reason: String },
     #[error("{path}: contains no audio track")]
     NoAudioTrack { path: PathBuf },
+    #[error("{path}: the decoder cannot read this variant of the {container} format ({reason})")]
+    UnsupportedVariant {
+        path: PathBuf,
+        container: String,
+        reason: String,
+    },
     #[error("{path}: unsupported codec {codec}")]
     UnsupportedCodec { path: PathBuf, codec: String },
     #[error("{path}: {what} is unknown in the stream header")]

@@ -208,7 +208,10 @@ fn fuzzer_findings_fail_cleanly() {
     // overflows (a panic with overflow checks, which a dev build has for dependencies).
     assert_clean_failure(
         &fixture("fuzz/wav-extensible-64513-channels.wav"),
-        &["cannot read this variant of the wav format", "too many channels"],
+        &[
+            "cannot read this variant of the wav format",
+            "too many channels",
+        ],
     );
 }
 
@@ -239,7 +242,11 @@ fn unreadable_wav_variants_are_named_as_wav() {
     extensible.extend_from_slice(&96_000u32.to_le_bytes());
     extensible.extend_from_slice(&[2, 0, 16, 0, 22, 0, 16, 0, 4, 0, 0, 0]);
     extensible.extend_from_slice(b"not-a-known-guid");
-    let p = write(d.path(), "unknown_guid.wav", &riff(&extensible, &data(&[0; 64])));
+    let p = write(
+        d.path(),
+        "unknown_guid.wav",
+        &riff(&extensible, &data(&[0; 64])),
+    );
     assert_clean_failure(&p, &["variant of the wav format", "sub-type"]);
     // A well-formed PCM header and no data chunk at all.
     let mut pcm = vec![1, 0, 1, 0];

@@ -3,7 +3,7 @@
 
 use super::error::Result;
 
-use crate::models::llm::ChatTokenizer;
+use crate::models::llm::{ChatTokenizer, DATA_CLOSE, DATA_OPEN};
 use crate::plugins::PromptTemplate;
 
 /// Token ids of one example's text pieces: `before` the audio, `after` it, and the
@@ -25,6 +25,11 @@ pub struct Prompt {
 /// The template rendered for `metadata` and tokenized; with `target`, the target is formatted
 /// by the template and tokenized too (training). The text before the audio starts the
 /// sequence (special tokens as the tokenizer adds them); the rest continue it.
+///
+/// `metadata` and `target` are the dataset's text: the template may write control tokens
+/// (its chat markup), the dataset may not. A control token the dataset's text spells is
+/// tokenized as the text it is ([`ChatTokenizer::mark_data`]), so an adapter cannot close the
+/// user turn, add a system turn or put an end-of-turn inside a target.
 pub fn render(
     template: &mut PromptTemplate,
     tokenizer: &ChatTokenizer,
@@ -33,10 +38,14 @@ pub fn render(
     target: Option<&str>,
 ) -> Result<Prompt> {
     let _span = tracing::debug_span!("render prompt").entered();
-    let rendered = template.render(metadata, options)?;
+    let metadata: Vec<(String, String)> = metadata
+        .iter()
+        .map(|(k, v)| (tokenizer.mark_data(k), tokenizer.mark_data(v)))
+        .collect();
+    let rendered = template.render(&metadata, options)?;
     let target = match target {
         Some(t) => {
-            let formatted = template.format_target(t, metadata, options)?;
+            let formatted = template.format_target(&tokenizer.mark_data(t), &metadata, options)?;
             tokenizer.encode_piece(&formatted)?
         }
         None => Vec::new(),
@@ -47,6 +56,12 @@ pub fn render(
             after: tokenizer.encode_piece(&rendered.after_audio)?,
             target,
         },
-        stop_strings: rendered.stop_strings,
+        // A template may build a stop string from metadata: it is matched against the
+        // caption's text, where the marks have no place.
+        stop_strings: rendered
+            .stop_strings
+            .into_iter()
+            .map(|s| s.replace([DATA_OPEN, DATA_CLOSE], ""))
+            .collect(),
     })
 }

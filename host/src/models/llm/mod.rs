@@ -16,7 +16,7 @@ pub use load::{
     export_gguf_to_hf, load_llm, load_llm_with, read_gguf, unpermute_qk, GgufBlocks, LlmSource,
     LoadedLlm,
 };
-pub use tokenizer::{ChatTokenizer, SpecialTokens};
+pub use tokenizer::{ChatTokenizer, SpecialTokens, DATA_CLOSE, DATA_OPEN};
 
 use candle_core::Tensor;
 

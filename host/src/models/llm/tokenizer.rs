@@ -4,6 +4,9 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::OnceLock;
+
+use aho_corasick::AhoCorasick;
 
 use candle_core::quantized::gguf_file::Value;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -25,6 +28,12 @@ pub struct SpecialTokens {
     pub control: Vec<u32>,
 }
 
+/// Opens a span of dataset text inside a prompt string ([`ChatTokenizer::mark_data`]). Both
+/// marks are Unicode noncharacters, which the standard reserves for a program's internal use.
+pub const DATA_OPEN: char = '\u{FDD0}';
+/// Closes a span opened by [`DATA_OPEN`].
+pub const DATA_CLOSE: char = '\u{FDD1}';
+
 pub struct ChatTokenizer {
     pub tokenizer: Tokenizer,
     pub special: SpecialTokens,
@@ -32,6 +41,11 @@ pub struct ChatTokenizer {
     /// model's context whatever it says, and tokenizing it would cost ~75 bytes of memory a
     /// byte. Set by the loader from the context length ([`Self::limit_to_context`]).
     pub max_text_bytes: usize,
+    /// Finds the text of any control token (`<|im_end|>`, `</s>`); `None` when there is none.
+    control_text: Option<AhoCorasick>,
+    /// The tokenizer with control tokens read as plain text, made the first time dataset
+    /// text spells one (rare: a clone costs the vocabulary's memory).
+    literal: OnceLock<Tokenizer>,
 }
 
 fn tok_err(path: &Path, e: impl std::fmt::Display) -> ModelError {
@@ -40,6 +54,31 @@ fn tok_err(path: &Path, e: impl std::fmt::Display) -> ModelError {
         format: "tokenizer",
         reason: e.to_string(),
     }
+}
+
+/// `text` cut at the data marks into (is dataset text, piece), marks dropped. A span runs
+/// from an open mark to the next close mark or the end; a stray close mark is dropped.
+fn data_spans(text: &str) -> Vec<(bool, &str)> {
+    let mut spans = Vec::new();
+    let mut in_data = false;
+    let mut start = 0;
+    for (at, c) in text.char_indices() {
+        let opens = c == DATA_OPEN && !in_data;
+        let closes = c == DATA_CLOSE && in_data;
+        if c == DATA_OPEN || c == DATA_CLOSE {
+            if start < at {
+                spans.push((in_data, &text[start..at]));
+            }
+            start = at + c.len_utf8();
+            if opens || closes {
+                in_data = opens;
+            }
+        }
+    }
+    if start < text.len() {
+        spans.push((in_data, &text[start..]));
+    }
+    spans
 }
 
 fn int(v: &Value) -> Option<i64> {
@@ -141,11 +180,7 @@ impl ChatTokenizer {
                 .unwrap_or(false),
             control,
         };
-        Ok(Self {
-            tokenizer,
-            special,
-            max_text_bytes: usize::MAX,
-        })
+        Self::new(path, tokenizer, special)
     }
 
     /// `dir/tokenizer.json`, with BOS/EOS from `config.json` / `generation_config.json` and
@@ -181,11 +216,44 @@ impl ChatTokenizer {
             add_bos: tok_cfg["add_bos_token"].as_bool().unwrap_or(false),
             control,
         };
+        Self::new(&path, tokenizer, special)
+    }
+
+    fn new(path: &Path, tokenizer: Tokenizer, special: SpecialTokens) -> Result<Self> {
+        let control: Vec<String> = tokenizer
+            .get_added_tokens_decoder()
+            .values()
+            .filter(|t| t.special && !t.content.is_empty())
+            .map(|t| t.content.clone())
+            .collect();
+        let control_text = if control.is_empty() {
+            None
+        } else {
+            Some(AhoCorasick::new(&control).map_err(|e| tok_err(path, e))?)
+        };
         Ok(Self {
             tokenizer,
             special,
             max_text_bytes: usize::MAX,
+            control_text,
+            literal: OnceLock::new(),
         })
+    }
+
+    /// Dataset text (an adapter's metadata value or target) made safe to place in a prompt:
+    /// when it spells a control token it is wrapped in [`DATA_OPEN`]..[`DATA_CLOSE`], which
+    /// [`Self::encode`] reads as plain text, so a dataset cannot end a chat turn, open a
+    /// system turn or stop a caption. The marks themselves are removed from the text first:
+    /// only the host places them.
+    pub fn mark_data(&self, text: &str) -> String {
+        let text: String = text
+            .chars()
+            .filter(|&c| c != DATA_OPEN && c != DATA_CLOSE)
+            .collect();
+        match &self.control_text {
+            Some(control) if control.is_match(&text) => format!("{DATA_OPEN}{text}{DATA_CLOSE}"),
+            _ => text,
+        }
     }
 
     /// Bounds the text [`Self::encode`] takes to what `context` tokens could hold: no token
@@ -220,29 +288,45 @@ impl ChatTokenizer {
         Ok(())
     }
 
-    /// Ids for `text`, special tokens parsed, BOS prepended only when the model asks for it.
+    /// Ids for `text`, special tokens parsed (except in marked dataset text, see
+    /// [`Self::mark_data`]), BOS prepended only when the model asks for it.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        self.check_length(text)?;
-        let enc = self
-            .tokenizer
-            .encode(text, false)
-            .map_err(|e| tok_err(Path::new("tokenizer"), e))?;
-        let mut ids = Vec::with_capacity(enc.len() + 1);
+        let mut ids = Vec::new();
         if self.special.add_bos {
             ids.extend(self.special.bos);
         }
-        ids.extend_from_slice(enc.get_ids());
+        ids.extend(self.encode_piece(text)?);
         Ok(ids)
     }
 
-    /// Ids for `text` exactly as tokenized (no BOS), for prompt pieces and targets.
+    /// Ids for `text` exactly as tokenized (no BOS), for prompt pieces and targets. Control
+    /// tokens are parsed, except inside marked dataset text ([`Self::mark_data`]), which is
+    /// tokenized on its own, as plain text.
     pub fn encode_piece(&self, text: &str) -> Result<Vec<u32>> {
         self.check_length(text)?;
-        let enc = self
-            .tokenizer
-            .encode(text, false)
-            .map_err(|e| tok_err(Path::new("tokenizer"), e))?;
-        Ok(enc.get_ids().to_vec())
+        let tok = |t: &Tokenizer, piece: &str| -> Result<Vec<u32>> {
+            Ok(t.encode(piece, false)
+                .map_err(|e| tok_err(Path::new("tokenizer"), e))?
+                .get_ids()
+                .to_vec())
+        };
+        if !text.contains([DATA_OPEN, DATA_CLOSE]) {
+            return tok(&self.tokenizer, text);
+        }
+        let mut ids = Vec::new();
+        for (is_data, piece) in data_spans(text) {
+            if is_data {
+                let literal = self.literal.get_or_init(|| {
+                    let mut t = self.tokenizer.clone();
+                    t.set_encode_special_tokens(true);
+                    t
+                });
+                ids.extend(tok(literal, piece)?);
+            } else {
+                ids.extend(tok(&self.tokenizer, piece)?);
+            }
+        }
+        Ok(ids)
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
@@ -253,5 +337,27 @@ impl ChatTokenizer {
 
     pub fn id_of(&self, token: &str) -> Option<u32> {
         self.tokenizer.token_to_id(token)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_spans_cut_at_the_marks_and_drop_them() {
+        let o = DATA_OPEN;
+        let c = DATA_CLOSE;
+        assert_eq!(data_spans("plain"), vec![(false, "plain")]);
+        assert_eq!(
+            data_spans(&format!("a{o}b{c}d")),
+            vec![(false, "a"), (true, "b"), (false, "d")]
+        );
+        // An unclosed span runs to the end; a stray close and a nested open are dropped.
+        assert_eq!(
+            data_spans(&format!("a{c}b{o}c{o}d")),
+            vec![(false, "a"), (false, "b"), (true, "c"), (true, "d")]
+        );
+        assert_eq!(data_spans(&format!("{o}{c}")), vec![]);
     }
 }

@@ -276,3 +276,63 @@ fn exit_statuses_are_documented_and_distinct() {
     let err = expect_failure(&earshot(["inspect", "/no/such/model.gguf"]));
     assert!(err.contains("/no/such/model.gguf"), "{err}");
 }
+
+/// A FIFO given where a file is read used to block the open forever (waiting for a writer),
+/// and a device such as /dev/zero never ends: every command that reads an input file
+/// refuses both at once, naming what the path is. Run under `timeout` so a regression fails
+/// instead of hanging the suite.
+#[test]
+fn fifos_and_devices_are_refused_without_waiting() {
+    let d = tempfile::tempdir().unwrap();
+    let fifo = |name: &str| {
+        let p = d.path().join(name);
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        p.display().to_string()
+    };
+    let (wav, toml, wasm, jsonl, gguf) = (
+        fifo("pipe.wav"),
+        fifo("pipe.toml"),
+        fifo("pipe.wasm"),
+        fifo("pipe.jsonl"),
+        fifo("pipe.gguf"),
+    );
+    let out = d.path().join("out.npy").display().to_string();
+    let whisper = default_whisper().display().to_string();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["audio-info", &wav], "fifo"),
+        (vec!["mel", &wav, "--out", &out], "fifo"),
+        (
+            vec!["encode", &wav, "--whisper", &whisper, "--out", &out],
+            "fifo",
+        ),
+        (vec!["audio-info", "/dev/zero"], "character device"),
+        (
+            vec!["mel", "/dev/urandom", "--out", &out],
+            "character device",
+        ),
+        (vec!["train", &toml], "fifo"),
+        (vec!["train", "--config", &toml], "fifo"),
+        (vec!["plugin", "check", &wasm], "fifo"),
+        (vec!["plugin", "check", "/dev/zero"], "character device"),
+        (vec!["eval", "--predictions", &jsonl], "fifo"),
+        (
+            vec!["eval", "--predictions", "/dev/zero"],
+            "character device",
+        ),
+        (vec!["generate", "--llm", &gguf, "--prompt", "hi"], "fifo"),
+        (vec!["inspect", &gguf], "fifo"),
+    ];
+    for (args, what) in cases {
+        let o = earshot_with_timeout(&args, 60);
+        let err = String::from_utf8_lossy(&o.stderr).to_lowercase();
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains(what) && err.contains("not a regular file"),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    assert!(!Path::new(&out).exists());
+}

@@ -331,6 +331,16 @@ fn a_fifo_in_the_dataset_root_does_not_hang_the_host() {
     });
     assert_times_out("open", started, r);
     good_plugin_still_works(&h);
+
+    // The host opens an example's audio itself: a path naming the FIFO is refused at once.
+    let r = within(10, move || {
+        earshot::pipeline::open_beneath(d.path(), "pipe").map(|_| ())
+    });
+    let err = r.expect_err("a FIFO is not audio").to_string();
+    assert!(
+        err.contains("pipe") && err.contains("FIFO (named pipe), not a regular file"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -262,7 +262,7 @@ fn apply_set(doc: &mut toml::Table, assignment: &str) -> Result<()> {
 
 impl RunConfig {
     pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
+        let text = crate::files::read_to_string(path).map_err(|cause| ConfigError::Read {
             path: path.to_path_buf(),
             cause,
         })?;

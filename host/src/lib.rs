@@ -9,6 +9,7 @@ pub mod caption;
 pub mod cli;
 pub mod config;
 pub mod eval;
+pub mod files;
 pub mod mel;
 pub mod models;
 pub mod npy;

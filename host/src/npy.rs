@@ -1,6 +1,5 @@
 //! Float32 `.npy` reading and (atomic) writing, via npyz.
 
-use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
@@ -75,7 +74,7 @@ pub fn read_f32(path: &Path) -> Result<(Vec<usize>, Vec<f32>), NpyError> {
         path: path.to_path_buf(),
         cause,
     };
-    let file = File::open(path).map_err(io)?;
+    let file = crate::files::open(path).map_err(io)?;
     let npy = npyz::NpyFile::new(BufReader::new(file)).map_err(io)?;
     let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
     if npy.order() != npyz::Order::C {

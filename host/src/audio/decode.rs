@@ -49,11 +49,20 @@ pub fn probe(path: &Path) -> Result<AudioInfo, AudioError> {
     contain_panics(path, || open(file, path).map(|o| o.info))
 }
 
-/// Opens `path` for decoding, refusing folders and empty files.
-fn open_path(path: &Path) -> Result<File, AudioError> {
-    File::open(path).map_err(|cause| AudioError::Open {
-        path: path.to_path_buf(),
-        cause,
+/// Opens `path` for decoding, refusing folders, FIFOs and devices (a FIFO would wait for a
+/// writer, a device never ends).
+pub fn open_path(path: &Path) -> Result<File, AudioError> {
+    crate::files::open(path).map_err(|cause| {
+        if cause.kind() == std::io::ErrorKind::IsADirectory {
+            AudioError::IsDirectory {
+                path: path.to_path_buf(),
+            }
+        } else {
+            AudioError::Open {
+                path: path.to_path_buf(),
+                cause,
+            }
+        }
     })
 }
 

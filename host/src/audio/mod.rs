@@ -65,10 +65,7 @@ pub fn load_16k_mono_within(
     segment: Segment,
     max_s: f64,
 ) -> Result<Vec<f32>, AudioError> {
-    let file = std::fs::File::open(path).map_err(|cause| AudioError::Open {
-        path: path.to_path_buf(),
-        cause,
-    })?;
+    let file = decode::open_path(path)?;
     to_16k(path, decode_file_mono(file, path, segment, Some(max_s))?)
 }
 

@@ -63,7 +63,11 @@ fn inspect(args: &InspectArgs) -> Result<()> {
     } else if p.is_file() {
         inspect_gguf(p, &rt)?
     } else {
-        bail!("{}: no such file or folder", p.display());
+        bail!(
+            "{}: {}",
+            p.display(),
+            crate::files::neither_file_nor_folder(p)
+        );
     };
     println!("path: {}", p.display());
     println!("architecture: {}", summary.architecture);
@@ -124,7 +128,7 @@ fn special_lines(tok: &ChatTokenizer) -> Vec<String> {
 
 fn inspect_gguf(path: &Path, rt: &Runtime) -> Result<(Summary, WeightStore)> {
     // Stored (quantized) dtypes from the header; values checked after dequantization.
-    let mut f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+    let mut f = crate::files::open(path).with_context(|| format!("{}", path.display()))?;
     let content = candle_core::quantized::gguf_file::Content::read(&mut f).map_err(|e| {
         ModelError::Format {
             path: path.to_path_buf(),
@@ -178,7 +182,7 @@ fn inspect_hf_dir(dir: &Path, rt: &Runtime) -> Result<(Summary, WeightStore)> {
     let files = safetensors_files(dir)?;
     let store = WeightStore::from_safetensors(&files, &rt.device)?;
     let mut s = summarise(&store);
-    let cfg: serde_json::Value = std::fs::read_to_string(dir.join("config.json"))
+    let cfg: serde_json::Value = crate::files::read_to_string(&dir.join("config.json"))
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or_default();

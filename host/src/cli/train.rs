@@ -15,7 +15,16 @@ per-tensor log10 update ratio) and projector.safetensors into train.run-dir.\n\n
 )]
 pub struct TrainArgs {
     /// Run config (TOML)
-    pub config: PathBuf,
+    #[arg(
+        value_name = "CONFIG",
+        required_unless_present = "config_flag",
+        conflicts_with = "config_flag"
+    )]
+    pub config: Option<PathBuf>,
+    /// The run config given as `caption --config` and `eval --config` take it (the same as
+    /// CONFIG)
+    #[arg(long = "config", id = "config_flag", value_name = "CONFIG")]
+    pub config_flag: Option<PathBuf>,
     /// Stop after this many steps (overrides train.steps)
     #[arg(long)]
     pub max_steps: Option<usize>,
@@ -36,7 +45,12 @@ pub struct TrainArgs {
 
 pub fn run(args: TrainArgs) -> Result<()> {
     crate::models::device::keep_elementwise_on_caller();
-    let config = RunConfig::load(&args.config, &args.set)?;
+    let path = args
+        .config
+        .as_ref()
+        .or(args.config_flag.as_ref())
+        .ok_or_else(|| anyhow::anyhow!("no run config given (CONFIG or --config)"))?;
+    let config = RunConfig::load(path, &args.set)?;
     let steps = args.max_steps.unwrap_or(config.train.steps);
     let log_every = config.train.log_every.max(1);
     let mut printer = TrainPrinter::new(steps, log_every);

@@ -52,7 +52,7 @@ pub struct PredictionsFile {
 /// output is accepted as is). Lines with an `error` are counted as failed; a line with
 /// neither a caption nor an error, or no references, is an error naming the line.
 pub fn read_predictions(path: &Path) -> Result<PredictionsFile, EvalError> {
-    let text = std::fs::read_to_string(path).map_err(|cause| EvalError::Read {
+    let text = crate::files::read_to_string(path).map_err(|cause| EvalError::Read {
         path: path.to_path_buf(),
         cause,
     })?;

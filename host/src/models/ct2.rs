@@ -86,7 +86,7 @@ fn dtype_of(code: u8) -> Option<(DType, usize)> {
 
 impl Ct2Model {
     pub fn read(path: &Path) -> Result<Self> {
-        let data = std::fs::read(path).map_err(|cause| ModelError::Io {
+        let data = crate::files::read(path).map_err(|cause| ModelError::Io {
             path: path.to_path_buf(),
             cause,
         })?;

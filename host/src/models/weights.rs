@@ -129,7 +129,7 @@ impl WeightStore {
     pub fn from_safetensors(paths: &[PathBuf], device: &Device) -> Result<Self> {
         let mut tensors = HashMap::new();
         for path in paths {
-            let bytes = std::fs::read(path).map_err(|cause| ModelError::Io {
+            let bytes = crate::files::read(path).map_err(|cause| ModelError::Io {
                 path: path.clone(),
                 cause,
             })?;
@@ -284,7 +284,7 @@ pub fn count_non_finite(name: &str, t: &Tensor) -> Result<Option<NonFiniteTensor
 
 /// Reads and parses a JSON config file.
 pub fn read_json_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|cause| ModelError::Io {
+    let text = crate::files::read_to_string(path).map_err(|cause| ModelError::Io {
         path: path.to_path_buf(),
         cause,
     })?;

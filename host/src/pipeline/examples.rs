@@ -47,7 +47,15 @@ pub fn open_beneath(root: &Path, rel: &str) -> Result<(std::fs::File, PathBuf)> 
     let shown = root.join(p);
     let dir = cap_std::fs::Dir::open_ambient_dir(root, cap_std::ambient_authority())
         .map_err(io(root, "cannot open the dataset root"))?;
-    let file = dir.open(p).map_err(|cause| {
+    let mut options = cap_std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        // A FIFO in the root would otherwise block the open until a writer came.
+        use cap_std::fs::OpenOptionsExt;
+        options.custom_flags(crate::files::OPEN_NONBLOCK);
+    }
+    let file = dir.open_with(p, &options).map_err(|cause| {
         if cause.kind() == std::io::ErrorKind::NotFound {
             PipelineError::Io {
                 path: shown.clone(),
@@ -62,7 +70,13 @@ pub fn open_beneath(root: &Path, rel: &str) -> Result<(std::fs::File, PathBuf)> 
             }
         }
     })?;
-    Ok((file.into_std(), shown))
+    let file = file.into_std();
+    crate::files::ensure_regular(&file).map_err(|cause| PipelineError::Io {
+        path: shown.clone(),
+        action: "cannot open",
+        cause,
+    })?;
+    Ok((file, shown))
 }
 
 /// How an example's audio is named in output and errors.

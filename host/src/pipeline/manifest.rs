@@ -81,7 +81,7 @@ pub fn sha256_files(paths: &[PathBuf]) -> Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     for p in paths {
-        let mut f = std::fs::File::open(p).map_err(io(p, "cannot read"))?;
+        let mut f = crate::files::open(p).map_err(io(p, "cannot read"))?;
         loop {
             let n = f.read(&mut buf).map_err(io(p, "cannot read"))?;
             if n == 0 {

@@ -229,7 +229,10 @@ pub fn resolve(path: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
     if !path.is_dir() {
         return Err(bad_checkpoint(
             path,
-            "no such file or folder (given as a checkpoint)",
+            format!(
+                "{} (given as a checkpoint)",
+                crate::files::neither_file_nor_folder(path)
+            ),
         ));
     }
     let projector = path.join("projector.safetensors");
@@ -264,7 +267,7 @@ pub fn load_trained(
 ) -> Result<PathBuf> {
     let (file, state) = resolve(path)?;
     if let Some(state) = state {
-        let text = std::fs::read_to_string(&state).map_err(io(&state, "cannot read"))?;
+        let text = crate::files::read_to_string(&state).map_err(io(&state, "cannot read"))?;
         let saved: TrainState = serde_json::from_str(&text)
             .map_err(|e| bad_checkpoint(&state, format!("not a checkpoint state: {e}")))?;
         saved
@@ -290,12 +293,12 @@ pub struct Loaded {
 
 pub fn load(ckpt: &Path, device: &Device) -> Result<Loaded> {
     let state_path = ckpt.join("state.json");
-    let text = std::fs::read_to_string(&state_path).map_err(io(&state_path, "cannot read"))?;
+    let text = crate::files::read_to_string(&state_path).map_err(io(&state_path, "cannot read"))?;
     let state: TrainState = serde_json::from_str(&text)
         .map_err(|e| bad_checkpoint(&state_path, format!("invalid: {e}")))?;
     let read = |f: &str| -> Result<HashMap<String, Tensor>> {
         let p = ckpt.join(f);
-        let bytes = std::fs::read(&p).map_err(io(&p, "cannot read"))?;
+        let bytes = crate::files::read(&p).map_err(io(&p, "cannot read"))?;
         let t = candle_core::safetensors::load_buffer(&bytes, device)
             .map_err(|e| bad_checkpoint(&p, format!("invalid or truncated: {e}")))?;
         for (name, tensor) in &t {

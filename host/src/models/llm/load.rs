@@ -2,7 +2,6 @@
 //! (`config.json`, `model.safetensors` or shards, `tokenizer.json`), with integrity checks.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
@@ -32,7 +31,7 @@ impl LlmSource {
         } else {
             Err(ModelError::Io {
                 path: path.to_path_buf(),
-                cause: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
+                cause: crate::files::neither_file_nor_folder(path),
             })
         }
     }
@@ -147,7 +146,7 @@ pub fn read_gguf(
         format: "GGUF",
         reason,
     };
-    let file = File::open(path).map_err(|cause| ModelError::Io {
+    let file = crate::files::open(path).map_err(|cause| ModelError::Io {
         path: path.to_path_buf(),
         cause,
     })?;

@@ -187,9 +187,10 @@ impl ChatTokenizer {
     /// `add_bos_token` from `tokenizer_config.json`.
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let tokenizer = Tokenizer::from_file(&path).map_err(|e| tok_err(&path, e))?;
+        let bytes = crate::files::read(&path).map_err(|e| tok_err(&path, e))?;
+        let tokenizer = Tokenizer::from_bytes(bytes).map_err(|e| tok_err(&path, e))?;
         let read = |name: &str| -> Option<serde_json::Value> {
-            std::fs::read_to_string(dir.join(name))
+            crate::files::read_to_string(&dir.join(name))
                 .ok()
                 .and_then(|s| serde_json::from_str(&s).ok())
         };

@@ -50,6 +50,53 @@ fn unknown_key_and_wrong_type_name_key_and_line() {
     );
     let err = train_err(&bundled(), &["--set", "train.lr=-1"]);
     assert!(err.contains("train.lr must be a positive number"), "{err}");
+    // Numbers refused before anything loads: NaN passes every comparison, so each is
+    // checked to be finite; the projector's shape is checked against the encoder's frames.
+    for (set, expected) in [
+        ("train.steps=0", "train.steps must be at least 1"),
+        (
+            "train.weight-decay=nan",
+            "train.weight-decay must be a number >= 0",
+        ),
+        (
+            "train.grad-clip=-1",
+            "train.grad-clip must be a number >= 0",
+        ),
+        ("train.eps=0", "train.eps must be a positive number"),
+        (
+            "train.min-lr=1",
+            "train.min-lr must be a number >= 0 and at most train.lr",
+        ),
+        (
+            "projector.positions=0",
+            "projector.positions = 0 must be in 1..=1500",
+        ),
+        (
+            "projector.positions=1501",
+            "projector.positions = 1501 must be in 1..=1500",
+        ),
+        (
+            "projector.hidden=100000000",
+            "projector.hidden = 100000000 must be in 1..=",
+        ),
+    ] {
+        let err = train_err(&bundled(), &["--set", set]);
+        assert!(err.contains(expected), "{set}: {err}");
+        assert!(
+            !err.contains("encoding"),
+            "{set}: refused before encoding: {err}"
+        );
+    }
+    let err = expect_exit(
+        &earshot([
+            "train".as_ref(),
+            bundled().as_os_str(),
+            "--max-steps".as_ref(),
+            "0".as_ref(),
+        ]),
+        2,
+    );
+    assert!(err.contains("--max-steps"), "{err}");
     let err = train_err(&d.path().join("absent.toml"), &[]);
     assert!(
         err.contains("absent.toml") && err.contains("cannot read"),

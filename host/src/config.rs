@@ -325,6 +325,9 @@ impl RunConfig {
                 reason,
             })
         };
+        if t.steps == 0 {
+            return invalid("train.steps must be at least 1".into());
+        }
         if t.batch_size == 0 || t.accumulate == 0 {
             return invalid("train.batch-size and train.accumulate must be at least 1".into());
         }
@@ -333,6 +336,29 @@ impl RunConfig {
         }
         if !(0.0..1.0).contains(&t.beta1) || !(0.0..1.0).contains(&t.beta2) {
             return invalid("train.beta1 and train.beta2 must be in [0, 1)".into());
+        }
+        // NaN passes every comparison, so each number is checked to be finite too.
+        for (key, value, ok) in [
+            ("train.eps", t.eps, t.eps > 0.0),
+            ("train.weight-decay", t.weight_decay, t.weight_decay >= 0.0),
+            ("train.grad-clip", t.grad_clip, t.grad_clip >= 0.0),
+            (
+                "train.min-lr",
+                t.min_lr,
+                t.min_lr >= 0.0 && t.min_lr <= t.lr,
+            ),
+        ] {
+            if !(ok && value.is_finite()) {
+                let rule = match key {
+                    "train.eps" => "a positive number",
+                    "train.min-lr" => "a number >= 0 and at most train.lr",
+                    _ => "a number >= 0 (0 turns it off)",
+                };
+                return invalid(format!("{key} must be {rule}, got {value}"));
+            }
+        }
+        if let Err(e) = self.projector.check() {
+            return invalid(e);
         }
         if let Err(e) = self.plugins.sandbox.validate() {
             return invalid(e.to_string());

@@ -43,7 +43,11 @@ pub struct CaptionArgs {
     #[arg(long)]
     pub jsonl: bool,
     /// Maximum new tokens per caption
-    #[arg(long, default_value_t = 60)]
+    #[arg(
+        long,
+        default_value_t = 60,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+    )]
     pub max_tokens: usize,
     /// Captions decoded together in one batch (clips that finish early drop out)
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=256))]

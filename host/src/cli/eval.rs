@@ -44,7 +44,11 @@ pub struct EvalArgs {
     #[arg(long, requires = "config", value_name = "FILE")]
     pub save_predictions: Option<PathBuf>,
     /// Maximum new tokens per caption (with --config)
-    #[arg(long, default_value_t = 60)]
+    #[arg(
+        long,
+        default_value_t = 60,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+    )]
     pub max_tokens: usize,
     /// Captions decoded together (with --config)
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=256))]

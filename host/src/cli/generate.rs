@@ -23,7 +23,11 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub prompt: String,
     /// Maximum number of new tokens
-    #[arg(long, default_value_t = 64)]
+    #[arg(
+        long,
+        default_value_t = 64,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+    )]
     pub max_tokens: usize,
     #[command(flatten)]
     pub sampling: SamplingArgs,

@@ -26,7 +26,7 @@ pub struct TrainArgs {
     #[arg(long = "config", id = "config_flag", value_name = "CONFIG")]
     pub config_flag: Option<PathBuf>,
     /// Stop after this many steps (overrides train.steps)
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_steps: Option<usize>,
     /// Override a config value, e.g. --set train.lr=1e-3 (repeatable)
     #[arg(long = "set", value_name = "KEY=VALUE")]

@@ -45,6 +45,44 @@ impl Default for ProjectorConfig {
     }
 }
 
+/// The widest hidden layer of the `mlp` kind (Mistral's width is 4096): past it a typo
+/// would allocate gigabytes.
+pub const MAX_HIDDEN: usize = 65536;
+
+impl ProjectorConfig {
+    /// Checks the settings that do not depend on the models, so that a run config can be
+    /// refused before anything is loaded or encoded.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        match self.kind {
+            ProjectorKind::Stack => {
+                if self.stack == 0 || ENCODER_FRAMES % self.stack != 0 {
+                    return Err(format!(
+                        "projector.stack = {} must divide {ENCODER_FRAMES} (the encoder's frames)",
+                        self.stack
+                    ));
+                }
+            }
+            ProjectorKind::PoolLnLinear | ProjectorKind::Mlp => {
+                if self.positions == 0 || self.positions > ENCODER_FRAMES {
+                    return Err(format!(
+                        "projector.positions = {} must be in 1..={ENCODER_FRAMES} (the encoder's \
+                         frames)",
+                        self.positions
+                    ));
+                }
+            }
+        }
+        if let Some(hidden) = self.hidden {
+            if hidden == 0 || hidden > MAX_HIDDEN {
+                return Err(format!(
+                    "projector.hidden = {hidden} must be in 1..={MAX_HIDDEN}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 const LN_EPS: f64 = 1e-5;
 
 /// The projector's parameters, named as in its safetensors file.
@@ -76,26 +114,11 @@ impl Projector {
             source_desc: "projector config".into(),
             reason,
         };
+        config.check().map_err(bad)?;
         let mut rng = StdRng::seed_from_u64(seed);
         let ln_in = match config.kind {
-            ProjectorKind::Stack => {
-                if config.stack == 0 || ENCODER_FRAMES % config.stack != 0 {
-                    return Err(bad(format!(
-                        "stack = {} must divide {ENCODER_FRAMES}",
-                        config.stack
-                    )));
-                }
-                d_in * config.stack
-            }
-            _ => {
-                if config.positions == 0 || config.positions > ENCODER_FRAMES {
-                    return Err(bad(format!(
-                        "positions = {} must be in 1..={ENCODER_FRAMES}",
-                        config.positions
-                    )));
-                }
-                d_in
-            }
+            ProjectorKind::Stack => d_in * config.stack,
+            ProjectorKind::PoolLnLinear | ProjectorKind::Mlp => d_in,
         };
         let mut params = vec![
             (

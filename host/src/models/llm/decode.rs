@@ -31,6 +31,8 @@ pub enum Finish {
     Eos,
     StopString,
     MaxTokens,
+    /// The next token would not fit the model's context.
+    Context,
 }
 
 #[derive(Debug, Clone)]
@@ -127,7 +129,19 @@ pub fn decode_batch(
                 let request = &mut requests[row.request];
                 let next = request.sampler.sample(logits);
                 row.first_token.get_or_insert_with(|| started.elapsed());
-                match advance(row, request, next, options, &mut on_text)? {
+                let finish = advance(row, request, next, options, &mut on_text)?;
+                // The token just taken is fed at `next_pos`: past the context it cannot be,
+                // and the caption ends there with what it has (not an error that loses it).
+                let finish = finish.or_else(|| {
+                    (row.next_pos >= llm.max_positions()).then(|| {
+                        tracing::warn!(
+                            "generation stopped at the model's context of {} positions",
+                            llm.max_positions()
+                        );
+                        Finish::Context
+                    })
+                });
+                match finish {
                     Some(finish) => {
                         let ids = std::mem::take(&mut row.ids);
                         let text = std::mem::take(&mut row.text);

@@ -1096,6 +1096,10 @@ impl LanguageModel for Llama {
         KvCache::new(self.config.num_hidden_layers)
     }
 
+    fn max_positions(&self) -> usize {
+        self.config.max_position_embeddings
+    }
+
     fn device(&self) -> &Device {
         &self.device
     }
@@ -1153,6 +1157,32 @@ mod tests {
             put(&format!("{p}.mlp.down_proj.weight"), &[8, 12]);
         }
         (WeightStore::new("tiny", t), cfg)
+    }
+
+    /// Generation that reaches the context ends there with the tokens it has (it used to
+    /// fail on the next forward, losing them): after a 30-position prompt a 32-position
+    /// model reads two generated tokens, so it samples three (the last one from the logits
+    /// at position 31), whatever the token limit.
+    #[test]
+    fn generation_stops_at_the_context_with_its_tokens() {
+        use crate::models::llm::{decode_batch, DecodeOptions, DecodeRequest, Finish};
+        use crate::sampler::{Sampler, SamplingParams};
+        let m = tiny(None);
+        let request = |prompt: usize| DecodeRequest {
+            rest: Tensor::randn(0f32, 1.0, (1, prompt, 8), &Device::Cpu).unwrap(),
+            sampler: Sampler::new(SamplingParams::default()).unwrap(),
+            max_tokens: 1000,
+            stop_strings: Vec::new(),
+        };
+        let options = DecodeOptions {
+            tokenizer: None,
+            eos: None,
+            trace: NonFiniteTrace::default(),
+        };
+        let mut requests = [request(30), request(20)];
+        let out = decode_batch(&m, &m.new_cache(), &mut requests, &options, |_, _| {}).unwrap();
+        assert_eq!((out[0].ids.len(), out[0].finish), (3, Finish::Context));
+        assert_eq!((out[1].ids.len(), out[1].finish), (13, Finish::Context));
     }
 
     /// Projections stacked in the store give the model of the separate ones, with the

@@ -55,6 +55,8 @@ pub trait LanguageModel {
     fn dtype(&self) -> candle_core::DType;
     fn vocab_size(&self) -> usize;
     fn new_cache(&self) -> KvCache;
+    /// Positions the model can attend over (its context length).
+    fn max_positions(&self) -> usize;
     fn device(&self) -> &candle_core::Device;
 }
 

@@ -35,7 +35,7 @@ pub fn kind_of(meta: &Metadata) -> Option<&'static str> {
             return Some("a socket");
         }
     }
-    Some("not a regular file")
+    Some("a special file")
 }
 
 /// The error for a path that is `kind` where a regular file was needed; a folder keeps

@@ -336,3 +336,70 @@ fn fifos_and_devices_are_refused_without_waiting() {
     }
     assert!(!Path::new(&out).exists());
 }
+
+/// An output given as a pipe or device (`/dev/stdout`, a FIFO, bash's `>(...)`, `/dev/null`)
+/// gets the bytes and stays what it is: the atomic rename used for files replaced it (as
+/// root, `/dev/null` itself became a file) or failed where no temporary file can go
+/// (`/dev/fd`). A FIFO stands for `/dev/null` here, so that a regression cannot replace the
+/// machine's `/dev/null`.
+#[test]
+fn outputs_into_pipes_and_devices_are_written_not_replaced() {
+    use std::os::unix::fs::FileTypeExt;
+    let d = tempfile::tempdir().unwrap();
+    let clip = repo_root().join("configs/data/tones/clips/one.wav");
+    let file = d.path().join("mel.npy");
+    expect_success(&earshot([
+        "mel".as_ref(),
+        clip.as_os_str(),
+        "--out".as_ref(),
+        file.as_os_str(),
+    ]));
+    let expected = std::fs::read(&file).unwrap();
+
+    let o = earshot([
+        "mel".as_ref(),
+        clip.as_os_str(),
+        "--out".as_ref(),
+        "/proc/self/fd/1".as_ref(),
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        o.stdout == expected,
+        "/dev/stdout got {} bytes",
+        o.stdout.len()
+    );
+
+    let fifo = d.path().join("pipe.npy");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo with a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read(fifo).unwrap())
+    };
+    let o = earshot_with_timeout(
+        &[
+            "mel".as_ref(),
+            clip.as_os_str(),
+            "--out".as_ref(),
+            fifo.as_os_str(),
+        ],
+        60,
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // Checked before joining: had the FIFO been renamed over, the reader would wait.
+    assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+    assert!(reader.join().unwrap() == expected);
+    let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().collect();
+    assert_eq!(names.len(), 2, "no temporary file left: {names:?}");
+}

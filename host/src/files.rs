@@ -8,7 +8,7 @@
 
 use std::fs::{File, Metadata};
 use std::io::{self, Read};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// What a path that is not a regular file is, for an error message ("is a FIFO ...").
 pub fn kind_of(meta: &Metadata) -> Option<&'static str> {
@@ -151,9 +151,77 @@ pub fn read_to_string(path: &Path) -> io::Result<String> {
     })
 }
 
+/// Whether the output `path` is a device or a pipe (`/dev/null`, `/dev/stdout`, a FIFO,
+/// bash's `>(...)`): written into, never renamed over. A rename would replace it (as root,
+/// it replaced `/dev/null` itself with a file), and its folder may not take a temporary
+/// file (`/dev/fd`). A regular file or a new path is replaced by a rename, so that a reader
+/// never sees half a file; a folder is an error.
+fn is_stream(path: &Path) -> io::Result<bool> {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+        Ok(meta) => match kind_of(&meta) {
+            None => Ok(false),
+            Some("a folder") => Err(not_a_file("a folder")),
+            Some(_) => Ok(true),
+        },
+    }
+}
+
+/// The file an output `path` names: a symbolic link's target (`/dev/stdout` redirected to a
+/// file is a link to it; a rename would replace the link instead of writing the file).
+fn resolved(path: &Path) -> PathBuf {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => {
+            std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+        }
+        _ => path.to_path_buf(),
+    }
+}
+
+/// Where to write the output `path` before [`persist`]: beside the file it names (same file
+/// system, so the rename is atomic), or the system's temporary folder for a stream.
+pub fn temp_dir_for(path: &Path) -> io::Result<PathBuf> {
+    let path = &resolved(path);
+    if is_stream(path)? {
+        return Ok(std::env::temp_dir());
+    }
+    Ok(path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf())
+}
+
+/// A temporary file in [`temp_dir_for`] `path`.
+pub fn temp_file_for(path: &Path) -> io::Result<tempfile::NamedTempFile> {
+    tempfile::NamedTempFile::new_in(temp_dir_for(path)?)
+}
+
+/// Puts the finished temporary file at `path`: renamed into place (readable by all, 0644),
+/// or copied into a stream ([`is_stream`]). The temporary file is gone afterwards either
+/// way.
+pub fn persist(tmp: tempfile::NamedTempFile, path: &Path) -> io::Result<()> {
+    let path = &resolved(path);
+    if is_stream(path)? {
+        let mut out = std::fs::OpenOptions::new().write(true).open(path)?;
+        return io::copy(&mut tmp.reopen()?, &mut out).map(|_| ());
+    }
+    // NamedTempFile is created 0600; outputs are files to read and share.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    }
+    tmp.persist(path).map(|_| ()).map_err(|e| e.error)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(unix)]
+    use std::os::unix::fs::FileTypeExt;
 
     #[test]
     fn regular_files_are_read_and_everything_else_is_named() {
@@ -181,13 +249,69 @@ mod tests {
     }
 
     #[cfg(unix)]
+    fn mkfifo(path: &Path) {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    }
+
+    /// Reads everything written to the FIFO `path` on another thread.
+    #[cfg(unix)]
+    fn drain(path: &Path) -> std::thread::JoinHandle<String> {
+        let path = path.to_path_buf();
+        std::thread::spawn(move || std::fs::read_to_string(path).unwrap())
+    }
+
+    /// A file is replaced by a rename; a pipe or device given as the output (`/dev/null`,
+    /// `/dev/stdout`, a FIFO) gets the bytes and stays what it is. (A FIFO stands for
+    /// `/dev/null` here, so that a regression cannot replace the machine's `/dev/null`.)
+    #[cfg(unix)]
+    #[test]
+    fn outputs_replace_files_and_stream_into_pipes() {
+        let dir = tempfile::tempdir().unwrap();
+        let put = |content: &str, path: &Path| {
+            let tmp = temp_file_for(path)?;
+            std::fs::write(tmp.path(), content).unwrap();
+            let tmp_path = tmp.path().to_path_buf();
+            let r = persist(tmp, path);
+            assert!(!tmp_path.exists(), "the temporary file is gone");
+            r
+        };
+        let out = dir.path().join("out.txt");
+        put("one", &out).unwrap();
+        put("two", &out).unwrap();
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "two");
+        let fifo = dir.path().join("pipe");
+        mkfifo(&fifo);
+        let reader = drain(&fifo);
+        put("streamed", &fifo).unwrap();
+        // Checked before joining: had the FIFO been renamed over, the reader would wait.
+        assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+        assert_eq!(reader.join().unwrap(), "streamed");
+        let e = put("x", dir.path()).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::IsADirectory);
+        // Through a link: the file it names is written, the link stays.
+        let link = dir.path().join("link.txt");
+        std::os::unix::fs::symlink(&out, &link).unwrap();
+        put("five", &link).unwrap();
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "five");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            3,
+            "out, pipe, link"
+        );
+    }
+
+    #[cfg(unix)]
     #[test]
     fn a_fifo_is_refused_without_waiting_for_a_writer() {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("pipe.wav");
-        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: mkfifo with a NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        mkfifo(&fifo);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || tx.send(read(&fifo).map_err(|e| e.to_string())));
         let got = rx

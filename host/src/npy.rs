@@ -37,11 +37,7 @@ pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<(), NpyEr
         path: path.to_path_buf(),
         cause,
     };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    let mut tmp = crate::files::temp_file_for(path).map_err(io)?;
     {
         let mut buf = BufWriter::new(tmp.as_file_mut());
         let shape_u64: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
@@ -56,15 +52,7 @@ pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<(), NpyEr
         buf.flush().map_err(io)?;
     }
     tmp.as_file().sync_all().map_err(io)?;
-    // NamedTempFile is created 0600; give the result ordinary file permissions.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        tmp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o644))
-            .map_err(io)?;
-    }
-    tmp.persist(path).map_err(|e| io(e.error))?;
+    crate::files::persist(tmp, path).map_err(io)?;
     Ok(())
 }
 

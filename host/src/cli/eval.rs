@@ -302,15 +302,17 @@ fn write_report(
 
 /// Writes JSON lines atomically (a temp file renamed into place).
 fn save_lines(path: &std::path::Path, lines: &[serde_json::Value]) -> Result<()> {
-    let tmp = path.with_extension("jsonl.tmp");
     let mut text = String::new();
     for l in lines {
         text.push_str(&terminal_safe_json(l.to_string()));
         text.push('\n');
     }
-    std::fs::write(&tmp, text).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))?;
-    Ok(())
+    let write = || -> std::io::Result<()> {
+        let mut tmp = crate::files::temp_file_for(path)?;
+        tmp.write_all(text.as_bytes())?;
+        crate::files::persist(tmp, path)
+    };
+    write().with_context(|| format!("{}: cannot write", path.display()))
 }
 
 fn write_table(out: &mut impl Write, r: &Report) -> Result<()> {

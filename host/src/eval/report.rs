@@ -284,18 +284,9 @@ fn examples(h: &mut String, page: &ReportPage) {
 /// Writes the page to `path` atomically (a temp file beside it, then renamed).
 pub fn write_html(path: &Path, page: &ReportPage) -> std::io::Result<()> {
     let html = render_html(page);
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    let mut tmp = crate::files::temp_file_for(path)?;
     std::io::Write::write_all(&mut tmp, html.as_bytes())?;
-    // A page to open in a browser and share, not a secret (temp files are created 0600).
-    std::fs::set_permissions(
-        tmp.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o644),
-    )?;
-    tmp.persist(path).map_err(|e| e.error)?;
+    crate::files::persist(tmp, path)?;
     Ok(())
 }
 

@@ -148,9 +148,9 @@ fn draw_losses(runs: &[(String, RunCurves)], out: &Path, title: &str) -> Drawn {
             .map(|&(s, l)| (s, l.log10()))
             .collect()
     };
-    let tmp = temp_path(out);
+    let tmp = temp_png(out)?;
     {
-        let root = BitMapBackend::new(&tmp, (1000, 600)).into_drawing_area();
+        let root = BitMapBackend::new(tmp.path(), (1000, 600)).into_drawing_area();
         root.fill(&WHITE)?;
         let mut chart = ChartBuilder::on(&root)
             .caption(title, (FAMILY, 22))
@@ -187,7 +187,7 @@ fn draw_losses(runs: &[(String, RunCurves)], out: &Path, title: &str) -> Drawn {
         draw_legend(&mut chart)?;
         root.present()?;
     }
-    finish(&tmp, out)
+    finish(tmp, out)
 }
 
 /// log10 update-to-data ratio per parameter tensor over the steps, with the usual
@@ -205,9 +205,9 @@ fn draw_update_ratios(curves: &RunCurves, out: &Path, name: &str) -> Drawn {
         lo = lo.min(r);
         hi = hi.max(r);
     }
-    let tmp = temp_path(out);
+    let tmp = temp_png(out)?;
     {
-        let root = BitMapBackend::new(&tmp, (1000, 600)).into_drawing_area();
+        let root = BitMapBackend::new(tmp.path(), (1000, 600)).into_drawing_area();
         root.fill(&WHITE)?;
         let mut chart = ChartBuilder::on(&root)
             .caption(
@@ -238,7 +238,7 @@ fn draw_update_ratios(curves: &RunCurves, out: &Path, name: &str) -> Drawn {
         draw_legend(&mut chart)?;
         root.present()?;
     }
-    finish(&tmp, out)
+    finish(tmp, out)
 }
 
 type Chart<'a, 'b> =
@@ -254,13 +254,15 @@ fn draw_legend<'a>(chart: &mut Chart<'a, 'a>) -> Drawn {
     Ok(())
 }
 
-fn temp_path(out: &Path) -> PathBuf {
-    let mut name = out.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp.png");
-    out.with_file_name(name)
+/// A temporary `.png` for `out` (plotters picks the format from the name).
+fn temp_png(out: &Path) -> std::io::Result<tempfile::NamedTempFile> {
+    tempfile::Builder::new()
+        .suffix(".png")
+        .tempfile_in(crate::files::temp_dir_for(out)?)
 }
 
-/// Renames the finished PNG into place, so a reader never sees half a file.
-fn finish(tmp: &Path, out: &Path) -> Drawn {
-    Ok(std::fs::rename(tmp, out)?)
+/// Puts the finished PNG in place, so a reader never sees half a file (or copies it into a
+/// device or pipe given as the output).
+fn finish(tmp: tempfile::NamedTempFile, out: &Path) -> Drawn {
+    Ok(crate::files::persist(tmp, out)?)
 }

@@ -338,22 +338,24 @@ impl RunConfig {
             return invalid("train.beta1 and train.beta2 must be in [0, 1)".into());
         }
         // NaN passes every comparison, so each number is checked to be finite too.
-        for (key, value, ok) in [
-            ("train.eps", t.eps, t.eps > 0.0),
-            ("train.weight-decay", t.weight_decay, t.weight_decay >= 0.0),
-            ("train.grad-clip", t.grad_clip, t.grad_clip >= 0.0),
+        let off = "a number >= 0 (0 turns it off)";
+        for (key, value, ok, rule) in [
+            ("train.eps", t.eps, t.eps > 0.0, "a positive number"),
+            (
+                "train.weight-decay",
+                t.weight_decay,
+                t.weight_decay >= 0.0,
+                off,
+            ),
+            ("train.grad-clip", t.grad_clip, t.grad_clip >= 0.0, off),
             (
                 "train.min-lr",
                 t.min_lr,
                 t.min_lr >= 0.0 && t.min_lr <= t.lr,
+                "a number >= 0 and at most train.lr",
             ),
         ] {
             if !(ok && value.is_finite()) {
-                let rule = match key {
-                    "train.eps" => "a positive number",
-                    "train.min-lr" => "a number >= 0 and at most train.lr",
-                    _ => "a number >= 0 (0 turns it off)",
-                };
                 return invalid(format!("{key} must be {rule}, got {value}"));
             }
         }

@@ -11,7 +11,7 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 /// What a path that is not a regular file is, for an error message ("is a FIFO ...").
-pub fn kind_of(meta: &Metadata) -> Option<&'static str> {
+fn kind_of(meta: &Metadata) -> Option<&'static str> {
     let t = meta.file_type();
     if t.is_file() {
         return None;
@@ -38,15 +38,20 @@ pub fn kind_of(meta: &Metadata) -> Option<&'static str> {
     Some("a special file")
 }
 
-/// The error for a path that is `kind` where a regular file was needed; a folder keeps
-/// [`io::ErrorKind::IsADirectory`] so that callers can say so in their own words.
-pub fn not_a_file(kind: &str) -> io::Error {
-    let kind_of_error = if kind == "a folder" {
+/// The error for what `meta` describes where a regular file was needed (`None` for a
+/// regular file); a folder keeps [`io::ErrorKind::IsADirectory`] so that callers can say so
+/// in their own words.
+fn not_a_file(meta: &Metadata) -> Option<io::Error> {
+    let kind = kind_of(meta)?;
+    let error_kind = if meta.is_dir() {
         io::ErrorKind::IsADirectory
     } else {
         io::ErrorKind::InvalidInput
     };
-    io::Error::new(kind_of_error, format!("is {kind}, not a regular file"))
+    Some(io::Error::new(
+        error_kind,
+        format!("is {kind}, not a regular file"),
+    ))
 }
 
 /// For paths that may be a file or a folder: why `path` is neither (missing, or a FIFO, a
@@ -70,8 +75,8 @@ pub fn neither_file_nor_folder(path: &Path) -> io::Error {
 /// Checks that an open `file` is a regular file and puts it back in blocking mode (it was
 /// opened non-blocking so that a FIFO could not stall the open itself).
 pub fn ensure_regular(file: &File) -> io::Result<()> {
-    if let Some(kind) = kind_of(&file.metadata()?) {
-        return Err(not_a_file(kind));
+    if let Some(e) = not_a_file(&file.metadata()?) {
+        return Err(e);
     }
     #[cfg(unix)]
     {
@@ -95,8 +100,8 @@ pub const OPEN_NONBLOCK: i32 = libc::O_NONBLOCK;
 /// `path` opened for reading, refused unless it is a regular file.
 pub fn open(path: &Path) -> io::Result<File> {
     // stat never blocks, and names a socket (which `open` refuses with an obscure ENXIO).
-    if let Some(kind) = kind_of(&std::fs::metadata(path)?) {
-        return Err(not_a_file(kind));
+    if let Some(e) = not_a_file(&std::fs::metadata(path)?) {
+        return Err(e);
     }
     let mut options = std::fs::OpenOptions::new();
     options.read(true);
@@ -160,10 +165,9 @@ fn is_stream(path: &Path) -> io::Result<bool> {
     match std::fs::metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(e),
-        Ok(meta) => match kind_of(&meta) {
-            None => Ok(false),
-            Some("a folder") => Err(not_a_file("a folder")),
-            Some(_) => Ok(true),
+        Ok(meta) => match not_a_file(&meta) {
+            Some(folder) if meta.is_dir() => Err(folder),
+            other => Ok(other.is_some()),
         },
     }
 }

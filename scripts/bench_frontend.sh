@@ -77,3 +77,27 @@ for f in long.mp3 long.flac; do
   echo "$r"
   python3 -c "import json,sys; d=json.loads(sys.argv[1]); print(f\"decode+resample {sys.argv[2]} (10 min, 44.1 kHz stereo): {d['audio_s_per_s']:.0f} s of audio per s\")" "$r" "$f"
 done
+# Resampling alone, 60 s of mono noise to 16 kHz: earshot (libswresample's filter, since
+# issue #30), the rubato FFT resampler it replaced, and libswresample itself through PyAV
+# (float in and out, as earshot; medians of 5).
+for rate in 22050 44100 48000; do
+  r=$("$bench" resample "$rate" 5)
+  swr=$("$venv/bin/python" - "$rate" <<'PY'
+import sys, time, statistics, numpy as np, av
+rate = int(sys.argv[1])
+x = (np.random.default_rng(0).random(rate * 60, dtype=np.float32) - 0.5) * 0.5
+def run():
+    r = av.audio.resampler.AudioResampler(format="flt", layout="mono", rate=16000)
+    f = av.AudioFrame.from_ndarray(x[None, :], format="flt", layout="mono")
+    f.sample_rate = rate
+    n = sum(g.samples for g in r.resample(f)) + sum(g.samples for g in r.resample(None))
+    return n
+run()
+ts = []
+for _ in range(5):
+    t = time.perf_counter(); run(); ts.append(time.perf_counter() - t)
+print(statistics.median(ts))
+PY
+)
+  python3 -c "import json,sys; d=json.loads(sys.argv[1]); s=float(sys.argv[2]); print(f\"resample 60 s {d['rate']} Hz -> 16 kHz: earshot {d['earshot_s']*1e3:.1f} ms, before (rubato FFT) {d['rubato_fft_s']*1e3:.1f} ms, libswresample (PyAV) {s*1e3:.1f} ms; earshot/swr x{d['earshot_s']/s:.2f}\")" "$r" "$swr"
+done

@@ -1,5 +1,6 @@
 //! Audio input: decode any supported container/codec (symphonia), downmix to mono and
-//! resample to Whisper's 16 kHz (rubato). Everything downstream sees `Vec<f32>` at 16 kHz.
+//! resample to Whisper's 16 kHz with libswresample's filter and clip to the 16-bit range, as
+//! Whisper's own loaders do. Everything downstream sees `Vec<f32>` at 16 kHz.
 
 mod decode;
 mod error;
@@ -9,7 +10,7 @@ pub use decode::{
     count_decoded_frames, decode_file_mono, decode_mono, probe, AudioInfo, DecodedAudio,
 };
 pub use error::AudioError;
-pub use resample::resample_mono;
+pub use resample::{resample_mono, resampled_len, MAX_INPUT_RATE};
 
 use std::path::Path;
 
@@ -69,15 +70,34 @@ pub fn load_16k_mono_within(
     to_16k(path, decode_file_mono(file, path, segment, Some(max_s))?)
 }
 
-/// Resamples already decoded audio to 16 kHz (no-op when it already is).
+/// Resamples already decoded audio to 16 kHz (no-op when it already is), then clips it to
+/// the 16-bit range as Whisper's own loaders do.
+///
+/// faster-whisper (PyAV) and openai-whisper (ffmpeg) both ask for signed 16-bit output, so a
+/// float recording with peaks past full scale (common in Vorbis, MP3 and AAC, and in the
+/// overshoot of a resampling filter) reaches the model clipped to [-1, 32767/32768]; the
+/// features Whisper was trained on are those of the clipped signal.
 pub fn to_16k(path: &Path, decoded: DecodedAudio) -> Result<Vec<f32>, AudioError> {
-    if decoded.sample_rate == SAMPLE_RATE {
-        return Ok(decoded.samples);
+    let mut samples = if decoded.sample_rate == SAMPLE_RATE {
+        decoded.samples
+    } else {
+        resample_mono(&decoded.samples, decoded.sample_rate, SAMPLE_RATE).map_err(|reason| {
+            AudioError::Resample {
+                path: path.to_path_buf(),
+                reason,
+            }
+        })?
+    };
+    clip_to_s16_range(&mut samples);
+    Ok(samples)
+}
+
+/// The largest sample a signed 16-bit output holds, as a fraction of full scale.
+pub const S16_MAX: f32 = 32767.0 / 32768.0;
+
+/// Clips samples to what a signed 16-bit conversion keeps: [-1, 32767/32768].
+pub fn clip_to_s16_range(samples: &mut [f32]) {
+    for s in samples {
+        *s = s.clamp(-1.0, S16_MAX);
     }
-    resample_mono(&decoded.samples, decoded.sample_rate, SAMPLE_RATE).map_err(|reason| {
-        AudioError::Resample {
-            path: path.to_path_buf(),
-            reason,
-        }
-    })
 }

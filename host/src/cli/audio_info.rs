@@ -32,9 +32,11 @@ pub fn run(args: AudioInfoArgs) -> Result<()> {
         // Some containers (MP4) only reveal the channel layout once a packet is decoded.
         header.channels = channels;
     }
-    // The resampler's output length: ceil(frames * 16000 / rate).
-    let rate = header.sample_rate as u64;
-    let samples_16k = (frames * audio::SAMPLE_RATE as u64).div_ceil(rate) as usize;
+    // The resampler's output length (swr's: the ceiling of frames * 16000 / rate, or one
+    // fewer where its mirrored tail ends early).
+    let samples_16k = audio::resampled_len(frames, header.sample_rate, audio::SAMPLE_RATE)
+        .map_err(|reason| anyhow::anyhow!("{}: {reason}", args.input.display()))?
+        as usize;
     let report = Report {
         header,
         samples_16k,

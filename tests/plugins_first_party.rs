@@ -180,7 +180,7 @@ fn musiccaps_adapter_on_the_fixture_csv() {
         "{w}"
     );
     assert_eq!(ds.dataset.warnings.len(), 4, "{w}");
-    let train = ds.read("train", 0, 10).unwrap();
+    let train = usable(ds.read("train", 0, 10).unwrap());
     assert_eq!(train.next, None);
     let ids: Vec<&str> = train.examples.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(ids, vec!["0bRUkLsttto", "ZZ9tgHnk_Ps"]);
@@ -193,7 +193,7 @@ fn musiccaps_adapter_on_the_fixture_csv() {
     assert!(ex
         .metadata
         .contains(&("aspect_list".into(), "['café', 'naïve']".into())));
-    let eval = ds.read("eval", 0, 10).unwrap();
+    let eval = usable(ds.read("eval", 0, 10).unwrap());
     assert_eq!(eval.examples.len(), 1);
     assert_eq!(eval.examples[0].id, "-0Gj8-vB1q4");
     // Whole recordings: segments from the CSV; batching by position.
@@ -204,13 +204,13 @@ fn musiccaps_adapter_on_the_fixture_csv() {
         r#"{"clipped": false}"#,
     )
     .unwrap();
-    let b = ds.read("train", 0, 1).unwrap();
+    let b = usable(ds.read("train", 0, 1).unwrap());
     assert_eq!((b.examples.len(), b.next), (1, Some(1)));
     assert_eq!(
         (b.examples[0].start_s, b.examples[0].end_s),
         (Some(30.0), Some(40.0))
     );
-    let b = ds.read("train", 1, 1).unwrap();
+    let b = usable(ds.read("train", 1, 1).unwrap());
     assert_eq!((b.examples[0].id.as_str(), b.next), ("ZZ9tgHnk_Ps", None));
     let err = ds.read("test", 0, 1).unwrap_err().to_string();
     assert!(err.contains("no split \"test\""), "{err}");
@@ -228,7 +228,7 @@ fn jsonl_contract(host: &PluginHost, adapter: &std::path::Path) {
             && w.contains("train.jsonl:5: missing string field \"audio\""),
         "{w}"
     );
-    let b = ds.read("train", 0, 100).unwrap();
+    let b = usable(ds.read("train", 0, 100).unwrap());
     assert_eq!(b.examples.len(), 2);
     assert_eq!(b.examples[0].id, "a");
     assert_eq!(
@@ -251,7 +251,7 @@ fn jsonl_contract(host: &PluginHost, adapter: &std::path::Path) {
     let mut seen = Vec::new();
     let mut pos = 0;
     loop {
-        let b = ds.read("train", pos, 1).unwrap();
+        let b = usable(ds.read("train", pos, 1).unwrap());
         seen.extend(b.examples.into_iter().map(|e| e.id));
         match b.next {
             Some(n) => pos = n,

@@ -387,3 +387,151 @@ fn an_endless_split_is_captioned_in_bounded_memory_up_to_the_cap() {
     assert_eq!(captioned, 16, "{err}");
     assert!(peak_mib < 1800.0, "peaked at {peak_mib:.0} MiB");
 }
+
+/// The adapter's three pages of four examples, the second holding one with 2,000 metadata
+/// entries: every command that reads the split uses the eleven good ones and names the bad
+/// one alone (before, the error ended the split at the second page).
+fn oversized_example_config(dir: &Path) -> PathBuf {
+    let root = dir.join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let cfg = config(dir, &root);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let jsonl = format!("{}", plugin_dir("plugins").join("jsonl.wasm").display());
+    assert!(text.contains(&jsonl));
+    let text = text.replace(&jsonl, &hostile("oversized-example").display().to_string());
+    std::fs::write(&cfg, text).unwrap();
+    cfg
+}
+
+fn stdout_lines(out: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// The one error line names the example, the plugin and the bound; the good ids are all there.
+fn assert_one_bad_among_good(lines: &[serde_json::Value], err: &str) {
+    let bad: Vec<&serde_json::Value> = lines.iter().filter(|l| l.get("error").is_some()).collect();
+    assert_eq!(bad.len(), 1, "{lines:?}\n{err}");
+    assert_eq!(bad[0]["id"], "huge-metadata", "{err}");
+    let msg = bad[0]["error"].as_str().unwrap();
+    assert!(
+        msg.contains("hostile-oversized-example") && msg.contains("2000 metadata entries"),
+        "{msg}"
+    );
+    let good: Vec<&str> = lines
+        .iter()
+        .filter(|l| l.get("error").is_none())
+        .map(|l| l["id"].as_str().unwrap())
+        .collect();
+    let want: Vec<String> = (0..12)
+        .filter(|&k| k != 5)
+        .map(|k| format!("good-{k}"))
+        .collect();
+    assert_eq!(good, want, "{err}");
+}
+
+#[test]
+fn one_oversized_example_fails_alone_in_caption_and_dataset_list() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = oversized_example_config(d.path());
+    let out = earshot_with_timeout(
+        &caption_args(&cfg, &[&"--split", &"train", &"--max-tokens", &"1"]),
+        300,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert_one_bad_among_good(&stdout_lines(&out), &err);
+    assert!(err.contains("1 of 12 input(s) failed"), "{err}");
+
+    let root = d.path().join("root");
+    let adapter = hostile("oversized-example");
+    let out = earshot_with_timeout(
+        &[
+            "dataset".as_ref(),
+            "list".as_ref(),
+            "--adapter".as_ref(),
+            adapter.as_os_str(),
+            "--root".as_ref(),
+            root.as_os_str(),
+            "--batch".as_ref(),
+            "4".as_ref(),
+        ],
+        120,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    let lines = stdout_lines(&out);
+    assert_one_bad_among_good(&lines, &err);
+    assert!(lines.iter().all(|l| l["split"] == "train"), "{lines:?}");
+    assert!(
+        err.contains("1 of 12 example(s) break a per-example bound"),
+        "{err}"
+    );
+}
+
+#[test]
+fn one_oversized_example_is_skipped_in_training_and_eval_or_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = oversized_example_config(d.path());
+    let out = earshot_with_timeout(&["train".as_ref(), cfg.as_os_str()], 300);
+    expect_success(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("training the projector on 11 example(s)")
+            && err.contains("(1 skipped: 1 over a plugin bound"),
+        "{err}"
+    );
+    assert!(
+        err.contains("huge-metadata") && err.contains("skipped"),
+        "{err}"
+    );
+
+    // eval on the same split: the eleven are scored, the one is a failure, exit 3.
+    let out = earshot_with_timeout(
+        &[
+            "eval".as_ref(),
+            "--config".as_ref(),
+            cfg.as_os_str(),
+            "--split".as_ref(),
+            "train".as_ref(),
+            "--max-tokens".as_ref(),
+            "1".as_ref(),
+            "--no-listening-check".as_ref(),
+            "--no-report".as_ref(),
+            "--json".as_ref(),
+        ],
+        300,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["examples"].as_u64(), v["failed"].as_u64()),
+        (Some(11), Some(1)),
+        "{err}"
+    );
+    assert!(
+        err.contains("huge-metadata") && err.contains("2000 metadata entries"),
+        "{err}"
+    );
+
+    let out = earshot_with_timeout(
+        &[
+            "train".as_ref(),
+            cfg.as_os_str(),
+            "--overwrite".as_ref(),
+            "--set".as_ref(),
+            "data.bad-examples=\"refuse\"".as_ref(),
+        ],
+        300,
+    );
+    let err = expect_failure(&out);
+    assert!(
+        err.contains("huge-metadata")
+            && err.contains("2000 metadata entries")
+            && err.contains("data.bad-examples"),
+        "{err}"
+    );
+}

@@ -92,6 +92,20 @@ pub struct DataConfig {
     /// example (a few KB of compressed input can claim hours).
     #[serde(default = "default_max_audio_s")]
     pub max_audio_s: f64,
+    /// What training does with an example the adapter returns over a per-example bound
+    /// (metadata entries, an id, key, value, target or reference too long).
+    #[serde(default)]
+    pub bad_examples: BadExamples,
+}
+
+/// `data.bad-examples`: skip such an example with a warning (counted in the banner), or
+/// refuse to train on a split that holds one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum BadExamples {
+    #[default]
+    Skip,
+    Refuse,
 }
 
 fn default_train_split() -> String {

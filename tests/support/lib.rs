@@ -504,6 +504,20 @@ pub fn ids_and_targets(examples: &[earshot::plugins::Example]) -> Vec<(&str, Opt
         .collect()
 }
 
+/// A page whose examples must all be usable (a first-party adapter's example over a bound is
+/// a bug in the adapter), as plain examples.
+pub struct UsablePage {
+    pub examples: Vec<earshot::plugins::Example>,
+    pub next: Option<u64>,
+}
+
+pub fn usable(b: earshot::plugins::Batch) -> UsablePage {
+    UsablePage {
+        examples: b.examples.into_iter().map(|e| e.unwrap()).collect(),
+        next: b.next,
+    }
+}
+
 pub fn read_all(
     ds: &mut earshot::plugins::DatasetAdapter,
     split: &str,
@@ -512,7 +526,7 @@ pub fn read_all(
     let mut out = Vec::new();
     let mut start = 0;
     loop {
-        let b = ds.read(split, start, page).unwrap();
+        let b = usable(ds.read(split, start, page).unwrap());
         out.extend(b.examples);
         match b.next {
             Some(n) => start = n,

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::pipeline::examples::audio_label;
-use crate::plugins::{Example, PluginError, SplitPages, PAGE_SIZE};
+use crate::plugins::{BadExample, Example, PluginError, SplitPages, PAGE_SIZE};
 
 /// Where a caption item's audio comes from.
 #[derive(Clone)]
@@ -22,6 +22,9 @@ pub enum AudioInput {
         samples: Vec<f32>,
         span: super::SourceSpan,
     },
+    /// An example the adapter returned over a per-example bound: it has no audio to use and
+    /// fails alone with this error (silence and shuffling leave it as it is).
+    Rejected(BadExample),
 }
 
 /// One thing to caption.
@@ -81,6 +84,19 @@ impl CaptionItem {
     }
 }
 
+impl CaptionItem {
+    /// An example refused for breaking a per-example bound: captioning reports its error.
+    pub fn rejected(bad: BadExample) -> Self {
+        Self {
+            id: bad.id.clone(),
+            audio: "<not read: the example breaks a bound>".into(),
+            input: AudioInput::Rejected(bad),
+            metadata: Vec::new(),
+            references: Vec::new(),
+        }
+    }
+}
+
 /// Items read a chunk at a time.
 pub enum ItemSource<'a> {
     Files(std::vec::IntoIter<PathBuf>),
@@ -101,7 +117,10 @@ impl ItemSource<'_> {
                 };
                 Ok(examples
                     .into_iter()
-                    .map(|ex| CaptionItem::example(ex, root))
+                    .map(|ex| match ex {
+                        Ok(ex) => CaptionItem::example(ex, root),
+                        Err(bad) => CaptionItem::rejected(bad),
+                    })
                     .collect())
             }
         }

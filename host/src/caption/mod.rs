@@ -33,6 +33,9 @@ pub enum CaptionError {
     Plugin(#[from] PluginError),
     #[error(transparent)]
     Sampling(#[from] SamplingError),
+    /// The dataset adapter returned this example over a per-example bound.
+    #[error("{0}")]
+    BadExample(crate::plugins::BadExample),
     #[error("{item}: longer than data.max-audio-s = {max_s} s")]
     TooLong { item: String, max_s: f64 },
     #[error(
@@ -300,6 +303,7 @@ impl Captioner {
                 (ex.start_s, ex.end_s),
             ),
             AudioInput::Decoded { samples, span } => (samples.as_slice().into(), *span),
+            AudioInput::Rejected(bad) => return Err(CaptionError::BadExample(bad.clone())),
             AudioInput::Samples(s) => {
                 if s.len() as f64 > max_s * audio::SAMPLE_RATE as f64 {
                     return Err(CaptionError::TooLong {

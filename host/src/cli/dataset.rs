@@ -18,7 +18,10 @@ pub enum DatasetCommand {
     /// Print a dataset's examples as JSON lines, through a dataset-adapter plugin
     #[command(
         after_help = "The adapter runs sandboxed and sees only DIR, read-only, at /data. \
-Warnings (bad rows, missing audio) go to stderr; examples, one JSON object per line, to stdout.\n\n\
+Warnings (bad rows, missing audio) go to stderr; examples, one JSON object per line, to stdout. \
+An example over a per-example bound (too many metadata entries, an id, key, value, target or \
+reference too long) is an error line {\"id\", \"error\", \"split\"} and the command exits 3; \
+a page that breaks the read contract as a whole stops it (exit 1).\n\n\
 Example:\n  earshot dataset list --adapter plugins/target/wasm32-wasip2/release/jsonl.wasm \\\n    --root configs/data/tones --limit 3"
     )]
     List {
@@ -69,6 +72,7 @@ pub fn run(args: DatasetArgs) -> Result<()> {
         None => ds.dataset.splits.clone(),
     };
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let (mut listed, mut bad) = (0u64, 0u64);
     for split in splits {
         let mut emitted = 0u64;
         let mut pages = ds.pages(&split, batch);
@@ -82,13 +86,28 @@ pub fn run(args: DatasetArgs) -> Result<()> {
                 break;
             };
             for ex in &examples {
-                let mut v = serde_json::to_value(ex)?;
+                // An example over a per-example bound is an error line of its own (as in
+                // `caption --split`); the rest of its page is listed.
+                let mut v = match ex {
+                    Ok(ex) => serde_json::to_value(ex)?,
+                    Err(e) => {
+                        bad += 1;
+                        serde_json::json!({"id": e.id, "error": e.to_string()})
+                    }
+                };
                 v["split"] = split.clone().into();
                 writeln!(out, "{}", terminal_safe_json(v.to_string()))?;
             }
             emitted += examples.len() as u64;
         }
+        listed += emitted;
     }
     out.flush()?;
+    if bad > 0 {
+        return Err(super::exit::Exit::partial(format!(
+            "{bad} of {listed} example(s) break a per-example bound (error lines); the others \
+             were listed"
+        )));
+    }
     Ok(())
 }

@@ -137,6 +137,15 @@ pub fn run(args: EvalArgs) -> Result<()> {
             write_listening(&mut out, check)?;
         }
     }
+    // Captioning a split here, some examples failed (an error line each on stderr): the
+    // scores stand for the others, and the status says they are not the whole split.
+    if args.config.is_some() && report.failed > 0 {
+        return Err(super::exit::Exit::partial(format!(
+            "{} of {} example(s) failed (error lines above); the others were scored",
+            report.failed,
+            report.failed + report.examples
+        )));
+    }
     Ok(())
 }
 

@@ -65,8 +65,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     // Both splits' clips went through the encoder cache.
     let clips = session.examples.len() + session.eval_examples.len();
     printer.line(&format!(
-        "training the projector on {} example(s) up to step {steps}; encoder: {} clip(s) encoded, {} from the cache",
+        "training the projector on {} example(s) up to step {steps}{}; encoder: {} clip(s) encoded, {} from the cache",
         session.examples.len(),
+        skipped_note(session.skipped),
         session.fresh_encodings,
         clips.saturating_sub(session.fresh_encodings)
     ));
@@ -120,4 +121,30 @@ pub fn run(args: TrainArgs) -> Result<()> {
         None => println!("{why}"),
     }
     Ok(())
+}
+
+/// The banner's word on examples left out (the log has a warning for each).
+fn skipped_note(skipped: crate::train::Skipped) -> String {
+    let mut parts = Vec::new();
+    if skipped.over_bound > 0 {
+        parts.push(format!(
+            "{} over a plugin bound (data.bad-examples = \"refuse\" stops instead)",
+            skipped.over_bound
+        ));
+    }
+    if skipped.other > 0 {
+        parts.push(format!(
+            "{} without a usable target or audio",
+            skipped.other
+        ));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " ({} skipped: {})",
+            skipped.over_bound + skipped.other,
+            parts.join(", ")
+        )
+    }
 }

@@ -94,7 +94,9 @@ pub fn caption_split(
         }
         if hearing == Hearing::Silence {
             for item in &mut chunk {
-                item.input = AudioInput::Samples(vec![0.0; crate::audio::SAMPLE_RATE as usize]);
+                if !matches!(item.input, AudioInput::Rejected(_)) {
+                    item.input = AudioInput::Samples(vec![0.0; crate::audio::SAMPLE_RATE as usize]);
+                }
             }
         } else {
             captioner.decode_in_place(&mut chunk);
@@ -191,8 +193,17 @@ fn chunk_loss(captioner: &mut Captioner, chunk: &[CaptionItem]) -> Result<(f64, 
 const SHUFFLE_SEED: u64 = 0x5eed;
 
 /// Gives each item the audio of another, by a random cyclic permutation (Sattolo's
-/// algorithm): no item keeps its own audio unless there is only one.
+/// algorithm): no item keeps its own audio unless there is only one. Rejected examples (no
+/// audio, see [`AudioInput::Rejected`]) keep their error and lend nothing.
 pub fn shuffle_audio(items: &mut [CaptionItem], seed: u64) {
+    let mut usable: Vec<&mut CaptionItem> = items
+        .iter_mut()
+        .filter(|i| !matches!(i.input, AudioInput::Rejected(_)))
+        .collect();
+    shuffle_usable(&mut usable, seed);
+}
+
+fn shuffle_usable(items: &mut [&mut CaptionItem], seed: u64) {
     use rand::{Rng, SeedableRng};
     let n = items.len();
     let mut perm: Vec<usize> = (0..n).collect();

@@ -22,8 +22,8 @@ pub use paging::{SplitPages, PAGE_SIZE};
 pub use roles::{DatasetAdapter, PostProcessor, PromptTemplate};
 pub use sandbox::{SandboxLimits, DATA_MOUNT};
 pub use types::{
-    AudioSource, Batch, CallFailure, DatasetInfo, Example, PluginError, PluginInfo, PromptPieces,
-    Role,
+    AudioSource, BadExample, Batch, CallFailure, DatasetInfo, Example, PageExample, PluginError,
+    PluginInfo, PromptPieces, Role,
 };
 
 use sandbox::{new_store, HostState};

@@ -2,7 +2,7 @@
 //! `dataset list` share, with the limits each of them needs (a position that must advance,
 //! a bound on the examples and pages a split may yield).
 
-use super::types::{CallFailure, Example, PluginError};
+use super::types::{CallFailure, PageExample, PluginError};
 use super::{display_text, DatasetAdapter};
 
 /// Examples asked for in one `read` when the caller has no reason to choose.
@@ -57,14 +57,18 @@ pub struct SplitPages<'a> {
 
 impl SplitPages<'_> {
     /// The next page's examples (its warnings go to the log), or None after the last page.
-    /// A split that yields more than `plugins.sandbox.max-examples` examples, or as many
-    /// pages (empty pages that only move the position), is an error naming the plugin.
-    pub fn next_page(&mut self) -> Result<Option<Vec<Example>>, PluginError> {
+    /// An example that breaks a per-example bound comes back as its own `Err`, the others of
+    /// its page as usual; a page that breaks the read contract as a whole (more examples than
+    /// asked for, a position that does not advance, more bytes than the call may return) is
+    /// the error of the call. A split that yields more than `plugins.sandbox.max-examples`
+    /// examples, or as many pages (empty pages that only move the position), is an error
+    /// naming the plugin.
+    pub fn next_page(&mut self) -> Result<Option<Vec<PageExample>>, PluginError> {
         self.next_page_of(self.page_size)
     }
 
     /// As [`Self::next_page`], asking for at most `max` examples.
-    pub fn next_page_of(&mut self, max: u32) -> Result<Option<Vec<Example>>, PluginError> {
+    pub fn next_page_of(&mut self, max: u32) -> Result<Option<Vec<PageExample>>, PluginError> {
         let Some(start) = self.position else {
             return Ok(None);
         };

@@ -68,9 +68,34 @@ pub struct DatasetInfo {
     pub warnings: Vec<String>,
 }
 
+/// An example the adapter returned that breaks a per-example bound (too many metadata
+/// entries or references, an id, key, value, target or reference too long). It fails alone:
+/// the rest of its page is used.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct BadExample {
+    /// The adapter that returned it.
+    pub plugin: String,
+    /// Its id, escaped and cut to a printable length (the id itself may be the problem).
+    pub id: String,
+    pub reason: String,
+}
+
+impl fmt::Display for BadExample {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "plugin {}: read: example {}: {}",
+            self.plugin, self.id, self.reason
+        )
+    }
+}
+
+/// A page's examples in the adapter's order, each usable or refused on its own.
+pub type PageExample = Result<Example, BadExample>;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
-    pub examples: Vec<Example>,
+    pub examples: Vec<PageExample>,
     pub warnings: Vec<String>,
     pub next: Option<u64>,
 }

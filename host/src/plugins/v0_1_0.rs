@@ -59,6 +59,12 @@ const MAX_SPLIT_NAME_BYTES: usize = 256;
 const MAX_ID_BYTES: usize = 1024;
 const MAX_METADATA: usize = 256;
 const MAX_REFERENCES: usize = 256;
+/// An id is shown cut to this when it is too long to use.
+const MAX_SHOWN_ID_BYTES: usize = 64;
+const MAX_METADATA_KEY_BYTES: usize = 256;
+/// A target, a reference or a metadata value (text for the prompt, the loss and the scores;
+/// 64 KiB is hours of transcript, far past any LLM context).
+const MAX_TEXT_BYTES: usize = 64 << 10;
 const MAX_STOP_STRINGS: usize = 64;
 const MAX_STOP_STRING_BYTES: usize = 256;
 /// A post-processed caption (the raw caption is at most a few hundred tokens).
@@ -530,25 +536,15 @@ type DsBatch = dataset::exports::earshot::plugin::dataset_adapter::Batch;
 type DsInfo = dataset::exports::earshot::plugin::dataset_adapter::DatasetInfo;
 
 /// An example, bounded: its id is printed and used as a key, so it is refused when too long
-/// and escaped when it holds control characters.
-fn example(e: DsExample) -> Result<host::Example, String> {
-    if e.id.len() > MAX_ID_BYTES {
-        return Err(format!(
-            "an example id of {} bytes (at most {MAX_ID_BYTES})",
-            e.id.len()
-        ));
-    }
-    let id = display_text(&e.id, MAX_ID_BYTES * 6);
-    if e.metadata.len() > MAX_METADATA || e.references.len() > MAX_REFERENCES {
-        return Err(format!(
-            "example {id}: {} metadata entries and {} references (at most {MAX_METADATA} and \
-             {MAX_REFERENCES})",
-            e.metadata.len(),
-            e.references.len()
-        ));
+/// and escaped when it holds control characters; its text fields are data for the prompt,
+/// the loss and the scores, so each is refused past its bound. A refused example comes back
+/// as its own error (id cut for printing, and why), never failing the rest of its page.
+fn example(e: DsExample) -> Result<host::Example, (String, String)> {
+    if let Some(why) = example_bound_broken(&e) {
+        return Err((display_text(&e.id, MAX_SHOWN_ID_BYTES), why));
     }
     Ok(host::Example {
-        id,
+        id: display_text(&e.id, MAX_ID_BYTES * 6),
         audio: match e.audio {
             DsAudio::Path(p) => host::AudioSource::Path(p),
             DsAudio::Inline(b) => host::AudioSource::Inline(b),
@@ -563,6 +559,55 @@ fn example(e: DsExample) -> Result<host::Example, String> {
             .map(|kv| (kv.key, kv.value))
             .collect(),
     })
+}
+
+/// The first per-example bound `e` breaks, said for the error line.
+fn example_bound_broken(e: &DsExample) -> Option<String> {
+    let too_long = |what: &str, len: usize, max: usize| {
+        (len > max).then(|| format!("{what} of {len} bytes (at most {max})"))
+    };
+    if let Some(why) = too_long("an id", e.id.len(), MAX_ID_BYTES) {
+        return Some(why);
+    }
+    if e.metadata.len() > MAX_METADATA {
+        return Some(format!(
+            "{} metadata entries (at most {MAX_METADATA})",
+            e.metadata.len()
+        ));
+    }
+    if e.references.len() > MAX_REFERENCES {
+        return Some(format!(
+            "{} references (at most {MAX_REFERENCES})",
+            e.references.len()
+        ));
+    }
+    if let Some(why) = e
+        .target
+        .as_ref()
+        .and_then(|t| too_long("a target", t.len(), MAX_TEXT_BYTES))
+    {
+        return Some(why);
+    }
+    for (i, r) in e.references.iter().enumerate() {
+        if let Some(why) = too_long(&format!("reference {i}"), r.len(), MAX_TEXT_BYTES) {
+            return Some(why);
+        }
+    }
+    for kv in &e.metadata {
+        let key = display_text(&kv.key, 64);
+        if let Some(why) =
+            too_long("a metadata key", kv.key.len(), MAX_METADATA_KEY_BYTES).or_else(|| {
+                too_long(
+                    &format!("metadata {key}'s value"),
+                    kv.value.len(),
+                    MAX_TEXT_BYTES,
+                )
+            })
+        {
+            return Some(why);
+        }
+    }
+    None
 }
 
 fn example_size(e: &DsExample) -> usize {
@@ -698,9 +743,14 @@ impl super::roles::DatasetAdapterApi for DatasetAdapter {
         let examples = b
             .examples
             .into_iter()
-            .map(example)
-            .collect::<Result<Vec<_>, String>>()
-            .map_err(|why| bad_output(&name, "read", why))?;
+            .map(|e| {
+                example(e).map_err(|(id, reason)| host::BadExample {
+                    plugin: name.clone(),
+                    id,
+                    reason,
+                })
+            })
+            .collect();
         Ok(host::Batch {
             examples,
             warnings: warnings(b.warnings),

@@ -22,6 +22,11 @@ pub enum TrainError {
     /// A checkpoint (or `--checkpoint` path) that cannot be used, and why.
     #[error("{path}: {reason}")]
     Checkpoint { path: PathBuf, reason: String },
+    #[error("split {split:?}: {bad}; refused (data.bad-examples = \"refuse\"; \"skip\" trains without it)")]
+    BadExample {
+        split: String,
+        bad: crate::plugins::BadExample,
+    },
     #[error("split {split:?} of {root} has no usable examples")]
     NoUsableExamples { split: String, root: PathBuf },
     #[error("{steps} steps in a row with non-finite loss or gradients; stopping{trace}")]

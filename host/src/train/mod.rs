@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
-use crate::config::RunConfig;
+use crate::config::{BadExamples, RunConfig};
 use crate::models::llm::{GgufBlocks, LoadedLlm, PrefixCache};
 use crate::models::nonfinite::NonFiniteTrace;
 use crate::models::projector::Projector;
@@ -61,6 +61,8 @@ pub struct Session {
     pub encode_counts: EncodeCounts,
     /// Prompt text before the audio, through the LLM once (see [`PrefixCache`]).
     pub prefixes: PrefixCache,
+    /// Examples of both splits left out, by cause.
+    pub skipped: Skipped,
 }
 
 impl Session {
@@ -114,12 +116,14 @@ impl Session {
             llm: &llm,
             clips: &mut clips,
             config: &config,
+            skipped: Skipped::default(),
         };
         let examples = inputs.load(&config.data.train_split, progress)?;
         let eval_examples = match &config.data.eval_split {
             Some(split) => inputs.load(split, progress)?,
             None => Vec::new(),
         };
+        let skipped = inputs.skipped;
         let ClipEncoder {
             encoder, counts, ..
         } = clips;
@@ -133,6 +137,7 @@ impl Session {
             manifest,
             fresh_encodings: counts.encoder_runs,
             encode_counts: counts,
+            skipped,
             prefixes: PrefixCache::default(),
         })
     }
@@ -145,6 +150,16 @@ struct SplitInputs<'a> {
     llm: &'a LoadedLlm,
     clips: &'a mut ClipEncoder,
     config: &'a RunConfig,
+    skipped: Skipped,
+}
+
+/// Examples left out of training, both splits together (each with a warning in the log).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Skipped {
+    /// Returned by the adapter over a per-example bound (see `data.bad-examples`).
+    pub over_bound: usize,
+    /// No or empty target, or audio that could not be decoded or encoded.
+    pub other: usize,
 }
 
 impl SplitInputs<'_> {
@@ -158,7 +173,21 @@ impl SplitInputs<'_> {
         let mut listed = Vec::new();
         let mut pages = self.adapter.pages(split, PAGE_SIZE);
         while let Some(page) = pages.next_page()? {
-            listed.extend(page);
+            for ex in page {
+                match ex {
+                    Ok(ex) => listed.push(ex),
+                    Err(bad) if config.data.bad_examples == BadExamples::Refuse => {
+                        return Err(TrainError::BadExample {
+                            split: split.to_string(),
+                            bad,
+                        });
+                    }
+                    Err(bad) => {
+                        tracing::warn!("{bad}; skipped");
+                        self.skipped.over_bound += 1;
+                    }
+                }
+            }
         }
         let total = listed.len();
         let mut examples = Vec::new();
@@ -170,6 +199,7 @@ impl SplitInputs<'_> {
             });
             let Some(target) = ex.target.clone() else {
                 tracing::warn!("example {}: no target text; skipped", ex.id);
+                self.skipped.other += 1;
                 continue;
             };
             let pieces = prompt::render(
@@ -182,6 +212,7 @@ impl SplitInputs<'_> {
             .pieces;
             if pieces.target.is_empty() {
                 tracing::warn!("example {}: empty target; skipped", ex.id);
+                self.skipped.other += 1;
                 continue;
             }
             let encoded = match self.clips.encode_example_first_window(
@@ -192,6 +223,7 @@ impl SplitInputs<'_> {
                 Ok(e) => e,
                 Err(e) => {
                     tracing::warn!("example {}: {e:#}; skipped", ex.id);
+                    self.skipped.other += 1;
                     continue;
                 }
             };

@@ -96,6 +96,25 @@ pub struct DataConfig {
     /// (metadata entries, an id, key, value, target or reference too long).
     #[serde(default)]
     pub bad_examples: BadExamples,
+    /// The targets are text to be reproduced (transcription): the leak audit then also
+    /// compares normalised targets across splits. Off for label tasks, whose targets are
+    /// shared across splits by design.
+    #[serde(default)]
+    pub text_targets: bool,
+    /// What `train` does when its splits share content (the leak audit, by audio bytes and,
+    /// with text-targets, normalised targets): warn (default), refuse, or ignore.
+    #[serde(default)]
+    pub leaks: LeakPolicy,
+}
+
+/// `data.leaks`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum LeakPolicy {
+    #[default]
+    Warn,
+    Refuse,
+    Ignore,
 }
 
 /// `data.bad-examples`: skip such an example with a warning (counted in the banner), or

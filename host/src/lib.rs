@@ -17,4 +17,5 @@ pub mod pipeline;
 pub mod plugins;
 pub mod sampler;
 pub mod selftest;
+pub mod text;
 pub mod train;

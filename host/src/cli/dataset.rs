@@ -5,7 +5,11 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 
 use super::plugin::SandboxArgs;
-use crate::plugins::{terminal_safe_json, DatasetAdapter};
+use super::printer::PhaseProgress;
+use crate::config::RunConfig;
+use crate::pipeline::audit::{AuditOptions, AuditReport};
+use crate::pipeline::open_dataset;
+use crate::plugins::{display_text, terminal_safe_json, DatasetAdapter, PluginHost};
 
 #[derive(Debug, Args)]
 pub struct DatasetArgs {
@@ -46,18 +50,86 @@ Example:\n  earshot dataset list --adapter plugins/target/wasm32-wasip2/release/
         #[command(flatten)]
         sandbox: SandboxArgs,
     },
+    /// Find examples that two splits share: the same audio bytes, the same decoded audio, or
+    /// (for text targets) the same normalised target
+    #[command(
+        after_help = "Reads every example of the run config's dataset through its adapter (any \
+adapter, third-party included) and compares each split with the ones before it: the training \
+split first, then the config's eval split, then the adapter's other splits (or --split, in the \
+order given). An example of a later split that shares content with an earlier one leaks: its \
+score measures memory, not hearing. Target text is compared when data.text-targets = true \
+(transcription) or --text-targets; a label task's targets are shared by design.\n\n\
+Exit status: 0 no leak; 1 leaks found (counts and the first offenders are printed), or the \
+dataset could not be read.\n\n\
+Example:\n  earshot dataset audit configs/cpu-smollm2-tones.toml"
+    )]
+    Audit {
+        /// Run config (TOML)
+        #[arg(
+            value_name = "CONFIG",
+            required_unless_present = "config_flag",
+            conflicts_with = "config_flag"
+        )]
+        config: Option<PathBuf>,
+        /// The run config (the same as CONFIG)
+        #[arg(long = "config", id = "config_flag", value_name = "CONFIG")]
+        config_flag: Option<PathBuf>,
+        /// Override a config value (repeatable)
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Compare these splits, in this order (repeatable; default: the training split, the
+        /// eval split, then every other split the adapter lists)
+        #[arg(long = "split", value_name = "NAME")]
+        splits: Vec<String>,
+        /// Compare audio bytes only, without decoding every example
+        #[arg(long)]
+        no_decode: bool,
+        /// Also compare normalised targets (as data.text-targets = true)
+        #[arg(long)]
+        text_targets: bool,
+        /// The report as one JSON object
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn run(args: DatasetArgs) -> Result<()> {
-    let DatasetCommand::List {
-        adapter,
-        root,
-        options,
-        split,
-        limit,
-        batch,
-        sandbox,
-    } = args.command;
+    match args.command {
+        DatasetCommand::List {
+            adapter,
+            root,
+            options,
+            split,
+            limit,
+            batch,
+            sandbox,
+        } => list(adapter, root, options, split, limit, batch, sandbox),
+        DatasetCommand::Audit {
+            config,
+            config_flag,
+            set,
+            splits,
+            no_decode,
+            text_targets,
+            json,
+        } => {
+            let path = config
+                .or(config_flag)
+                .ok_or_else(|| anyhow::anyhow!("no run config given (CONFIG or --config)"))?;
+            audit(&path, &set, splits, !no_decode, text_targets, json)
+        }
+    }
+}
+
+fn list(
+    adapter: PathBuf,
+    root: PathBuf,
+    options: String,
+    split: Option<String>,
+    limit: Option<u64>,
+    batch: u32,
+    sandbox: SandboxArgs,
+) -> Result<()> {
     anyhow::ensure!(batch > 0, "--batch must be at least 1");
     let host = sandbox.host()?;
     let mut ds = DatasetAdapter::open(&host, &adapter, &root, &options)?;
@@ -110,4 +182,144 @@ pub fn run(args: DatasetArgs) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// `dataset audit`: reads the config's dataset and prints what its splits share.
+fn audit(
+    path: &std::path::Path,
+    set: &[String],
+    splits: Vec<String>,
+    decoded: bool,
+    text_targets: bool,
+    json: bool,
+) -> Result<()> {
+    let config = RunConfig::load(path, set)?;
+    let host = PluginHost::new(config.plugins.sandbox, PluginHost::default_cache_dir());
+    let mut ds = open_dataset(&host, &config, &[])?;
+    let splits = if splits.is_empty() {
+        audit_order(&config, &ds.dataset.splits)
+    } else {
+        for s in &splits {
+            ds.require_split(s)?;
+        }
+        splits
+    };
+    let options = AuditOptions {
+        decoded,
+        text_targets: text_targets || config.data.text_targets,
+        max_audio_s: config.data.max_audio_s,
+    };
+    let mut progress: Option<(String, PhaseProgress)> = None;
+    let report = crate::pipeline::audit::audit(
+        &mut ds,
+        &config.data.root,
+        &splits,
+        options,
+        &mut |split, done| {
+            if progress.as_ref().is_none_or(|(s, _)| s != split) {
+                let phase = format!("auditing {}", display_text(split, 256));
+                progress = Some((split.to_string(), PhaseProgress::new(phase, "example(s)")));
+            }
+            if let Some(line) = progress.as_mut().and_then(|(_, p)| p.line(done, None)) {
+                eprintln!("{line}");
+            }
+        },
+    )?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(
+            out,
+            "{}",
+            terminal_safe_json(serde_json::to_string(&report)?)
+        )?;
+    } else {
+        write_audit(&mut out, &report)?;
+    }
+    out.flush()?;
+    let leaking = report.leaking();
+    if leaking > 0 {
+        anyhow::bail!(
+            "{leaking} example(s) share content with an earlier split: scores on those splits \
+             measure memory, not hearing"
+        );
+    }
+    Ok(())
+}
+
+/// The training split first, then the eval split, then the adapter's other splits.
+pub fn audit_order(config: &RunConfig, listed: &[String]) -> Vec<String> {
+    let mut order: Vec<String> = std::iter::once(&config.data.train_split)
+        .chain(&config.data.eval_split)
+        .filter(|s| listed.contains(s))
+        .cloned()
+        .collect();
+    for s in listed {
+        if !order.contains(s) {
+            order.push(s.clone());
+        }
+    }
+    order
+}
+
+fn write_audit(out: &mut impl Write, report: &AuditReport) -> std::io::Result<()> {
+    let sizes: Vec<String> = report
+        .splits
+        .iter()
+        .map(|(s, n)| format!("{} {n}", display_text(s, 256)))
+        .collect();
+    writeln!(out, "splits: {} (compared in this order)", sizes.join(", "))?;
+    let kinds: Vec<&str> = report.compared.iter().map(|k| k.describe()).collect();
+    writeln!(out, "compared: {}", kinds.join(", "))?;
+    for l in &report.leaks {
+        let by: Vec<String> = l
+            .by_kind
+            .iter()
+            .map(|(k, n)| format!("{n} by {}", k.describe()))
+            .collect();
+        writeln!(
+            out,
+            "{}: {} of {} example(s) share content with an earlier split{}",
+            display_text(&l.split, 256),
+            l.leaking,
+            l.examples,
+            if by.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", by.join(", "))
+            }
+        )?;
+    }
+    if !report.first.is_empty() {
+        writeln!(out, "first offenders:")?;
+        for o in &report.first {
+            writeln!(
+                out,
+                "  {} example {}: {} as {} example {}",
+                display_text(&o.split, 256),
+                display_text(&o.id, 256),
+                o.shared.describe(),
+                display_text(&o.with_split, 256),
+                display_text(&o.with_id, 256)
+            )?;
+        }
+    }
+    if !report.unreadable.is_empty() {
+        writeln!(
+            out,
+            "{} example(s) could not be read in full (compared by what could be), e.g. {}: {}",
+            report.unreadable.len(),
+            display_text(&report.unreadable[0].0, 256),
+            display_text(&report.unreadable[0].1, 1024)
+        )?;
+    }
+    let leaking = report.leaking();
+    writeln!(
+        out,
+        "verdict: {}",
+        if leaking == 0 {
+            "no example shares content with an earlier split".to_string()
+        } else {
+            format!("{leaking} example(s) leak")
+        }
+    )
 }

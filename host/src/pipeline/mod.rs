@@ -10,6 +10,7 @@
 //! - [`manifest`]: checksums of everything a trained projector depends on, and the check a
 //!   checkpoint must pass before it is used.
 
+pub mod audit;
 pub mod clip;
 pub mod encoder_cache;
 pub mod error;

@@ -27,6 +27,8 @@ pub enum TrainError {
         split: String,
         bad: crate::plugins::BadExample,
     },
+    #[error("{0}; refused (data.leaks = \"refuse\")")]
+    Leaks(String),
     #[error("split {split:?} of {root} has no usable examples")]
     NoUsableExamples { split: String, root: PathBuf },
     #[error("{steps} steps in a row with non-finite loss or gradients; stopping{trace}")]

@@ -22,12 +22,13 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
-use crate::config::{BadExamples, RunConfig};
+use crate::config::{BadExamples, LeakPolicy, RunConfig};
 use crate::models::llm::{GgufBlocks, LoadedLlm, PrefixCache};
 use crate::models::nonfinite::NonFiniteTrace;
 use crate::models::projector::Projector;
 use crate::models::whisper::WhisperEncoder;
 use crate::models::Runtime;
+use crate::pipeline::audit::{AuditOptions, AuditReport, LeakFinder};
 use crate::pipeline::clip::EncodeCounts;
 use crate::pipeline::{
     build_manifest, load_models, mel_settings, open_dataset, prompt, ClipEncoder, Manifest,
@@ -117,6 +118,13 @@ impl Session {
             clips: &mut clips,
             config: &config,
             skipped: Skipped::default(),
+            leaks: (config.data.leaks != LeakPolicy::Ignore).then(|| {
+                LeakFinder::new(AuditOptions {
+                    decoded: false,
+                    text_targets: config.data.text_targets,
+                    max_audio_s: config.data.max_audio_s,
+                })
+            }),
         };
         let examples = inputs.load(&config.data.train_split, progress)?;
         let eval_examples = match &config.data.eval_split {
@@ -124,6 +132,9 @@ impl Session {
             None => Vec::new(),
         };
         let skipped = inputs.skipped;
+        if let Some(report) = inputs.leaks.take().map(LeakFinder::finish) {
+            check_leaks(&report, config.data.leaks)?;
+        }
         let ClipEncoder {
             encoder, counts, ..
         } = clips;
@@ -151,6 +162,34 @@ struct SplitInputs<'a> {
     clips: &'a mut ClipEncoder,
     config: &'a RunConfig,
     skipped: Skipped,
+    /// The splits compared as they are listed (audio bytes and, with data.text-targets,
+    /// normalised targets; no decoding beyond what training does).
+    leaks: Option<LeakFinder>,
+}
+
+/// The start-of-training leak check: a warning naming the count and the first offender, or
+/// under `data.leaks = "refuse"` an error.
+fn check_leaks(report: &AuditReport, policy: LeakPolicy) -> Result<()> {
+    let leaking = report.leaking();
+    let Some(first) = report.first.first() else {
+        return Ok(());
+    };
+    let summary = format!(
+        "{leaking} example(s) of the eval split share content with the training split (first: \
+         {} example {} has {} as {} example {}); `earshot dataset audit` lists them",
+        first.split,
+        first.id,
+        first.shared.describe(),
+        first.with_split,
+        first.with_id
+    );
+    match policy {
+        LeakPolicy::Refuse => Err(TrainError::Leaks(summary)),
+        _ => {
+            tracing::warn!("{summary}; eval figures on this split overstate what the model hears");
+            Ok(())
+        }
+    }
 }
 
 /// Examples left out of training, both splits together (each with a warning in the log).
@@ -187,6 +226,12 @@ impl SplitInputs<'_> {
                         self.skipped.over_bound += 1;
                     }
                 }
+            }
+        }
+        if let Some(finder) = self.leaks.as_mut() {
+            finder.begin_split(split);
+            for ex in &listed {
+                finder.add(ex, &config.data.root);
             }
         }
         let total = listed.len();

@@ -226,3 +226,170 @@ macro_rules! export_plugin {
         };
     };
 }
+
+/// Splits that never share content. Examples that share any content key (the same audio
+/// bytes, the same normalised transcript, the same source recording, ...) are joined into one
+/// group, and a whole group falls on one side, chosen by a seeded hash of the group's
+/// smallest key; so no recording and no transcript sits on two sides, however the dataset
+/// reuses them. Keys are strings the adapter chooses; give each kind its own prefix
+/// (`audio:`, `text:`, `source:`) so that kinds never collide.
+///
+/// ```ignore
+/// let mut groups = ContentGroups::default();
+/// for clip in &clips {
+///     groups.add(&[format!("audio:{}", content_hash(&bytes)), format!("text:{}", normalized_text(&said))]);
+/// }
+/// let sides = groups.assign(seed, &[("test", 0.1), ("valid", 0.1)], "train");
+/// ```
+#[derive(Debug, Default)]
+pub struct ContentGroups {
+    /// Union-find over items.
+    parent: Vec<usize>,
+    /// Each item's keys.
+    keys: Vec<Vec<String>>,
+    /// Key -> the first item that had it.
+    owner: std::collections::HashMap<String, usize>,
+}
+
+impl ContentGroups {
+    /// Adds an item with its content keys (at least one); returns its index.
+    pub fn add(&mut self, keys: &[String]) -> usize {
+        let item = self.parent.len();
+        self.parent.push(item);
+        self.keys.push(keys.to_vec());
+        for key in keys {
+            match self.owner.get(key) {
+                Some(&other) => self.union(item, other),
+                None => {
+                    self.owner.insert(key.clone(), item);
+                }
+            }
+        }
+        item
+    }
+
+    fn find(&mut self, mut i: usize) -> usize {
+        while self.parent[i] != i {
+            self.parent[i] = self.parent[self.parent[i]];
+            i = self.parent[i];
+        }
+        i
+    }
+
+    fn union(&mut self, a: usize, b: usize) {
+        let (ra, rb) = (self.find(a), self.find(b));
+        if ra != rb {
+            self.parent[ra.max(rb)] = ra.min(rb);
+        }
+    }
+
+    /// The number of groups.
+    pub fn groups(&mut self) -> usize {
+        (0..self.parent.len())
+            .filter(|&i| self.find(i) == i)
+            .count()
+    }
+
+    /// Each item's split, in the order added: a group goes to the first of `held` whose
+    /// cumulative fraction its hash falls under (e.g. `[("test", 0.1), ("valid", 0.1)]`),
+    /// else to `rest`. The hash is of the group's smallest key, so adding unrelated items
+    /// never moves a group.
+    pub fn assign<'a>(
+        &mut self,
+        seed: u64,
+        held: &[(&'a str, f64)],
+        rest: &'a str,
+    ) -> Vec<&'a str> {
+        let n = self.parent.len();
+        let mut smallest: std::collections::HashMap<usize, String> =
+            std::collections::HashMap::new();
+        for i in 0..n {
+            let root = self.find(i);
+            for key in &self.keys[i] {
+                let entry = smallest.entry(root).or_insert_with(|| key.clone());
+                if key < entry {
+                    *entry = key.clone();
+                }
+            }
+        }
+        (0..n)
+            .map(|i| {
+                let root = self.find(i);
+                let key = smallest.get(&root).map(String::as_str).unwrap_or_default();
+                let u = (fnv1a(seed, key.as_bytes()) % 1_000_000) as f64 / 1_000_000.0;
+                let mut bound = 0.0;
+                for (name, fraction) in held {
+                    bound += fraction;
+                    if u < bound {
+                        return *name;
+                    }
+                }
+                rest
+            })
+            .collect()
+    }
+}
+
+/// A 128-bit content hash (two FNV-1a passes with different seeds), hex: enough to group
+/// identical bytes. A collision could only join two groups, never put one recording on two
+/// sides.
+pub fn content_hash(bytes: &[u8]) -> String {
+    format!(
+        "{:016x}{:016x}",
+        fnv1a(0, bytes),
+        fnv1a(0x9e37_79b9_7f4a_7c15, bytes)
+    )
+}
+
+fn fnv1a(seed: u64, bytes: &[u8]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed.wrapping_mul(0x0000_0100_0000_01b3);
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Text as transcripts are compared for grouping: lower-case, everything but letters, digits
+/// and whitespace deleted, whitespace collapsed. Texts the host's normalisation (WER/CER, the
+/// leak audit: punctuation deleted) finds equal are equal here too; this one is looser, which
+/// only joins more examples into a group.
+pub fn normalized_text(text: &str) -> String {
+    let kept: String = text
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_alphanumeric() || c.is_whitespace())
+        .collect();
+    kept.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// A content key for an encoded audio file: [`content_hash`] of its bytes, except that for an
+/// Ogg stream only the pages' payloads count. Two Ogg files that carry the same packets differ
+/// in their stream serial numbers and page checksums, so equal audio would otherwise look
+/// different (Tux Paint's stamps hold such pairs). A file that does not parse as Ogg pages
+/// from start to end is hashed whole.
+pub fn audio_content_hash(bytes: &[u8]) -> String {
+    match ogg_payloads(bytes) {
+        Some(payload) => format!("ogg:{}", content_hash(&payload)),
+        None => content_hash(bytes),
+    }
+}
+
+/// The concatenated page bodies of an Ogg stream, or None when `bytes` is not one.
+fn ogg_payloads(bytes: &[u8]) -> Option<Vec<u8>> {
+    let mut payload = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        let header = bytes.get(at..at + 27)?;
+        if &header[..4] != b"OggS" {
+            return None;
+        }
+        let segments = header[26] as usize;
+        let table = bytes.get(at + 27..at + 27 + segments)?;
+        let body_len: usize = table.iter().map(|&s| s as usize).sum();
+        let body_at = at + 27 + segments;
+        payload.extend_from_slice(bytes.get(body_at..body_at + body_len)?);
+        at = body_at + body_len;
+    }
+    (at > 0).then_some(payload)
+}

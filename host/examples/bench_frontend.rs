@@ -113,9 +113,13 @@ fn rubato_fft(input: &[f32], rate_in: u32, rate_out: u32) -> Vec<f32> {
     };
     let min_chunk_in = rate_in as usize / gcd;
     let chunks = 1024usize.div_ceil(min_chunk_in).next_multiple_of(2);
-    let mut r =
-        FftFixedInOut::<f32>::new(rate_in as usize, rate_out as usize, chunks * min_chunk_in, 1)
-            .unwrap();
+    let mut r = FftFixedInOut::<f32>::new(
+        rate_in as usize,
+        rate_out as usize,
+        chunks * min_chunk_in,
+        1,
+    )
+    .unwrap();
     let delay = r.output_delay();
     let chunk_in = r.input_frames_next();
     let mut output = Vec::with_capacity(expected + delay + r.output_frames_max());

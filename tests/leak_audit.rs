@@ -7,6 +7,10 @@ use std::process::Output;
 use earshot_tests::*;
 use serde_json::Value;
 
+#[path = "plugins/common/wav.rs"]
+mod wav_file;
+use wav_file::wav_16k_mono;
+
 fn audit(config: &str, extra: &[&str]) -> (Output, Value) {
     let cfg = repo_root().join("configs").join(config);
     let mut args: Vec<std::ffi::OsString> = vec![
@@ -115,28 +119,12 @@ fn soundfont_splits_share_no_audio() {
 /// A 16 kHz mono 16-bit WAV of `samples`, with an extra LIST chunk when `tagged` (other
 /// bytes, the same audio).
 fn wav(path: &Path, samples: &[i16], tagged: bool) {
-    let data: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
     let list: &[u8] = if tagged {
         b"LIST\x04\x00\x00\x00INFO"
     } else {
         b""
     };
-    let mut b = Vec::new();
-    b.extend_from_slice(b"RIFF");
-    b.extend_from_slice(&(36 + list.len() as u32 + data.len() as u32).to_le_bytes());
-    b.extend_from_slice(b"WAVEfmt ");
-    b.extend_from_slice(&16u32.to_le_bytes());
-    b.extend_from_slice(&1u16.to_le_bytes());
-    b.extend_from_slice(&1u16.to_le_bytes());
-    b.extend_from_slice(&16000u32.to_le_bytes());
-    b.extend_from_slice(&32000u32.to_le_bytes());
-    b.extend_from_slice(&2u16.to_le_bytes());
-    b.extend_from_slice(&16u16.to_le_bytes());
-    b.extend_from_slice(list);
-    b.extend_from_slice(b"data");
-    b.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    b.extend_from_slice(&data);
-    std::fs::write(path, b).unwrap();
+    std::fs::write(path, wav_16k_mono(samples, list)).unwrap();
 }
 
 fn tone(hz: f64) -> Vec<i16> {

@@ -320,22 +320,30 @@ fn check_caption_cli(dir: &Path, caption: &dyn Fn(&[&std::ffi::OsStr]) -> std::p
 fn check_eval(dir: &Path, cfg: &Path, ckpt: &Path) {
     let numbers = format!("number={}", NAMES.join(","));
     let saved = dir.join("predictions.jsonl");
-    let out = earshot([
-        "eval".as_ref(),
-        "--config".as_ref(),
-        cfg.as_os_str(),
-        "--checkpoint".as_ref(),
-        ckpt.as_os_str(),
-        "--split".as_ref(),
-        "train".as_ref(),
-        "--max-tokens".as_ref(),
-        "12".as_ref(),
-        "--attribute".as_ref(),
-        numbers.as_ref(),
+    // `eval --config` on the training split with the tones' attribute, then `rest`.
+    let eval_train = |rest: &[&std::ffi::OsStr]| {
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "eval".as_ref(),
+            "--config".as_ref(),
+            cfg.as_os_str(),
+            "--checkpoint".as_ref(),
+            ckpt.as_os_str(),
+            "--split".as_ref(),
+            "train".as_ref(),
+            "--max-tokens".as_ref(),
+            "12".as_ref(),
+            "--attribute".as_ref(),
+            numbers.as_ref(),
+        ];
+        args.extend_from_slice(rest);
+        earshot(args)
+    };
+    let report = dir.join("report.html");
+    let out = eval_train(&[
         "--save-predictions".as_ref(),
         saved.as_os_str(),
         "--report".as_ref(),
-        dir.join("report.html").as_os_str(),
+        report.as_os_str(),
         "--json".as_ref(),
     ]);
     let v: serde_json::Value = serde_json::from_str(&expect_success(&out)).unwrap();
@@ -350,6 +358,44 @@ fn check_eval(dir: &Path, cfg: &Path, ckpt: &Path) {
         "{check}"
     );
     assert!(check["shuffled_score"].as_f64().unwrap() <= 0.25, "{check}");
+    // Baselines: eight clips, each its own number: the training split's majority and
+    // uniform chance name the right number once in eight; intervals bracket each score.
+    let majority = &check["baselines"]["majority"]["number"];
+    assert_eq!(majority["accuracy"], 0.125, "{check}");
+    assert_eq!(check["baselines"]["uniform"]["number"], 0.125, "{check}");
+    assert_eq!(check["majority_score"], 0.125, "{check}");
+    assert!(
+        check["best_baseline_score"].as_f64().unwrap() >= 0.125,
+        "{check}"
+    );
+    // Wilson's interval for 8 of 8 (statsmodels: 0.6756, 1.0).
+    let ci = &v["attributes"]["number"]["ci95"];
+    assert!(
+        (ci[0].as_f64().unwrap() - 0.6756).abs() < 1e-3 && ci[1] == 1.0,
+        "{ci}"
+    );
+    assert!(
+        v["ci95"]["cer"].is_array() && v["ci95"]["cider_d"].is_array(),
+        "{v}"
+    );
+    // The same scores as JSON beside the report page.
+    let beside: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("eval.json")).unwrap()).unwrap();
+    assert_eq!(beside["scores"], v["scores"]);
+    assert_eq!(
+        beside["listening_check"]["best_baseline"],
+        check["best_baseline"]
+    );
+    // The summary a person reads (--brief: no metric and confusion tables).
+    let brief = expect_success(&eval_train(&["--no-report".as_ref(), "--brief".as_ref()]));
+    assert!(
+        brief.starts_with("split train: 8 example(s) (0 failed)")
+            && brief.contains("number     accuracy 1.000 [0.676, 1.000]")
+            && brief.contains("majority 0.125")
+            && brief.contains("listening check: attribute accuracy 1.000 real vs")
+            && !brief.contains("expected \\ named"),
+        "{brief}"
+    );
     // The memorised captions are likely only with their own audio.
     let loss = |k: &str| check[k].as_f64().unwrap();
     assert!(

@@ -8,7 +8,10 @@ use clap::Args;
 use crate::caption::{CaptionSettings, Captioner};
 use crate::config::RunConfig;
 use crate::eval::report::{write_html, ReportPage};
-use crate::eval::split::{caption_split, listening_check, Hearing, ListeningCheck, CLEAR_MARGIN};
+use crate::eval::split::{
+    baselines, caption_split, listening_check, Hearing, ListeningCheck, TrainingExample,
+    CLEAR_MARGIN,
+};
 use crate::eval::{read_predictions, score, AttributeSpec, Report};
 use crate::plugins::{display_text, terminal_safe_json};
 
@@ -79,6 +82,10 @@ pub struct EvalArgs {
     /// With --config: write no HTML report
     #[arg(long, requires = "config")]
     pub no_report: bool,
+    /// Print only the summary (each score with its 95% interval beside the baselines, and
+    /// the listening verdict), not the metric table and confusion tables
+    #[arg(long, conflicts_with = "json")]
+    pub brief: bool,
 }
 
 fn parse_attribute(s: &str) -> Result<(String, Vec<String>)> {
@@ -99,6 +106,7 @@ fn parse_attribute(s: &str) -> Result<(String, Vec<String>)> {
 pub fn run(args: EvalArgs) -> Result<()> {
     let mut attributes = AttributeSpec::new();
     let mut listening = None;
+    let mut split = None;
     let report = match (&args.predictions, &args.config) {
         (Some(path), _) => {
             for a in &args.attributes {
@@ -115,6 +123,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 let (name, values) = parse_attribute(a)?;
                 attributes.insert(name, values);
             }
+            split = args.split.clone().or(cfg.data.eval_split.clone());
             let (report, check, page) = evaluate_config(&args, cfg, &attributes)?;
             listening = check;
             if let Some(path) = page {
@@ -132,9 +141,17 @@ pub fn run(args: EvalArgs) -> Result<()> {
         }
         writeln!(out, "{}", terminal_safe_json(v.to_string()))?;
     } else {
-        write_table(&mut out, &report)?;
-        if let Some(check) = &listening {
-            write_listening(&mut out, check)?;
+        if let Some((check, split)) = listening.as_ref().zip(split.as_deref()) {
+            write_summary(&mut out, &report, check, split)?;
+        }
+        if !args.brief {
+            if listening.is_some() {
+                writeln!(out)?;
+            }
+            write_table(&mut out, &report)?;
+            if let Some(check) = &listening {
+                write_listening(&mut out, check)?;
+            }
         }
     }
     // Captioning a split here, some examples failed (an error line each on stderr): the
@@ -227,14 +244,27 @@ fn evaluate_config(
     } else {
         let silence = run(Hearing::Silence)?;
         let shuffled = run(Hearing::Shuffled)?;
-        Some(listening_check(&report, silence, shuffled))
+        let training = training_examples(&captioner)?;
+        let baselines = baselines(&training, &report, attributes);
+        Some(listening_check(&report, silence, shuffled, baselines))
     };
     if let Some(check) = check.as_ref().filter(|c| !c.clearly_better) {
         eprintln!(
-            "warning: the model does not clearly use the audio: {} is {:.3} with the real audio, \
-             {:.3} with silence and {:.3} with shuffled audio (real should lead both by {CLEAR_MARGIN})",
-            check.primary, check.real_score, check.silence_score, check.shuffled_score
+            "warning: the model does not clearly use the audio: {} is {:.3} with the real audio \
+             and {:.3} for the best baseline ({}); real should lead every baseline by \
+             {CLEAR_MARGIN}",
+            check.primary, check.real_score, check.best_baseline_score, check.best_baseline
         );
+    }
+    if let Some(path) = &page {
+        // The scores as JSON beside the report page (what --json prints).
+        let json = path.with_file_name("eval.json");
+        let mut v = serde_json::to_value(&report)?;
+        if let Some(c) = &check {
+            v["listening_check"] = serde_json::to_value(c)?;
+        }
+        save_lines(&json, &[v])?;
+        eprintln!("scores: {}", json.display());
     }
     if let Some(path) = &page {
         let details = vec![
@@ -263,6 +293,22 @@ fn evaluate_config(
         write_report(path, &captioner, heard, &report, check.as_ref(), details)?;
     }
     Ok((report, check, page))
+}
+
+/// The training split's metadata and targets (`data.train-split`), for the majority and
+/// constant-target baselines.
+fn training_examples(captioner: &Captioner) -> Result<Vec<TrainingExample>> {
+    let split = captioner.config.data.train_split.clone();
+    let mut dataset = captioner.open_dataset(&split)?;
+    let mut pages = dataset.pages(&split, crate::plugins::PAGE_SIZE);
+    let mut out = Vec::new();
+    while let Some(page) = pages.next_page()? {
+        out.extend(page.into_iter().flatten().map(|ex| TrainingExample {
+            metadata: ex.metadata,
+            target: ex.target,
+        }));
+    }
+    Ok(out)
 }
 
 fn checkpoint_shown(args: &EvalArgs, run_dir: &std::path::Path) -> String {
@@ -345,6 +391,89 @@ fn write_table(out: &mut impl Write, r: &Report) -> Result<()> {
     Ok(())
 }
 
+/// The summary a person reads first: each score with its 95% interval, beside what silence,
+/// shuffled audio, the training split's majority and chance score, then the verdict.
+fn write_summary(out: &mut impl Write, r: &Report, c: &ListeningCheck, split: &str) -> Result<()> {
+    let ci = |v: [f64; 2]| format!("[{:.3}, {:.3}]", v[0], v[1]);
+    writeln!(
+        out,
+        "split {}: {} example(s) ({} failed); 95% intervals in brackets",
+        display_text(split, 256),
+        r.examples,
+        r.failed
+    )?;
+    for (name, a) in &r.attributes {
+        let base = |rep: &Report| rep.attributes.get(name).map_or(f64::NAN, |s| s.accuracy);
+        let majority = c.baselines.majority.get(name).map_or("-".to_string(), |m| {
+            format!("{:.3} ({})", m.accuracy, display_text(&m.value, 64))
+        });
+        let uniform = c
+            .baselines
+            .uniform
+            .get(name)
+            .map_or("-".to_string(), |u| format!("{u:.3}"));
+        writeln!(
+            out,
+            "  {:<10} accuracy {:.3} {}   silence {:.3}   shuffled {:.3}   majority {majority}   uniform {uniform}",
+            display_text(name, 64),
+            a.accuracy,
+            ci(a.ci95),
+            base(&c.silence),
+            base(&c.shuffled),
+        )?;
+    }
+    let interval = |key: &str| {
+        r.ci95
+            .get(key)
+            .copied()
+            .map_or(String::new(), |v| format!(" {}", ci(v)))
+    };
+    // (shown as, key in `scores`/`ci95`, the value in a report, in the constant baseline)
+    type Pick = fn(&crate::eval::Scores) -> f64;
+    type PickConstant = fn(&crate::eval::split::ConstantBaseline) -> f64;
+    let text_metrics: [(&str, &str, Pick, PickConstant); 3] = [
+        ("CIDEr-D", "cider_d", |s| s.cider_d, |k| k.cider_d),
+        ("WER", "wer", |s| s.wer, |k| k.wer),
+        ("CER", "cer", |s| s.cer, |k| k.cer),
+    ];
+    for (name, key, pick, pick_constant) in text_metrics {
+        writeln!(
+            out,
+            "  {name:<10} {:.3}{}   silence {:.3}   shuffled {:.3}   most common training target {}",
+            pick(&r.scores),
+            interval(key),
+            pick(&c.silence.scores),
+            pick(&c.shuffled.scores),
+            c.baselines
+                .constant
+                .as_ref()
+                .map_or("-".to_string(), |k| format!("{:.3}", pick_constant(k))),
+        )?;
+    }
+    let loss = |l: Option<f64>| l.map_or("-".to_string(), |l| format!("{l:.3}"));
+    writeln!(
+        out,
+        "  eval loss  {} real, {} silence, {} shuffled",
+        loss(c.real_loss),
+        loss(c.silence_loss),
+        loss(c.shuffled_loss)
+    )?;
+    writeln!(
+        out,
+        "listening check: {} {:.3} real vs {:.3} for the best baseline ({}): {}",
+        c.primary,
+        c.real_score,
+        c.best_baseline_score,
+        c.best_baseline,
+        if c.clearly_better {
+            "the model uses the audio"
+        } else {
+            "WARNING: not clearly better"
+        }
+    )?;
+    Ok(())
+}
+
 fn write_listening(out: &mut impl Write, c: &ListeningCheck) -> Result<()> {
     writeln!(out, "\nlistening check ({}, eval loss):", c.primary)?;
     let loss = |l: Option<f64>| l.map_or("-".to_string(), |l| format!("{l:.4}"));
@@ -355,13 +484,18 @@ fn write_listening(out: &mut impl Write, c: &ListeningCheck) -> Result<()> {
     ] {
         writeln!(out, "  {name:<15} {score:.4}  {:>8}", loss(l))?;
     }
+    for (name, score) in [("majority", c.majority_score), ("uniform", c.uniform_score)] {
+        if let Some(score) = score {
+            writeln!(out, "  {name:<15} {score:.4}  {:>8}", "-")?;
+        }
+    }
     writeln!(
         out,
         "  {}",
         if c.clearly_better {
             "the model uses the audio"
         } else {
-            "WARNING: real audio is not clearly better than silence and shuffled audio"
+            "WARNING: real audio is not clearly better than every baseline"
         }
     )?;
     Ok(())

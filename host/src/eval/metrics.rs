@@ -377,7 +377,7 @@ impl EditCounts {
         }
     }
 
-    fn add(&mut self, o: &EditCounts) {
+    pub fn add(&mut self, o: &EditCounts) {
         self.hits += o.hits;
         self.substitutions += o.substitutions;
         self.deletions += o.deletions;

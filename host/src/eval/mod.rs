@@ -184,6 +184,8 @@ pub struct AttributeResult {
 #[derive(Debug, Clone, Serialize)]
 pub struct AttributeScores {
     pub accuracy: f64,
+    /// 95% Wilson score interval of the accuracy.
+    pub ci95: [f64; 2],
     pub examples: usize,
     pub confusion: BTreeMap<String, BTreeMap<String, usize>>,
 }
@@ -196,9 +198,63 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_loss: Option<f64>,
     pub scores: Scores,
+    /// 95% intervals of the corpus scores, by the key `scores` uses: a bootstrap over
+    /// examples for `wer`, `cer` and `cider_d` (CIDEr-D's document frequencies held at the
+    /// whole split's), Wilson's for `exact_match`.
+    pub ci95: BTreeMap<String, [f64; 2]>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub attributes: BTreeMap<String, AttributeScores>,
     pub per_example: Vec<ExampleScores>,
+}
+
+/// The 95% Wilson score interval of `successes` out of `n` (a binomial proportion; sound at
+/// small n and near 0 or 1, where the normal approximation is not).
+pub fn wilson_ci95(successes: usize, n: usize) -> [f64; 2] {
+    if n == 0 {
+        return [0.0, 1.0];
+    }
+    const Z: f64 = 1.959_963_984_540_054;
+    let (n, p) = (n as f64, successes as f64 / n as f64);
+    let denominator = 1.0 + Z * Z / n;
+    let centre = (p + Z * Z / (2.0 * n)) / denominator;
+    let half = Z * (p * (1.0 - p) / n + Z * Z / (4.0 * n * n)).sqrt() / denominator;
+    [(centre - half).max(0.0), (centre + half).min(1.0)]
+}
+
+/// Bootstrap resamples behind each interval; the seed keeps a report reproducible.
+const BOOTSTRAP_RESAMPLES: usize = 1000;
+const BOOTSTRAP_SEED: u64 = 0x00b0_0757;
+
+/// The 95% percentile bootstrap interval of `statistic` over resamples (with replacement) of
+/// `n` examples.
+pub fn bootstrap_ci95(n: usize, statistic: impl Fn(&[usize]) -> f64) -> [f64; 2] {
+    use rand::{Rng, SeedableRng};
+    if n == 0 {
+        return [f64::NAN, f64::NAN];
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(BOOTSTRAP_SEED);
+    let mut sample = vec![0usize; n];
+    let mut values: Vec<f64> = (0..BOOTSTRAP_RESAMPLES)
+        .map(|_| {
+            for s in sample.iter_mut() {
+                *s = rng.random_range(0..n);
+            }
+            statistic(&sample)
+        })
+        .collect();
+    values.sort_by(|a, b| a.total_cmp(b));
+    let at =
+        |q: f64| values[((q * (values.len() - 1) as f64).round() as usize).min(values.len() - 1)];
+    [at(0.025), at(0.975)]
+}
+
+/// Corpus error rate of the resampled examples' edit counts.
+fn resampled_rate(counts: &[metrics::EditCounts], sample: &[usize]) -> f64 {
+    let mut total = metrics::EditCounts::default();
+    for &i in sample {
+        total.add(&counts[i]);
+    }
+    total.rate()
 }
 
 /// Lower-cased words (runs of letters and digits).
@@ -259,8 +315,8 @@ pub fn score(predictions: &[Prediction], failed: usize, attributes: &AttributeSp
         .map(|p| (p.references[0].as_str(), p.caption.as_str()))
         .collect();
     let norm = AsrNormalization::Normalized;
-    let (wer, _) = metrics::error_rate(&pairs, metrics::word_edits, norm);
-    let (cer, _) = metrics::error_rate(&pairs, metrics::char_edits, norm);
+    let (wer, word_counts) = metrics::error_rate(&pairs, metrics::word_edits, norm);
+    let (cer, char_counts) = metrics::error_rate(&pairs, metrics::char_edits, norm);
     let exact: Vec<bool> = predictions
         .iter()
         .map(|p| {
@@ -312,7 +368,27 @@ pub fn score(predictions: &[Prediction], failed: usize, attributes: &AttributeSp
         .keys()
         .map(|name| (name.clone(), attribute_scores(&per_example, name)))
         .collect();
+    let n = predictions.len();
+    let exact_count = exact.iter().filter(|&&e| e).count();
+    let ci95 = BTreeMap::from([
+        (
+            "wer".to_string(),
+            bootstrap_ci95(n, |s| resampled_rate(&word_counts, s)),
+        ),
+        (
+            "cer".to_string(),
+            bootstrap_ci95(n, |s| resampled_rate(&char_counts, s)),
+        ),
+        (
+            "cider_d".to_string(),
+            bootstrap_ci95(n, |s| {
+                s.iter().map(|&i| cider.per_example[i]).sum::<f64>() / s.len() as f64
+            }),
+        ),
+        ("exact_match".to_string(), wilson_ci95(exact_count, n)),
+    ]);
     Report {
+        ci95,
         eval_loss: None,
         examples: predictions.len(),
         failed,
@@ -352,7 +428,52 @@ fn attribute_scores(per_example: &[ExampleScores], name: &str) -> AttributeScore
     }
     AttributeScores {
         accuracy: right as f64 / n.max(1) as f64,
+        ci95: wilson_ci95(right, n),
         examples: n,
         confusion,
+    }
+}
+
+#[cfg(test)]
+mod interval_tests {
+    use super::*;
+
+    /// Values from statsmodels 0.15 (proportion_confint, method="wilson").
+    #[test]
+    fn wilson_matches_known_intervals() {
+        let close =
+            |a: [f64; 2], b: [f64; 2]| (a[0] - b[0]).abs() < 1e-5 && (a[1] - b[1]).abs() < 1e-5;
+        // statsmodels proportion_confint(100, 191, method="wilson") = (0.45297, 0.59323)
+        assert!(
+            close(wilson_ci95(100, 191), [0.45297, 0.59323]),
+            "{:?}",
+            wilson_ci95(100, 191)
+        );
+        // statsmodels proportion_confint(0, 10, method="wilson") = (0.0, 0.27753)
+        assert!(
+            close(wilson_ci95(0, 10), [0.0, 0.27753]),
+            "{:?}",
+            wilson_ci95(0, 10)
+        );
+        assert_eq!(wilson_ci95(0, 0), [0.0, 1.0]);
+    }
+
+    #[test]
+    fn bootstrap_brackets_the_mean_and_narrows_with_n() {
+        let values: Vec<f64> = (0..400).map(|i| (i % 2) as f64).collect();
+        let mean = |s: &[usize]| s.iter().map(|&i| values[i]).sum::<f64>() / s.len() as f64;
+        let small = bootstrap_ci95(40, mean);
+        let large = bootstrap_ci95(400, mean);
+        assert!(small[0] < 0.5 && 0.5 < small[1], "{small:?}");
+        assert!(large[0] < 0.5 && 0.5 < large[1], "{large:?}");
+        // The standard error of a mean of 0/1 values is 0.5 / sqrt(n): ~0.079 and ~0.025.
+        assert!(
+            (small[1] - small[0] - 4.0 * 0.079).abs() < 0.08,
+            "{small:?}"
+        );
+        assert!(
+            (large[1] - large[0] - 4.0 * 0.025).abs() < 0.03,
+            "{large:?}"
+        );
     }
 }

@@ -177,19 +177,45 @@ fn summary(h: &mut String, page: &ReportPage) {
             rep.scores.cider_d
         );
     }
+    for (label, score) in [
+        ("training split's majority", c.majority_score),
+        ("uniform chance", c.uniform_score),
+    ] {
+        if let Some(score) = score {
+            let _ = write!(h, "<tr><td>{label}</td><td class=\"num\">{score:.3}</td>");
+            for a in &attrs {
+                let v = match label {
+                    "uniform chance" => c.baselines.uniform.get(*a).copied(),
+                    _ => c.baselines.majority.get(*a).map(|m| m.accuracy),
+                };
+                let v = v.map_or("-".to_string(), |v| format!("{v:.3}"));
+                let _ = write!(h, "<td class=\"num\">{v}</td>");
+            }
+            let cider = match (label, &c.baselines.constant) {
+                ("training split's majority", Some(k)) => format!("{:.3}", k.cider_d),
+                _ => "-".into(),
+            };
+            let _ = write!(
+                h,
+                "<td class=\"num\">{cider}</td><td class=\"num\">-</td></tr>"
+            );
+        }
+    }
     h.push_str("</table>\n");
-    let gap = c.real_score - c.silence_score.max(c.shuffled_score);
+    let gap = c.real_score - c.best_baseline_score;
     if c.clearly_better {
         let _ = writeln!(
             h,
             "<p id=\"listening-verdict\" class=\"ok\">The model uses the audio: real audio leads \
-             silence and shuffled audio by {gap:.3}.</p>"
+             the best baseline ({}) by {gap:.3}.</p>",
+            escape(&c.best_baseline)
         );
     } else {
         let _ = writeln!(
             h,
             "<p id=\"listening-verdict\" class=\"warning\">Warning: the model does not clearly use \
-             the audio (real audio leads by {gap:.3}, less than {}).</p>",
+             the audio (real audio leads the best baseline, {}, by {gap:.3}, less than {}).</p>",
+            escape(&c.best_baseline),
             super::split::CLEAR_MARGIN
         );
     }

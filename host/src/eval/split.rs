@@ -238,6 +238,120 @@ fn record(item: &CaptionItem, result: &crate::caption::ItemResult) -> Line {
     }
 }
 
+/// What a model that does not hear would score, beside silence and shuffled audio: naming
+/// an allowed value at random, naming the training split's most common value, and giving the
+/// training split's most common target for every example.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Baselines {
+    /// Attribute -> expected accuracy of a uniformly random allowed value.
+    pub uniform: BTreeMap<String, f64>,
+    /// Attribute -> the training split's most common value, and its accuracy here.
+    pub majority: BTreeMap<String, MajorityBaseline>,
+    /// The training split's most common target as every caption, scored like the real ones.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub constant: Option<ConstantBaseline>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MajorityBaseline {
+    pub value: String,
+    pub accuracy: f64,
+    pub ci95: [f64; 2],
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConstantBaseline {
+    pub target: String,
+    pub cider_d: f64,
+    pub wer: f64,
+    pub cer: f64,
+}
+
+/// What the baselines need of one training example.
+#[derive(Debug, Clone)]
+pub struct TrainingExample {
+    pub metadata: Vec<(String, String)>,
+    pub target: Option<String>,
+}
+
+/// The baselines of `report` (the real audio's), from the training split's examples and the
+/// attributes scored.
+pub fn baselines(
+    training: &[TrainingExample],
+    report: &Report,
+    attributes: &crate::eval::AttributeSpec,
+) -> Baselines {
+    let mut out = Baselines::default();
+    for (name, allowed) in attributes {
+        if !allowed.is_empty() {
+            out.uniform.insert(name.clone(), 1.0 / allowed.len() as f64);
+        }
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for ex in training {
+            if let Some((_, v)) = ex.metadata.iter().find(|(k, _)| k == name) {
+                *counts.entry(v.as_str()).or_default() += 1;
+            }
+        }
+        // Most common; ties to the first in order, so the choice is stable.
+        let Some((value, _)) = counts
+            .iter()
+            .fold(None, |best: Option<(&str, usize)>, (v, &n)| match best {
+                Some((_, m)) if m >= n => best,
+                _ => Some((v, n)),
+            })
+        else {
+            continue;
+        };
+        let (mut right, mut n) = (0, 0);
+        for ex in &report.per_example {
+            if let Some(expected) = ex.attributes.get(name).and_then(|a| a.expected.as_ref()) {
+                n += 1;
+                right += usize::from(expected.eq_ignore_ascii_case(value));
+            }
+        }
+        out.majority.insert(
+            name.clone(),
+            MajorityBaseline {
+                value: value.to_string(),
+                accuracy: right as f64 / n.max(1) as f64,
+                ci95: crate::eval::wilson_ci95(right, n),
+            },
+        );
+    }
+    let mut targets: BTreeMap<&str, usize> = BTreeMap::new();
+    for ex in training {
+        if let Some(t) = &ex.target {
+            *targets.entry(t.as_str()).or_default() += 1;
+        }
+    }
+    let common = targets
+        .iter()
+        .fold(None, |best: Option<(&str, usize)>, (t, &n)| match best {
+            Some((_, m)) if m >= n => best,
+            _ => Some((t, n)),
+        });
+    if let (Some((target, _)), false) = (common, report.per_example.is_empty()) {
+        let constant: Vec<crate::eval::Prediction> = report
+            .per_example
+            .iter()
+            .map(|e| crate::eval::Prediction {
+                id: e.id.clone(),
+                caption: target.to_string(),
+                references: e.references.clone(),
+                metadata: Vec::new(),
+            })
+            .collect();
+        let scored = crate::eval::score(&constant, 0, &crate::eval::AttributeSpec::new());
+        out.constant = Some(ConstantBaseline {
+            target: target.to_string(),
+            cider_d: scored.scores.cider_d,
+            wer: scored.scores.wer,
+            cer: scored.scores.cer,
+        });
+    }
+    out
+}
+
 /// Scores of the split heard each way, and whether the real audio is clearly better.
 #[derive(Debug, Clone, Serialize)]
 pub struct ListeningCheck {
@@ -249,16 +363,26 @@ pub struct ListeningCheck {
     pub real_score: f64,
     pub silence_score: f64,
     pub shuffled_score: f64,
+    /// The primary score of the training split's most common value (attributes) or target
+    /// (CIDEr-D), and of a uniformly random allowed value (attributes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub majority_score: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uniform_score: Option<f64>,
+    /// The strongest of silence, shuffled, majority and uniform, and its score.
+    pub best_baseline: String,
+    pub best_baseline_score: f64,
     /// Eval loss (cross-entropy per target token) each way; a model that uses its audio
     /// has the lowest with the real audio.
     pub real_loss: Option<f64>,
     pub silence_loss: Option<f64>,
     pub shuffled_loss: Option<f64>,
-    /// Real audio beats both by at least [`CLEAR_MARGIN`].
+    pub baselines: Baselines,
+    /// Real audio beats every baseline by at least [`CLEAR_MARGIN`].
     pub clearly_better: bool,
 }
 
-/// How much better (absolute) real audio must score than silence and shuffled audio.
+/// How much better (absolute) real audio must score than the best baseline.
 pub const CLEAR_MARGIN: f64 = 0.05;
 
 /// The primary score of a report: mean attribute accuracy, or CIDEr-D without attributes.
@@ -274,14 +398,49 @@ pub fn primary_score(report: &Report) -> (String, f64) {
     }
 }
 
-/// Compares the real report with the silence and shuffled ones (the verdict is on the
-/// primary score; the losses are shown beside it).
-pub fn listening_check(real: &Report, silence: Report, shuffled: Report) -> ListeningCheck {
+/// Compares the real report with silence, shuffled audio and the baselines (the verdict is
+/// on the primary score; the losses are shown beside it).
+pub fn listening_check(
+    real: &Report,
+    silence: Report,
+    shuffled: Report,
+    baselines: Baselines,
+) -> ListeningCheck {
     let (primary, real_score) = primary_score(real);
     let silence_score = primary_score(&silence).1;
     let shuffled_score = primary_score(&shuffled).1;
+    let mean_over_attributes = |values: Vec<f64>| {
+        (!real.attributes.is_empty() && values.len() == real.attributes.len())
+            .then(|| values.iter().sum::<f64>() / values.len() as f64)
+    };
+    let (majority_score, uniform_score) = if real.attributes.is_empty() {
+        (baselines.constant.as_ref().map(|c| c.cider_d), None)
+    } else {
+        let attr = |f: &dyn Fn(&str) -> Option<f64>| {
+            mean_over_attributes(real.attributes.keys().filter_map(|a| f(a)).collect())
+        };
+        (
+            attr(&|a| baselines.majority.get(a).map(|m| m.accuracy)),
+            attr(&|a| baselines.uniform.get(a).copied()),
+        )
+    };
+    let (best_baseline, best_baseline_score) = [
+        ("silence", Some(silence_score)),
+        ("shuffled audio", Some(shuffled_score)),
+        ("majority", majority_score),
+        ("uniform", uniform_score),
+    ]
+    .into_iter()
+    .filter_map(|(name, s)| s.map(|s| (name, s)))
+    .fold(("silence", silence_score), |best, (name, s)| {
+        if s > best.1 {
+            (name, s)
+        } else {
+            best
+        }
+    });
     ListeningCheck {
-        clearly_better: real_score >= silence_score.max(shuffled_score) + CLEAR_MARGIN,
+        clearly_better: real_score >= best_baseline_score + CLEAR_MARGIN,
         real_loss: real.eval_loss,
         silence_loss: silence.eval_loss,
         shuffled_loss: shuffled.eval_loss,
@@ -291,6 +450,11 @@ pub fn listening_check(real: &Report, silence: Report, shuffled: Report) -> List
         real_score,
         silence_score,
         shuffled_score,
+        majority_score,
+        uniform_score,
+        best_baseline: best_baseline.to_string(),
+        best_baseline_score,
+        baselines,
     }
 }
 

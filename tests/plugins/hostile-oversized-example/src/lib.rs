@@ -4,6 +4,10 @@
 //! the seven good examples after the first page.
 use earshot_plugin_sdk::*;
 
+#[path = "../../common/wav.rs"]
+mod wav;
+use wav::{square, wav_16k_mono};
+
 struct Hostile;
 
 const ROLES: &[Role] = &[Role::DatasetAdapter];
@@ -11,29 +15,6 @@ const PAGE: u64 = 4;
 const EXAMPLES: u64 = 12;
 /// The over-bound example's position: on the second page.
 const BAD: u64 = 5;
-
-/// A valid 16 kHz mono 16-bit WAV of one second of a square wave of period `period`.
-fn wav(period: u32) -> Vec<u8> {
-    let n = 16_000u32;
-    let mut b = Vec::new();
-    b.extend_from_slice(b"RIFF");
-    b.extend_from_slice(&(36 + 2 * n).to_le_bytes());
-    b.extend_from_slice(b"WAVEfmt ");
-    b.extend_from_slice(&16u32.to_le_bytes());
-    b.extend_from_slice(&1u16.to_le_bytes());
-    b.extend_from_slice(&1u16.to_le_bytes());
-    b.extend_from_slice(&16000u32.to_le_bytes());
-    b.extend_from_slice(&32000u32.to_le_bytes());
-    b.extend_from_slice(&2u16.to_le_bytes());
-    b.extend_from_slice(&16u16.to_le_bytes());
-    b.extend_from_slice(b"data");
-    b.extend_from_slice(&(2 * n).to_le_bytes());
-    for i in 0..n {
-        let v: i16 = if (i / period) % 2 == 0 { 8000 } else { -8000 };
-        b.extend_from_slice(&v.to_le_bytes());
-    }
-    b
-}
 
 impl Plugin for Hostile {
     fn info() -> PluginInfo {
@@ -72,7 +53,7 @@ impl Plugin for Hostile {
                     } else {
                         format!("good-{k}")
                     },
-                    audio: AudioSource::Inline(wav(10 + k as u32)),
+                    audio: AudioSource::Inline(wav_16k_mono(&square(16_000, 10 + k as u32), &[])),
                     start_s: None,
                     end_s: None,
                     target: Some("a tone".into()),

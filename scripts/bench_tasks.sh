@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Trains and evaluates the tasks from clean run folders, one run per seed, and prints a table
+# per task: each score's mean and spread (min-max) over the seeds, beside the baselines of
+# the last seed's listening check (silence, shuffled, training majority, uniform / most
+# common target). Everything comes from `earshot eval --json`; the per-run summaries
+# (`earshot eval --brief` output) are kept in runs/bench/<task>-s<seed>/summary.txt.
+#
+#   bash scripts/bench_tasks.sh [main|traits|transcribe|all] [--seeds N]   (default: all, 3)
+#
+# main = configs/cpu-smollm2-soundfont.toml (instrument family and register),
+# traits = configs/cpu-smollm2-speaker-traits.toml (language/voice),
+# transcribe = configs/cpu-smollm2-transcribe-fr.toml (French CER/WER).
+# The scores are on each config's eval split, which early stopping also reads: there is no
+# separate validation split yet (issue #25), so these are not test-split figures.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+which=all seeds=3
+while [ $# -gt 0 ]; do
+  case $1 in
+    main|traits|transcribe|all) which=$1 ;;
+    --seeds) seeds=$2; shift ;;
+    *) echo "bench_tasks.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+"$root/scripts/setup.sh" >&2
+earshot=./target/release/earshot
+declare -A configs=(
+  [main]=configs/cpu-smollm2-soundfont.toml
+  [traits]=configs/cpu-smollm2-speaker-traits.toml
+  [transcribe]=configs/cpu-smollm2-transcribe-fr.toml
+)
+tasks=(main traits transcribe)
+[ "$which" = all ] || tasks=("$which")
+echo "commit $(git rev-parse --short HEAD), $(date -u +%Y-%m-%d), $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores"
+for task in "${tasks[@]}"; do
+  config=${configs[$task]}
+  jsons=()
+  for ((seed = 0; seed < seeds; seed++)); do
+    run=runs/bench/$task-s$seed
+    rm -rf "$run"
+    start=$(date +%s)
+    "$earshot" train "$config" --set "train.seed=$seed" --set "train.run-dir=\"$run\"" \
+      --overwrite >&2
+    "$earshot" eval --config "$config" --set "train.run-dir=\"$run\"" \
+      --checkpoint "$run/projector.safetensors" --brief > "$run/summary.txt"
+    echo "[$task seed $seed: $(( $(date +%s) - start )) s]" >&2
+    cat "$run/summary.txt" >&2
+    jsons+=("$run/eval.json")
+  done
+  python3 - "$task" "$config" "${jsons[@]}" <<'PY'
+import json, sys
+task, config, paths = sys.argv[1], sys.argv[2], sys.argv[3:]
+runs = [json.load(open(p)) for p in paths]
+last = runs[-1]["listening_check"]
+def spread(values):
+    m = sum(values) / len(values)
+    return f"{m:.3f} ({min(values):.3f}-{max(values):.3f})" if len(values) > 1 else f"{m:.3f}"
+print(f"\n{task}: {config}, {len(runs)} seed(s), {runs[0]['examples']} held-out examples")
+print("| score | real audio: mean (min-max) | silence | shuffled | training majority | uniform |")
+print("|---|---|---|---|---|---|")
+for name in runs[0].get("attributes", {}):
+    real = [r["attributes"][name]["accuracy"] for r in runs]
+    maj = last["baselines"]["majority"].get(name, {}).get("accuracy")
+    uni = last["baselines"]["uniform"].get(name)
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
+    print(f"| {name} accuracy | **{spread(real)}** | {last['silence']['attributes'][name]['accuracy']:.3f}"
+          f" | {last['shuffled']['attributes'][name]['accuracy']:.3f} | {fmt(maj)} | {fmt(uni)} |")
+const = last["baselines"].get("constant") or {}
+for key, name in (("cider_d", "CIDEr-D"), ("wer", "WER"), ("cer", "CER")):
+    real = [r["scores"][key] for r in runs]
+    c = const.get(key)
+    print(f"| {name} | **{spread(real)}** | {last['silence']['scores'][key]:.3f} | {last['shuffled']['scores'][key]:.3f}"
+          f" | {'-' if c is None else f'{c:.3f}'} (most common target) | |")
+loss = [r["eval_loss"] for r in runs]
+print(f"| eval loss | {spread(loss)} | {last['silence_loss']:.3f} | {last['shuffled_loss']:.3f} | | |")
+PY
+done

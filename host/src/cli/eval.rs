@@ -135,10 +135,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     };
     let mut out = std::io::stdout().lock();
     if args.json {
-        let mut v = serde_json::to_value(&report)?;
-        if let Some(check) = &listening {
-            v["listening_check"] = serde_json::to_value(check)?;
-        }
+        let v = report_json(&report, listening.as_ref())?;
         writeln!(out, "{}", terminal_safe_json(v.to_string()))?;
     } else {
         if let Some((check, split)) = listening.as_ref().zip(split.as_deref()) {
@@ -259,40 +256,49 @@ fn evaluate_config(
     if let Some(path) = &page {
         // The scores as JSON beside the report page (what --json prints).
         let json = path.with_file_name("eval.json");
-        let mut v = serde_json::to_value(&report)?;
-        if let Some(c) = &check {
-            v["listening_check"] = serde_json::to_value(c)?;
-        }
-        save_lines(&json, &[v])?;
+        save_lines(&json, &[report_json(&report, check.as_ref())?])?;
         eprintln!("scores: {}", json.display());
-    }
-    if let Some(path) = &page {
-        let details = vec![
-            (
-                "config".to_string(),
-                args.config
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
-            ),
-            ("checkpoint".to_string(), checkpoint_shown(args, &run_dir)),
-            ("split".to_string(), split.clone()),
-            (
-                "encoder".to_string(),
-                captioner.config.models.whisper.display().to_string(),
-            ),
-            (
-                "LLM".to_string(),
-                captioner.config.models.llm.display().to_string(),
-            ),
-            (
-                "encoder window".to_string(),
-                format!("{:?}", captioner.config.mel.window).to_lowercase(),
-            ),
-        ];
+        let details = run_details(args, &captioner, &split);
         write_report(path, &captioner, heard, &report, check.as_ref(), details)?;
     }
     Ok((report, check, page))
+}
+
+/// The report and the listening check as one JSON object (`--json`, and `eval.json`).
+fn report_json(report: &Report, check: Option<&ListeningCheck>) -> Result<serde_json::Value> {
+    let mut v = serde_json::to_value(report)?;
+    if let Some(c) = check {
+        v["listening_check"] = serde_json::to_value(c)?;
+    }
+    Ok(v)
+}
+
+/// What the report page says the run was: config, checkpoint, split, models, window.
+fn run_details(args: &EvalArgs, captioner: &Captioner, split: &str) -> Vec<(String, String)> {
+    let config = &captioner.config;
+    vec![
+        (
+            "config".to_string(),
+            args.config
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+        ),
+        (
+            "checkpoint".to_string(),
+            checkpoint_shown(args, &config.train.run_dir),
+        ),
+        ("split".to_string(), split.to_string()),
+        (
+            "encoder".to_string(),
+            config.models.whisper.display().to_string(),
+        ),
+        ("LLM".to_string(), config.models.llm.display().to_string()),
+        (
+            "encoder window".to_string(),
+            format!("{:?}", config.mel.window).to_lowercase(),
+        ),
+    ]
 }
 
 /// The training split's metadata and targets (`data.train-split`), for the majority and

@@ -10,8 +10,9 @@
 # main = configs/cpu-smollm2-soundfont.toml (instrument family and register),
 # traits = configs/cpu-smollm2-speaker-traits.toml (language/voice),
 # transcribe = configs/cpu-smollm2-transcribe-fr.toml (French CER/WER).
-# The scores are on each config's eval split, which early stopping also reads: there is no
-# separate validation split yet (issue #25), so these are not test-split figures.
+# The scores are on each config's test split (data.test-split), which nothing reads before
+# this: the eval loss during training, early stopping and best/ use data.valid-split, and
+# each run's figure is its final projector after the config's fixed number of steps.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -57,7 +58,7 @@ last = runs[-1]["listening_check"]
 def spread(values):
     m = sum(values) / len(values)
     return f"{m:.3f} ({min(values):.3f}-{max(values):.3f})" if len(values) > 1 else f"{m:.3f}"
-print(f"\n{task}: {config}, {len(runs)} seed(s), {runs[0]['examples']} held-out examples")
+print(f"\n{task}: {config}, {len(runs)} seed(s), {runs[0]['examples']} test examples")
 print("| score | real audio: mean (min-max) | silence | shuffled | training majority | uniform |")
 print("|---|---|---|---|---|---|")
 for name in runs[0].get("attributes", {}):

@@ -9,7 +9,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 export EARSHOT_HOME=${EARSHOT_HOME:-$HOME/.cache/earshot}
 stamps=$EARSHOT_HOME/data/tuxpaint-stamps-default/stamps
-options='{"languages": ["fr"], "max_eval_per_language": 60, "eval_fraction": 0.2, "split_by": "stamp"}'
+options='{"languages": ["fr"], "max_eval_per_language": 60, "eval_fraction": 0.2, "valid_fraction": 0.0, "split_by": "stamp"}'
 "$root/target/release/earshot" dataset list \
   --adapter "$root/plugins/target/wasm32-wasip2/release/tuxpaint_stamps.wasm" \
   --root "$stamps" --options "$options" 2>/dev/null |
@@ -27,7 +27,7 @@ train = set()
 for ex in rows:
     if ex["split"] == "train":
         train |= keys(ex)
-held = [ex for ex in rows if ex["split"] == "eval"]
+held = [ex for ex in rows if ex["split"] == "test"]
 by = {"bytes": 0, "text": 0}
 leaking = []
 for ex in held:

@@ -139,6 +139,7 @@ fn bundled_config_trains_with_overrides() {
             "--set".into(),
             format!("train.run-dir=\"{}\"", run_dir.display()),
             "--set".into(),
+            // The deprecated key: read as valid-split and test-split both, with a warning.
             "data.eval-split=\"train\"".into(),
             "--set".into(),
             "train.eval-every=1".into(),
@@ -151,8 +152,15 @@ fn bundled_config_trains_with_overrides() {
         err.contains("already holds a run") && err.contains("--overwrite"),
         "{err}"
     );
-    // Eval loss every step on the held-out split, and the best checkpoint kept.
-    expect_success(&again(&["--overwrite"]));
+    // Eval loss every step on the validation split, and the best checkpoint kept.
+    let out = again(&["--overwrite"]);
+    expect_success(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("data.eval-split is deprecated")
+            && stderr.contains("read as data.valid-split and data.test-split both"),
+        "{stderr}"
+    );
     let evals: Vec<serde_json::Value> = std::fs::read_to_string(run_dir.join("eval.jsonl"))
         .unwrap()
         .lines()

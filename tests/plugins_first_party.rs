@@ -161,7 +161,7 @@ fn plugin_check_cli() {
 fn musiccaps_adapter_on_the_fixture_csv() {
     let root = fixture("musiccaps");
     let mut ds = DatasetAdapter::open(&host(), &first_party("musiccaps"), &root, "").unwrap();
-    assert_eq!(ds.dataset.splits, vec!["train", "eval"]);
+    assert_eq!(ds.dataset.splits, vec!["train", "valid", "test"]);
     let w = ds.dataset.warnings.join("\n");
     assert!(
         w.contains("musiccaps-public.csv:5: audio missingaudio.wav not found"),
@@ -193,7 +193,9 @@ fn musiccaps_adapter_on_the_fixture_csv() {
     assert!(ex
         .metadata
         .contains(&("aspect_list".into(), "['café', 'naïve']".into())));
-    let eval = usable(ds.read("eval", 0, 10).unwrap());
+    // Neither of the two training clips falls in the default 10% held out for valid.
+    assert!(usable(ds.read("valid", 0, 10).unwrap()).examples.is_empty());
+    let eval = usable(ds.read("test", 0, 10).unwrap());
     assert_eq!(eval.examples.len(), 1);
     assert_eq!(eval.examples[0].id, "-0Gj8-vB1q4");
     // Whole recordings: segments from the CSV; batching by position.
@@ -212,8 +214,11 @@ fn musiccaps_adapter_on_the_fixture_csv() {
     );
     let b = usable(ds.read("train", 1, 1).unwrap());
     assert_eq!((b.examples[0].id.as_str(), b.next), ("ZZ9tgHnk_Ps", None));
-    let err = ds.read("test", 0, 1).unwrap_err().to_string();
-    assert!(err.contains("no split \"test\""), "{err}");
+    let err = ds.read("eval", 0, 1).unwrap_err().to_string();
+    assert!(
+        err.contains("no split \"eval\" (have: train, valid, test)"),
+        "{err}"
+    );
 }
 
 /// The dataset-adapter contract: the same checks for the Rust and the Python adapter.

@@ -274,16 +274,19 @@ fn labels_splits_and_renders_a_small_font() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
     write_font(&dir, &small_font().bytes());
-    let options = r#"{"eval_fraction": 0.3, "min_duration_s": 1.0, "max_duration_s": 4.0}"#;
+    // `eval_fraction`: the old name of test_fraction. No validation split here (the real
+    // font's test below has one).
+    let options = r#"{"eval_fraction": 0.3, "valid_fraction": 0.0, "min_duration_s": 1.0, "max_duration_s": 4.0}"#;
     let mut ds = DatasetAdapter::open(&host(), &first_party("soundfont"), &dir, options).unwrap();
-    assert_eq!(ds.dataset.splits, vec!["train", "eval"]);
+    assert_eq!(ds.dataset.splits, vec!["train", "valid", "test"]);
+    assert!(all(&mut ds, "valid").is_empty());
     let w = ds.dataset.warnings.join("\n");
     assert!(
         w.contains("sample 'shared' is played by presets of several families (piano, strings)"),
         "{w}"
     );
     let train = all(&mut ds, "train");
-    let eval = all(&mut ds, "eval");
+    let eval = all(&mut ds, "test");
     let by_id: BTreeMap<&str, &Example> = train
         .iter()
         .chain(&eval)
@@ -345,7 +348,7 @@ fn labels_splits_and_renders_a_small_font() {
         .into_iter()
         .map(|id| {
             if eval.iter().any(|e| e.id == id) {
-                "eval"
+                "test"
             } else {
                 "train"
             }
@@ -357,17 +360,17 @@ fn labels_splits_and_renders_a_small_font() {
     let mut again =
         DatasetAdapter::open(&host(), &first_party("soundfont"), &dir, options).unwrap();
     let ids_of = |xs: &[Example]| xs.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
-    assert_eq!(ids_of(&all(&mut again, "eval")), ids_of(&eval));
+    assert_eq!(ids_of(&all(&mut again, "test")), ids_of(&eval));
 
     // A cap per family and split.
     let mut capped = DatasetAdapter::open(
         &host(),
         &first_party("soundfont"),
         &dir,
-        r#"{"eval_fraction": 0.3, "max_per_family": 1}"#,
+        r#"{"test_fraction": 0.3, "valid_fraction": 0.0, "max_per_family": 1}"#,
     )
     .unwrap();
-    for split in ["train", "eval"] {
+    for split in ["train", "test"] {
         let xs = all(&mut capped, split);
         let families: Vec<&str> = xs.iter().map(|e| meta(e, "family")).collect();
         assert_eq!(families, vec!["piano", "organ"], "{split}");
@@ -378,7 +381,7 @@ fn labels_splits_and_renders_a_small_font() {
         &host(),
         &first_party("soundfont"),
         &dir,
-        r#"{"families": ["strings", "synth lead"], "eval_fraction": 0.0, "caption": "{preset}: {note}"}"#,
+        r#"{"families": ["strings", "synth lead"], "test_fraction": 0.0, "valid_fraction": 0.0, "caption": "{preset}: {note}"}"#,
     )
     .unwrap();
     let xs = all(&mut strings, "train");
@@ -455,14 +458,20 @@ fn damaged_fonts_and_bad_options_are_clean_errors() {
         err.contains("must be a path inside the dataset root"),
         "{err}"
     );
-    let err = open_err(&dir, &good, r#"{"eval_fraction": 1.5}"#);
-    assert!(err.contains("eval_fraction"), "{err}");
+    let err = open_err(&dir, &good, r#"{"test_fraction": 1.5}"#);
+    assert!(err.contains("test_fraction: 1.5 is not in [0, 1)"), "{err}");
+    let err = open_err(
+        &dir,
+        &good,
+        r#"{"test_fraction": 0.6, "valid_fraction": 0.4}"#,
+    );
+    assert!(err.contains("leave nothing to train on"), "{err}");
     let err = open_err(&dir, &good, r#"{"colour": 1}"#);
     assert!(err.contains("unknown field `colour`"), "{err}");
 }
 
-/// The real FluidR3 GM SoundFont the set-up fetched: the eight default families in both
-/// splits, no preset and no recording on both sides.
+/// The real FluidR3 GM SoundFont the set-up fetched: the eight default families in train
+/// and test, a validation split, no preset and no example in two splits.
 #[test]
 fn fluidr3_gm_from_the_set_up() {
     let root = data_dir().join("fluid-soundfont-gm");
@@ -472,12 +481,15 @@ fn fluidr3_gm_from_the_set_up() {
         root.display()
     );
     let mut ds = DatasetAdapter::open(&host(), &first_party("soundfont"), &root, "").unwrap();
+    assert_eq!(ds.dataset.splits, vec!["train", "valid", "test"]);
     let train = all(&mut ds, "train");
-    let eval = all(&mut ds, "eval");
+    let valid = all(&mut ds, "valid");
+    let eval = all(&mut ds, "test");
     assert!(
-        train.len() > 300 && eval.len() > 100,
-        "{} / {}",
+        train.len() > 300 && valid.len() > 40 && eval.len() > 100,
+        "{} / {} / {}",
         train.len(),
+        valid.len(),
         eval.len()
     );
     let families = |xs: &[Example]| -> BTreeSet<String> {
@@ -491,13 +503,16 @@ fn fluidr3_gm_from_the_set_up() {
     .collect();
     assert_eq!(families(&train), eight);
     assert_eq!(families(&eval), eight);
+    assert!(families(&valid).len() >= 5, "{:?}", families(&valid));
     let presets = |xs: &[Example]| -> BTreeSet<String> {
         xs.iter().map(|e| meta(e, "preset").to_string()).collect()
     };
-    assert!(presets(&train).is_disjoint(&presets(&eval)));
     let ids = |xs: &[Example]| -> BTreeSet<String> { xs.iter().map(|e| e.id.clone()).collect() };
-    assert!(ids(&train).is_disjoint(&ids(&eval)));
-    for ex in train.iter().chain(&eval).step_by(37) {
+    for (a, b) in [(&train, &valid), (&train, &eval), (&valid, &eval)] {
+        assert!(presets(a).is_disjoint(&presets(b)));
+        assert!(ids(a).is_disjoint(&ids(b)));
+    }
+    for ex in train.iter().chain(&valid).chain(&eval).step_by(37) {
         let (_, secs) = wav_shape(ex);
         assert!((0.1..=4.0 + 1e-6).contains(&secs), "{}: {secs} s", ex.id);
         let register = meta(ex, "register");

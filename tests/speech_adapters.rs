@@ -57,9 +57,9 @@ fn small_tree(root: &Path) {
 fn small_tree_transcripts_warnings_and_templates() {
     let tmp = tempfile::tempdir().unwrap();
     small_tree(tmp.path());
-    let opts = r#"{"eval_fraction": 0.0}"#;
+    let opts = r#"{"test_fraction": 0.0, "valid_fraction": 0.0}"#;
     let mut ds = DatasetAdapter::open(&host(), &adapter(), tmp.path(), opts).unwrap();
-    assert_eq!(ds.dataset.splits, vec!["eval", "train"]);
+    assert_eq!(ds.dataset.splits, vec!["test", "train", "valid"]);
     let w = ds.dataset.warnings.join("\n");
     assert!(
         w.contains("animals/cat_desc_xx.ogg: no xx transcript in animals/cat.txt; left out"),
@@ -71,7 +71,7 @@ fn small_tree_transcripts_warnings_and_templates() {
     );
     assert_eq!(ds.dataset.warnings.len(), 2, "{w}");
     let train = all(&mut ds, "train");
-    assert!(all(&mut ds, "eval").is_empty());
+    assert!(all(&mut ds, "test").is_empty() && all(&mut ds, "valid").is_empty());
     let got: Vec<(&str, &str, Option<&str>)> = train
         .iter()
         .map(|e| {
@@ -109,7 +109,7 @@ fn small_tree_transcripts_warnings_and_templates() {
         &host(),
         &adapter(),
         tmp.path(),
-        r#"{"eval_fraction": 0.0, "caption": "Spoken in {language}."}"#,
+        r#"{"test_fraction": 0.0, "valid_fraction": 0.0, "caption": "Spoken in {language}."}"#,
     )
     .unwrap();
     let targets: Vec<Option<String>> = all(&mut traits, "train")
@@ -131,7 +131,7 @@ fn small_tree_transcripts_warnings_and_templates() {
         &host(),
         &adapter(),
         tmp.path(),
-        r#"{"eval_fraction": 0.0, "languages": ["fr"]}"#,
+        r#"{"test_fraction": 0.0, "valid_fraction": 0.0, "languages": ["fr"]}"#,
     )
     .unwrap();
     let ids: Vec<String> = all(&mut fr, "train").into_iter().map(|e| e.id).collect();
@@ -139,7 +139,18 @@ fn small_tree_transcripts_warnings_and_templates() {
 
     // Bad options and an empty root are clean errors.
     for (opts, wanted) in [
-        (r#"{"eval_fraction": 1.0}"#, "eval_fraction"),
+        (
+            r#"{"eval_fraction": 1.0}"#,
+            "test_fraction: 1 is not in [0, 1)",
+        ),
+        (
+            r#"{"valid_fraction": -0.1}"#,
+            "valid_fraction: -0.1 is not in [0, 1)",
+        ),
+        (
+            r#"{"test_fraction": 0.5, "valid_fraction": 0.5}"#,
+            "leave nothing to train on",
+        ),
         (r#"{"colour": 1}"#, "unknown field `colour`"),
     ] {
         let err = DatasetAdapter::open(&host(), &adapter(), tmp.path(), opts)
@@ -158,7 +169,7 @@ fn small_tree_transcripts_warnings_and_templates() {
 }
 
 /// The set-up's tuxpaint-stamps-default tree: the 9 languages with >= 300 clips, every clip
-/// of a stamp on one side of the split whatever its language.
+/// of a stamp in one of the three splits whatever its language.
 #[test]
 fn real_stamps_split_by_stamp() {
     let root = data_dir().join("tuxpaint-stamps-default/stamps");
@@ -170,9 +181,10 @@ fn real_stamps_split_by_stamp() {
     let opts = r#"{"caption": "Spoken in {language}."}"#;
     let mut ds = DatasetAdapter::open(&host(), &adapter(), &root, opts).unwrap();
     let train = all(&mut ds, "train");
-    let eval = all(&mut ds, "eval");
+    let valid = all(&mut ds, "valid");
+    let eval = all(&mut ds, "test");
     let mut per_language: BTreeMap<String, usize> = BTreeMap::new();
-    for e in train.iter().chain(&eval) {
+    for e in train.iter().chain(&valid).chain(&eval) {
         *per_language
             .entry(meta(e, "language_code").unwrap().to_string())
             .or_default() += 1;
@@ -192,11 +204,16 @@ fn real_stamps_split_by_stamp() {
             .map(|e| meta(e, "stamp").unwrap().to_string())
             .collect()
     };
-    assert!(stamps(&train).is_disjoint(&stamps(&eval)));
-    let share = eval.len() as f64 / (train.len() + eval.len()) as f64;
-    assert!((0.15..0.25).contains(&share), "eval share {share}");
+    for (a, b) in [(&train, &valid), (&train, &eval), (&valid, &eval)] {
+        assert!(stamps(a).is_disjoint(&stamps(b)));
+    }
+    let total = (train.len() + valid.len() + eval.len()) as f64;
+    let share = eval.len() as f64 / total;
+    assert!((0.15..0.25).contains(&share), "test share {share}");
+    let share = valid.len() as f64 / total;
+    assert!((0.06..0.14).contains(&share), "valid share {share}");
     // Every clip the adapter names exists beneath the root.
-    for e in train.iter().chain(&eval).step_by(97) {
+    for e in train.iter().chain(&valid).chain(&eval).step_by(97) {
         let AudioSource::Path(p) = &e.audio else {
             panic!("{}: not a path", e.id)
         };
@@ -353,10 +370,10 @@ fn librispeech_layout_on_real_clips() {
         &host(),
         &plugin,
         &root,
-        r#"{"splits": {"train": "train-clean-5", "eval": "dev-clean"}, "lowercase": true}"#,
+        r#"{"splits": {"train": "train-clean-5", "test": "dev-clean"}, "lowercase": true}"#,
     )
     .unwrap();
-    assert_eq!(renamed.dataset.splits, vec!["eval", "train"]);
+    assert_eq!(renamed.dataset.splits, vec!["test", "train"]);
     let train = all(&mut renamed, "train");
     assert_eq!(train.len(), 2);
     assert_eq!(train[0].target.as_deref(), Some("a brown hen"));

@@ -24,7 +24,7 @@ fn train_args(run_dir: &Path, lr: &str) -> Vec<String> {
         "--set",
         "train.log-every=2",
         "--set",
-        "data.eval-split=\"train\"",
+        "data.valid-split=\"train\"",
         "--set",
         "train.eval-every=2",
     ]
@@ -190,7 +190,7 @@ fn redirected_runs_print_progress_lines_for_every_long_phase() {
             "--set",
             "train.steps=1",
             "--set",
-            "data.eval-split=\"train\"",
+            "data.valid-split=\"train\"",
         ])
         .output()
         .unwrap();

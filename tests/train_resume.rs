@@ -332,7 +332,7 @@ fn gradient_accumulation_equals_the_larger_batch() {
 fn every_kind_of_checkpoint_path_captions() {
     let d = tempfile::tempdir().unwrap();
     let run = d.path().join("run");
-    // An eval split (the train split again) so that `best/` is written.
+    // A validation split (the train split again) so that `best/` is written.
     expect_success(&train(
         &run,
         &[
@@ -343,7 +343,7 @@ fn every_kind_of_checkpoint_path_captions() {
             "--set",
             "train.eval-every=1",
             "--set",
-            "data.eval-split=\"train\"",
+            "data.valid-split=\"train\"",
         ],
     ));
     let clip = repo_root().join("configs/data/tones/clips/one.wav");
@@ -402,7 +402,7 @@ fn early_stopping_ends_the_run_and_names_the_best_checkpoint() {
             "--set",
             "train.early-stop-patience=2",
             "--set",
-            "data.eval-split=\"train\"",
+            "data.valid-split=\"train\"",
         ],
     );
     let stdout = expect_success(&out);
@@ -415,13 +415,13 @@ fn early_stopping_ends_the_run_and_names_the_best_checkpoint() {
     assert_eq!(losses(&run).len(), 3);
     assert!(run.join("best/step-00000001/state.json").is_file());
     assert!(run.join("checkpoints/step-00000003/state.json").is_file());
-    // Early stopping without an eval split is refused up front.
+    // Early stopping without a validation split is refused up front.
     let err = expect_failure(&train(
         &d.path().join("other"),
         &["--set", "train.early-stop-patience=2"],
     ));
     assert!(
-        err.contains("early-stop-patience needs an eval split"),
+        err.contains("early-stop-patience needs a validation split"),
         "{err}"
     );
 }

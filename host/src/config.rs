@@ -85,8 +85,17 @@ pub struct DataConfig {
     pub options: String,
     #[serde(default = "default_train_split")]
     pub train_split: String,
-    /// Held-out split for the eval loss (and the best checkpoint); none: no eval.
+    /// Validation split: the eval loss during training, early stopping and `best/` (and any
+    /// setting chosen by comparing runs); none: no eval during training.
     #[serde(default)]
+    pub valid_split: Option<String>,
+    /// Test split: what `earshot eval --config` reports on by default. Nothing is chosen on
+    /// it; `train` only checks it for content shared with the other splits.
+    #[serde(default)]
+    pub test_split: Option<String>,
+    /// Deprecated: the old single held-out split. Read as `valid-split` and `test-split`
+    /// both (with a warning), and never written back.
+    #[serde(default, skip_serializing)]
     pub eval_split: Option<String>,
     /// Longest audio one example may decode to, in seconds; longer is an error naming the
     /// example (a few KB of compressed input can claim hours).
@@ -180,7 +189,7 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// Checkpoints kept (the newest).
     pub keep_last: usize,
-    /// Eval loss on `data.eval-split` every this many steps (and at the end); 0: only at the end.
+    /// Eval loss on `data.valid-split` every this many steps (and at the end); 0: only at the end.
     pub eval_every: usize,
     /// Stop after this many evaluations in a row without a better eval loss (a checkpoint
     /// is written; `best/` holds the best one); 0: never stop early.
@@ -346,6 +355,25 @@ impl RunConfig {
         cfg.data.adapter = resolve(&base("data.adapter"), &cfg.data.adapter);
         cfg.data.root = resolve(&base("data.root"), &cfg.data.root);
         cfg.train.run_dir = resolve(&base("train.run-dir"), &cfg.train.run_dir);
+        if let Some(old) = cfg.data.eval_split.take() {
+            if cfg.data.valid_split.is_some() || cfg.data.test_split.is_some() {
+                return Err(invalid(
+                    "data.eval-split is the old name of valid-split and test-split together: \
+                     with either of those set, remove it"
+                        .into(),
+                ));
+            }
+            tracing::warn!(
+                "{}: data.eval-split is deprecated; it is read as data.valid-split and \
+                 data.test-split both, so the split that chooses the checkpoint (early \
+                 stopping, best/) is also the one reported on. Name the adapter's validation \
+                 and test splits instead (first-party adapters: valid-split = \"valid\", \
+                 test-split = \"test\")",
+                path.display()
+            );
+            cfg.data.valid_split = Some(old.clone());
+            cfg.data.test_split = Some(old);
+        }
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -398,9 +426,9 @@ impl RunConfig {
         if let Err(e) = self.plugins.sandbox.validate() {
             return invalid(e.to_string());
         }
-        if t.early_stop_patience > 0 && self.data.eval_split.is_none() {
+        if t.early_stop_patience > 0 && self.data.valid_split.is_none() {
             return invalid(
-                "train.early-stop-patience needs an eval split (data.eval-split)".into(),
+                "train.early-stop-patience needs a validation split (data.valid-split)".into(),
             );
         }
         let max_audio = self.data.max_audio_s;

@@ -452,33 +452,57 @@ pub fn headless_chromium(page: &Path, args: &[&str]) -> String {
 
 /// `earshot train CONFIG` for `steps` steps into `run` (eval only at the end), then `earshot
 /// eval --config CONFIG --checkpoint run/projector.safetensors --json` with the listening
-/// check; the same `--set KEY=VALUE` overrides for both. Returns the eval report and eval's
-/// stderr.
+/// check on the config's test split; the same `--set KEY=VALUE` overrides for both. Returns
+/// the eval report and eval's stderr.
 pub fn train_then_eval(
     config: &Path,
     run: &Path,
     steps: usize,
     sets: &[String],
 ) -> (serde_json::Value, String) {
-    let mut all_sets = vec![format!("train.run-dir=\"{}\"", run.display())];
-    all_sets.extend(sets.iter().cloned());
-    let with_sets = |mut args: Vec<String>| {
-        for s in &all_sets {
-            args.extend(["--set".to_string(), s.clone()]);
-        }
-        args
-    };
-    let train = with_sets(vec![
-        "train".into(),
-        config.display().to_string(),
-        "--set".into(),
-        format!("train.steps={steps}"),
-        "--set".into(),
-        "train.eval-every=0".into(),
-    ]);
+    train_run(config, run, steps, sets);
+    eval_run(config, run, sets, None)
+}
+
+fn with_run_sets(run: &Path, sets: &[String], mut args: Vec<String>) -> Vec<String> {
+    let all =
+        std::iter::once(format!("train.run-dir=\"{}\"", run.display())).chain(sets.iter().cloned());
+    for s in all {
+        args.extend(["--set".to_string(), s]);
+    }
+    args
+}
+
+/// `earshot train CONFIG` for `steps` steps into `run` (eval only at the end), with `sets`
+/// (`--set KEY=VALUE`). Returns train's stdout.
+pub fn train_run(config: &Path, run: &Path, steps: usize, sets: &[String]) -> String {
+    let train = with_run_sets(
+        run,
+        sets,
+        vec![
+            "train".into(),
+            config.display().to_string(),
+            "--set".into(),
+            format!("train.steps={steps}"),
+            "--set".into(),
+            "train.eval-every=0".into(),
+        ],
+    );
     let log = expect_success(&earshot(&train));
     assert!(run.join("projector.safetensors").is_file(), "{log}");
-    let eval = with_sets(vec![
+    log
+}
+
+/// `earshot eval --config CONFIG --checkpoint run/projector.safetensors --json` with the
+/// listening check, on `split` (default: the config's test split), with `sets`. Returns the
+/// eval report and eval's stderr.
+pub fn eval_run(
+    config: &Path,
+    run: &Path,
+    sets: &[String],
+    split: Option<&str>,
+) -> (serde_json::Value, String) {
+    let mut args = vec![
         "eval".into(),
         "--config".into(),
         config.display().to_string(),
@@ -487,12 +511,72 @@ pub fn train_then_eval(
         "--max-tokens".into(),
         "24".into(),
         "--json".into(),
-    ]);
-    let out = earshot(&eval);
+    ];
+    if let Some(split) = split {
+        args.extend(["--split".into(), split.to_string()]);
+    }
+    let out = earshot(&with_run_sets(run, sets, args));
     let stdout = expect_success(&out);
     let v = serde_json::from_str(&stdout)
         .unwrap_or_else(|e| panic!("stdout is one JSON object ({e}): {stdout:.2000}"));
     (v, String::from_utf8_lossy(&out.stderr).to_string())
+}
+
+/// The learning check of issue #25: on the split a model was trained on, real audio scores
+/// `primary` (an attribute's accuracy, or "cer") at least `bar`, and beats silence,
+/// shuffled audio, the training split's majority answer and uniform chance (attributes), or
+/// silence, shuffled audio and the most common training target (CER), by `margin`. A
+/// projector that ignores the audio cannot: without the audio, captions can only follow
+/// the training split's label frequencies.
+pub fn assert_learned(v: &serde_json::Value, primary: &str, bar: f64, margin: f64) {
+    let check = &v["listening_check"];
+    let num = |x: &serde_json::Value, what: &str| -> f64 {
+        x.as_f64()
+            .unwrap_or_else(|| panic!("{what}: not a number in {v:.3000}"))
+    };
+    let mut baselines: Vec<(String, f64)> = Vec::new();
+    let real;
+    if primary == "cer" {
+        // Lower is better: compared as 1 - CER.
+        real = 1.0 - num(&v["scores"]["cer"], "cer");
+        for hearing in ["silence", "shuffled"] {
+            let cer = num(&check[hearing]["scores"]["cer"], hearing);
+            baselines.push((hearing.into(), 1.0 - cer));
+        }
+        let constant = num(&check["baselines"]["constant"]["cer"], "constant target");
+        baselines.push(("most common training target".into(), 1.0 - constant));
+    } else {
+        real = num(&v["attributes"][primary]["accuracy"], primary);
+        for hearing in ["silence", "shuffled"] {
+            let a = &check[hearing]["attributes"][primary]["accuracy"];
+            baselines.push((hearing.into(), num(a, hearing)));
+        }
+        let majority = &check["baselines"]["majority"][primary]["accuracy"];
+        baselines.push(("majority".into(), num(majority, "majority")));
+        let uniform = &check["baselines"]["uniform"][primary];
+        baselines.push(("uniform".into(), num(uniform, "uniform")));
+    }
+    let shown = |x: f64| {
+        if primary == "cer" {
+            format!("CER {:.3}", 1.0 - x)
+        } else {
+            format!("{primary} accuracy {x:.3}")
+        }
+    };
+    assert!(
+        real >= bar,
+        "real audio: {} (needs {}); baselines {baselines:?}",
+        shown(real),
+        shown(bar)
+    );
+    for (name, score) in &baselines {
+        assert!(
+            real >= score + margin,
+            "real audio {} does not lead {name} ({}) by {margin}",
+            shown(real),
+            shown(*score)
+        );
+    }
 }
 
 /// Every example of `split`, read `page` at a time through the adapter's paging.

@@ -55,7 +55,7 @@ Example:\n  earshot dataset list --adapter plugins/target/wasm32-wasip2/release/
     #[command(
         after_help = "Reads every example of the run config's dataset through its adapter (any \
 adapter, third-party included) and compares each split with the ones before it: the training \
-split first, then the config's eval split, then the adapter's other splits (or --split, in the \
+split first, then the config's valid and test splits, then the adapter's other splits (or --split, in the \
 order given). An example of a later split that shares content with an earlier one leaks: its \
 score measures memory, not hearing. Target text is compared when data.text-targets = true \
 (transcription) or --text-targets; a label task's targets are shared by design.\n\n\
@@ -78,7 +78,7 @@ Example:\n  earshot dataset audit configs/cpu-smollm2-tones.toml"
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
         /// Compare these splits, in this order (repeatable; default: the training split, the
-        /// eval split, then every other split the adapter lists)
+        /// valid and test splits, then every other split the adapter lists)
         #[arg(long = "split", value_name = "NAME")]
         splits: Vec<String>,
         /// Compare audio bytes only, without decoding every example
@@ -246,13 +246,17 @@ fn audit(
     Ok(())
 }
 
-/// The training split first, then the eval split, then the adapter's other splits.
+/// The training split first, then validation and test, then the adapter's other splits.
 pub fn audit_order(config: &RunConfig, listed: &[String]) -> Vec<String> {
-    let mut order: Vec<String> = std::iter::once(&config.data.train_split)
-        .chain(&config.data.eval_split)
-        .filter(|s| listed.contains(s))
-        .cloned()
-        .collect();
+    let mut order: Vec<String> = Vec::new();
+    for s in std::iter::once(&config.data.train_split)
+        .chain(&config.data.valid_split)
+        .chain(&config.data.test_split)
+    {
+        if listed.contains(s) && !order.contains(s) {
+            order.push(s.clone());
+        }
+    }
     for s in listed {
         if !order.contains(s) {
             order.push(s.clone());

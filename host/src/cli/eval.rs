@@ -40,7 +40,7 @@ pub struct EvalArgs {
     /// Evaluate with a checkpoint made for other models / mel settings / template
     #[arg(long, requires = "checkpoint")]
     pub allow_mismatch: bool,
-    /// The split to caption (default: the config's data.eval-split)
+    /// The split to caption (default: the config's data.test-split)
     #[arg(long, requires = "config")]
     pub split: Option<String>,
     /// Write the captions made with --config here (JSON lines, as `earshot caption`)
@@ -123,7 +123,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 let (name, values) = parse_attribute(a)?;
                 attributes.insert(name, values);
             }
-            split = args.split.clone().or(cfg.data.eval_split.clone());
+            split = args.split.clone().or(cfg.data.test_split.clone());
             let (report, check, page) = evaluate_config(&args, cfg, &attributes)?;
             listening = check;
             if let Some(path) = page {
@@ -170,10 +170,10 @@ fn evaluate_config(
     cfg: RunConfig,
     attributes: &AttributeSpec,
 ) -> Result<(Report, Option<ListeningCheck>, Option<PathBuf>)> {
-    let split = match (&args.split, &cfg.data.eval_split) {
+    let split = match (&args.split, &cfg.data.test_split) {
         (Some(s), _) | (None, Some(s)) => s.clone(),
         (None, None) => {
-            bail!("no split to evaluate: give --split NAME (the config has no data.eval-split)")
+            bail!("no split to evaluate: give --split NAME (the config has no data.test-split)")
         }
     };
     let mut captioner = Captioner::load(cfg, args.checkpoint.as_deref(), args.allow_mismatch)?;

@@ -34,7 +34,7 @@ use crate::pipeline::{
     build_manifest, load_models, mel_settings, open_dataset, prompt, ClipEncoder, Manifest,
     TextPieces,
 };
-use crate::plugins::{DatasetAdapter, PluginHost, PromptTemplate, PAGE_SIZE};
+use crate::plugins::{DatasetAdapter, Example, PluginHost, PromptTemplate, PAGE_SIZE};
 use batch::{caption_loss, BatchLoss};
 use error::io;
 
@@ -53,7 +53,8 @@ pub struct Session {
     pub llm: LoadedLlm,
     pub encoder: WhisperEncoder,
     pub examples: Vec<Prepared>,
-    /// The held-out split (`data.eval-split`), if configured.
+    /// The validation split (`data.valid-split`), if configured: eval loss, early stopping,
+    /// `best/`.
     pub eval_examples: Vec<Prepared>,
     pub manifest: Manifest,
     /// Clips that had to go through the encoder (not found in the cache).
@@ -103,10 +104,7 @@ impl Session {
         let (rt, encoder, llm) = load_models(&config, GgufBlocks::Skip)?;
         let host = PluginHost::new(config.plugins.sandbox, PluginHost::default_cache_dir());
         let mut template = PromptTemplate::load(&host, &config.plugins.prompt_template)?;
-        let splits: Vec<&str> = std::iter::once(&config.data.train_split)
-            .chain(&config.data.eval_split)
-            .map(String::as_str)
-            .collect();
+        let splits = run_splits(&config.data);
         let mut adapter = open_dataset(&host, &config, &splits)?;
         let settings = mel_settings(&config, &encoder);
         let manifest = build_manifest(&config, &settings)?;
@@ -127,10 +125,24 @@ impl Session {
             }),
         };
         let examples = inputs.load(&config.data.train_split, progress)?;
-        let eval_examples = match &config.data.eval_split {
-            Some(split) => inputs.load(split, progress)?,
+        let eval_examples = match &config.data.valid_split {
+            Some(split) if split != &config.data.train_split => inputs.load(split, progress)?,
+            // The training split as its own eval (overfitting checks): loaded once more
+            // without comparing it with itself.
+            Some(split) => inputs.without_leak_check(|inputs| inputs.load(split, progress))?,
             None => Vec::new(),
         };
+        // The test split is not trained or chosen on: listed only, for the leak check (an
+        // example over a bound there is eval's business, not training's).
+        if let Some(test) = &config.data.test_split {
+            let read = [
+                Some(&config.data.train_split),
+                config.data.valid_split.as_ref(),
+            ];
+            if inputs.leaks.is_some() && !read.contains(&Some(test)) {
+                inputs.list(test, false)?;
+            }
+        }
         let skipped = inputs.skipped;
         if let Some(report) = inputs.leaks.take().map(LeakFinder::finish) {
             check_leaks(&report, config.data.leaks)?;
@@ -154,6 +166,17 @@ impl Session {
     }
 }
 
+/// The splits a run reads, each once, in the leak check's order: train, valid, test.
+fn run_splits(data: &crate::config::DataConfig) -> Vec<&str> {
+    let mut splits = vec![data.train_split.as_str()];
+    for s in [&data.valid_split, &data.test_split].into_iter().flatten() {
+        if !splits.contains(&s.as_str()) {
+            splits.push(s);
+        }
+    }
+    splits
+}
+
 /// What turning a split into training examples needs.
 struct SplitInputs<'a> {
     adapter: &'a mut DatasetAdapter,
@@ -175,7 +198,7 @@ fn check_leaks(report: &AuditReport, policy: LeakPolicy) -> Result<()> {
         return Ok(());
     };
     let summary = format!(
-        "{leaking} example(s) of the eval split share content with the training split (first: \
+        "{leaking} example(s) share content with an earlier split of the run (first: \
          {} example {} has {} as {} example {}); `earshot dataset audit` lists them",
         first.split,
         first.id,
@@ -186,7 +209,7 @@ fn check_leaks(report: &AuditReport, policy: LeakPolicy) -> Result<()> {
     match policy {
         LeakPolicy::Refuse => Err(TrainError::Leaks(summary)),
         _ => {
-            tracing::warn!("{summary}; eval figures on this split overstate what the model hears");
+            tracing::warn!("{summary}; figures on such a split overstate what the model hears");
             Ok(())
         }
     }
@@ -202,11 +225,19 @@ pub struct Skipped {
 }
 
 impl SplitInputs<'_> {
-    /// Every usable example of `split`: prompt and target tokens, encoder output. Examples
-    /// without a target or whose audio fails are skipped with a warning.
-    fn load(&mut self, split: &str, progress: &mut dyn FnMut(Event)) -> Result<Vec<Prepared>> {
+    /// Runs `f` with the leak check paused.
+    fn without_leak_check<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        let finder = self.leaks.take();
+        let out = f(self);
+        self.leaks = finder;
+        out
+    }
+
+    /// Every example of `split` the adapter returns within its bounds (the others are
+    /// skipped or refused, by `data.bad-examples`), compared with the earlier splits.
+    /// `trained`: the split is trained or evaluated on (a bad example counts as skipped).
+    fn list(&mut self, split: &str, trained: bool) -> Result<Vec<Example>> {
         let config = self.config;
-        let options = &config.plugins.prompt_options;
         // The split is listed first so that progress can say how much is left; what it
         // holds is far smaller than the encoder outputs kept for it below.
         let mut listed = Vec::new();
@@ -215,6 +246,9 @@ impl SplitInputs<'_> {
             for ex in page {
                 match ex {
                     Ok(ex) => listed.push(ex),
+                    Err(bad) if !trained => {
+                        tracing::debug!("{split}: {bad} (not trained on)");
+                    }
                     Err(bad) if config.data.bad_examples == BadExamples::Refuse => {
                         return Err(TrainError::BadExample {
                             split: split.to_string(),
@@ -234,6 +268,15 @@ impl SplitInputs<'_> {
                 finder.add(ex, &config.data.root);
             }
         }
+        Ok(listed)
+    }
+
+    /// Every usable example of `split`: prompt and target tokens, encoder output. Examples
+    /// without a target or whose audio fails are skipped with a warning.
+    fn load(&mut self, split: &str, progress: &mut dyn FnMut(Event)) -> Result<Vec<Prepared>> {
+        let config = self.config;
+        let options = &config.plugins.prompt_options;
+        let listed = self.list(split, true)?;
         let total = listed.len();
         let mut examples = Vec::new();
         for (done, ex) in listed.into_iter().enumerate() {
@@ -388,7 +431,7 @@ pub enum Stopped {
 }
 
 /// What a training run leaves: the projector, every step's metrics, why it ended, and the
-/// best evaluation (when there is an eval split).
+/// best evaluation (when there is a validation split).
 pub struct TrainOutcome {
     pub projector: Projector,
     pub metrics: Vec<StepMetrics>,

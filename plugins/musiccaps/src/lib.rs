@@ -1,12 +1,15 @@
 //! MusicCaps dataset adapter for the public CSV (ytid, start_s, end_s,
 //! audioset_positive_labels, aspect_list, caption, author_id, is_balanced_subset,
-//! is_audioset_eval). Splits: `train` and `eval` (from is_audioset_eval).
+//! is_audioset_eval). Splits: `test` (the rows with is_audioset_eval), `valid` (a seeded
+//! `valid_fraction` of the other clips, by YouTube id) and `train` (the rest).
 //!
 //! Options (JSON, all optional):
 //!   {"csv": "musiccaps-public.csv",
 //!    "audio_pattern": "{ytid}.wav",   // where a clip's audio is, relative to the root
-//!    "clipped": true}                 // files hold just the 10 s clip; false: whole
+//!    "clipped": true,                 // files hold just the 10 s clip; false: whole
 //!                                     // recordings, cut with start_s/end_s
+//!    "valid_fraction": 0.1,           // share of the non-eval clips held out for valid
+//!    "seed": 0}                       // which of them
 //! Malformed rows are reported with their line number; rows whose audio file is missing
 //! are reported and skipped. Neither stops the run.
 
@@ -20,6 +23,8 @@ struct Options {
     csv: String,
     audio_pattern: String,
     clipped: bool,
+    valid_fraction: f64,
+    seed: u64,
 }
 
 impl Default for Options {
@@ -28,6 +33,8 @@ impl Default for Options {
             csv: "musiccaps-public.csv".into(),
             audio_pattern: "{ytid}.wav".into(),
             clipped: true,
+            valid_fraction: 0.1,
+            seed: 0,
         }
     }
 }
@@ -45,7 +52,23 @@ const COLUMNS: [&str; 9] = [
 ];
 
 thread_local! {
-    static SPLITS: RefCell<Option<(Vec<Example>, Vec<Example>)>> = const { RefCell::new(None) };
+    static SPLITS: RefCell<Option<Splits>> = const { RefCell::new(None) };
+}
+
+struct Splits {
+    train: Vec<Example>,
+    valid: Vec<Example>,
+    test: Vec<Example>,
+}
+
+/// FNV-1a of the seed and a YouTube id, in [0, 1): which clips go to valid.
+fn unit_hash(seed: u64, id: &str) -> f64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed.wrapping_mul(0x0000_0100_0000_01b3);
+    for b in id.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h % 1_000_000) as f64 / 1_000_000.0
 }
 
 fn parse_bool(s: &str) -> Option<bool> {
@@ -70,6 +93,12 @@ impl Plugin for MusicCaps {
 
     fn open(options: String) -> Result<DatasetInfo, PluginError> {
         let o: Options = parse_options(&options)?;
+        if !(0.0..1.0).contains(&o.valid_fraction) {
+            return Err(error(
+                ErrorCode::InvalidInput,
+                format!("valid_fraction: {} is not in [0, 1)", o.valid_fraction),
+            ));
+        }
         if !o.audio_pattern.contains("{ytid}") {
             return Err(error(
                 ErrorCode::InvalidInput,
@@ -94,7 +123,12 @@ impl Plugin for MusicCaps {
                 )
             })?;
         }
-        let (mut train, mut eval, mut warnings) = (Vec::new(), Vec::new(), Vec::new());
+        let mut splits = Splits {
+            train: Vec::new(),
+            valid: Vec::new(),
+            test: Vec::new(),
+        };
+        let mut warnings = Vec::new();
         for record in reader.records() {
             let record = match record {
                 Ok(r) => r,
@@ -160,15 +194,18 @@ impl Plugin for MusicCaps {
                 references: Vec::new(),
                 metadata,
             };
+            // A YouTube id is one recording: all its rows fall on one side.
             if is_eval {
-                eval.push(example);
+                splits.test.push(example);
+            } else if unit_hash(o.seed, &example.id) < o.valid_fraction {
+                splits.valid.push(example);
             } else {
-                train.push(example);
+                splits.train.push(example);
             }
         }
-        SPLITS.with(|s| *s.borrow_mut() = Some((train, eval)));
+        SPLITS.with(|s| *s.borrow_mut() = Some(splits));
         Ok(DatasetInfo {
-            splits: vec!["train".into(), "eval".into()],
+            splits: vec!["train".into(), "valid".into(), "test".into()],
             warnings,
         })
     }
@@ -176,16 +213,17 @@ impl Plugin for MusicCaps {
     fn read(split: String, start: u64, max: u32) -> Result<Batch, PluginError> {
         SPLITS.with(|s| {
             let s = s.borrow();
-            let (train, eval) = s
+            let s = s
                 .as_ref()
                 .ok_or_else(|| error(ErrorCode::InvalidInput, "read before open"))?;
             let examples = match split.as_str() {
-                "train" => train,
-                "eval" => eval,
+                "train" => &s.train,
+                "valid" => &s.valid,
+                "test" => &s.test,
                 other => {
                     return Err(error(
                         ErrorCode::NotFound,
-                        format!("no split {other:?} (have: train, eval)"),
+                        format!("no split {other:?} (have: train, valid, test)"),
                     ))
                 }
             };

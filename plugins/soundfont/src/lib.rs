@@ -1,12 +1,15 @@
 //! SoundFont dataset adapter: every recorded sample of a SoundFont 2 file (`.sf2`) as an
 //! example with inline WAV audio, labelled by the General MIDI family of the presets that
-//! play it, its root key and register. Splits `train` and `eval` are by groups of presets
-//! that share recordings, so no recording of the eval split is played by a training preset.
+//! play it, its root key and register. Splits `train`, `valid` and `test` are by groups of
+//! presets that share recordings, so no recording of one split is played by a preset of
+//! another.
 //!
 //! Options (JSON, all optional):
 //!   {"file": "FluidR3_GM.sf2",           // default: the only *.sf2 in the dataset root
 //!    "families": ["piano", "organ", ...], // GM families kept (default: the eight below)
-//!    "eval_fraction": 0.25,               // share of each family's recordings held out
+//!    "test_fraction": 0.25,               // share of each family's recordings in test
+//!                                         // (old name: eval_fraction)
+//!    "valid_fraction": 0.1,               // share in valid (chooses the checkpoint)
 //!    "seed": 0,                           // which preset groups are held out
 //!    "min_duration_s": 1.0,               // looped samples are played out to this length
 //!    "max_duration_s": 4.0,               // longer recordings are cut (with a fade)
@@ -60,7 +63,9 @@ const MAX_BATCH_BYTES: usize = 8 << 20;
 pub struct Options {
     pub file: Option<String>,
     pub families: Vec<String>,
-    pub eval_fraction: f64,
+    #[serde(alias = "eval_fraction")]
+    pub test_fraction: f64,
+    pub valid_fraction: f64,
     pub seed: u64,
     pub min_duration_s: f64,
     pub max_duration_s: f64,
@@ -74,7 +79,8 @@ impl Default for Options {
         Options {
             file: None,
             families: DEFAULT_FAMILIES.iter().map(|s| s.to_string()).collect(),
-            eval_fraction: 0.25,
+            test_fraction: 0.25,
+            valid_fraction: 0.1,
             seed: 0,
             min_duration_s: 1.0,
             max_duration_s: 4.0,
@@ -98,10 +104,18 @@ impl Options {
         if self.families.is_empty() {
             return Err("families: empty".into());
         }
-        if !(0.0..1.0).contains(&self.eval_fraction) {
+        for (name, f) in [
+            ("test_fraction", self.test_fraction),
+            ("valid_fraction", self.valid_fraction),
+        ] {
+            if !(0.0..1.0).contains(&f) {
+                return Err(format!("{name}: {f} is not in [0, 1)"));
+            }
+        }
+        if self.test_fraction + self.valid_fraction >= 1.0 {
             return Err(format!(
-                "eval_fraction: {} is not in [0, 1)",
-                self.eval_fraction
+                "test_fraction {} + valid_fraction {} leave nothing to train on",
+                self.test_fraction, self.valid_fraction
             ));
         }
         let d = (self.min_duration_s, self.max_duration_s);
@@ -238,9 +252,13 @@ pub fn recordings(sf: &SoundFont, o: &Options) -> Result<(Vec<Recording>, Vec<St
     Ok((out, warnings))
 }
 
-/// Splits recordings by preset group: per family, groups (in a seeded order) go to `eval`
-/// until it holds `eval_fraction` of the family's recordings; at least one group stays in
-/// `train`. Then each side is cut to `max_per_family` recordings per family, if set.
+/// The splits, in the order groups are dealt to them.
+pub const SPLITS: [&str; 3] = ["test", "valid", "train"];
+
+/// Splits recordings by preset group: per family, groups (in a seeded order) go to `test`
+/// until it holds `test_fraction` of the family's recordings, then to `valid` until it holds
+/// `valid_fraction`, the rest to `train`; at least one group stays in `train`. Then each side
+/// is cut to `max_per_family` recordings per family, if set.
 pub fn split(
     recs: Vec<Recording>,
     o: &Options,
@@ -255,37 +273,49 @@ pub fn split(
             .or_default()
             .push(r);
     }
-    let mut train = Vec::new();
-    let mut eval = Vec::new();
+    let mut sides: BTreeMap<String, Vec<Recording>> =
+        SPLITS.iter().map(|s| (s.to_string(), Vec::new())).collect();
     for (family, groups) in by_family {
         let total: usize = groups.values().map(Vec::len).sum();
         let mut order: Vec<Vec<Recording>> = groups.into_values().collect();
         order.sort_by_key(|g| (fnv(o.seed, &g[0].preset), g[0].sample));
-        if order.len() < 2 && o.eval_fraction > 0.0 {
-            warnings.push(format!(
-                "family {family}: one preset group only; all of it is in train"
-            ));
-        }
-        let mut held = 0usize;
-        let mut family_train = Vec::new();
-        let mut family_eval = Vec::new();
         let n_groups = order.len();
+        let mut family_sides: [Vec<Recording>; 3] = Default::default();
+        let mut side = 0;
+        let mut bound = o.test_fraction;
         for (i, g) in order.into_iter().enumerate() {
-            let room = i + 1 < n_groups || !family_train.is_empty();
-            if (held as f64) < o.eval_fraction * total as f64 && room && n_groups > 1 {
-                held += g.len();
-                family_eval.extend(g);
-            } else {
-                family_train.extend(g);
+            // Past this share of the family's recordings, the next split takes over.
+            while side < 2 && family_sides[..=side].iter().map(Vec::len).sum::<usize>() as f64
+                >= bound * total as f64
+            {
+                side += 1;
+                bound += if side == 1 { o.valid_fraction } else { 0.0 };
             }
+            let last_for_train = i + 1 == n_groups && family_sides[2].is_empty();
+            let s = if last_for_train { 2 } else { side };
+            family_sides[s].extend(g);
         }
-        train.extend(capped(family_train, o.max_per_family));
-        eval.extend(capped(family_eval, o.max_per_family));
+        for (name, recs) in SPLITS.iter().zip(family_sides) {
+            let fraction = match *name {
+                "test" => o.test_fraction,
+                "valid" => o.valid_fraction,
+                _ => 0.0,
+            };
+            if recs.is_empty() && fraction > 0.0 {
+                warnings.push(format!(
+                    "family {family}: {n_groups} preset group(s), none left for {name}"
+                ));
+            }
+            sides
+                .get_mut(*name)
+                .unwrap()
+                .extend(capped(recs, o.max_per_family));
+        }
     }
-    for s in [&mut train, &mut eval] {
+    for s in sides.values_mut() {
         s.sort_by_key(|r| r.sample);
     }
-    BTreeMap::from([("train".to_string(), train), ("eval".to_string(), eval)])
+    sides
 }
 
 /// At most `cap` recordings, spread evenly over `recs` (deterministic).
@@ -425,7 +455,7 @@ impl Plugin for SoundFontAdapter {
             })
         });
         Ok(DatasetInfo {
-            splits: vec!["train".into(), "eval".into()],
+            splits: vec!["train".into(), "valid".into(), "test".into()],
             warnings,
         })
     }
@@ -442,7 +472,7 @@ impl Plugin for SoundFontAdapter {
                 .ok_or_else(|| {
                     error(
                         ErrorCode::NotFound,
-                        format!("no split {split:?} (have: train, eval)"),
+                        format!("no split {split:?} (have: train, valid, test)"),
                     )
                 })?
                 .clone();

@@ -10,20 +10,21 @@
 //! {language}.` (the speaker-traits task). A clip whose template needs a transcript it does
 //! not have is left out with a warning naming it.
 //!
-//! Splits `train` and `eval` by content: a stamp's clips in every language, every clip with
+//! Splits `train`, `valid` and `test` by content: a stamp's clips in every language, every clip with
 //! the same audio (Tux Paint reuses one recording for several stamps: letters in four styles,
 //! `flower1..8`, `violin`/`violin2`; some copies differ only in their Ogg serial numbers) and,
 //! for transcription targets, every clip with the same normalised transcript form one group
-//! (the SDK's `ContentGroups`), and a group falls on one side by a seeded hash. So eval never
-//! hears a recording, a stamp or (transcription) a sentence trained on. `"split_by":
-//! "stamp"` restores the old split by stamp alone, which leaks (16 of 60 French eval clips
-//! were byte-identical to training clips): kept to reproduce earlier figures and to test the
-//! leak audit.
+//! (the SDK's `ContentGroups`), and a group falls on one side by a seeded hash. So no split
+//! hears a recording, a stamp or (transcription) a sentence of another. `"split_by":
+//! "stamp"` restores the old split by stamp alone, which leaks (16 of 60 French held-out
+//! clips were byte-identical to training clips): kept to reproduce earlier figures and to
+//! test the leak audit.
 //!
 //! Options (JSON, all optional): {"languages": ["fr", "ru"], "caption": "{transcript}",
-//! "eval_fraction": 0.2, "seed": 0, "max_per_language": null, "max_eval_per_language": null,
-//! "split_by": "content"} (the caps keep clips spread evenly over the split; the eval cap
-//! defaults to the other).
+//! "test_fraction": 0.2, "valid_fraction": 0.1, "seed": 0, "max_per_language": null,
+//! "max_eval_per_language": null, "split_by": "content"} (`eval_fraction` is the old name of
+//! test_fraction; the caps keep clips spread evenly over a split; `max_eval_per_language`
+//! caps valid and test each and defaults to the other cap).
 
 use std::collections::BTreeMap;
 
@@ -34,7 +35,9 @@ use earshot_plugin_sdk::*;
 struct Options {
     languages: Option<Vec<String>>,
     caption: String,
-    eval_fraction: f64,
+    #[serde(alias = "eval_fraction")]
+    test_fraction: f64,
+    valid_fraction: f64,
     seed: u64,
     max_per_language: Option<usize>,
     max_eval_per_language: Option<usize>,
@@ -57,7 +60,8 @@ impl Default for Options {
         Options {
             languages: None,
             caption: "{transcript}".into(),
-            eval_fraction: 0.2,
+            test_fraction: 0.2,
+            valid_fraction: 0.1,
             seed: 0,
             max_per_language: None,
             max_eval_per_language: None,
@@ -189,10 +193,24 @@ fn fnv(seed: u64, s: &str) -> u64 {
 type Splits = BTreeMap<String, Vec<Example>>;
 
 fn build(o: &Options) -> Result<(Splits, Vec<String>), PluginError> {
-    if !(0.0..1.0).contains(&o.eval_fraction) {
+    for (name, f) in [
+        ("test_fraction", o.test_fraction),
+        ("valid_fraction", o.valid_fraction),
+    ] {
+        if !(0.0..1.0).contains(&f) {
+            return Err(error(
+                ErrorCode::InvalidInput,
+                format!("{name}: {f} is not in [0, 1)"),
+            ));
+        }
+    }
+    if o.test_fraction + o.valid_fraction >= 1.0 {
         return Err(error(
             ErrorCode::InvalidInput,
-            format!("eval_fraction: {} is not in [0, 1)", o.eval_fraction),
+            format!(
+                "test_fraction {} + valid_fraction {} leave nothing to train on",
+                o.test_fraction, o.valid_fraction
+            ),
         ));
     }
     let mut warnings = Vec::new();
@@ -207,7 +225,8 @@ fn build(o: &Options) -> Result<(Splits, Vec<String>), PluginError> {
     let mut texts: BTreeMap<String, Option<String>> = BTreeMap::new();
     let mut splits: BTreeMap<String, Vec<Example>> = BTreeMap::from([
         ("train".to_string(), Vec::new()),
-        ("eval".to_string(), Vec::new()),
+        ("valid".to_string(), Vec::new()),
+        ("test".to_string(), Vec::new()),
     ]);
     let mut groups = ContentGroups::default();
     let mut examples = Vec::new();
@@ -259,7 +278,14 @@ fn build(o: &Options) -> Result<(Splits, Vec<String>), PluginError> {
             }
         }
         groups.add(&keys);
-        let by_stamp = (fnv(o.seed, &clip.stamp) % 10_000) as f64 / 10_000.0 < o.eval_fraction;
+        let u = (fnv(o.seed, &clip.stamp) % 10_000) as f64 / 10_000.0;
+        let by_stamp = if u < o.test_fraction {
+            "test"
+        } else if u < o.test_fraction + o.valid_fraction {
+            "valid"
+        } else {
+            "train"
+        };
         held_by_stamp.push(by_stamp);
         examples.push(Example {
             id: format!("{}:{}", clip.stamp, clip.code),
@@ -271,18 +297,19 @@ fn build(o: &Options) -> Result<(Splits, Vec<String>), PluginError> {
             metadata,
         });
     }
-    let sides = groups.assign(o.seed, &[("eval", o.eval_fraction)], "train");
+    // Test first, so that the test split is the old `eval` split of the same seed.
+    let held = [("test", o.test_fraction), ("valid", o.valid_fraction)];
+    let sides = groups.assign(o.seed, &held, "train");
     for ((example, side), by_stamp) in examples.into_iter().zip(sides).zip(held_by_stamp) {
         let side = match o.split_by {
             SplitBy::Content => side,
-            SplitBy::Stamp if by_stamp => "eval",
-            SplitBy::Stamp => "train",
+            SplitBy::Stamp => by_stamp,
         };
         splits.get_mut(side).unwrap().push(example);
     }
     for (split, examples) in splits.iter_mut() {
         let cap = match split.as_str() {
-            "eval" => o.max_eval_per_language.or(o.max_per_language),
+            "valid" | "test" => o.max_eval_per_language.or(o.max_per_language),
             _ => o.max_per_language,
         };
         if let Some(cap) = cap {

@@ -329,7 +329,7 @@ fn dataset_list_cli() {
     ]);
     let err = expect_failure(&out);
     assert!(
-        err.contains("no split \"nope\"") && err.contains("train, eval"),
+        err.contains("no split \"nope\"") && err.contains("train, valid, test"),
         "{err}"
     );
 }

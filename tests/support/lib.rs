@@ -515,7 +515,7 @@ pub fn eval_run(
     if let Some(split) = split {
         args.extend(["--split".into(), split.to_string()]);
     }
-    let out = earshot(&with_run_sets(run, sets, args));
+    let out = earshot(with_run_sets(run, sets, args));
     let stdout = expect_success(&out);
     let v = serde_json::from_str(&stdout)
         .unwrap_or_else(|e| panic!("stdout is one JSON object ({e}): {stdout:.2000}"));

@@ -5,22 +5,24 @@
 # common target). Everything comes from `earshot eval --json`; the per-run summaries
 # (`earshot eval --brief` output) are kept in runs/bench/<task>-s<seed>/summary.txt.
 #
-#   bash scripts/bench_tasks.sh [main|traits|transcribe|all] [--seeds N]   (default: all, 3)
+#   bash scripts/bench_tasks.sh [main|traits|transcribe|all] [--seeds N] [--eval-only]
+#   (default: all, 3 seeds; --eval-only scores the runs already in runs/bench again)
 #
 # main = configs/cpu-smollm2-soundfont.toml (instrument family and register),
 # traits = configs/cpu-smollm2-speaker-traits.toml (language/voice),
 # transcribe = configs/cpu-smollm2-transcribe-fr.toml (French CER/WER).
 # The scores are on each config's test split (data.test-split), which nothing reads before
-# this: the eval loss during training, early stopping and best/ use data.valid-split, and
-# each run's figure is its final projector after the config's fixed number of steps.
+# this: each run's figure is its best/ checkpoint, the one with the lowest eval loss on
+# data.valid-split among the evaluations every train.eval-every steps and at the end.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
-which=all seeds=3
+which=all seeds=3 eval_only=0
 while [ $# -gt 0 ]; do
   case $1 in
     main|traits|transcribe|all) which=$1 ;;
     --seeds) seeds=$2; shift ;;
+    --eval-only) eval_only=1 ;;
     *) echo "bench_tasks.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -40,12 +42,17 @@ for task in "${tasks[@]}"; do
   jsons=()
   for ((seed = 0; seed < seeds; seed++)); do
     run=runs/bench/$task-s$seed
-    rm -rf "$run"
     start=$(date +%s)
-    "$earshot" train "$config" --set "train.seed=$seed" --set "train.run-dir=\"$run\"" \
-      --overwrite >&2
+    if [ "$eval_only" = 0 ]; then
+      rm -rf "$run"
+      "$earshot" train "$config" --set "train.seed=$seed" --set "train.run-dir=\"$run\"" \
+        --overwrite >&2
+    elif [ ! -d "$run/best" ]; then
+      echo "bench_tasks.sh: $run/best missing: train it first (without --eval-only)" >&2
+      exit 1
+    fi
     "$earshot" eval --config "$config" --set "train.run-dir=\"$run\"" \
-      --checkpoint "$run/projector.safetensors" --brief > "$run/summary.txt"
+      --checkpoint "$run/best" --brief > "$run/summary.txt"
     echo "[$task seed $seed: $(( $(date +%s) - start )) s]" >&2
     cat "$run/summary.txt" >&2
     jsons+=("$run/eval.json")
@@ -58,7 +65,7 @@ last = runs[-1]["listening_check"]
 def spread(values):
     m = sum(values) / len(values)
     return f"{m:.3f} ({min(values):.3f}-{max(values):.3f})" if len(values) > 1 else f"{m:.3f}"
-print(f"\n{task}: {config}, {len(runs)} seed(s), {runs[0]['examples']} test examples")
+print(f"\n{task}: {config}, {len(runs)} seed(s), {runs[0]['examples']} test examples, best/ checkpoints (lowest valid loss)")
 print("| score | real audio: mean (min-max) | silence | shuffled | training majority | uniform |")
 print("|---|---|---|---|---|---|")
 for name in runs[0].get("attributes", {}):

@@ -2,9 +2,10 @@
 # All set-up, then the main job: the projector between the frozen Whisper tiny.en encoder and
 # the frozen SmolLM2-135M-Instruct LLM is trained (CPU) to say which instrument family plays
 # a note and in which register, on real recordings (the FluidR3 General MIDI SoundFont,
-# fetched by the set-up), then the held-out presets (never heard in training) are captioned
-# and scored: attribute accuracy, caption metrics, the listening check (silence, shuffled
-# audio) and an HTML report in the run folder. About 12 minutes on 2 cores after the build.
+# fetched by the set-up; the validation presets give the eval loss and best/), then the test
+# presets (never heard in training, not used to choose anything) are captioned and scored:
+# attribute accuracy, caption metrics, the listening check (silence, shuffled audio) and an
+# HTML report in the run folder. 11-18 minutes on 2 cores after the build (BENCHMARKS.md).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 "$root/scripts/setup.sh"
@@ -14,4 +15,5 @@ run_dir=runs/cpu-smollm2-soundfont
 ./target/release/earshot train "$config" --overwrite
 # The summary (scores with 95% intervals beside silence, shuffled audio, the training split's
 # majority and chance; the listening verdict); eval.json and report.html go beside the run.
-./target/release/earshot eval --config "$config" --checkpoint "$run_dir/projector.safetensors" --brief
+# The checkpoint with the lowest validation loss (best/): chosen without looking at test.
+./target/release/earshot eval --config "$config" --checkpoint "$run_dir/best" --brief

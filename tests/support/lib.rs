@@ -563,11 +563,16 @@ pub fn assert_learned(v: &serde_json::Value, primary: &str, bar: f64, margin: f6
             format!("{primary} accuracy {x:.3}")
         }
     };
+    let listed: Vec<String> = baselines
+        .iter()
+        .map(|(name, score)| format!("{name} {}", shown(*score)))
+        .collect();
     assert!(
         real >= bar,
-        "real audio: {} (needs {}); baselines {baselines:?}",
+        "real audio: {} (needs {}); baselines: {}",
         shown(real),
-        shown(bar)
+        shown(bar),
+        listed.join(", ")
     );
     for (name, score) in &baselines {
         assert!(

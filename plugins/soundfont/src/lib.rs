@@ -256,9 +256,11 @@ pub fn recordings(sf: &SoundFont, o: &Options) -> Result<(Vec<Recording>, Vec<St
 pub const SPLITS: [&str; 3] = ["test", "valid", "train"];
 
 /// Splits recordings by preset group: per family, groups (in a seeded order) go to `test`
-/// until it holds `test_fraction` of the family's recordings, then to `valid` until it holds
-/// `valid_fraction`, the rest to `train`; at least one group stays in `train`. Then each side
-/// is cut to `max_per_family` recordings per family, if set.
+/// until it holds `test_fraction` of the family's recordings, then to `valid` until test and
+/// valid together hold `test_fraction + valid_fraction` (a family whose test groups already
+/// overshoot that gets no valid group: the shares hold over all families, not in each), the
+/// rest to `train`; at least one group stays in `train`. Then each side is cut to
+/// `max_per_family` recordings per family, if set.
 pub fn split(
     recs: Vec<Recording>,
     o: &Options,

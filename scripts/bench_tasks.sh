@@ -5,8 +5,9 @@
 # common target). Everything comes from `earshot eval --json`; the per-run summaries
 # (`earshot eval --brief` output) are kept in runs/bench/<task>-s<seed>/summary.txt.
 #
-#   bash scripts/bench_tasks.sh [main|traits|transcribe|all] [--seeds N] [--eval-only]
-#   (default: all, 3 seeds; --eval-only scores the runs already in runs/bench again)
+#   bash scripts/bench_tasks.sh [main|traits|transcribe|all] [--seeds N] [--eval-only] [--final]
+#   (default: all, 3 seeds; --eval-only scores the runs already in runs/bench again; --final
+#   scores each run's final projector instead of best/: a comparison, never the figure)
 #
 # main = configs/cpu-smollm2-soundfont.toml (instrument family and register),
 # traits = configs/cpu-smollm2-speaker-traits.toml (language/voice),
@@ -17,12 +18,13 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
-which=all seeds=3 eval_only=0
+which=all seeds=3 eval_only=0 checkpoint=best
 while [ $# -gt 0 ]; do
   case $1 in
     main|traits|transcribe|all) which=$1 ;;
     --seeds) seeds=$2; shift ;;
     --eval-only) eval_only=1 ;;
+    --final) checkpoint=projector.safetensors ;;
     *) echo "bench_tasks.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -52,20 +54,20 @@ for task in "${tasks[@]}"; do
       exit 1
     fi
     "$earshot" eval --config "$config" --set "train.run-dir=\"$run\"" \
-      --checkpoint "$run/best" --brief > "$run/summary.txt"
+      --checkpoint "$run/$checkpoint" --brief > "$run/summary.txt"
     echo "[$task seed $seed: $(( $(date +%s) - start )) s]" >&2
     cat "$run/summary.txt" >&2
     jsons+=("$run/eval.json")
   done
-  python3 - "$task" "$config" "${jsons[@]}" <<'PY'
+  python3 - "$task" "$config" "$checkpoint" "${jsons[@]}" <<'PY'
 import json, sys
-task, config, paths = sys.argv[1], sys.argv[2], sys.argv[3:]
+task, config, checkpoint, paths = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 runs = [json.load(open(p)) for p in paths]
 last = runs[-1]["listening_check"]
 def spread(values):
     m = sum(values) / len(values)
     return f"{m:.3f} ({min(values):.3f}-{max(values):.3f})" if len(values) > 1 else f"{m:.3f}"
-print(f"\n{task}: {config}, {len(runs)} seed(s), {runs[0]['examples']} test examples, best/ checkpoints (lowest valid loss)")
+print(f"\n{task}: {config}, {len(runs)} seed(s), {runs[0]['examples']} test examples, " + ("best/ checkpoints (lowest valid loss)" if checkpoint == "best" else "final projectors (not the figure: a comparison)"))
 print("| score | real audio: mean (min-max) | silence | shuffled | training majority | uniform |")
 print("|---|---|---|---|---|---|")
 for name in runs[0].get("attributes", {}):

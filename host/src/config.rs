@@ -116,6 +116,20 @@ pub struct DataConfig {
     pub leaks: LeakPolicy,
 }
 
+impl DataConfig {
+    /// The splits a run names, each once, in the order they are read and compared for
+    /// leaks: train, valid, test.
+    pub fn run_splits(&self) -> Vec<&str> {
+        let mut splits = vec![self.train_split.as_str()];
+        for s in [&self.valid_split, &self.test_split].into_iter().flatten() {
+            if !splits.contains(&s.as_str()) {
+                splits.push(s);
+            }
+        }
+        splits
+    }
+}
+
 /// `data.leaks`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]

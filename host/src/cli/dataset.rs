@@ -248,15 +248,13 @@ fn audit(
 
 /// The training split first, then validation and test, then the adapter's other splits.
 pub fn audit_order(config: &RunConfig, listed: &[String]) -> Vec<String> {
-    let mut order: Vec<String> = Vec::new();
-    for s in std::iter::once(&config.data.train_split)
-        .chain(&config.data.valid_split)
-        .chain(&config.data.test_split)
-    {
-        if listed.contains(s) && !order.contains(s) {
-            order.push(s.clone());
-        }
-    }
+    let mut order: Vec<String> = config
+        .data
+        .run_splits()
+        .into_iter()
+        .filter(|s| listed.iter().any(|l| l == s))
+        .map(String::from)
+        .collect();
     for s in listed {
         if !order.contains(s) {
             order.push(s.clone());

@@ -39,6 +39,7 @@ use batch::{caption_loss, BatchLoss};
 use error::io;
 
 /// One training example ready for the loop.
+#[derive(Clone)]
 pub struct Prepared {
     pub id: String,
     pub pieces: TextPieces,
@@ -104,7 +105,7 @@ impl Session {
         let (rt, encoder, llm) = load_models(&config, GgufBlocks::Skip)?;
         let host = PluginHost::new(config.plugins.sandbox, PluginHost::default_cache_dir());
         let mut template = PromptTemplate::load(&host, &config.plugins.prompt_template)?;
-        let splits = run_splits(&config.data);
+        let splits = config.data.run_splits();
         let mut adapter = open_dataset(&host, &config, &splits)?;
         let settings = mel_settings(&config, &encoder);
         let manifest = build_manifest(&config, &settings)?;
@@ -126,22 +127,20 @@ impl Session {
         };
         let examples = inputs.load(&config.data.train_split, progress)?;
         let eval_examples = match &config.data.valid_split {
-            Some(split) if split != &config.data.train_split => inputs.load(split, progress)?,
-            // The training split as its own eval (overfitting checks): loaded once more
-            // without comparing it with itself.
-            Some(split) => inputs.without_leak_check(|inputs| inputs.load(split, progress))?,
+            // The training split as its own eval (overfitting checks): the same examples.
+            Some(split) if split == &config.data.train_split => examples.clone(),
+            Some(split) => inputs.load(split, progress)?,
             None => Vec::new(),
         };
         // The test split is not trained or chosen on: listed only, for the leak check (an
         // example over a bound there is eval's business, not training's).
-        if let Some(test) = &config.data.test_split {
-            let read = [
-                Some(&config.data.train_split),
-                config.data.valid_split.as_ref(),
-            ];
-            if inputs.leaks.is_some() && !read.contains(&Some(test)) {
-                inputs.list(test, false)?;
-            }
+        let data = &config.data;
+        let test_only = data
+            .test_split
+            .as_deref()
+            .filter(|t| *t != data.train_split && Some(*t) != data.valid_split.as_deref());
+        if let Some(test) = test_only.filter(|_| inputs.leaks.is_some()) {
+            inputs.list(test, false)?;
         }
         let skipped = inputs.skipped;
         if let Some(report) = inputs.leaks.take().map(LeakFinder::finish) {
@@ -164,17 +163,6 @@ impl Session {
             prefixes: PrefixCache::default(),
         })
     }
-}
-
-/// The splits a run reads, each once, in the leak check's order: train, valid, test.
-fn run_splits(data: &crate::config::DataConfig) -> Vec<&str> {
-    let mut splits = vec![data.train_split.as_str()];
-    for s in [&data.valid_split, &data.test_split].into_iter().flatten() {
-        if !splits.contains(&s.as_str()) {
-            splits.push(s);
-        }
-    }
-    splits
 }
 
 /// What turning a split into training examples needs.
@@ -225,14 +213,6 @@ pub struct Skipped {
 }
 
 impl SplitInputs<'_> {
-    /// Runs `f` with the leak check paused.
-    fn without_leak_check<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
-        let finder = self.leaks.take();
-        let out = f(self);
-        self.leaks = finder;
-        out
-    }
-
     /// Every example of `split` the adapter returns within its bounds (the others are
     /// skipped or refused, by `data.bad-examples`), compared with the earlier splits.
     /// `trained`: the split is trained or evaluated on (a bad example counts as skipped).

@@ -257,9 +257,10 @@ pub const SPLITS: [&str; 3] = ["test", "valid", "train"];
 
 /// Splits recordings by preset group: per family, groups (in a seeded order) go to `test`
 /// until it holds `test_fraction` of the family's recordings, then to `valid` until test and
-/// valid together hold `test_fraction + valid_fraction` (a family whose test groups already
-/// overshoot that gets no valid group: the shares hold over all families, not in each), the
-/// rest to `train`; at least one group stays in `train`. Then each side is cut to
+/// valid together hold `test_fraction + valid_fraction`, the rest to `train`. A family's
+/// first group after test always goes to `valid` (when `valid_fraction` > 0) if another group
+/// is left for `train`, even when test's groups already overshoot both shares; at least one
+/// group stays in `train`. So a family of three or more groups is in every split. Then each side is cut to
 /// `max_per_family` recordings per family, if set.
 pub fn split(
     recs: Vec<Recording>,
@@ -286,9 +287,15 @@ pub fn split(
         let mut side = 0;
         let mut bound = o.test_fraction;
         for (i, g) in order.into_iter().enumerate() {
-            // Past this share of the family's recordings, the next split takes over.
-            while side < 2 && family_sides[..=side].iter().map(Vec::len).sum::<usize>() as f64
-                >= bound * total as f64
+            // Past this share of the family's recordings, the next split takes over; but
+            // valid, when asked for, gets one group of a family that has one to spare (one
+            // left for train after it), even when test already overshot both shares: a
+            // validation split without a family cannot tell which checkpoint names it best.
+            let spare = i + 1 < n_groups;
+            while side < 2
+                && !(side == 1 && o.valid_fraction > 0.0 && family_sides[1].is_empty() && spare)
+                && family_sides[..=side].iter().map(Vec::len).sum::<usize>() as f64
+                    >= bound * total as f64
             {
                 side += 1;
                 bound += if side == 1 { o.valid_fraction } else { 0.0 };

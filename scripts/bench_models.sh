@@ -19,13 +19,39 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 "$venv/bin/python" -c "import faster_whisper" 2>/dev/null || "$venv/bin/pip" install -q faster-whisper==1.2.1
-"$venv/bin/python" -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=ON" "$venv/bin/pip" install -q llama-cpp-python
+# llama.cpp is built for the instruction sets this CPU advertises, named one by one:
+# GGML_NATIVE=ON also turns on AMX where the CPU advertises it, and a VM that does not allow
+# AMX then dies with SIGILL (exit 132), as on the Intel Xeon machines of this kind.
+flags=$(grep -m1 '^flags' /proc/cpuinfo || true)
+has() { [[ " $flags " == *" $1 "* ]]; }
+ggml="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+for f in avx:AVX avx2:AVX2 fma:FMA f16c:F16C avx512f:AVX512 avx512_vnni:AVX512_VNNI \
+  avx512_bf16:AVX512_BF16 avx512vbmi:AVX512_VBMI avx_vnni:AVX_VNNI; do
+  if has "${f%%:*}"; then ggml+=" -DGGML_${f#*:}=ON"; else ggml+=" -DGGML_${f#*:}=OFF"; fi
+done
+llama_version=0.3.16
+if ! "$venv/bin/python" -c "import llama_cpp" 2>/dev/null \
+  || [ "$(cat "$venv/llama-cmake-args" 2>/dev/null)" != "$llama_version $ggml" ]; then
+  # Its dependencies first; then the package itself rebuilt from source (no cached wheel).
+  "$venv/bin/pip" install -q numpy diskcache jinja2 typing-extensions
+  CMAKE_ARGS="$ggml" "$venv/bin/pip" install -q --force-reinstall --no-deps --no-cache-dir \
+    "llama-cpp-python==$llama_version"
+  echo "$llama_version $ggml" > "$venv/llama-cmake-args"
+fi
+cpu=$(lscpu | sed -n 's/^Model name: *//p' | head -1)
+simd_sets=$(for f in avx2 fma f16c avx512f avx512bw avx512dq avx512vl avx512_vnni avx512_bf16 amx_tile; do
+  has "$f" && printf '%s ' "$f"; done)
+echo "CPU: $cpu, $(nproc) cores; advertises: $simd_sets"
+echo "llama.cpp (llama-cpp-python $llama_version) built with: $ggml"
 cargo build --release --quiet -p earshot --example bench_models
 bench=target/release/examples/bench_models
 mel=../shared/oracle/whisper-tiny-en/expected/a_speech_mel_pad30s.npy
 gguf=$models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
 
 ours_enc=$("$bench" encoder "$models/whisper-tiny.en" "$mel" 5)
+# A/B in the same run: earshot's own kernels (softmax, GELU, the packed decode products)
+# capped at AVX2 with EARSHOT_SIMD; gemm's matrix products choose for themselves either way.
+ours_enc_avx2=$(EARSHOT_SIMD=avx2 "$bench" encoder "$models/whisper-tiny.en" "$mel" 5)
 ref_enc=$("$venv/bin/python" - "$models/whisper-tiny.en-ct2" "$mel" <<'PY'
 import sys, time, json, statistics, numpy as np, ctranslate2
 from faster_whisper import WhisperModel
@@ -39,9 +65,10 @@ for _ in range(5):
 print(json.dumps({"what": "ctranslate2 encoder", "median_s": statistics.median(ts)}))
 PY
 )
-echo "$ours_enc"; echo "$ref_enc"
+echo "$ours_enc"; echo "$ours_enc_avx2"; echo "$ref_enc"
 
 ours_llm=$("$bench" llm "$gguf" 256 128)
+ours_llm_avx2=$(EARSHOT_SIMD=avx2 "$bench" llm "$gguf" 256 128)
 # A/B: decoding from the dequantized f32 matrices instead of the GGUF blocks.
 ours_f32=$("$bench" llm "$gguf" 256 128 dequantized)
 ref_llm=$("$venv/bin/python" - "$gguf" <<'PY'
@@ -60,10 +87,12 @@ def run():
 run()
 runs = [run() for _ in range(3)]
 p = statistics.median(r[0] for r in runs); d = statistics.median(r[1] for r in runs)
-print(json.dumps({"what": "llama.cpp", "prompt_tokens_per_s": 256 / p, "decode_tokens_per_s": 128 / d}))
+import llama_cpp, re
+isa = " ".join(re.findall(r"(\w+) = 1", llama_cpp.llama_print_system_info().decode()))
+print(json.dumps({"what": "llama.cpp", "prompt_tokens_per_s": 256 / p, "decode_tokens_per_s": 128 / d, "isa": isa}))
 PY
 )
-echo "$ours_llm"; echo "$ours_f32"; echo "$ref_llm"
+echo "$ours_llm"; echo "$ours_llm_avx2"; echo "$ours_f32"; echo "$ref_llm"
 
 fixed=$("$bench" train-step "$gguf" full 3)
 stock=$("$bench" train-step "$gguf" stock 3)
@@ -87,19 +116,23 @@ PY
 )
 echo "$bandwidth"
 
-python3 - "$ours_enc" "$ref_enc" "$ours_llm" "$ref_llm" "$fixed" "$stock" "$peak" "$bandwidth" "$ours_f32" "$models/whisper-tiny.en/config.json" <<'PY'
+python3 - "$ours_enc" "$ref_enc" "$ours_llm" "$ref_llm" "$fixed" "$stock" "$peak" "$bandwidth" "$ours_f32" "$models/whisper-tiny.en/config.json" "$ours_enc_avx2" "$ours_llm_avx2" <<'PY'
 import sys, json
 oe, re_, ol, rl, fx, st, pk, bw, of = (json.loads(a) for a in sys.argv[1:10])
 c = json.load(open(sys.argv[10]))
+oe2, ol2 = (json.loads(a) for a in sys.argv[11:13])
+print(f"earshot's own kernels: {oe['kernels']} (A/B: EARSHOT_SIMD=avx2); llama.cpp's: {rl['isa']}")
 # Multiply-adds of one 30 s window through the encoder: two convolutions, then per layer
 # q/k/v/o and the MLP on 1500 frames, and the attention products (scores and values).
 d, f, n, L, T = c["d_model"], c["encoder_ffn_dim"], c["num_mel_bins"], c["encoder_layers"], c["max_source_positions"]
 flops = 2 * (2 * T * n * d * 3 + T * d * d * 3) + L * 2 * (T * (4 * d * d + 2 * d * f) + 2 * T * T * d)
 floor = flops / (pk["gflops"] * 1e9)
 print(f"encoder 30 s window: earshot {oe['median_s']:.3f} s, CTranslate2 {re_['median_s']:.3f} s, ratio {oe['median_s']/re_['median_s']:.2f}")
+print(f"  with EARSHOT_SIMD=avx2: {oe2['median_s']:.3f} s, ratio {oe2['median_s']/re_['median_s']:.2f}")
 print(f"  {flops/1e9:.1f} GFLOP per window; at this machine's f32 matmul peak ({pk['gflops']:.0f} GFLOP/s, candle/gemm, 2 threads) the floor is {floor:.3f} s: ratio >= {floor/re_['median_s']:.2f} for any implementation doing these FLOPs")
 print(f"LLM prompt: earshot {ol['prompt_tokens_per_s']:.0f} tok/s, llama.cpp {rl['prompt_tokens_per_s']:.0f} tok/s, ratio {ol['prompt_tokens_per_s']/rl['prompt_tokens_per_s']:.2f}")
 print(f"LLM decode: earshot {ol['decode_tokens_per_s']:.1f} tok/s ({ol['packed_projections']} projections from GGUF blocks), llama.cpp {rl['decode_tokens_per_s']:.1f} tok/s, ratio {ol['decode_tokens_per_s']/rl['decode_tokens_per_s']:.2f}")
+print(f"  with EARSHOT_SIMD=avx2: {ol2['decode_tokens_per_s']:.1f} tok/s, ratio {ol2['decode_tokens_per_s']/rl['decode_tokens_per_s']:.2f}; prompt {ol2['prompt_tokens_per_s']:.0f} tok/s")
 print(f"  from the dequantized f32 matrices: {of['decode_tokens_per_s']:.1f} tok/s, ratio {of['decode_tokens_per_s']/rl['decode_tokens_per_s']:.2f}")
 # SmolLM2-135M's f32 weights read once per token (embeddings tied to the LM head): 134.5M x 4 bytes.
 ceiling = bw["gb_per_s"] * 1e9 / (134.5e6 * 4)

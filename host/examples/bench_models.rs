@@ -55,7 +55,11 @@ fn main() {
                     t.elapsed().as_secs_f64()
                 })
                 .collect();
-            println!("{{\"what\":\"encoder\",\"median_s\":{}}}", median(times));
+            println!(
+                "{{\"what\":\"encoder\",\"median_s\":{},\"kernels\":\"{}\"}}",
+                median(times),
+                earshot::models::simd::level().name()
+            );
         }
         Some("llm") => {
             let mut model = load_llama(&args[2], GgufBlocks::Keep);
@@ -125,7 +129,8 @@ fn main() {
             let p = median(runs.iter().map(|r| r.0).collect());
             let d = median(runs.iter().map(|r| r.1).collect());
             println!(
-                "{{\"what\":\"llm\",\"packed_projections\":{},\"prompt_tokens_per_s\":{},\"decode_tokens_per_s\":{}}}",
+                "{{\"what\":\"llm\",\"kernels\":\"{}\",\"packed_projections\":{},\"prompt_tokens_per_s\":{},\"decode_tokens_per_s\":{}}}",
+                earshot::models::simd::level().name(),
                 model.packed_projections(),
                 n_prompt as f64 / p,
                 n_decode as f64 / d

@@ -24,13 +24,19 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// The environment variables every command reads, for `earshot --help`.
+const ENVIRONMENT: &str = "Environment: EARSHOT_HOME (models, data and caches; default \
+~/.cache/earshot); EARSHOT_SIMD=auto|avx512|avx2|portable (caps the vector instructions of \
+earshot's own CPU kernels, for comparing or working around a CPU; default auto: the widest the \
+CPU runs); RUST_LOG (log filter, overrides -v).";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "earshot",
     version,
     about = "Teach a frozen LLM to listen: Whisper encoder + trainable projector + frozen LLM",
     long_about = None,
-    after_help = exit::HELP,
+    after_help = format!("{ENVIRONMENT}\n\n{}", exit::HELP),
 )]
 pub struct Cli {
     /// More log output on stderr (-v info, -vv debug). RUST_LOG overrides.
@@ -84,6 +90,19 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     printer::set_progress_interval(cli.progress_interval);
+    // A bad EARSHOT_SIMD is a usage error before any work, not a silent fallback.
+    match crate::models::simd::check_env() {
+        Ok(level) => tracing::info!(
+            "CPU kernels: {} (detected {}; {} caps it)",
+            level.name(),
+            crate::models::simd::detected().name(),
+            crate::models::simd::ENV
+        ),
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(exit::USAGE);
+        }
+    }
     let result = match cli.command {
         Command::Mel(args) => mel::run(args),
         Command::AudioInfo(args) => audio_info::run(args),

@@ -349,7 +349,7 @@ impl CustomOp1 for RopeOp<'_> {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let dims = l.dims();
-        if dims.len() != 4 || dims[3] % 2 != 0 {
+        if dims.len() != 4 || !dims[3].is_multiple_of(2) {
             candle_core::bail!("fused-rope: input {dims:?}");
         }
         let out = dispatch!(s, l, "fused-rope", |x| self.rope.apply(x, dims, self.sign));
@@ -821,35 +821,28 @@ pub fn erf_f32(x: f32) -> f32 {
     y.copysign(x)
 }
 
-/// Whether the CPU runs AVX2 + FMA: the crate is built for baseline x86-64 (SSE2, 4 lanes),
-/// so the hot loops are also compiled for 8 lanes and picked at run time (here through
-/// `with_avx2!`, in `packed` with its own kernels).
-pub(crate) fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// `fn $name(args)` that runs `$body(args)` compiled for AVX2 + FMA when the CPU has them,
-/// else as the crate is built. `$body` is `#[inline(always)]`, so each copy is vectorised
-/// for its own target.
-macro_rules! with_avx2 {
+/// `fn $name(args)` that runs `$body(args)` compiled for AVX-512 or AVX2 + FMA, whichever
+/// `simd::level()` picks, else as the crate is built (baseline x86-64, 4 lanes). `$body` is
+/// `#[inline(always)]`, so each copy is vectorised for its own target.
+macro_rules! with_simd {
     (fn $name:ident($($arg:ident: $ty:ty),*) => $body:ident) => {
         fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn wide($($arg: $ty),*) {
+                use super::simd::SimdLevel;
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")]
+                unsafe fn avx512($($arg: $ty),*) {
                     $body($($arg),*)
                 }
-                if has_avx2() {
-                    // SAFETY: the CPU has AVX2 and FMA (checked just above).
-                    return unsafe { wide($($arg),*) };
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                match super::simd::level() {
+                    // SAFETY: `level()` is never above what the CPU runs.
+                    SimdLevel::Avx512 => return unsafe { avx512($($arg),*) },
+                    SimdLevel::Avx2 => return unsafe { avx2($($arg),*) },
+                    SimdLevel::Portable => {}
                 }
             }
             $body($($arg),*)
@@ -864,7 +857,7 @@ fn gelu_body(out: &mut [f32], x: &[f32]) {
     }
 }
 
-with_avx2!(fn gelu_chunk(out: &mut [f32], x: &[f32]) => gelu_body);
+with_simd!(fn gelu_chunk(out: &mut [f32], x: &[f32]) => gelu_body);
 
 /// softmax of a row whose values are all finite (and not NaN).
 #[inline(always)]
@@ -876,7 +869,7 @@ fn softmax_body(dst: &mut [f32], row: &[f32], max: f32) {
     dst.iter_mut().for_each(|d| *d *= inv);
 }
 
-with_avx2!(fn softmax_row(dst: &mut [f32], row: &[f32], max: f32) => softmax_body);
+with_simd!(fn softmax_row(dst: &mut [f32], row: &[f32], max: f32) => softmax_body);
 
 struct FastGelu;
 
@@ -1366,18 +1359,22 @@ mod tests {
             let d = d.to_scalar::<f32>().unwrap();
             assert!(d < tol, "{what}: max difference {d}");
         };
-        close(
-            &softmax_last_dim_inference(&x).unwrap(),
-            &candle_nn::ops::softmax_last_dim(&x).unwrap(),
-            1e-6,
-            "softmax",
-        );
-        close(
-            &gelu_erf_inference(&x).unwrap(),
-            &x.gelu_erf().unwrap(),
-            2e-6,
-            "gelu",
-        );
+        for level in crate::models::simd::available() {
+            crate::models::simd::with_level(level, || {
+                close(
+                    &softmax_last_dim_inference(&x).unwrap(),
+                    &candle_nn::ops::softmax_last_dim(&x).unwrap(),
+                    1e-6,
+                    &format!("softmax, {level:?}"),
+                );
+                close(
+                    &gelu_erf_inference(&x).unwrap(),
+                    &x.gelu_erf().unwrap(),
+                    2e-6,
+                    &format!("gelu, {level:?}"),
+                );
+            });
+        }
         // A NaN stays visible.
         let nan = Tensor::new(&[[0f32, f32::NAN, 1.0]], &dev).unwrap();
         let s: Vec<f32> = softmax_last_dim_inference(&nan)

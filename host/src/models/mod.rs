@@ -9,6 +9,7 @@ pub mod llm;
 pub mod nonfinite;
 pub mod packed;
 pub mod projector;
+pub mod simd;
 pub mod weights;
 pub mod whisper;
 

@@ -115,7 +115,7 @@ impl PackedMatrix {
         data: Vec<u8>,
     ) -> Result<Self> {
         let want = rows * (cols / BLOCK) * format.block_bytes();
-        if cols % BLOCK != 0 || data.len() != want {
+        if !cols.is_multiple_of(BLOCK) || data.len() != want {
             candle_core::bail!(
                 "packed {format:?} matrix ({rows}, {cols}) needs {want} bytes, got {}",
                 data.len()
@@ -201,12 +201,12 @@ impl PackedMatrix {
             x.chunks_exact(k).zip(sums.chunks_exact(nb)).collect();
         // (rows, m): each output row of W is one contiguous run, whichever task computes it.
         let mut out_t = vec![0f32; n * m];
+        let level = super::simd::level();
         let work = |first_row: usize, chunk: &mut [f32]| {
-            let avx2 = has_avx2_f16c();
             for (i, dst) in chunk.chunks_exact_mut(m).enumerate() {
                 let w = self.row(first_row + i);
                 for (xs, d) in rows_of_x.chunks(4).zip(dst.chunks_mut(4)) {
-                    dot_rows(self.format, w, xs, d, avx2);
+                    dot_rows(self.format, w, xs, d, level);
                 }
             }
         };
@@ -232,49 +232,47 @@ impl PackedMatrix {
     }
 }
 
-/// Whether the vector kernels can run: AVX2 + FMA (`fused::has_avx2`), and F16C for the
-/// block scales.
-fn has_avx2_f16c() -> bool {
-    #[cfg(test)]
-    if FORCE_SCALAR.with(|s| s.get()) {
-        return false;
-    }
+/// `out[i] = w . x_i` for up to four input rows (x_i, its block sums), one weight row `w`,
+/// with the widest kernel `level` allows.
+fn dot_rows(
+    format: BlockFormat,
+    w: &[u8],
+    xs: &[(&[f32], &[f32])],
+    out: &mut [f32],
+    level: super::simd::SimdLevel,
+) {
     #[cfg(target_arch = "x86_64")]
     {
-        super::fused::has_avx2() && is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// `out[i] = w . x_i` for up to four input rows (x_i, its block sums), one weight row `w`.
-fn dot_rows(format: BlockFormat, w: &[u8], xs: &[(&[f32], &[f32])], out: &mut [f32], avx2: bool) {
-    #[cfg(target_arch = "x86_64")]
-    if avx2 {
-        // SAFETY: `avx2` is only true when the CPU has AVX2, FMA and F16C; every row of `xs`
-        // has `w`'s width (checked in `matmul_t`), so the kernels read inside both.
-        unsafe {
-            use x86::*;
-            match (format, xs.len()) {
-                (BlockFormat::Q4_0, 1) => dot::<Q40, 1>(w, xs, out),
-                (BlockFormat::Q4_0, 2) => dot::<Q40, 2>(w, xs, out),
-                (BlockFormat::Q4_0, 3) => dot::<Q40, 3>(w, xs, out),
-                (BlockFormat::Q4_0, _) => dot::<Q40, 4>(w, xs, out),
-                (BlockFormat::Q4_1, 1) => dot::<Q41, 1>(w, xs, out),
-                (BlockFormat::Q4_1, 2) => dot::<Q41, 2>(w, xs, out),
-                (BlockFormat::Q4_1, 3) => dot::<Q41, 3>(w, xs, out),
-                (BlockFormat::Q4_1, _) => dot::<Q41, 4>(w, xs, out),
-                (BlockFormat::Q8_0, 1) => dot::<Q80, 1>(w, xs, out),
-                (BlockFormat::Q8_0, 2) => dot::<Q80, 2>(w, xs, out),
-                (BlockFormat::Q8_0, 3) => dot::<Q80, 3>(w, xs, out),
-                (BlockFormat::Q8_0, _) => dot::<Q80, 4>(w, xs, out),
-            }
+        use super::simd::SimdLevel;
+        macro_rules! by_shape {
+            ($kernel:ident) => {
+                match (format, xs.len()) {
+                    (BlockFormat::Q4_0, 1) => x86::$kernel::<Q40, 1>(w, xs, out),
+                    (BlockFormat::Q4_0, 2) => x86::$kernel::<Q40, 2>(w, xs, out),
+                    (BlockFormat::Q4_0, 3) => x86::$kernel::<Q40, 3>(w, xs, out),
+                    (BlockFormat::Q4_0, _) => x86::$kernel::<Q40, 4>(w, xs, out),
+                    (BlockFormat::Q4_1, 1) => x86::$kernel::<Q41, 1>(w, xs, out),
+                    (BlockFormat::Q4_1, 2) => x86::$kernel::<Q41, 2>(w, xs, out),
+                    (BlockFormat::Q4_1, 3) => x86::$kernel::<Q41, 3>(w, xs, out),
+                    (BlockFormat::Q4_1, _) => x86::$kernel::<Q41, 4>(w, xs, out),
+                    (BlockFormat::Q8_0, 1) => x86::$kernel::<Q80, 1>(w, xs, out),
+                    (BlockFormat::Q8_0, 2) => x86::$kernel::<Q80, 2>(w, xs, out),
+                    (BlockFormat::Q8_0, 3) => x86::$kernel::<Q80, 3>(w, xs, out),
+                    (BlockFormat::Q8_0, _) => x86::$kernel::<Q80, 4>(w, xs, out),
+                }
+            };
         }
-        return;
+        use x86::{Q40, Q41, Q80};
+        // SAFETY: `level` is never above what the CPU runs (AVX2 implies FMA and F16C,
+        // AVX-512 implies AVX2); every row of `xs` has `w`'s width (checked in `matmul_t`),
+        // so the kernels read inside both.
+        match level {
+            SimdLevel::Avx512 => return unsafe { by_shape!(dot512) },
+            SimdLevel::Avx2 => return unsafe { by_shape!(dot) },
+            SimdLevel::Portable => {}
+        }
     }
-    let _ = avx2;
+    let _ = level;
     dot_rows_scalar(format, w, xs, out)
 }
 
@@ -302,6 +300,8 @@ mod x86 {
         const BYTES: usize;
         /// (d broadcast, offset, the 32 weights' q in four vectors of 8).
         unsafe fn load(p: *const u8) -> (__m256, f32, [__m256; 4]);
+        /// (d, offset, the 32 weights' q in two vectors of 16), for AVX-512.
+        unsafe fn load512(p: *const u8) -> (f32, f32, [__m512; 2]);
     }
 
     pub struct Q40;
@@ -339,8 +339,36 @@ mod x86 {
         ]
     }
 
+    /// 16 bytes at `p`, each widened to an i32 lane.
+    #[inline(always)]
+    unsafe fn widen16_u8(p: *const u8) -> __m512i {
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i))
+    }
+
+    /// 16 signed bytes at `p` as 16 f32 lanes.
+    #[inline(always)]
+    unsafe fn widen16_i8(p: *const u8) -> __m512 {
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
+    }
+
+    /// Byte j holds weight j (low nibble) and weight j + 16 (high nibble): one widening
+    /// gives both halves of the block.
+    #[inline(always)]
+    unsafe fn nibbles512(qs: *const u8) -> [__m512; 2] {
+        let a = widen16_u8(qs);
+        [
+            _mm512_cvtepi32_ps(_mm512_and_si512(a, _mm512_set1_epi32(0x0F))),
+            _mm512_cvtepi32_ps(_mm512_srli_epi32(a, 4)),
+        ]
+    }
+
     impl Block for Q40 {
         const BYTES: usize = 18;
+        #[inline(always)]
+        unsafe fn load512(p: *const u8) -> (f32, f32, [__m512; 2]) {
+            let d = _mm_cvtss_f32(halves(p));
+            (d, -8.0 * d, nibbles512(p.add(2)))
+        }
         #[inline(always)]
         unsafe fn load(p: *const u8) -> (__m256, f32, [__m256; 4]) {
             let s = halves(p);
@@ -355,6 +383,12 @@ mod x86 {
     impl Block for Q41 {
         const BYTES: usize = 20;
         #[inline(always)]
+        unsafe fn load512(p: *const u8) -> (f32, f32, [__m512; 2]) {
+            let s = halves(p);
+            let m = _mm_cvtss_f32(_mm_movehdup_ps(s));
+            (_mm_cvtss_f32(s), m, nibbles512(p.add(4)))
+        }
+        #[inline(always)]
         unsafe fn load(p: *const u8) -> (__m256, f32, [__m256; 4]) {
             let s = halves(p);
             let m = _mm_cvtss_f32(_mm_movehdup_ps(s));
@@ -364,6 +398,15 @@ mod x86 {
 
     impl Block for Q80 {
         const BYTES: usize = 34;
+        #[inline(always)]
+        unsafe fn load512(p: *const u8) -> (f32, f32, [__m512; 2]) {
+            let q = p.add(2);
+            (
+                _mm_cvtss_f32(halves(p)),
+                0.0,
+                [widen16_i8(q), widen16_i8(q.add(16))],
+            )
+        }
         #[inline(always)]
         unsafe fn load(p: *const u8) -> (__m256, f32, [__m256; 4]) {
             let s = halves(p);
@@ -415,6 +458,53 @@ mod x86 {
         }
         for r in 0..R {
             out[r] = hsum(acc[r]) + offsets[r];
+        }
+    }
+
+    /// Block `b` of the weight row at `p` into R accumulators (inlined into `dot512`, so
+    /// compiled with its features).
+    #[inline(always)]
+    unsafe fn block512<B: Block, const R: usize>(
+        p: *const u8,
+        b: usize,
+        xs: &[(&[f32], &[f32])],
+        acc: &mut [__m512; R],
+        offsets: &mut [f32; R],
+    ) {
+        let (d, offset, q) = B::load512(p.add(b * B::BYTES));
+        let d = _mm512_set1_ps(d);
+        for r in 0..R {
+            let x = xs[r].0.as_ptr().add(b * BLOCK);
+            let t = _mm512_mul_ps(q[0], _mm512_loadu_ps(x));
+            let t = _mm512_fmadd_ps(q[1], _mm512_loadu_ps(x.add(16)), t);
+            acc[r] = _mm512_fmadd_ps(t, d, acc[r]);
+            offsets[r] += offset * *xs[r].1.get_unchecked(b);
+        }
+    }
+
+    /// `dot` with 16 lanes: a block is two vectors, and blocks alternate between two sets of
+    /// accumulators so that consecutive blocks' additions do not wait on each other.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")]
+    pub unsafe fn dot512<B: Block, const R: usize>(
+        w: &[u8],
+        xs: &[(&[f32], &[f32])],
+        out: &mut [f32],
+    ) {
+        let blocks = w.len() / B::BYTES;
+        let mut acc = [[_mm512_setzero_ps(); R]; 2];
+        let mut offsets = [[0f32; R]; 2];
+        let p = w.as_ptr();
+        let [acc0, acc1] = &mut acc;
+        let [off0, off1] = &mut offsets;
+        for b in (0..blocks / 2 * 2).step_by(2) {
+            block512::<B, R>(p, b, xs, acc0, off0);
+            block512::<B, R>(p, b + 1, xs, acc1, off1);
+        }
+        if blocks % 2 == 1 {
+            block512::<B, R>(p, blocks - 1, xs, acc0, off0);
+        }
+        for r in 0..R {
+            out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r])) + (off0[r] + off1[r]);
         }
     }
 }
@@ -521,12 +611,12 @@ mod tests {
                 let x: Vec<f32> = (0..m * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
                 let want = reference(&w, &x, m, rows, cols);
                 let scale = want.iter().map(|v| v.abs()).fold(0.0, f64::max);
-                for avx2 in [false, has_avx2_f16c()] {
-                    let got = with_kernel(avx2, || p.matmul_t(&x, m));
+                for level in crate::models::simd::available() {
+                    let got = crate::models::simd::with_level(level, || p.matmul_t(&x, m));
                     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                         assert!(
                             (*g as f64 - w).abs() <= 1e-5 * scale,
-                            "{format:?} m={m} avx2={avx2} [{i}]: {g} vs {w}"
+                            "{format:?} m={m} {level:?} [{i}]: {g} vs {w}"
                         );
                     }
                 }
@@ -566,18 +656,4 @@ mod tests {
         assert_eq!(empty.matmul_t(&[], 2), vec![0.0; 6]);
         assert!(a.matmul_t(&[], 0).is_empty());
     }
-
-    /// Runs `f` with the vector kernels on or off (off = the portable path).
-    fn with_kernel<T>(avx2: bool, f: impl FnOnce() -> T) -> T {
-        FORCE_SCALAR.with(|s| s.set(!avx2));
-        let out = f();
-        FORCE_SCALAR.with(|s| s.set(false));
-        out
-    }
-}
-
-#[cfg(test)]
-thread_local! {
-    /// Tests run the portable kernel on an AVX2 machine through this.
-    static FORCE_SCALAR: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }

@@ -55,7 +55,7 @@ impl ProjectorConfig {
     pub fn check(&self) -> std::result::Result<(), String> {
         match self.kind {
             ProjectorKind::Stack => {
-                if self.stack == 0 || ENCODER_FRAMES % self.stack != 0 {
+                if self.stack == 0 || !ENCODER_FRAMES.is_multiple_of(self.stack) {
                     return Err(format!(
                         "projector.stack = {} must divide {ENCODER_FRAMES} (the encoder's frames)",
                         self.stack

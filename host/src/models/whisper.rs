@@ -108,7 +108,7 @@ impl WhisperEncoder {
 
     pub fn load(store: &WeightStore, cfg: &WhisperConfig, dtype: DType) -> Result<Self> {
         let d = cfg.d_model;
-        if cfg.encoder_attention_heads == 0 || d % cfg.encoder_attention_heads != 0 {
+        if cfg.encoder_attention_heads == 0 || !d.is_multiple_of(cfg.encoder_attention_heads) {
             return Err(ModelError::ConfigMismatch {
                 source_desc: store.source_desc.clone(),
                 reason: format!(

@@ -8,7 +8,8 @@ use crate::caption::{
     CaptionEvent, CaptionItem, CaptionSettings, Captioner, ItemResult, ItemSource, LongAudio, Span,
 };
 use crate::config::RunConfig;
-use crate::plugins::{display_text, terminal_safe_json, PAGE_SIZE};
+use crate::plugins::PAGE_SIZE;
+use crate::text::{display_text, terminal_safe_json};
 
 use super::common::SamplingArgs;
 use super::printer::PhaseProgress;

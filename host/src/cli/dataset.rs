@@ -9,7 +9,8 @@ use super::printer::PhaseProgress;
 use crate::config::RunConfig;
 use crate::pipeline::audit::{AuditOptions, AuditReport};
 use crate::pipeline::open_dataset;
-use crate::plugins::{display_text, terminal_safe_json, DatasetAdapter, PluginHost};
+use crate::plugins::{DatasetAdapter, PluginHost};
+use crate::text::{display_text, terminal_safe_json};
 
 #[derive(Debug, Args)]
 pub struct DatasetArgs {

@@ -13,7 +13,7 @@ use crate::eval::split::{
     CLEAR_MARGIN,
 };
 use crate::eval::{read_predictions, score, AttributeSpec, Report};
-use crate::plugins::{display_text, terminal_safe_json};
+use crate::text::{display_text, terminal_safe_json};
 
 use super::printer::PhaseProgress;
 

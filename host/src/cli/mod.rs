@@ -129,7 +129,7 @@ pub fn main() -> ExitCode {
             let text = format!("{err:#}");
             let safe: Vec<String> = text
                 .lines()
-                .map(|l| crate::plugins::display_text(l, 64 * 1024))
+                .map(|l| crate::text::display_text(l, 64 * 1024))
                 .collect();
             eprintln!("error: {}", safe.join("\n"));
             ExitCode::from(exit::code_of(&err))

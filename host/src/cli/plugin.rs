@@ -67,7 +67,7 @@ pub fn run(args: PluginArgs) -> Result<()> {
             if json {
                 println!(
                     "{}",
-                    crate::plugins::terminal_safe_json(serde_json::to_string(&info)?)
+                    crate::text::terminal_safe_json(serde_json::to_string(&info)?)
                 );
             } else {
                 println!("name: {}", info.name);

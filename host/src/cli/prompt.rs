@@ -45,7 +45,7 @@ pub fn run(args: PromptArgs) -> Result<()> {
     }
     println!(
         "{}",
-        crate::plugins::terminal_safe_json(serde_json::to_string_pretty(&v)?)
+        crate::text::terminal_safe_json(serde_json::to_string_pretty(&v)?)
     );
     Ok(())
 }

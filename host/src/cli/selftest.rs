@@ -6,8 +6,8 @@ use clap::{Args, ValueEnum};
 
 use crate::cli::exit::Exit;
 use crate::models::Runtime;
-use crate::plugins::terminal_safe_json;
 use crate::selftest::{run as run_selftest, SelftestError, SelftestReport, Shape};
+use crate::text::terminal_safe_json;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DeviceChoice {

@@ -2,8 +2,9 @@
 //! `dataset list` share, with the limits each of them needs (a position that must advance,
 //! a bound on the examples and pages a split may yield).
 
+use super::roles::DatasetAdapter;
 use super::types::{CallFailure, PageExample, PluginError};
-use super::{display_text, DatasetAdapter};
+use crate::text::display_text;
 
 /// Examples asked for in one `read` when the caller has no reason to choose.
 pub const PAGE_SIZE: u32 = 256;

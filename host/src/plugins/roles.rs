@@ -1,61 +1,34 @@
 //! The three plugin roles as the rest of the host sees them, whatever WIT version a plugin
 //! was built against: [`PromptTemplate`], [`DatasetAdapter`] and [`PostProcessor`] hold a
-//! version module's instance behind a trait. A future `since_v0.2.0` adds its module, an
-//! implementation of these traits, and one arm in each `load`; no caller changes (as in Zed's
-//! extension host).
+//! version module's instance behind the runtime's role traits. A future `since_v0.2.0` adds
+//! its module (bindings, conversions, an `ApiVersion`) and one arm in [`api`]; no caller
+//! changes (as in Zed's extension host).
 
 use std::path::Path;
 
+use super::host::{Loaded, PluginHost};
+use super::runtime::{ApiVersion, DatasetAdapterApi, PostProcessorApi, PromptTemplateApi};
 use super::types::{Batch, DatasetInfo, PluginError, PluginInfo, PromptPieces};
-use super::{v0_1_0, Loaded, PluginHost};
+use super::v0_1_0;
 
-/// What the host asks of a prompt template.
-pub(crate) trait PromptTemplateApi: Send {
-    fn render(
-        &mut self,
-        metadata: &[(String, String)],
-        options: &str,
-    ) -> Result<PromptPieces, PluginError>;
-    fn format_target(
-        &mut self,
-        target: &str,
-        metadata: &[(String, String)],
-        options: &str,
-    ) -> Result<String, PluginError>;
-}
-
-/// What the host asks of a caption post-processor.
-pub(crate) trait PostProcessorApi: Send {
-    fn process(
-        &mut self,
-        raw: &str,
-        stop_strings: &[String],
-        metadata: &[(String, String)],
-    ) -> Result<String, PluginError>;
-}
-
-/// What the host asks of an opened dataset adapter.
-pub(crate) trait DatasetAdapterApi: Send {
-    fn name(&self) -> &str;
-    fn read(&mut self, split: &str, start: u64, max: u32) -> Result<Batch, PluginError>;
-}
-
-/// The loaded component's API version, for the error of a version this build knows of but
-/// has no module for (cannot happen while [`super::SUPPORTED_API_VERSIONS`] and the arms
-/// below agree; kept an error, not a panic).
-fn unsupported(path: &Path, loaded: &Loaded) -> PluginError {
-    PluginError::Load {
-        path: path.display().to_string(),
-        reason: format!("plugin API {} has no host module", loaded.api_version),
+/// The module of the loaded component's API version: the one place a new WIT version adds
+/// an arm. (A version in [`super::SUPPORTED_API_VERSIONS`] without an arm here cannot load:
+/// kept an error, not a panic.)
+fn api(path: &Path, loaded: &Loaded) -> Result<&'static dyn ApiVersion, PluginError> {
+    match loaded.api_version {
+        "0.1.0" => Ok(&v0_1_0::Api),
+        other => Err(PluginError::Load {
+            path: path.display().to_string(),
+            reason: format!("plugin API {other} has no host module"),
+        }),
     }
 }
 
-/// A plugin's self-description, instantiated for nothing else (`earshot plugin check`).
-pub(crate) fn describe(host: &PluginHost, path: &Path) -> Result<PluginInfo, PluginError> {
-    let loaded = host.load(path)?;
-    match loaded.api_version {
-        "0.1.0" => v0_1_0::describe(host, path, loaded),
-        _ => Err(unsupported(path, &loaded)),
+impl PluginHost {
+    /// Instantiates `path` only to read its self-description (`earshot plugin check`).
+    pub fn describe(&self, path: &Path) -> Result<PluginInfo, PluginError> {
+        let loaded = self.load(path)?;
+        api(path, &loaded)?.describe(self, path, loaded)
     }
 }
 
@@ -68,14 +41,7 @@ pub struct PromptTemplate {
 impl PromptTemplate {
     pub fn load(host: &PluginHost, path: &Path) -> Result<Self, PluginError> {
         let loaded = host.load(path)?;
-        let (api, info): (Box<dyn PromptTemplateApi>, _) = match loaded.api_version {
-            "0.1.0" => {
-                let t = v0_1_0::PromptTemplate::load(host, path, loaded)?;
-                let info = t.info.clone();
-                (Box::new(t), info)
-            }
-            _ => return Err(unsupported(path, &loaded)),
-        };
+        let (api, info) = api(path, &loaded)?.prompt_template(host, path, loaded)?;
         Ok(Self { info, api })
     }
 
@@ -110,14 +76,7 @@ pub struct PostProcessor {
 impl PostProcessor {
     pub fn load(host: &PluginHost, path: &Path) -> Result<Self, PluginError> {
         let loaded = host.load(path)?;
-        let (api, info): (Box<dyn PostProcessorApi>, _) = match loaded.api_version {
-            "0.1.0" => {
-                let p = v0_1_0::PostProcessor::load(host, path, loaded)?;
-                let info = p.info.clone();
-                (Box::new(p), info)
-            }
-            _ => return Err(unsupported(path, &loaded)),
-        };
+        let (api, info) = api(path, &loaded)?.post_processor(host, path, loaded)?;
         Ok(Self { info, api })
     }
 
@@ -151,14 +110,8 @@ impl DatasetAdapter {
     ) -> Result<Self, PluginError> {
         let loaded = host.load(path)?;
         let _span = tracing::debug_span!("plugin call", call = "open").entered();
-        let (api, info, dataset): (Box<dyn DatasetAdapterApi>, _, _) = match loaded.api_version {
-            "0.1.0" => {
-                let d = v0_1_0::DatasetAdapter::open(host, path, loaded, root, options)?;
-                let (info, dataset) = (d.info.clone(), d.dataset.clone());
-                (Box::new(d), info, dataset)
-            }
-            _ => return Err(unsupported(path, &loaded)),
-        };
+        let (api, info, dataset) =
+            api(path, &loaded)?.dataset_adapter(host, path, loaded, root, options)?;
         Ok(Self {
             info,
             dataset,

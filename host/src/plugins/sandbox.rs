@@ -314,7 +314,7 @@ impl StderrLog {
             self.lines_in_window += 1;
             tracing::info!(
                 "plugin {plugin} ({call}): {}",
-                super::display_text(line, 1024)
+                crate::text::display_text(line, 1024)
             );
         }
         if dropped > 0 {
@@ -393,7 +393,7 @@ mod tests {
 
     #[test]
     fn a_component_with_nine_memories_gets_no_more_than_the_cap() {
-        let engine = super::super::engine();
+        let engine = crate::plugins::host::engine();
         // Nine core instances with a 10 MiB memory (160 pages) each, under a 64 MiB cap.
         let mut builder = wasm_encoder::ComponentBuilder::default();
         for _ in 0..9 {
@@ -417,7 +417,8 @@ mod tests {
         };
         let mut store = new_store(engine, &limits, None).unwrap();
         let linker = wasmtime::component::Linker::<HostState>::new(engine);
-        let r = super::super::runtime().block_on(linker.instantiate_async(&mut store, &component));
+        let r = crate::plugins::host::executor()
+            .block_on(linker.instantiate_async(&mut store, &component));
         assert!(r.is_err(), "nine memories of 10 MiB fit a 64 MiB cap");
         assert!(store.data().limiter.hit);
         assert!(store.data().limiter.total <= 64 << 20);

@@ -1,13 +1,23 @@
-//! Plugin API 0.1.0 (`wit/since_v0.1.0`): bindings for each role's world, conversions of the
-//! generated types into host types, and the role handles the rest of the host uses.
+//! Plugin API 0.1.0 (`wit/since_v0.1.0`): the bindings of each role's world and the
+//! conversions of the generated types into the host's types; everything else (instances,
+//! limits, loading, role checks) is the version-neutral `runtime`.
 
 use std::path::Path;
 
+use wasmtime::component::{Component, Linker};
 use wasmtime::Store;
 
-use super::sandbox::{HostState, SandboxLimits, StderrLog};
+use super::host::{Loaded, PluginHost};
+use super::runtime::{
+    bad_output, instantiate, warnings, ApiVersion, Bindings, DatasetAdapterApi, Instance,
+    PostProcessorApi, PromptTemplateApi, MAX_CAPTION_BYTES, MAX_DESCRIPTION_BYTES, MAX_ID_BYTES,
+    MAX_MESSAGE_BYTES, MAX_METADATA, MAX_METADATA_KEY_BYTES, MAX_NAME_BYTES, MAX_REFERENCES,
+    MAX_ROLES, MAX_SHOWN_ID_BYTES, MAX_SPLITS, MAX_SPLIT_NAME_BYTES, MAX_STOP_STRINGS,
+    MAX_STOP_STRING_BYTES, MAX_TEXT_BYTES, MAX_VERSION_BYTES,
+};
+use super::sandbox::HostState;
 use super::types::{self as host, CallFailure, PluginError};
-use super::{display_text, runtime, Loaded, PluginHost};
+use crate::text::display_text;
 
 // Exports are called async: see `run_limited`.
 mod base {
@@ -44,31 +54,94 @@ mod post {
 
 use base::earshot::plugin::types as wit;
 
-// Bounds on what a plugin returns, beyond the call's total output cap. Display-only text
-// (names, descriptions, warnings, messages) is cut and escaped; values the host uses as data
-// are refused when over their bound.
-const MAX_NAME_BYTES: usize = 128;
-const MAX_VERSION_BYTES: usize = 64;
-const MAX_DESCRIPTION_BYTES: usize = 4096;
-pub(crate) const MAX_MESSAGE_BYTES: usize = 4096;
-const MAX_WARNING_BYTES: usize = 2048;
-const MAX_WARNINGS: usize = 1000;
-const MAX_ROLES: usize = 16;
-const MAX_SPLITS: usize = 1024;
-const MAX_SPLIT_NAME_BYTES: usize = 256;
-const MAX_ID_BYTES: usize = 1024;
-const MAX_METADATA: usize = 256;
-const MAX_REFERENCES: usize = 256;
-/// An id is shown cut to this when it is too long to use.
-const MAX_SHOWN_ID_BYTES: usize = 64;
-const MAX_METADATA_KEY_BYTES: usize = 256;
-/// A target, a reference or a metadata value (text for the prompt, the loss and the scores;
-/// 64 KiB is hours of transcript, far past any LLM context).
-const MAX_TEXT_BYTES: usize = 64 << 10;
-const MAX_STOP_STRINGS: usize = 64;
-const MAX_STOP_STRING_BYTES: usize = 256;
-/// A post-processed caption (the raw caption is at most a few hundred tokens).
-const MAX_CAPTION_BYTES: usize = 1 << 20;
+/// `Bindings` for each world of this version: they differ only in the generated type.
+macro_rules! bindings {
+    ($($world:ty),*) => {$(
+        impl Bindings for $world {
+            type Info = wit::PluginInfo;
+            async fn instantiate(
+                store: &mut Store<HostState>,
+                component: &Component,
+                linker: &Linker<HostState>,
+            ) -> wasmtime::Result<Self> {
+                Self::instantiate_async(store, component, linker).await
+            }
+            async fn describe(&self, store: &mut Store<HostState>) -> wasmtime::Result<Self::Info> {
+                self.earshot_plugin_plugin().call_describe(store).await
+            }
+            fn info_size(i: &Self::Info) -> usize {
+                i.name.len() + i.version.len() + i.api_version.len() + i.description.len()
+                    + i.roles.len()
+            }
+            fn info(i: Self::Info) -> Result<host::PluginInfo, String> {
+                plugin_info(i)
+            }
+        }
+    )*};
+}
+bindings!(
+    base::PluginBase,
+    prompt::PromptTemplatePlugin,
+    dataset::DatasetAdapterPlugin,
+    post::CaptionPostProcessorPlugin
+);
+
+/// This version as the role handles see it.
+pub(crate) struct Api;
+
+impl ApiVersion for Api {
+    fn describe(
+        &self,
+        host: &PluginHost,
+        path: &Path,
+        loaded: Loaded,
+    ) -> Result<host::PluginInfo, PluginError> {
+        let (_, info) = instantiate::<base::PluginBase>(host, path, loaded, None, None)?;
+        Ok(info)
+    }
+
+    fn prompt_template(
+        &self,
+        host: &PluginHost,
+        path: &Path,
+        loaded: Loaded,
+    ) -> Result<(Box<dyn PromptTemplateApi>, host::PluginInfo), PluginError> {
+        let role = Some(host::Role::PromptTemplate);
+        let (inst, info) = instantiate(host, path, loaded, None, role)?;
+        Ok((Box::new(PromptTemplate { inst }), info))
+    }
+
+    fn post_processor(
+        &self,
+        host: &PluginHost,
+        path: &Path,
+        loaded: Loaded,
+    ) -> Result<(Box<dyn PostProcessorApi>, host::PluginInfo), PluginError> {
+        let role = Some(host::Role::CaptionPostProcessor);
+        let (inst, info) = instantiate(host, path, loaded, None, role)?;
+        Ok((Box::new(PostProcessor { inst }), info))
+    }
+
+    fn dataset_adapter(
+        &self,
+        host: &PluginHost,
+        path: &Path,
+        loaded: Loaded,
+        root: &Path,
+        options: &str,
+    ) -> Result<
+        (
+            Box<dyn DatasetAdapterApi>,
+            host::PluginInfo,
+            host::DatasetInfo,
+        ),
+        PluginError,
+    > {
+        let d = DatasetAdapter::open(host, path, loaded, root, options)?;
+        let (info, dataset) = (d.info.clone(), d.dataset.clone());
+        Ok((Box::new(d), info, dataset))
+    }
+}
 
 impl From<wit::Role> for host::Role {
     fn from(r: wit::Role) -> Self {
@@ -78,10 +151,6 @@ impl From<wit::Role> for host::Role {
             wit::Role::CaptionPostProcessor => host::Role::CaptionPostProcessor,
         }
     }
-}
-
-fn info_size(i: &wit::PluginInfo) -> usize {
-    i.name.len() + i.version.len() + i.api_version.len() + i.description.len() + i.roles.len()
 }
 
 /// The self-description, bounded and safe to print.
@@ -107,20 +176,6 @@ fn plugin_info(i: wit::PluginInfo) -> Result<host::PluginInfo, String> {
     })
 }
 
-/// Warnings for the log: at most [`MAX_WARNINGS`], each cut and escaped.
-fn warnings(w: Vec<String>) -> Vec<String> {
-    let extra = w.len().saturating_sub(MAX_WARNINGS);
-    let mut out: Vec<String> = w
-        .iter()
-        .take(MAX_WARNINGS)
-        .map(|w| display_text(w, MAX_WARNING_BYTES))
-        .collect();
-    if extra > 0 {
-        out.push(format!("... and {extra} more warnings not shown"));
-    }
-    out
-}
-
 fn reported(e: wit::PluginError) -> CallFailure {
     let code = match e.code {
         wit::ErrorCode::InvalidInput => "invalid input",
@@ -142,222 +197,6 @@ fn kv(meta: &[(String, String)]) -> Vec<wit::KeyValue> {
             value: v.clone(),
         })
         .collect()
-}
-
-/// One live plugin instance: its store, its bindings, and whether it already failed. A
-/// component instance that trapped or was abandoned at its time limit must not be entered
-/// again, so its store is dropped (freeing its memory) and every later call says why.
-struct Instance<B> {
-    name: String,
-    store: Option<Store<HostState>>,
-    bindings: B,
-    host: PluginHost,
-    dead: Option<String>,
-    log: StderrLog,
-}
-
-/// How a call into a plugin ended, before the host looks at the value.
-enum Ended<T> {
-    Returned(T),
-    Failed(wasmtime::Error),
-    TimedOut,
-}
-
-/// Runs one call (instantiation included) under the sandbox's time limit, however the time is
-/// spent: epoch interruption stops running wasm code, the timeout stops a call blocked in a
-/// WASI host function (sleep, poll, a FIFO's open) by dropping it.
-fn run_limited<T>(
-    limits: &SandboxLimits,
-    store: &mut Store<HostState>,
-    f: impl AsyncFnOnce(&mut Store<HostState>) -> wasmtime::Result<T>,
-) -> Ended<T> {
-    store.set_epoch_deadline(limits.deadline_ticks());
-    store.data_mut().limiter.hit = false;
-    let limit = limits.timeout();
-    let run = async { tokio::time::timeout(limit, f(store)).await };
-    match runtime().block_on(run) {
-        Ok(Ok(v)) => Ended::Returned(v),
-        Ok(Err(e)) => Ended::Failed(e),
-        Err(_) => Ended::TimedOut,
-    }
-}
-
-impl<B> Instance<B> {
-    fn fail(&self, call: &'static str, kind: CallFailure) -> PluginError {
-        PluginError::Call {
-            plugin: self.name.clone(),
-            call,
-            kind,
-        }
-    }
-
-    fn call<T>(
-        &mut self,
-        call: &'static str,
-        output_size: impl Fn(&T) -> usize,
-        f: impl AsyncFnOnce(&B, &mut Store<HostState>) -> wasmtime::Result<T>,
-    ) -> Result<T, PluginError> {
-        let limits = *self.host.limits();
-        let (Some(store), None) = (self.store.as_mut(), &self.dead) else {
-            let why = self.dead.clone().unwrap_or_default();
-            return Err(self.fail(
-                call,
-                CallFailure::Trap(format!("the plugin failed earlier ({why}); load it again")),
-            ));
-        };
-        let bindings = &self.bindings;
-        let ended = run_limited(&limits, store, async |s| f(bindings, s).await);
-        let (text, dropped) = store.data().stderr.drain();
-        self.log.forward(&self.name, call, &text, dropped);
-        let kind = match ended {
-            Ended::Returned(value) => {
-                let size = output_size(&value);
-                if size <= limits.output_bytes() {
-                    return Ok(value);
-                }
-                return Err(self.fail(
-                    call,
-                    CallFailure::BadOutput(format!(
-                        "{size} bytes, more than the cap of {} MiB",
-                        limits.max_output_mib
-                    )),
-                ));
-            }
-            Ended::TimedOut => CallFailure::Timeout(limits.timeout()),
-            Ended::Failed(e) => classify(store, &limits, &e),
-        };
-        self.dead = Some(kind.to_string());
-        self.store = None;
-        Err(self.fail(call, kind))
-    }
-}
-
-/// What a failed call's error means, in the user's terms.
-fn classify(store: &Store<HostState>, limits: &SandboxLimits, e: &wasmtime::Error) -> CallFailure {
-    if store.data().limiter.hit {
-        return CallFailure::OutOfMemory(limits.memory_bytes());
-    }
-    let table_full = e.chain().any(|c| {
-        matches!(
-            c.downcast_ref::<wasmtime::component::ResourceTableError>(),
-            Some(wasmtime::component::ResourceTableError::Full)
-        )
-    });
-    if table_full {
-        return CallFailure::TooManyHandles(limits.max_handles);
-    }
-    match e.downcast_ref::<wasmtime::Trap>() {
-        Some(wasmtime::Trap::Interrupt) => CallFailure::Timeout(limits.timeout()),
-        Some(wasmtime::Trap::StackOverflow) => CallFailure::StackOverflow,
-        Some(wasmtime::Trap::UnreachableCodeReached) => {
-            CallFailure::Trap("the plugin panicked or reached `unreachable`".into())
-        }
-        Some(t) => CallFailure::Trap(t.to_string()),
-        None => CallFailure::Trap(display_text(&format!("{e:#}"), MAX_MESSAGE_BYTES)),
-    }
-}
-
-/// Instantiates `path` (under the call time limit) and reads its self-description.
-fn instantiate<B>(
-    host: &PluginHost,
-    path: &Path,
-    loaded: Loaded,
-    dataset_root: Option<&Path>,
-    make: impl AsyncFnOnce(
-        &mut Store<HostState>,
-        &Loaded,
-        &wasmtime::component::Linker<HostState>,
-    ) -> wasmtime::Result<B>,
-    describe: impl AsyncFnOnce(&B, &mut Store<HostState>) -> wasmtime::Result<wit::PluginInfo>,
-) -> Result<(Instance<B>, host::PluginInfo), PluginError> {
-    let linker = host.linker()?;
-    let mut store = host.store(dataset_root, path)?;
-    let load_err = |reason: String| PluginError::Load {
-        path: path.display().to_string(),
-        reason,
-    };
-    let limits = *host.limits();
-    let bindings = match run_limited(&limits, &mut store, async |s| {
-        make(s, &loaded, &linker).await
-    }) {
-        Ended::Returned(b) => b,
-        Ended::TimedOut => {
-            return Err(load_err(format!(
-                "instantiation did not finish within {:.1} s (killed)",
-                limits.timeout().as_secs_f64()
-            )))
-        }
-        Ended::Failed(e) => {
-            let why = match classify(&store, &limits, &e) {
-                CallFailure::Trap(t) => t,
-                other => other.to_string(),
-            };
-            return Err(load_err(format!(
-                "cannot be instantiated (does it export the role's interface? needs only WASI \
-                 imports?): {why}"
-            )));
-        }
-    };
-    let mut inst = Instance {
-        name: path
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .to_string(),
-        store: Some(store),
-        bindings,
-        host: host.clone(),
-        dead: None,
-        log: StderrLog::new(),
-    };
-    let info = inst.call("describe", info_size, describe)?;
-    let info =
-        plugin_info(info).map_err(|why| inst.fail("describe", CallFailure::BadOutput(why)))?;
-    if !super::SUPPORTED_API_VERSIONS.contains(&info.api_version.as_str()) {
-        return Err(load_err(format!(
-            "plugin {} says it was built for plugin API {}; this earshot supports {}",
-            info.name,
-            info.api_version,
-            super::SUPPORTED_API_VERSIONS.join(", ")
-        )));
-    }
-    inst.name = format!("{} ({})", info.name, inst.name);
-    Ok((inst, info))
-}
-
-/// Refuses a plugin that does not say it implements `role`.
-fn require_role(path: &Path, info: &host::PluginInfo, role: host::Role) -> Result<(), PluginError> {
-    if info.roles.contains(&role) {
-        return Ok(());
-    }
-    Err(PluginError::Load {
-        path: path.display().to_string(),
-        reason: format!(
-            "plugin {} does not implement the {role} role (it implements: {})",
-            info.name,
-            info.roles
-                .iter()
-                .map(|r| r.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    })
-}
-
-pub(crate) fn describe(
-    host: &PluginHost,
-    path: &Path,
-    loaded: Loaded,
-) -> Result<host::PluginInfo, PluginError> {
-    let (_, info) = instantiate(
-        host,
-        path,
-        loaded,
-        None,
-        async |s, l, linker| base::PluginBase::instantiate_async(s, &l.component, linker).await,
-        async |b: &base::PluginBase, s| b.earshot_plugin_plugin().call_describe(s).await,
-    )?;
-    Ok(info)
 }
 
 fn pieces_size(
@@ -392,40 +231,12 @@ fn flatten<T>(
     })
 }
 
-fn bad_output(plugin: &str, call: &'static str, why: String) -> PluginError {
-    PluginError::Call {
-        plugin: plugin.to_string(),
-        call,
-        kind: CallFailure::BadOutput(why),
-    }
-}
-
 /// A prompt-template plugin instance.
-pub struct PromptTemplate {
+struct PromptTemplate {
     inst: Instance<prompt::PromptTemplatePlugin>,
-    pub info: host::PluginInfo,
 }
 
-impl PromptTemplate {
-    pub fn load(host: &PluginHost, path: &Path, loaded: Loaded) -> Result<Self, PluginError> {
-        let (inst, info) = instantiate(
-            host,
-            path,
-            loaded,
-            None,
-            async |s, l, linker| {
-                prompt::PromptTemplatePlugin::instantiate_async(s, &l.component, linker).await
-            },
-            async |b: &prompt::PromptTemplatePlugin, s| {
-                b.earshot_plugin_plugin().call_describe(s).await
-            },
-        )?;
-        require_role(path, &info, host::Role::PromptTemplate)?;
-        Ok(Self { inst, info })
-    }
-}
-
-impl super::roles::PromptTemplateApi for PromptTemplate {
+impl PromptTemplateApi for PromptTemplate {
     fn render(
         &mut self,
         metadata: &[(String, String)],
@@ -477,31 +288,11 @@ impl super::roles::PromptTemplateApi for PromptTemplate {
 }
 
 /// A caption post-processor plugin instance.
-pub struct PostProcessor {
+struct PostProcessor {
     inst: Instance<post::CaptionPostProcessorPlugin>,
-    pub info: host::PluginInfo,
 }
 
-impl PostProcessor {
-    pub fn load(host: &PluginHost, path: &Path, loaded: Loaded) -> Result<Self, PluginError> {
-        let (inst, info) = instantiate(
-            host,
-            path,
-            loaded,
-            None,
-            async |s, l, linker| {
-                post::CaptionPostProcessorPlugin::instantiate_async(s, &l.component, linker).await
-            },
-            async |b: &post::CaptionPostProcessorPlugin, s| {
-                b.earshot_plugin_plugin().call_describe(s).await
-            },
-        )?;
-        require_role(path, &info, host::Role::CaptionPostProcessor)?;
-        Ok(Self { inst, info })
-    }
-}
-
-impl super::roles::PostProcessorApi for PostProcessor {
+impl PostProcessorApi for PostProcessor {
     fn process(
         &mut self,
         raw: &str,
@@ -642,14 +433,14 @@ fn dataset_info_size(r: &Result<DsInfo, wit::PluginError>) -> usize {
 }
 
 /// A dataset-adapter plugin instance, opened on a dataset root (mounted read-only at /data).
-pub struct DatasetAdapter {
+struct DatasetAdapter {
     inst: Instance<dataset::DatasetAdapterPlugin>,
-    pub info: host::PluginInfo,
-    pub dataset: host::DatasetInfo,
+    info: host::PluginInfo,
+    dataset: host::DatasetInfo,
 }
 
 impl DatasetAdapter {
-    pub fn open(
+    fn open(
         host: &PluginHost,
         path: &Path,
         loaded: Loaded,
@@ -662,19 +453,9 @@ impl DatasetAdapter {
                 reason: "the dataset root is not a folder".into(),
             });
         }
-        let (mut inst, info) = instantiate(
-            host,
-            path,
-            loaded,
-            Some(root),
-            async |s, l, linker| {
-                dataset::DatasetAdapterPlugin::instantiate_async(s, &l.component, linker).await
-            },
-            async |b: &dataset::DatasetAdapterPlugin, s| {
-                b.earshot_plugin_plugin().call_describe(s).await
-            },
-        )?;
-        require_role(path, &info, host::Role::DatasetAdapter)?;
+        let role = Some(host::Role::DatasetAdapter);
+        let (mut inst, info) =
+            instantiate::<dataset::DatasetAdapterPlugin>(host, path, loaded, Some(root), role)?;
         let r = inst.call("open", dataset_info_size, async |b, s| {
             b.earshot_plugin_dataset_adapter()
                 .call_open(s, options)
@@ -707,7 +488,7 @@ impl DatasetAdapter {
     }
 }
 
-impl super::roles::DatasetAdapterApi for DatasetAdapter {
+impl DatasetAdapterApi for DatasetAdapter {
     fn name(&self) -> &str {
         &self.inst.name
     }

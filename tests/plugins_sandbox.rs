@@ -530,8 +530,7 @@ fn plugin_text_cannot_drive_the_terminal() {
     let mut p = PostProcessor::load(&host(), &nasty).unwrap();
     let caption = p.process("x", &[], &[]).unwrap();
     assert!(caption.contains('\u{1b}'));
-    let safe =
-        earshot::plugins::terminal_safe_json(serde_json::json!({ "c": caption }).to_string());
+    let safe = earshot::text::terminal_safe_json(serde_json::json!({ "c": caption }).to_string());
     assert!(
         !safe.contains('\u{9b}') && !safe.contains('\u{202e}'),
         "{safe}"

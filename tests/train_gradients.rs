@@ -12,8 +12,8 @@ use earshot::models::nonfinite::NonFiniteTrace;
 use earshot::models::projector::{Projector, ProjectorConfig, ProjectorKind};
 use earshot::models::whisper::WhisperEncoder;
 use earshot::models::Runtime;
+use earshot::pipeline::loss::caption_loss;
 use earshot::pipeline::TextPieces;
-use earshot::train::batch::caption_loss;
 use earshot_tests::*;
 
 /// The real SmolLM2 in float64, its tokenizer, and the encoder output of the speech clip.

@@ -265,19 +265,11 @@ impl Default for TrainConfig {
     }
 }
 
-/// `$EARSHOT_HOME`, default ~/.cache/earshot.
-pub fn earshot_home() -> PathBuf {
-    std::env::var_os("EARSHOT_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/earshot")
-        })
-}
-
 fn resolve(base: &Path, p: &Path) -> PathBuf {
-    let s = p
-        .to_string_lossy()
-        .replace("${EARSHOT_HOME}", &earshot_home().to_string_lossy());
+    let s = p.to_string_lossy().replace(
+        "${EARSHOT_HOME}",
+        &crate::files::earshot_home().to_string_lossy(),
+    );
     let p = match s.strip_prefix("~/") {
         Some(rest) => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(rest),
         None => PathBuf::from(s),

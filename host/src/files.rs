@@ -221,6 +221,17 @@ pub fn persist(tmp: tempfile::NamedTempFile, path: &Path) -> io::Result<()> {
     tmp.persist(path).map(|_| ()).map_err(|e| e.error)
 }
 
+/// `$EARSHOT_HOME` (models, data, caches), default ~/.cache/earshot. Here, at the bottom,
+/// because configs, the encoder cache and the plugin cache all resolve paths under it.
+pub fn earshot_home() -> std::path::PathBuf {
+    std::env::var_os("EARSHOT_HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/earshot")
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

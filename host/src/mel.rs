@@ -28,7 +28,7 @@ pub const WINDOW_S: f64 = N_SAMPLES as f64 / SAMPLE_RATE as f64;
 pub const CLIP_ROUND_FRAMES: usize = 100;
 
 /// How long each encoder window is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum EncoderWindow {
     /// Always 30 s (3000 mel frames, 1500 encoder frames): a short clip is padded, as Whisper
@@ -42,7 +42,7 @@ pub enum EncoderWindow {
 }
 
 /// Where the zeros go when a clip is shorter than 30 s.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum Padding {
     /// Zero-pad the audio to 30 s before the STFT (OpenAI Whisper's `pad_or_trim`).

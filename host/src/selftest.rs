@@ -25,9 +25,9 @@ use crate::models::nonfinite::NonFiniteTrace;
 use crate::models::projector::{Projector, ProjectorConfig, ProjectorKind};
 use crate::models::weights::{ModelError, WeightStore};
 use crate::models::whisper::{WhisperConfig, WhisperEncoder};
+use crate::pipeline::loss::caption_loss;
 use crate::pipeline::TextPieces;
 use crate::sampler::{Sampler, SamplingParams};
-use crate::train::batch::caption_loss;
 use crate::train::optim::{AdamW, AdamWParams};
 use crate::train::TrainError;
 
@@ -49,7 +49,7 @@ pub enum SelftestError {
 
 pub type Result<T> = std::result::Result<T, SelftestError>;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Shape {
     /// Whisper tiny encoder + a 135M Llama (SmolLM2-135M's shape).

@@ -85,7 +85,7 @@ use crate::plugins::{DatasetAdapter, PluginHost, PostProcessor, PromptTemplate};
 use crate::sampler::{Sampler, SamplingParams};
 
 /// What to do with audio longer than one 30 s window.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LongAudio {
     /// One caption per 30 s window, with its start and end time
     PerWindow,

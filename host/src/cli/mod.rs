@@ -19,6 +19,7 @@ mod printer;
 mod prompt;
 mod selftest;
 mod train;
+mod values;
 
 use std::process::ExitCode;
 

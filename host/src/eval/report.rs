@@ -9,13 +9,8 @@ use std::path::Path;
 
 use base64::Engine as _;
 
-use super::split::ListeningCheck;
+use super::split::{ListeningCheck, MAX_EMBEDDED_AUDIO_BYTES, MAX_EMBEDDED_CLIP_S};
 use super::{AttributeScores, Report};
-
-/// Clips longer than this are embedded cut to it (the page stays loadable).
-pub const MAX_EMBEDDED_CLIP_S: f64 = 10.0;
-/// At most this many bytes of audio in one page; later rows show no player.
-pub const MAX_EMBEDDED_AUDIO_BYTES: usize = 64 << 20;
 
 /// What goes into a report besides the scores.
 pub struct ReportPage<'a> {

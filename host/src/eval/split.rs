@@ -6,13 +6,18 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::report::{MAX_EMBEDDED_AUDIO_BYTES, MAX_EMBEDDED_CLIP_S};
 use super::{Prediction, Report};
 use crate::caption::{AudioInput, CaptionItem, CaptionSettings, Captioner, ItemSource, Result};
 use crate::models::nonfinite::NonFiniteTrace;
 use crate::pipeline::layout::project_windows;
+use crate::pipeline::loss::caption_loss;
 use crate::plugins::{DatasetAdapter, PAGE_SIZE};
-use crate::train::batch::caption_loss;
+
+/// Clips longer than this are kept (and embedded in the report) cut to it, so the page
+/// stays loadable.
+pub const MAX_EMBEDDED_CLIP_S: f64 = 10.0;
+/// At most this many bytes of audio kept for one report page; later rows show no player.
+pub const MAX_EMBEDDED_AUDIO_BYTES: usize = 64 << 20;
 
 /// What the model hears.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -38,7 +38,7 @@ impl EncoderCache {
 
     /// `$EARSHOT_HOME/cache/encoder`.
     pub fn default_dir() -> PathBuf {
-        crate::config::earshot_home().join("cache/encoder")
+        crate::files::earshot_home().join("cache/encoder")
     }
 
     pub fn key(&self, samples: &[f32], segment: (Option<f64>, Option<f64>)) -> String {

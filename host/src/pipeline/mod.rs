@@ -16,6 +16,7 @@ pub mod encoder_cache;
 pub mod error;
 pub mod examples;
 pub mod layout;
+pub mod loss;
 pub mod manifest;
 pub mod models;
 pub mod prompt;

@@ -84,7 +84,7 @@ impl PluginHost {
 
     /// The default cache: `$EARSHOT_HOME/cache/plugins` (~/.cache/earshot/cache/plugins).
     pub fn default_cache_dir() -> Option<PathBuf> {
-        Some(crate::config::earshot_home().join("cache/plugins"))
+        Some(crate::files::earshot_home().join("cache/plugins"))
     }
 
     pub fn limits(&self) -> &SandboxLimits {

@@ -2,7 +2,6 @@
 //! prompt-template plugin, audio through the frozen encoder (computed once per clip), the
 //! projector as the only trainable parameters, caption-only loss, AdamW.
 
-pub mod batch;
 pub mod checkpoint;
 pub mod error;
 pub mod optim;
@@ -30,12 +29,12 @@ use crate::models::whisper::WhisperEncoder;
 use crate::models::Runtime;
 use crate::pipeline::audit::{AuditOptions, AuditReport, LeakFinder};
 use crate::pipeline::clip::EncodeCounts;
+use crate::pipeline::loss::{caption_loss, BatchLoss};
 use crate::pipeline::{
     build_manifest, load_models, mel_settings, open_dataset, prompt, ClipEncoder, Manifest,
     TextPieces,
 };
 use crate::plugins::{DatasetAdapter, Example, PluginHost, PromptTemplate, PAGE_SIZE};
-use batch::{caption_loss, BatchLoss};
 use error::io;
 
 /// One training example ready for the loop.

@@ -12,13 +12,13 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use super::batch::caption_loss;
 use super::checkpoint::{self, TrainState};
 use super::optim::{AdamW, AdamWParams};
 use super::run_dir::RunDir;
 use super::{Event, Prepared, Session, Start, StepMetrics};
 use crate::models::nonfinite::NonFiniteTrace;
 use crate::models::projector::Projector;
+use crate::pipeline::loss::caption_loss;
 use crate::pipeline::TextPieces;
 
 /// The projector, its optimizer and the position in the data, for one run.

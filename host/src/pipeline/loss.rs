@@ -1,4 +1,5 @@
-//! Sequence layout and the caption-only loss.
+//! The teacher-forced caption loss (training, the eval loss, selftest): sequence layout and
+//! the cross-entropy on the target tokens only.
 //!
 //! Each example is `[prompt before audio][projected audio][prompt after audio][target]`.
 //! Examples are right-padded to the longest in the batch; with causal attention the padding

@@ -280,6 +280,31 @@ fn host_modules_import_only_lower_layers_and_no_folder_has_a_cycle() {
     );
 }
 
+/// Files of host/src (tests modules aside) that print to stderr themselves.
+fn stderr_printers(src: &Path) -> Vec<String> {
+    rs_files(src)
+        .into_iter()
+        .filter(|f| !f.ends_with("cli/printer.rs"))
+        .filter(|f| {
+            let text = code(&std::fs::read_to_string(f).unwrap());
+            text.contains("eprintln!") || text.contains("eprint!")
+        })
+        .map(|f| f.strip_prefix(src).unwrap().display().to_string())
+        .collect()
+}
+
+/// Progress, notices, warnings and errors reach stderr through `cli/printer.rs` only (logs go
+/// through tracing); stdout is for results.
+#[test]
+fn only_the_printer_writes_to_stderr() {
+    let src = repo_root().join("host/src");
+    let others = stderr_printers(&src);
+    assert!(
+        others.is_empty(),
+        "eprintln!/eprint! outside cli/printer.rs: {others:?}"
+    );
+}
+
 /// The checker itself finds what it is for, on a throwaway tree.
 #[test]
 fn the_checker_finds_an_upward_import_and_a_cycle() {

@@ -17,8 +17,8 @@ use earshot::models::llm::{
 use earshot::models::nonfinite::NonFiniteTrace;
 use earshot::models::whisper::WhisperEncoder;
 use earshot::models::Runtime;
+use earshot::pipeline::loss::caption_loss;
 use earshot::pipeline::TextPieces;
-use earshot::train::batch::caption_loss;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());

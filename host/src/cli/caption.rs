@@ -12,7 +12,7 @@ use crate::plugins::PAGE_SIZE;
 use crate::text::{display_text, terminal_safe_json};
 
 use super::common::SamplingArgs;
-use super::printer::PhaseProgress;
+use super::printer::{self, PhaseProgress};
 
 #[derive(Debug, Args)]
 #[command(
@@ -124,7 +124,7 @@ pub fn run(args: CaptionArgs) -> Result<()> {
         output.out.flush()?;
         total += chunk.len();
         if let Some(line) = progress.as_mut().and_then(|p| p.line(total, None)) {
-            eprintln!("{line}");
+            printer::progress(&line);
         }
     }
     let counts = captioner.encode_counts();
@@ -198,7 +198,7 @@ impl Output {
                 } else {
                     format!("{}: {msg}", item.audio)
                 };
-                eprintln!("error: {}", display_text(&shown, 64 * 1024));
+                printer::error(&display_text(&shown, 64 * 1024));
                 if self.jsonl {
                     let v = serde_json::json!({"id": item.id, "audio": item.audio, "error": msg});
                     writeln!(out, "{}", terminal_safe_json(v.to_string()))?;

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::Args;
 
+use super::printer;
 use crate::train::plots::{plot_losses, RunCurves};
 
 #[derive(Debug, Args)]
@@ -124,6 +125,6 @@ pub fn run(args: CompareArgs) -> Result<()> {
         .zip(runs.into_iter().map(|(_, c)| c))
         .collect();
     plot_losses(&named, &args.out, "loss by run")?;
-    eprintln!("wrote {}", args.out.display());
+    printer::notice(&format!("wrote {}", args.out.display()));
     Ok(())
 }

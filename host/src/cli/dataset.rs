@@ -5,7 +5,7 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 
 use super::plugin::SandboxArgs;
-use super::printer::PhaseProgress;
+use super::printer::{self, PhaseProgress};
 use crate::config::RunConfig;
 use crate::pipeline::audit::{AuditOptions, AuditReport};
 use crate::pipeline::open_dataset;
@@ -135,7 +135,7 @@ fn list(
     let host = sandbox.host()?;
     let mut ds = DatasetAdapter::open(&host, &adapter, &root, &options)?;
     for w in &ds.dataset.warnings {
-        eprintln!("warning: {w}");
+        printer::warning(w);
     }
     let splits = match split {
         Some(s) => {
@@ -222,7 +222,7 @@ fn audit(
                 progress = Some((split.to_string(), PhaseProgress::new(phase, "example(s)")));
             }
             if let Some(line) = progress.as_mut().and_then(|(_, p)| p.line(done, None)) {
-                eprintln!("{line}");
+                printer::progress(&line);
             }
         },
     )?;

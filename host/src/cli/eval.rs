@@ -15,7 +15,7 @@ use crate::eval::split::{
 use crate::eval::{read_predictions, score, AttributeSpec, Report};
 use crate::text::{display_text, terminal_safe_json};
 
-use super::printer::PhaseProgress;
+use super::printer::{self, PhaseProgress};
 
 #[derive(Debug, Args)]
 #[command(
@@ -127,7 +127,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             let (report, check, page) = evaluate_config(&args, cfg, &attributes)?;
             listening = check;
             if let Some(path) = page {
-                eprintln!("report: {}", path.display());
+                printer::notice(&format!("report: {}", path.display()));
             }
             report
         }
@@ -206,7 +206,7 @@ fn evaluate_config(
             hearing == Hearing::Real && page.is_some(),
             &mut |done| {
                 if let Some(line) = progress.line(done, None) {
-                    eprintln!("{line}");
+                    printer::progress(&line);
                 }
             },
         )?;
@@ -215,11 +215,11 @@ fn evaluate_config(
                 save_lines(path, &captions.lines)?;
             }
             for l in captions.lines.iter().filter(|l| l.get("error").is_some()) {
-                eprintln!(
-                    "error: {}: {}",
+                printer::error(&format!(
+                    "{}: {}",
                     display_text(l["audio"].as_str().unwrap_or_default(), 4096),
                     display_text(l["error"].as_str().unwrap_or_default(), 64 * 1024)
-                );
+                ));
             }
         }
         if captions.predictions.is_empty() {
@@ -246,18 +246,18 @@ fn evaluate_config(
         Some(listening_check(&report, silence, shuffled, baselines))
     };
     if let Some(check) = check.as_ref().filter(|c| !c.clearly_better) {
-        eprintln!(
-            "warning: the model does not clearly use the audio: {} is {:.3} with the real audio \
-             and {:.3} for the best baseline ({}); real should lead every baseline by \
+        printer::warning(&format!(
+            "the model does not clearly use the audio: {} is {:.3} with the real audio and \
+             {:.3} for the best baseline ({}); real should lead every baseline by \
              {CLEAR_MARGIN}",
             check.primary, check.real_score, check.best_baseline_score, check.best_baseline
-        );
+        ));
     }
     if let Some(path) = &page {
         // The scores as JSON beside the report page (what --json prints).
         let json = path.with_file_name("eval.json");
         save_lines(&json, &[report_json(&report, check.as_ref())?])?;
-        eprintln!("scores: {}", json.display());
+        printer::notice(&format!("scores: {}", json.display()));
         let details = run_details(args, &captioner, &split);
         write_report(path, &captioner, heard, &report, check.as_ref(), details)?;
     }

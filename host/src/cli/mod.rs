@@ -100,7 +100,7 @@ pub fn main() -> ExitCode {
             crate::models::simd::ENV
         ),
         Err(err) => {
-            eprintln!("error: {err}");
+            printer::error(&err);
             return ExitCode::from(exit::USAGE);
         }
     }
@@ -132,7 +132,7 @@ pub fn main() -> ExitCode {
                 .lines()
                 .map(|l| crate::text::display_text(l, 64 * 1024))
                 .collect();
-            eprintln!("error: {}", safe.join("\n"));
+            printer::error(&safe.join("\n"));
             ExitCode::from(exit::code_of(&err))
         }
     }

@@ -1,4 +1,5 @@
-//! The one place progress reaches the terminal (stderr): a progress bar (step, epoch, loss,
+//! The one place progress, notices, warnings and errors reach the terminal (stderr; the
+//! architecture test holds that no other file prints to it): a progress bar (step, epoch, loss,
 //! lr, examples/s, ETA) when stderr is a terminal, plain log lines every `train.log-every`
 //! steps otherwise, and for every long phase (encoding a split, an evaluation, captioning a
 //! split) a plain line at a steady interval (`--progress-interval`), so a run whose output
@@ -10,6 +11,27 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::train::{Event, StepMetrics};
+
+/// A progress line of a long phase (from [`PhaseProgress::line`]).
+pub fn progress(line: &str) {
+    eprintln!("{line}");
+}
+
+/// Where a result was written, or another note for the user that is not itself a result
+/// ("wrote loss.png", "scores: eval.json").
+pub fn notice(text: &str) {
+    eprintln!("{text}");
+}
+
+/// "warning: ..." (text from plugins or files must already be made safe to print).
+pub fn warning(text: &str) {
+    eprintln!("warning: {text}");
+}
+
+/// "error: ..." for one failed input of many (the command goes on) or the command's end.
+pub fn error(text: &str) {
+    eprintln!("error: {text}");
+}
 
 /// Seconds between progress lines of a long phase, in milliseconds (set once from the
 /// global `--progress-interval` flag).

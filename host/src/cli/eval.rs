@@ -140,6 +140,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
     } else {
         if let Some((check, split)) = listening.as_ref().zip(split.as_deref()) {
             write_summary(&mut out, &report, check, split)?;
+        } else if args.brief {
+            // No listening check (predictions from a file, or --no-listening-check): the
+            // scores with their intervals, without baselines.
+            write_scores_brief(&mut out, &report)?;
         }
         if !args.brief {
             if listening.is_some() {
@@ -399,6 +403,38 @@ fn write_table(out: &mut impl Write, r: &Report) -> Result<()> {
 
 /// The summary a person reads first: each score with its 95% interval, beside what silence,
 /// shuffled audio, the training split's majority and chance score, then the verdict.
+/// Each attribute's accuracy and the text metrics, each with its 95% interval.
+fn write_scores_brief(out: &mut impl Write, r: &Report) -> Result<()> {
+    let ci = |v: [f64; 2]| format!("[{:.3}, {:.3}]", v[0], v[1]);
+    writeln!(
+        out,
+        "{} example(s) ({} failed); 95% intervals in brackets",
+        r.examples, r.failed
+    )?;
+    for (name, a) in &r.attributes {
+        writeln!(
+            out,
+            "  {:<10} accuracy {:.3} {} over {} example(s)",
+            display_text(name, 64),
+            a.accuracy,
+            ci(a.ci95),
+            a.examples
+        )?;
+    }
+    for (name, key, value) in [
+        ("CIDEr-D", "cider_d", r.scores.cider_d),
+        ("WER", "wer", r.scores.wer),
+        ("CER", "cer", r.scores.cer),
+    ] {
+        let interval = r
+            .ci95
+            .get(key)
+            .map_or(String::new(), |v| format!(" {}", ci(*v)));
+        writeln!(out, "  {name:<10} {value:.3}{interval}")?;
+    }
+    Ok(())
+}
+
 fn write_summary(out: &mut impl Write, r: &Report, c: &ListeningCheck, split: &str) -> Result<()> {
     let ci = |v: [f64; 2]| format!("[{:.3}, {:.3}]", v[0], v[1]);
     writeln!(

@@ -71,6 +71,18 @@ pub(crate) trait DatasetAdapterApi: Send {
     fn read(&mut self, split: &str, start: u64, max: u32) -> Result<host::Batch, PluginError>;
 }
 
+/// A role's instance behind its interface, with the plugin's self-description.
+pub(crate) type Instantiated<A> = Result<(Box<A>, host::PluginInfo), PluginError>;
+/// An opened dataset adapter, with the plugin's and the dataset's descriptions.
+pub(crate) type OpenedDataset = Result<
+    (
+        Box<dyn DatasetAdapterApi>,
+        host::PluginInfo,
+        host::DatasetInfo,
+    ),
+    PluginError,
+>;
+
 /// What one WIT version's module offers the role handles: each role instantiated from a
 /// loaded component of that version, behind the version-neutral interfaces above.
 pub(crate) trait ApiVersion: Sync {
@@ -85,14 +97,13 @@ pub(crate) trait ApiVersion: Sync {
         host: &PluginHost,
         path: &Path,
         loaded: Loaded,
-    ) -> Result<(Box<dyn PromptTemplateApi>, host::PluginInfo), PluginError>;
+    ) -> Instantiated<dyn PromptTemplateApi>;
     fn post_processor(
         &self,
         host: &PluginHost,
         path: &Path,
         loaded: Loaded,
-    ) -> Result<(Box<dyn PostProcessorApi>, host::PluginInfo), PluginError>;
-    #[allow(clippy::type_complexity)]
+    ) -> Instantiated<dyn PostProcessorApi>;
     fn dataset_adapter(
         &self,
         host: &PluginHost,
@@ -100,14 +111,7 @@ pub(crate) trait ApiVersion: Sync {
         loaded: Loaded,
         root: &Path,
         options: &str,
-    ) -> Result<
-        (
-            Box<dyn DatasetAdapterApi>,
-            host::PluginInfo,
-            host::DatasetInfo,
-        ),
-        PluginError,
-    >;
+    ) -> OpenedDataset;
 }
 
 /// One live plugin instance: its store, its bindings, and whether it already failed. A

@@ -10,10 +10,11 @@ use wasmtime::Store;
 use super::host::{Loaded, PluginHost};
 use super::runtime::{
     bad_output, instantiate, warnings, ApiVersion, Bindings, DatasetAdapterApi, Instance,
-    PostProcessorApi, PromptTemplateApi, MAX_CAPTION_BYTES, MAX_DESCRIPTION_BYTES, MAX_ID_BYTES,
-    MAX_MESSAGE_BYTES, MAX_METADATA, MAX_METADATA_KEY_BYTES, MAX_NAME_BYTES, MAX_REFERENCES,
-    MAX_ROLES, MAX_SHOWN_ID_BYTES, MAX_SPLITS, MAX_SPLIT_NAME_BYTES, MAX_STOP_STRINGS,
-    MAX_STOP_STRING_BYTES, MAX_TEXT_BYTES, MAX_VERSION_BYTES,
+    Instantiated, OpenedDataset, PostProcessorApi, PromptTemplateApi, MAX_CAPTION_BYTES,
+    MAX_DESCRIPTION_BYTES, MAX_ID_BYTES, MAX_MESSAGE_BYTES, MAX_METADATA, MAX_METADATA_KEY_BYTES,
+    MAX_NAME_BYTES, MAX_REFERENCES, MAX_ROLES, MAX_SHOWN_ID_BYTES, MAX_SPLITS,
+    MAX_SPLIT_NAME_BYTES, MAX_STOP_STRINGS, MAX_STOP_STRING_BYTES, MAX_TEXT_BYTES,
+    MAX_VERSION_BYTES,
 };
 use super::sandbox::HostState;
 use super::types::{self as host, CallFailure, PluginError};
@@ -105,7 +106,7 @@ impl ApiVersion for Api {
         host: &PluginHost,
         path: &Path,
         loaded: Loaded,
-    ) -> Result<(Box<dyn PromptTemplateApi>, host::PluginInfo), PluginError> {
+    ) -> Instantiated<dyn PromptTemplateApi> {
         let role = Some(host::Role::PromptTemplate);
         let (inst, info) = instantiate(host, path, loaded, None, role)?;
         Ok((Box::new(PromptTemplate { inst }), info))
@@ -116,7 +117,7 @@ impl ApiVersion for Api {
         host: &PluginHost,
         path: &Path,
         loaded: Loaded,
-    ) -> Result<(Box<dyn PostProcessorApi>, host::PluginInfo), PluginError> {
+    ) -> Instantiated<dyn PostProcessorApi> {
         let role = Some(host::Role::CaptionPostProcessor);
         let (inst, info) = instantiate(host, path, loaded, None, role)?;
         Ok((Box::new(PostProcessor { inst }), info))
@@ -129,14 +130,7 @@ impl ApiVersion for Api {
         loaded: Loaded,
         root: &Path,
         options: &str,
-    ) -> Result<
-        (
-            Box<dyn DatasetAdapterApi>,
-            host::PluginInfo,
-            host::DatasetInfo,
-        ),
-        PluginError,
-    > {
+    ) -> OpenedDataset {
         let d = DatasetAdapter::open(host, path, loaded, root, options)?;
         let (info, dataset) = (d.info.clone(), d.dataset.clone());
         Ok((Box::new(d), info, dataset))

@@ -119,8 +119,8 @@ fn soundfont_splits_share_no_audio() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");
     let (examples, leaking, _) = leaks(&v);
-    assert_eq!((examples, leaking), (66 + 191, 0), "{v:#}");
-    assert_eq!(v["splits"][0][1], 361, "{v:#}");
+    assert_eq!((examples, leaking), (80 + 191, 0), "{v:#}");
+    assert_eq!(v["splits"][0][1], 347, "{v:#}");
 }
 
 /// A 16 kHz mono 16-bit WAV of `samples`, with an extra LIST chunk when `tagged` (other

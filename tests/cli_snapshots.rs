@@ -100,79 +100,45 @@ fn every_help_text() {
     assert!(seen >= 20, "only {seen} help texts found");
 }
 
+/// `earshot ARGS...` (each a path or a string), its output kept as snapshot NAME with this
+/// machine's paths redacted.
+macro_rules! snapshot {
+    ($name:literal; $($arg:expr),+ $(,)?) => {{
+        let out = shown(&earshot([$(std::ffi::OsStr::new(&$arg)),+]));
+        redacted(None).bind(|| insta::assert_snapshot!($name, out));
+    }};
+}
+
 #[test]
 fn audio_info_human_and_json() {
     let audio = repo_root().join("tests/fixtures/audio/speech.mp3");
-    let s = redacted(None);
-    let human = shown(&earshot(["audio-info".as_ref(), audio.as_os_str()]));
-    s.bind(|| insta::assert_snapshot!("audio_info", human));
-    let json = shown(&earshot([
-        "audio-info".as_ref(),
-        "--json".as_ref(),
-        audio.as_os_str(),
-    ]));
-    s.bind(|| insta::assert_snapshot!("audio_info_json", json));
+    snapshot!("audio_info"; "audio-info", audio);
+    snapshot!("audio_info_json"; "audio-info", "--json", audio);
 }
 
 #[test]
 fn inspect_the_default_models() {
-    let s = redacted(None);
-    let whisper = shown(&earshot([
-        "inspect".as_ref(),
-        default_whisper().as_os_str(),
-    ]));
-    s.bind(|| insta::assert_snapshot!("inspect_whisper", whisper));
-    let gguf = shown(&earshot(["inspect".as_ref(), default_gguf().as_os_str()]));
-    s.bind(|| insta::assert_snapshot!("inspect_gguf", gguf));
+    snapshot!("inspect_whisper"; "inspect", default_whisper());
+    snapshot!("inspect_gguf"; "inspect", default_gguf());
 }
 
 #[test]
 fn dataset_list_human_and_error_lines() {
-    let s = redacted(None);
-    let out = shown(&earshot([
-        "dataset".as_ref(),
-        "list".as_ref(),
-        "--adapter".as_ref(),
-        first_party("jsonl").as_os_str(),
-        "--root".as_ref(),
-        repo_root().join("tests/fixtures/jsonl").as_os_str(),
-        "--limit".as_ref(),
-        "2".as_ref(),
-    ]));
-    s.bind(|| insta::assert_snapshot!("dataset_list", out));
+    let root = repo_root().join("tests/fixtures/jsonl");
+    snapshot!("dataset_list"; "dataset", "list", "--adapter", first_party("jsonl"), "--root", root,
+        "--limit", "2");
 }
 
 #[test]
 fn prompt_pieces_and_target() {
-    let s = redacted(None);
-    let out = shown(&earshot([
-        "prompt".as_ref(),
-        "--template".as_ref(),
-        first_party("chatml").as_os_str(),
-        "--meta".as_ref(),
-        "instruction=Who is speaking?".as_ref(),
-        "--target".as_ref(),
-        "A man.".as_ref(),
-    ]));
-    s.bind(|| insta::assert_snapshot!("prompt", out));
+    snapshot!("prompt"; "prompt", "--template", first_party("chatml"),
+        "--meta", "instruction=Who is speaking?", "--target", "A man.");
 }
 
 #[test]
 fn plugin_check_human_and_json() {
-    let s = redacted(None);
-    let human = shown(&earshot([
-        "plugin".as_ref(),
-        "check".as_ref(),
-        first_party("chatml").as_os_str(),
-    ]));
-    s.bind(|| insta::assert_snapshot!("plugin_check", human));
-    let json = shown(&earshot([
-        "plugin".as_ref(),
-        "check".as_ref(),
-        "--json".as_ref(),
-        first_party("soundfont").as_os_str(),
-    ]));
-    s.bind(|| insta::assert_snapshot!("plugin_check_json", json));
+    snapshot!("plugin_check"; "plugin", "check", first_party("chatml"));
+    snapshot!("plugin_check_json"; "plugin", "check", "--json", first_party("soundfont"));
 }
 
 /// Hand-written predictions (captions and references, attributes in the captions).

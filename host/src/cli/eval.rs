@@ -403,9 +403,13 @@ fn write_table(out: &mut impl Write, r: &Report) -> Result<()> {
 
 /// The summary a person reads first: each score with its 95% interval, beside what silence,
 /// shuffled audio, the training split's majority and chance score, then the verdict.
+/// A 95% interval as the summaries print it.
+fn ci(v: [f64; 2]) -> String {
+    format!("[{:.3}, {:.3}]", v[0], v[1])
+}
+
 /// Each attribute's accuracy and the text metrics, each with its 95% interval.
 fn write_scores_brief(out: &mut impl Write, r: &Report) -> Result<()> {
-    let ci = |v: [f64; 2]| format!("[{:.3}, {:.3}]", v[0], v[1]);
     writeln!(
         out,
         "{} example(s) ({} failed); 95% intervals in brackets",
@@ -436,7 +440,6 @@ fn write_scores_brief(out: &mut impl Write, r: &Report) -> Result<()> {
 }
 
 fn write_summary(out: &mut impl Write, r: &Report, c: &ListeningCheck, split: &str) -> Result<()> {
-    let ci = |v: [f64; 2]| format!("[{:.3}, {:.3}]", v[0], v[1]);
     writeln!(
         out,
         "split {}: {} example(s) ({} failed); 95% intervals in brackets",

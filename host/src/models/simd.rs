@@ -85,16 +85,17 @@ pub fn resolve(value: Option<&str>) -> Result<SimdLevel, String> {
 /// Checks `EARSHOT_SIMD` (the CLI calls this first, so a bad value is an error, not a
 /// silent fallback) and says when it asks for more than the CPU has.
 pub fn check_env() -> Result<SimdLevel, String> {
-    let value = std::env::var(ENV).ok();
-    let level = resolve(value.as_deref())?;
-    if let Some(Some(asked)) = value.as_deref().map(|v| SimdLevel::parse(v).ok().flatten()) {
-        if asked > level {
-            tracing::warn!(
-                "{ENV}={}: this CPU runs at most {}; using that",
-                asked.name(),
-                level.name()
-            );
-        }
+    let asked = match std::env::var(ENV) {
+        Ok(v) => SimdLevel::parse(&v)?,
+        Err(_) => None,
+    };
+    let level = asked.map_or(detected(), |a| a.min(detected()));
+    if let Some(asked) = asked.filter(|a| *a > level) {
+        tracing::warn!(
+            "{ENV}={}: this CPU runs at most {}; using that",
+            asked.name(),
+            level.name()
+        );
     }
     Ok(level)
 }

@@ -6,8 +6,13 @@
 # (`earshot eval --brief` output) are kept in runs/bench/<task>-s<seed>/summary.txt.
 #
 #   bash scripts/bench_tasks.sh [main|traits|transcribe|all] [--seeds N] [--eval-only] [--final]
+#        [--set KEY=VALUE]... [--tag NAME] [--split valid]
 #   (default: all, 3 seeds; --eval-only scores the runs already in runs/bench again; --final
-#   scores each run's final projector instead of best/: a comparison, never the figure)
+#   scores each run's final projector instead of best/: a comparison, never the figure;
+#   --set overrides a config value in training and scoring, --tag names the runs
+#   runs/bench/<task>-<tag>-s<seed> so variants sit side by side; --split valid scores the
+#   validation split, without the listening check: what a choice between variants reads,
+#   so that the test split stays unseen until the choice is made)
 #
 # main = configs/cpu-smollm2-soundfont.toml (instrument family and register),
 # traits = configs/cpu-smollm2-speaker-traits.toml (language/voice),
@@ -18,11 +23,15 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
-which=all seeds=3 eval_only=0 checkpoint=best
+which=all seeds=3 eval_only=0 checkpoint=best tag="" split=""
+sets=()
 while [ $# -gt 0 ]; do
   case $1 in
     main|traits|transcribe|all) which=$1 ;;
     --seeds) seeds=$2; shift ;;
+    --set) sets+=(--set "$2"); shift ;;
+    --tag) tag="-$2"; shift ;;
+    --split) split=$2; shift ;;
     --eval-only) eval_only=1 ;;
     --final) checkpoint=projector.safetensors ;;
     *) echo "bench_tasks.sh: unknown argument $1" >&2; exit 2 ;;
@@ -43,30 +52,48 @@ for task in "${tasks[@]}"; do
   config=${configs[$task]}
   jsons=()
   for ((seed = 0; seed < seeds; seed++)); do
-    run=runs/bench/$task-s$seed
+    run=runs/bench/$task$tag-s$seed
     start=$(date +%s)
     if [ "$eval_only" = 0 ]; then
       rm -rf "$run"
-      "$earshot" train "$config" --set "train.seed=$seed" --set "train.run-dir=\"$run\"" \
-        --overwrite >&2
+      "$earshot" train "$config" "${sets[@]}" --set "train.seed=$seed" \
+        --set "train.run-dir=\"$run\"" --overwrite >&2
     elif [ ! -d "$run/best" ]; then
       echo "bench_tasks.sh: $run/best missing: train it first (without --eval-only)" >&2
       exit 1
     fi
-    "$earshot" eval --config "$config" --set "train.run-dir=\"$run\"" \
-      --checkpoint "$run/$checkpoint" --brief > "$run/summary.txt"
+    if [ -z "$split" ]; then
+      "$earshot" eval --config "$config" "${sets[@]}" --set "train.run-dir=\"$run\"" \
+        --checkpoint "$run/$checkpoint" --brief > "$run/summary.txt"
+      jsons+=("$run/eval.json")
+    else
+      "$earshot" eval --config "$config" "${sets[@]}" --set "train.run-dir=\"$run\"" \
+        --checkpoint "$run/$checkpoint" --split "$split" --no-listening-check \
+        --report "$run/report-$split.html" --json > "$run/eval-$split.json"
+      python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(", ".join(f"{k} {v[\"accuracy\"]:.3f}" for k,v in r.get("attributes",{}).items()) or r["scores"])' \
+        "$run/eval-$split.json" > "$run/summary-$split.txt"
+      jsons+=("$run/eval-$split.json")
+    fi
     echo "[$task seed $seed: $(( $(date +%s) - start )) s]" >&2
-    cat "$run/summary.txt" >&2
-    jsons+=("$run/eval.json")
+    cat "$run/summary${split:+-$split}.txt" >&2
   done
-  python3 - "$task" "$config" "$checkpoint" "${jsons[@]}" <<'PY'
+  python3 - "$task" "$config" "$checkpoint" "${split:-test}" "${sets[*]:-}" "${jsons[@]}" <<'PY'
 import json, sys
-task, config, checkpoint, paths = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+task, config, checkpoint, split, sets, paths = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:]
 runs = [json.load(open(p)) for p in paths]
-last = runs[-1]["listening_check"]
 def spread(values):
     m = sum(values) / len(values)
     return f"{m:.3f} ({min(values):.3f}-{max(values):.3f})" if len(values) > 1 else f"{m:.3f}"
+if split != "test":
+    # Choosing between variants: the real-audio scores on this split, nothing else.
+    print(f"\n{task}: {config} {sets}, {len(runs)} seed(s), {runs[0]['examples']} {split} examples, "
+          + ("best/ checkpoints" if checkpoint == "best" else "final projectors"))
+    for name in runs[0].get("attributes", {}):
+        print(f"{name} accuracy: {spread([r['attributes'][name]['accuracy'] for r in runs])}")
+    for key in ("cider_d", "wer", "cer"):
+        print(f"{key}: {spread([r['scores'][key] for r in runs])}")
+    sys.exit(0)
+last = runs[-1]["listening_check"]
 print(f"\n{task}: {config}, {len(runs)} seed(s), {runs[0]['examples']} test examples, " + ("best/ checkpoints (lowest valid loss)" if checkpoint == "best" else "final projectors (not the figure: a comparison)"))
 print("| score | real audio: mean (min-max) | silence | shuffled | training majority | uniform |")
 print("|---|---|---|---|---|---|")

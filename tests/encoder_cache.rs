@@ -1,6 +1,7 @@
 //! The encoder-output cache, end to end through `earshot train` under a fresh EARSHOT_HOME:
 //! a second epoch/run takes every clip from it; editing a clip, changing the mel settings or
-//! swapping the Whisper weights re-encodes what changed; a damaged entry is recomputed.
+//! swapping the Whisper weights or the encoder hidden states kept re-encodes what changed; a
+//! damaged entry is recomputed.
 
 use std::path::{Path, PathBuf};
 
@@ -158,4 +159,14 @@ fn the_cache_serves_what_is_unchanged_and_recomputes_what_changed() {
     candle_core::safetensors::save(&t, &file).unwrap();
     let set = format!("models.whisper=\"{}\"", whisper.display());
     assert_eq!(s.train("e", &[set]), (8, 0));
+
+    // Other encoder hidden states (`[encoder] layers`): every clip again, then the cache.
+    let all = "encoder.layers=\"all\"".to_string();
+    assert_eq!(s.train("f", std::slice::from_ref(&all)), (8, 0));
+    assert_eq!(s.train("g", &[all]), (0, 8));
+    assert_eq!(
+        s.train("h", &["encoder.layers=[4]".into()]),
+        (0, 8),
+        "[4] is \"last\""
+    );
 }

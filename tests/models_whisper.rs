@@ -204,3 +204,53 @@ fn a_128_mel_bin_encoder_loads_from_f16_shards() {
     let err = expect_failure(&out);
     assert!(err.contains("[80, 3000]") && err.contains("128"), "{err}");
 }
+
+/// `forward_layers`: the hidden states side by side, in ascending order; the last one is
+/// the encoder's output (checked against CTranslate2), any subset is the same columns of
+/// all of them, and blocks past the deepest state asked for do not change the others.
+#[test]
+fn hidden_states_side_by_side() {
+    use candle_core::Tensor;
+    let rt = Runtime::cpu();
+    let encoder = WhisperEncoder::load_dir(&default_whisper(), &rt).unwrap();
+    let (_, mel) = read_npy(&whisper_oracle("expected/a_speech_mel_pad30s.npy"));
+    let x = Tensor::from_vec(mel, (1, 80, 3000), &rt.device).unwrap();
+    let all = encoder
+        .forward_layers(&x, &[0, 1, 2, 3, 4], NonFiniteTrace::default())
+        .unwrap();
+    assert_eq!(all.dims(), &[1, 1500, 5 * 384]);
+    let state = |t: &Tensor, j: usize| -> Vec<f32> {
+        t.narrow(2, j * 384, 384)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let (_, reference) = read_npy(&whisper_oracle("expected/a_speech_enc_pad30s.npy"));
+    let err = rel_l2(&state(&all, 4), &reference);
+    assert!(
+        err <= 1e-3,
+        "state 4 (the output) vs CTranslate2: relative L2 {err}"
+    );
+    let out = encoder.forward(&x, NonFiniteTrace::default()).unwrap();
+    assert_eq!(state(&out, 0), state(&all, 4));
+    let some = encoder
+        .forward_layers(&x, &[1, 3], NonFiniteTrace::default())
+        .unwrap();
+    assert_eq!(some.dims(), &[1, 1500, 2 * 384]);
+    assert_eq!(state(&some, 0), state(&all, 1));
+    assert_eq!(state(&some, 1), state(&all, 3));
+    // Five different states: the residual stream grows through the blocks.
+    for j in 0..4 {
+        let d = rel_l2(&state(&all, j), &state(&all, j + 1));
+        assert!(d > 0.05, "states {j} and {} nearly equal ({d})", j + 1);
+    }
+    for bad in [&[][..], &[2, 1], &[5], &[1, 1]] {
+        let e = encoder
+            .forward_layers(&x, bad, NonFiniteTrace::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("hidden-state indices"), "{bad:?}: {e}");
+    }
+}

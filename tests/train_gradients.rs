@@ -18,6 +18,12 @@ use earshot_tests::*;
 
 /// The real SmolLM2 in float64, its tokenizer, and the encoder output of the speech clip.
 fn setup() -> (Llama, ChatTokenizer, Tensor) {
+    let (llm, tok, encoded, _) = setup_with_layers();
+    (llm, tok, encoded)
+}
+
+/// [`setup`], and every encoder hidden state of the clip side by side (1, 1500, 5 * 384).
+fn setup_with_layers() -> (Llama, ChatTokenizer, Tensor, Tensor) {
     let rt = Runtime::cpu();
     let (store, cfg, meta) = read_gguf(&default_gguf(), &rt, GgufBlocks::Skip).unwrap();
     let llm = Llama::load(&store, &cfg, DType::F64, &Device::Cpu).unwrap();
@@ -26,7 +32,10 @@ fn setup() -> (Llama, ChatTokenizer, Tensor) {
     let (_, mel) = read_npy(&whisper_oracle("expected/a_speech_mel_pad30s.npy"));
     let mel = Tensor::from_vec(mel, (1, 80, 3000), &Device::Cpu).unwrap();
     let encoded = encoder.forward(&mel, NonFiniteTrace::default()).unwrap();
-    (llm, tok, encoded)
+    let all = encoder
+        .forward_layers(&mel, &[0, 1, 2, 3, 4], NonFiniteTrace::default())
+        .unwrap();
+    (llm, tok, encoded, all)
 }
 
 fn pieces(tok: &ChatTokenizer, target: &str) -> TextPieces {
@@ -140,22 +149,35 @@ fn shared_prefix_gives_the_loss_and_gradients_of_one_full_forward() {
 
 #[test]
 fn projector_gradients_match_finite_differences() {
-    let (llm, tok, encoded) = setup();
+    let (llm, tok, encoded, all_layers) = setup_with_layers();
     let pieces = vec![pieces(&tok, "A voice says a pangram.<|im_end|>")];
     let prefixes = PrefixCache::default();
-    for kind in [ProjectorKind::PoolLnLinear, ProjectorKind::Mlp] {
+    // The last case mixes the encoder's five hidden states (`layer_weights` included).
+    for (kind, layers) in [
+        (ProjectorKind::PoolLnLinear, 1),
+        (ProjectorKind::Mlp, 1),
+        (ProjectorKind::PoolLnLinear, 5),
+    ] {
         let pcfg = ProjectorConfig {
             kind,
             positions: 8,
             hidden: Some(64),
             ..ProjectorConfig::default()
         };
-        let projector = Projector::new(&pcfg, 384, 576, 7, &Device::Cpu)
+        let projector = Projector::new_mixed(&pcfg, layers, 384, 576, 7, &Device::Cpu)
             .unwrap()
             .to_dtype(DType::F64)
             .unwrap();
+        if layers > 1 {
+            // Away from the equal mix, where each weight's gradient is one of a symmetric set.
+            let (_, w) = projector.params().last().unwrap();
+            assert_eq!(projector.params().last().unwrap().0, "layer_weights");
+            w.set(&Tensor::new(&[0.3f64, -0.2, 0.1, 0.0, 0.5], &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        let input = if layers > 1 { &all_layers } else { &encoded };
         let loss_of = |p: &Projector| {
-            let audio = p.forward(&encoded).unwrap();
+            let audio = p.forward(input).unwrap();
             caption_loss(
                 &llm,
                 &pieces,

@@ -425,3 +425,91 @@ fn early_stopping_ends_the_run_and_names_the_best_checkpoint() {
         "{err}"
     );
 }
+
+/// `[encoder] layers`: a run over two hidden states trains a mixing weight per state, says
+/// the learned mix, captions with the same setting, and is refused (naming the encoder
+/// layers) by a config that reads other states; a state the encoder lacks is a config error.
+#[test]
+fn mixed_encoder_layers_train_caption_and_refuse_other_layers() {
+    let d = tempfile::tempdir().unwrap();
+    let run = d.path().join("run");
+    let mixed = "encoder.layers=[2, 4]";
+    let stdout = expect_success(&train(&run, &["--set", mixed, "--set", "train.steps=2"]));
+    let mix_line = stdout
+        .lines()
+        .find(|l| l.starts_with("encoder hidden-state mix of the final projector: 2: "))
+        .unwrap_or_else(|| panic!("no mix line in: {stdout}"));
+    let weights: Vec<f64> = mix_line
+        .split(": ")
+        .skip(2)
+        .map(|w| w.split(',').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(weights.len(), 2, "{mix_line}");
+    assert!(
+        (weights.iter().sum::<f64>() - 1.0).abs() < 2e-3,
+        "{mix_line}"
+    );
+    let saved = candle_core::safetensors::load(
+        run.join("projector.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(saved["layer_weights"].dims(), &[2]);
+
+    let clip = repo_root().join("configs/data/tones/clips/one.wav");
+    let caption = |checkpoint: &Path, sets: &[&str]| {
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "caption".into(),
+            "--config".into(),
+            bundled().into(),
+            "--checkpoint".into(),
+            checkpoint.into(),
+            "--max-tokens".into(),
+            "3".into(),
+        ];
+        for s in sets {
+            args.push("--set".into());
+            args.push(s.into());
+        }
+        args.push(clip.clone().into());
+        earshot(args)
+    };
+    expect_success(&caption(&run, &[mixed]));
+    expect_success(&caption(&run.join("checkpoints"), &[mixed]));
+    // The final projector file alone (no manifest beside it) and a checkpoint folder.
+    let err = expect_failure(&caption(&run, &[]));
+    assert!(
+        err.contains("not this config's projector") && err.contains("[encoder] layers"),
+        "{err}"
+    );
+    let err = expect_failure(&caption(
+        &run.join("checkpoints"),
+        &["encoder.layers=[1, 4]"],
+    ));
+    assert!(
+        err.contains("[encoder] layers") && err.contains("refusing to caption"),
+        "{err}"
+    );
+    let err = expect_failure(&train(
+        &run,
+        &[
+            "--resume",
+            "--set",
+            "encoder.layers=\"all\"",
+            "--set",
+            "train.steps=3",
+        ],
+    ));
+    assert!(
+        err.contains("[encoder] layers") && err.contains("refusing to resume"),
+        "{err}"
+    );
+    let err = expect_failure(&train(
+        &d.path().join("bad"),
+        &["--set", "encoder.layers=[1, 9]"],
+    ));
+    assert!(
+        err.contains("9 is not a hidden state of this encoder"),
+        "{err}"
+    );
+}

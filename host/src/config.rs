@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::mel::{EncoderWindow, Padding};
 use crate::models::projector::ProjectorConfig;
+use crate::models::whisper::EncoderLayers;
 use crate::plugins::SandboxLimits;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -35,6 +36,8 @@ pub struct RunConfig {
     pub data: DataConfig,
     #[serde(default)]
     pub mel: MelConfig,
+    #[serde(default)]
+    pub encoder: EncoderConfig,
     #[serde(default)]
     pub projector: ProjectorConfig,
     #[serde(default)]
@@ -172,6 +175,17 @@ pub struct MelConfig {
     /// encoder runs on the frames covering the clip, rounded up to whole seconds.
     #[serde(default)]
     pub window: EncoderWindow,
+}
+
+/// What the frozen encoder hands the projector.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct EncoderConfig {
+    /// `"last"` (default: the encoder's output), `"all"` (every hidden state, mixed by
+    /// learned softmax weights before the projector) or a list of hidden-state indices
+    /// (0 = after the convolution stem, N = the encoder's output).
+    #[serde(default)]
+    pub layers: EncoderLayers,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -427,6 +441,9 @@ impl RunConfig {
             }
         }
         if let Err(e) = self.projector.check() {
+            return invalid(e);
+        }
+        if let Err(e) = self.encoder.layers.check() {
             return invalid(e);
         }
         if let Err(e) = self.plugins.sandbox.validate() {

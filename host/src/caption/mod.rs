@@ -198,8 +198,9 @@ impl Captioner {
         };
         let settings = mel_settings(&config, &encoder);
         let manifest = build_manifest(&config, &settings)?;
-        let mut projector = Projector::new(
+        let mut projector = Projector::new_mixed(
             &config.projector,
+            manifest.encoder_layer_count(),
             encoder.config.d_model,
             llm.model.config.hidden_size,
             config.train.seed,

@@ -111,6 +111,20 @@ pub fn run(args: TrainArgs) -> Result<()> {
              (train.early-stop-patience)"
         ),
     };
+    if let (Some(mix), Some(layers)) = (
+        outcome.projector.layer_mix()?,
+        &session.manifest.encoder_layers,
+    ) {
+        let parts: Vec<String> = layers
+            .iter()
+            .zip(mix)
+            .map(|(l, w)| format!("{l}: {w:.3}"))
+            .collect();
+        println!(
+            "encoder hidden-state mix of the final projector: {}",
+            parts.join(", ")
+        );
+    }
     match outcome.best {
         Some(b) => println!(
             "{why}; best checkpoint: step {} (lowest eval loss, {:.4}): {}",

@@ -4,6 +4,11 @@
 //! Kinds: `pool-ln-linear` (the write-up's: adaptive average pooling to N positions,
 //! LayerNorm(d_enc), Linear(d_enc -> d_llm, no bias)), `mlp` (pool, LayerNorm, Linear, GELU,
 //! Linear), `stack` (concatenate k consecutive frames, LayerNorm, Linear).
+//!
+//! With several encoder hidden states (`[encoder] layers`), each frame's states arrive side
+//! by side; each is layer-normalised (no gain or bias: the states' scales differ by orders of
+//! magnitude) and they are summed with weights softmax(`layer_weights`), learned, starting
+//! equal (SUPERB's weighted layer sum), before the kind's own layers.
 
 use crate::models::whisper::ENCODER_FRAMES;
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -88,6 +93,9 @@ const LN_EPS: f64 = 1e-5;
 /// The projector's parameters, named as in its safetensors file.
 pub struct Projector {
     pub config: ProjectorConfig,
+    /// Encoder hidden states mixed per frame (1: the encoder's output, no mixing weights).
+    pub layers: usize,
+    /// The width of one encoder hidden state.
     pub d_in: usize,
     pub d_out: usize,
     params: Vec<(String, Var)>,
@@ -110,11 +118,27 @@ impl Projector {
         seed: u64,
         device: &Device,
     ) -> Result<Self> {
+        Self::new_mixed(config, 1, d_in, d_out, seed, device)
+    }
+
+    /// A projector over `layers` encoder hidden states of width `d_in` each; with more than
+    /// one, it has mixing weights `layer_weights` (zeros: an equal mix).
+    pub fn new_mixed(
+        config: &ProjectorConfig,
+        layers: usize,
+        d_in: usize,
+        d_out: usize,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
         let bad = |reason: String| ModelError::ConfigMismatch {
             source_desc: "projector config".into(),
             reason,
         };
         config.check().map_err(bad)?;
+        if layers == 0 {
+            return Err(bad("no encoder hidden states to project".into()));
+        }
         let mut rng = StdRng::seed_from_u64(seed);
         let ln_in = match config.kind {
             ProjectorKind::Stack => d_in * config.stack,
@@ -156,8 +180,16 @@ impl Projector {
                 ));
             }
         }
+        if layers > 1 {
+            // Last in the list: the kind's parameters keep their places and their draws.
+            params.push((
+                "layer_weights".into(),
+                Var::from_tensor(&Tensor::zeros(layers, DType::F32, device)?)?,
+            ));
+        }
         Ok(Self {
             config: config.clone(),
+            layers,
             d_in,
             d_out,
             params,
@@ -178,6 +210,7 @@ impl Projector {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             config: self.config.clone(),
+            layers: self.layers,
             d_in: self.d_in,
             d_out: self.d_out,
             params,
@@ -204,19 +237,47 @@ impl Projector {
         }
     }
 
-    /// (B, frames, d_in) -> (B, positions, d_out), f32.
+    /// The learned mix of encoder hidden states (softmax of `layer_weights`), if any.
+    pub fn layer_mix(&self) -> Result<Option<Vec<f32>>> {
+        if self.layers == 1 {
+            return Ok(None);
+        }
+        let w = self.p("layer_weights").to_dtype(DType::F32)?;
+        Ok(Some(candle_nn::ops::softmax(&w, 0)?.to_vec1()?))
+    }
+
+    /// (B, frames, layers * d_in) -> (B, positions, d_out), f32.
     pub fn forward(&self, enc: &Tensor) -> Result<Tensor> {
-        let (b, frames, d) = enc.dims3()?;
-        if d != self.d_in {
+        let (b, frames, width) = enc.dims3()?;
+        if width != self.d_in * self.layers {
+            let built = if self.layers == 1 {
+                format!("{}", self.d_in)
+            } else {
+                format!(
+                    "{} ({} hidden states of {})",
+                    self.d_in * self.layers,
+                    self.layers,
+                    self.d_in
+                )
+            };
             return Err(ModelError::Input {
                 what: "projector input".into(),
-                reason: format!(
-                    "encoder width {d}, the projector was built for {}",
-                    self.d_in
-                ),
+                reason: format!("encoder width {width}, the projector was built for {built}"),
             });
         }
+        let d = self.d_in;
         let x = enc.to_dtype(self.params[0].1.dtype())?;
+        let x = if self.layers > 1 {
+            // (B, frames, L, d): each state normalised, then the softmax-weighted sum over L.
+            let x = layer_norm_plain(&x.reshape((b, frames, self.layers, d))?)?;
+            let w = self.p("layer_weights");
+            let w = w.broadcast_sub(&w.max_keepdim(0)?)?.exp()?;
+            let w = w.broadcast_div(&w.sum_keepdim(0)?)?;
+            x.broadcast_mul(&w.reshape((1, 1, self.layers, 1))?)?
+                .sum(2)?
+        } else {
+            x
+        };
         let x = match self.config.kind {
             ProjectorKind::Stack => {
                 let k = self.config.stack;
@@ -225,12 +286,7 @@ impl Projector {
             }
             _ => adaptive_avg_pool(&x, self.config.positions.min(frames))?,
         };
-        // LayerNorm from primitive ops (candle's fused layer_norm has no backward).
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centred = x.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let x = centred
-            .broadcast_div(&(var + LN_EPS)?.sqrt()?)?
+        let x = layer_norm_plain(&x)?
             .broadcast_mul(self.p("ln.weight"))?
             .broadcast_add(self.p("ln.bias"))?;
         let linear = |x: &Tensor, w: &Tensor| x.broadcast_matmul(&w.t()?);
@@ -270,12 +326,55 @@ impl Projector {
             &self.params[0].1.device().clone(),
         )?;
         store.verify_finite()?;
+        // A file of another projector (another kind, or mixing other encoder hidden states)
+        // is refused here, not loaded in part.
+        let mismatch = |reason: String| ModelError::Input {
+            what: "not this config's projector".into(),
+            reason,
+        };
+        let mut extra: Vec<&str> = store
+            .names()
+            .filter(|n| !self.params.iter().any(|(p, _)| p == n))
+            .collect();
+        extra.sort_unstable();
+        if !extra.is_empty() {
+            let kind = serde_json::to_string(&self.config.kind).unwrap_or_default();
+            let hint = if extra.contains(&"layer_weights") {
+                "; its run mixed several encoder hidden states: set [encoder] layers as that \
+                 run did"
+            } else {
+                ""
+            };
+            return Err(mismatch(format!(
+                "it holds {}, which a {} projector over {} encoder hidden state(s) does not \
+                 have{hint}",
+                extra.join(", "),
+                kind.trim_matches('"'),
+                self.layers,
+            )));
+        }
+        if self.layers > 1 && !store.contains("layer_weights") {
+            return Err(mismatch(format!(
+                "it has no layer_weights: its run read the encoder's output alone, this \
+                 config mixes {} hidden states ([encoder] layers)",
+                self.layers
+            )));
+        }
         for (name, var) in &self.params {
             let t = store.get(name, var.dims(), DType::F32)?;
             var.set(&t)?;
         }
         Ok(())
     }
+}
+
+/// LayerNorm over the last axis without gain or bias, from primitive ops (candle's fused
+/// layer_norm has no backward).
+fn layer_norm_plain(x: &Tensor) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    Ok(centred.broadcast_div(&(var + LN_EPS)?.sqrt()?)?)
 }
 
 /// PyTorch's adaptive_avg_pool1d over the sequence axis: (B, L, d) -> (B, n, d), output i

@@ -37,6 +37,106 @@ fn default_source_positions() -> usize {
 
 const PREFIX: &str = "model.encoder";
 
+/// Which of the encoder's hidden states feed the projector (`[encoder] layers`), numbered
+/// as Hugging Face's `output_hidden_states`: 0 is the convolution stem plus positions, `i`
+/// the output of block `i`, and `encoder_layers` (the last) the final block's output after
+/// the final LayerNorm, the encoder's usual output. Several are mixed by the projector with
+/// learned softmax weights (SUPERB's weighted layer sum).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum EncoderLayers {
+    /// The encoder's output alone (the write-up's choice).
+    #[default]
+    Last,
+    /// Every hidden state, 0..=encoder_layers.
+    All,
+    /// These hidden states (any order; kept sorted, each once).
+    Indices(Vec<usize>),
+}
+
+/// More hidden states than this is a typo (Whisper large has 33).
+pub const MAX_MIXED_LAYERS: usize = 256;
+
+impl EncoderLayers {
+    /// Checks what does not depend on the model: a non-empty list without repeats.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if let EncoderLayers::Indices(ix) = self {
+            if ix.is_empty() {
+                return Err(
+                    "encoder.layers: an empty list (use \"last\" for the encoder's \
+                            output)"
+                        .into(),
+                );
+            }
+            if ix.len() > MAX_MIXED_LAYERS {
+                return Err(format!(
+                    "encoder.layers: {} indices, at most {MAX_MIXED_LAYERS}",
+                    ix.len()
+                ));
+            }
+            let mut sorted = ix.clone();
+            sorted.sort_unstable();
+            if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+                return Err(format!("encoder.layers: {} is listed twice", w[0]));
+            }
+        }
+        Ok(())
+    }
+
+    /// The hidden-state indices for an encoder of `encoder_layers` blocks, ascending.
+    pub fn resolve(&self, encoder_layers: usize) -> std::result::Result<Vec<usize>, String> {
+        self.check()?;
+        Ok(match self {
+            EncoderLayers::Last => vec![encoder_layers],
+            EncoderLayers::All => (0..=encoder_layers).collect(),
+            EncoderLayers::Indices(ix) => {
+                if let Some(bad) = ix.iter().find(|&&i| i > encoder_layers) {
+                    return Err(format!(
+                        "encoder.layers: {bad} is not a hidden state of this encoder (it has \
+                         {encoder_layers} blocks: 0 is the input to the first, \
+                         {encoder_layers} the output)"
+                    ));
+                }
+                let mut ix = ix.clone();
+                ix.sort_unstable();
+                ix
+            }
+        })
+    }
+}
+
+impl serde::Serialize for EncoderLayers {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            EncoderLayers::Last => s.serialize_str("last"),
+            EncoderLayers::All => s.serialize_str("all"),
+            EncoderLayers::Indices(ix) => ix.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for EncoderLayers {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Name(String),
+            Indices(Vec<usize>),
+        }
+        let bad = || {
+            serde::de::Error::custom(
+                "encoder.layers must be \"last\", \"all\" or a list of hidden-state indices \
+                 such as [2, 4]",
+            )
+        };
+        match Raw::deserialize(d).map_err(|_| bad())? {
+            Raw::Name(n) if n == "last" => Ok(EncoderLayers::Last),
+            Raw::Name(n) if n == "all" => Ok(EncoderLayers::All),
+            Raw::Name(_) => Err(bad()),
+            Raw::Indices(ix) => Ok(EncoderLayers::Indices(ix)),
+        }
+    }
+}
+
 /// Bump when a change to this encoder's code changes its outputs (beyond run-to-run noise):
 /// the encoder cache keys on it, so entries computed by older code are not reused.
 /// 1: candle's composed ops; 2: the vectorised softmax and exact-GELU kernels.
@@ -207,6 +307,29 @@ impl WhisperEncoder {
 
     /// (B, n_mels, 3000) -> (B, 1500, d_model). Input of any float dtype.
     pub fn forward(&self, mel: &Tensor, trace: NonFiniteTrace) -> Result<Tensor> {
+        self.forward_layers(mel, &[self.config.encoder_layers], trace)
+    }
+
+    /// The hidden states `layers` (ascending indices, see [`EncoderLayers`]) side by side:
+    /// (B, frames, layers.len() * d_model), state `layers[j]` in columns j*d_model.. . With
+    /// only the last layer this is [`WhisperEncoder::forward`].
+    pub fn forward_layers(
+        &self,
+        mel: &Tensor,
+        layers: &[usize],
+        trace: NonFiniteTrace,
+    ) -> Result<Tensor> {
+        let n = self.config.encoder_layers;
+        if layers.is_empty()
+            || layers.windows(2).any(|w| w[0] >= w[1])
+            || layers[layers.len() - 1] > n
+        {
+            return Err(ModelError::Input {
+                what: "encoder layers".into(),
+                reason: format!("{layers:?} are not ascending hidden-state indices in 0..={n}"),
+            });
+        }
+        let mut kept = Vec::with_capacity(layers.len());
         let (_, n_mels, frames) = mel.dims3()?;
         if n_mels != self.config.num_mel_bins {
             return Err(ModelError::Input {
@@ -233,7 +356,12 @@ impl WhisperEncoder {
         }
         let mut x = x.broadcast_add(&self.positions.narrow(0, 0, positions)?)?;
         trace.check(|| "whisper.conv_stem".into(), &x)?;
-        for (i, block) in self.blocks.iter().enumerate() {
+        if layers[0] == 0 {
+            kept.push(x.clone());
+        }
+        // Blocks past the deepest state asked for are not run.
+        let deepest = layers[layers.len() - 1];
+        for (i, block) in self.blocks.iter().enumerate().take(deepest) {
             let h = block.attn.forward(&block.attn_ln.forward(&x)?)?;
             x = (x + h)?;
             let h = block.fc2.forward(&fused::gelu_erf_inference(
@@ -241,10 +369,20 @@ impl WhisperEncoder {
             )?)?;
             x = (x + h)?;
             trace.check(|| format!("whisper.encoder.layers.{i}"), &x)?;
+            if i + 1 < n && layers.contains(&(i + 1)) {
+                kept.push(x.clone());
+            }
         }
-        let x = self.final_ln.forward(&x)?;
-        trace.check(|| "whisper.encoder.layer_norm".into(), &x)?;
-        Ok(x)
+        if deepest == n {
+            let x = self.final_ln.forward(&x)?;
+            trace.check(|| "whisper.encoder.layer_norm".into(), &x)?;
+            kept.push(x);
+        }
+        Ok(if kept.len() == 1 {
+            kept.pop().expect("one state")
+        } else {
+            Tensor::cat(&kept, 2)?
+        })
     }
 }
 
@@ -265,5 +403,52 @@ impl Attention {
         let probs = fused::softmax_last_dim_inference(&scores)?;
         let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
         Ok(self.out.forward(&y)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoder_layers_parse_resolve_and_refuse() {
+        #[derive(Deserialize)]
+        struct T {
+            layers: EncoderLayers,
+        }
+        let parse = |s: &str| toml::from_str::<T>(s).map(|t| t.layers);
+        assert_eq!(parse("layers = \"last\"").unwrap(), EncoderLayers::Last);
+        assert_eq!(parse("layers = \"all\"").unwrap(), EncoderLayers::All);
+        assert_eq!(
+            parse("layers = [4, 2]").unwrap(),
+            EncoderLayers::Indices(vec![4, 2])
+        );
+        for bad in ["layers = \"first\"", "layers = 3", "layers = [-1]"] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains("\"last\", \"all\" or a list"), "{bad}: {e}");
+        }
+        assert_eq!(EncoderLayers::Last.resolve(4).unwrap(), vec![4]);
+        assert_eq!(EncoderLayers::All.resolve(4).unwrap(), vec![0, 1, 2, 3, 4]);
+        assert_eq!(
+            EncoderLayers::Indices(vec![4, 2]).resolve(4).unwrap(),
+            vec![2, 4]
+        );
+        let e = EncoderLayers::Indices(vec![5]).resolve(4).unwrap_err();
+        assert!(
+            e.contains("5 is not a hidden state") && e.contains("4 blocks"),
+            "{e}"
+        );
+        let e = EncoderLayers::Indices(vec![1, 1]).check().unwrap_err();
+        assert!(e.contains("1 is listed twice"), "{e}");
+        assert!(EncoderLayers::Indices(vec![]).check().is_err());
+        // Round trip through the config copy a run folder keeps.
+        for l in [
+            EncoderLayers::Last,
+            EncoderLayers::All,
+            EncoderLayers::Indices(vec![1, 3]),
+        ] {
+            let json = serde_json::to_string(&l).unwrap();
+            assert_eq!(serde_json::from_str::<EncoderLayers>(&json).unwrap(), l);
+        }
     }
 }

@@ -1,4 +1,4 @@
-//! Audio into frozen-encoder outputs, one (1, frames, d_enc) tensor per window (1500 frames
+//! Audio into frozen-encoder outputs, one (1, frames, layers * d_enc) tensor per window (1500 frames
 //! for a 30 s window, fewer for a clip-length one: `[mel] window = "clip"`), through
 //! the on-disk encoder cache. The cache is looked up first: a window found there costs no
 //! log-mel and no encoder forward (an epoch served from the cache computes neither; the
@@ -47,27 +47,34 @@ pub struct ClipEncoder {
     pub settings: MelSettings,
     mel: LogMelExtractor,
     cache: Option<EncoderCache>,
+    /// The hidden states kept per window (ascending; `[encoder_layers]` = the output alone).
+    layers: Vec<usize>,
     pub counts: EncodeCounts,
 }
 
 impl ClipEncoder {
     /// With the on-disk cache under `$EARSHOT_HOME/cache/encoder`, keyed by the manifest's
-    /// encoder checksum and mel settings.
+    /// encoder checksum, mel settings and encoder layers; keeps the manifest's layers.
     pub fn with_default_cache(
         encoder: WhisperEncoder,
         rt: Runtime,
         settings: MelSettings,
         manifest: &Manifest,
     ) -> Result<Self> {
-        let cache = EncoderCache::new(
-            EncoderCache::default_dir(),
-            &encoder_identity(&manifest.encoder, &rt),
-            &manifest.mel,
-        );
-        Self::new(encoder, rt, settings, Some(cache))
+        let mut identity = encoder_identity(&manifest.encoder, &rt);
+        // The encoder's output alone keeps the key it always had.
+        if let Some(layers) = &manifest.encoder_layers {
+            identity.push_str(&format!("|hidden states {layers:?}"));
+        }
+        let cache = EncoderCache::new(EncoderCache::default_dir(), &identity, &manifest.mel);
+        let mut clips = Self::new(encoder, rt, settings, Some(cache))?;
+        if let Some(layers) = &manifest.encoder_layers {
+            clips.layers = layers.clone();
+        }
+        Ok(clips)
     }
 
-    /// `cache: None` computes every window.
+    /// `cache: None` computes every window; the encoder's output alone.
     pub fn new(
         encoder: WhisperEncoder,
         rt: Runtime,
@@ -76,6 +83,7 @@ impl ClipEncoder {
     ) -> Result<Self> {
         Ok(Self {
             mel: LogMelExtractor::new(settings.n_mels)?,
+            layers: vec![encoder.config.encoder_layers],
             encoder,
             rt,
             settings,
@@ -84,9 +92,15 @@ impl ClipEncoder {
         })
     }
 
-    /// The encoder's output width.
+    /// The width of one encoder hidden state.
     pub fn d_model(&self) -> usize {
         self.encoder.config.d_model
+    }
+
+    /// How many hidden states each encoded window holds side by side (its width is this
+    /// times [`ClipEncoder::d_model`]).
+    pub fn layer_count(&self) -> usize {
+        self.layers.len()
     }
 
     /// Decodes and encodes the first window of an example's audio: (1, frames, d_enc), what
@@ -126,7 +140,11 @@ impl ClipEncoder {
         for (w, span) in spans.into_iter().take(n).enumerate() {
             let frames = self.settings.window_frames(span.len());
             // The encoder's stride-2 convolution halves the mel frames.
-            let dims = [1, frames / 2, self.encoder.config.d_model];
+            let dims = [
+                1,
+                frames / 2,
+                self.encoder.config.d_model * self.layers.len(),
+            ];
             let key = clip_key.as_ref().map(|k| EncoderCache::window_key(k, w));
             if let (Some(c), Some(k)) = (&self.cache, &key) {
                 if let Some(t) = c.get(k, &dims, &self.rt.device) {
@@ -153,7 +171,8 @@ impl ClipEncoder {
             )?;
             let encoded = {
                 let _enc = tracing::debug_span!("encoder forward", window = w).entered();
-                self.encoder.forward(&x, NonFiniteTrace::default())?
+                self.encoder
+                    .forward_layers(&x, &self.layers, NonFiniteTrace::default())?
             };
             self.counts.encoder_runs += 1;
             if let (Some(c), Some(k)) = (&self.cache, &key) {

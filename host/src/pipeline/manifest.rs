@@ -22,9 +22,18 @@ pub struct Manifest {
     pub prompt_template: String,
     pub mel: String,
     pub projector: String,
+    /// The encoder hidden states the projector reads (`[encoder] layers`, resolved); absent
+    /// for the encoder's output alone, so manifests from before the option still match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder_layers: Option<Vec<usize>>,
 }
 
 impl Manifest {
+    /// How many encoder hidden states the projector mixes (1: the encoder's output).
+    pub fn encoder_layer_count(&self) -> usize {
+        self.encoder_layers.as_ref().map_or(1, Vec::len)
+    }
+
     /// Names of the fields that differ from `other`.
     pub fn differences(&self, other: &Manifest) -> Vec<&'static str> {
         let pairs = [
@@ -39,11 +48,15 @@ impl Manifest {
             ("mel settings", &self.mel, &other.mel),
             ("projector config", &self.projector, &other.projector),
         ];
-        pairs
+        let mut differs: Vec<&'static str> = pairs
             .iter()
             .filter(|(_, a, b)| a != b)
             .map(|(n, _, _)| *n)
-            .collect()
+            .collect();
+        if self.encoder_layers != other.encoder_layers {
+            differs.push("encoder layer selection ([encoder] layers)");
+        }
+        differs
     }
 
     /// Checks that the checkpoint `what` (trained against `self`) fits `current`: an error
@@ -110,7 +123,20 @@ pub fn build_manifest(config: &RunConfig, mel: &MelSettings) -> Result<Manifest>
         let h = sha256_files(std::slice::from_ref(llm))?;
         (h.clone(), format!("embedded in {h}"))
     };
+    let whisper_config: crate::models::whisper::WhisperConfig =
+        crate::models::weights::read_json_config(&whisper.join("config.json"))?;
+    let layers = config
+        .encoder
+        .layers
+        .resolve(whisper_config.encoder_layers)
+        .map_err(|reason| {
+            PipelineError::Model(crate::models::weights::ModelError::ConfigMismatch {
+                source_desc: whisper.display().to_string(),
+                reason,
+            })
+        })?;
     Ok(Manifest {
+        encoder_layers: (layers != [whisper_config.encoder_layers]).then_some(layers),
         encoder: sha256_files(&enc_files)?,
         llm: llm_hash,
         tokenizer: tok_hash,
@@ -125,4 +151,32 @@ fn to_json(v: &impl Serialize) -> Result<String> {
         what: "manifest",
         cause,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifests_from_before_encoder_layers_still_match_and_other_layers_do_not() {
+        let old = r#"{"encoder":"e","llm":"l","tokenizer":"t","prompt_template":"p","mel":"m","projector":"j"}"#;
+        let old: Manifest = serde_json::from_str(old).unwrap();
+        assert_eq!(old.encoder_layers, None);
+        assert_eq!(old.encoder_layer_count(), 1);
+        // The encoder's output alone writes the manifest it always wrote.
+        assert!(!serde_json::to_string(&old)
+            .unwrap()
+            .contains("encoder_layers"));
+        let mixed = Manifest {
+            encoder_layers: Some(vec![0, 2, 4]),
+            ..old.clone()
+        };
+        assert_eq!(mixed.encoder_layer_count(), 3);
+        assert_eq!(
+            old.differences(&mixed),
+            vec!["encoder layer selection ([encoder] layers)"]
+        );
+        let back: Manifest = serde_json::from_str(&serde_json::to_string(&mixed).unwrap()).unwrap();
+        assert_eq!(back, mixed);
+    }
 }

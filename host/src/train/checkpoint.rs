@@ -336,6 +336,7 @@ mod tests {
                 prompt_template: m.clone(),
                 mel: m.clone(),
                 projector: m,
+                encoder_layers: None,
             },
         }
     }

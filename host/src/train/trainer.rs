@@ -48,8 +48,9 @@ impl<'s> Trainer<'s> {
     /// `run`, which must have been trained against the same models, settings and data.
     pub fn new(session: &'s Session, run: &RunDir, start: &Start) -> Result<Self> {
         let cfg = &session.config.train;
-        let projector = Projector::new(
+        let projector = Projector::new_mixed(
             &session.config.projector,
+            session.manifest.encoder_layer_count(),
             session.encoder.config.d_model,
             session.llm.model.config.hidden_size,
             cfg.seed,

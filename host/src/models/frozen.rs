@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::packed::{PackedMatrix, PackedProduct};
 
@@ -95,18 +95,113 @@ impl FrozenLinear {
             // No gradient wanted (inference, or a taped layer whose backward uses `weight`).
             // The weight is f32 (`with_packed`), so is a valid input.
             x2.contiguous()?.apply_op1_no_bwd(&PackedProduct(p))?
-        } else if self.plain {
-            x2.matmul(&self.weight_t)?
+        } else if let Some(b) = self
+            .bias
+            .as_ref()
+            .filter(|_| !self.plain && !x2.track_op() && self.biased_product_applies())
+        {
+            // Inference on the CPU in f32: the bias is the product's starting value, which
+            // saves zeroing the output and a second pass to add the bias.
+            x2.contiguous()?
+                .apply_op3_no_bwd(&self.weight, b, &BiasedProduct)?
         } else {
-            x2.contiguous()?.apply_op2(&self.weight_t, FrozenMatmul)?
-        };
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
+            let y = if self.plain {
+                x2.matmul(&self.weight_t)?
+            } else {
+                x2.contiguous()?.apply_op2(&self.weight_t, FrozenMatmul)?
+            };
+            match &self.bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            }
         };
         let mut out_shape = lead;
         out_shape.push(out_dim);
         y.reshape(out_shape)
+    }
+}
+
+impl FrozenLinear {
+    /// Whether [`BiasedProduct`] can run this layer: CPU f32 weight and bias, contiguous.
+    fn biased_product_applies(&self) -> bool {
+        self.weight.device().is_cpu()
+            && self.weight.dtype() == DType::F32
+            && self.weight.is_contiguous()
+            && self
+                .bias
+                .as_ref()
+                .is_some_and(|b| b.dtype() == DType::F32 && b.is_contiguous())
+    }
+}
+
+/// x (m, k) W^T + b for W (n, k) and b (n), f32 on the CPU, no graph: the output starts as
+/// b in every row and gemm adds the product into it.
+struct BiasedProduct;
+
+impl CustomOp3 for BiasedProduct {
+    fn name(&self) -> &'static str {
+        "biased-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = lx.shape().dims2()?;
+        let (n, k2) = lw.shape().dims2()?;
+        if k != k2 || lb.dims() != [n] {
+            candle_core::bail!(
+                "biased-product: x {:?}, weight {:?}, bias {:?}",
+                lx.dims(),
+                lw.dims(),
+                lb.dims()
+            );
+        }
+        use super::fused::contiguous_f32 as slice;
+        let (x, w, b) = (
+            slice(sx, lx, "biased-product")?,
+            slice(sw, lw, "biased-product")?,
+            slice(sb, lb, "biased-product")?,
+        );
+        let mut out = b.repeat(m);
+        if m * n * k > 0 {
+            let threads = rayon::current_num_threads();
+            // SAFETY: x is (m, k) row-major, w (n, k) row-major read as its transpose
+            // (k, n), out (m, n) row-major holding the bias (read: read_dst), all in bounds.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    out.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    true,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    w.as_ptr(),
+                    k as isize,
+                    1,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    if threads > 1 && m * n * k >= 1 << 15 {
+                        gemm::Parallelism::Rayon(threads)
+                    } else {
+                        gemm::Parallelism::None
+                    },
+                )
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 }
 
@@ -157,5 +252,51 @@ impl CustomOp2 for FrozenMatmul {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // d/dx (x Wt) = grad Wt^T; the weight gets nothing.
         Ok((Some(grad_res.matmul(&wt.t()?)?), None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Inference with a bias (the product started from the bias) gives candle's
+    /// x W^T + b; with a gradient wanted, the graph path is taken and the input gets its
+    /// gradient.
+    #[test]
+    fn biased_product_equals_matmul_plus_bias() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (24, 40), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 24, &dev).unwrap();
+        let layer = FrozenLinear::new(w.clone(), Some(b.clone()));
+        let x = Tensor::randn(0f32, 1.0, (2, 9, 40), &dev).unwrap();
+        let want = x
+            .broadcast_matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        let max_diff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let got = layer.forward(&x).unwrap();
+        assert_eq!(got.dims(), &[2, 9, 24]);
+        assert!(max_diff(&got, &want) < 1e-4);
+        let xv = Var::from_tensor(&x).unwrap();
+        let y = layer.forward(xv.as_tensor()).unwrap();
+        assert!(max_diff(&y, &want) < 1e-4);
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(
+            grads.get(xv.as_tensor()).is_some(),
+            "the input got no gradient"
+        );
     }
 }

@@ -10,7 +10,9 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
 use rayon::prelude::*;
 
 /// f32 / f64 arithmetic the kernels are written in.
@@ -975,6 +977,160 @@ pub fn softmax_last_dim_inference(x: &Tensor) -> Result<Tensor> {
 }
 
 // ---------------------------------------------------------------------------------------
+// Attention for inference (the Whisper encoder): softmax(q k^T scale) v per head, in blocks
+// of query rows, without materialising a head's whole score matrix.
+
+/// Query rows per block: a block's scores (64 x 1500 for a 30 s window) and probabilities
+/// stay in the core's L2 cache between the two products and the softmax.
+const ATTENTION_ROWS: usize = 64;
+
+thread_local! {
+    /// One block's scores and probabilities, reused across blocks and calls.
+    static ATTENTION_SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+struct BlockedAttention {
+    scale: f32,
+}
+
+/// The output pointer shared by the tasks of [`BlockedAttention`], each writing its own rows
+/// and columns.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: the tasks write disjoint parts of the buffer (see `cpu_fwd`), which outlives them.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl CustomOp3 for BlockedAttention {
+    fn name(&self) -> &'static str {
+        "blocked-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
+        sv: &CpuStorage,
+        lv: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (
+            contiguous_f32(sq, lq, "blocked-attention")?,
+            contiguous_f32(sk, lk, "blocked-attention")?,
+            contiguous_f32(sv, lv, "blocked-attention")?,
+        );
+        let (b, h, tq, hd) = lq.shape().dims4()?;
+        let (bk, hk, tk, hdk) = lk.shape().dims4()?;
+        if (bk, hk, hdk) != (b, h, hd) || lv.dims() != lk.dims() {
+            candle_core::bail!(
+                "blocked-attention: q {:?}, k {:?}, v {:?}",
+                lq.dims(),
+                lk.dims(),
+                lv.dims()
+            );
+        }
+        let width = h * hd;
+        let mut out = vec![0f32; b * tq * width];
+        let blocks = tq.div_ceil(ATTENTION_ROWS);
+        let dst = SharedOut(out.as_mut_ptr());
+        (0..b * h * blocks).into_par_iter().for_each(|task| {
+            let (bh, blk) = (task / blocks, task % blocks);
+            let (bi, hi) = (bh / h, bh % h);
+            let r0 = blk * ATTENTION_ROWS;
+            let rows = ATTENTION_ROWS.min(tq - r0);
+            let q = &q[(bh * tq + r0) * hd..(bh * tq + r0 + rows) * hd];
+            let (k, v) = (
+                &k[bh * tk * hd..(bh + 1) * tk * hd],
+                &v[bh * tk * hd..(bh + 1) * tk * hd],
+            );
+            let dst = dst;
+            ATTENTION_SCRATCH.with(|scratch| {
+                let (scores, probs) = &mut *scratch.borrow_mut();
+                scores.resize(rows * tk, 0.0);
+                probs.resize(rows * tk, 0.0);
+                // SAFETY: q is (rows, hd), k (tk, hd) read transposed, scores (rows, tk),
+                // all row-major and in bounds; read_dst is false, so scores is only written.
+                unsafe {
+                    gemm::gemm(
+                        rows,
+                        tk,
+                        hd,
+                        scores.as_mut_ptr(),
+                        1,
+                        tk as isize,
+                        false,
+                        q.as_ptr(),
+                        1,
+                        hd as isize,
+                        k.as_ptr(),
+                        hd as isize,
+                        1,
+                        0.0,
+                        self.scale,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    )
+                }
+                for (p, s) in probs.chunks_exact_mut(tk).zip(scores.chunks_exact(tk)) {
+                    softmax_row(p, s);
+                }
+                // SAFETY: probs is (rows, tk), v (tk, hd); the destination is rows r0.. of
+                // batch bi, columns hi*hd.. (hd of them) of the (b, tq, h*hd) output, which no
+                // other task writes; read_dst is false.
+                unsafe {
+                    gemm::gemm(
+                        rows,
+                        hd,
+                        tk,
+                        dst.0.add((bi * tq + r0) * width + hi * hd),
+                        1,
+                        width as isize,
+                        false,
+                        probs.as_ptr(),
+                        1,
+                        tk as isize,
+                        v.as_ptr(),
+                        1,
+                        hd as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    )
+                }
+            });
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, tq, width))))
+    }
+}
+
+/// softmax(q k^T scale) v for inference, heads joined: q (B, H, Tq, hd), k and v
+/// (B, H, Tk, hd) -> (B, Tq, H * hd). On the CPU in f32, each block of 64 query rows of a
+/// head is one task (scores, softmax and the product with v while the block is in cache,
+/// written straight into the joined layout); elsewhere candle's ops.
+pub fn attention_inference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, tq, hd) = q.dims4()?;
+    if q.device().is_cpu() && q.dtype() == DType::F32 {
+        return q.contiguous()?.apply_op3_no_bwd(
+            &k.contiguous()?,
+            &v.contiguous()?,
+            &BlockedAttention {
+                scale: scale as f32,
+            },
+        );
+    }
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let probs = softmax_last_dim_inference(&scores)?;
+    probs.matmul(v)?.transpose(1, 2)?.reshape((b, tq, h * hd))
+}
+
+// ---------------------------------------------------------------------------------------
 // Batched matrix products without a graph (attention on the training path).
 
 struct BatchedMatmul {
@@ -1163,6 +1319,40 @@ mod tests {
             // bf16 keeps 8 bits of mantissa: 2^-9 relative rounding per value.
             assert!(rel < 1e-2, "{dtype:?}: relative L2 {rel}");
         }
+    }
+
+    /// Blocked attention equals softmax(q k^T scale) v with the heads joined, for query
+    /// counts that are not a multiple of the block and keys of another length.
+    #[test]
+    fn blocked_attention_matches_composed_attention() {
+        let dev = Device::Cpu;
+        let (b, h, tq, tk, hd) = (2, 3, 130, 77, 8);
+        let q = Tensor::randn(0f32, 1.0, (b, h, tq, hd), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (b, h, tk, hd), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (b, h, tk, hd), &dev).unwrap();
+        let scale = 0.35;
+        let got = attention_inference(&q, &k, &v, scale).unwrap();
+        assert_eq!(got.dims(), &[b, tq, h * hd]);
+        let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
+        let want = probs
+            .matmul(&v)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, tq, h * hd))
+            .unwrap();
+        let diff = (&got - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "max difference {diff}");
     }
 
     /// Fused and composed forms agree in value and in gradient (f64).

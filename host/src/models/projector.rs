@@ -233,7 +233,7 @@ impl Projector {
     pub fn positions(&self, frames: usize) -> usize {
         match self.config.kind {
             ProjectorKind::Stack => frames / self.config.stack,
-            _ => self.config.positions.min(frames),
+            ProjectorKind::PoolLnLinear | ProjectorKind::Mlp => self.config.positions.min(frames),
         }
     }
 
@@ -284,7 +284,9 @@ impl Projector {
                 x.narrow(1, 0, frames / k * k)?
                     .reshape((b, frames / k, d * k))?
             }
-            _ => adaptive_avg_pool(&x, self.config.positions.min(frames))?,
+            ProjectorKind::PoolLnLinear | ProjectorKind::Mlp => {
+                adaptive_avg_pool(&x, self.config.positions.min(frames))?
+            }
         };
         let x = layer_norm_plain(&x)?
             .broadcast_mul(self.p("ln.weight"))?

@@ -139,8 +139,9 @@ impl<'de> Deserialize<'de> for EncoderLayers {
 
 /// Bump when a change to this encoder's code changes its outputs (beyond run-to-run noise):
 /// the encoder cache keys on it, so entries computed by older code are not reused.
-/// 1: candle's composed ops; 2: the vectorised softmax and exact-GELU kernels.
-pub const OUTPUT_REVISION: u32 = 2;
+/// 1: candle's composed ops; 2: the vectorised softmax and exact-GELU kernels; 3: attention
+/// in blocks of query rows, the scale applied to the scores.
+pub const OUTPUT_REVISION: u32 = 3;
 const LN_EPS: f64 = 1e-5;
 
 struct Attention {
@@ -396,12 +397,11 @@ impl Attention {
                 .contiguous()
         };
         let scale = (hd as f64).powf(-0.5);
-        let q = split((self.q.forward(x)? * scale)?)?;
+        let q = split(self.q.forward(x)?)?;
         let k = split(self.k.forward(x)?)?;
         let v = split(self.v.forward(x)?)?;
-        let scores = q.matmul(&k.t()?)?;
-        let probs = fused::softmax_last_dim_inference(&scores)?;
-        let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        // The scale is applied to the scores (in the product), not to q first.
+        let y = fused::attention_inference(&q, &k, &v, scale)?;
         Ok(self.out.forward(&y)?)
     }
 }

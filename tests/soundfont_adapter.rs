@@ -468,6 +468,83 @@ fn damaged_fonts_and_bad_options_are_clean_errors() {
     assert!(err.contains("leave nothing to train on"), "{err}");
     let err = open_err(&dir, &good, r#"{"colour": 1}"#);
     assert!(err.contains("unknown field `colour`"), "{err}");
+    for bad in ["[0]", "[25]", "[5, 5]", "[-30]"] {
+        let err = open_err(&dir, &good, &format!(r#"{{"train_transpose": {bad}}}"#));
+        assert!(err.contains("train_transpose:"), "{bad}: {err}");
+    }
+}
+
+/// The WAV's 16-bit samples.
+fn wav_points(ex: &Example) -> Vec<i16> {
+    let earshot::plugins::AudioSource::Inline(b) = &ex.audio else {
+        panic!("{}: audio is not inline", ex.id)
+    };
+    b[44..]
+        .chunks_exact(2)
+        .map(|c| i16::from_le_bytes([c[0], c[1]]))
+        .collect()
+}
+
+/// `train_transpose`: train also holds each recording played at the other keys (an octave up
+/// is every second point of the clip), labelled by the key played; valid and test are not
+/// transposed.
+#[test]
+fn train_transpose_plays_training_recordings_at_other_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    write_font(&dir, &small_font().bytes());
+    let base = r#""test_fraction": 0.3, "valid_fraction": 0.0"#;
+    let open = |extra: &str| {
+        DatasetAdapter::open(
+            &host(),
+            &first_party("soundfont"),
+            &dir,
+            &format!("{{{base}{extra}}}"),
+        )
+        .unwrap()
+    };
+    let mut plain = open("");
+    let mut played = open(r#", "train_transpose": [-12, 12]"#);
+    assert_eq!(
+        ids_and_targets(&all(&mut plain, "test")),
+        ids_and_targets(&all(&mut played, "test")),
+        "test is not transposed"
+    );
+    let train = all(&mut plain, "train");
+    let more = all(&mut played, "train");
+    assert_eq!(more.len(), 3 * train.len());
+    for ex in &train {
+        let by_id = |suffix: &str| {
+            more.iter()
+                .find(|e| e.id == format!("{}{suffix}", ex.id))
+                .unwrap_or_else(|| panic!("no {}{suffix}", ex.id))
+        };
+        let (same, up, down) = (by_id(""), by_id(" +12"), by_id(" -12"));
+        assert_eq!(wav_points(same), wav_points(ex));
+        let points = wav_points(ex);
+        let octave_up: Vec<i16> = points.iter().step_by(2).copied().collect();
+        assert_eq!(wav_points(up), octave_up, "{}", up.id);
+        // An octave down: twice as long, the recorded points at even places.
+        let low = wav_points(down);
+        assert_eq!(low.len(), 2 * points.len() - 1);
+        assert!(low.iter().step_by(2).eq(points.iter()), "{}", down.id);
+        let root: i32 = meta(ex, "root_key").parse().unwrap();
+        assert_eq!(meta(up, "key"), (root + 12).to_string());
+        assert_eq!(meta(down, "key"), (root - 12).to_string());
+        assert_eq!(meta(up, "transpose"), "12");
+        let register = |key: i32| match key {
+            k if k < 52 => "low",
+            k if k >= 72 => "high",
+            _ => "middle",
+        };
+        assert_eq!(meta(up, "register"), register(root + 12), "{}", up.id);
+        assert_eq!(meta(down, "register"), register(root - 12), "{}", down.id);
+        assert!(
+            up.target.as_deref().unwrap().contains(register(root + 12)),
+            "{:?}",
+            up.target
+        );
+    }
 }
 
 /// The real FluidR3 GM SoundFont the set-up fetched: the eight default families in train,

@@ -15,8 +15,16 @@
 //!    "max_duration_s": 4.0,               // longer recordings are cut (with a fade)
 //!    "register_bounds": [52, 72],         // root key < 52: low, >= 72: high, else middle
 //!    "max_per_family": null,              // cap on each family's recordings per split
+//!    "train_transpose": [],               // train also plays each recording this many
+//!                                         // semitones up or down (e.g. [-5, 5])
 //!    "caption": "A {family} note in the {register} register."}
-//! Metadata: family, preset, program, root_key, note, register, duration_s, sample_rate.
+//! Metadata: family, preset, program, root_key, key (the key played), note, register,
+//! transpose, duration_s, sample_rate.
+//!
+//! `train_transpose` plays the training split's recordings at other keys too, as a SoundFont
+//! synthesiser plays a sample away from its root key (resampled by 2^(semitones/12), linear
+//! interpolation): more notes of the same real recordings, labelled by the key played.
+//! valid and test are never transposed, so their figures stay comparable.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -27,7 +35,7 @@ use earshot_plugin_sdk::*;
 pub mod render;
 pub mod sf2;
 
-use render::{render, wav_bytes};
+use render::{render, transpose, wav_bytes};
 use sf2::SoundFont;
 
 /// General MIDI program families, eight programs each (program / 8).
@@ -55,6 +63,9 @@ pub const DEFAULT_FAMILIES: [&str; 8] = [
     "piano", "organ", "guitar", "bass", "strings", "brass", "reed", "pipe",
 ];
 
+/// The widest transposition (two octaves): past it a sample sounds like another instrument.
+pub const MAX_TRANSPOSE: i8 = 24;
+
 /// A batch's WAV bytes stay under this, whatever `max` the host asks for.
 const MAX_BATCH_BYTES: usize = 8 << 20;
 
@@ -71,6 +82,7 @@ pub struct Options {
     pub max_duration_s: f64,
     pub register_bounds: [u8; 2],
     pub max_per_family: Option<usize>,
+    pub train_transpose: Vec<i8>,
     pub caption: String,
 }
 
@@ -86,6 +98,7 @@ impl Default for Options {
             max_duration_s: 4.0,
             register_bounds: [52, 72],
             max_per_family: None,
+            train_transpose: Vec::new(),
             caption: "A {family} note in the {register} register.".into(),
         }
     }
@@ -125,6 +138,16 @@ impl Options {
                 d.0, d.1
             ));
         }
+        let mut seen = std::collections::BTreeSet::new();
+        for &t in &self.train_transpose {
+            if t == 0 || !(-MAX_TRANSPOSE..=MAX_TRANSPOSE).contains(&t) || !seen.insert(t) {
+                return Err(format!(
+                    "train_transpose: {t} must be a non-zero number of semitones in \
+                     -{MAX_TRANSPOSE}..={MAX_TRANSPOSE}, each listed once (0, the recording as it \
+                     is, is always played)"
+                ));
+            }
+        }
         if self.register_bounds[0] > self.register_bounds[1] || self.register_bounds[1] > 127 {
             return Err(format!(
                 "register_bounds: {:?} must be two MIDI keys, low <= high",
@@ -146,6 +169,15 @@ pub struct Recording {
     pub loops: bool,
     /// Index of the preset group (presets sharing recordings) it belongs to.
     pub group: usize,
+    /// Semitones away from the root key it is played at (0: as recorded).
+    pub transpose: i8,
+}
+
+impl Recording {
+    /// The MIDI key it is played at.
+    pub fn key(&self) -> u8 {
+        (self.root_key as i16 + self.transpose as i16).clamp(0, 127) as u8
+    }
 }
 
 pub fn note_name(key: u8) -> String {
@@ -241,6 +273,7 @@ pub fn recordings(sf: &SoundFont, o: &Options) -> Result<(Vec<Recording>, Vec<St
             root_key: zone.root_key,
             loops: zone.loops,
             group: find(&mut parent, pi),
+            transpose: 0,
         });
     }
     if out.is_empty() {
@@ -321,8 +354,20 @@ pub fn split(
                 .extend(capped(recs, o.max_per_family));
         }
     }
+    if let Some(train) = sides.get_mut("train") {
+        let played: Vec<Recording> = train
+            .iter()
+            .flat_map(|r| {
+                o.train_transpose.iter().map(|&t| Recording {
+                    transpose: t,
+                    ..r.clone()
+                })
+            })
+            .collect();
+        train.extend(played);
+    }
     for s in sides.values_mut() {
-        s.sort_by_key(|r| r.sample);
+        s.sort_by_key(|r| (r.sample, r.transpose));
     }
     sides
 }
@@ -342,7 +387,7 @@ pub fn caption(template: &str, r: &Recording, reg: &str) -> String {
     template
         .replace("{family}", &r.family)
         .replace("{register}", reg)
-        .replace("{note}", &note_name(r.root_key))
+        .replace("{note}", &note_name(r.key()))
         .replace("{preset}", &r.preset)
 }
 
@@ -399,15 +444,24 @@ fn example(state: &mut State, r: &Recording) -> Result<Example, PluginError> {
         .read_points(&mut state.file, r.sample)
         .map_err(|e| error(ErrorCode::InvalidInput, e))?;
     let audio = render(&points, s, r.loops, o.min_duration_s, o.max_duration_s);
+    let audio = if r.transpose == 0 {
+        audio
+    } else {
+        transpose(&audio, r.transpose)
+    };
     let duration = audio.len() as f64 / s.sample_rate as f64;
-    let reg = register(r.root_key, o.register_bounds);
+    let reg = register(r.key(), o.register_bounds);
     let target = caption(&o.caption, r, reg);
     let kv = |k: &str, v: String| KeyValue {
         key: k.into(),
         value: v,
     };
+    let id = match r.transpose {
+        0 => format!("{}/{}", r.preset, s.name),
+        t => format!("{}/{} {t:+}", r.preset, s.name),
+    };
     Ok(Example {
-        id: format!("{}/{}", r.preset, s.name),
+        id,
         audio: AudioSource::Inline(wav_bytes(&audio, s.sample_rate)),
         start_s: None,
         end_s: None,
@@ -419,8 +473,10 @@ fn example(state: &mut State, r: &Recording) -> Result<Example, PluginError> {
             kv("preset", r.preset.clone()),
             kv("program", r.program.to_string()),
             kv("root_key", r.root_key.to_string()),
-            kv("note", note_name(r.root_key)),
+            kv("key", r.key().to_string()),
+            kv("note", note_name(r.key())),
             kv("register", reg.into()),
+            kv("transpose", r.transpose.to_string()),
             kv("duration_s", format!("{duration:.2}")),
             kv("sample_rate", s.sample_rate.to_string()),
         ],

@@ -44,6 +44,27 @@ pub fn render(
     out
 }
 
+/// The clip played `semitones` away from its pitch: read at 2^(semitones/12) points per
+/// output point with linear interpolation (as a SoundFont synthesiser's simplest
+/// interpolation), so it is shorter when played higher and longer when played lower.
+pub fn transpose(points: &[i16], semitones: i8) -> Vec<i16> {
+    if points.is_empty() {
+        return Vec::new();
+    }
+    let step = 2f64.powf(semitones as f64 / 12.0);
+    let n = ((points.len() - 1) as f64 / step).floor() as usize + 1;
+    (0..n)
+        .map(|i| {
+            let at = i as f64 * step;
+            let j = at as usize;
+            let frac = at - j as f64;
+            let a = points[j] as f64;
+            let b = points.get(j + 1).copied().unwrap_or(points[j]) as f64;
+            (a + (b - a) * frac).round() as i16
+        })
+        .collect()
+}
+
 pub fn wav_bytes(points: &[i16], rate: u32) -> Vec<u8> {
     let data = points.len() as u32 * 2;
     let mut b = Vec::with_capacity(44 + data as usize);

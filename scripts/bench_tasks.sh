@@ -6,13 +6,15 @@
 # (`earshot eval --brief` output) are kept in runs/bench/<task>-s<seed>/summary.txt.
 #
 #   bash scripts/bench_tasks.sh [main|traits|transcribe|all] [--seeds N] [--eval-only] [--final]
-#        [--set KEY=VALUE]... [--tag NAME] [--split valid]
+#        [--set KEY=VALUE]... [--tag NAME] [--split valid] [--skip-trained] [--only-seed N]
 #   (default: all, 3 seeds; --eval-only scores the runs already in runs/bench again; --final
 #   scores each run's final projector instead of best/: a comparison, never the figure;
 #   --set overrides a config value in training and scoring, --tag names the runs
 #   runs/bench/<task>-<tag>-s<seed> so variants sit side by side; --split valid scores the
 #   validation split, without the listening check: what a choice between variants reads,
-#   so that the test split stays unseen until the choice is made)
+#   so that the test split stays unseen until the choice is made; --skip-trained trains only
+#   the seeds whose run folder has no final projector and best/ yet; --only-seed N runs that
+#   seed alone, so that seeds can run side by side in several processes)
 #
 # main = configs/cpu-smollm2-soundfont.toml (instrument family and register),
 # traits = configs/cpu-smollm2-speaker-traits.toml (language/voice),
@@ -23,7 +25,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
-which=all seeds=3 eval_only=0 checkpoint=best tag="" split=""
+which=all seeds=3 eval_only=0 checkpoint=best tag="" split="" skip_trained=0 only_seed=""
 sets=()
 while [ $# -gt 0 ]; do
   case $1 in
@@ -32,6 +34,8 @@ while [ $# -gt 0 ]; do
     --set) sets+=(--set "$2"); shift ;;
     --tag) tag="-$2"; shift ;;
     --split) split=$2; shift ;;
+    --skip-trained) skip_trained=1 ;;
+    --only-seed) only_seed=$2; shift ;;
     --eval-only) eval_only=1 ;;
     --final) checkpoint=projector.safetensors ;;
     *) echo "bench_tasks.sh: unknown argument $1" >&2; exit 2 ;;
@@ -52,9 +56,12 @@ for task in "${tasks[@]}"; do
   config=${configs[$task]}
   jsons=()
   for ((seed = 0; seed < seeds; seed++)); do
+    [ -z "$only_seed" ] || [ "$seed" = "$only_seed" ] || continue
     run=runs/bench/$task$tag-s$seed
     start=$(date +%s)
-    if [ "$eval_only" = 0 ]; then
+    if [ "$skip_trained" = 1 ] && [ -f "$run/projector.safetensors" ] && [ -d "$run/best" ]; then
+      echo "[$task seed $seed: trained already ($run), scoring it]" >&2
+    elif [ "$eval_only" = 0 ]; then
       rm -rf "$run"
       "$earshot" train "$config" "${sets[@]}" --set "train.seed=$seed" \
         --set "train.run-dir=\"$run\"" --overwrite >&2
@@ -70,8 +77,12 @@ for task in "${tasks[@]}"; do
       "$earshot" eval --config "$config" "${sets[@]}" --set "train.run-dir=\"$run\"" \
         --checkpoint "$run/$checkpoint" --split "$split" --no-listening-check \
         --report "$run/report-$split.html" --json > "$run/eval-$split.json"
-      python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(", ".join(f"{k} {v[\"accuracy\"]:.3f}" for k,v in r.get("attributes",{}).items()) or r["scores"])' \
-        "$run/eval-$split.json" > "$run/summary-$split.txt"
+      python3 - "$run/eval-$split.json" > "$run/summary-$split.txt" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+parts = [f"{k} {v['accuracy']:.3f}" for k, v in r.get("attributes", {}).items()]
+print(", ".join(parts) or r["scores"])
+PY
       jsons+=("$run/eval-$split.json")
     fi
     echo "[$task seed $seed: $(( $(date +%s) - start )) s]" >&2

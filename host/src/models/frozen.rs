@@ -275,18 +275,7 @@ mod tests {
             .unwrap()
             .broadcast_add(&b)
             .unwrap();
-        let max_diff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
+        use crate::models::fused::tests::max_abs_diff as max_diff;
         let got = layer.forward(&x).unwrap();
         assert_eq!(got.dims(), &[2, 9, 24]);
         assert!(max_diff(&got, &want) < 1e-4);

@@ -1299,7 +1299,7 @@ where
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{Device, Var, D};
 
@@ -1319,6 +1319,22 @@ mod tests {
             // bf16 keeps 8 bits of mantissa: 2^-9 relative rounding per value.
             assert!(rel < 1e-2, "{dtype:?}: relative L2 {rel}");
         }
+    }
+
+    /// The largest |a - b| over the elements (any float dtype), for the kernels' tests.
+    pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
     }
 
     /// Blocked attention equals softmax(q k^T scale) v with the heads joined, for query
@@ -1342,16 +1358,7 @@ mod tests {
             .unwrap()
             .reshape((b, tq, h * hd))
             .unwrap();
-        let diff = (&got - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&got, &want);
         assert!(diff < 1e-5, "max difference {diff}");
     }
 
@@ -1360,15 +1367,7 @@ mod tests {
     fn fused_ops_match_composed_ops() {
         let dev = Device::Cpu;
         let close = |a: &Tensor, b: &Tensor, what: &str| {
-            let d = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap();
-            let d = d.to_scalar::<f64>().unwrap();
+            let d = max_abs_diff(a, b);
             assert!(d < 1e-10, "{what}: max difference {d}");
         };
         let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 3, 5, 8), &dev).unwrap()).unwrap();

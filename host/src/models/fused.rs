@@ -1002,6 +1002,13 @@ struct SharedOut(*mut f32);
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
+impl SharedOut {
+    /// Through a method, so that closures capture the wrapper (Send), not its field.
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
 impl CustomOp3 for BlockedAttention {
     fn name(&self) -> &'static str {
         "blocked-attention"
@@ -1045,7 +1052,6 @@ impl CustomOp3 for BlockedAttention {
                 &k[bh * tk * hd..(bh + 1) * tk * hd],
                 &v[bh * tk * hd..(bh + 1) * tk * hd],
             );
-            let dst = dst;
             ATTENTION_SCRATCH.with(|scratch| {
                 let (scores, probs) = &mut *scratch.borrow_mut();
                 scores.resize(rows * tk, 0.0);
@@ -1086,7 +1092,7 @@ impl CustomOp3 for BlockedAttention {
                         rows,
                         hd,
                         tk,
-                        dst.0.add((bi * tq + r0) * width + hi * hd),
+                        dst.ptr().add((bi * tq + r0) * width + hi * hd),
                         1,
                         width as isize,
                         false,

@@ -867,6 +867,16 @@ fn gelu_body(out: &mut [f32], x: &[f32]) {
 
 with_simd!(fn gelu_chunk(out: &mut [f32], x: &[f32]) => gelu_body);
 
+/// [`gelu_body`] writing over its input (the same arithmetic per element).
+#[inline(always)]
+fn gelu_in_place_body(x: &mut [f32]) {
+    for v in x.iter_mut() {
+        *v = 0.5 * *v * (1.0 + erf_f32(*v * std::f32::consts::FRAC_1_SQRT_2));
+    }
+}
+
+with_simd!(fn gelu_chunk_in_place(x: &mut [f32]) => gelu_in_place_body);
+
 /// softmax of a row. The max runs here too, in the vector build (in the caller's baseline
 /// build it and a NaN scan took 8% of an encoder window: perf, AVX-512 machine). No separate
 /// NaN scan: the max skips NaN, but a NaN input makes the sum of exponentials NaN (finite
@@ -950,6 +960,39 @@ impl CustomOp1 for FastSoftmax {
     }
 }
 
+struct GeluInPlace;
+
+impl candle_core::InplaceOp1 for GeluInPlace {
+    fn name(&self) -> &'static str {
+        "gelu-erf-in-place"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+        let CpuStorage::F32(v) = s else {
+            candle_core::bail!("gelu-erf-in-place: f32 only")
+        };
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("gelu-erf-in-place: the input must be contiguous")
+        };
+        v[a..b]
+            .par_chunks_mut(PAR_MIN)
+            .for_each(gelu_chunk_in_place);
+        Ok(())
+    }
+}
+
+/// [`gelu_erf_inference`] of a tensor that nothing else reads (a layer's fresh output): on
+/// the CPU in f32 it is written over, which saves a zeroed buffer of its size; the same
+/// values either way.
+pub fn gelu_erf_inference_owned(x: Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && x.is_contiguous() {
+        x.inplace_op1(&GeluInPlace)?;
+        Ok(x)
+    } else {
+        gelu_erf_inference(&x)
+    }
+}
+
 /// Exact GELU, 0.5 x (1 + erf(x / sqrt 2)), for inference (no backward): the fast kernel on
 /// CPU f32, candle's elsewhere.
 pub fn gelu_erf_inference(x: &Tensor) -> Result<Tensor> {
@@ -991,6 +1034,7 @@ thread_local! {
 }
 
 struct BlockedAttention {
+    heads: usize,
     scale: f32,
 }
 
@@ -1028,17 +1072,20 @@ impl CustomOp3 for BlockedAttention {
             contiguous_f32(sk, lk, "blocked-attention")?,
             contiguous_f32(sv, lv, "blocked-attention")?,
         );
-        let (b, h, tq, hd) = lq.shape().dims4()?;
-        let (bk, hk, tk, hdk) = lk.shape().dims4()?;
-        if (bk, hk, hdk) != (b, h, hd) || lv.dims() != lk.dims() {
+        // Heads side by side in the last axis, as the projections give them: head `h` of
+        // row `t` is columns h*hd.. of that row, read with strides (no copies per head).
+        let (b, tq, width) = lq.shape().dims3()?;
+        let (bk, tk, width_k) = lk.shape().dims3()?;
+        let h = self.heads;
+        if (bk, width_k) != (b, width) || lv.dims() != lk.dims() || h == 0 || width % h != 0 {
             candle_core::bail!(
-                "blocked-attention: q {:?}, k {:?}, v {:?}",
+                "blocked-attention: q {:?}, k {:?}, v {:?}, {h} heads",
                 lq.dims(),
                 lk.dims(),
                 lv.dims()
             );
         }
-        let width = h * hd;
+        let hd = width / h;
         let mut out = vec![0f32; b * tq * width];
         let blocks = tq.div_ceil(ATTENTION_ROWS);
         let dst = SharedOut(out.as_mut_ptr());
@@ -1047,17 +1094,17 @@ impl CustomOp3 for BlockedAttention {
             let (bi, hi) = (bh / h, bh % h);
             let r0 = blk * ATTENTION_ROWS;
             let rows = ATTENTION_ROWS.min(tq - r0);
-            let q = &q[(bh * tq + r0) * hd..(bh * tq + r0 + rows) * hd];
-            let (k, v) = (
-                &k[bh * tk * hd..(bh + 1) * tk * hd],
-                &v[bh * tk * hd..(bh + 1) * tk * hd],
-            );
+            // Offsets of this block's first query and of this head's first key and value.
+            let q_at = (bi * tq + r0) * width + hi * hd;
+            let kv_at = bi * tk * width + hi * hd;
             ATTENTION_SCRATCH.with(|scratch| {
                 let (scores, probs) = &mut *scratch.borrow_mut();
                 scores.resize(rows * tk, 0.0);
                 probs.resize(rows * tk, 0.0);
-                // SAFETY: q is (rows, hd), k (tk, hd) read transposed, scores (rows, tk),
-                // all row-major and in bounds; read_dst is false, so scores is only written.
+                // SAFETY: q is read as (rows, hd) with row stride `width` from q_at, k as its
+                // transpose (hd, tk) with column stride `width` from kv_at: the last element
+                // read is in bounds of q and k ((b, t, width) each); scores is (rows, tk)
+                // row-major; read_dst is false, so scores is only written.
                 unsafe {
                     gemm::gemm(
                         rows,
@@ -1067,11 +1114,11 @@ impl CustomOp3 for BlockedAttention {
                         1,
                         tk as isize,
                         false,
-                        q.as_ptr(),
+                        q.as_ptr().add(q_at),
                         1,
-                        hd as isize,
-                        k.as_ptr(),
-                        hd as isize,
+                        width as isize,
+                        k.as_ptr().add(kv_at),
+                        width as isize,
                         1,
                         0.0,
                         self.scale,
@@ -1084,24 +1131,25 @@ impl CustomOp3 for BlockedAttention {
                 for (p, s) in probs.chunks_exact_mut(tk).zip(scores.chunks_exact(tk)) {
                     softmax_row(p, s);
                 }
-                // SAFETY: probs is (rows, tk), v (tk, hd); the destination is rows r0.. of
-                // batch bi, columns hi*hd.. (hd of them) of the (b, tq, h*hd) output, which no
-                // other task writes; read_dst is false.
+                // SAFETY: probs is (rows, tk), v is read as (tk, hd) with row stride `width`
+                // from kv_at; the destination is rows r0.. of batch bi, columns hi*hd.. (hd of
+                // them) of the (b, tq, width) output, which no other task writes; read_dst is
+                // false.
                 unsafe {
                     gemm::gemm(
                         rows,
                         hd,
                         tk,
-                        dst.ptr().add((bi * tq + r0) * width + hi * hd),
+                        dst.ptr().add(q_at),
                         1,
                         width as isize,
                         false,
                         probs.as_ptr(),
                         1,
                         tk as isize,
-                        v.as_ptr(),
+                        v.as_ptr().add(kv_at),
                         1,
-                        hd as isize,
+                        width as isize,
                         0.0,
                         1.0,
                         false,
@@ -1116,24 +1164,43 @@ impl CustomOp3 for BlockedAttention {
     }
 }
 
-/// softmax(q k^T scale) v for inference, heads joined: q (B, H, Tq, hd), k and v
-/// (B, H, Tk, hd) -> (B, Tq, H * hd). On the CPU in f32, each block of 64 query rows of a
-/// head is one task (scores, softmax and the product with v while the block is in cache,
-/// written straight into the joined layout); elsewhere candle's ops.
-pub fn attention_inference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let (b, h, tq, hd) = q.dims4()?;
+/// softmax(q k^T scale) v per head for inference, heads side by side in the last axis as the
+/// projections give them: q (B, Tq, H * hd), k and v (B, Tk, H * hd) -> (B, Tq, H * hd). On
+/// the CPU in f32, each block of 64 query rows of a head is one task (scores, softmax and the
+/// product with v while the block is in cache, reading the heads in place and writing
+/// straight into the joined layout); elsewhere candle's ops.
+pub fn attention_inference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, tq, width) = q.dims3()?;
     if q.device().is_cpu() && q.dtype() == DType::F32 {
         return q.contiguous()?.apply_op3_no_bwd(
             &k.contiguous()?,
             &v.contiguous()?,
             &BlockedAttention {
+                heads,
                 scale: scale as f32,
             },
         );
     }
-    let scores = (q.matmul(&k.t()?)? * scale)?;
+    if heads == 0 || width % heads != 0 {
+        candle_core::bail!("attention: width {width} is not {heads} heads");
+    }
+    let hd = width / heads;
+    let split = |x: &Tensor| -> Result<Tensor> {
+        let t = x.dim(1)?;
+        x.reshape((b, t, heads, hd))?.transpose(1, 2)?.contiguous()
+    };
+    let scores = (split(q)?.matmul(&split(k)?.t()?)? * scale)?;
     let probs = softmax_last_dim_inference(&scores)?;
-    probs.matmul(v)?.transpose(1, 2)?.reshape((b, tq, h * hd))
+    probs
+        .matmul(&split(v)?)?
+        .transpose(1, 2)?
+        .reshape((b, tq, width))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1343,6 +1410,18 @@ pub(crate) mod tests {
             .unwrap()
     }
 
+    /// GELU written over its input gives the values of the one that allocates.
+    #[test]
+    fn gelu_in_place_equals_gelu() {
+        let x = Tensor::randn(0f32, 3.0, (3, 40_000), &Device::Cpu).unwrap();
+        let want = gelu_erf_inference(&x).unwrap();
+        let got = gelu_erf_inference_owned(x.copy().unwrap()).unwrap();
+        assert_eq!(
+            got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+    }
+
     /// Blocked attention equals softmax(q k^T scale) v with the heads joined, for query
     /// counts that are not a multiple of the block and keys of another length.
     #[test]
@@ -1353,7 +1432,12 @@ pub(crate) mod tests {
         let k = Tensor::randn(0f32, 1.0, (b, h, tk, hd), &dev).unwrap();
         let v = Tensor::randn(0f32, 1.0, (b, h, tk, hd), &dev).unwrap();
         let scale = 0.35;
-        let got = attention_inference(&q, &k, &v, scale).unwrap();
+        // The heads side by side, as the projections give them.
+        let join = |x: &Tensor| {
+            let t = x.dim(2).unwrap();
+            x.transpose(1, 2).unwrap().reshape((b, t, h * hd)).unwrap()
+        };
+        let got = attention_inference(&join(&q), &join(&k), &join(&v), h, scale).unwrap();
         assert_eq!(got.dims(), &[b, tq, h * hd]);
         let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
         let probs = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();

@@ -365,8 +365,9 @@ impl WhisperEncoder {
         for (i, block) in self.blocks.iter().enumerate().take(deepest) {
             let h = block.attn.forward(&block.attn_ln.forward(&x)?)?;
             x = (x + h)?;
-            let h = block.fc2.forward(&fused::gelu_erf_inference(
-                &block.fc1.forward(&block.mlp_ln.forward(&x)?)?,
+            // fc1's output is this block's alone: GELU writes over it.
+            let h = block.fc2.forward(&fused::gelu_erf_inference_owned(
+                block.fc1.forward(&block.mlp_ln.forward(&x)?)?,
             )?)?;
             x = (x + h)?;
             trace.check(|| format!("whisper.encoder.layers.{i}"), &x)?;
@@ -389,19 +390,14 @@ impl WhisperEncoder {
 
 impl Attention {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, t, d) = x.dims3()?;
-        let hd = d / self.heads;
-        let split = |y: Tensor| -> candle_core::Result<Tensor> {
-            y.reshape((b, t, self.heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let scale = (hd as f64).powf(-0.5);
-        let q = split(self.q.forward(x)?)?;
-        let k = split(self.k.forward(x)?)?;
-        let v = split(self.v.forward(x)?)?;
-        // The scale is applied to the scores (in the product), not to q first.
-        let y = fused::attention_inference(&q, &k, &v, scale)?;
+        let d = x.dim(2)?;
+        let scale = (d as f64 / self.heads as f64).powf(-0.5);
+        let q = self.q.forward(x)?;
+        let k = self.k.forward(x)?;
+        let v = self.v.forward(x)?;
+        // The scale is applied to the scores (in the product), not to q first; the heads
+        // are read in place from the projections' (B, T, d) outputs.
+        let y = fused::attention_inference(&q, &k, &v, self.heads, scale)?;
         Ok(self.out.forward(&y)?)
     }
 }

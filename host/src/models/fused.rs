@@ -1640,16 +1640,8 @@ pub(crate) mod tests {
             .contiguous()
             .unwrap();
         let close = |a: &Tensor, b: &Tensor, tol: f32, what: &str| {
-            let d = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap();
-            let d = d.to_scalar::<f32>().unwrap();
-            assert!(d < tol, "{what}: max difference {d}");
+            let d = max_abs_diff(a, b);
+            assert!(d < tol as f64, "{what}: max difference {d}");
         };
         for level in crate::models::simd::available() {
             crate::models::simd::with_level(level, || {

@@ -97,12 +97,6 @@ impl ClipEncoder {
         self.encoder.config.d_model
     }
 
-    /// How many hidden states each encoded window holds side by side (its width is this
-    /// times [`ClipEncoder::d_model`]).
-    pub fn layer_count(&self) -> usize {
-        self.layers.len()
-    }
-
     /// Decodes and encodes the first window of an example's audio: (1, frames, d_enc), what
     /// training uses. Clips longer than 30 s are cut (with a warning).
     pub fn encode_example_first_window(

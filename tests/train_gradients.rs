@@ -226,3 +226,92 @@ fn projector_gradients_match_finite_differences() {
         }
     }
 }
+
+/// d(loss)/d(LoRA A and B) on every kind of projection, through the frozen SmolLM2 (the
+/// layers on candle's graph, not the tape), with dropout masks on: against finite
+/// differences, like the projector's. B starts at zero in a fresh adapter (A's gradient
+/// would be zero), so both are drawn here.
+#[test]
+fn lora_gradients_match_finite_differences() {
+    use earshot::models::lora::{LoraAdapter, LoraConfig, LoraTarget};
+    use std::sync::Arc;
+    let (mut llm, tok, encoded) = setup();
+    let pieces = vec![pieces(&tok, "A voice says a pangram.<|im_end|>")];
+    let last = llm.config.num_hidden_layers - 1;
+    let config = LoraConfig {
+        rank: 4,
+        dropout: 0.1,
+        targets: LoraTarget::ALL.to_vec(),
+        layers: Some(vec![0, last]),
+        ..LoraConfig::default()
+    };
+    let adapter = LoraAdapter::new(&config, &llm.config.decoder_shape(), 5, &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    for (i, (_, var)) in adapter.params().iter().enumerate() {
+        let t = Tensor::randn(0f64, 0.05, var.dims(), &Device::Cpu).unwrap();
+        var.set(&(t + if i % 2 == 0 { 0.0 } else { 0.01 }).unwrap())
+            .unwrap();
+    }
+    adapter.set_dropout_seed(Some(11));
+    let adapter = Arc::new(adapter);
+    llm.set_adapter(Some(adapter.clone()));
+    let pcfg = ProjectorConfig {
+        positions: 8,
+        ..ProjectorConfig::default()
+    };
+    let projector = Projector::new(&pcfg, 384, 576, 7, &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    let loss_with = |llm: &Llama| {
+        let audio = projector.forward(&encoded).unwrap();
+        caption_loss(llm, &pieces, &[audio], None, NonFiniteTrace::default())
+            .unwrap()
+            .loss
+    };
+    let loss_of = || loss_with(&llm);
+    let loss = loss_of();
+    let grads = loss.backward().unwrap();
+    let params = adapter.params();
+    assert_eq!(params.len(), 2 * 7 * 2);
+    for (name, var) in params.iter().chain(projector.params()) {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name} received no gradient"));
+        let g: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(g.iter().any(|&x| x != 0.0), "{name}: all-zero gradient");
+        let mut order: Vec<usize> = (0..g.len()).collect();
+        order.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
+        let base: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        for &c in &order[..2] {
+            let eps = 1e-5;
+            let at = |delta: f64| {
+                let mut v = base.clone();
+                v[c] += delta;
+                var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap())
+                    .unwrap();
+                let l = loss_of().to_scalar::<f64>().unwrap();
+                var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap())
+                    .unwrap();
+                l
+            };
+            let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+            let rel = (fd - g[c]).abs() / fd.abs().max(g[c].abs());
+            assert!(
+                rel <= 1e-2,
+                "{name}[{c}]: analytic {} vs finite difference {fd} (rel {rel})",
+                g[c]
+            );
+        }
+    }
+    // The adapters change the model: without them the same projector gives another loss.
+    let with = loss.to_scalar::<f64>().unwrap();
+    llm.set_adapter(None);
+    let without = loss_with(&llm).to_scalar::<f64>().unwrap();
+    assert!(
+        (with - without).abs() > 1e-6 * without,
+        "{with} vs {without}"
+    );
+}

@@ -24,6 +24,7 @@ pub type Result<T, E = ConfigError> = std::result::Result<T, E>;
 use serde::{Deserialize, Serialize};
 
 use crate::mel::{EncoderWindow, Padding};
+use crate::models::lora::LoraConfig;
 use crate::models::projector::ProjectorConfig;
 use crate::models::whisper::EncoderLayers;
 use crate::plugins::SandboxLimits;
@@ -44,6 +45,10 @@ pub struct RunConfig {
     pub train: TrainConfig,
     #[serde(default)]
     pub eval: EvalConfig,
+    /// LoRA adapters on the LLM's projections, trained with the projector (absent: the
+    /// projector alone trains).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraConfig>,
 }
 
 /// What `earshot eval --config` scores besides the caption metrics.
@@ -444,6 +449,9 @@ impl RunConfig {
             return invalid(e);
         }
         if let Err(e) = self.encoder.layers.check() {
+            return invalid(e);
+        }
+        if let Some(Err(e)) = self.lora.as_ref().map(LoraConfig::check) {
             return invalid(e);
         }
         if let Err(e) = self.plugins.sandbox.validate() {

@@ -76,10 +76,11 @@ use crate::models::llm::{
 };
 use crate::models::nonfinite::NonFiniteTrace;
 use crate::models::projector::Projector;
+use crate::models::trainable::Trainable;
 use crate::pipeline::clip::EncodeCounts;
 use crate::pipeline::{
-    build_manifest, example_segment, load_example_audio, load_models, mel_settings, open_dataset,
-    project_windows, prompt, sequence_embeddings, ClipEncoder, Manifest,
+    attach_lora, build_manifest, example_segment, load_example_audio, load_models, mel_settings,
+    open_dataset, project_windows, prompt, sequence_embeddings, ClipEncoder, Manifest,
 };
 use crate::plugins::{DatasetAdapter, PluginHost, PostProcessor, PromptTemplate};
 use crate::sampler::{Sampler, SamplingParams};
@@ -189,7 +190,8 @@ impl Captioner {
         checkpoint: Option<&Path>,
         allow_mismatch: bool,
     ) -> Result<Self> {
-        let (rt, encoder, llm) = load_models(&config, GgufBlocks::Keep)?;
+        let (rt, encoder, mut llm) = load_models(&config, GgufBlocks::Keep)?;
+        attach_lora(&config, &mut llm, &rt.device)?;
         let host = PluginHost::new(config.plugins.sandbox, PluginHost::default_cache_dir());
         let template = PromptTemplate::load(&host, &config.plugins.prompt_template)?;
         let post = match &config.plugins.post_processor {
@@ -198,19 +200,22 @@ impl Captioner {
         };
         let settings = mel_settings(&config, &encoder);
         let manifest = build_manifest(&config, &settings)?;
-        let mut projector = Projector::new_mixed(
-            &config.projector,
-            manifest.encoder_layer_count(),
-            encoder.config.d_model,
-            llm.model.config.hidden_size,
-            config.train.seed,
-            &rt.device,
-        )?;
+        let mut trained = Trainable {
+            projector: Projector::new_mixed(
+                &config.projector,
+                manifest.encoder_layer_count(),
+                encoder.config.d_model,
+                llm.model.config.hidden_size,
+                config.train.seed,
+                &rt.device,
+            )?,
+            lora: llm.model.adapter().cloned(),
+        };
         match checkpoint {
             Some(p) => {
                 crate::train::checkpoint::load_trained(
                     p,
-                    &mut projector,
+                    &mut trained,
                     &manifest,
                     "caption",
                     allow_mismatch,
@@ -221,6 +226,7 @@ impl Captioner {
                 config.train.seed
             ),
         }
+        let projector = trained.projector;
         let clips = ClipEncoder::with_default_cache(encoder, rt, settings, &manifest)?;
         Ok(Self {
             config,

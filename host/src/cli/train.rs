@@ -9,9 +9,11 @@ use crate::train::{train, Session, Start, Stopped};
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Trains only the projector. Writes metrics.jsonl (one JSON object per \
+    after_help = "Trains the projector (and, with a [lora] section, LoRA adapters on the \
+LLM; the base weights stay frozen). Writes metrics.jsonl (one JSON object per \
 step: loss, target-token accuracy, mean probability of the correct token, gradient norm, \
-per-tensor log10 update ratio) and projector.safetensors into train.run-dir.\n\nExample:\n  earshot train configs/cpu-smollm2-tones.toml --max-steps 5 --set 'train.run-dir=\"runs/try\"'"
+per-tensor log10 update ratio) and projector.safetensors (every trained tensor) into \
+train.run-dir; with [lora] also adapter/ in PEFT's layout.\n\nExample:\n  earshot train configs/cpu-smollm2-tones.toml --max-steps 5 --set 'train.run-dir=\"runs/try\"'"
 )]
 pub struct TrainArgs {
     /// Run config (TOML)
@@ -65,7 +67,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
     // Both splits' clips went through the encoder cache.
     let clips = session.examples.len() + session.eval_examples.len();
     printer.line(&format!(
-        "training the projector on {} example(s) up to step {steps}{}; encoder: {} clip(s) encoded, {} from the cache",
+        "training the projector{} on {} example(s) up to step {steps}{}; encoder: {} clip(s) encoded, {} from the cache",
+        match &session.config.lora {
+            Some(l) => format!(
+                " and LoRA adapters (rank {}, {})",
+                l.rank,
+                l.targets.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")
+            ),
+            None => String::new(),
+        },
         session.examples.len(),
         skipped_note(session.skipped),
         session.fresh_encodings,

@@ -6,10 +6,12 @@ pub mod device;
 pub mod frozen;
 pub mod fused;
 pub mod llm;
+pub mod lora;
 pub mod nonfinite;
 pub mod packed;
 pub mod projector;
 pub mod simd;
+pub mod trainable;
 pub mod weights;
 pub mod whisper;
 

@@ -328,6 +328,16 @@ impl Projector {
             &self.params[0].1.device().clone(),
         )?;
         store.verify_finite()?;
+        self.load_store(&store, |_| true)
+    }
+
+    /// Loads this projector's tensors from `store`, where `mine` says which of its names are
+    /// the projector's (a trained-weights file also holds LoRA tensors).
+    pub fn load_store(
+        &mut self,
+        store: &super::WeightStore,
+        mine: impl Fn(&str) -> bool,
+    ) -> Result<()> {
         // A file of another projector (another kind, or mixing other encoder hidden states)
         // is refused here, not loaded in part.
         let mismatch = |reason: String| ModelError::Input {
@@ -336,7 +346,7 @@ impl Projector {
         };
         let mut extra: Vec<&str> = store
             .names()
-            .filter(|n| !self.params.iter().any(|(p, _)| p == n))
+            .filter(|n| mine(n) && !self.params.iter().any(|(p, _)| p == n))
             .collect();
         extra.sort_unstable();
         if !extra.is_empty() {

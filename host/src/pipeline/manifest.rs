@@ -26,6 +26,10 @@ pub struct Manifest {
     /// for the encoder's output alone, so manifests from before the option still match.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoder_layers: Option<Vec<usize>>,
+    /// The LoRA adapters' make (rank, alpha, targets, layers, rsLoRA; not the training-only
+    /// dropout and learning rate); absent without `[lora]`, as before the option.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<String>,
 }
 
 impl Manifest {
@@ -55,6 +59,9 @@ impl Manifest {
             .collect();
         if self.encoder_layers != other.encoder_layers {
             differs.push("encoder layer selection ([encoder] layers)");
+        }
+        if self.lora != other.lora {
+            differs.push("LoRA adapters ([lora])");
         }
         differs
     }
@@ -143,7 +150,26 @@ pub fn build_manifest(config: &RunConfig, mel: &MelSettings) -> Result<Manifest>
         prompt_template: sha256_files(std::slice::from_ref(&config.plugins.prompt_template))?,
         mel: to_json(mel)?,
         projector: to_json(&config.projector)?,
+        lora: config.lora.as_ref().map(lora_make),
     })
+}
+
+/// What of `[lora]` the trained tensors depend on, as a fixed text.
+fn lora_make(l: &crate::models::lora::LoraConfig) -> String {
+    let mut targets: Vec<&str> = l.targets.iter().map(|t| t.name()).collect();
+    targets.sort_unstable();
+    let mut layers = l.layers.clone();
+    if let Some(v) = layers.as_mut() {
+        v.sort_unstable();
+    }
+    serde_json::json!({
+        "rank": l.rank,
+        "alpha": l.alpha,
+        "targets": targets,
+        "layers": layers,
+        "use-rslora": l.use_rslora,
+    })
+    .to_string()
 }
 
 fn to_json(v: &impl Serialize) -> Result<String> {
@@ -178,5 +204,23 @@ mod tests {
         );
         let back: Manifest = serde_json::from_str(&serde_json::to_string(&mixed).unwrap()).unwrap();
         assert_eq!(back, mixed);
+        // Without [lora] the manifest says nothing of it; with it, another make differs.
+        assert!(!serde_json::to_string(&old).unwrap().contains("lora"));
+        let lora = |rank| {
+            let c = crate::models::lora::LoraConfig {
+                rank,
+                ..Default::default()
+            };
+            Manifest {
+                lora: Some(lora_make(&c)),
+                ..old.clone()
+            }
+        };
+        assert_eq!(old.differences(&lora(8)), vec!["LoRA adapters ([lora])"]);
+        assert_eq!(
+            lora(8).differences(&lora(16)),
+            vec!["LoRA adapters ([lora])"]
+        );
+        assert!(lora(8).differences(&lora(8)).is_empty());
     }
 }

@@ -26,5 +26,5 @@ pub use error::{PipelineError, Result};
 pub use examples::{example_segment, load_example_audio, open_beneath, open_dataset};
 pub use layout::{project_windows, sequence_embeddings};
 pub use manifest::{build_manifest, sha256_files, Manifest};
-pub use models::load_models;
+pub use models::{attach_lora, load_models};
 pub use prompt::{Prompt, TextPieces};

@@ -29,3 +29,24 @@ pub fn load_models(
     })?;
     Ok((rt, encoder, llm))
 }
+
+/// Puts fresh LoRA adapters on the LLM when the config has `[lora]` (drawn from
+/// train.seed; a checkpoint's values are loaded into them afterwards).
+pub fn attach_lora(
+    config: &RunConfig,
+    llm: &mut LoadedLlm,
+    device: &candle_core::Device,
+) -> Result<()> {
+    if let Some(lora) = &config.lora {
+        let shape = llm.model.config.decoder_shape();
+        let adapter =
+            crate::models::lora::LoraAdapter::new(lora, &shape, config.train.seed, device)
+                .map_err(|cause| PipelineError::LoadModel {
+                    what: "LoRA adapters for the LLM",
+                    path: config.models.llm.clone(),
+                    cause: Box::new(cause),
+                })?;
+        llm.model.set_adapter(Some(std::sync::Arc::new(adapter)));
+    }
+    Ok(())
+}

@@ -10,7 +10,7 @@ use super::error::{bad_checkpoint, io, Result, TrainError};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::models::projector::Projector;
+use crate::models::trainable::Trainable;
 pub use crate::pipeline::Manifest;
 
 /// The training position and the settings that determine the data order.
@@ -260,7 +260,7 @@ pub fn resolve(path: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
 /// e.g. "caption"). Returns the projector file.
 pub fn load_trained(
     path: &Path,
-    projector: &mut Projector,
+    trained: &mut Trainable,
     current: &Manifest,
     purpose: &str,
     allow_mismatch: bool,
@@ -274,9 +274,9 @@ pub fn load_trained(
             .manifest
             .check(current, path, purpose, allow_mismatch)?;
     }
-    projector
+    trained
         .load_into(&file)
-        .map_err(|e| bad_checkpoint(&file, format!("cannot load the projector: {e}")))?;
+        .map_err(|e| bad_checkpoint(&file, format!("cannot load the trained weights: {e}")))?;
     Ok(file)
 }
 
@@ -337,6 +337,7 @@ mod tests {
                 mel: m.clone(),
                 projector: m,
                 encoder_layers: None,
+                lora: None,
             },
         }
     }

@@ -31,8 +31,8 @@ use crate::pipeline::audit::{AuditOptions, AuditReport, LeakFinder};
 use crate::pipeline::clip::EncodeCounts;
 use crate::pipeline::loss::{caption_loss, BatchLoss};
 use crate::pipeline::{
-    build_manifest, load_models, mel_settings, open_dataset, prompt, ClipEncoder, Manifest,
-    TextPieces,
+    attach_lora, build_manifest, load_models, mel_settings, open_dataset, prompt, ClipEncoder,
+    Manifest, TextPieces,
 };
 use crate::plugins::{DatasetAdapter, Example, PluginHost, PromptTemplate, PAGE_SIZE};
 use error::io;
@@ -84,11 +84,14 @@ impl Session {
                 Ok(if keep_graph { a } else { a.detach() })
             })
             .collect::<Result<_>>()?;
+        // With LoRA the prompt prefix's keys and values depend on the adapters being
+        // trained: it goes through the LLM with the rest (its gradient counts), uncached.
+        let prefixes = self.llm.model.adapter().is_none().then_some(&self.prefixes);
         let out = caption_loss(
             &self.llm.model,
             &pieces,
             &audio,
-            Some(&self.prefixes),
+            prefixes,
             NonFiniteTrace::default(),
         )?;
         Ok((out, pieces, audio))
@@ -101,7 +104,8 @@ impl Session {
     /// [`Self::load`], reporting the encoding of each split's clips through `progress`.
     pub fn load_reporting(config: RunConfig, progress: &mut dyn FnMut(Event)) -> Result<Self> {
         // Training never decodes: the GGUF blocks kept for decoding would only take memory.
-        let (rt, encoder, llm) = load_models(&config, GgufBlocks::Skip)?;
+        let (rt, encoder, mut llm) = load_models(&config, GgufBlocks::Skip)?;
+        attach_lora(&config, &mut llm, &rt.device)?;
         let host = PluginHost::new(config.plugins.sandbox, PluginHost::default_cache_dir());
         let mut template = PromptTemplate::load(&host, &config.plugins.prompt_template)?;
         let splits = config.data.run_splits();
@@ -482,9 +486,12 @@ pub fn train(
             break;
         }
     }
-    run.save_final(&trainer.projector)?;
+    run.save_final(
+        &trainer.trained,
+        &session.config.models.llm.display().to_string(),
+    )?;
     Ok(TrainOutcome {
-        projector: trainer.projector,
+        projector: trainer.trained.projector,
         metrics: all,
         stopped,
         best: evals.best,
@@ -533,7 +540,7 @@ impl Evaluations {
     ) -> Result<()> {
         let step = trainer.state.step;
         let session = trainer.session();
-        let eval = eval_loss(session, &trainer.projector, progress)?;
+        let eval = eval_loss(session, &trainer.trained.projector, progress)?;
         writeln!(
             self.file,
             "{}",
@@ -552,7 +559,7 @@ impl Evaluations {
                 step,
                 eval_loss: eval,
             };
-            run.save_best(best, &trainer.state, &trainer.projector, &trainer.opt)?;
+            run.save_best(best, &trainer.state, &trainer.trained, &trainer.opt)?;
             self.best = Some(best);
             self.without_improvement = 0;
         } else {

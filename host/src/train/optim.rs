@@ -20,6 +20,8 @@ pub struct AdamWParams {
 pub struct AdamW {
     pub params: AdamWParams,
     vars: Vec<(String, Var)>,
+    /// Each variable's learning rate as a multiple of the step's.
+    lr_scale: Vec<f64>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
     /// Steps taken (for bias correction).
@@ -38,11 +40,21 @@ impl AdamW {
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
             params,
+            lr_scale: vec![1.0; vars.len()],
             vars,
             m,
             v,
             t: 0,
         })
+    }
+
+    /// Gives the variables whose names `which` accepts `factor` times the step's rate.
+    pub fn scale_lr(&mut self, which: impl Fn(&str) -> bool, factor: f64) {
+        for (i, (name, _)) in self.vars.iter().enumerate() {
+            if which(name) {
+                self.lr_scale[i] = factor;
+            }
+        }
     }
 
     /// One update; every variable must have a gradient in `grads`.
@@ -55,6 +67,7 @@ impl AdamW {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
+            let lr = lr * self.lr_scale[i];
             let m = ((&self.m[i] * p.beta1)? + (g * (1.0 - p.beta1))?)?;
             let v = ((&self.v[i] * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
             let update = ((&m / c1)? / ((&v / c2)?.sqrt()? + p.eps)?)?;

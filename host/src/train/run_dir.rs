@@ -15,7 +15,7 @@ use super::checkpoint::{self, TrainState};
 use super::optim::AdamW;
 use super::Best;
 use crate::config::RunConfig;
-use crate::models::projector::Projector;
+use crate::models::trainable::Trainable;
 
 /// Files of a run that a fresh run replaces.
 const RUN_FILES: [&str; 5] = [
@@ -114,10 +114,10 @@ impl RunDir {
         &self,
         keep: usize,
         state: &TrainState,
-        projector: &Projector,
+        trained: &Trainable,
         opt: &AdamW,
     ) -> Result<PathBuf> {
-        save_into(&self.checkpoints(), keep, state, projector, opt)
+        save_into(&self.checkpoints(), keep, state, trained, opt)
     }
 
     /// Saves the best checkpoint so far into `best/` and records it in `best.json`.
@@ -125,10 +125,10 @@ impl RunDir {
         &self,
         best: Best,
         state: &TrainState,
-        projector: &Projector,
+        trained: &Trainable,
         opt: &AdamW,
     ) -> Result<()> {
-        save_into(&self.path.join("best"), 1, state, projector, opt)?;
+        save_into(&self.path.join("best"), 1, state, trained, opt)?;
         write_atomic(&self.path.join("best.json"), json(&best))
     }
 
@@ -137,24 +137,27 @@ impl RunDir {
         super::plots::write_run_plots(&self.path).map(drop)
     }
 
-    pub fn save_final(&self, projector: &Projector) -> Result<()> {
-        Ok(projector.save(&self.path.join("projector.safetensors"))?)
+    /// The trained tensors as `projector.safetensors` (the adapters' too, by PEFT name)
+    /// and, with LoRA, the adapters alone in PEFT's layout under `adapter/` (for Python's
+    /// `peft`; `base_model` goes into its adapter_config.json).
+    pub fn save_final(&self, trained: &Trainable, base_model: &str) -> Result<()> {
+        trained.save(&self.path.join("projector.safetensors"))?;
+        if let Some(lora) = &trained.lora {
+            lora.save_peft(&self.path.join("adapter"), base_model)?;
+        }
+        Ok(())
     }
 }
 
-/// Projector, optimizer state and position into a checkpoint folder under `dir`.
+/// Trained tensors, optimizer state and position into a checkpoint folder under `dir`.
 fn save_into(
     dir: &Path,
     keep: usize,
     state: &TrainState,
-    projector: &Projector,
+    trained: &Trainable,
     opt: &AdamW,
 ) -> Result<PathBuf> {
-    let p: HashMap<String, Tensor> = projector
-        .params()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect();
+    let p: HashMap<String, Tensor> = trained.tensors();
     let (o, t) = opt.state();
     let mut st = state.clone();
     st.optimizer_steps = t;

@@ -18,13 +18,15 @@ use super::run_dir::RunDir;
 use super::{Event, Prepared, Session, Start, StepMetrics};
 use crate::models::nonfinite::NonFiniteTrace;
 use crate::models::projector::Projector;
+use crate::models::trainable::{is_lora_tensor, Trainable};
 use crate::pipeline::loss::caption_loss;
 use crate::pipeline::TextPieces;
 
-/// The projector, its optimizer and the position in the data, for one run.
+/// What trains (projector, LoRA adapters), its optimizer and the position in the data, for
+/// one run.
 pub struct Trainer<'s> {
     session: &'s Session,
-    pub projector: Projector,
+    pub trained: Trainable,
     pub opt: AdamW,
     pub state: TrainState,
     /// Shuffled orders of the epochs the next batches draw from.
@@ -56,8 +58,12 @@ impl<'s> Trainer<'s> {
             cfg.seed,
             &session.rt.device,
         )?;
-        let opt = AdamW::new(
-            projector.params().to_vec(),
+        let trained = Trainable {
+            projector,
+            lora: session.llm.model.adapter().cloned(),
+        };
+        let mut opt = AdamW::new(
+            trained.params(),
             AdamWParams {
                 lr: cfg.lr,
                 beta1: cfg.beta1,
@@ -66,6 +72,10 @@ impl<'s> Trainer<'s> {
                 weight_decay: cfg.weight_decay,
             },
         )?;
+        // The adapters' own rate follows train's schedule as a fixed multiple of train.lr.
+        if let Some(lr) = session.config.lora.as_ref().and_then(|l| l.lr) {
+            opt.scale_lr(is_lora_tensor, lr / cfg.lr);
+        }
         let state = TrainState {
             step: 0,
             samples_seen: 0,
@@ -78,7 +88,7 @@ impl<'s> Trainer<'s> {
         };
         let mut trainer = Self {
             session,
-            projector,
+            trained,
             opt,
             state,
             orders: HashMap::new(),
@@ -115,12 +125,15 @@ impl<'s> Trainer<'s> {
                 ),
             ));
         }
-        for (name, var) in self.projector.params() {
+        for (name, var) in self.trained.params() {
             let t = loaded
                 .projector
-                .get(name)
+                .get(&name)
                 .ok_or_else(|| bad_checkpoint(&ckpt, format!("no tensor {name}")))?;
             var.set(t)?;
+        }
+        if let Some(lora) = &self.trained.lora {
+            lora.touch();
         }
         self.opt
             .restore(&loaded.optimizer, loaded.state.optimizer_steps)?;
@@ -146,7 +159,7 @@ impl<'s> Trainer<'s> {
         let seen = (cfg.batch_size.min(n) * cfg.accumulate.max(1)) as u64;
         let lr = cfg.lr_at(step);
         let acc = self.accumulate()?;
-        let grad_norm = grad_norm(&self.projector, &acc.grads)?;
+        let grad_norm = grad_norm(&self.trained, &acc.grads)?;
         let skipped = !acc.loss.is_finite() || !grad_norm.is_finite();
         let update = if skipped {
             self.nonfinite_run += 1;
@@ -205,8 +218,23 @@ impl<'s> Trainer<'s> {
             let batch = self.batch_at(first, bs);
             let examples: Vec<&Prepared> =
                 batch.iter().map(|&i| &self.session.examples[i]).collect();
-            let (out, pieces, audio) = self.session.batch_loss(&self.projector, &examples, true)?;
-            let g = (&out.loss / micro as f64)?.backward()?;
+            // LoRA dropout masks drawn from (seed, sample position): a resumed run draws
+            // the same ones.
+            let lora = self.trained.lora.as_ref();
+            if let Some(l) = lora {
+                l.set_dropout_seed(Some(cfg.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ first));
+            }
+            let result = self
+                .session
+                .batch_loss(&self.trained.projector, &examples, true)
+                .and_then(|(out, pieces, audio)| {
+                    let g = (&out.loss / micro as f64)?.backward()?;
+                    Ok((out, pieces, audio, g))
+                });
+            if let Some(l) = lora {
+                l.set_dropout_seed(None);
+            }
+            let (out, pieces, audio, g) = result?;
             let share = |v: f64| v / micro as f64;
             let (loss, accuracy, mean_prob) = (
                 share(out.value()?),
@@ -222,7 +250,7 @@ impl<'s> Trainer<'s> {
                     last_inputs: (pieces, audio),
                 },
                 Some(mut acc) => {
-                    add_grads(&self.projector, &mut acc.grads, &g)?;
+                    add_grads(&self.trained, &mut acc.grads, &g)?;
                     acc.loss += loss;
                     acc.accuracy += accuracy;
                     acc.mean_prob += mean_prob;
@@ -247,20 +275,22 @@ impl<'s> Trainer<'s> {
         let clip = self.session.config.train.grad_clip;
         if clip > 0.0 && grad_norm > clip {
             let scale = clip / grad_norm;
-            for (_, var) in self.projector.params() {
+            for (_, var) in self.trained.params() {
                 let g = grads.remove(var.as_tensor()).expect("checked by grad_norm");
                 grads.insert(var.as_tensor(), (g * scale)?);
             }
         }
-        let before: Vec<Tensor> = self
-            .projector
-            .params()
+        let params = self.trained.params();
+        let before: Vec<Tensor> = params
             .iter()
             .map(|(_, v)| v.as_tensor().copy())
             .collect::<Result<_, _>>()?;
         self.opt.step(&grads, lr)?;
+        if let Some(lora) = &self.trained.lora {
+            lora.touch();
+        }
         let mut update = HashMap::new();
-        for ((name, var), old) in self.projector.params().iter().zip(&before) {
+        for ((name, var), old) in params.iter().zip(&before) {
             let delta = sq_norm(&(var.as_tensor() - old)?)?.sqrt();
             // Against the larger of the old and new norms: a tensor initialised to zero
             // (a LayerNorm bias) would otherwise report an infinite first ratio.
@@ -298,13 +328,13 @@ impl<'s> Trainer<'s> {
     /// Saves a checkpoint of the current step under the run's `checkpoints/`.
     pub fn save_checkpoint(&self, run: &RunDir) -> Result<std::path::PathBuf> {
         let keep = self.session.config.train.keep_last;
-        run.save_checkpoint(keep, &self.state, &self.projector, &self.opt)
+        run.save_checkpoint(keep, &self.state, &self.trained, &self.opt)
     }
 }
 
-/// `acc += g` for every projector parameter.
-fn add_grads(projector: &Projector, acc: &mut GradStore, g: &GradStore) -> Result<()> {
-    for (name, var) in projector.params() {
+/// `acc += g` for every trained tensor.
+fn add_grads(trained: &Trainable, acc: &mut GradStore, g: &GradStore) -> Result<()> {
+    for (name, var) in trained.params() {
         let b = g
             .get(var.as_tensor())
             .ok_or_else(|| TrainError::NoGradient(name.clone()))?;
@@ -317,10 +347,10 @@ fn add_grads(projector: &Projector, acc: &mut GradStore, g: &GradStore) -> Resul
     Ok(())
 }
 
-/// The global gradient norm over the projector's parameters.
-fn grad_norm(projector: &Projector, grads: &GradStore) -> Result<f64> {
+/// The global gradient norm over every trained tensor.
+fn grad_norm(trained: &Trainable, grads: &GradStore) -> Result<f64> {
     let mut sq = 0.0;
-    for (name, var) in projector.params() {
+    for (name, var) in trained.params() {
         let g = grads
             .get(var.as_tensor())
             .ok_or_else(|| TrainError::NoGradient(name.clone()))?;

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::LanguageModel;
 use crate::models::frozen::FrozenLinear;
 use crate::models::fused;
+use crate::models::lora::{DecoderShape, LoraAdapter, Product};
 use crate::models::nonfinite::NonFiniteTrace;
 use crate::models::packed::PackedMatrix;
 use crate::models::weights::{ModelError, Result, WeightStore};
@@ -58,6 +59,18 @@ impl LlamaConfig {
     pub fn n_kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
+    /// The sizes LoRA adapters for this model follow.
+    pub fn decoder_shape(&self) -> DecoderShape {
+        DecoderShape {
+            hidden: self.hidden_size,
+            intermediate: self.intermediate_size,
+            heads: self.num_attention_heads,
+            kv_heads: self.n_kv_heads(),
+            head_dim: self.head_dim(),
+            layers: self.num_hidden_layers,
+        }
+    }
+
     pub fn head_dim(&self) -> usize {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads)
@@ -379,6 +392,8 @@ pub struct Llama {
     /// Fused CPU ops (RMSNorm, rotary, masked softmax, SwiGLU) instead of candle's
     /// composed ones; off only for the benchmark's stock baseline.
     fused: bool,
+    /// LoRA adapters added to the frozen projections (`[lora]`), trained or loaded.
+    adapter: Option<Arc<LoraAdapter>>,
 }
 
 /// What a config must agree on with the weights before anything is built: head counts that
@@ -524,6 +539,35 @@ impl Llama {
             dtype,
             device: device.clone(),
             fused: true,
+            adapter: None,
+        })
+    }
+
+    /// Puts LoRA adapters on (or, with `None`, takes them off) the frozen projections.
+    pub fn set_adapter(&mut self, adapter: Option<Arc<LoraAdapter>>) {
+        self.adapter = adapter;
+    }
+
+    pub fn adapter(&self) -> Option<&Arc<LoraAdapter>> {
+        self.adapter.as_ref()
+    }
+
+    /// `lin(x)`, plus the adapter's branch where layer `layer`'s `product` has one.
+    fn project(
+        &self,
+        layer: usize,
+        product: Product,
+        lin: &FrozenLinear,
+        x: &Tensor,
+    ) -> Result<Tensor> {
+        let y = lin.forward(x)?;
+        let delta = match &self.adapter {
+            Some(a) => a.delta(layer, product, x)?,
+            None => None,
+        };
+        Ok(match delta {
+            Some(d) => (y + d)?,
+            None => y,
         })
     }
 
@@ -719,6 +763,7 @@ impl Llama {
 
     fn attention(
         &self,
+        layer: usize,
         block: &Block,
         x: &Tensor,
         pos: &Positional,
@@ -727,7 +772,7 @@ impl Llama {
         let (b, t, _) = x.dims3()?;
         let cfg = &self.config;
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.n_kv_heads(), cfg.head_dim());
-        let qkv = block.qkv.forward(x)?;
+        let qkv = self.project(layer, Product::Qkv, &block.qkv, x)?;
         let heads = |start: usize, n: usize| -> Result<Tensor> {
             Ok(qkv
                 .narrow(D::Minus1, start * hd, n * hd)?
@@ -795,7 +840,7 @@ impl Llama {
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
         Ok(Attended {
-            out: block.o.forward(&y)?,
+            out: self.project(layer, Product::O, &block.o, &y)?,
             q,
             k,
             v,
@@ -807,17 +852,19 @@ impl Llama {
     /// runs off the graph (`pos.off_graph`), also the tape of its hand-written backward.
     fn layer(
         &self,
+        index: usize,
         block: &Block,
         x: &Tensor,
         pos: &Positional,
         past: LayerPast<'_>,
     ) -> Result<(Tensor, Option<LayerTape>)> {
         let n = self.rms_norm(x, &block.attn_norm, &block.attn_gain)?;
-        let attended = self.attention(block, &n, pos, past)?;
+        let attended = self.attention(index, block, &n, pos, past)?;
         let x1 = (x + &attended.out)?;
         let n = self.rms_norm(&x1, &block.mlp_norm, &block.mlp_gain)?;
-        let gate_up = block.gate_up.forward(&n)?;
-        let x2 = (&x1 + block.down.forward(&self.swiglu(&gate_up)?)?)?;
+        let gate_up = self.project(index, Product::GateUp, &block.gate_up, &n)?;
+        let act = self.swiglu(&gate_up)?;
+        let x2 = (&x1 + self.project(index, Product::Down, &block.down, &act)?)?;
         let cfg = &self.config;
         let rope = match (&pos.rope_fused, pos.off_graph) {
             (Some(rope), true) => rope.clone(),
@@ -955,7 +1002,10 @@ impl Llama {
         let fused_ops = self.use_fused();
         // Training on the CPU: each layer runs off the graph and joins it as one node with a
         // hand-written backward (see `LayerTape`). Inference with a cache keeps no tape.
+        // With LoRA adapters the layers stay on candle's graph, which gives the adapters'
+        // gradients (the tape returns only the input's).
         let taped = fused_ops
+            && self.adapter.is_none()
             && matches!(placement, Placement::Offset(_))
             && !matches!(past, Past::Cache(_));
         let pos = Positional {
@@ -973,7 +1023,7 @@ impl Llama {
         let mut x = embeds.to_dtype(self.dtype)?;
         for (i, block) in self.blocks.iter().enumerate() {
             let input = if taped { x.detach() } else { x.clone() };
-            let (out, tape) = self.layer(block, &input, &pos, past.layer(i))?;
+            let (out, tape) = self.layer(i, block, &input, &pos, past.layer(i))?;
             x = match tape {
                 Some(tape) => fused::attach(&x, &out, move |grad| {
                     let dx = tape.backward(grad)?;
@@ -1098,6 +1148,10 @@ impl LanguageModel for Llama {
 
     fn max_positions(&self) -> usize {
         self.config.max_position_embeddings
+    }
+
+    fn adapter_generation(&self) -> u64 {
+        self.adapter.as_ref().map_or(0, |a| a.generation())
     }
 
     fn device(&self) -> &Device {

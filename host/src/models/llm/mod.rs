@@ -58,6 +58,11 @@ pub trait LanguageModel {
     /// Positions the model can attend over (its context length).
     fn max_positions(&self) -> usize;
     fn device(&self) -> &candle_core::Device;
+    /// Changes whenever outputs may change while the frozen weights do not (LoRA adapters
+    /// trained or loaded); 0 without adapters.
+    fn adapter_generation(&self) -> u64 {
+        0
+    }
 }
 
 /// Continuation of `prompt` (token ids) with a KV cache, one token per step, until `eos`

@@ -16,16 +16,22 @@ use crate::models::weights::Result;
 /// without bound (each entry is layers x prefix length x key/value width).
 pub const MAX_CACHED_PREFIXES: usize = 16;
 
+/// (adapter generation, token ids) -> keys and values.
+type Entries = HashMap<(u64, Vec<u32>), Arc<KvCache>>;
+
 #[derive(Default)]
 pub struct PrefixCache {
-    entries: Mutex<HashMap<Vec<u32>, Arc<KvCache>>>,
+    /// Keyed by the model's adapter generation and the ids: the same text through other
+    /// LoRA values has other keys and values.
+    entries: Mutex<Entries>,
 }
 
 impl PrefixCache {
     /// The keys/values (batch 1) of `ids` at positions `0..ids.len()` (an empty cache for no
     /// ids).
     pub fn get_or_compute(&self, llm: &impl LanguageModel, ids: &[u32]) -> Result<Arc<KvCache>> {
-        if let Some(hit) = self.lock().get(ids) {
+        let key = (llm.adapter_generation(), ids.to_vec());
+        if let Some(hit) = self.lock().get(&key) {
             return Ok(hit.clone());
         }
         let _span = tracing::debug_span!("prefill prefix", tokens = ids.len()).entered();
@@ -39,7 +45,7 @@ impl PrefixCache {
         if entries.len() >= MAX_CACHED_PREFIXES {
             entries.clear();
         }
-        entries.insert(ids.to_vec(), cache.clone());
+        entries.insert(key, cache.clone());
         Ok(cache)
     }
 
@@ -52,7 +58,7 @@ impl PrefixCache {
         self.len() == 0
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<Vec<u32>, Arc<KvCache>>> {
+    fn lock(&self) -> MutexGuard<'_, Entries> {
         // A panic while holding the lock leaves a usable map (entries are inserted whole).
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -1,0 +1,870 @@
+//! LoRA adapters on the frozen LLM's linear layers, as PEFT defines them: a projection
+//! `y = x W^T` becomes `y = x W^T + s * dropout(x) A^T B^T` with A (r, in) and B (out, r)
+//! trained and W untouched, s = alpha / r (or alpha / sqrt(r) with rsLoRA). A starts as
+//! PEFT's Kaiming-uniform draw, B at zero, so a fresh adapter changes nothing.
+//!
+//! The base weights stay frozen (and packed, for GGUF models): the low-rank branch is f32
+//! Vars beside them, added to the frozen product's output. Tensor names are PEFT's
+//! (`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`), so the trained
+//! tensors, checkpoints and an `adapter_model.safetensors` all use one naming.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use super::weights::{ModelError, Result};
+
+/// The prefix of every LoRA tensor name (PEFT's wrapping of a causal LM).
+pub const PEFT_PREFIX: &str = "base_model.model.";
+
+/// Ranks past this are a typo (PEFT's own examples stop at 256).
+pub const MAX_RANK: usize = 1024;
+
+/// The sizes of a Llama-family decoder that the adapters' shapes follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecoderShape {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub layers: usize,
+}
+
+/// A linear layer of a Llama-family decoder layer that may carry an adapter, by PEFT's
+/// module name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoraTarget {
+    QProj,
+    KProj,
+    VProj,
+    OProj,
+    GateProj,
+    UpProj,
+    DownProj,
+}
+
+/// The projections the model computes as one product (q/k/v and gate/up are stacked).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Product {
+    Qkv,
+    O,
+    GateUp,
+    Down,
+}
+
+impl LoraTarget {
+    pub const ALL: [LoraTarget; 7] = [
+        LoraTarget::QProj,
+        LoraTarget::KProj,
+        LoraTarget::VProj,
+        LoraTarget::OProj,
+        LoraTarget::GateProj,
+        LoraTarget::UpProj,
+        LoraTarget::DownProj,
+    ];
+
+    /// PEFT's module name (`q_proj`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            LoraTarget::QProj => "q_proj",
+            LoraTarget::KProj => "k_proj",
+            LoraTarget::VProj => "v_proj",
+            LoraTarget::OProj => "o_proj",
+            LoraTarget::GateProj => "gate_proj",
+            LoraTarget::UpProj => "up_proj",
+            LoraTarget::DownProj => "down_proj",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.name() == name)
+    }
+
+    /// The module holding it (`self_attn` or `mlp`).
+    fn module(self) -> &'static str {
+        match self {
+            LoraTarget::QProj | LoraTarget::KProj | LoraTarget::VProj | LoraTarget::OProj => {
+                "self_attn"
+            }
+            LoraTarget::GateProj | LoraTarget::UpProj | LoraTarget::DownProj => "mlp",
+        }
+    }
+
+    /// The product it is part of, and its columns there: (product, first column, width).
+    fn place(self, cfg: &DecoderShape) -> (Product, usize, usize) {
+        let (nh, nkv, hd) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
+        let i = cfg.intermediate;
+        match self {
+            LoraTarget::QProj => (Product::Qkv, 0, nh * hd),
+            LoraTarget::KProj => (Product::Qkv, nh * hd, nkv * hd),
+            LoraTarget::VProj => (Product::Qkv, (nh + nkv) * hd, nkv * hd),
+            LoraTarget::OProj => (Product::O, 0, cfg.hidden),
+            LoraTarget::GateProj => (Product::GateUp, 0, i),
+            LoraTarget::UpProj => (Product::GateUp, i, i),
+            LoraTarget::DownProj => (Product::Down, 0, cfg.hidden),
+        }
+    }
+
+    /// (in, out) features of the projection.
+    fn features(self, cfg: &DecoderShape) -> (usize, usize) {
+        let (_, _, out) = self.place(cfg);
+        let input = match self {
+            LoraTarget::OProj => cfg.heads * cfg.head_dim,
+            LoraTarget::DownProj => cfg.intermediate,
+            _ => cfg.hidden,
+        };
+        (input, out)
+    }
+}
+
+fn default_rank() -> usize {
+    8
+}
+fn default_alpha() -> f64 {
+    32.0
+}
+fn default_dropout() -> f64 {
+    0.05
+}
+fn default_targets() -> Vec<LoraTarget> {
+    vec![LoraTarget::QProj, LoraTarget::VProj]
+}
+
+/// `[lora]` of a run config: present means the LLM gets adapters, trained with the projector.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct LoraConfig {
+    /// r: the adapters' rank.
+    #[serde(default = "default_rank")]
+    pub rank: usize,
+    /// The branch is scaled by alpha / r (alpha / sqrt(r) with `use-rslora`).
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// Dropout on the branch's input while training (PEFT's lora_dropout).
+    #[serde(default = "default_dropout")]
+    pub dropout: f64,
+    /// PEFT module names: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj.
+    #[serde(default = "default_targets")]
+    pub targets: Vec<LoraTarget>,
+    /// Decoder layers that get adapters (0-based); all when absent.
+    #[serde(default)]
+    pub layers: Option<Vec<usize>>,
+    /// rsLoRA's scale, alpha / sqrt(r).
+    #[serde(default)]
+    pub use_rslora: bool,
+    /// The adapters' learning rate (default: train.lr); it follows train's schedule.
+    #[serde(default)]
+    pub lr: Option<f64>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            rank: default_rank(),
+            alpha: default_alpha(),
+            dropout: default_dropout(),
+            targets: default_targets(),
+            layers: None,
+            use_rslora: false,
+            lr: None,
+        }
+    }
+}
+
+impl LoraConfig {
+    /// Checks what does not depend on the model (so a config is refused before loading).
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.rank == 0 || self.rank > MAX_RANK {
+            return Err(format!(
+                "lora.rank = {} must be in 1..={MAX_RANK}",
+                self.rank
+            ));
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return Err(format!("lora.alpha = {} must be positive", self.alpha));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(format!("lora.dropout = {} must be in [0, 1)", self.dropout));
+        }
+        if self.targets.is_empty() {
+            return Err(
+                "lora.targets is empty: name at least one of q_proj, k_proj, v_proj, \
+                        o_proj, gate_proj, up_proj, down_proj"
+                    .into(),
+            );
+        }
+        let mut seen = self.targets.clone();
+        seen.sort();
+        seen.dedup();
+        if seen.len() != self.targets.len() {
+            return Err("lora.targets names a module twice".into());
+        }
+        if let Some(layers) = &self.layers {
+            if layers.is_empty() {
+                return Err("lora.layers is empty (leave it out for every layer)".into());
+            }
+        }
+        if let Some(lr) = self.lr {
+            if !(lr.is_finite() && lr > 0.0) {
+                return Err(format!("lora.lr = {lr} must be positive"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The branch's scale.
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.rank as f64).sqrt()
+        } else {
+            self.alpha / self.rank as f64
+        }
+    }
+
+    /// The decoder layers with adapters, checked against a model of `n_layers`.
+    pub fn layer_indices(&self, n_layers: usize) -> std::result::Result<Vec<usize>, String> {
+        match &self.layers {
+            None => Ok((0..n_layers).collect()),
+            Some(layers) => {
+                let mut l = layers.clone();
+                l.sort_unstable();
+                l.dedup();
+                if l.len() != layers.len() {
+                    return Err("lora.layers names a layer twice".into());
+                }
+                if let Some(bad) = l.iter().find(|&&i| i >= n_layers) {
+                    return Err(format!(
+                        "lora.layers names layer {bad}; the LLM has layers 0..{}",
+                        n_layers.saturating_sub(1)
+                    ));
+                }
+                Ok(l)
+            }
+        }
+    }
+}
+
+/// One projection's adapter.
+struct Pair {
+    target: LoraTarget,
+    /// (r, in)
+    a: Var,
+    /// (out, r)
+    b: Var,
+}
+
+/// Adapters for some linear layers of every (chosen) decoder layer.
+pub struct LoraAdapter {
+    pub config: LoraConfig,
+    scale: f64,
+    /// Per decoder layer (all of the model's, empty where none): its adapters.
+    layers: Vec<Vec<Pair>>,
+    /// Column places of each target in its product, and each product's width.
+    places: HashMap<LoraTarget, (Product, usize, usize)>,
+    widths: HashMap<ProductKey, usize>,
+    /// While training: the seed of this forward's dropout masks.
+    dropout_seed: Mutex<Option<u64>>,
+    /// Changes whenever the values may have changed (keys the prompt-prefix cache).
+    generation: AtomicU64,
+}
+
+type ProductKey = u8;
+fn key(p: Product) -> ProductKey {
+    p as u8
+}
+
+static GENERATIONS: AtomicU64 = AtomicU64::new(1);
+
+fn bad(reason: String) -> ModelError {
+    ModelError::Input {
+        what: "LoRA adapter".into(),
+        reason,
+    }
+}
+
+impl LoraAdapter {
+    /// Fresh adapters for a model of `cfg`: A drawn as PEFT draws it (Kaiming-uniform with
+    /// a = sqrt(5): U(-1/sqrt(in), 1/sqrt(in))), B zero.
+    pub fn new(
+        config: &LoraConfig,
+        cfg: &DecoderShape,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        config.check().map_err(bad)?;
+        let chosen = config.layer_indices(cfg.layers).map_err(bad)?;
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x10_7A_AD_A9_7E);
+        let r = config.rank;
+        let mut targets = config.targets.clone();
+        targets.sort();
+        let mut layers = Vec::with_capacity(cfg.layers);
+        for i in 0..cfg.layers {
+            let mut pairs = Vec::new();
+            if chosen.contains(&i) {
+                for &target in &targets {
+                    let (input, out) = target.features(cfg);
+                    if r > input.min(out) {
+                        return Err(bad(format!(
+                            "lora.rank = {r} exceeds {}'s smaller side ({input} in, {out} out)",
+                            target.name()
+                        )));
+                    }
+                    let bound = 1.0 / (input as f64).sqrt();
+                    let a: Vec<f32> = (0..r * input)
+                        .map(|_| rng.random_range(-bound..bound) as f32)
+                        .collect();
+                    pairs.push(Pair {
+                        target,
+                        a: Var::from_tensor(&Tensor::from_vec(a, (r, input), device)?)?,
+                        b: Var::zeros((out, r), DType::F32, device)?,
+                    });
+                }
+            }
+            layers.push(pairs);
+        }
+        let places = LoraTarget::ALL
+            .into_iter()
+            .map(|t| (t, t.place(cfg)))
+            .collect();
+        let widths = HashMap::from([
+            (
+                key(Product::Qkv),
+                (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim,
+            ),
+            (key(Product::O), cfg.hidden),
+            (key(Product::GateUp), 2 * cfg.intermediate),
+            (key(Product::Down), cfg.hidden),
+        ]);
+        Ok(Self {
+            scale: config.scale(),
+            config: config.clone(),
+            layers,
+            places,
+            widths,
+            dropout_seed: Mutex::new(None),
+            generation: AtomicU64::new(GENERATIONS.fetch_add(1, Ordering::Relaxed)),
+        })
+    }
+
+    /// The same adapters (values copied) in another dtype: f64 for finite-difference checks.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        let convert =
+            |v: &Var| -> Result<Var> { Ok(Var::from_tensor(&v.as_tensor().to_dtype(dtype)?)?) };
+        let layers = self
+            .layers
+            .iter()
+            .map(|pairs| {
+                pairs
+                    .iter()
+                    .map(|p| {
+                        Ok(Pair {
+                            target: p.target,
+                            a: convert(&p.a)?,
+                            b: convert(&p.b)?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            config: self.config.clone(),
+            scale: self.scale,
+            layers,
+            places: self.places.clone(),
+            widths: self.widths.clone(),
+            dropout_seed: Mutex::new(None),
+            generation: AtomicU64::new(GENERATIONS.fetch_add(1, Ordering::Relaxed)),
+        })
+    }
+
+    /// PEFT's name of a tensor: `base_model.model.model.layers.{i}.{module}.{target}.lora_{A|B}.weight`.
+    pub fn tensor_name(layer: usize, target: LoraTarget, which: char) -> String {
+        format!(
+            "{PEFT_PREFIX}model.layers.{layer}.{}.{}.lora_{which}.weight",
+            target.module(),
+            target.name()
+        )
+    }
+
+    /// Every trainable tensor, by PEFT name, in a fixed order (layer, target, A then B).
+    pub fn params(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for (i, pairs) in self.layers.iter().enumerate() {
+            for p in pairs {
+                out.push((Self::tensor_name(i, p.target, 'A'), p.a.clone()));
+                out.push((Self::tensor_name(i, p.target, 'B'), p.b.clone()));
+            }
+        }
+        out
+    }
+
+    /// Loads tensors by PEFT name (all of them must be there, with this adapter's shapes;
+    /// names it does not have are refused).
+    pub fn load_map(&self, tensors: &HashMap<String, Tensor>, source: &Path) -> Result<()> {
+        let params = self.params();
+        let mut extra: Vec<&String> = tensors
+            .keys()
+            .filter(|n| !params.iter().any(|(p, _)| p == *n))
+            .collect();
+        extra.sort();
+        if let Some(first) = extra.first() {
+            return Err(bad(format!(
+                "{} holds {} LoRA tensor(s) this config's [lora] does not make (first: \
+                 {first}): set [lora] targets/layers/rank as its run did",
+                source.display(),
+                extra.len()
+            )));
+        }
+        for (name, var) in &params {
+            let t = tensors.get(name).ok_or_else(|| {
+                bad(format!(
+                    "{} has no {name}: its run had no such adapter (check [lora] targets \
+                     and layers)",
+                    source.display()
+                ))
+            })?;
+            if t.dims() != var.dims() {
+                return Err(ModelError::Shape {
+                    source_desc: source.display().to_string(),
+                    name: name.clone(),
+                    expected: var.dims().to_vec(),
+                    found: t.dims().to_vec(),
+                });
+            }
+            var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+        }
+        self.touch();
+        Ok(())
+    }
+
+    /// Marks the values as changed (after an optimizer step or a load).
+    pub fn touch(&self) {
+        self.generation.store(
+            GENERATIONS.fetch_add(1, Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// A number that differs whenever the values may differ.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    /// Sets (training) or clears (eval, inference) the seed of the dropout masks.
+    pub fn set_dropout_seed(&self, seed: Option<u64>) {
+        *self.dropout_seed.lock().unwrap_or_else(|e| e.into_inner()) = seed;
+    }
+
+    /// The branch's output for `product` of decoder layer `layer` at input `x` (.., in): a
+    /// tensor as wide as the product (zeros in the columns of untargeted projections), in
+    /// `x`'s dtype; `None` where the product has no adapter.
+    pub fn delta(&self, layer: usize, product: Product, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some(pairs) = self.layers.get(layer) else {
+            return Ok(None);
+        };
+        let here: Vec<&Pair> = pairs
+            .iter()
+            .filter(|p| self.places[&p.target].0 == product)
+            .collect();
+        if here.is_empty() {
+            return Ok(None);
+        }
+        let dims = x.dims().to_vec();
+        let (&input, lead) = dims.split_last().expect("a product input has dims");
+        // The branch runs in the adapters' dtype (f32; f64 in gradient checks).
+        let wide = here[0].a.dtype();
+        let x32 = x.to_dtype(wide)?.reshape(((), input))?;
+        let rows = x32.dim(0)?;
+        let seed = *self.dropout_seed.lock().unwrap_or_else(|e| e.into_inner());
+        let width = self.widths[&key(product)];
+        let mut parts: Vec<Tensor> = Vec::new();
+        let mut col = 0;
+        for p in here {
+            let (_, start, w) = self.places[&p.target];
+            if start > col {
+                parts.push(Tensor::zeros((rows, start - col), wide, x.device())?);
+            }
+            let xin = match (seed, self.config.dropout) {
+                (Some(seed), d) if d > 0.0 => {
+                    let mask = dropout_mask(seed, layer, p.target, rows * input, d);
+                    let mask = Tensor::from_vec(mask, (rows, input), x.device())?.to_dtype(wide)?;
+                    (&x32 * mask)?
+                }
+                _ => x32.clone(),
+            };
+            let h = xin.matmul(&p.a.as_tensor().t()?)?;
+            let y = (h.matmul(&p.b.as_tensor().t()?)? * self.scale)?;
+            parts.push(y);
+            col = start + w;
+        }
+        if col < width {
+            parts.push(Tensor::zeros((rows, width - col), wide, x.device())?);
+        }
+        let joined = if parts.len() == 1 {
+            parts.pop().expect("one part")
+        } else {
+            Tensor::cat(&parts, 1)?
+        };
+        let mut shape = lead.to_vec();
+        shape.push(width);
+        Ok(Some(joined.reshape(shape)?.to_dtype(x.dtype())?))
+    }
+
+    /// PEFT's `adapter_config.json` for this adapter.
+    pub fn peft_config(&self, base_model: &str) -> serde_json::Value {
+        let c = &self.config;
+        let mut targets: Vec<&str> = c.targets.iter().map(|t| t.name()).collect();
+        targets.sort_unstable();
+        serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "r": c.rank,
+            "lora_alpha": c.alpha,
+            "lora_dropout": c.dropout,
+            "target_modules": targets,
+            "layers_to_transform": c.layers,
+            "use_rslora": c.use_rslora,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "inference_mode": true,
+            "init_lora_weights": true,
+            "modules_to_save": null,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "use_dora": false,
+        })
+    }
+
+    /// Writes `adapter_config.json` and `adapter_model.safetensors` (PEFT's layout) into
+    /// `dir`, each atomically.
+    pub fn save_peft(&self, dir: &Path, base_model: &str) -> Result<()> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |cause| ModelError::Io { path, cause }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let tensors: HashMap<String, Tensor> = self
+            .params()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect();
+        let weights = dir.join("adapter_model.safetensors");
+        let tmp = dir.join(".adapter_model.safetensors.tmp");
+        candle_core::safetensors::save(&tensors, &tmp)?;
+        std::fs::rename(&tmp, &weights).map_err(io(&weights))?;
+        let config = dir.join("adapter_config.json");
+        let tmp = dir.join(".adapter_config.json.tmp");
+        let text = serde_json::to_string_pretty(&self.peft_config(base_model))
+            .expect("a JSON value serialises");
+        std::fs::write(&tmp, text).map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &config).map_err(io(&config))?;
+        Ok(())
+    }
+}
+
+/// Inverted-dropout mask (0 or 1 / (1 - p)) for one projection's input in one forward:
+/// drawn from (seed, layer, target), so a resumed run draws the same masks.
+fn dropout_mask(seed: u64, layer: usize, target: LoraTarget, n: usize, p: f64) -> Vec<f32> {
+    let mut rng = StdRng::seed_from_u64(
+        seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((layer as u64) << 8) ^ target as u64,
+    );
+    let keep = (1.0 / (1.0 - p)) as f32;
+    (0..n)
+        .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
+        .collect()
+}
+
+/// A PEFT adapter folder (`adapter_config.json` + `adapter_model.safetensors`), as Python's
+/// `peft` writes it: its settings as a [`LoraConfig`] and its tensors.
+pub struct PeftAdapter {
+    pub config: LoraConfig,
+    pub tensors: HashMap<String, Tensor>,
+    pub weights: PathBuf,
+}
+
+/// The most an adapter_config.json may hold (a real one is ~1 KB).
+const MAX_PEFT_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Reads a PEFT LoRA adapter folder, refusing settings earshot does not implement (DoRA,
+/// per-module rank or alpha patterns, bias training, modules_to_save, fan_in_fan_out) by
+/// name rather than computing something else.
+pub fn read_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
+    let config_path = dir.join("adapter_config.json");
+    let weights = dir.join("adapter_model.safetensors");
+    let reason = |r: String| bad(format!("{}: {r}", config_path.display()));
+    let len = std::fs::metadata(&config_path)
+        .map_err(|cause| ModelError::Io {
+            path: config_path.clone(),
+            cause,
+        })?
+        .len();
+    if len > MAX_PEFT_CONFIG_BYTES {
+        return Err(reason(format!(
+            "{len} bytes; an adapter config is a few KB"
+        )));
+    }
+    let text = crate::files::read_to_string(&config_path).map_err(|cause| ModelError::Io {
+        path: config_path.clone(),
+        cause,
+    })?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| reason(format!("not JSON: {e}")))?;
+    let get = |k: &str| v.get(k).filter(|x| !x.is_null());
+    let peft_type = get("peft_type").and_then(|x| x.as_str()).unwrap_or("");
+    if peft_type != "LORA" {
+        return Err(reason(format!(
+            "peft_type is {peft_type:?}; only LORA adapters are supported"
+        )));
+    }
+    for (k, fine) in [
+        ("use_dora", serde_json::json!(false)),
+        ("fan_in_fan_out", serde_json::json!(false)),
+        ("bias", serde_json::json!("none")),
+    ] {
+        if let Some(x) = get(k) {
+            if *x != fine {
+                return Err(reason(format!("{k} = {x} is not supported (only {fine})")));
+            }
+        }
+    }
+    for k in ["rank_pattern", "alpha_pattern"] {
+        if get(k)
+            .and_then(|x| x.as_object())
+            .is_some_and(|m| !m.is_empty())
+        {
+            return Err(reason(format!(
+                "{k} (per-module ranks or alphas) is not supported"
+            )));
+        }
+    }
+    if get("modules_to_save").is_some_and(|x| x.as_array().is_none_or(|a| !a.is_empty())) {
+        return Err(reason(
+            "modules_to_save (fully trained modules) is not supported".into(),
+        ));
+    }
+    if get("layers_pattern").is_some_and(|x| x.as_str() != Some("layers")) {
+        return Err(reason(
+            "layers_pattern other than \"layers\" is not supported".into(),
+        ));
+    }
+    let rank = get("r")
+        .and_then(|x| x.as_u64())
+        .ok_or_else(|| reason("no integer r".into()))? as usize;
+    let alpha = get("lora_alpha")
+        .and_then(|x| x.as_f64())
+        .ok_or_else(|| reason("no number lora_alpha".into()))?;
+    let dropout = get("lora_dropout").and_then(|x| x.as_f64()).unwrap_or(0.0);
+    let use_rslora = get("use_rslora").and_then(|x| x.as_bool()).unwrap_or(false);
+    let names: Vec<String> = match get("target_modules") {
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .map(|x| x.as_str().map(str::to_owned))
+            .collect::<Option<_>>()
+            .ok_or_else(|| reason("target_modules holds a non-string".into()))?,
+        Some(serde_json::Value::String(s)) => vec![s.clone()],
+        _ => return Err(reason("no target_modules".into())),
+    };
+    let mut targets = Vec::new();
+    for n in &names {
+        let t = LoraTarget::from_name(n).ok_or_else(|| {
+            reason(format!(
+                "target module {:?} is not one of q_proj, k_proj, v_proj, o_proj, gate_proj, \
+                 up_proj, down_proj (regular expressions are not supported)",
+                crate::text::display_text(n, 64)
+            ))
+        })?;
+        if !targets.contains(&t) {
+            targets.push(t);
+        }
+    }
+    let layers = match get("layers_to_transform") {
+        None => None,
+        Some(serde_json::Value::Array(a)) => Some(
+            a.iter()
+                .map(|x| x.as_u64().map(|i| i as usize))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| reason("layers_to_transform holds a non-integer".into()))?,
+        ),
+        Some(x) => Some(vec![x
+            .as_u64()
+            .ok_or_else(|| reason("layers_to_transform is not an integer or a list".into()))?
+            as usize]),
+    };
+    let config = LoraConfig {
+        rank,
+        alpha,
+        dropout: dropout.clamp(0.0, 0.99),
+        targets,
+        layers,
+        use_rslora,
+        lr: None,
+    };
+    config.check().map_err(reason)?;
+    let bytes = crate::files::read(&weights).map_err(|cause| ModelError::Io {
+        path: weights.clone(),
+        cause,
+    })?;
+    let raw = candle_core::safetensors::load_buffer(&bytes, device)
+        .map_err(|e| bad(format!("{}: invalid safetensors: {e}", weights.display())))?;
+    // PEFT writes tensors without the adapter's name ("default"); some tools keep it.
+    let mut tensors = HashMap::new();
+    for (name, t) in raw {
+        let name = name
+            .replace(".lora_A.default.weight", ".lora_A.weight")
+            .replace(".lora_B.default.weight", ".lora_B.weight");
+        if let Some(bad_name) = super::weights::count_non_finite(&name, &t)? {
+            return Err(bad(format!(
+                "{}: non-finite values in {bad_name}",
+                weights.display()
+            )));
+        }
+        tensors.insert(name, t);
+    }
+    Ok(PeftAdapter {
+        config,
+        tensors,
+        weights,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> DecoderShape {
+        DecoderShape {
+            hidden: 16,
+            intermediate: 24,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 4,
+            layers: 3,
+        }
+    }
+
+    #[test]
+    fn a_fresh_adapter_adds_zero_and_names_tensors_as_peft() {
+        let cfg = tiny();
+        let lora = LoraAdapter::new(&LoraConfig::default(), &cfg, 1, &Device::Cpu).unwrap();
+        let names: Vec<String> = lora.params().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names.len(), 3 * 2 * 2);
+        assert_eq!(
+            names[0],
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+        );
+        let x = Tensor::randn(0f32, 1.0, (2, 5, 16), &Device::Cpu).unwrap();
+        let d = lora.delta(1, Product::Qkv, &x).unwrap().unwrap();
+        assert_eq!(d.dims(), &[2, 5, 16 + 2 * 8]);
+        assert_eq!(
+            d.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
+        assert!(lora.delta(1, Product::Down, &x).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_branch_lands_in_its_projection_columns() {
+        let cfg = tiny();
+        let c = LoraConfig {
+            targets: vec![LoraTarget::VProj, LoraTarget::QProj],
+            dropout: 0.0,
+            ..LoraConfig::default()
+        };
+        let lora = LoraAdapter::new(&c, &cfg, 1, &Device::Cpu).unwrap();
+        for (_, v) in lora.params() {
+            v.set(&Tensor::ones(v.dims(), DType::F32, &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        let x = Tensor::ones((1, 1, 16), DType::F32, &Device::Cpu).unwrap();
+        let d: Vec<f32> = lora
+            .delta(0, Product::Qkv, &x)
+            .unwrap()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // x A^T = 16 per rank row; B sums 8 of them; scale 32 / 8.
+        let v = 16.0 * 8.0 * 4.0;
+        assert!(d[..16].iter().all(|&y| y == v), "q: {d:?}");
+        assert!(d[16..24].iter().all(|&y| y == 0.0), "k: {d:?}");
+        assert!(d[24..].iter().all(|&y| y == v), "v: {d:?}");
+    }
+
+    #[test]
+    fn config_checks_name_the_setting() {
+        let cfg = tiny();
+        let over = LoraConfig {
+            layers: Some(vec![3]),
+            ..LoraConfig::default()
+        };
+        let e = LoraAdapter::new(&over, &cfg, 0, &Device::Cpu)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("lora.layers names layer 3"), "{e}");
+        let rank = LoraConfig {
+            rank: 17,
+            ..LoraConfig::default()
+        };
+        let e = LoraAdapter::new(&rank, &cfg, 0, &Device::Cpu)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("exceeds q_proj"), "{e}");
+        for (c, want) in [
+            (
+                LoraConfig {
+                    rank: 0,
+                    ..LoraConfig::default()
+                },
+                "lora.rank",
+            ),
+            (
+                LoraConfig {
+                    dropout: 1.0,
+                    ..LoraConfig::default()
+                },
+                "lora.dropout",
+            ),
+            (
+                LoraConfig {
+                    alpha: f64::NAN,
+                    ..LoraConfig::default()
+                },
+                "lora.alpha",
+            ),
+            (
+                LoraConfig {
+                    targets: vec![],
+                    ..LoraConfig::default()
+                },
+                "lora.targets",
+            ),
+        ] {
+            assert!(c.check().unwrap_err().contains(want), "{want}");
+        }
+    }
+
+    #[test]
+    fn dropout_masks_repeat_for_a_seed_and_keep_the_mean() {
+        let a = dropout_mask(7, 2, LoraTarget::QProj, 10_000, 0.25);
+        assert_eq!(a, dropout_mask(7, 2, LoraTarget::QProj, 10_000, 0.25));
+        assert_ne!(a, dropout_mask(8, 2, LoraTarget::QProj, 10_000, 0.25));
+        assert_ne!(a, dropout_mask(7, 2, LoraTarget::VProj, 10_000, 0.25));
+        let mean = a.iter().map(|&x| x as f64).sum::<f64>() / a.len() as f64;
+        assert!((mean - 1.0).abs() < 0.03, "{mean}");
+    }
+}

@@ -513,3 +513,105 @@ fn mixed_encoder_layers_train_caption_and_refuse_other_layers() {
         "{err}"
     );
 }
+
+/// LoRA: a run interrupted and resumed writes the same bytes as an uninterrupted one
+/// (adapters, their optimizer state and dropout masks included); the run leaves a PEFT
+/// adapter folder; captioning needs the same [lora], and a checkpoint with other adapters
+/// is refused by name.
+#[test]
+fn lora_resume_is_byte_identical_and_captioning_needs_the_same_adapters() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    let lora = [
+        "--set",
+        "lora.rank=4",
+        "--set",
+        "lora.dropout=0.1",
+        "--set",
+        "lora.targets=[\"q_proj\", \"v_proj\", \"down_proj\"]",
+        "--set",
+        "lora.lr=0.001",
+    ];
+    let stdout = expect_success(&train(&a, &lora));
+    assert!(stdout.contains("trained to step 6"), "{stdout}");
+    let mut first: Vec<&str> = lora.to_vec();
+    first.extend(["--max-steps", "3"]);
+    expect_success(&train(&b, &first));
+    let mut again: Vec<&str> = lora.to_vec();
+    again.push("--resume");
+    expect_success(&train(&b, &again));
+    for file in ["projector.safetensors", "adapter/adapter_model.safetensors"] {
+        let (x, y) = (
+            std::fs::read(a.join(file)).unwrap(),
+            std::fs::read(b.join(file)).unwrap(),
+        );
+        assert_eq!(
+            x, y,
+            "{file}: the resumed run differs from the uninterrupted one"
+        );
+    }
+    // PEFT's layout: its config and tensor names.
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(a.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["r"], 4);
+    assert_eq!(config["lora_alpha"], 32.0);
+    assert_eq!(
+        config["target_modules"],
+        serde_json::json!(["down_proj", "q_proj", "v_proj"])
+    );
+    let adapter = candle_core::safetensors::load(
+        a.join("adapter/adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    // SmolLM2-135M: 30 layers, 3 targets, A and B.
+    assert_eq!(adapter.len(), 30 * 3 * 2);
+    let b_down = &adapter["base_model.model.model.layers.29.mlp.down_proj.lora_B.weight"];
+    assert_eq!(b_down.dims(), &[576, 4]);
+    let trained: f32 = b_down
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(trained > 0.0, "B moved away from zero");
+    // Every step trained the adapters as well: the update ratios name them.
+    let metrics = std::fs::read_to_string(a.join("metrics.jsonl")).unwrap();
+    assert!(
+        metrics.contains("layers.0.self_attn.q_proj.lora_A.weight"),
+        "{}",
+        &metrics[..metrics.len().min(2000)]
+    );
+
+    let clip = repo_root().join("configs/data/tones/clips/one.wav");
+    let caption = |checkpoint: &Path, sets: &[&str]| {
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "caption".into(),
+            "--config".into(),
+            bundled().into(),
+            "--checkpoint".into(),
+            checkpoint.into(),
+            "--max-tokens".into(),
+            "3".into(),
+        ];
+        args.extend(sets.iter().map(std::ffi::OsString::from));
+        args.push(clip.clone().into());
+        earshot(args)
+    };
+    expect_success(&caption(&a, &lora));
+    expect_success(&caption(&b.join("checkpoints"), &lora));
+    let err = expect_failure(&caption(&a, &[]));
+    assert!(
+        err.contains("LoRA tensor") && err.contains("[lora]"),
+        "{err}"
+    );
+    let err = expect_failure(&caption(&a.join("checkpoints"), &["--set", "lora.rank=8"]));
+    assert!(
+        err.contains("LoRA adapters ([lora])") && err.contains("refusing to caption"),
+        "{err}"
+    );
+}

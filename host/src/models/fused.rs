@@ -1371,6 +1371,50 @@ where
     input.apply_op2(&value.contiguous()?, Attached { backward })
 }
 
+/// Where a taped backward leaves the gradient of a parameter used off the graph, for the
+/// [`grad_port`] that hands it to candle's backward.
+pub type GradSlot = std::sync::Arc<std::sync::Mutex<Option<Tensor>>>;
+
+struct GradPort {
+    slot: GradSlot,
+}
+
+impl CustomOp2 for GradPort {
+    fn name(&self) -> &'static str {
+        "grad-port"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        _s2: &CpuStorage,
+        _l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = dispatch!(s1, l1, "grad-port", |v| v.to_vec());
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _input: &Tensor,
+        _param: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let param_grad = self.slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        Ok((Some(grad.clone()), param_grad))
+    }
+}
+
+/// `input` unchanged (a copy), as a graph node whose backward passes the gradient through
+/// and gives `param` the gradient found in `slot` by then. Placed below a taped layer that
+/// used `param` off the graph: candle runs the layer's backward (which fills the slot)
+/// before this node's, since this node feeds the layer. f32/f64 on CPU.
+pub fn grad_port(input: &Tensor, param: &Tensor, slot: GradSlot) -> Result<Tensor> {
+    input.contiguous()?.apply_op2(param, GradPort { slot })
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

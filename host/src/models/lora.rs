@@ -500,8 +500,15 @@ impl LoraAdapter {
                 }
                 _ => x32.clone(),
             };
-            let h = xin.matmul(&p.a.as_tensor().t()?)?;
-            let y = (h.matmul(&p.b.as_tensor().t()?)? * self.scale)?;
+            // Without a gradient wanted (captioning), the branch stays off the graph, so the
+            // frozen products after it keep their inference kernels.
+            let (a, b) = if x.track_op() {
+                (p.a.as_tensor().clone(), p.b.as_tensor().clone())
+            } else {
+                (p.a.as_tensor().detach(), p.b.as_tensor().detach())
+            };
+            let h = xin.matmul(&a.t()?)?;
+            let y = (h.matmul(&b.t()?)? * self.scale)?;
             parts.push(y);
             col = start + w;
         }
@@ -516,6 +523,79 @@ impl LoraAdapter {
         let mut shape = lead.to_vec();
         shape.push(width);
         Ok(Some(joined.reshape(shape)?.to_dtype(x.dtype())?))
+    }
+
+    /// The adapters' dtype (f32; f64 in gradient checks).
+    pub fn dtype(&self) -> DType {
+        self.layers
+            .iter()
+            .flatten()
+            .next()
+            .map_or(DType::F32, |p| p.a.dtype())
+    }
+
+    /// As [`LoraAdapter::delta`] for a forward off candle's graph (a taped layer): the
+    /// branch from the adapters' current values, and what its hand-written backward needs.
+    /// `x` must be in the adapters' dtype.
+    pub fn delta_taped(
+        &self,
+        layer: usize,
+        product: Product,
+        x: &Tensor,
+    ) -> Result<Option<(Tensor, Vec<BranchTape>)>> {
+        let Some(pairs) = self.layers.get(layer) else {
+            return Ok(None);
+        };
+        let here: Vec<&Pair> = pairs
+            .iter()
+            .filter(|p| self.places[&p.target].0 == product)
+            .collect();
+        if here.is_empty() {
+            return Ok(None);
+        }
+        let dims = x.dims().to_vec();
+        let (&input, lead) = dims.split_last().expect("a product input has dims");
+        let x2 = x.reshape(((), input))?;
+        let rows = x2.dim(0)?;
+        let seed = *self.dropout_seed.lock().unwrap_or_else(|e| e.into_inner());
+        let width = self.widths[&key(product)];
+        let mut joined = Tensor::zeros((rows, width), x.dtype(), x.device())?;
+        let mut tapes = Vec::with_capacity(here.len());
+        for p in here {
+            let (_, start, w) = self.places[&p.target];
+            let mask = match (seed, self.config.dropout) {
+                (Some(seed), d) if d > 0.0 => {
+                    let mask = dropout_mask(seed, layer, p.target, rows * input, d);
+                    Some(Tensor::from_vec(mask, (rows, input), x.device())?.to_dtype(x.dtype())?)
+                }
+                _ => None,
+            };
+            let xin = match &mask {
+                Some(m) => (&x2 * m)?,
+                None => x2.clone(),
+            };
+            let a = p.a.as_tensor().detach();
+            let b = p.b.as_tensor().detach();
+            let low = xin.matmul(&a.t()?)?;
+            let y = (low.matmul(&b.t()?)? * self.scale)?;
+            joined = joined.slice_assign(&[0..rows, start..start + w], &y)?;
+            tapes.push(BranchTape {
+                start,
+                width: w,
+                input: xin,
+                mask,
+                low,
+                a,
+                b,
+                scale: self.scale,
+                a_var: p.a.as_tensor().clone(),
+                b_var: p.b.as_tensor().clone(),
+                grads: Default::default(),
+            });
+        }
+        let mut shape = lead.to_vec();
+        shape.push(width);
+        Ok(Some((joined.reshape(shape)?, tapes)))
     }
 
     /// PEFT's `adapter_config.json` for this adapter.
@@ -568,6 +648,53 @@ impl LoraAdapter {
         std::fs::write(&tmp, text).map_err(io(&tmp))?;
         std::fs::rename(&tmp, &config).map_err(io(&config))?;
         Ok(())
+    }
+}
+
+/// What the hand-written backward of one adapter in a taped layer needs, and where it
+/// leaves d(loss)/dA and d(loss)/dB for the graph nodes ([`crate::models::fused::grad_port`])
+/// that hand them to candle.
+pub struct BranchTape {
+    /// Its columns in the product's output.
+    start: usize,
+    width: usize,
+    /// The branch's input after dropout (rows, in).
+    input: Tensor,
+    mask: Option<Tensor>,
+    /// input A^T (rows, r).
+    low: Tensor,
+    a: Tensor,
+    b: Tensor,
+    scale: f64,
+    /// The Vars' tensors: the ids their gradients are stored under.
+    pub a_var: Tensor,
+    pub b_var: Tensor,
+    pub grads: BranchGrads,
+}
+
+/// d(loss)/dA and d(loss)/dB of one adapter, filled by [`BranchTape::backward`].
+#[derive(Default, Clone)]
+pub struct BranchGrads {
+    pub a: crate::models::fused::GradSlot,
+    pub b: crate::models::fused::GradSlot,
+}
+
+impl BranchTape {
+    /// From d(loss)/d(product output) (rows, product width): stores dA and dB and returns the
+    /// branch's share of d(loss)/d(product input) (rows, in).
+    pub fn backward(&self, d_out: &Tensor) -> candle_core::Result<Tensor> {
+        let g = d_out.narrow(1, self.start, self.width)?.contiguous()?;
+        let db = (g.t()?.matmul(&self.low)? * self.scale)?;
+        let dh = (g.matmul(&self.b)? * self.scale)?;
+        let da = dh.t()?.matmul(&self.input)?;
+        let du = dh.matmul(&self.a)?;
+        let du = match &self.mask {
+            Some(m) => (du * m)?,
+            None => du,
+        };
+        *self.grads.a.lock().unwrap_or_else(|e| e.into_inner()) = Some(da);
+        *self.grads.b.lock().unwrap_or_else(|e| e.into_inner()) = Some(db);
+        Ok(du)
     }
 }
 

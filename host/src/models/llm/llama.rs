@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::LanguageModel;
 use crate::models::frozen::FrozenLinear;
 use crate::models::fused;
-use crate::models::lora::{DecoderShape, LoraAdapter, Product};
+use crate::models::lora::{BranchTape, DecoderShape, LoraAdapter, Product};
 use crate::models::nonfinite::NonFiniteTrace;
 use crate::models::packed::PackedMatrix;
 use crate::models::weights::{ModelError, Result, WeightStore};
@@ -294,6 +294,8 @@ struct LayerTape {
     rope: fused::RopeTables,
     /// (query heads, key/value heads, head dim)
     heads: (usize, usize, usize),
+    /// The LoRA adapters this layer used, by the product they add to.
+    lora: Vec<(Product, BranchTape)>,
 }
 
 impl LayerTape {
@@ -305,15 +307,19 @@ impl LayerTape {
         let rope = &self.rope;
         // MLP: x2 = x1 + down(swiglu(gate_up(norm(x1)))).
         let g2 = grad.reshape((n, h))?;
-        let d_act = g2.matmul(&self.down_w)?;
+        let d_act = self.with_branches(Product::Down, &g2, g2.matmul(&self.down_w)?)?;
         let d_gate_up = fused::swiglu_grad(&self.gate_up.reshape((n, ()))?, &d_act)?;
-        let d_norm2 = d_gate_up.matmul(&self.gate_up_w)?;
+        let d_norm2 = self.with_branches(
+            Product::GateUp,
+            &d_gate_up,
+            d_gate_up.matmul(&self.gate_up_w)?,
+        )?;
         let x1 = self.x1.reshape((n, h))?;
         let g1 = (&g2 + fused::rms_norm_grad(&x1, &d_norm2, &self.mlp_gain, self.eps)?)?;
         // Attention: x1 = x + o(softmax(q k^T scale + mask) v), query heads of a K/V head
         // folded into the rows (as in the forward).
-        let dy = g1
-            .matmul(&self.o_w)?
+        let dy = self
+            .with_branches(Product::O, &g1, g1.matmul(&self.o_w)?)?
             .reshape((b, t, nh, hd))?
             .transpose(1, 2)?
             .contiguous()?
@@ -330,10 +336,28 @@ impl LayerTape {
         let dv = dv.narrow(2, s - t, t)?;
         let rows = |g: Tensor, heads: usize| g.transpose(1, 2)?.reshape((n, heads * hd));
         let d_qkv = Tensor::cat(&[rows(dq, nh)?, rows(dk, nkv)?, rows(dv, nkv)?], 1)?;
-        let d_norm1 = d_qkv.matmul(&self.qkv_w)?;
+        let d_norm1 = self.with_branches(Product::Qkv, &d_qkv, d_qkv.matmul(&self.qkv_w)?)?;
         let x = self.x.reshape((n, h))?;
         let dx = (g1 + fused::rms_norm_grad(&x, &d_norm1, &self.attn_gain, self.eps)?)?;
         dx.reshape((b, t, h))
+    }
+}
+
+impl LayerTape {
+    /// `d_input` (the frozen product's input gradient) plus that of each adapter on
+    /// `product`, whose backward also stores its A/B gradients; `d_out` is the product's
+    /// output gradient (rows, width).
+    fn with_branches(
+        &self,
+        product: Product,
+        d_out: &Tensor,
+        d_input: Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let mut d = d_input;
+        for (_, branch) in self.lora.iter().filter(|(p, _)| *p == product) {
+            d = (d + branch.backward(d_out)?)?;
+        }
+        Ok(d)
     }
 }
 
@@ -552,18 +576,26 @@ impl Llama {
         self.adapter.as_ref()
     }
 
-    /// `lin(x)`, plus the adapter's branch where layer `layer`'s `product` has one.
+    /// `lin(x)`, plus the adapter's branch where layer `layer`'s `product` has one. Off the
+    /// graph (a taped layer), the branch's tape joins `branches`.
     fn project(
         &self,
         layer: usize,
         product: Product,
         lin: &FrozenLinear,
         x: &Tensor,
+        branches: Option<&mut Vec<(Product, BranchTape)>>,
     ) -> Result<Tensor> {
         let y = lin.forward(x)?;
-        let delta = match &self.adapter {
-            Some(a) => a.delta(layer, product, x)?,
-            None => None,
+        let Some(adapter) = &self.adapter else {
+            return Ok(y);
+        };
+        let delta = match branches {
+            Some(branches) => adapter.delta_taped(layer, product, x)?.map(|(d, tapes)| {
+                branches.extend(tapes.into_iter().map(|t| (product, t)));
+                d
+            }),
+            None => adapter.delta(layer, product, x)?,
         };
         Ok(match delta {
             Some(d) => (y + d)?,
@@ -768,11 +800,12 @@ impl Llama {
         x: &Tensor,
         pos: &Positional,
         past: LayerPast<'_>,
+        mut branches: Option<&mut Vec<(Product, BranchTape)>>,
     ) -> Result<Attended> {
         let (b, t, _) = x.dims3()?;
         let cfg = &self.config;
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.n_kv_heads(), cfg.head_dim());
-        let qkv = self.project(layer, Product::Qkv, &block.qkv, x)?;
+        let qkv = self.project(layer, Product::Qkv, &block.qkv, x, branches.as_deref_mut())?;
         let heads = |start: usize, n: usize| -> Result<Tensor> {
             Ok(qkv
                 .narrow(D::Minus1, start * hd, n * hd)?
@@ -840,7 +873,7 @@ impl Llama {
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
         Ok(Attended {
-            out: self.project(layer, Product::O, &block.o, &y)?,
+            out: self.project(layer, Product::O, &block.o, &y, branches)?,
             q,
             k,
             v,
@@ -858,13 +891,21 @@ impl Llama {
         pos: &Positional,
         past: LayerPast<'_>,
     ) -> Result<(Tensor, Option<LayerTape>)> {
+        let mut branches = Vec::new();
+        let mut taping = pos.off_graph.then_some(&mut branches);
         let n = self.rms_norm(x, &block.attn_norm, &block.attn_gain)?;
-        let attended = self.attention(index, block, &n, pos, past)?;
+        let attended = self.attention(index, block, &n, pos, past, taping.as_deref_mut())?;
         let x1 = (x + &attended.out)?;
         let n = self.rms_norm(&x1, &block.mlp_norm, &block.mlp_gain)?;
-        let gate_up = self.project(index, Product::GateUp, &block.gate_up, &n)?;
+        let gate_up = self.project(
+            index,
+            Product::GateUp,
+            &block.gate_up,
+            &n,
+            taping.as_deref_mut(),
+        )?;
         let act = self.swiglu(&gate_up)?;
-        let x2 = (&x1 + self.project(index, Product::Down, &block.down, &act)?)?;
+        let x2 = (&x1 + self.project(index, Product::Down, &block.down, &act, taping)?)?;
         let cfg = &self.config;
         let rope = match (&pos.rope_fused, pos.off_graph) {
             (Some(rope), true) => rope.clone(),
@@ -887,6 +928,7 @@ impl Llama {
             eps: cfg.rms_norm_eps,
             rope,
             heads: (cfg.num_attention_heads, cfg.n_kv_heads(), cfg.head_dim()),
+            lora: branches,
         };
         Ok((x2, Some(tape)))
     }
@@ -1002,10 +1044,13 @@ impl Llama {
         let fused_ops = self.use_fused();
         // Training on the CPU: each layer runs off the graph and joins it as one node with a
         // hand-written backward (see `LayerTape`). Inference with a cache keeps no tape.
-        // With LoRA adapters the layers stay on candle's graph, which gives the adapters'
-        // gradients (the tape returns only the input's).
+        // LoRA adapters join the tape in the model's dtype (their gradients go back through
+        // `grad_port` nodes); in another dtype the layers stay on candle's graph.
         let taped = fused_ops
-            && self.adapter.is_none()
+            && self
+                .adapter
+                .as_ref()
+                .is_none_or(|a| a.dtype() == self.dtype)
             && matches!(placement, Placement::Offset(_))
             && !matches!(past, Past::Cache(_));
         let pos = Positional {
@@ -1025,15 +1070,24 @@ impl Llama {
             let input = if taped { x.detach() } else { x.clone() };
             let (out, tape) = self.layer(i, block, &input, &pos, past.layer(i))?;
             x = match tape {
-                Some(tape) => fused::attach(&x, &out, move |grad| {
-                    let dx = tape.backward(grad)?;
-                    // The backward runs from the last layer down: the first failure names
-                    // the layer nearest the loss whose input gradient is not finite.
-                    trace
-                        .check(|| format!("llm.layers.{i} (gradient of its input)"), &dx)
-                        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-                    Ok(dx)
-                })?,
+                Some(tape) => {
+                    // The adapters' gradients enter the graph below the layer (see
+                    // `fused::grad_port`).
+                    let mut input = x.clone();
+                    for (_, branch) in &tape.lora {
+                        input = fused::grad_port(&input, &branch.a_var, branch.grads.a.clone())?;
+                        input = fused::grad_port(&input, &branch.b_var, branch.grads.b.clone())?;
+                    }
+                    fused::attach(&input, &out, move |grad| {
+                        let dx = tape.backward(grad)?;
+                        // The backward runs from the last layer down: the first failure names
+                        // the layer nearest the loss whose input gradient is not finite.
+                        trace
+                            .check(|| format!("llm.layers.{i} (gradient of its input)"), &dx)
+                            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                        Ok(dx)
+                    })?
+                }
                 None => out,
             };
             trace.check(|| format!("llm.layers.{i}"), &x)?;
@@ -1345,6 +1399,71 @@ mod tests {
                 assert!(ga.iter().any(|v| v.abs() > 1e-3), "{what}: no gradient");
                 assert!(max_diff(&ga, &gb) < 1e-10, "{what}: gradients differ");
             }
+        }
+    }
+
+    /// LoRA adapters on every kind of projection, with dropout: the taped layers (adapter
+    /// gradients through `grad_port`) give the values and the input and A/B gradients of
+    /// candle's autograd.
+    #[test]
+    fn lora_tape_backward_equals_autograd() {
+        use crate::models::lora::{LoraConfig, LoraTarget};
+        let dev = Device::Cpu;
+        let (store, cfg) = tiny_weights(2, None);
+        let config = LoraConfig {
+            rank: 2,
+            dropout: 0.2,
+            targets: LoraTarget::ALL.to_vec(),
+            ..LoraConfig::default()
+        };
+        let adapter = LoraAdapter::new(&config, &cfg.decoder_shape(), 3, &dev)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        for (_, v) in adapter.params() {
+            v.set(&Tensor::randn(0f64, 0.3, v.dims(), &dev).unwrap())
+                .unwrap();
+        }
+        adapter.set_dropout_seed(Some(9));
+        let adapter = Arc::new(adapter);
+        let mut taped = Llama::load(&store, &cfg, DType::F64, &dev).unwrap();
+        taped.set_adapter(Some(adapter.clone()));
+        let mut autograd = Llama::load(&store, &cfg, DType::F64, &dev).unwrap();
+        autograd.use_stock_backward();
+        autograd.set_adapter(Some(adapter.clone()));
+        let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 5, 8), &dev).unwrap()).unwrap();
+        let probe = Tensor::randn(0f64, 1.0, (2, 5, 8), &dev).unwrap();
+        let run = |m: &Llama| -> Vec<Vec<f64>> {
+            let hidden = m
+                .forward_hidden(&x, 0, None, NonFiniteTrace::default())
+                .unwrap();
+            let loss = (&hidden * &probe).unwrap().sum_all().unwrap();
+            let g = loss.backward().unwrap();
+            let mut out = vec![hidden.flatten_all().unwrap().to_vec1().unwrap()];
+            let mut tensors = vec![x.as_tensor().clone()];
+            tensors.extend(adapter.params().iter().map(|(_, v)| v.as_tensor().clone()));
+            for t in tensors {
+                let g = g
+                    .get(&t)
+                    .expect("a gradient for the input and every adapter");
+                out.push(g.flatten_all().unwrap().to_vec1().unwrap());
+            }
+            out
+        };
+        let (a, b) = (run(&taped), run(&autograd));
+        let names: Vec<String> = ["values".to_string(), "input".to_string()]
+            .into_iter()
+            .chain(adapter.params().into_iter().map(|(n, _)| n))
+            .collect();
+        assert_eq!(a.len(), names.len());
+        for ((x, y), name) in a.iter().zip(&b).zip(&names) {
+            let diff = x
+                .iter()
+                .zip(y)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0.0, f64::max);
+            assert!(x.iter().any(|v| v.abs() > 1e-6), "{name}: all zero");
+            assert!(diff < 1e-10, "{name}: taped and autograd differ by {diff}");
         }
     }
 

@@ -602,8 +602,18 @@ fn lora_resume_is_byte_identical_and_captioning_needs_the_same_adapters() {
         args.push(clip.clone().into());
         earshot(args)
     };
-    expect_success(&caption(&a, &lora));
+    // One clip: the caption alone on stdout.
+    let captions = |out: &std::process::Output| expect_success(out);
+    let own = captions(&caption(&a, &lora));
+    assert!(!own.trim().is_empty());
     expect_success(&caption(&b.join("checkpoints"), &lora));
+    // The PEFT folder the run wrote, put on the LLM with --adapter, captions the same.
+    let adapter_dir = a.join("adapter");
+    let mut with_adapter: Vec<&str> = lora.to_vec();
+    with_adapter.extend(["--adapter", adapter_dir.to_str().unwrap()]);
+    assert_eq!(captions(&caption(&a, &with_adapter)), own);
+    let err = expect_failure(&caption(&a, &["--adapter", "/nonexistent-adapter"]));
+    assert!(err.contains("LoRA tensor"), "{err}");
     let err = expect_failure(&caption(&a, &[]));
     assert!(
         err.contains("LoRA tensor") && err.contains("[lora]"),

@@ -241,6 +241,28 @@ impl Captioner {
         })
     }
 
+    /// Puts the LoRA adapter of a PEFT folder (`adapter_config.json` +
+    /// `adapter_model.safetensors`, from Python's `peft` or a run's `adapter/`) on the LLM,
+    /// in place of any adapters the config and checkpoint gave it.
+    pub fn use_peft_adapter(&mut self, dir: &Path) -> Result<()> {
+        let device = crate::models::llm::LanguageModel::device(&self.llm.model).clone();
+        let peft = crate::models::lora::read_peft(dir, &device)?;
+        let shape = self.llm.model.config.decoder_shape();
+        let adapter = crate::models::lora::LoraAdapter::new(&peft.config, &shape, 0, &device)?;
+        adapter.load_map(&peft.tensors, &peft.weights)?;
+        tracing::info!(
+            "LoRA adapter from {}: rank {}, alpha {}, {} tensor(s)",
+            dir.display(),
+            peft.config.rank,
+            peft.config.alpha,
+            peft.tensors.len()
+        );
+        self.llm
+            .model
+            .set_adapter(Some(std::sync::Arc::new(adapter)));
+        Ok(())
+    }
+
     /// The config's dataset, with `split` checked to exist.
     pub fn open_dataset(&self, split: &str) -> Result<DatasetAdapter> {
         Ok(open_dataset(&self.host, &self.config, &[split])?)

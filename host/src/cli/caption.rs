@@ -32,6 +32,11 @@ pub struct CaptionArgs {
     /// A checkpoint's manifest is checked against the config's models
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
+    /// LoRA adapter folder in PEFT's layout (adapter_config.json + adapter_model.safetensors,
+    /// as Python's peft writes it, or a LoRA run's adapter/): put on the LLM in place of the
+    /// adapters of the config's [lora] and the checkpoint
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
     /// Caption with a checkpoint made for other models / mel settings / template
     #[arg(long, requires = "checkpoint")]
     pub allow_mismatch: bool,
@@ -89,6 +94,9 @@ pub fn run(args: CaptionArgs) -> Result<()> {
         bail!("give audio files to caption, or --split NAME");
     }
     let mut captioner = Captioner::load(cfg, args.checkpoint.as_deref(), args.allow_mismatch)?;
+    if let Some(dir) = &args.adapter {
+        captioner.use_peft_adapter(dir)?;
+    }
     let mut adapter = match &args.split {
         Some(split) => Some(captioner.open_dataset(split)?),
         None => None,

@@ -37,6 +37,11 @@ pub struct EvalArgs {
     /// Trained projector (as for `earshot caption`)
     #[arg(long, requires = "config")]
     pub checkpoint: Option<PathBuf>,
+    /// LoRA adapter folder in PEFT's layout (adapter_config.json + adapter_model.safetensors,
+    /// as Python's peft writes it, or a LoRA run's adapter/): put on the LLM in place of the
+    /// adapters of the config's [lora] and the checkpoint
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
     /// Evaluate with a checkpoint made for other models / mel settings / template
     #[arg(long, requires = "checkpoint")]
     pub allow_mismatch: bool,
@@ -181,6 +186,9 @@ fn evaluate_config(
         }
     };
     let mut captioner = Captioner::load(cfg, args.checkpoint.as_deref(), args.allow_mismatch)?;
+    if let Some(dir) = &args.adapter {
+        captioner.use_peft_adapter(dir)?;
+    }
     let mut dataset = captioner.open_dataset(&split)?;
     let settings = CaptionSettings {
         max_tokens: args.max_tokens,

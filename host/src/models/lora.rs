@@ -994,4 +994,97 @@ mod tests {
         let mean = a.iter().map(|&x| x as f64).sum::<f64>() / a.len() as f64;
         assert!((mean - 1.0).abs() < 0.03, "{mean}");
     }
+
+    /// A folder written by `save_peft` reads back to the same settings and tensors; what
+    /// earshot does not implement is refused by name, and a damaged file is an error.
+    #[test]
+    fn peft_folders_round_trip_and_unsupported_settings_are_refused() {
+        let cfg = tiny();
+        let c = LoraConfig {
+            rank: 2,
+            alpha: 8.0,
+            targets: vec![LoraTarget::VProj, LoraTarget::DownProj],
+            layers: Some(vec![1]),
+            use_rslora: true,
+            ..LoraConfig::default()
+        };
+        let lora = LoraAdapter::new(&c, &cfg, 4, &Device::Cpu).unwrap();
+        for (_, v) in lora.params() {
+            v.set(&Tensor::randn(0f32, 1.0, v.dims(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        let d = tempfile::tempdir().unwrap();
+        lora.save_peft(d.path(), "base").unwrap();
+        let peft = read_peft(d.path(), &Device::Cpu).unwrap();
+        assert_eq!(
+            peft.config,
+            LoraConfig {
+                targets: vec![LoraTarget::DownProj, LoraTarget::VProj],
+                ..c.clone()
+            }
+        );
+        let back = LoraAdapter::new(&peft.config, &cfg, 99, &Device::Cpu).unwrap();
+        back.load_map(&peft.tensors, &peft.weights).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (3, 16), &Device::Cpu).unwrap();
+        let (a, b) = (
+            lora.delta(1, Product::Qkv, &x).unwrap().unwrap(),
+            back.delta(1, Product::Qkv, &x).unwrap().unwrap(),
+        );
+        assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
+        // Another rank or target set than the tensors: refused by name.
+        let other = LoraAdapter::new(
+            &LoraConfig {
+                rank: 1,
+                ..c.clone()
+            },
+            &cfg,
+            0,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let e = other.load_map(&peft.tensors, &peft.weights).unwrap_err();
+        assert!(e.to_string().contains("expected [1, 16]"), "{e}");
+
+        let config_path = d.path().join("adapter_config.json");
+        let good = std::fs::read_to_string(&config_path).unwrap();
+        let edit = |f: &dyn Fn(&mut serde_json::Value)| {
+            let mut v: serde_json::Value = serde_json::from_str(&good).unwrap();
+            f(&mut v);
+            std::fs::write(&config_path, v.to_string()).unwrap();
+            read_peft(d.path(), &Device::Cpu)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        for (f, want) in [
+            (
+                &(|v: &mut serde_json::Value| v["use_dora"] = true.into())
+                    as &dyn Fn(&mut serde_json::Value),
+                "use_dora",
+            ),
+            (&|v| v["peft_type"] = "IA3".into(), "only LORA"),
+            (
+                &|v| v["target_modules"] = ".*proj".into(),
+                "regular expressions",
+            ),
+            (
+                &|v| v["rank_pattern"] = serde_json::json!({"q_proj": 4}),
+                "rank_pattern",
+            ),
+            (&|v| v["r"] = 0.into(), "lora.rank"),
+            (
+                &|v| v["modules_to_save"] = serde_json::json!(["lm_head"]),
+                "modules_to_save",
+            ),
+        ] {
+            let e = edit(f);
+            assert!(e.contains(want), "{want}: {e}");
+        }
+        std::fs::write(&config_path, &good).unwrap();
+        let weights = d.path().join("adapter_model.safetensors");
+        let bytes = std::fs::read(&weights).unwrap();
+        std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+        let e = read_peft(d.path(), &Device::Cpu).err().unwrap().to_string();
+        assert!(e.contains("invalid safetensors"), "{e}");
+    }
 }

@@ -98,6 +98,7 @@ fn every_command_in_the_readme_runs() {
         "runs/cpu-smollm2-tones/projector.safetensors",
         "runs/positions32/projector.safetensors",
         "runs/tones-all-layers/projector.safetensors",
+        "runs/tones-lora/adapter/adapter_model.safetensors",
         "runs/lr3e-3/best",
         "lr-sweep.png",
         "captions.jsonl",

@@ -1,5 +1,6 @@
 //! `earshot selftest --shape tiny` on the CPU: random weights at Whisper tiny + SmolLM2-135M
-//! shapes, every check passing (LLM f32 vs f64, gradient vs finite difference, loss falling,
+//! shapes, every check passing (LLM f32 vs f64, projector and LoRA gradients vs finite
+//! differences, loss falling with and without LoRA,
 //! KV-cache decoding vs recompute), in f32 and in bf16 (the GPU's code path), and a clear
 //! refusal of `--device cuda` without CUDA.
 
@@ -17,7 +18,9 @@ fn tiny_shape_passes_on_the_cpu() {
         "LLM forward vs CPU f64",
         "KV-cache decoding",
         "projector gradient vs finite difference",
+        "LoRA A/B gradients vs finite difference",
         "training: final / first loss",
+        "LoRA training: final / first loss",
     ] {
         assert!(
             names.iter().any(|n| n.starts_with(wanted)),
@@ -35,6 +38,7 @@ fn tiny_shape_passes_on_the_cpu() {
     let err = llm["value"].as_f64().unwrap();
     assert!(err > 0.0 && err < 1e-5, "{llm}");
     assert!(v["train_step_s"].as_f64().unwrap() > 0.0);
+    assert!(v["lora_train_step_s"].as_f64().unwrap() > 0.0);
     assert!(v["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
     assert!(v["peak_rss_mib"].as_f64().unwrap() > 100.0);
     assert_eq!(v["llm_layers"], 30);

@@ -9,6 +9,7 @@
 //! LLM with the write-up's projector (pool to 250, LayerNorm, Linear), for a GPU.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -21,8 +22,10 @@ use crate::models::llm::{
     decode_batch, DecodeOptions, DecodeRequest, KvCache, LanguageModel, Llama, LlamaConfig,
     LogitsAt,
 };
+use crate::models::lora::{LoraAdapter, LoraConfig, LoraTarget};
 use crate::models::nonfinite::NonFiniteTrace;
 use crate::models::projector::{Projector, ProjectorConfig, ProjectorKind};
+use crate::models::trainable::Trainable;
 use crate::models::weights::{ModelError, WeightStore};
 use crate::models::whisper::{WhisperConfig, WhisperEncoder};
 use crate::pipeline::loss::caption_loss;
@@ -154,6 +157,8 @@ pub struct SelftestReport {
     pub checks: Vec<Check>,
     /// Mean time of one training step (forward + backward + AdamW) on the shape's batch.
     pub train_step_s: f64,
+    /// The same with LoRA adapters (rank 8, q_proj and v_proj) trained too.
+    pub lora_train_step_s: f64,
     /// Greedy decoding with the KV cache, one row.
     pub decode_tokens_per_s: f64,
     /// Peak resident memory of the process (CPU) so far, in MiB.
@@ -390,7 +395,7 @@ pub fn run(
     let ids: Vec<u32> = (0..32)
         .map(|_| rng.random_range(0..spec.llm.vocab_size as u32))
         .collect();
-    let (llm_check, llm) = check_llm(&spec, lstore, device, dtype, tolerance, &ids)?;
+    let (llm_check, mut llm) = check_llm(&spec, lstore, device, dtype, tolerance, &ids)?;
     phase("LLM forward checked");
 
     // KV cache: greedy decoding through the decode loop (prefix cache, then one token at a
@@ -422,22 +427,64 @@ pub fn run(
         "f64, CPU".into(),
     );
     phase("projector gradient checked");
+    let lora_fd = lora_gradient_check(&spec, &enc_ref, spec.whisper.d_model, seed)?;
+    let lora_gradient = check(
+        "LoRA A/B gradients vs finite difference (relative error)",
+        lora_fd,
+        1e-4,
+        "f64, CPU; q_proj, v_proj, down_proj".into(),
+    );
+    phase("LoRA gradients checked");
+    let encoded = encoded.to_dtype(DType::F32)?;
     let (training_check, step_s, device_memory) =
-        measured_training(&spec, &llm, &encoded.to_dtype(DType::F32)?, device, seed)?;
+        measured_training(&spec, &llm, None, &encoded, device, seed)?;
     phase("training steps done");
+    // The same steps with LoRA (rank 8, alpha 32, q_proj and v_proj: SALMONN's and PEFT's
+    // usual) on the LLM: its loss must fall too, and the step's device memory must stay
+    // near the projector-only step's (no gradient or optimizer state for frozen weights).
+    let lora = Arc::new(LoraAdapter::new(
+        &LoraConfig {
+            dropout: 0.0,
+            ..LoraConfig::default()
+        },
+        &spec.llm.decoder_shape(),
+        seed,
+        device,
+    )?);
+    llm.set_adapter(Some(lora.clone()));
+    let (mut lora_training, lora_step_s, lora_memory) =
+        measured_training(&spec, &llm, Some(&lora), &encoded, device, seed)?;
+    llm.set_adapter(None);
+    lora_training.name = format!("LoRA {}", lora_training.name);
+    phase("LoRA training steps done");
+    let mut checks = vec![
+        encoder_check,
+        llm_check,
+        kv_check,
+        gradient_check,
+        lora_gradient,
+        training_check,
+        lora_training,
+    ];
+    if let (Some(plain), Some(with_lora)) = (&device_memory, &lora_memory) {
+        checks.push(check(
+            "LoRA training-step peak / projector-only",
+            with_lora.train_step_peak_mib / plain.train_step_peak_mib.max(1e-9),
+            1.10,
+            format!(
+                "{:.0} MiB vs {:.0} MiB",
+                with_lora.train_step_peak_mib, plain.train_step_peak_mib
+            ),
+        ));
+    }
     Ok(SelftestReport {
         shape,
         llm_layers: spec.llm.num_hidden_layers,
         device: format!("{device:?}"),
         dtype: format!("{dtype:?}"),
-        checks: vec![
-            encoder_check,
-            llm_check,
-            kv_check,
-            gradient_check,
-            training_check,
-        ],
+        checks,
         train_step_s: step_s,
+        lora_train_step_s: lora_step_s,
         decode_tokens_per_s: spec.decode_tokens as f64 / decode_s.max(1e-9),
         peak_rss_mib: peak_rss_mib(),
         device_memory,
@@ -517,6 +564,7 @@ fn check_llm(
 fn measured_training(
     spec: &ShapeSpec,
     llm: &Llama,
+    lora: Option<&Arc<LoraAdapter>>,
     encoded: &Tensor,
     device: &Device,
     seed: u64,
@@ -526,7 +574,7 @@ fn measured_training(
         m.reset_peak();
         m.read()
     });
-    let (first, last, step_s) = train_steps(spec, llm, encoded, device, seed)?;
+    let (first, last, step_s) = train_steps(spec, llm, lora, encoded, device, seed)?;
     let device_memory = meter.zip(resident).map(|(m, before)| {
         let after = m.read();
         let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
@@ -712,10 +760,85 @@ fn gradient_check(spec: &ShapeSpec, encoded: &Tensor, d_enc: usize, seed: u64) -
     Ok(worst)
 }
 
+/// LoRA A and B (q_proj, v_proj, down_proj) of a one-layer LLM at the shape, against a
+/// central finite difference in f64 on the CPU: the worst relative error over each tensor's
+/// two largest-gradient coordinates. B is drawn (a fresh B is zero, and A's gradient with it).
+fn lora_gradient_check(spec: &ShapeSpec, encoded: &Tensor, d_enc: usize, seed: u64) -> Result<f64> {
+    let cfg = LlamaConfig {
+        num_hidden_layers: 1,
+        ..spec.llm.clone()
+    };
+    let mut llm = Llama::load(
+        &llama_weights(&cfg, seed + 4)?,
+        &cfg,
+        DType::F64,
+        &Device::Cpu,
+    )?;
+    let config = LoraConfig {
+        dropout: 0.0,
+        targets: vec![LoraTarget::QProj, LoraTarget::VProj, LoraTarget::DownProj],
+        ..LoraConfig::default()
+    };
+    let adapter = LoraAdapter::new(&config, &cfg.decoder_shape(), seed, &Device::Cpu)?
+        .to_dtype(DType::F64)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed + 5);
+    for (name, var) in adapter.params() {
+        if name.ends_with("lora_B.weight") {
+            let v: Vec<f64> = (0..var.elem_count())
+                .map(|_| rng.random_range(-0.02..0.02))
+                .collect();
+            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu)?)?;
+        }
+    }
+    let adapter = Arc::new(adapter);
+    llm.set_adapter(Some(adapter.clone()));
+    let projector = Projector::new(&spec.projector, d_enc, cfg.hidden_size, seed, &Device::Cpu)?
+        .to_dtype(DType::F64)?;
+    let pieces: Vec<TextPieces> = batch_pieces(spec, seed).into_iter().take(2).collect();
+    let encoded = encoded.to_dtype(DType::F64)?;
+    let audio: Vec<Tensor> = (0..pieces.len())
+        .map(|i| projector.forward(&(&encoded * (1.0 + 0.1 * i as f64))?))
+        .collect::<std::result::Result<_, ModelError>>()?;
+    let loss_of = || -> Result<Tensor> {
+        Ok(caption_loss(&llm, &pieces, &audio, None, NonFiniteTrace::default())?.loss)
+    };
+    let grads = loss_of()?.backward()?;
+    let mut worst = 0f64;
+    let eps = 1e-5;
+    for (name, var) in adapter.params() {
+        let g = grads
+            .get(var.as_tensor())
+            .ok_or_else(|| SelftestError::Missing(format!("no gradient for {name}")))?
+            .flatten_all()?
+            .to_vec1::<f64>()?;
+        let base = var.as_tensor().flatten_all()?.to_vec1::<f64>()?;
+        let mut order: Vec<usize> = (0..g.len()).collect();
+        order.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
+        for &k in order.iter().take(2) {
+            let at = |delta: f64| -> Result<f64> {
+                let mut v = base.clone();
+                v[k] += delta;
+                var.set(&Tensor::from_vec(v, var.as_tensor().shape(), &Device::Cpu)?)?;
+                Ok(loss_of()?.to_scalar::<f64>()?)
+            };
+            let numeric = (at(eps)? - at(-eps)?) / (2.0 * eps);
+            let rel = (numeric - g[k]).abs() / g[k].abs().max(1e-12);
+            worst = worst.max(rel);
+        }
+        var.set(&Tensor::from_vec(
+            base,
+            var.as_tensor().shape(),
+            &Device::Cpu,
+        )?)?;
+    }
+    Ok(worst)
+}
+
 /// `steps` AdamW steps on one fixed batch: (first loss, last loss, mean step seconds).
 fn train_steps(
     spec: &ShapeSpec,
     llm: &Llama,
+    lora: Option<&Arc<LoraAdapter>>,
     encoded: &Tensor,
     device: &Device,
     seed: u64,
@@ -728,8 +851,13 @@ fn train_steps(
         seed,
         device,
     )?;
+    let trained = Trainable {
+        projector,
+        lora: lora.cloned(),
+    };
+    let projector = &trained.projector;
     let mut opt = AdamW::new(
-        projector.params().to_vec(),
+        trained.params(),
         AdamWParams {
             lr: 1e-2,
             beta1: 0.9,
@@ -746,15 +874,19 @@ fn train_steps(
         let audio: Vec<Tensor> = (0..pieces.len())
             .map(|i| projector.forward(&(encoded * (1.0 + 0.1 * i as f64))?))
             .collect::<std::result::Result<_, ModelError>>()?;
+        // With LoRA the prompt prefix depends on the adapters: not cached (as in training).
         let out = caption_loss(
             llm,
             &pieces,
             &audio,
-            Some(&prefixes),
+            lora.is_none().then_some(&prefixes),
             NonFiniteTrace::default(),
         )?;
         let grads = out.loss.backward()?;
         opt.step(&grads, 1e-2)?;
+        if let Some(l) = lora {
+            l.touch();
+        }
         let value = out.value()?;
         if step > 0 {
             total_s += started.elapsed().as_secs_f64();

@@ -128,6 +128,11 @@ fn write_table(out: &mut impl Write, r: &SelftestReport) -> Result<()> {
     writeln!(out, "  training step      {:.3} s", r.train_step_s)?;
     writeln!(
         out,
+        "  with LoRA          {:.3} s (rank 8, q_proj, v_proj)",
+        r.lora_train_step_s
+    )?;
+    writeln!(
+        out,
         "  decode             {:.1} tokens/s",
         r.decode_tokens_per_s
     )?;

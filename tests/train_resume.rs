@@ -612,6 +612,10 @@ fn lora_resume_is_byte_identical_and_captioning_needs_the_same_adapters() {
     let mut with_adapter: Vec<&str> = lora.to_vec();
     with_adapter.extend(["--adapter", adapter_dir.to_str().unwrap()]);
     assert_eq!(captions(&caption(&a, &with_adapter)), own);
+    // Folded into the weights (--merge): the same caption.
+    let mut merged: Vec<&str> = lora.to_vec();
+    merged.push("--merge");
+    assert_eq!(captions(&caption(&a, &merged)), own);
     let err = expect_failure(&caption(&a, &["--adapter", "/nonexistent-adapter"]));
     assert!(err.contains("LoRA tensor"), "{err}");
     let err = expect_failure(&caption(&a, &[]));

@@ -263,6 +263,14 @@ impl Captioner {
         Ok(())
     }
 
+    /// Folds the LLM's LoRA adapters into its weights (`--merge`); the number of projections
+    /// changed (0 without adapters).
+    pub fn merge_adapter(&mut self) -> Result<usize> {
+        let changed = self.llm.model.merge_adapter()?;
+        tracing::info!("LoRA adapters merged into {changed} projection(s) of the LLM");
+        Ok(changed)
+    }
+
     /// The config's dataset, with `split` checked to exist.
     pub fn open_dataset(&self, split: &str) -> Result<DatasetAdapter> {
         Ok(open_dataset(&self.host, &self.config, &[split])?)

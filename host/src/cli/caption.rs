@@ -37,6 +37,11 @@ pub struct CaptionArgs {
     /// adapters of the config's [lora] and the checkpoint
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
+    /// Fold the LoRA adapters into the LLM's weights first (W + s B A): the same outputs to
+    /// rounding without the adapters' extra products. For f32/bf16 bases; on a GGUF base the
+    /// merged projections lose their packed blocks and decode from f32 matrices
+    #[arg(long)]
+    pub merge: bool,
     /// Caption with a checkpoint made for other models / mel settings / template
     #[arg(long, requires = "checkpoint")]
     pub allow_mismatch: bool,
@@ -96,6 +101,11 @@ pub fn run(args: CaptionArgs) -> Result<()> {
     let mut captioner = Captioner::load(cfg, args.checkpoint.as_deref(), args.allow_mismatch)?;
     if let Some(dir) = &args.adapter {
         captioner.use_peft_adapter(dir)?;
+    }
+    if args.merge {
+        if captioner.merge_adapter()? == 0 {
+            bail!("--merge: the LLM has no LoRA adapters (no [lora] in the config, no --adapter)");
+        }
     }
     let mut adapter = match &args.split {
         Some(split) => Some(captioner.open_dataset(split)?),

@@ -598,6 +598,28 @@ impl LoraAdapter {
         Ok(Some((joined.reshape(shape)?, tapes)))
     }
 
+    /// The weight change the adapters on `product` of decoder layer `layer` amount to,
+    /// s B A placed in their rows of the product's (out, in) weight; `None` without any.
+    pub fn weight_delta(&self, layer: usize, product: Product) -> Result<Option<Tensor>> {
+        let Some(pairs) = self.layers.get(layer) else {
+            return Ok(None);
+        };
+        let mut delta: Option<Tensor> = None;
+        for p in pairs.iter().filter(|p| self.places[&p.target].0 == product) {
+            let (_, start, w) = self.places[&p.target];
+            let a = p.a.as_tensor().to_dtype(DType::F32)?;
+            let b = p.b.as_tensor().to_dtype(DType::F32)?;
+            let rows = (b.matmul(&a)? * self.scale)?;
+            let width = self.widths[&key(product)];
+            let d = match delta {
+                Some(d) => d,
+                None => Tensor::zeros((width, a.dim(1)?), DType::F32, a.device())?,
+            };
+            delta = Some(d.slice_assign(&[start..start + w, 0..a.dim(1)?], &rows)?);
+        }
+        Ok(delta)
+    }
+
     /// PEFT's `adapter_config.json` for this adapter.
     pub fn peft_config(&self, base_model: &str) -> serde_json::Value {
         let c = &self.config;

@@ -572,6 +572,34 @@ impl Llama {
         self.adapter = adapter;
     }
 
+    /// Folds the adapters into the frozen weights (W + s B A for each adapted projection)
+    /// and takes them off: the same outputs to rounding, without the branch's cost. Packed
+    /// GGUF blocks of the changed projections are dropped (they hold the old weights), so
+    /// their few-row products use the f32 matrices. Returns how many products changed.
+    pub fn merge_adapter(&mut self) -> Result<usize> {
+        let Some(adapter) = self.adapter.take() else {
+            return Ok(0);
+        };
+        let mut changed = 0;
+        for (i, block) in self.blocks.iter_mut().enumerate() {
+            for (product, lin) in [
+                (Product::Qkv, &mut block.qkv),
+                (Product::O, &mut block.o),
+                (Product::GateUp, &mut block.gate_up),
+                (Product::Down, &mut block.down),
+            ] {
+                if let Some(delta) = adapter.weight_delta(i, product)? {
+                    let w = lin.weight();
+                    let merged = (w.to_dtype(DType::F32)? + delta.to_device(w.device())?)?
+                        .to_dtype(w.dtype())?;
+                    *lin = FrozenLinear::new(merged, None);
+                    changed += 1;
+                }
+            }
+        }
+        Ok(changed)
+    }
+
     pub fn adapter(&self) -> Option<&Arc<LoraAdapter>> {
         self.adapter.as_ref()
     }
@@ -1465,6 +1493,49 @@ mod tests {
             assert!(x.iter().any(|v| v.abs() > 1e-6), "{name}: all zero");
             assert!(diff < 1e-10, "{name}: taped and autograd differ by {diff}");
         }
+    }
+
+    /// Merged adapters give the logits of the adapters beside the frozen weights.
+    #[test]
+    fn merged_adapters_give_the_same_logits() {
+        use crate::models::lora::{LoraConfig, LoraTarget};
+        let dev = Device::Cpu;
+        let (store, cfg) = tiny_weights(2, None);
+        let config = LoraConfig {
+            rank: 2,
+            targets: LoraTarget::ALL.to_vec(),
+            layers: Some(vec![1]),
+            ..LoraConfig::default()
+        };
+        let adapter = LoraAdapter::new(&config, &cfg.decoder_shape(), 3, &dev).unwrap();
+        for (_, v) in adapter.params() {
+            v.set(&Tensor::randn(0f32, 0.3, v.dims(), &dev).unwrap())
+                .unwrap();
+        }
+        let mut m = Llama::load(&store, &cfg, DType::F32, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, 5, 8), &dev).unwrap();
+        let plain = logits(&m, &x);
+        m.set_adapter(Some(Arc::new(adapter)));
+        let with = logits(&m, &x);
+        assert_eq!(m.merge_adapter().unwrap(), 4);
+        assert!(m.adapter().is_none());
+        let merged = logits(&m, &x);
+        let max_diff = |a: &[Vec<f32>], b: &[Vec<f32>]| {
+            a.iter()
+                .flatten()
+                .zip(b.iter().flatten())
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max)
+        };
+        assert!(
+            max_diff(&with, &plain) > 1e-3,
+            "the adapters change the logits"
+        );
+        assert!(
+            max_diff(&with, &merged) < 1e-4,
+            "{}",
+            max_diff(&with, &merged)
+        );
     }
 
     fn logits(m: &Llama, x: &Tensor) -> Vec<Vec<f32>> {

@@ -102,10 +102,8 @@ pub fn run(args: CaptionArgs) -> Result<()> {
     if let Some(dir) = &args.adapter {
         captioner.use_peft_adapter(dir)?;
     }
-    if args.merge {
-        if captioner.merge_adapter()? == 0 {
-            bail!("--merge: the LLM has no LoRA adapters (no [lora] in the config, no --adapter)");
-        }
+    if args.merge && captioner.merge_adapter()? == 0 {
+        bail!("--merge: the LLM has no LoRA adapters (no [lora] in the config, no --adapter)");
     }
     let mut adapter = match &args.split {
         Some(split) => Some(captioner.open_dataset(split)?),

@@ -194,10 +194,8 @@ fn evaluate_config(
     if let Some(dir) = &args.adapter {
         captioner.use_peft_adapter(dir)?;
     }
-    if args.merge {
-        if captioner.merge_adapter()? == 0 {
-            bail!("--merge: the LLM has no LoRA adapters (no [lora] in the config, no --adapter)");
-        }
+    if args.merge && captioner.merge_adapter()? == 0 {
+        bail!("--merge: the LLM has no LoRA adapters (no [lora] in the config, no --adapter)");
     }
     let mut dataset = captioner.open_dataset(&split)?;
     let settings = CaptionSettings {

@@ -159,6 +159,10 @@ fetch_deb() {
 if [ "$models_only" = 0 ]; then
   fetch_deb fluid-soundfont-gm fluid-soundfont-gm=3.1-5.3 \
     usr/share/sounds/sf2/FluidR3_GM.sf2 usr/share/doc/fluid-soundfont-gm/copyright
+  # A second General MIDI SoundFont (Tim Brechbill's, GPL-2): other recordings of the
+  # instrument families, which the main job may add to its training split.
+  fetch_deb timgm6mb-soundfont timgm6mb-soundfont=1.3-5 \
+    usr/share/sounds/sf2/TimGM6mb.sf2 usr/share/doc/timgm6mb-soundfont/copyright
   # Spoken descriptions of Tux Paint's stamps in 13 languages (GPL-2), for the speech tasks.
   fetch_deb tuxpaint-stamps-default tuxpaint-stamps-default=2022.06.04-1 \
     usr/share/tuxpaint/stamps usr/share/doc/tuxpaint-stamps-default/copyright

@@ -602,3 +602,103 @@ fn fluidr3_gm_from_the_set_up() {
         );
     }
 }
+
+/// `train_files`: the recordings of another SoundFont join train only, named by their file;
+/// valid and test are the main file's as without it. Then on the real files of the set-up
+/// (FluidR3 GM, TimGM6mb for train): valid and test unchanged, and no rendered note of
+/// TimGM6mb has the audio of a valid or test note.
+#[test]
+fn train_files_add_recordings_to_train_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    write_font(&dir, &small_font().bytes());
+    std::fs::create_dir_all(dir.join("more")).unwrap();
+    std::fs::copy(dir.join("test.sf2"), dir.join("more/other.sf2")).unwrap();
+    let base = r#""file": "test.sf2", "test_fraction": 0.3, "valid_fraction": 0.0"#;
+    let open = |extra: &str| {
+        DatasetAdapter::open(
+            &host(),
+            &first_party("soundfont"),
+            &dir,
+            &format!("{{{base}{extra}}}"),
+        )
+    };
+    let mut plain = open("").unwrap();
+    let mut more = open(r#", "train_files": ["more/other.sf2"]"#).unwrap();
+    assert_eq!(
+        ids_and_targets(&all(&mut plain, "test")),
+        ids_and_targets(&all(&mut more, "test")),
+        "test is the main file's"
+    );
+    let train = all(&mut plain, "train");
+    let bigger = all(&mut more, "train");
+    let extra: Vec<&Example> = bigger
+        .iter()
+        .filter(|e| e.id.starts_with("other.sf2:"))
+        .collect();
+    // Every kept recording of the other file (all its splits' worth) joins train.
+    let all_main = all(&mut plain, "train").len() + all(&mut plain, "test").len();
+    assert_eq!(extra.len(), all_main, "{:?}", ids_and_targets(&bigger));
+    assert_eq!(bigger.len(), train.len() + extra.len());
+    for e in &extra {
+        assert!(
+            e.target.is_some() && !meta(e, "family").is_empty(),
+            "{}",
+            e.id
+        );
+    }
+    for bad in [
+        r#"["../x.sf2"]"#,
+        r#"["/etc/passwd"]"#,
+        r#"["missing.sf2"]"#,
+    ] {
+        let err = open(&format!(r#", "train_files": {bad}"#))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("train_files") || err.contains("missing.sf2"),
+            "{bad}: {err}"
+        );
+    }
+
+    let root = data_dir();
+    for f in [
+        "fluid-soundfont-gm/FluidR3_GM.sf2",
+        "timgm6mb-soundfont/TimGM6mb.sf2",
+    ] {
+        assert!(root.join(f).is_file(), "{f}: missing; run scripts/setup.sh");
+    }
+    let real = |extra: &str| {
+        DatasetAdapter::open(
+            &host(),
+            &first_party("soundfont"),
+            &root,
+            &format!(r#"{{"file": "fluid-soundfont-gm/FluidR3_GM.sf2"{extra}}}"#),
+        )
+        .unwrap()
+    };
+    let (mut plain, mut more) = (
+        real(""),
+        real(r#", "train_files": ["timgm6mb-soundfont/TimGM6mb.sf2"]"#),
+    );
+    let mut held_out = std::collections::HashSet::new();
+    for split in ["valid", "test"] {
+        let (a, b) = (all(&mut plain, split), all(&mut more, split));
+        assert_eq!(ids_and_targets(&a), ids_and_targets(&b), "{split}");
+        held_out.extend(b.into_iter().map(|e| format!("{:?}", e.audio)));
+    }
+    let train = all(&mut more, "train");
+    let tim: Vec<&Example> = train
+        .iter()
+        .filter(|e| e.id.starts_with("TimGM6mb.sf2:"))
+        .collect();
+    assert!(tim.len() > 300, "{} TimGM6mb notes", tim.len());
+    for e in tim {
+        assert!(
+            !held_out.contains(&format!("{:?}", e.audio)),
+            "{} sounds like a held-out note",
+            e.id
+        );
+    }
+}

@@ -17,6 +17,8 @@
 //!    "max_per_family": null,              // cap on each family's recordings per split
 //!    "train_transpose": [],               // train also plays each recording this many
 //!                                         // semitones up or down (e.g. [-5, 5])
+//!    "train_files": [],                   // other SoundFonts (paths in the dataset root)
+//!                                         // whose recordings all go to train
 //!    "caption": "A {family} note in the {register} register."}
 //! Metadata: family, preset, program, root_key, key (the key played), note, register,
 //! transpose, duration_s, sample_rate.
@@ -25,6 +27,10 @@
 //! synthesiser plays a sample away from its root key (resampled by 2^(semitones/12), linear
 //! interpolation): more notes of the same real recordings, labelled by the key played.
 //! valid and test are never transposed, so their figures stay comparable.
+//!
+//! `train_files` adds the recordings of other General MIDI SoundFonts (other players, other
+//! instruments) to `train` only: more timbres per family to learn from, while valid and test
+//! stay the main file's held-out presets. Their ids start with the file's name.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -83,6 +89,7 @@ pub struct Options {
     pub register_bounds: [u8; 2],
     pub max_per_family: Option<usize>,
     pub train_transpose: Vec<i8>,
+    pub train_files: Vec<String>,
     pub caption: String,
 }
 
@@ -99,6 +106,7 @@ impl Default for Options {
             register_bounds: [52, 72],
             max_per_family: None,
             train_transpose: Vec::new(),
+            train_files: Vec::new(),
             caption: "A {family} note in the {register} register.".into(),
         }
     }
@@ -171,6 +179,8 @@ pub struct Recording {
     pub group: usize,
     /// Semitones away from the root key it is played at (0: as recorded).
     pub transpose: i8,
+    /// Which SoundFont: 0 the main file, i the i-th of `train_files`.
+    pub font: usize,
 }
 
 impl Recording {
@@ -274,6 +284,7 @@ pub fn recordings(sf: &SoundFont, o: &Options) -> Result<(Vec<Recording>, Vec<St
             loops: zone.loops,
             group: find(&mut parent, pi),
             transpose: 0,
+            font: 0,
         });
     }
     if out.is_empty() {
@@ -367,7 +378,7 @@ pub fn split(
         train.extend(played);
     }
     for s in sides.values_mut() {
-        s.sort_by_key(|r| (r.sample, r.transpose));
+        s.sort_by_key(|r| (r.font, r.sample, r.transpose));
     }
     sides
 }
@@ -392,8 +403,8 @@ pub fn caption(template: &str, r: &Recording, reg: &str) -> String {
 }
 
 struct State {
-    file: File,
-    font: SoundFont,
+    /// The main file first, then `train_files`: (name, file, parsed font).
+    fonts: Vec<(String, File, SoundFont)>,
     options: Options,
     splits: BTreeMap<String, Vec<Recording>>,
 }
@@ -402,14 +413,34 @@ thread_local! {
     static STATE: RefCell<Option<State>> = const { RefCell::new(None) };
 }
 
+/// A path option that must stay inside the dataset root.
+fn inside_root(key: &str, f: &str) -> Result<(), PluginError> {
+    if f.split('/').any(|c| c == "..") || f.starts_with('/') || f.is_empty() {
+        return Err(error(
+            ErrorCode::InvalidInput,
+            format!("{key}: {f:?} must be a path inside the dataset root"),
+        ));
+    }
+    Ok(())
+}
+
+/// Opens and parses one SoundFont beneath the dataset root.
+fn open_font(name: &str) -> Result<(File, SoundFont), PluginError> {
+    let path = format!("{DATA_ROOT}/{name}");
+    let mut file =
+        File::open(&path).map_err(|e| error(ErrorCode::NotFound, format!("{name}: {e}")))?;
+    let len = file
+        .metadata()
+        .map_err(|e| error(ErrorCode::Io, format!("{name}: {e}")))?
+        .len();
+    let font = SoundFont::read(&mut file, len)
+        .map_err(|e| error(ErrorCode::InvalidInput, format!("{name}: {e}")))?;
+    Ok((file, font))
+}
+
 fn find_file(o: &Options) -> Result<String, PluginError> {
     if let Some(f) = &o.file {
-        if f.split('/').any(|c| c == "..") || f.starts_with('/') {
-            return Err(error(
-                ErrorCode::InvalidInput,
-                format!("file: {f:?} must be a path inside the dataset root"),
-            ));
-        }
+        inside_root("file", f)?;
         return Ok(f.clone());
     }
     let dir = std::fs::read_dir(DATA_ROOT)
@@ -438,11 +469,11 @@ fn find_file(o: &Options) -> Result<String, PluginError> {
 
 fn example(state: &mut State, r: &Recording) -> Result<Example, PluginError> {
     let o = &state.options;
-    let s = &state.font.samples[r.sample];
-    let points = state
-        .font
-        .read_points(&mut state.file, r.sample)
-        .map_err(|e| error(ErrorCode::InvalidInput, e))?;
+    let (font_name, file, font) = &mut state.fonts[r.font];
+    let s = &font.samples[r.sample];
+    let points = font
+        .read_points(file, r.sample)
+        .map_err(|e| error(ErrorCode::InvalidInput, format!("{font_name}: {e}")))?;
     let audio = render(&points, s, r.loops, o.min_duration_s, o.max_duration_s);
     let audio = if r.transpose == 0 {
         audio
@@ -459,6 +490,11 @@ fn example(state: &mut State, r: &Recording) -> Result<Example, PluginError> {
     let id = match r.transpose {
         0 => format!("{}/{}", r.preset, s.name),
         t => format!("{}/{} {t:+}", r.preset, s.name),
+    };
+    // Recordings of the other training files name their file.
+    let id = match r.font {
+        0 => id,
+        _ => format!("{}:{id}", font_name.rsplit('/').next().unwrap_or(font_name)),
     };
     Ok(Example {
         id,
@@ -499,22 +535,32 @@ impl Plugin for SoundFontAdapter {
         let o: Options = parse_options(&options)?;
         o.check().map_err(|e| error(ErrorCode::InvalidInput, e))?;
         let name = find_file(&o)?;
-        let path = format!("{DATA_ROOT}/{name}");
-        let mut file =
-            File::open(&path).map_err(|e| error(ErrorCode::NotFound, format!("{name}: {e}")))?;
-        let len = file
-            .metadata()
-            .map_err(|e| error(ErrorCode::Io, format!("{name}: {e}")))?
-            .len();
-        let font = SoundFont::read(&mut file, len)
-            .map_err(|e| error(ErrorCode::InvalidInput, format!("{name}: {e}")))?;
+        let (file, font) = open_font(&name)?;
         let (recs, mut warnings) = recordings(&font, &o)
             .map_err(|e| error(ErrorCode::InvalidInput, format!("{name}: {e}")))?;
-        let splits = split(recs, &o, &mut warnings);
+        let mut splits = split(recs, &o, &mut warnings);
+        let mut fonts = vec![(name, file, font)];
+        for (i, extra) in o.train_files.iter().enumerate() {
+            inside_root("train_files", extra)?;
+            let (file, font) = open_font(extra)?;
+            let (recs, more) = recordings(&font, &o)
+                .map_err(|e| error(ErrorCode::InvalidInput, format!("{extra}: {e}")))?;
+            warnings.extend(more.into_iter().map(|w| format!("{extra}: {w}")));
+            let train = splits.get_mut("train").expect("a train split");
+            for r in recs {
+                let r = Recording { font: i + 1, ..r };
+                train.extend(o.train_transpose.iter().map(|&t| Recording {
+                    transpose: t,
+                    ..r.clone()
+                }));
+                train.push(r);
+            }
+            train.sort_by_key(|r| (r.font, r.sample, r.transpose));
+            fonts.push((extra.clone(), file, font));
+        }
         STATE.with(|s| {
             *s.borrow_mut() = Some(State {
-                file,
-                font,
+                fonts,
                 options: o,
                 splits,
             })

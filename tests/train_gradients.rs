@@ -191,44 +191,16 @@ fn projector_gradients_match_finite_differences() {
         let loss = loss_of(&projector);
         let grads = loss.backward().unwrap();
         for (name, var) in projector.params() {
-            let g = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{kind:?}: {name} received no gradient"));
-            let g: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
-            assert!(
-                g.iter().any(|&x| x != 0.0),
-                "{kind:?}: {name}: all-zero gradient"
-            );
-            // The two largest-magnitude coordinates of each tensor.
-            let mut order: Vec<usize> = (0..g.len()).collect();
-            order.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
-            let base: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-            for &c in &order[..2] {
-                let eps = 1e-5;
-                let at = |delta: f64| {
-                    let mut v = base.clone();
-                    v[c] += delta;
-                    var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap())
-                        .unwrap();
-                    let l = loss_of(&projector).to_scalar::<f64>().unwrap();
-                    var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap())
-                        .unwrap();
-                    l
-                };
-                let fd = (at(eps) - at(-eps)) / (2.0 * eps);
-                let rel = (fd - g[c]).abs() / fd.abs().max(g[c].abs());
-                assert!(
-                    rel <= 1e-2,
-                    "{kind:?} {name}[{c}]: analytic {} vs finite difference {fd} (rel {rel})",
-                    g[c]
-                );
-            }
+            let what = format!("{kind:?} {name}");
+            assert_matches_finite_differences(&what, var, &grads, &|| {
+                loss_of(&projector).to_scalar::<f64>().unwrap()
+            });
         }
     }
 }
 
-/// d(loss)/d(LoRA A and B) on every kind of projection, through the frozen SmolLM2 (the
-/// layers on candle's graph, not the tape), with dropout masks on: against finite
+/// d(loss)/d(LoRA A and B) on every kind of projection, through the frozen SmolLM2 (its
+/// taped layers: the branch's hand-written backward and `grad_port`), with dropout masks on: against finite
 /// differences, like the projector's. B starts at zero in a fresh adapter (A's gradient
 /// would be zero), so both are drawn here.
 #[test]
@@ -277,34 +249,9 @@ fn lora_gradients_match_finite_differences() {
     let params = adapter.params();
     assert_eq!(params.len(), 2 * 7 * 2);
     for (name, var) in params.iter().chain(projector.params()) {
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("{name} received no gradient"));
-        let g: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
-        assert!(g.iter().any(|&x| x != 0.0), "{name}: all-zero gradient");
-        let mut order: Vec<usize> = (0..g.len()).collect();
-        order.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
-        let base: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-        for &c in &order[..2] {
-            let eps = 1e-5;
-            let at = |delta: f64| {
-                let mut v = base.clone();
-                v[c] += delta;
-                var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap())
-                    .unwrap();
-                let l = loss_of().to_scalar::<f64>().unwrap();
-                var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap())
-                    .unwrap();
-                l
-            };
-            let fd = (at(eps) - at(-eps)) / (2.0 * eps);
-            let rel = (fd - g[c]).abs() / fd.abs().max(g[c].abs());
-            assert!(
-                rel <= 1e-2,
-                "{name}[{c}]: analytic {} vs finite difference {fd} (rel {rel})",
-                g[c]
-            );
-        }
+        assert_matches_finite_differences(name, var, &grads, &|| {
+            loss_of().to_scalar::<f64>().unwrap()
+        });
     }
     // The adapters change the model: without them the same projector gives another loss.
     let with = loss.to_scalar::<f64>().unwrap();
@@ -314,4 +261,42 @@ fn lora_gradients_match_finite_differences() {
         (with - without).abs() > 1e-6 * without,
         "{with} vs {without}"
     );
+}
+
+/// The gradient of `var` in `grads` against central finite differences of `loss_of` at its
+/// two largest-magnitude coordinates (relative 1e-2), `var` restored after each.
+fn assert_matches_finite_differences(
+    what: &str,
+    var: &candle_core::Var,
+    grads: &candle_core::backprop::GradStore,
+    loss_of: &dyn Fn() -> f64,
+) {
+    let g = grads
+        .get(var.as_tensor())
+        .unwrap_or_else(|| panic!("{what} received no gradient"));
+    let g: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
+    assert!(g.iter().any(|&x| x != 0.0), "{what}: all-zero gradient");
+    let mut order: Vec<usize> = (0..g.len()).collect();
+    order.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
+    let base: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+    for &c in &order[..2] {
+        let eps = 1e-5;
+        let at = |delta: f64| {
+            let mut v = base.clone();
+            v[c] += delta;
+            var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap())
+                .unwrap();
+            let l = loss_of();
+            var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap())
+                .unwrap();
+            l
+        };
+        let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+        let rel = (fd - g[c]).abs() / fd.abs().max(g[c].abs());
+        assert!(
+            rel <= 1e-2,
+            "{what}[{c}]: analytic {} vs finite difference {fd} (rel {rel})",
+            g[c]
+        );
+    }
 }

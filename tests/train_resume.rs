@@ -456,23 +456,13 @@ fn mixed_encoder_layers_train_caption_and_refuse_other_layers() {
     .unwrap();
     assert_eq!(saved["layer_weights"].dims(), &[2]);
 
-    let clip = repo_root().join("configs/data/tones/clips/one.wav");
     let caption = |checkpoint: &Path, sets: &[&str]| {
-        let mut args: Vec<std::ffi::OsString> = vec![
-            "caption".into(),
-            "--config".into(),
-            bundled().into(),
-            "--checkpoint".into(),
-            checkpoint.into(),
-            "--max-tokens".into(),
-            "3".into(),
-        ];
-        for s in sets {
-            args.push("--set".into());
-            args.push(s.into());
-        }
-        args.push(clip.clone().into());
-        earshot(args)
+        let sets: Vec<String> = sets
+            .iter()
+            .flat_map(|s| ["--set", s])
+            .map(String::from)
+            .collect();
+        caption_one_wav(checkpoint, &sets)
     };
     expect_success(&caption(&run, &[mixed]));
     expect_success(&caption(&run.join("checkpoints"), &[mixed]));
@@ -587,20 +577,9 @@ fn lora_resume_is_byte_identical_and_captioning_needs_the_same_adapters() {
         &metrics[..metrics.len().min(2000)]
     );
 
-    let clip = repo_root().join("configs/data/tones/clips/one.wav");
-    let caption = |checkpoint: &Path, sets: &[&str]| {
-        let mut args: Vec<std::ffi::OsString> = vec![
-            "caption".into(),
-            "--config".into(),
-            bundled().into(),
-            "--checkpoint".into(),
-            checkpoint.into(),
-            "--max-tokens".into(),
-            "3".into(),
-        ];
-        args.extend(sets.iter().map(std::ffi::OsString::from));
-        args.push(clip.clone().into());
-        earshot(args)
+    let caption = |checkpoint: &Path, args: &[&str]| {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        caption_one_wav(checkpoint, &args)
     };
     // One clip: the caption alone on stdout.
     let captions = |out: &std::process::Output| expect_success(out);
@@ -628,4 +607,22 @@ fn lora_resume_is_byte_identical_and_captioning_needs_the_same_adapters() {
         err.contains("LoRA adapters ([lora])") && err.contains("refusing to caption"),
         "{err}"
     );
+}
+
+/// `earshot caption` of the bundled config on tones clip one.wav (3 tokens) with
+/// `checkpoint` and the extra arguments.
+fn caption_one_wav(checkpoint: &Path, extra: &[String]) -> std::process::Output {
+    let clip = repo_root().join("configs/data/tones/clips/one.wav");
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "caption".into(),
+        "--config".into(),
+        bundled().into(),
+        "--checkpoint".into(),
+        checkpoint.into(),
+        "--max-tokens".into(),
+        "3".into(),
+    ];
+    args.extend(extra.iter().map(std::ffi::OsString::from));
+    args.push(clip.into());
+    earshot(args)
 }

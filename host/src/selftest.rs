@@ -726,38 +726,10 @@ fn gradient_check(spec: &ShapeSpec, encoded: &Tensor, d_enc: usize, seed: u64) -
             .collect::<std::result::Result<_, ModelError>>()?;
         Ok(caption_loss(&llm, &pieces, &audio, None, NonFiniteTrace::default())?.loss)
     };
-    let loss = loss_of(&projector)?;
-    let grads = loss.backward()?;
-    let mut worst = 0f64;
-    let eps = 1e-5;
-    for (name, var) in projector.params() {
-        let g = grads
-            .get(var.as_tensor())
-            .ok_or_else(|| SelftestError::Missing(format!("no gradient for {name}")))?
-            .flatten_all()?
-            .to_vec1::<f64>()?;
-        let base = var.as_tensor().flatten_all()?.to_vec1::<f64>()?;
-        // The coordinates with the largest gradients: a relative error is meaningful there.
-        let mut order: Vec<usize> = (0..g.len()).collect();
-        order.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
-        for &k in order.iter().take(2) {
-            let at = |delta: f64| -> Result<f64> {
-                let mut v = base.clone();
-                v[k] += delta;
-                var.set(&Tensor::from_vec(v, var.as_tensor().shape(), &Device::Cpu)?)?;
-                Ok(loss_of(&projector)?.to_scalar::<f64>()?)
-            };
-            let numeric = (at(eps)? - at(-eps)?) / (2.0 * eps);
-            let rel = (numeric - g[k]).abs() / g[k].abs().max(1e-12);
-            worst = worst.max(rel);
-        }
-        var.set(&Tensor::from_vec(
-            base,
-            var.as_tensor().shape(),
-            &Device::Cpu,
-        )?)?;
-    }
-    Ok(worst)
+    let grads = loss_of(&projector)?.backward()?;
+    worst_fd_error(projector.params(), &grads, || {
+        Ok(loss_of(&projector)?.to_scalar::<f64>()?)
+    })
 }
 
 /// LoRA A and B (q_proj, v_proj, down_proj) of a one-layer LLM at the shape, against a
@@ -803,9 +775,22 @@ fn lora_gradient_check(spec: &ShapeSpec, encoded: &Tensor, d_enc: usize, seed: u
         Ok(caption_loss(&llm, &pieces, &audio, None, NonFiniteTrace::default())?.loss)
     };
     let grads = loss_of()?.backward()?;
+    worst_fd_error(&adapter.params(), &grads, || {
+        Ok(loss_of()?.to_scalar::<f64>()?)
+    })
+}
+
+/// The worst relative error between the analytic gradients in `grads` and central finite
+/// differences of `loss_of`, over each parameter's two largest-gradient coordinates (a
+/// relative error is meaningful there); every parameter is restored.
+fn worst_fd_error(
+    params: &[(String, candle_core::Var)],
+    grads: &candle_core::backprop::GradStore,
+    loss_of: impl Fn() -> Result<f64>,
+) -> Result<f64> {
     let mut worst = 0f64;
     let eps = 1e-5;
-    for (name, var) in adapter.params() {
+    for (name, var) in params {
         let g = grads
             .get(var.as_tensor())
             .ok_or_else(|| SelftestError::Missing(format!("no gradient for {name}")))?
@@ -819,7 +804,7 @@ fn lora_gradient_check(spec: &ShapeSpec, encoded: &Tensor, d_enc: usize, seed: u
                 let mut v = base.clone();
                 v[k] += delta;
                 var.set(&Tensor::from_vec(v, var.as_tensor().shape(), &Device::Cpu)?)?;
-                Ok(loss_of()?.to_scalar::<f64>()?)
+                loss_of()
             };
             let numeric = (at(eps)? - at(-eps)?) / (2.0 * eps);
             let rel = (numeric - g[k]).abs() / g[k].abs().max(1e-12);

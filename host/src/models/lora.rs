@@ -463,17 +463,44 @@ impl LoraAdapter {
         *self.dropout_seed.lock().unwrap_or_else(|e| e.into_inner()) = seed;
     }
 
+    /// The adapters on `product` of decoder layer `layer` (none past the model's layers).
+    fn pairs_on(&self, layer: usize, product: Product) -> Vec<&Pair> {
+        self.layers.get(layer).map_or_else(Vec::new, |pairs| {
+            pairs
+                .iter()
+                .filter(|p| self.places[&p.target].0 == product)
+                .collect()
+        })
+    }
+
+    /// This forward's dropout mask (rows, in) for one adapter's input, in `dtype`: `None`
+    /// outside training (no seed) or without dropout.
+    fn mask(
+        &self,
+        layer: usize,
+        target: LoraTarget,
+        rows: usize,
+        input: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Option<Tensor>> {
+        let seed = *self.dropout_seed.lock().unwrap_or_else(|e| e.into_inner());
+        match (seed, self.config.dropout) {
+            (Some(seed), p) if p > 0.0 => {
+                let mask = dropout_mask(seed, layer, target, rows * input, p);
+                Ok(Some(
+                    Tensor::from_vec(mask, (rows, input), device)?.to_dtype(dtype)?,
+                ))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// The branch's output for `product` of decoder layer `layer` at input `x` (.., in): a
     /// tensor as wide as the product (zeros in the columns of untargeted projections), in
     /// `x`'s dtype; `None` where the product has no adapter.
     pub fn delta(&self, layer: usize, product: Product, x: &Tensor) -> Result<Option<Tensor>> {
-        let Some(pairs) = self.layers.get(layer) else {
-            return Ok(None);
-        };
-        let here: Vec<&Pair> = pairs
-            .iter()
-            .filter(|p| self.places[&p.target].0 == product)
-            .collect();
+        let here = self.pairs_on(layer, product);
         if here.is_empty() {
             return Ok(None);
         }
@@ -483,7 +510,6 @@ impl LoraAdapter {
         let wide = here[0].a.dtype();
         let x32 = x.to_dtype(wide)?.reshape(((), input))?;
         let rows = x32.dim(0)?;
-        let seed = *self.dropout_seed.lock().unwrap_or_else(|e| e.into_inner());
         let width = self.widths[&key(product)];
         let mut parts: Vec<Tensor> = Vec::new();
         let mut col = 0;
@@ -492,13 +518,9 @@ impl LoraAdapter {
             if start > col {
                 parts.push(Tensor::zeros((rows, start - col), wide, x.device())?);
             }
-            let xin = match (seed, self.config.dropout) {
-                (Some(seed), d) if d > 0.0 => {
-                    let mask = dropout_mask(seed, layer, p.target, rows * input, d);
-                    let mask = Tensor::from_vec(mask, (rows, input), x.device())?.to_dtype(wide)?;
-                    (&x32 * mask)?
-                }
-                _ => x32.clone(),
+            let xin = match self.mask(layer, p.target, rows, input, wide, x.device())? {
+                Some(mask) => (&x32 * mask)?,
+                None => x32.clone(),
             };
             // Without a gradient wanted (captioning), the branch stays off the graph, so the
             // frozen products after it keep their inference kernels.
@@ -543,13 +565,7 @@ impl LoraAdapter {
         product: Product,
         x: &Tensor,
     ) -> Result<Option<(Tensor, Vec<BranchTape>)>> {
-        let Some(pairs) = self.layers.get(layer) else {
-            return Ok(None);
-        };
-        let here: Vec<&Pair> = pairs
-            .iter()
-            .filter(|p| self.places[&p.target].0 == product)
-            .collect();
+        let here = self.pairs_on(layer, product);
         if here.is_empty() {
             return Ok(None);
         }
@@ -557,19 +573,12 @@ impl LoraAdapter {
         let (&input, lead) = dims.split_last().expect("a product input has dims");
         let x2 = x.reshape(((), input))?;
         let rows = x2.dim(0)?;
-        let seed = *self.dropout_seed.lock().unwrap_or_else(|e| e.into_inner());
         let width = self.widths[&key(product)];
         let mut joined = Tensor::zeros((rows, width), x.dtype(), x.device())?;
         let mut tapes = Vec::with_capacity(here.len());
         for p in here {
             let (_, start, w) = self.places[&p.target];
-            let mask = match (seed, self.config.dropout) {
-                (Some(seed), d) if d > 0.0 => {
-                    let mask = dropout_mask(seed, layer, p.target, rows * input, d);
-                    Some(Tensor::from_vec(mask, (rows, input), x.device())?.to_dtype(x.dtype())?)
-                }
-                _ => None,
-            };
+            let mask = self.mask(layer, p.target, rows, input, x.dtype(), x.device())?;
             let xin = match &mask {
                 Some(m) => (&x2 * m)?,
                 None => x2.clone(),
@@ -601,11 +610,8 @@ impl LoraAdapter {
     /// The weight change the adapters on `product` of decoder layer `layer` amount to,
     /// s B A placed in their rows of the product's (out, in) weight; `None` without any.
     pub fn weight_delta(&self, layer: usize, product: Product) -> Result<Option<Tensor>> {
-        let Some(pairs) = self.layers.get(layer) else {
-            return Ok(None);
-        };
         let mut delta: Option<Tensor> = None;
-        for p in pairs.iter().filter(|p| self.places[&p.target].0 == product) {
+        for p in self.pairs_on(layer, product) {
             let (_, start, w) = self.places[&p.target];
             let a = p.a.as_tensor().to_dtype(DType::F32)?;
             let b = p.b.as_tensor().to_dtype(DType::F32)?;

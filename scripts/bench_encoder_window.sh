@@ -21,7 +21,7 @@ run() {
     configs/cpu-smollm2-soundfont.toml --overwrite \
     --set "train.run-dir=\"$tmp/run\"" --set train.steps=1 --set train.eval-every=0 \
     --set "mel.window=\"$window\"" --set 'data.eval-split="train"' \
-    --set 'data.options="{\"file\": \"FluidR3_GM.sf2\", \"max_per_family\": 4}"' \
+    --set 'data.options="{\"file\": \"fluid-soundfont-gm/FluidR3_GM.sf2\", \"max_per_family\": 4}"' \
     2> "$tmp/$window.log" > /dev/null
 }
 run full

@@ -21,7 +21,7 @@ fn soundfont_config_learns_evaluates_and_reports() {
     // also the validation split here, so that training's eval loss can be compared with
     // eval's below; a short schedule with a higher rate, to learn 8 notes in 40 steps.
     let sets = [
-        r#"data.options="{\"file\": \"FluidR3_GM.sf2\", \"max_per_family\": 1}""#.to_string(),
+        r#"data.options="{\"file\": \"fluid-soundfont-gm/FluidR3_GM.sf2\", \"max_per_family\": 1}""#.to_string(),
         r#"data.valid-split="train""#.to_string(),
         "train.lr=5e-3".to_string(),
         "train.min-lr=5e-4".to_string(),

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # All set-up, then the main job: the projector between the frozen Whisper tiny.en encoder and
 # the frozen SmolLM2-135M-Instruct LLM is trained (CPU) to say which instrument family plays
-# a note and in which register, on real recordings (the FluidR3 General MIDI SoundFont,
-# fetched by the set-up; the validation presets give the eval loss and best/), then the test
+# a note and in which register, on real recordings (the FluidR3 General MIDI SoundFont, and
+# for training also TimGM6mb's notes, fetched by the set-up; FluidR3's validation presets
+# give the eval loss and best/), then FluidR3's test
 # presets (never heard in training, not used to choose anything) are captioned and scored:
 # attribute accuracy, caption metrics, the listening check (silence, shuffled audio) and an
-# HTML report in the run folder. 11-18 minutes on 2 cores after the build (BENCHMARKS.md).
+# HTML report in the run folder. About 8-13 minutes on 2 cores after the build (README.md).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 "$root/scripts/setup.sh"

@@ -432,3 +432,55 @@ fn a_shared_prompt_prefix_cache_gives_the_same_tokens() {
         "the shared prefix is not modified by its users"
     );
 }
+
+/// A LoRA adapter trained on the GGUF base (llama.cpp's q/k row order) and written in PEFT's
+/// layout (Hugging Face's row order) gives, on the base converted to Hugging Face's layout,
+/// the logits it gives on the GGUF base; loaded without the row reordering it would not.
+#[test]
+fn peft_adapters_carry_between_gguf_and_hugging_face_layouts() {
+    use earshot::models::lora::{read_peft, LoraAdapter, LoraConfig, LoraTarget};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("smollm-hf");
+    export_gguf_to_hf(&default_gguf(), &out, 1).unwrap();
+    let rt = Runtime::cpu();
+    let mut gguf = load_llm(&default_gguf(), &rt).unwrap();
+    let mut hf = load_llm(&out, &rt).unwrap();
+    let config = LoraConfig {
+        rank: 4,
+        targets: vec![LoraTarget::QProj, LoraTarget::KProj, LoraTarget::VProj],
+        ..LoraConfig::default()
+    };
+    let shape = gguf.model.config.decoder_shape();
+    assert!(shape.rope_interleaved);
+    let trained = LoraAdapter::new(&config, &shape, 1, &Device::Cpu).unwrap();
+    for (_, v) in trained.params() {
+        v.set(&Tensor::randn(0f32, 0.05, v.dims(), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    let peft_dir = dir.path().join("adapter");
+    trained.save_peft(&peft_dir, "smollm2").unwrap();
+    gguf.model.set_adapter(Some(Arc::new(trained)));
+    let want = all_logits(&gguf.model, &chatml_ids());
+
+    let peft = read_peft(&peft_dir, &Device::Cpu).unwrap();
+    let hf_shape = hf.model.config.decoder_shape();
+    assert!(!hf_shape.rope_interleaved);
+    let on_hf = LoraAdapter::new(&peft.config, &hf_shape, 2, &Device::Cpu).unwrap();
+    on_hf.load_peft(&peft.tensors, &peft.weights).unwrap();
+    hf.model.set_adapter(Some(Arc::new(on_hf)));
+    let got = all_logits(&hf.model, &chatml_ids());
+    let d = max_abs_diff(&got, &want);
+    assert!(d <= 1e-3, "max abs logit difference {d}");
+
+    // The same file read as if its rows were in the GGUF base's order: other logits.
+    let mut wrong_base = load_llm(&default_gguf(), &rt).unwrap();
+    let wrong = LoraAdapter::new(&peft.config, &shape, 3, &Device::Cpu).unwrap();
+    wrong.load_map(&peft.tensors, &peft.weights).unwrap();
+    wrong_base.model.set_adapter(Some(Arc::new(wrong)));
+    let off = max_abs_diff(&all_logits(&wrong_base.model, &chatml_ids()), &want);
+    assert!(
+        off > 100.0 * d.max(1e-4),
+        "unordered rows change the logits by only {off}"
+    );
+}

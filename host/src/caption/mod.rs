@@ -249,7 +249,7 @@ impl Captioner {
         let peft = crate::models::lora::read_peft(dir, &device)?;
         let shape = self.llm.model.config.decoder_shape();
         let adapter = crate::models::lora::LoraAdapter::new(&peft.config, &shape, 0, &device)?;
-        adapter.load_map(&peft.tensors, &peft.weights)?;
+        adapter.load_peft(&peft.tensors, &peft.weights)?;
         tracing::info!(
             "LoRA adapter from {}: rank {}, alpha {}, {} tensor(s)",
             dir.display(),

@@ -35,6 +35,9 @@ pub struct DecoderShape {
     pub kv_heads: usize,
     pub head_dim: usize,
     pub layers: usize,
+    /// The base keeps llama.cpp's row order of q/k projections (GGUF: rotary on adjacent
+    /// pairs) rather than Hugging Face's (rotary on halves).
+    pub rope_interleaved: bool,
 }
 
 /// A linear layer of a Llama-family decoder layer that may carry an adapter, by PEFT's
@@ -274,6 +277,9 @@ pub struct LoraAdapter {
     dropout_seed: Mutex<Option<u64>>,
     /// Changes whenever the values may have changed (keys the prompt-prefix cache).
     generation: AtomicU64,
+    /// Query and key/value heads when the base's q/k rows are in llama.cpp's order (see
+    /// [`DecoderShape::rope_interleaved`]): PEFT's files hold B's rows in Hugging Face's.
+    interleaved_heads: Option<(usize, usize)>,
 }
 
 type ProductKey = u8;
@@ -351,6 +357,7 @@ impl LoraAdapter {
             widths,
             dropout_seed: Mutex::new(None),
             generation: AtomicU64::new(GENERATIONS.fetch_add(1, Ordering::Relaxed)),
+            interleaved_heads: cfg.rope_interleaved.then_some((cfg.heads, cfg.kv_heads)),
         })
     }
 
@@ -382,6 +389,7 @@ impl LoraAdapter {
             widths: self.widths.clone(),
             dropout_seed: Mutex::new(None),
             generation: AtomicU64::new(GENERATIONS.fetch_add(1, Ordering::Relaxed)),
+            interleaved_heads: self.interleaved_heads,
         })
     }
 
@@ -626,6 +634,63 @@ impl LoraAdapter {
         Ok(delta)
     }
 
+    /// The adapters' tensors as PEFT holds them for the Hugging Face model: B's rows of
+    /// q_proj and k_proj put back in Hugging Face's order when the base keeps llama.cpp's.
+    pub fn peft_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        for (i, pairs) in self.layers.iter().enumerate() {
+            for p in pairs {
+                out.insert(Self::tensor_name(i, p.target, 'A'), p.a.as_tensor().clone());
+                let b = self.reorder_rows(p.target, p.b.as_tensor(), true)?;
+                out.insert(Self::tensor_name(i, p.target, 'B'), b);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Loads PEFT's tensors (Hugging Face's row order; see [`Self::peft_tensors`]).
+    pub fn load_peft(&self, tensors: &HashMap<String, Tensor>, source: &Path) -> Result<()> {
+        let mut ours = HashMap::with_capacity(tensors.len());
+        for (name, t) in tensors {
+            let target = LoraTarget::ALL
+                .into_iter()
+                .find(|tg| name.ends_with(&format!(".{}.lora_B.weight", tg.name())));
+            let t = match target {
+                Some(tg) => self.reorder_rows(tg, t, false)?,
+                None => t.clone(),
+            };
+            ours.insert(name.clone(), t);
+        }
+        self.load_map(&ours, source)
+    }
+
+    /// B's rows of q_proj/k_proj between llama.cpp's per-head order (head, i, half) and
+    /// Hugging Face's (head, half, i): `to_hf` one way, else the other; other targets, a
+    /// base in Hugging Face's order, and tensors of another shape, unchanged.
+    fn reorder_rows(&self, target: LoraTarget, b: &Tensor, to_hf: bool) -> Result<Tensor> {
+        let heads = match (self.interleaved_heads, target) {
+            (Some((nh, _)), LoraTarget::QProj) => nh,
+            (Some((_, nkv)), LoraTarget::KProj) => nkv,
+            _ => return Ok(b.clone()),
+        };
+        let Ok((out, r)) = b.dims2() else {
+            return Ok(b.clone());
+        };
+        if heads == 0 || out % (2 * heads) != 0 {
+            return Ok(b.clone());
+        }
+        let half = out / heads / 2;
+        let shape = if to_hf {
+            (heads, half, 2, r)
+        } else {
+            (heads, 2, half, r)
+        };
+        Ok(b.reshape(shape)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((out, r))?)
+    }
+
     /// PEFT's `adapter_config.json` for this adapter.
     pub fn peft_config(&self, base_model: &str) -> serde_json::Value {
         let c = &self.config;
@@ -660,11 +725,7 @@ impl LoraAdapter {
             move |cause| ModelError::Io { path, cause }
         };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let tensors: HashMap<String, Tensor> = self
-            .params()
-            .into_iter()
-            .map(|(n, v)| (n, v.as_tensor().clone()))
-            .collect();
+        let tensors = self.peft_tensors()?;
         let weights = dir.join("adapter_model.safetensors");
         let tmp = dir.join(".adapter_model.safetensors.tmp");
         candle_core::safetensors::save(&tensors, &tmp)?;
@@ -903,6 +964,7 @@ mod tests {
             kv_heads: 2,
             head_dim: 4,
             layers: 3,
+            rope_interleaved: false,
         }
     }
 
@@ -1052,7 +1114,7 @@ mod tests {
             }
         );
         let back = LoraAdapter::new(&peft.config, &cfg, 99, &Device::Cpu).unwrap();
-        back.load_map(&peft.tensors, &peft.weights).unwrap();
+        back.load_peft(&peft.tensors, &peft.weights).unwrap();
         let x = Tensor::randn(0f32, 1.0, (3, 16), &Device::Cpu).unwrap();
         let (a, b) = (
             lora.delta(1, Product::Qkv, &x).unwrap().unwrap(),
@@ -1114,5 +1176,48 @@ mod tests {
         std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
         let e = read_peft(d.path(), &Device::Cpu).err().unwrap().to_string();
         assert!(e.contains("invalid safetensors"), "{e}");
+    }
+
+    /// On a base in llama.cpp's q/k row order, PEFT's files hold q_proj/k_proj B in Hugging
+    /// Face's order: the rows a head's rotary pairs (i, i + half) read there are rows (2i,
+    /// 2i + 1) of ours; the round trip restores them, and v_proj is untouched.
+    #[test]
+    fn peft_files_hold_q_and_k_rows_in_hugging_face_order() {
+        let cfg = DecoderShape {
+            rope_interleaved: true,
+            ..tiny()
+        };
+        let c = LoraConfig {
+            rank: 1,
+            targets: vec![LoraTarget::QProj, LoraTarget::VProj],
+            ..LoraConfig::default()
+        };
+        let lora = LoraAdapter::new(&c, &cfg, 0, &Device::Cpu).unwrap();
+        // q: 4 heads of head dim 4 = 16 rows; row k holds k.
+        let rows: Vec<f32> = (0..16).map(|k| k as f32).collect();
+        let q_b = LoraAdapter::tensor_name(0, LoraTarget::QProj, 'B');
+        let v_b = LoraAdapter::tensor_name(0, LoraTarget::VProj, 'B');
+        for (name, var) in lora.params() {
+            if name == q_b || name == v_b {
+                let n = var.dims()[0];
+                var.set(
+                    &Tensor::new(&rows[..n], &Device::Cpu)
+                        .unwrap()
+                        .reshape((n, 1))
+                        .unwrap(),
+                )
+                .unwrap();
+            }
+        }
+        let peft = lora.peft_tensors().unwrap();
+        let col = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // Head 0 of ours: rows 0..4 = (i0 half0, i0 half1, i1 half0, i1 half1); HF: halves
+        // first: (i0 h0, i1 h0, i0 h1, i1 h1) = ours (0, 2, 1, 3).
+        assert_eq!(&col(&peft[&q_b])[..4], &[0.0, 2.0, 1.0, 3.0]);
+        assert_eq!(col(&peft[&v_b]), rows[..8].to_vec());
+        let back = LoraAdapter::new(&c, &cfg, 5, &Device::Cpu).unwrap();
+        back.load_peft(&peft, Path::new("x")).unwrap();
+        let params: HashMap<String, Var> = back.params().into_iter().collect();
+        assert_eq!(col(params[&q_b].as_tensor()), rows);
     }
 }

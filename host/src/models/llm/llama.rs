@@ -68,6 +68,7 @@ impl LlamaConfig {
             kv_heads: self.n_kv_heads(),
             head_dim: self.head_dim(),
             layers: self.num_hidden_layers,
+            rope_interleaved: self.rope_interleaved,
         }
     }
 

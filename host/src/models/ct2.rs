@@ -393,7 +393,7 @@ fn write_model_folder(
         std::fs::remove_dir_all(&partial).map_err(io(&partial))?;
     }
     std::fs::create_dir_all(&partial).map_err(io(&partial))?;
-    candle_core::safetensors::save(tensors, partial.join("model.safetensors"))?;
+    crate::models::weights::save_safetensors_pt(tensors, &partial.join("model.safetensors"))?;
     std::fs::write(
         partial.join("config.json"),
         serde_json::to_string_pretty(config).expect("json"),

@@ -728,7 +728,7 @@ impl LoraAdapter {
         let tensors = self.peft_tensors()?;
         let weights = dir.join("adapter_model.safetensors");
         let tmp = dir.join(".adapter_model.safetensors.tmp");
-        candle_core::safetensors::save(&tensors, &tmp)?;
+        super::weights::save_safetensors_pt(&tensors, &tmp)?;
         std::fs::rename(&tmp, &weights).map_err(io(&weights))?;
         let config = dir.join("adapter_config.json");
         let tmp = dir.join(".adapter_config.json.tmp");
@@ -866,6 +866,9 @@ pub fn read_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
         return Err(reason(
             "modules_to_save (fully trained modules) is not supported".into(),
         ));
+    }
+    if get("layer_replication").is_some() {
+        return Err(reason("layer_replication is not supported".into()));
     }
     if get("layers_pattern").is_some_and(|x| x.as_str() != Some("layers")) {
         return Err(reason(

@@ -293,3 +293,17 @@ pub fn read_json_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T
         reason: e.to_string(),
     })
 }
+
+/// Writes `tensors` as one safetensors file with the metadata `{"format": "pt"}` that
+/// Hugging Face's files carry: transformers refuses a model file without it (candle's own
+/// save writes none).
+pub fn save_safetensors_pt(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+    safetensors::tensor::serialize_to_file(tensors.iter(), metadata, path).map_err(|e| {
+        ModelError::Format {
+            path: path.to_path_buf(),
+            format: "safetensors",
+            reason: e.to_string(),
+        }
+    })
+}

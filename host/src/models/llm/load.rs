@@ -286,7 +286,7 @@ pub fn export_gguf_to_hf(gguf: &Path, out_dir: &Path, shards: usize) -> Result<E
         for (name, _) in chunk {
             weight_map.insert(name.clone(), file.clone());
         }
-        candle_core::safetensors::save(&map, partial.join(&file))?;
+        crate::models::weights::save_safetensors_pt(&map, &partial.join(&file))?;
     }
     if shards > 1 {
         let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });

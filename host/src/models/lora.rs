@@ -807,6 +807,9 @@ pub struct PeftAdapter {
     pub weights: PathBuf,
 }
 
+/// The largest adapter_model.safetensors read (it is read whole into memory).
+const MAX_PEFT_WEIGHTS_BYTES: u64 = 4 << 30;
+
 /// The most an adapter_config.json may hold (a real one is ~1 KB).
 const MAX_PEFT_CONFIG_BYTES: u64 = 1 << 20;
 
@@ -928,6 +931,20 @@ pub fn read_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
         lr: None,
     };
     config.check().map_err(reason)?;
+    let size = std::fs::metadata(&weights)
+        .map_err(|cause| ModelError::Io {
+            path: weights.clone(),
+            cause,
+        })?
+        .len();
+    if size > MAX_PEFT_WEIGHTS_BYTES {
+        return Err(bad(format!(
+            "{}: {size} bytes, more than the {} GiB a LoRA adapter may have here (rank 64 on \
+             every projection of a 70B Llama is 3.3 GB in f32)",
+            weights.display(),
+            MAX_PEFT_WEIGHTS_BYTES >> 30
+        )));
+    }
     let bytes = crate::files::read(&weights).map_err(|cause| ModelError::Io {
         path: weights.clone(),
         cause,

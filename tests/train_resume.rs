@@ -595,8 +595,14 @@ fn lora_resume_is_byte_identical_and_captioning_needs_the_same_adapters() {
     let mut merged: Vec<&str> = lora.to_vec();
     merged.push("--merge");
     assert_eq!(captions(&caption(&a, &merged)), own);
-    let err = expect_failure(&caption(&a, &["--adapter", "/nonexistent-adapter"]));
-    assert!(err.contains("LoRA tensor"), "{err}");
+    // A missing adapter folder is an error naming its config file.
+    let mut missing: Vec<&str> = lora.to_vec();
+    missing.extend(["--adapter", "/nonexistent-adapter"]);
+    let err = expect_failure(&caption(&a, &missing));
+    assert!(
+        err.contains("/nonexistent-adapter/adapter_config.json"),
+        "{err}"
+    );
     let err = expect_failure(&caption(&a, &[]));
     assert!(
         err.contains("LoRA tensor") && err.contains("[lora]"),

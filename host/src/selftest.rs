@@ -439,23 +439,8 @@ pub fn run(
     let (training_check, step_s, device_memory) =
         measured_training(&spec, &llm, None, &encoded, device, seed)?;
     phase("training steps done");
-    // The same steps with LoRA (rank 8, alpha 32, q_proj and v_proj: SALMONN's and PEFT's
-    // usual) on the LLM: its loss must fall too, and the step's device memory must stay
-    // near the projector-only step's (no gradient or optimizer state for frozen weights).
-    let lora = Arc::new(LoraAdapter::new(
-        &LoraConfig {
-            dropout: 0.0,
-            ..LoraConfig::default()
-        },
-        &spec.llm.decoder_shape(),
-        seed,
-        device,
-    )?);
-    llm.set_adapter(Some(lora.clone()));
-    let (mut lora_training, lora_step_s, lora_memory) =
-        measured_training(&spec, &llm, Some(&lora), &encoded, device, seed)?;
-    llm.set_adapter(None);
-    lora_training.name = format!("LoRA {}", lora_training.name);
+    let (lora_training, lora_step_s, lora_memory) =
+        lora_training(&spec, &mut llm, &encoded, device, seed)?;
     phase("LoRA training steps done");
     let mut checks = vec![
         encoder_check,
@@ -467,15 +452,7 @@ pub fn run(
         lora_training,
     ];
     if let (Some(plain), Some(with_lora)) = (&device_memory, &lora_memory) {
-        checks.push(check(
-            "LoRA training-step peak / projector-only",
-            with_lora.train_step_peak_mib / plain.train_step_peak_mib.max(1e-9),
-            1.10,
-            format!(
-                "{:.0} MiB vs {:.0} MiB",
-                with_lora.train_step_peak_mib, plain.train_step_peak_mib
-            ),
-        ));
+        checks.push(lora_memory_check(plain, with_lora));
     }
     Ok(SelftestReport {
         shape,
@@ -730,6 +707,48 @@ fn gradient_check(spec: &ShapeSpec, encoded: &Tensor, d_enc: usize, seed: u64) -
     worst_fd_error(projector.params(), &grads, || {
         Ok(loss_of(&projector)?.to_scalar::<f64>()?)
     })
+}
+
+/// The training steps again with LoRA (rank 8, alpha 32, q_proj and v_proj: SALMONN's and
+/// PEFT's usual) on the LLM, taken off afterwards: its loss must fall too (the check), the
+/// step time, and on a GPU the device memory of the steps.
+fn lora_training(
+    spec: &ShapeSpec,
+    llm: &mut Llama,
+    encoded: &Tensor,
+    device: &Device,
+    seed: u64,
+) -> Result<(Check, f64, Option<DeviceMemoryReport>)> {
+    let config = LoraConfig {
+        dropout: 0.0,
+        ..LoraConfig::default()
+    };
+    let lora = Arc::new(LoraAdapter::new(
+        &config,
+        &spec.llm.decoder_shape(),
+        seed,
+        device,
+    )?);
+    llm.set_adapter(Some(lora.clone()));
+    let measured = measured_training(spec, llm, Some(&lora), encoded, device, seed);
+    llm.set_adapter(None);
+    let (mut c, step_s, memory) = measured?;
+    c.name = format!("LoRA {}", c.name);
+    Ok((c, step_s, memory))
+}
+
+/// The LoRA step's device-memory peak within 10% of the projector-only step's: no gradient
+/// or optimizer state for the frozen weights.
+fn lora_memory_check(plain: &DeviceMemoryReport, with_lora: &DeviceMemoryReport) -> Check {
+    check(
+        "LoRA training-step peak / projector-only",
+        with_lora.train_step_peak_mib / plain.train_step_peak_mib.max(1e-9),
+        1.10,
+        format!(
+            "{:.0} MiB vs {:.0} MiB",
+            with_lora.train_step_peak_mib, plain.train_step_peak_mib
+        ),
+    )
 }
 
 /// LoRA A and B (q_proj, v_proj, down_proj) of a one-layer LLM at the shape, against a

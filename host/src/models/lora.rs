@@ -55,7 +55,7 @@ pub enum LoraTarget {
 }
 
 /// The projections the model computes as one product (q/k/v and gate/up are stacked).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Product {
     Qkv,
     O,
@@ -272,7 +272,7 @@ pub struct LoraAdapter {
     layers: Vec<Vec<Pair>>,
     /// Column places of each target in its product, and each product's width.
     places: HashMap<LoraTarget, (Product, usize, usize)>,
-    widths: HashMap<ProductKey, usize>,
+    widths: HashMap<Product, usize>,
     /// While training: the seed of this forward's dropout masks.
     dropout_seed: Mutex<Option<u64>>,
     /// Changes whenever the values may have changed (keys the prompt-prefix cache).
@@ -280,11 +280,6 @@ pub struct LoraAdapter {
     /// Query and key/value heads when the base's q/k rows are in llama.cpp's order (see
     /// [`DecoderShape::rope_interleaved`]): PEFT's files hold B's rows in Hugging Face's.
     interleaved_heads: Option<(usize, usize)>,
-}
-
-type ProductKey = u8;
-fn key(p: Product) -> ProductKey {
-    p as u8
 }
 
 static GENERATIONS: AtomicU64 = AtomicU64::new(1);
@@ -341,13 +336,10 @@ impl LoraAdapter {
             .map(|t| (t, t.place(cfg)))
             .collect();
         let widths = HashMap::from([
-            (
-                key(Product::Qkv),
-                (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim,
-            ),
-            (key(Product::O), cfg.hidden),
-            (key(Product::GateUp), 2 * cfg.intermediate),
-            (key(Product::Down), cfg.hidden),
+            (Product::Qkv, (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim),
+            (Product::O, cfg.hidden),
+            (Product::GateUp, 2 * cfg.intermediate),
+            (Product::Down, cfg.hidden),
         ]);
         Ok(Self {
             scale: config.scale(),
@@ -518,7 +510,7 @@ impl LoraAdapter {
         let wide = here[0].a.dtype();
         let x32 = x.to_dtype(wide)?.reshape(((), input))?;
         let rows = x32.dim(0)?;
-        let width = self.widths[&key(product)];
+        let width = self.widths[&product];
         let mut parts: Vec<Tensor> = Vec::new();
         let mut col = 0;
         for p in here {
@@ -581,7 +573,7 @@ impl LoraAdapter {
         let (&input, lead) = dims.split_last().expect("a product input has dims");
         let x2 = x.reshape(((), input))?;
         let rows = x2.dim(0)?;
-        let width = self.widths[&key(product)];
+        let width = self.widths[&product];
         let mut joined = Tensor::zeros((rows, width), x.dtype(), x.device())?;
         let mut tapes = Vec::with_capacity(here.len());
         for p in here {
@@ -624,7 +616,7 @@ impl LoraAdapter {
             let a = p.a.as_tensor().to_dtype(DType::F32)?;
             let b = p.b.as_tensor().to_dtype(DType::F32)?;
             let rows = (b.matmul(&a)? * self.scale)?;
-            let width = self.widths[&key(product)];
+            let width = self.widths[&product];
             let d = match delta {
                 Some(d) => d,
                 None => Tensor::zeros((width, a.dim(1)?), DType::F32, a.device())?,
@@ -817,22 +809,34 @@ const MAX_PEFT_CONFIG_BYTES: u64 = 1 << 20;
 /// per-module rank or alpha patterns, bias training, modules_to_save, fan_in_fan_out) by
 /// name rather than computing something else.
 pub fn read_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
-    let config_path = dir.join("adapter_config.json");
     let weights = dir.join("adapter_model.safetensors");
-    let reason = |r: String| bad(format!("{}: {r}", config_path.display()));
-    let len = std::fs::metadata(&config_path)
+    Ok(PeftAdapter {
+        config: read_peft_config(&dir.join("adapter_config.json"))?,
+        tensors: read_peft_weights(&weights, device)?,
+        weights,
+    })
+}
+
+fn file_len(path: &Path) -> Result<u64> {
+    Ok(std::fs::metadata(path)
         .map_err(|cause| ModelError::Io {
-            path: config_path.clone(),
+            path: path.to_path_buf(),
             cause,
         })?
-        .len();
+        .len())
+}
+
+/// PEFT's adapter_config.json as a [`LoraConfig`], refusing what earshot does not implement.
+fn read_peft_config(config_path: &Path) -> Result<LoraConfig> {
+    let reason = |r: String| bad(format!("{}: {r}", config_path.display()));
+    let len = file_len(config_path)?;
     if len > MAX_PEFT_CONFIG_BYTES {
         return Err(reason(format!(
             "{len} bytes; an adapter config is a few KB"
         )));
     }
-    let text = crate::files::read_to_string(&config_path).map_err(|cause| ModelError::Io {
-        path: config_path.clone(),
+    let text = crate::files::read_to_string(config_path).map_err(|cause| ModelError::Io {
+        path: config_path.to_path_buf(),
         cause,
     })?;
     let v: serde_json::Value =
@@ -931,12 +935,13 @@ pub fn read_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
         lr: None,
     };
     config.check().map_err(reason)?;
-    let size = std::fs::metadata(&weights)
-        .map_err(|cause| ModelError::Io {
-            path: weights.clone(),
-            cause,
-        })?
-        .len();
+    Ok(config)
+}
+
+/// The tensors of adapter_model.safetensors (bounded in size, finite), by PEFT name without
+/// the adapter name some tools keep.
+fn read_peft_weights(weights: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let size = file_len(weights)?;
     if size > MAX_PEFT_WEIGHTS_BYTES {
         return Err(bad(format!(
             "{}: {size} bytes, more than the {} GiB a LoRA adapter may have here (rank 64 on \
@@ -945,8 +950,8 @@ pub fn read_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
             MAX_PEFT_WEIGHTS_BYTES >> 30
         )));
     }
-    let bytes = crate::files::read(&weights).map_err(|cause| ModelError::Io {
-        path: weights.clone(),
+    let bytes = crate::files::read(weights).map_err(|cause| ModelError::Io {
+        path: weights.to_path_buf(),
         cause,
     })?;
     let raw = candle_core::safetensors::load_buffer(&bytes, device)
@@ -965,11 +970,7 @@ pub fn read_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
         }
         tensors.insert(name, t);
     }
-    Ok(PeftAdapter {
-        config,
-        tensors,
-        weights,
-    })
+    Ok(tensors)
 }
 
 #[cfg(test)]

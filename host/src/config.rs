@@ -49,7 +49,47 @@ pub struct RunConfig {
     /// projector alone trains).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraConfig>,
+    /// Several tasks trained into one model (`[[task]]`); empty: this file's own task alone.
+    #[serde(default, rename = "task", skip_serializing_if = "Vec::is_empty")]
+    pub task_entries: Vec<TaskEntry>,
 }
+
+/// The most tasks one run trains.
+pub const MAX_TASKS: usize = 16;
+
+/// One `[[task]]` of a multi-task run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TaskEntry {
+    /// Names the task in logs, eval sections, report files (`report-NAME.html`) and
+    /// `--task NAME`: letters, digits, `-` and `_`, at most 32.
+    pub name: String,
+    /// A run config whose `[data]`, `[plugins]` prompt-options and post-processor, and
+    /// `[eval]` define the task (its other sections are not read: the models, encoder,
+    /// projector, training and LoRA settings are this file's). Absent: this file's own
+    /// `[data]`, prompt and `[eval]` (exactly one entry has no config).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<PathBuf>,
+    /// Share of the training samples drawn from this task, relative to the others'.
+    #[serde(default = "default_task_weight")]
+    pub weight: f64,
+}
+
+fn default_task_weight() -> f64 {
+    1.0
+}
+
+/// A task resolved: its name, weight, and the run config it trains, evaluates and captions
+/// with (this file's models and settings with the task's data, prompt and eval).
+#[derive(Debug, Clone)]
+pub struct Task {
+    pub name: String,
+    pub weight: f64,
+    pub config: RunConfig,
+}
+
+/// The task of a config without `[[task]]`.
+pub const SINGLE_TASK_NAME: &str = "main";
 
 /// What `earshot eval --config` scores besides the caption metrics.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -329,16 +369,30 @@ fn apply_set(doc: &mut toml::Table, assignment: &str) -> Result<()> {
 
 impl RunConfig {
     pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
+        let cfg = Self::load_unresolved(path, sets)?;
+        cfg.resolve_tasks(path)?;
+        Ok(cfg)
+    }
+
+    /// [`Self::load`] without reading the configs its `[[task]]` entries name (a task's own
+    /// config is read this way: one that lists tasks itself is refused, not followed).
+    fn load_unresolved(path: &Path, sets: &[String]) -> Result<Self> {
         let text = crate::files::read_to_string(path).map_err(|cause| ConfigError::Read {
             path: path.to_path_buf(),
             cause,
         })?;
-        Self::from_toml(&text, path, sets)
+        Self::parse(&text, path, sets)
     }
 
     /// Parses, overrides, resolves and validates a config whose text is `text` (read from
     /// `path`, which errors name and relative paths start from).
     pub fn from_toml(text: &str, path: &Path, sets: &[String]) -> Result<Self> {
+        let cfg = Self::parse(text, path, sets)?;
+        cfg.resolve_tasks(path)?;
+        Ok(cfg)
+    }
+
+    fn parse(text: &str, path: &Path, sets: &[String]) -> Result<Self> {
         let invalid = |reason: String| ConfigError::Invalid {
             path: path.to_path_buf(),
             reason,
@@ -399,8 +453,151 @@ impl RunConfig {
             cfg.data.valid_split = Some(old.clone());
             cfg.data.test_split = Some(old);
         }
+        for entry in &mut cfg.task_entries {
+            if let Some(task_config) = entry.config.take() {
+                entry.config = Some(resolve(&file_base, &task_config));
+            }
+        }
         cfg.validate(path)?;
         Ok(cfg)
+    }
+
+    /// Whether the config lists several tasks.
+    pub fn is_multi_task(&self) -> bool {
+        !self.task_entries.is_empty()
+    }
+
+    /// The tasks this config trains, in the order `[[task]]` lists them (one, named
+    /// [`SINGLE_TASK_NAME`], without `[[task]]`). Reads each task's config file.
+    pub fn tasks(&self) -> Result<Vec<Task>> {
+        self.resolve_tasks(Path::new("the run config"))
+    }
+
+    /// The config of the task `name` captions and evaluates with; `None`: this file's own
+    /// task (a single-task config's, or the `[[task]]` entry without `config`).
+    pub fn for_task(&self, name: Option<&str>) -> Result<RunConfig> {
+        match name {
+            Some(name) => Ok(self.task(name)?.config),
+            None => {
+                let mut own = self.clone();
+                own.task_entries.clear();
+                Ok(own)
+            }
+        }
+    }
+
+    /// The task named `name`, or an error listing the names.
+    pub fn task(&self, name: &str) -> Result<Task> {
+        let tasks = self.tasks()?;
+        let names: Vec<String> = tasks.iter().map(|t| t.name.clone()).collect();
+        tasks
+            .into_iter()
+            .find(|t| t.name == name)
+            .ok_or_else(|| ConfigError::Invalid {
+                path: PathBuf::from("--task"),
+                reason: format!("no task {name:?}; the config's tasks: {}", names.join(", ")),
+            })
+    }
+
+    fn resolve_tasks(&self, path: &Path) -> Result<Vec<Task>> {
+        let invalid = |reason: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let mut own = self.clone();
+        own.task_entries.clear();
+        if self.task_entries.is_empty() {
+            return Ok(vec![Task {
+                name: SINGLE_TASK_NAME.into(),
+                weight: 1.0,
+                config: own,
+            }]);
+        }
+        if self.task_entries.len() > MAX_TASKS {
+            return Err(invalid(format!(
+                "{} [[task]] entries: at most {MAX_TASKS}",
+                self.task_entries.len()
+            )));
+        }
+        let own_entries = self
+            .task_entries
+            .iter()
+            .filter(|t| t.config.is_none())
+            .count();
+        if own_entries != 1 {
+            return Err(invalid(format!(
+                "{own_entries} [[task]] entries without `config`: exactly one names this \
+                 file's own [data], prompt and [eval] as a task"
+            )));
+        }
+        let template = std::fs::read(&self.plugins.prompt_template).map_err(|e| {
+            invalid(format!(
+                "plugins.prompt-template = {}: {e}",
+                self.plugins.prompt_template.display()
+            ))
+        })?;
+        let mut tasks: Vec<Task> = Vec::with_capacity(self.task_entries.len());
+        for entry in &self.task_entries {
+            let name = &entry.name;
+            let name_ok = !name.is_empty()
+                && name.len() <= 32
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if !name_ok {
+                return Err(invalid(format!(
+                    "[[task]] name {name:?}: use 1-32 letters, digits, '-' or '_' (it names \
+                     report files)"
+                )));
+            }
+            if tasks.iter().any(|t| &t.name == name) {
+                return Err(invalid(format!("[[task]] name {name:?} is used twice")));
+            }
+            if !(entry.weight.is_finite() && entry.weight > 0.0) {
+                return Err(invalid(format!(
+                    "task {name}: weight must be a positive number, got {}",
+                    entry.weight
+                )));
+            }
+            let config = match &entry.config {
+                None => own.clone(),
+                Some(file) => {
+                    let other = RunConfig::load_unresolved(file, &[]).map_err(|e| {
+                        invalid(format!("task {name}: config {}: {e}", file.display()))
+                    })?;
+                    if other.is_multi_task() {
+                        return Err(invalid(format!(
+                            "task {name}: config {} lists tasks of its own; a task's config \
+                             must be a single-task config",
+                            file.display()
+                        )));
+                    }
+                    let same_template = std::fs::read(&other.plugins.prompt_template)
+                        .is_ok_and(|bytes| bytes == template);
+                    if !same_template {
+                        return Err(invalid(format!(
+                            "task {name}: its prompt-template plugin ({}) is not this file's \
+                             ({}): the tasks of one run share the template (the checkpoint \
+                             records one) and differ by prompt-options",
+                            other.plugins.prompt_template.display(),
+                            self.plugins.prompt_template.display()
+                        )));
+                    }
+                    let mut task = own.clone();
+                    task.data = other.data;
+                    task.eval = other.eval;
+                    task.plugins.prompt_options = other.plugins.prompt_options;
+                    task.plugins.post_processor = other.plugins.post_processor;
+                    task
+                }
+            };
+            tasks.push(Task {
+                name: name.clone(),
+                weight: entry.weight,
+                config,
+            });
+        }
+        Ok(tasks)
     }
 
     fn validate(&self, path: &Path) -> Result<()> {

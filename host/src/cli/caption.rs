@@ -71,6 +71,10 @@ pub struct CaptionArgs {
     /// Override a config value (repeatable)
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// A multi-task config's task ([[task]] name) whose prompt, post-processor and dataset
+    /// to use; default: the config file's own task
+    #[arg(long, value_name = "NAME")]
+    pub task: Option<String>,
 }
 
 impl CaptionArgs {
@@ -92,7 +96,7 @@ struct Output {
 }
 
 pub fn run(args: CaptionArgs) -> Result<()> {
-    let cfg = RunConfig::load(&args.config, &args.set)?;
+    let cfg = RunConfig::load(&args.config, &args.set)?.for_task(args.task.as_deref())?;
     let settings = args.settings();
     crate::sampler::Sampler::new(settings.sampling)?;
     if args.split.is_none() && args.audio.is_empty() {

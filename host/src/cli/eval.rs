@@ -96,6 +96,10 @@ pub struct EvalArgs {
     /// the listening verdict), not the metric table and confusion tables
     #[arg(long, conflicts_with = "json")]
     pub brief: bool,
+    /// With a multi-task config ([[task]]): evaluate this task only (default: every task,
+    /// each in its own section, report-NAME.html and eval-NAME.json)
+    #[arg(long, requires = "config", value_name = "NAME")]
+    pub task: Option<String>,
 }
 
 fn parse_attribute(s: &str) -> Result<(String, Vec<String>)> {
@@ -114,67 +118,158 @@ fn parse_attribute(s: &str) -> Result<(String, Vec<String>)> {
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
-    let mut attributes = AttributeSpec::new();
-    let mut listening = None;
-    let mut split = None;
-    let report = match (&args.predictions, &args.config) {
-        (Some(path), _) => {
-            for a in &args.attributes {
-                let (name, values) = parse_attribute(a)?;
-                attributes.insert(name, values);
-            }
-            let file = read_predictions(path)?;
-            score(&file.predictions, file.failed.len(), &attributes)
+    if let Some(config) = &args.config {
+        let cfg = RunConfig::load(config, &args.set)?;
+        if cfg.is_multi_task() {
+            return run_tasks(&args, cfg);
         }
-        (None, Some(config)) => {
-            let cfg = RunConfig::load(config, &args.set)?;
-            attributes.extend(cfg.eval.attributes.clone());
-            for a in &args.attributes {
-                let (name, values) = parse_attribute(a)?;
-                attributes.insert(name, values);
-            }
-            split = args.split.clone().or(cfg.data.test_split.clone());
-            let (report, check, page) = evaluate_config(&args, cfg, &attributes)?;
-            listening = check;
-            if let Some(path) = page {
-                printer::notice(&format!("report: {}", path.display()));
-            }
-            report
+        if let Some(task) = &args.task {
+            // A single-task config has one task, named `main`.
+            cfg.task(task)?;
         }
-        (None, None) => bail!("give --predictions FILE or --config RUN.toml"),
+        let evaluated = evaluate_task(&args, cfg, None)?;
+        let mut out = std::io::stdout().lock();
+        if args.json {
+            let v = report_json(&evaluated.report, evaluated.check.as_ref())?;
+            writeln!(out, "{}", terminal_safe_json(v.to_string()))?;
+        } else {
+            print_evaluated(&mut out, &args, &evaluated)?;
+        }
+        return partial_exit(
+            evaluated.report.failed,
+            evaluated.report.failed + evaluated.report.examples,
+        );
+    }
+    let Some(path) = &args.predictions else {
+        bail!("give --predictions FILE or --config RUN.toml");
     };
+    let mut attributes = AttributeSpec::new();
+    for a in &args.attributes {
+        let (name, values) = parse_attribute(a)?;
+        attributes.insert(name, values);
+    }
+    let file = read_predictions(path)?;
+    let report = score(&file.predictions, file.failed.len(), &attributes);
     let mut out = std::io::stdout().lock();
     if args.json {
-        let v = report_json(&report, listening.as_ref())?;
+        let v = report_json(&report, None)?;
         writeln!(out, "{}", terminal_safe_json(v.to_string()))?;
     } else {
-        if let Some((check, split)) = listening.as_ref().zip(split.as_deref()) {
-            write_summary(&mut out, &report, check, split)?;
-        } else if args.brief {
-            // No listening check (predictions from a file, or --no-listening-check): the
-            // scores with their intervals, without baselines.
+        if args.brief {
+            // No listening check (predictions from a file): the scores with their
+            // intervals, without baselines.
             write_scores_brief(&mut out, &report)?;
-        }
-        if !args.brief {
-            if listening.is_some() {
-                writeln!(out)?;
-            }
+        } else {
             write_table(&mut out, &report)?;
-            if let Some(check) = &listening {
-                write_listening(&mut out, check)?;
-            }
         }
     }
-    // Captioning a split here, some examples failed (an error line each on stderr): the
-    // scores stand for the others, and the status says they are not the whole split.
-    if args.config.is_some() && report.failed > 0 {
+    Ok(())
+}
+
+/// One task evaluated from a config: its scores, listening check and split.
+struct Evaluated {
+    report: Report,
+    check: Option<ListeningCheck>,
+    split: String,
+}
+
+/// Captions and scores one task's split (`task`: its name, in a multi-task run, which
+/// names its report files).
+fn evaluate_task(args: &EvalArgs, cfg: RunConfig, task: Option<&str>) -> Result<Evaluated> {
+    let mut attributes = AttributeSpec::new();
+    attributes.extend(cfg.eval.attributes.clone());
+    for a in &args.attributes {
+        let (name, values) = parse_attribute(a)?;
+        attributes.insert(name, values);
+    }
+    let (report, check, page, split) = evaluate_config(args, cfg, &attributes, task)?;
+    if let Some(path) = page {
+        printer::notice(&format!("report: {}", path.display()));
+    }
+    Ok(Evaluated {
+        report,
+        check,
+        split,
+    })
+}
+
+fn print_evaluated(out: &mut impl Write, args: &EvalArgs, e: &Evaluated) -> Result<()> {
+    if let Some(check) = &e.check {
+        write_summary(out, &e.report, check, &e.split)?;
+    } else if args.brief {
+        // --no-listening-check: the scores with their intervals, without baselines.
+        write_scores_brief(out, &e.report)?;
+    }
+    if !args.brief {
+        if e.check.is_some() {
+            writeln!(out)?;
+        }
+        write_table(out, &e.report)?;
+        if let Some(check) = &e.check {
+            write_listening(out, check)?;
+        }
+    }
+    Ok(())
+}
+
+/// Captioning a split, some examples failed (an error line each on stderr): the scores
+/// stand for the others, and the status says they are not the whole split.
+fn partial_exit(failed: usize, total: usize) -> Result<()> {
+    if failed > 0 {
         return Err(super::exit::Exit::partial(format!(
-            "{} of {} example(s) failed (error lines above); the others were scored",
-            report.failed,
-            report.failed + report.examples
+            "{failed} of {total} example(s) failed (error lines above); the others were scored"
         )));
     }
     Ok(())
+}
+
+/// Every task of a multi-task config (or `--task`'s), each in its own section: `task NAME`
+/// and what a single-task eval prints; `--json`: one object with a report per task.
+fn run_tasks(args: &EvalArgs, cfg: RunConfig) -> Result<()> {
+    let tasks = match &args.task {
+        Some(name) => vec![cfg.task(name)?],
+        None => cfg.tasks()?,
+    };
+    let mut out = std::io::stdout().lock();
+    let mut json = serde_json::Map::new();
+    let (mut failed, mut total) = (0, 0);
+    for (i, task) in tasks.into_iter().enumerate() {
+        printer::notice(&format!("task {}", task.name));
+        let evaluated = evaluate_task(args, task.config, Some(&task.name))?;
+        failed += evaluated.report.failed;
+        total += evaluated.report.failed + evaluated.report.examples;
+        if args.json {
+            json.insert(
+                task.name.clone(),
+                report_json(&evaluated.report, evaluated.check.as_ref())?,
+            );
+        } else {
+            if i > 0 {
+                writeln!(out)?;
+            }
+            writeln!(out, "task {}", task.name)?;
+            print_evaluated(&mut out, args, &evaluated)?;
+            out.flush()?;
+        }
+    }
+    if args.json {
+        let v = serde_json::json!({ "tasks": json });
+        writeln!(out, "{}", terminal_safe_json(v.to_string()))?;
+    }
+    partial_exit(failed, total)
+}
+
+/// `path` with `-NAME` before its extension (a task's own file in a multi-task run).
+fn for_task(path: &std::path::Path, task: Option<&str>) -> PathBuf {
+    let Some(task) = task else {
+        return path.to_path_buf();
+    };
+    let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+    let name = match path.extension() {
+        Some(ext) => format!("{stem}-{task}.{}", ext.to_string_lossy()),
+        None => format!("{stem}-{task}"),
+    };
+    path.with_file_name(name)
 }
 
 /// Captions the split with real audio (and, for the listening check, with silence and with
@@ -183,7 +278,8 @@ fn evaluate_config(
     args: &EvalArgs,
     cfg: RunConfig,
     attributes: &AttributeSpec,
-) -> Result<(Report, Option<ListeningCheck>, Option<PathBuf>)> {
+    task: Option<&str>,
+) -> Result<(Report, Option<ListeningCheck>, Option<PathBuf>, String)> {
     let split = match (&args.split, &cfg.data.test_split) {
         (Some(s), _) | (None, Some(s)) => s.clone(),
         (None, None) => {
@@ -206,8 +302,10 @@ fn evaluate_config(
     let run_dir = captioner.config.train.run_dir.clone();
     let page = match (&args.report, args.no_report) {
         (_, true) => None,
-        (Some(p), _) => Some(p.clone()),
-        (None, false) => run_dir.is_dir().then(|| run_dir.join("report.html")),
+        (Some(p), _) => Some(for_task(p, task)),
+        (None, false) => run_dir
+            .is_dir()
+            .then(|| for_task(&run_dir.join("report.html"), task)),
     };
     let mut heard = BTreeMap::new();
     let mut run = |hearing: Hearing| -> Result<Report> {
@@ -232,7 +330,7 @@ fn evaluate_config(
         )?;
         if hearing == Hearing::Real {
             if let Some(path) = &args.save_predictions {
-                save_lines(path, &captions.lines)?;
+                save_lines(&for_task(path, task), &captions.lines)?;
             }
             for l in captions.lines.iter().filter(|l| l.get("error").is_some()) {
                 printer::error(&format!(
@@ -275,13 +373,13 @@ fn evaluate_config(
     }
     if let Some(path) = &page {
         // The scores as JSON beside the report page (what --json prints).
-        let json = path.with_file_name("eval.json");
+        let json = for_task(&path.with_file_name("eval.json"), task);
         save_lines(&json, &[report_json(&report, check.as_ref())?])?;
         printer::notice(&format!("scores: {}", json.display()));
         let details = run_details(args, &captioner, &split);
         write_report(path, &captioner, heard, &report, check.as_ref(), details)?;
     }
-    Ok((report, check, page))
+    Ok((report, check, page, split))
 }
 
 /// The report and the listening check as one JSON object (`--json`, and `eval.json`).

@@ -173,8 +173,16 @@ impl TrainPrinter {
                 loss,
                 examples,
                 best,
+                tasks,
             } => self.line(&format!(
-                "step {step}: eval loss {loss:.4} on {examples} example(s){}",
+                "step {step}: eval loss {loss:.4}{} on {examples} example(s){}",
+                if tasks.len() > 1 {
+                    let parts: Vec<String> =
+                        tasks.iter().map(|(n, l)| format!("{n} {l:.4}")).collect();
+                    format!(" (mean of {})", parts.join(", "))
+                } else {
+                    String::new()
+                },
                 if best { " (best so far)" } else { "" }
             )),
             Event::Note(text) => self.line(&text),

@@ -67,7 +67,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     // Both splits' clips went through the encoder cache.
     let clips = session.examples.len() + session.eval_examples.len();
     printer.line(&format!(
-        "training the projector{} on {} example(s) up to step {steps}{}; encoder: {} clip(s) encoded, {} from the cache",
+        "training the projector{} on {} example(s){} up to step {steps}{}; encoder: {} clip(s) encoded, {} from the cache",
         match &session.config.lora {
             Some(l) => format!(
                 " and LoRA adapters (rank {}, {})",
@@ -77,6 +77,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
             None => String::new(),
         },
         session.examples.len(),
+        if session.tasks.len() > 1 {
+            let parts: Vec<String> = session
+                .tasks
+                .iter()
+                .map(|t| format!("{} {} (weight {})", t.name, t.train.len(), t.weight))
+                .collect();
+            format!(" of {} tasks: {}", session.tasks.len(), parts.join(", "))
+        } else {
+            String::new()
+        },
         skipped_note(session.skipped),
         session.fresh_encodings,
         clips.saturating_sub(session.fresh_encodings)

@@ -25,6 +25,10 @@ pub struct TrainState {
     pub accumulate: usize,
     pub examples: usize,
     pub manifest: Manifest,
+    /// A multi-task run's tasks as (name, training examples, weight): the data order
+    /// depends on them. Empty for one task (and in checkpoints from before tasks).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tasks: Vec<(String, usize, f64)>,
 }
 
 fn one() -> usize {
@@ -329,6 +333,7 @@ mod tests {
             batch_size: 1,
             accumulate: 1,
             examples: 1,
+            tasks: Vec::new(),
             manifest: Manifest {
                 encoder: m.clone(),
                 llm: m.clone(),

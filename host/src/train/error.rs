@@ -15,6 +15,8 @@ pub enum TrainError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Plugin(#[from] PluginError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("{0} already holds a run; continue it with --resume, or replace it with --overwrite")]
     RunExists(PathBuf),
     #[error("--resume: no checkpoint in {0}")]

@@ -41,6 +41,8 @@ use error::io;
 #[derive(Clone)]
 pub struct Prepared {
     pub id: String,
+    /// Index of its task in [`Session::tasks`].
+    pub task: usize,
     pub pieces: TextPieces,
     /// Frozen encoder output (1, frames, d_enc): 1500 frames for a full window.
     pub encoded: Tensor,
@@ -65,6 +67,19 @@ pub struct Session {
     pub prefixes: PrefixCache,
     /// Examples of both splits left out, by cause.
     pub skipped: Skipped,
+    /// The tasks trained together (one without `[[task]]`): where each one's examples sit.
+    pub tasks: Vec<TaskSpan>,
+}
+
+/// One task's place in a session's examples.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskSpan {
+    pub name: String,
+    /// Share of the training samples drawn from it, relative to the other tasks'.
+    pub weight: f64,
+    /// Its examples in [`Session::examples`] and [`Session::eval_examples`].
+    pub train: std::ops::Range<usize>,
+    pub valid: std::ops::Range<usize>,
 }
 
 impl Session {
@@ -107,47 +122,66 @@ impl Session {
         let (rt, encoder, mut llm) = load_models(&config, GgufBlocks::Skip)?;
         attach_lora(&config, &mut llm, &rt.device)?;
         let host = PluginHost::new(config.plugins.sandbox, PluginHost::default_cache_dir());
-        let mut template = PromptTemplate::load(&host, &config.plugins.prompt_template)?;
-        let splits = config.data.run_splits();
-        let mut adapter = open_dataset(&host, &config, &splits)?;
         let settings = mel_settings(&config, &encoder);
         let manifest = build_manifest(&config, &settings)?;
         let mut clips = ClipEncoder::with_default_cache(encoder, rt.clone(), settings, &manifest)?;
-        let mut inputs = SplitInputs {
-            adapter: &mut adapter,
-            template: &mut template,
-            llm: &llm,
-            clips: &mut clips,
-            config: &config,
-            skipped: Skipped::default(),
-            leaks: (config.data.leaks != LeakPolicy::Ignore).then(|| {
-                LeakFinder::new(AuditOptions {
-                    decoded: false,
-                    text_targets: config.data.text_targets,
-                    max_audio_s: config.data.max_audio_s,
-                })
-            }),
-        };
-        let examples = inputs.load(&config.data.train_split, progress)?;
-        let eval_examples = match &config.data.valid_split {
-            // The training split as its own eval (overfitting checks): the same examples.
-            Some(split) if split == &config.data.train_split => examples.clone(),
-            Some(split) => inputs.load(split, progress)?,
-            None => Vec::new(),
-        };
-        // The test split is not trained or chosen on: listed only, for the leak check (an
-        // example over a bound there is eval's business, not training's).
-        let data = &config.data;
-        let test_only = data
-            .test_split
-            .as_deref()
-            .filter(|t| *t != data.train_split && Some(*t) != data.valid_split.as_deref());
-        if let Some(test) = test_only.filter(|_| inputs.leaks.is_some()) {
-            inputs.list(test, false)?;
-        }
-        let skipped = inputs.skipped;
-        if let Some(report) = inputs.leaks.take().map(LeakFinder::finish) {
-            check_leaks(&report, config.data.leaks)?;
+        let mut examples = Vec::new();
+        let mut eval_examples = Vec::new();
+        let mut spans = Vec::new();
+        let mut skipped = Skipped::default();
+        // Each task with its own adapter, template options and leak check: a task's splits
+        // are compared with each other (tasks share no split).
+        for (index, task) in config.tasks()?.into_iter().enumerate() {
+            let task_config = &task.config;
+            let mut template = PromptTemplate::load(&host, &task_config.plugins.prompt_template)?;
+            let splits = task_config.data.run_splits();
+            let mut adapter = open_dataset(&host, task_config, &splits)?;
+            let mut inputs = SplitInputs {
+                adapter: &mut adapter,
+                template: &mut template,
+                llm: &llm,
+                clips: &mut clips,
+                config: task_config,
+                task: index,
+                skipped: Skipped::default(),
+                leaks: (task_config.data.leaks != LeakPolicy::Ignore).then(|| {
+                    LeakFinder::new(AuditOptions {
+                        decoded: false,
+                        text_targets: task_config.data.text_targets,
+                        max_audio_s: task_config.data.max_audio_s,
+                    })
+                }),
+            };
+            let train = inputs.load(&task_config.data.train_split, progress)?;
+            let valid = match &task_config.data.valid_split {
+                // The training split as its own eval (overfitting checks): the same examples.
+                Some(split) if split == &task_config.data.train_split => train.clone(),
+                Some(split) => inputs.load(split, progress)?,
+                None => Vec::new(),
+            };
+            // The test split is not trained or chosen on: listed only, for the leak check
+            // (an example over a bound there is eval's business, not training's).
+            let data = &task_config.data;
+            let test_only = data
+                .test_split
+                .as_deref()
+                .filter(|t| *t != data.train_split && Some(*t) != data.valid_split.as_deref());
+            if let Some(test) = test_only.filter(|_| inputs.leaks.is_some()) {
+                inputs.list(test, false)?;
+            }
+            skipped.over_bound += inputs.skipped.over_bound;
+            skipped.other += inputs.skipped.other;
+            if let Some(report) = inputs.leaks.take().map(LeakFinder::finish) {
+                check_leaks(&report, data.leaks)?;
+            }
+            spans.push(TaskSpan {
+                name: task.name,
+                weight: task.weight,
+                train: examples.len()..examples.len() + train.len(),
+                valid: eval_examples.len()..eval_examples.len() + valid.len(),
+            });
+            examples.extend(train);
+            eval_examples.extend(valid);
         }
         let ClipEncoder {
             encoder, counts, ..
@@ -164,6 +198,7 @@ impl Session {
             encode_counts: counts,
             skipped,
             prefixes: PrefixCache::default(),
+            tasks: spans,
         })
     }
 }
@@ -175,6 +210,8 @@ struct SplitInputs<'a> {
     llm: &'a LoadedLlm,
     clips: &'a mut ClipEncoder,
     config: &'a RunConfig,
+    /// Index of the task whose splits these are.
+    task: usize,
     skipped: Skipped,
     /// The splits compared as they are listed (audio bytes and, with data.text-targets,
     /// normalised targets; no decoding beyond what training does).
@@ -300,6 +337,7 @@ impl SplitInputs<'_> {
             };
             examples.push(Prepared {
                 id: ex.id,
+                task: self.task,
                 pieces,
                 encoded,
             });
@@ -328,30 +366,48 @@ pub enum Start {
     Resume { allow_mismatch: bool },
 }
 
-/// Token-weighted mean caption loss of the held-out examples (no gradients kept).
+/// The held-out caption loss (no gradients kept): token-weighted within a task, then the
+/// mean over the tasks that have held-out examples, so that a task with long targets
+/// (transcription) does not outweigh the others by its token count. One task: its loss.
 pub fn eval_loss(
     session: &Session,
     projector: &Projector,
     progress: &mut dyn FnMut(Event),
 ) -> Result<f64> {
-    let (mut sum, mut tokens, mut done) = (0.0, 0usize, 0);
+    Ok(eval_losses(session, projector, progress)?.0)
+}
+
+/// [`eval_loss`] and each task's own (name, loss), for the tasks with held-out examples.
+pub fn eval_losses(
+    session: &Session,
+    projector: &Projector,
+    progress: &mut dyn FnMut(Event),
+) -> Result<(f64, Vec<(String, f64)>)> {
     let total = session.eval_examples.len();
-    for chunk in session
-        .eval_examples
-        .chunks(session.config.train.batch_size.max(1))
-    {
-        let chunk: Vec<&Prepared> = chunk.iter().collect();
-        let (out, ..) = session.batch_loss(projector, &chunk, false)?;
-        sum += out.value()? * out.target_tokens as f64;
-        tokens += out.target_tokens;
-        done += chunk.len();
-        progress(Event::Progress {
-            phase: "evaluating".into(),
-            done,
-            total,
-        });
+    let mut done = 0;
+    let mut per_task = Vec::new();
+    for task in &session.tasks {
+        let (mut sum, mut tokens) = (0.0, 0usize);
+        let examples = &session.eval_examples[task.valid.clone()];
+        if examples.is_empty() {
+            continue;
+        }
+        for chunk in examples.chunks(session.config.train.batch_size.max(1)) {
+            let chunk: Vec<&Prepared> = chunk.iter().collect();
+            let (out, ..) = session.batch_loss(projector, &chunk, false)?;
+            sum += out.value()? * out.target_tokens as f64;
+            tokens += out.target_tokens;
+            done += chunk.len();
+            progress(Event::Progress {
+                phase: "evaluating".into(),
+                done,
+                total,
+            });
+        }
+        per_task.push((task.name.clone(), sum / tokens.max(1) as f64));
     }
-    Ok(sum / tokens.max(1) as f64)
+    let mean = per_task.iter().map(|(_, l)| l).sum::<f64>() / per_task.len().max(1) as f64;
+    Ok((mean, per_task))
 }
 
 /// The best eval loss so far, as recorded next to the best checkpoint.
@@ -388,9 +444,12 @@ pub enum Event<'a> {
     Step(&'a StepMetrics),
     Eval {
         step: usize,
+        /// The mean of the tasks' losses (one task: its loss).
         loss: f64,
         examples: usize,
         best: bool,
+        /// Each task's loss (name, loss), for the tasks with held-out examples.
+        tasks: &'a [(String, f64)],
     },
     /// Something the user should read (a warning, where the checkpoint went).
     Note(String),
@@ -540,19 +599,23 @@ impl Evaluations {
     ) -> Result<()> {
         let step = trainer.state.step;
         let session = trainer.session();
-        let eval = eval_loss(session, &trainer.trained.projector, progress)?;
-        writeln!(
-            self.file,
-            "{}",
-            serde_json::json!({"step": step, "eval_loss": eval})
-        )
-        .map_err(io(&run.path, "cannot write eval.jsonl"))?;
+        let (eval, per_task) = eval_losses(session, &trainer.trained.projector, progress)?;
+        let mut record = serde_json::json!({"step": step, "eval_loss": eval});
+        if session.tasks.len() > 1 {
+            record["tasks"] = per_task
+                .iter()
+                .map(|(name, loss)| (name.clone(), serde_json::json!(loss)))
+                .collect::<serde_json::Map<_, _>>()
+                .into();
+        }
+        writeln!(self.file, "{record}").map_err(io(&run.path, "cannot write eval.jsonl"))?;
         let is_best = eval.is_finite() && self.best.is_none_or(|b| eval < b.eval_loss);
         progress(Event::Eval {
             step,
             loss: eval,
             examples: session.eval_examples.len(),
             best: is_best,
+            tasks: &per_task,
         });
         if is_best {
             let best = Best {

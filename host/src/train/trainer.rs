@@ -15,6 +15,7 @@ use rand::SeedableRng;
 use super::checkpoint::{self, TrainState};
 use super::optim::{AdamW, AdamWParams};
 use super::run_dir::RunDir;
+use super::TaskSpan;
 use super::{Event, Prepared, Session, Start, StepMetrics};
 use crate::models::nonfinite::NonFiniteTrace;
 use crate::models::projector::Projector;
@@ -85,6 +86,7 @@ impl<'s> Trainer<'s> {
             accumulate: cfg.accumulate,
             examples: session.examples.len(),
             manifest: session.manifest.clone(),
+            tasks: task_record(session),
         };
         let mut trainer = Self {
             session,
@@ -122,6 +124,26 @@ impl<'s> Trainer<'s> {
                     "seed/batch size/dataset size were {}/{}/{}, now {}/{}/{}: the data order \
                      would differ",
                     saved.seed, saved.batch_size, saved.examples, cfg.seed, cfg.batch_size, n
+                ),
+            ));
+        }
+        let tasks = task_record(self.session);
+        if saved.tasks != tasks {
+            let show = |t: &[(String, usize, f64)]| -> String {
+                if t.is_empty() {
+                    return "one task".into();
+                }
+                t.iter()
+                    .map(|(name, n, w)| format!("{name} ({n} examples, weight {w})"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            return Err(bad_checkpoint(
+                &ckpt,
+                format!(
+                    "its run trained {}, this config trains {}: the data order would differ",
+                    show(&saved.tasks),
+                    show(&tasks)
                 ),
             ));
         }
@@ -198,9 +220,14 @@ impl<'s> Trainer<'s> {
             .map(|k| {
                 let c = first + k;
                 let (epoch, i) = (c / n as u64, (c % n as u64) as usize);
-                self.orders
-                    .entry(epoch)
-                    .or_insert_with(|| epoch_order(seed, epoch, n))[i]
+                let tasks = &self.session.tasks;
+                self.orders.entry(epoch).or_insert_with(|| {
+                    if tasks.len() > 1 {
+                        mixed_epoch_order(seed, epoch, tasks)
+                    } else {
+                        epoch_order(seed, epoch, n)
+                    }
+                })[i]
             })
             .collect()
     }
@@ -374,4 +401,129 @@ fn epoch_order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
         seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ epoch,
     ));
     order
+}
+
+/// What a checkpoint records of a multi-task session's tasks (nothing for one task).
+fn task_record(session: &Session) -> Vec<(String, usize, f64)> {
+    if session.tasks.len() < 2 {
+        return Vec::new();
+    }
+    session
+        .tasks
+        .iter()
+        .map(|t| (t.name.clone(), t.train.len(), t.weight))
+        .collect()
+}
+
+/// The order of `epoch`'s samples when several tasks train together. An epoch is as many
+/// samples as there are training examples in all; task t gets the share w_t / sum(w) of
+/// them (largest remainders, at least one each), drawn from the task's own fixed shuffles
+/// one after another, so that its examples come round evenly over the epochs whatever its
+/// share; the epoch's samples are then shuffled together. A function of (seed, epoch) and
+/// the tasks alone, like [`epoch_order`], so the data position is still the number of
+/// samples seen.
+pub(super) fn mixed_epoch_order(seed: u64, epoch: u64, tasks: &[TaskSpan]) -> Vec<usize> {
+    let n: usize = tasks.iter().map(|t| t.train.len()).sum();
+    let quotas = task_quotas(n, &tasks.iter().map(|t| t.weight).collect::<Vec<_>>());
+    let mut order = Vec::with_capacity(n);
+    for (t, (task, &quota)) in tasks.iter().zip(&quotas).enumerate() {
+        let len = task.train.len() as u64;
+        if len == 0 {
+            continue;
+        }
+        let first = epoch * quota as u64;
+        let mut round_order: Option<(u64, Vec<usize>)> = None;
+        for c in first..first + quota as u64 {
+            let (round, i) = (c / len, (c % len) as usize);
+            if round_order.as_ref().is_none_or(|(r, _)| *r != round) {
+                let task_seed = seed ^ (t as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
+                round_order = Some((round, epoch_order(task_seed, round, len as usize)));
+            }
+            let (_, within) = round_order.as_ref().expect("set above");
+            order.push(task.train.start + within[i]);
+        }
+    }
+    order.shuffle(&mut StdRng::seed_from_u64(
+        seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ epoch ^ 0x05EE_D0F7_A5C5_u64,
+    ));
+    order
+}
+
+/// `n` samples split by `weights` (positive): largest remainders, then at least one each
+/// (taken from the largest share) when `n` allows.
+fn task_quotas(n: usize, weights: &[f64]) -> Vec<usize> {
+    let total: f64 = weights.iter().sum();
+    let exact: Vec<f64> = weights.iter().map(|w| n as f64 * w / total).collect();
+    let mut quotas: Vec<usize> = exact.iter().map(|e| e.floor() as usize).collect();
+    let mut by_remainder: Vec<usize> = (0..weights.len()).collect();
+    by_remainder.sort_by(|&a, &b| {
+        let ra = exact[a] - exact[a].floor();
+        let rb = exact[b] - exact[b].floor();
+        rb.total_cmp(&ra).then(a.cmp(&b))
+    });
+    let short = n.saturating_sub(quotas.iter().sum());
+    for &i in by_remainder.iter().cycle().take(short) {
+        quotas[i] += 1;
+    }
+    if n >= weights.len() {
+        while let Some(zero) = quotas.iter().position(|&q| q == 0) {
+            let largest = (0..quotas.len())
+                .max_by_key(|&i| (quotas[i], std::cmp::Reverse(i)))
+                .expect("tasks");
+            quotas[largest] -= 1;
+            quotas[zero] += 1;
+        }
+    }
+    quotas
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(name: &str, train: std::ops::Range<usize>, weight: f64) -> TaskSpan {
+        TaskSpan {
+            name: name.into(),
+            weight,
+            train,
+            valid: 0..0,
+        }
+    }
+
+    #[test]
+    fn quotas_follow_the_weights_and_sum_to_the_epoch() {
+        assert_eq!(task_quotas(10, &[1.0, 1.0]), vec![5, 5]);
+        assert_eq!(task_quotas(10, &[3.0, 1.0]), vec![8, 2]);
+        assert_eq!(task_quotas(7, &[1.0, 1.0, 1.0]), vec![3, 2, 2]);
+        // A tiny weight still gets a sample.
+        assert_eq!(task_quotas(100, &[1.0, 1e-9]), vec![99, 1]);
+        for (n, w) in [(13usize, vec![0.2, 0.3, 0.5]), (1000, vec![1.0, 2.0, 7.0])] {
+            assert_eq!(task_quotas(n, &w).iter().sum::<usize>(), n);
+        }
+    }
+
+    #[test]
+    fn mixed_orders_draw_each_task_by_weight_and_cover_its_examples() {
+        // 10 examples of a and 90 of b, weighted 1:1: each epoch of 100 draws 50 of each,
+        // so a's examples come round five times an epoch, b's over two epochs.
+        let tasks = [span("a", 0..10, 1.0), span("b", 10..100, 1.0)];
+        let e0 = mixed_epoch_order(7, 0, &tasks);
+        let e1 = mixed_epoch_order(7, 1, &tasks);
+        assert_eq!(e0.len(), 100);
+        for e in [&e0, &e1] {
+            assert_eq!(e.iter().filter(|&&i| i < 10).count(), 50);
+            for i in 0..10 {
+                assert_eq!(e.iter().filter(|&&j| j == i).count(), 5, "example {i}");
+            }
+        }
+        let mut b: Vec<usize> = e0.iter().chain(&e1).copied().filter(|&i| i >= 10).collect();
+        b.sort();
+        // 100 of b's samples over two epochs: all 90, then 10 of its next round.
+        b.dedup();
+        assert_eq!(b.len(), 90);
+        // Fixed by (seed, epoch): what resume relies on.
+        assert_eq!(e0, mixed_epoch_order(7, 0, &tasks));
+        assert_ne!(e0, mixed_epoch_order(8, 0, &tasks));
+        assert_ne!(e0, e1);
+    }
 }

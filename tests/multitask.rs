@@ -3,7 +3,7 @@
 //! `earshot caption --task` answers with that task's prompt, and a resume with other tasks
 //! or weights is refused. The mechanics run on the tones fixture (two tasks over the same
 //! clips with different prompts and targets); what multi-task training learns on real data
-//! is measured by `scripts/bench_tasks.sh multitask` (BENCHMARKS.md).
+//! is a benchmark's business (`configs/cpu-smollm2-multitask.toml`), not this test's.
 
 use std::path::{Path, PathBuf};
 

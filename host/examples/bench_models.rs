@@ -4,6 +4,10 @@
 //! bench_models llm GGUF PROMPT_TOKENS DECODE_TOKENS [composed|dequantized]  -> prompt tokens/s, decode tokens/s
 //! bench_models train-step GGUF prefix|full|stock REPEATS   -> median step s, peak RSS
 //! bench_models peak   -> f32 matmul GFLOP/s at the encoder's MLP shape
+//! bench_models packed ROWS COLS REPEATS [COPIES] [GAP_US]   -> GB/s of the packed Q4_1
+//!   decode product (one input row) over COPIES matrices in turn (more than the caches hold
+//!   when large), with GAP_US of single-threaded busy work between products (the rest of a
+//!   decode step, during which the pool's workers go idle)
 //! One JSON object on stdout per call.
 
 use std::path::PathBuf;
@@ -219,6 +223,49 @@ fn main() {
             println!(
                 "{{\"what\":\"matmul peak\",\"gflops\":{}}}",
                 2.0 * (m * k * n) as f64 / s / 1e9
+            );
+        }
+        Some("packed") => {
+            use earshot::models::packed::{BlockFormat, PackedMatrix};
+            let arg = |i: usize, default: usize| -> usize {
+                args.get(i)
+                    .map_or(default, |s| s.parse().expect("a number"))
+            };
+            let (rows, cols, reps) = (arg(2, 1536), arg(3, 576), arg(4, 300));
+            let (copies, gap_us) = (arg(5, 30), arg(6, 0) as u128);
+            // Q4_1 blocks: d = m = 1.0 (f16 0x3c00), nibbles from a fixed pattern.
+            let bytes = rows * cols / 32 * 20;
+            let matrices: Vec<PackedMatrix> = (0..copies)
+                .map(|c| {
+                    let mut data: Vec<u8> = (0..bytes).map(|i| ((i * 7 + c) % 251) as u8).collect();
+                    for block in data.chunks_exact_mut(20) {
+                        block[..4].copy_from_slice(&[0x00, 0x3c, 0x00, 0x3c]);
+                    }
+                    PackedMatrix::from_bytes(BlockFormat::Q4_1, rows, cols, data).unwrap()
+                })
+                .collect();
+            let x: Vec<f32> = (0..cols).map(|i| (i as f32).sin()).collect();
+            let mut in_products = 0.0;
+            let mut checksum = 0.0f64;
+            for rep in 0..=reps {
+                for m in &matrices {
+                    let t = Instant::now();
+                    checksum += m.matmul_t(&x, 1)[0] as f64;
+                    // The first pass warms the pool and the pages.
+                    if rep > 0 {
+                        in_products += t.elapsed().as_secs_f64();
+                    }
+                    let gap = Instant::now();
+                    while gap.elapsed().as_micros() < gap_us {
+                        std::hint::spin_loop();
+                    }
+                }
+            }
+            let n = (reps * copies) as f64;
+            println!(
+                "{{\"what\":\"packed product\",\"rows\":{rows},\"cols\":{cols},\"gap_us\":{gap_us},\"gb_per_s\":{},\"us_per_product\":{},\"checksum\":{checksum}}}",
+                bytes as f64 * n / in_products / 1e9,
+                in_products / n * 1e6
             );
         }
         _ => panic!("usage: see the header of examples/bench_models.rs"),

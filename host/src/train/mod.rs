@@ -41,8 +41,6 @@ use error::io;
 #[derive(Clone)]
 pub struct Prepared {
     pub id: String,
-    /// Index of its task in [`Session::tasks`].
-    pub task: usize,
     pub pieces: TextPieces,
     /// Frozen encoder output (1, frames, d_enc): 1500 frames for a full window.
     pub encoded: Tensor,
@@ -131,7 +129,7 @@ impl Session {
         let mut skipped = Skipped::default();
         // Each task with its own adapter, template options and leak check: a task's splits
         // are compared with each other (tasks share no split).
-        for (index, task) in config.tasks()?.into_iter().enumerate() {
+        for task in config.tasks()? {
             let task_config = &task.config;
             let mut template = PromptTemplate::load(&host, &task_config.plugins.prompt_template)?;
             let splits = task_config.data.run_splits();
@@ -142,7 +140,12 @@ impl Session {
                 llm: &llm,
                 clips: &mut clips,
                 config: task_config,
-                task: index,
+                // Progress names the task when there are several.
+                label: if config.is_multi_task() {
+                    format!("{} ", task.name)
+                } else {
+                    String::new()
+                },
                 skipped: Skipped::default(),
                 leaks: (task_config.data.leaks != LeakPolicy::Ignore).then(|| {
                     LeakFinder::new(AuditOptions {
@@ -210,8 +213,9 @@ struct SplitInputs<'a> {
     llm: &'a LoadedLlm,
     clips: &'a mut ClipEncoder,
     config: &'a RunConfig,
-    /// Index of the task whose splits these are.
-    task: usize,
+    /// What progress lines put before the split's name: the task's name and a space in a
+    /// multi-task run, else nothing.
+    label: String,
     skipped: Skipped,
     /// The splits compared as they are listed (audio bytes and, with data.text-targets,
     /// normalised targets; no decoding beyond what training does).
@@ -301,7 +305,7 @@ impl SplitInputs<'_> {
         let mut examples = Vec::new();
         for (done, ex) in listed.into_iter().enumerate() {
             progress(Event::Progress {
-                phase: format!("encoding {split}"),
+                phase: format!("encoding {}{split}", self.label),
                 done,
                 total,
             });
@@ -337,13 +341,12 @@ impl SplitInputs<'_> {
             };
             examples.push(Prepared {
                 id: ex.id,
-                task: self.task,
                 pieces,
                 encoded,
             });
         }
         progress(Event::Progress {
-            phase: format!("encoding {split}"),
+            phase: format!("encoding {}{split}", self.label),
             done: total,
             total,
         });

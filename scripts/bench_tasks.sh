@@ -5,7 +5,7 @@
 # common target). Everything comes from `earshot eval --json`; the per-run summaries
 # (`earshot eval --brief` output) are kept in runs/bench/<task>-s<seed>/summary.txt.
 #
-#   bash scripts/bench_tasks.sh [main|traits|transcribe|all] [--seeds N] [--eval-only] [--final]
+#   bash scripts/bench_tasks.sh [main|traits|transcribe|multitask|all] [--seeds N] [--eval-only] [--final]
 #        [--set KEY=VALUE]... [--tag NAME] [--split valid] [--skip-trained] [--only-seed N]
 #   (default: all, 3 seeds; --eval-only scores the runs already in runs/bench again; --final
 #   scores each run's final projector instead of best/: a comparison, never the figure;
@@ -18,7 +18,10 @@
 #
 # main = configs/cpu-smollm2-soundfont.toml (instrument family and register),
 # traits = configs/cpu-smollm2-speaker-traits.toml (language/voice),
-# transcribe = configs/cpu-smollm2-transcribe-fr.toml (French CER/WER).
+# transcribe = configs/cpu-smollm2-transcribe-fr.toml (French CER/WER),
+# multitask = configs/cpu-smollm2-multitask.toml (instrument + speaker traits in one model;
+# not part of `all`): a table per task, then each task beside its single-task runs
+# (runs/bench/main-timgm-s* and traits-s*, when they exist).
 # The scores are on each config's test split (data.test-split), which nothing reads before
 # this: each run's figure is its best/ checkpoint, the one with the lowest eval loss on
 # data.valid-split among the evaluations every train.eval-every steps and at the end.
@@ -29,7 +32,7 @@ which=all seeds=3 eval_only=0 checkpoint=best tag="" split="" skip_trained=0 onl
 sets=()
 while [ $# -gt 0 ]; do
   case $1 in
-    main|traits|transcribe|all) which=$1 ;;
+    main|traits|transcribe|multitask|all) which=$1 ;;
     --seeds) seeds=$2; shift ;;
     --set) sets+=(--set "$2"); shift ;;
     --tag) tag="-$2"; shift ;;
@@ -48,6 +51,7 @@ declare -A configs=(
   [main]=configs/cpu-smollm2-soundfont.toml
   [traits]=configs/cpu-smollm2-speaker-traits.toml
   [transcribe]=configs/cpu-smollm2-transcribe-fr.toml
+  [multitask]=configs/cpu-smollm2-multitask.toml
 )
 tasks=(main traits transcribe)
 [ "$which" = all ] || tasks=("$which")
@@ -72,7 +76,8 @@ for task in "${tasks[@]}"; do
     if [ -z "$split" ]; then
       "$earshot" eval --config "$config" "${sets[@]}" --set "train.run-dir=\"$run\"" \
         --checkpoint "$run/$checkpoint" --brief > "$run/summary.txt"
-      jsons+=("$run/eval.json")
+      # A multi-task run writes eval-NAME.json per task beside its report pages.
+      if [ "$task" = multitask ]; then jsons+=("$run"); else jsons+=("$run/eval.json"); fi
     else
       "$earshot" eval --config "$config" "${sets[@]}" --set "train.run-dir=\"$run\"" \
         --checkpoint "$run/$checkpoint" --split "$split" --no-listening-check \
@@ -81,7 +86,10 @@ for task in "${tasks[@]}"; do
 import json, sys
 r = json.load(open(sys.argv[1]))
 parts = [f"{k} {v['accuracy']:.3f}" for k, v in r.get("attributes", {}).items()]
-print(", ".join(parts) or r["scores"])
+reports = r["tasks"] if "tasks" in r else {"": r}
+for name, r in reports.items():
+    parts = [f"{k} {v['accuracy']:.3f}" for k, v in r.get("attributes", {}).items()]
+    print((name + ": " if name else "") + (", ".join(parts) or str(r["scores"])))
 PY
       jsons+=("$run/eval-$split.json")
     fi
@@ -89,39 +97,64 @@ PY
     cat "$run/summary${split:+-$split}.txt" >&2
   done
   python3 - "$task" "$config" "$checkpoint" "${split:-test}" "${sets[*]:-}" "${jsons[@]}" <<'PY'
-import json, sys
+import glob, json, os, sys
 task, config, checkpoint, split, sets, paths = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:]
-runs = [json.load(open(p)) for p in paths]
+def reports(path):
+    """name -> report: one for a single-task run, one per task of a multi-task run."""
+    if os.path.isdir(path):
+        return {os.path.basename(f)[5:-5]: json.load(open(f))
+                for f in sorted(glob.glob(os.path.join(path, "eval-*.json")))
+                if not os.path.basename(f).startswith("eval-valid")}
+    r = json.load(open(path))
+    return r["tasks"] if "tasks" in r else {task: r}
+by_run = [reports(p) for p in paths]
 def spread(values):
     m = sum(values) / len(values)
     return f"{m:.3f} ({min(values):.3f}-{max(values):.3f})" if len(values) > 1 else f"{m:.3f}"
-if split != "test":
-    # Choosing between variants: the real-audio scores on this split, nothing else.
-    print(f"\n{task}: {config} {sets}, {len(runs)} seed(s), {runs[0]['examples']} {split} examples, "
-          + ("best/ checkpoints" if checkpoint == "best" else "final projectors"))
+for task_name in by_run[0]:
+    runs = [r[task_name] for r in by_run]
+    task_label = task if task_name == task else f"{task}/{task_name}"
+    if split != "test":
+        # Choosing between variants: the real-audio scores on this split, nothing else.
+        print(f"\n{task_label}: {config} {sets}, {len(runs)} seed(s), {runs[0]['examples']} {split} examples, "
+              + ("best/ checkpoints" if checkpoint == "best" else "final projectors"))
+        for name in runs[0].get("attributes", {}):
+            print(f"{name} accuracy: {spread([r['attributes'][name]['accuracy'] for r in runs])}")
+        for key in ("cider_d", "wer", "cer"):
+            print(f"{key}: {spread([r['scores'][key] for r in runs])}")
+        continue
+    last = runs[-1]["listening_check"]
+    print(f"\n{task_label}: {config}, {len(runs)} seed(s), {runs[0]['examples']} test examples, " + ("best/ checkpoints (lowest valid loss)" if checkpoint == "best" else "final projectors (not the figure: a comparison)"))
+    print("| score | real audio: mean (min-max) | silence | shuffled | training majority | uniform |")
+    print("|---|---|---|---|---|---|")
     for name in runs[0].get("attributes", {}):
-        print(f"{name} accuracy: {spread([r['attributes'][name]['accuracy'] for r in runs])}")
-    for key in ("cider_d", "wer", "cer"):
-        print(f"{key}: {spread([r['scores'][key] for r in runs])}")
-    sys.exit(0)
-last = runs[-1]["listening_check"]
-print(f"\n{task}: {config}, {len(runs)} seed(s), {runs[0]['examples']} test examples, " + ("best/ checkpoints (lowest valid loss)" if checkpoint == "best" else "final projectors (not the figure: a comparison)"))
-print("| score | real audio: mean (min-max) | silence | shuffled | training majority | uniform |")
-print("|---|---|---|---|---|---|")
-for name in runs[0].get("attributes", {}):
-    real = [r["attributes"][name]["accuracy"] for r in runs]
-    maj = last["baselines"]["majority"].get(name, {}).get("accuracy")
-    uni = last["baselines"]["uniform"].get(name)
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"
-    print(f"| {name} accuracy | **{spread(real)}** | {last['silence']['attributes'][name]['accuracy']:.3f}"
-          f" | {last['shuffled']['attributes'][name]['accuracy']:.3f} | {fmt(maj)} | {fmt(uni)} |")
-const = last["baselines"].get("constant") or {}
-for key, name in (("cider_d", "CIDEr-D"), ("wer", "WER"), ("cer", "CER")):
-    real = [r["scores"][key] for r in runs]
-    c = const.get(key)
-    print(f"| {name} | **{spread(real)}** | {last['silence']['scores'][key]:.3f} | {last['shuffled']['scores'][key]:.3f}"
-          f" | {'-' if c is None else f'{c:.3f}'} (most common target) | |")
-loss = [r["eval_loss"] for r in runs]
-print(f"| eval loss | {spread(loss)} | {last['silence_loss']:.3f} | {last['shuffled_loss']:.3f} | | |")
+        real = [r["attributes"][name]["accuracy"] for r in runs]
+        maj = last["baselines"]["majority"].get(name, {}).get("accuracy")
+        uni = last["baselines"]["uniform"].get(name)
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"
+        print(f"| {name} accuracy | **{spread(real)}** | {last['silence']['attributes'][name]['accuracy']:.3f}"
+              f" | {last['shuffled']['attributes'][name]['accuracy']:.3f} | {fmt(maj)} | {fmt(uni)} |")
+    const = last["baselines"].get("constant") or {}
+    for key, name in (("cider_d", "CIDEr-D"), ("wer", "WER"), ("cer", "CER")):
+        real = [r["scores"][key] for r in runs]
+        c = const.get(key)
+        print(f"| {name} | **{spread(real)}** | {last['silence']['scores'][key]:.3f} | {last['shuffled']['scores'][key]:.3f}"
+              f" | {'-' if c is None else f'{c:.3f}'} (most common target) | |")
+    loss = [r["eval_loss"] for r in runs]
+    print(f"| eval loss | {spread(loss)} | {last['silence_loss']:.3f} | {last['shuffled_loss']:.3f} | | |")
+
+# A multi-task run's tasks beside their single-task runs (same samples per task).
+singles = {"instrument": "main-timgm", "traits": "traits"}
+if task == "multitask" and split == "test":
+    print("\n| task: score | multi-task: mean (min-max) | single-task run: mean (min-max) |")
+    print("|---|---|---|")
+    for name in by_run[0]:
+        seeds = [p.rsplit("-s", 1)[1] for p in paths]
+        single = [f"runs/bench/{singles.get(name, name)}-s{s}/eval.json" for s in seeds]
+        single = [json.load(open(f)) for f in single if os.path.exists(f)]
+        for attr in by_run[0][name].get("attributes", {}):
+            multi = [r[name]["attributes"][attr]["accuracy"] for r in by_run]
+            one = [r["attributes"][attr]["accuracy"] for r in single]
+            print(f"| {name}: {attr} accuracy | {spread(multi)} | {spread(one) if one else '-'} ({len(one)} run(s)) |")
 PY
 done

@@ -40,30 +40,11 @@ fn dataset(dir: &Path, target: impl Fn(&str) -> String) -> PathBuf {
 /// The multi-task config in `dir`: its own task `tones` and the task `parity` of
 /// `parity.toml`; `tasks` replaces the [[task]] entries when given.
 fn configs(dir: &Path, tasks: Option<&str>) -> PathBuf {
-    let plugins = plugin_dir("plugins");
-    let whisper = models_dir().join("whisper-tiny.en");
     let head = |root: &Path, instruction: &str| {
-        format!(
-            r#"
-[models]
-whisper = "{whisper}"
-llm = "{llm}"
-
-[plugins]
-prompt-template = "{plugins}/chatml.wasm"
-prompt-options = '{{"instruction": "{instruction}"}}'
-
-[data]
-adapter = "{plugins}/jsonl.wasm"
-root = "{root}"
-train-split = "train"
-valid-split = "test"
-test-split = "test"
-"#,
-            whisper = whisper.display(),
-            llm = default_gguf().display(),
-            plugins = plugins.display(),
-            root = root.display(),
+        run_config_head(
+            root,
+            &format!("prompt-options = '{{\"instruction\": \"{instruction}\"}}'"),
+            "train-split = \"train\"\nvalid-split = \"test\"\ntest-split = \"test\"",
         )
     };
     let tones = dataset(&dir.join("tones"), |n| format!("Tone number {n}."));

@@ -345,8 +345,21 @@ pub fn hostile(name: &str) -> PathBuf {
 /// `dir/run.toml`: the default models, the first-party chatml template and jsonl adapter on
 /// the dataset at `root`, a 16-position projector, and `train` as the [train] section.
 pub fn write_run_config(dir: &Path, root: &Path, train: &str) -> PathBuf {
-    let plugins = plugin_dir("plugins");
     let cfg = format!(
+        "{}\n[projector]\npositions = 16\n\n[train]\n{train}\n",
+        run_config_head(root, "", "")
+    );
+    let path = dir.join("run.toml");
+    std::fs::write(&path, cfg).unwrap();
+    path
+}
+
+/// The [models], [plugins] and [data] sections of a test run config: the default models, the
+/// first-party chatml template and jsonl adapter on the dataset at `root`, with `plugins` and
+/// `data` as extra lines of those sections.
+pub fn run_config_head(root: &Path, plugins_extra: &str, data_extra: &str) -> String {
+    let plugins = plugin_dir("plugins");
+    format!(
         r#"
 [models]
 whisper = "{whisper}"
@@ -354,25 +367,18 @@ llm = "{llm}"
 
 [plugins]
 prompt-template = "{plugins}/chatml.wasm"
+{plugins_extra}
 
 [data]
 adapter = "{plugins}/jsonl.wasm"
 root = "{root}"
-
-[projector]
-positions = 16
-
-[train]
-{train}
+{data_extra}
 "#,
         whisper = models_dir().join("whisper-tiny.en").display(),
         llm = default_gguf().display(),
         plugins = plugins.display(),
         root = root.display(),
-    );
-    let path = dir.join("run.toml");
-    std::fs::write(&path, cfg).unwrap();
-    path
+    )
 }
 
 /// The write-up's sampler, the reference the cached decode loop is tested against (and the

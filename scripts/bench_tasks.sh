@@ -5,7 +5,7 @@
 # common target). Everything comes from `earshot eval --json`; the per-run summaries
 # (`earshot eval --brief` output) are kept in runs/bench/<task>-s<seed>/summary.txt.
 #
-#   bash scripts/bench_tasks.sh [main|traits|transcribe|multitask|all] [--seeds N] [--eval-only] [--final]
+#   bash scripts/bench_tasks.sh [main|traits|transcribe|transcribe-en|multitask|multitask3|all] [--seeds N] [--eval-only] [--final]
 #        [--set KEY=VALUE]... [--tag NAME] [--split valid] [--skip-trained] [--only-seed N]
 #   (default: all, 3 seeds; --eval-only scores the runs already in runs/bench again; --final
 #   scores each run's final projector instead of best/: a comparison, never the figure;
@@ -19,9 +19,11 @@
 # main = configs/cpu-smollm2-soundfont.toml (instrument family and register),
 # traits = configs/cpu-smollm2-speaker-traits.toml (language/voice),
 # transcribe = configs/cpu-smollm2-transcribe-fr.toml (French CER/WER),
+# transcribe-en = configs/cpu-smollm2-transcribe-en.toml (English CER/WER, Asterisk's prompts),
 # multitask = configs/cpu-smollm2-multitask.toml (instrument + speaker traits in one model;
 # not part of `all`): a table per task, then each task beside its single-task runs
-# (runs/bench/main-timgm-s* and traits-s*, when they exist).
+# (runs/bench/main-timgm-s*, traits-s* and transcribe-en-s*, when they exist),
+# multitask3 = configs/cpu-smollm2-three-tasks.toml (the same with English transcription).
 # The scores are on each config's test split (data.test-split), which nothing reads before
 # this: each run's figure is its best/ checkpoint, the one with the lowest eval loss on
 # data.valid-split among the evaluations every train.eval-every steps and at the end.
@@ -32,7 +34,7 @@ which=all seeds=3 eval_only=0 checkpoint=best tag="" split="" skip_trained=0 onl
 sets=()
 while [ $# -gt 0 ]; do
   case $1 in
-    main|traits|transcribe|multitask|all) which=$1 ;;
+    main|traits|transcribe|transcribe-en|multitask|multitask3|all) which=$1 ;;
     --seeds) seeds=$2; shift ;;
     --set) sets+=(--set "$2"); shift ;;
     --tag) tag="-$2"; shift ;;
@@ -51,9 +53,11 @@ declare -A configs=(
   [main]=configs/cpu-smollm2-soundfont.toml
   [traits]=configs/cpu-smollm2-speaker-traits.toml
   [transcribe]=configs/cpu-smollm2-transcribe-fr.toml
+  [transcribe-en]=configs/cpu-smollm2-transcribe-en.toml
   [multitask]=configs/cpu-smollm2-multitask.toml
+  [multitask3]=configs/cpu-smollm2-three-tasks.toml
 )
-tasks=(main traits transcribe)
+tasks=(main traits transcribe transcribe-en)
 [ "$which" = all ] || tasks=("$which")
 echo "commit $(git rev-parse --short HEAD), $(date -u +%Y-%m-%d), $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores"
 for task in "${tasks[@]}"; do
@@ -77,7 +81,7 @@ for task in "${tasks[@]}"; do
       "$earshot" eval --config "$config" "${sets[@]}" --set "train.run-dir=\"$run\"" \
         --checkpoint "$run/$checkpoint" --brief > "$run/summary.txt"
       # A multi-task run writes eval-NAME.json per task beside its report pages.
-      if [ "$task" = multitask ]; then jsons+=("$run"); else jsons+=("$run/eval.json"); fi
+      if [[ $task == multitask* ]]; then jsons+=("$run"); else jsons+=("$run/eval.json"); fi
     else
       "$earshot" eval --config "$config" "${sets[@]}" --set "train.run-dir=\"$run\"" \
         --checkpoint "$run/$checkpoint" --split "$split" --no-listening-check \
@@ -144,8 +148,8 @@ for task_name in by_run[0]:
     print(f"| eval loss | {spread(loss)} | {last['silence_loss']:.3f} | {last['shuffled_loss']:.3f} | | |")
 
 # A multi-task run's tasks beside their single-task runs (same samples per task).
-singles = {"instrument": "main-timgm", "traits": "traits"}
-if task == "multitask" and split == "test":
+singles = {"instrument": "main-timgm", "traits": "traits", "transcription": "transcribe-en"}
+if task.startswith("multitask") and split == "test":
     print("\n| task: score | multi-task: mean (min-max) | single-task run: mean (min-max) |")
     print("|---|---|---|")
     for name in by_run[0]:
@@ -156,5 +160,10 @@ if task == "multitask" and split == "test":
             multi = [r[name]["attributes"][attr]["accuracy"] for r in by_run]
             one = [r["attributes"][attr]["accuracy"] for r in single]
             print(f"| {name}: {attr} accuracy | {spread(multi)} | {spread(one) if one else '-'} ({len(one)} run(s)) |")
+        if not by_run[0][name].get("attributes"):
+            for key in ("cer", "wer"):
+                multi = [r[name]["scores"][key] for r in by_run]
+                one = [r["scores"][key] for r in single]
+                print(f"| {name}: {key.upper()} | {spread(multi)} | {spread(one) if one else '-'} ({len(one)} run(s)) |")
 PY
 done

@@ -80,6 +80,34 @@ fn tuxpaint_splits_share_no_recording_and_no_transcript() {
     }
 }
 
+/// English transcription (Asterisk's prompts), audited as a task of the three-task config:
+/// the host's audit, independent of the adapter's grouping, finds no recording (bytes or
+/// decoded samples) and no normalised transcript on two sides.
+#[test]
+fn asterisk_transcription_task_shares_nothing() {
+    let (out, v) = audit("cpu-smollm2-three-tasks.toml", &["--task", "transcription"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{v:#}\n{err}");
+    assert!(err.contains("task transcription"), "{err}");
+    let report = &v["tasks"]["transcription"];
+    assert_eq!(v["tasks"].as_object().unwrap().len(), 1, "{v:#}");
+    let (examples, leaking, _) = leaks(report);
+    // 550 clips: about 30% held out (valid and test).
+    assert!((120..220).contains(&examples), "{examples} held out");
+    assert_eq!(leaking, 0, "{report:#}");
+    let compared: Vec<&str> = report["compared"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        compared,
+        ["audio-bytes", "decoded-audio", "target-text"],
+        "{compared:?}"
+    );
+}
+
 /// The split by stamp alone, as the published speech figures used: the audit finds the leak
 /// the issue reported (16 of the 60 held-out French clips byte-identical to training clips,
 /// 19 sharing a normalised transcript), example by example as kept in the fixture. (No

@@ -290,3 +290,59 @@ fn bad_task_lists_are_refused_by_name() {
         "{err}"
     );
 }
+
+/// `earshot dataset audit` on a multi-task config audits each task's own dataset, in a
+/// section per task; a leak in one task fails the audit naming that task; `--task` picks one.
+#[test]
+fn dataset_audit_goes_task_by_task() {
+    let d = tempfile::tempdir().unwrap();
+    let config = configs(d.path(), None);
+    let audit = |extra: &[&str]| {
+        let mut args: Vec<std::ffi::OsString> =
+            vec!["dataset".into(), "audit".into(), config.clone().into()];
+        args.extend(extra.iter().map(Into::into));
+        earshot(args)
+    };
+    let out = audit(&[]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tones = text.find("task tones").expect(&text);
+    let parity = text.find("task parity").expect(&text);
+    assert!(tones < parity, "{text}");
+
+    // One training clip of the parity task also in its test split: that task leaks.
+    let test = d.path().join("parity/test.jsonl");
+    let mut lines = std::fs::read_to_string(&test).unwrap();
+    lines.push_str(
+        &serde_json::json!({"id": "again", "audio": "clips/one.wav", "text": "It is odd.", "number": "one"})
+            .to_string(),
+    );
+    lines.push('\n');
+    std::fs::write(&test, lines).unwrap();
+    let err = expect_failure(&audit(&[]));
+    assert!(
+        err.contains("1 example(s) (task parity: 1) share content"),
+        "{err}"
+    );
+    let out = audit(&["--task", "tones", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["tasks"].as_object().unwrap().len(), 1, "{v:#}");
+    assert_eq!(v["tasks"]["tones"]["leaks"][0]["leaking"], 0, "{v:#}");
+    let out = audit(&["--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["tasks"]["parity"]["leaks"][0]["leaking"], 1, "{v:#}");
+    let err = expect_failure(&audit(&["--task", "nope"]));
+    assert!(
+        err.contains("no task \"nope\"; the config's tasks: tones, parity"),
+        "{err}"
+    );
+}

@@ -59,7 +59,9 @@ adapter, third-party included) and compares each split with the ones before it: 
 split first, then the config's valid and test splits, then the adapter's other splits (or --split, in the \
 order given). An example of a later split that shares content with an earlier one leaks: its \
 score measures memory, not hearing. Target text is compared when data.text-targets = true \
-(transcription) or --text-targets; a label task's targets are shared by design.\n\n\
+(transcription) or --text-targets; a label task's targets are shared by design. A config \
+with [[task]] entries is audited task by task (each task's own dataset and text-targets; \
+--task NAME: that one).\n\n\
 Exit status: 0 no leak; 1 leaks found (counts and the first offenders are printed), or the \
 dataset could not be read.\n\n\
 Example:\n  earshot dataset audit configs/cpu-smollm2-tones.toml"
@@ -88,7 +90,10 @@ Example:\n  earshot dataset audit configs/cpu-smollm2-tones.toml"
         /// Also compare normalised targets (as data.text-targets = true)
         #[arg(long)]
         text_targets: bool,
-        /// The report as one JSON object
+        /// With a multi-task config ([[task]]): audit this task only (default: every task)
+        #[arg(long, value_name = "NAME")]
+        task: Option<String>,
+        /// The report as one JSON object (a multi-task config: {"tasks": {NAME: report}})
         #[arg(long)]
         json: bool,
     },
@@ -112,12 +117,18 @@ pub fn run(args: DatasetArgs) -> Result<()> {
             splits,
             no_decode,
             text_targets,
+            task,
             json,
         } => {
             let path = config
                 .or(config_flag)
                 .ok_or_else(|| anyhow::anyhow!("no run config given (CONFIG or --config)"))?;
-            audit(&path, &set, splits, !no_decode, text_targets, json)
+            let options = AuditArgs {
+                splits,
+                decoded: !no_decode,
+                text_targets,
+            };
+            audit(&path, &set, task.as_deref(), &options, json)
         }
     }
 }
@@ -185,29 +196,93 @@ fn list(
     Ok(())
 }
 
-/// `dataset audit`: reads the config's dataset and prints what its splits share.
-fn audit(
-    path: &std::path::Path,
-    set: &[String],
+/// What `dataset audit` compares, whatever the task.
+struct AuditArgs {
     splits: Vec<String>,
     decoded: bool,
     text_targets: bool,
+}
+
+/// `dataset audit`: reads the config's dataset (each task's, for a multi-task config) and
+/// prints what its splits share.
+fn audit(
+    path: &std::path::Path,
+    set: &[String],
+    task: Option<&str>,
+    args: &AuditArgs,
     json: bool,
 ) -> Result<()> {
     let config = RunConfig::load(path, set)?;
+    let multi = config.is_multi_task();
+    let tasks = match task {
+        Some(name) => vec![config.task(name)?],
+        None => config.tasks()?,
+    };
+    let mut out = std::io::stdout().lock();
+    let mut reports = serde_json::Map::new();
+    let mut leaks: Vec<(String, usize)> = Vec::new();
+    for (i, task) in tasks.into_iter().enumerate() {
+        if multi {
+            printer::notice(&format!("task {}", task.name));
+        }
+        let report = audit_task(&task.config, args)?;
+        if report.leaking() > 0 {
+            leaks.push((task.name.clone(), report.leaking()));
+        }
+        if json && multi {
+            reports.insert(task.name, serde_json::to_value(&report)?);
+        } else if json {
+            writeln!(
+                out,
+                "{}",
+                terminal_safe_json(serde_json::to_string(&report)?)
+            )?;
+        } else {
+            if multi {
+                if i > 0 {
+                    writeln!(out)?;
+                }
+                writeln!(out, "task {}", task.name)?;
+            }
+            write_audit(&mut out, &report)?;
+        }
+    }
+    if json && multi {
+        let v = serde_json::json!({ "tasks": reports });
+        writeln!(out, "{}", terminal_safe_json(v.to_string()))?;
+    }
+    out.flush()?;
+    let leaking: usize = leaks.iter().map(|(_, n)| n).sum();
+    if leaking > 0 {
+        let which = if multi {
+            let named: Vec<String> = leaks.iter().map(|(t, n)| format!("{t}: {n}")).collect();
+            format!(" (task {})", named.join(", task "))
+        } else {
+            String::new()
+        };
+        anyhow::bail!(
+            "{leaking} example(s){which} share content with an earlier split: scores on those \
+             splits measure memory, not hearing"
+        );
+    }
+    Ok(())
+}
+
+/// One task's audit: its dataset through its adapter, its splits in order.
+fn audit_task(config: &RunConfig, args: &AuditArgs) -> Result<AuditReport> {
     let host = PluginHost::new(config.plugins.sandbox, PluginHost::default_cache_dir());
-    let mut ds = open_dataset(&host, &config, &[])?;
-    let splits = if splits.is_empty() {
-        audit_order(&config, &ds.dataset.splits)
+    let mut ds = open_dataset(&host, config, &[])?;
+    let splits = if args.splits.is_empty() {
+        audit_order(config, &ds.dataset.splits)
     } else {
-        for s in &splits {
+        for s in &args.splits {
             ds.require_split(s)?;
         }
-        splits
+        args.splits.clone()
     };
     let options = AuditOptions {
-        decoded,
-        text_targets: text_targets || config.data.text_targets,
+        decoded: args.decoded,
+        text_targets: args.text_targets || config.data.text_targets,
         max_audio_s: config.data.max_audio_s,
     };
     let mut progress: Option<(String, PhaseProgress)> = None;
@@ -226,25 +301,7 @@ fn audit(
             }
         },
     )?;
-    let mut out = std::io::stdout().lock();
-    if json {
-        writeln!(
-            out,
-            "{}",
-            terminal_safe_json(serde_json::to_string(&report)?)
-        )?;
-    } else {
-        write_audit(&mut out, &report)?;
-    }
-    out.flush()?;
-    let leaking = report.leaking();
-    if leaking > 0 {
-        anyhow::bail!(
-            "{leaking} example(s) share content with an earlier split: scores on those splits \
-             measure memory, not hearing"
-        );
-    }
-    Ok(())
+    Ok(report)
 }
 
 /// The training split first, then validation and test, then the adapter's other splits.

@@ -204,19 +204,23 @@ if [ "$models_only" = 0 ]; then
     fi
   done
 
-  # The encoder loads Hugging Face layout: convert the CTranslate2 model once. The stamp
-  # records the source and result checksums; a mismatch (new source, damaged output)
-  # re-imports. The import itself is atomic (OUT.partial, then rename).
+  # The encoder loads Hugging Face layout: convert the CTranslate2 model once. The result is
+  # pinned in scripts/models.sha256 like the downloads: an import made by an older importer
+  # (other metadata) or a damaged one is made again, and an import that still differs stops
+  # the set-up (the importer is deterministic; a difference is a bug, not a new version).
+  # The import itself is atomic (OUT.partial, then rename).
   hf=$models/whisper-tiny.en
-  stamp=$hf/.earshot-import.sha256
-  if [ -f "$stamp" ] && (cd "$models" && sha256sum --quiet --strict -c "$stamp") >/dev/null 2>&1; then
+  if [ -d "$hf" ] && verify "$models" whisper-tiny.en; then
     log "whisper-tiny.en (HF layout): verified"
   else
     log "whisper-tiny.en (HF layout): importing from CTranslate2"
     "$root/target/release/earshot" import ct2 "$models/whisper-tiny.en-ct2" --out "$hf" >&2
-    (cd "$models" && sha256sum whisper-tiny.en-ct2/model.bin whisper-tiny.en/model.safetensors \
-      whisper-tiny.en/config.json) > "$hf/.stamp.tmp"
-    mv "$hf/.stamp.tmp" "$stamp"
+    if ! verify "$models" whisper-tiny.en; then
+      log "whisper-tiny.en (HF layout): the import does not match scripts/models.sha256:"
+      (cd "$models" && grep "  whisper-tiny.en/" "$manifest" | sha256sum --strict -c - >&2) || true
+      exit 1
+    fi
+    rm -f "$hf/.earshot-import.sha256"
   fi
 fi
 log "done; models in $models"

@@ -17,5 +17,6 @@ pub mod pipeline;
 pub mod plugins;
 pub mod sampler;
 pub mod selftest;
+pub mod serve;
 pub mod text;
 pub mod train;

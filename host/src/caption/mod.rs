@@ -128,6 +128,8 @@ pub struct WindowCaption {
     /// As decoded (cut at a stop string), before the post-processor.
     pub raw: String,
     pub tokens: usize,
+    /// Positions the LLM read before generating: the prompt's tokens and the audio's.
+    pub prompt_positions: usize,
     pub finish: Finish,
     /// Decoding and encoding the item plus decoding this caption.
     pub seconds: f64,
@@ -163,6 +165,8 @@ struct Job {
     prefix: Vec<u32>,
     rest: Tensor,
     stop_strings: Vec<String>,
+    /// Positions before the first generated token (prompt and audio).
+    positions: usize,
     /// Time spent decoding and encoding the item.
     prepare_s: f64,
 }
@@ -445,6 +449,7 @@ impl Captioner {
                     prefix: before.clone(),
                     rest,
                     stop_strings: prompt.stop_strings.clone(),
+                    positions,
                     prepare_s,
                 })
             })
@@ -547,6 +552,7 @@ impl Captioner {
             text,
             raw: d.text,
             tokens: d.ids.len(),
+            prompt_positions: job.positions,
             finish: d.finish,
             seconds: job.prepare_s + d.done.as_secs_f64(),
         })

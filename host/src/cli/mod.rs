@@ -18,6 +18,7 @@ mod plugin;
 mod printer;
 mod prompt;
 mod selftest;
+mod serve;
 mod train;
 mod values;
 
@@ -84,6 +85,8 @@ enum Command {
     Cache(cache::CacheArgs),
     /// Check the models on a device with random weights at named shapes (no download)
     Selftest(selftest::SelftestArgs),
+    /// Serve a trained run behind the OpenAI chat-completions API (HTTP)
+    Serve(serve::ServeArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -120,6 +123,7 @@ pub fn main() -> ExitCode {
         Command::Cache(args) => cache::run(args),
         Command::Compare(args) => compare::run(args),
         Command::Selftest(args) => selftest::run(args),
+        Command::Serve(args) => serve::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

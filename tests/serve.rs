@@ -503,7 +503,8 @@ fn answers_equal_caption_streamed_or_not_and_bad_requests_are_4xx() {
 }
 
 /// Many clients at once: every answer is the one its request gets alone (none lost or
-/// swapped; sampled answers, so that they differ); with a
+/// swapped; sampled answers, so that they differ), greedy requests waiting together are
+/// answered in one decode loop with the answers they get alone; with a
 /// queue of one, a flood gets 429 with Retry-After for what does not fit, never an error;
 /// SIGTERM lets the request in flight finish and the server exit 0.
 #[test]
@@ -570,6 +571,43 @@ fn concurrent_clients_get_their_own_answers_and_a_full_queue_is_429() {
         }
     }
     assert_eq!(answered, 16);
+    // Greedy requests waiting together share a decode loop, and still get their own answers.
+    let metric = |name: &str| -> f64 {
+        let text = String::from_utf8(request(addr, "GET", "/metrics", b"").body).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .parse()
+            .unwrap()
+    };
+    let (batches, requests) = (
+        metric("earshot_batches_total"),
+        metric("earshot_batched_requests_total"),
+    );
+    let greedy: Vec<_> = (0..12)
+        .map(|k| {
+            std::thread::spawn(move || {
+                let r = chat(
+                    addr,
+                    &audio_body(CLIPS[k % CLIPS.len()], json!({"stream": k % 3 == 0})),
+                );
+                (k, text_of(&r, k % 3 == 0))
+            })
+        })
+        .collect();
+    for t in greedy {
+        let (k, text) = t.join().unwrap();
+        assert_eq!(text, expected[k % CLIPS.len()], "greedy request {k}");
+    }
+    let (batches, requests) = (
+        metric("earshot_batches_total") - batches,
+        metric("earshot_batched_requests_total") - requests,
+    );
+    assert_eq!(requests, 12.0);
+    assert!(
+        batches < 12.0,
+        "12 greedy requests at once were never batched ({batches} loops)"
+    );
     drop(server);
 
     let mut server = Server::start(&config, &sets, &["--checkpoint", &ck, "--queue", "1"]);

@@ -296,6 +296,34 @@ impl Captioner {
         one_at_a_time: bool,
         on_event: &mut dyn FnMut(CaptionEvent),
     ) -> Result<Vec<ItemResult>> {
+        let per_batch = if one_at_a_time {
+            1
+        } else {
+            settings.batch_size.max(1)
+        };
+        self.caption_in_batches(items, settings, per_batch, one_at_a_time, on_event)
+    }
+
+    /// [`Captioner::caption`] decoding `settings.batch_size` captions together and still
+    /// reporting each one's text as it grows ([`CaptionEvent::Partial`], by item): a server
+    /// streams several answers from one decode loop.
+    pub fn caption_streaming_batched(
+        &mut self,
+        items: &[CaptionItem],
+        settings: &CaptionSettings,
+        on_event: &mut dyn FnMut(CaptionEvent),
+    ) -> Result<Vec<ItemResult>> {
+        self.caption_in_batches(items, settings, settings.batch_size.max(1), true, on_event)
+    }
+
+    fn caption_in_batches(
+        &mut self,
+        items: &[CaptionItem],
+        settings: &CaptionSettings,
+        per_batch: usize,
+        partials: bool,
+        on_event: &mut dyn FnMut(CaptionEvent),
+    ) -> Result<Vec<ItemResult>> {
         Sampler::new(settings.sampling)?;
         let mut jobs = Vec::new();
         let mut failed: HashMap<usize, String> = HashMap::new();
@@ -307,13 +335,7 @@ impl Captioner {
                 }
             }
         }
-        let per_batch = if one_at_a_time {
-            1
-        } else {
-            settings.batch_size.max(1)
-        };
-        let results =
-            self.decode_jobs(items, &jobs, settings, per_batch, one_at_a_time, on_event)?;
+        let results = self.decode_jobs(items, &jobs, settings, per_batch, partials, on_event)?;
         let mut per_item: Vec<ItemResult> = (0..items.len()).map(|_| Ok(Vec::new())).collect();
         for (job, result) in jobs.iter().zip(results) {
             match (&mut per_item[job.item], result) {

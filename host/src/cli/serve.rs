@@ -21,8 +21,9 @@ a data: URL prefix is accepted; several parts are joined in order). Options: max
 max_completion_tokens, temperature, top_p, seed, stop, stream (server-sent chunks; \
 stream_options.include_usage). Audio over 30 s is answered window by window as `earshot caption` \
 does, never cut. Also GET /v1/models, /health and /metrics (Prometheus text). The answers go \
-through the run's post-processor, as captions do. Requests are answered one at a time in \
-arrival order (no batching yet); a full queue answers 429 with Retry-After. Every bad request \
+through the run's post-processor, as captions do. Requests waiting together with the same \
+max_tokens and sampling settings are answered in one decode loop (--max-batch); a full queue \
+answers 429 with Retry-After. Every bad request \
 is a 4xx with an OpenAI error body naming the field.\n\n\
 The first line on stdout is the address served (`listening on http://HOST:PORT`; --port 0 \
 picks a free port). SIGINT or SIGTERM stops accepting and lets requests in flight finish.\n\n\
@@ -78,6 +79,10 @@ pub struct ServeArgs {
     /// Seconds a client may take to send a request's body
     #[arg(long, default_value_t = 60.0)]
     pub body_timeout_s: f64,
+    /// Requests answered together in one decode loop, at most (those waiting together with
+    /// the same max_tokens and sampling settings; greedy requests always share)
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub max_batch: u64,
     /// Open connections; more are closed at once
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1000000))]
     pub max_connections: u64,
@@ -143,6 +148,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         model_id,
         addr: SocketAddr::new(args.host, args.port),
         limits,
+        max_batch: args.max_batch as usize,
         shutdown_grace: Duration::from_secs(30),
     })
 }

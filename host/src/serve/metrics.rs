@@ -69,6 +69,9 @@ pub struct Metrics {
     pub generation: Histogram,
     /// Time to the first streamed text.
     pub first_token: Histogram,
+    /// Requests answered together in one decode loop: batches and the requests in them.
+    pub batches: AtomicU64,
+    pub batched_requests: AtomicU64,
 }
 
 impl Metrics {
@@ -80,6 +83,12 @@ impl Metrics {
             _ => &self.ok,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn observe_batch(&self, size: usize) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.batched_requests
+            .fetch_add(size as u64, Ordering::Relaxed);
     }
 
     pub fn observe_generation(&self, seconds: f64) {
@@ -128,6 +137,18 @@ impl Metrics {
                 "Connections closed at once because max-connections were open.",
                 "counter",
                 self.refused_connections.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "earshot_batches_total",
+                "Decode loops run (each answers one or more requests).",
+                "counter",
+                self.batches.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "earshot_batched_requests_total",
+                "Requests answered by those decode loops (over batches: the mean batch size).",
+                "counter",
+                self.batched_requests.load(Ordering::Relaxed) as f64,
             ),
             (
                 "earshot_completion_tokens_total",

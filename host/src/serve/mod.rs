@@ -46,6 +46,8 @@ pub struct ServeOptions {
     pub model_id: String,
     pub addr: SocketAddr,
     pub limits: Limits,
+    /// Requests answered together in one decode loop, at most.
+    pub max_batch: usize,
     /// How long shutdown waits for requests in flight.
     pub shutdown_grace: Duration,
 }
@@ -77,6 +79,7 @@ pub fn run(options: ServeOptions) -> anyhow::Result<()> {
         model_id,
         addr,
         limits,
+        max_batch,
         shutdown_grace,
     } = options;
     anyhow::ensure!(limits.queue >= 1, "--queue must be at least 1");
@@ -105,7 +108,7 @@ pub fn run(options: ServeOptions) -> anyhow::Result<()> {
     };
     let worker = std::thread::Builder::new()
         .name("earshot-model".into())
-        .spawn(move || worker.run(queue))?;
+        .spawn(move || worker.run(queue, max_batch))?;
     let state = Arc::new(AppState {
         jobs,
         limits,
@@ -664,13 +667,15 @@ async fn transcription_response(
                             "json" => TranscriptFormat::Json,
                             "text" => TranscriptFormat::Text,
                             "verbose_json" => TranscriptFormat::VerboseJson,
-                            other => return Err(ApiError::invalid(
-                                "response_format",
-                                format!(
+                            other => {
+                                return Err(ApiError::invalid(
+                                    "response_format",
+                                    format!(
                                     "unsupported response_format '{}' (json, text, verbose_json)",
                                     api::excerpt(other, 20)
                                 ),
-                            )),
+                                ))
+                            }
                         }
                     }
                     "temperature" => {

@@ -1,6 +1,7 @@
 //! The one thread that owns the models: it takes checked requests from a bounded queue and
-//! answers each through [`Captioner`] (the same path as `earshot caption`), sending the
-//! answer, or its growing text when streamed, back to the request's handler.
+//! answers them through [`Captioner`] (the same path as `earshot caption`), requests waiting
+//! together with the same decoding settings in one decode loop, sending each answer, or its
+//! growing text when streamed, back to its handler.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -57,182 +58,282 @@ fn window_label((start, end): Span) -> String {
     format!("[{start:.1}-{end:.1} s] ")
 }
 
+/// Requests whose decoding settings match can share a decode loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BatchKey {
+    max_tokens: usize,
+    temperature: u32,
+    top_p: Option<u32>,
+    seed: u64,
+}
+
+fn batch_key(chat: &ChatJob) -> BatchKey {
+    let greedy = chat.temperature == 0.0;
+    BatchKey {
+        max_tokens: chat.max_tokens,
+        temperature: chat.temperature.to_bits(),
+        // Greedy decoding reads neither top_p nor the seed.
+        top_p: chat.top_p.filter(|_| !greedy).map(f32::to_bits),
+        seed: if greedy { 0 } else { chat.seed },
+    }
+}
+
+/// One request's streamed text while its batch decodes.
+#[derive(Default)]
+struct ItemStream {
+    stream: StreamText,
+    done_lines: Vec<String>,
+    label: String,
+}
+
 impl Worker {
-    /// Answers jobs until every sender is gone.
-    pub fn run(mut self, jobs: std::sync::mpsc::Receiver<WorkerJob>) {
-        while let Ok(job) = jobs.recv() {
-            self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
-            if job.cancelled.load(Ordering::Relaxed) || job.events.is_closed() {
+    /// Answers jobs until every sender is gone. Jobs waiting together with the same decoding
+    /// settings (greedy ones always match) are answered together, up to `max_batch`, in one
+    /// decode loop; the others wait for the next round, in arrival order.
+    pub fn run(mut self, jobs: std::sync::mpsc::Receiver<WorkerJob>, max_batch: usize) {
+        let mut pending: std::collections::VecDeque<WorkerJob> = Default::default();
+        loop {
+            if pending.is_empty() {
+                match jobs.recv() {
+                    Ok(job) => pending.push_back(job),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(job) = jobs.try_recv() {
+                pending.push_back(job);
+            }
+            let key = batch_key(&pending[0].chat);
+            let mut batch = Vec::new();
+            let mut rest = std::collections::VecDeque::new();
+            for job in pending.drain(..) {
+                if batch.len() < max_batch.max(1) && batch_key(&job.chat) == key {
+                    batch.push(job);
+                } else {
+                    rest.push_back(job);
+                }
+            }
+            pending = rest;
+            self.metrics
+                .queued
+                .fetch_sub(batch.len() as u64, Ordering::Relaxed);
+            batch.retain(|job| !job.cancelled.load(Ordering::Relaxed) && !job.events.is_closed());
+            if batch.is_empty() {
                 continue;
             }
             self.metrics.busy.store(1, Ordering::Relaxed);
+            self.metrics.observe_batch(batch.len());
             let started = Instant::now();
-            let events = job.events.clone();
-            let answer =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.answer(job)));
-            let event = match answer {
-                Ok(Ok(done)) => done,
-                Ok(Err(e)) => WorkerEvent::Failed(e),
-                Err(_) => WorkerEvent::Failed(ApiError::status(
-                    axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                    "server_error",
-                    "the model failed on this request (a bug: please report it)",
-                )),
+            let senders: Vec<_> = batch.iter().map(|j| j.events.clone()).collect();
+            let answers =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.answer_batch(batch)));
+            let answers = match answers {
+                Ok(a) => a,
+                Err(_) => (0..senders.len())
+                    .map(|_| {
+                        WorkerEvent::Failed(ApiError::status(
+                            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                            "server_error",
+                            "the model failed on this request (a bug: please report it)",
+                        ))
+                    })
+                    .collect(),
             };
-            if let WorkerEvent::Done { usage, .. } = &event {
-                self.metrics
-                    .completion_tokens
-                    .fetch_add(usage.completion_tokens as u64, Ordering::Relaxed);
-                self.metrics
-                    .observe_generation(started.elapsed().as_secs_f64());
+            let seconds = started.elapsed().as_secs_f64();
+            for (event, events) in answers.into_iter().zip(senders) {
+                if let WorkerEvent::Done { usage, .. } = &event {
+                    self.metrics
+                        .completion_tokens
+                        .fetch_add(usage.completion_tokens as u64, Ordering::Relaxed);
+                    self.metrics.observe_generation(seconds);
+                }
+                let _ = events.send(event);
             }
-            let _ = events.send(event);
             self.metrics.busy.store(0, Ordering::Relaxed);
         }
     }
 
-    fn answer(&mut self, job: WorkerJob) -> Result<WorkerEvent, ApiError> {
-        let chat = &job.chat;
-        let mut metadata = Vec::new();
-        if let Some(text) = &chat.text {
-            // The first-party templates take per-example `instruction` as the question.
-            metadata.push(("instruction".to_string(), text.clone()));
-        }
-        let item = CaptionItem::samples("request", job.samples, metadata.clone());
+    /// Answers jobs that share their decoding settings, in one decode loop: one event each.
+    fn answer_batch(&mut self, jobs: Vec<WorkerJob>) -> Vec<WorkerEvent> {
+        let first = &jobs[0].chat;
         let settings = CaptionSettings {
-            max_tokens: chat.max_tokens,
-            batch_size: 1,
+            max_tokens: first.max_tokens,
+            batch_size: jobs.len(),
             sampling: SamplingParams {
-                temperature: chat.temperature,
+                temperature: first.temperature,
                 top_k: None,
-                top_p: chat.top_p,
-                seed: chat.seed,
+                top_p: first.top_p,
+                seed: first.seed,
             },
             long_audio: LongAudio::PerWindow,
         };
-        let hold = chat
-            .stop
-            .iter()
-            .map(|s| s.chars().count())
-            .max()
-            .unwrap_or(0);
-        let mut stream = StreamText::default();
-        let mut done_lines: Vec<String> = Vec::new();
-        let mut label = String::new();
-        let mut several = false;
+        let mut metadata = Vec::new();
+        let mut items = Vec::new();
+        let mut chats = Vec::new();
+        let mut senders = Vec::new();
+        for (k, job) in jobs.into_iter().enumerate() {
+            let mut meta = Vec::new();
+            if let Some(text) = &job.chat.text {
+                // The first-party templates take per-example `instruction` as the question.
+                meta.push(("instruction".to_string(), text.clone()));
+            }
+            items.push(CaptionItem::samples(
+                &format!("request {k}"),
+                job.samples,
+                meta.clone(),
+            ));
+            metadata.push(meta);
+            senders.push(job.events);
+            chats.push(job.chat);
+        }
+        let mut streams: Vec<ItemStream> =
+            (0..items.len()).map(|_| ItemStream::default()).collect();
         let post = &mut self.stream_post;
-        let events = &job.events;
-        let streamed = chat.stream;
         let results = self
             .captioner
-            .caption(&[item], &settings, streamed, &mut |event| {
-                if !streamed {
-                    return;
+            .caption_streaming_batched(&items, &settings, &mut |event| match event {
+                CaptionEvent::Started {
+                    item,
+                    span,
+                    windows,
+                } => {
+                    streams[item].label = span
+                        .filter(|_| windows > 1)
+                        .map(window_label)
+                        .unwrap_or_default();
                 }
-                match event {
-                    CaptionEvent::Started { span, windows, .. } => {
-                        several = windows > 1;
-                        label = span
-                            .filter(|_| several)
-                            .map(window_label)
-                            .unwrap_or_default();
+                CaptionEvent::Partial { item, text } => {
+                    if !chats[item].stream {
+                        return;
                     }
-                    CaptionEvent::Partial { text, .. } => {
-                        // What the answer would be if it ended here, cut to whole words when a
-                        // post-processor may still change the last one.
-                        let shown = match post.as_mut() {
-                            Some(p) => match p.process(text, &[], &metadata) {
-                                Ok(t) => match t.rfind(char::is_whitespace) {
-                                    Some(at) => t[..at].to_string(),
-                                    None => String::new(),
-                                },
-                                Err(_) => return,
+                    // What the answer would be if it ended here, cut to whole words when a
+                    // post-processor may still change the last one.
+                    let shown = match post.as_mut() {
+                        Some(p) => match p.process(text, &[], &metadata[item]) {
+                            Ok(t) => match t.rfind(char::is_whitespace) {
+                                Some(at) => t[..at].to_string(),
+                                None => String::new(),
                             },
-                            None => text.to_string(),
-                        };
-                        let mut so_far = done_lines.join("\n");
-                        if !so_far.is_empty() {
-                            so_far.push('\n');
-                        }
-                        so_far.push_str(&label);
-                        so_far.push_str(&shown);
-                        if let Some(d) = stream.grow(&so_far, hold) {
-                            let _ = events.send(WorkerEvent::Delta(d));
-                        }
+                            Err(_) => return,
+                        },
+                        None => text.to_string(),
+                    };
+                    let s = &mut streams[item];
+                    let mut so_far = s.done_lines.join("\n");
+                    if !so_far.is_empty() {
+                        so_far.push('\n');
                     }
-                    CaptionEvent::Finished { result, .. } => {
-                        if let Ok(c) = result {
-                            done_lines.push(format!("{label}{}", c.text));
-                        }
+                    so_far.push_str(&s.label);
+                    so_far.push_str(&shown);
+                    let hold = chats[item]
+                        .stop
+                        .iter()
+                        .map(|x| x.chars().count())
+                        .max()
+                        .unwrap_or(0);
+                    if let Some(d) = s.stream.grow(&so_far, hold) {
+                        let _ = senders[item].send(WorkerEvent::Delta(d));
                     }
                 }
-            })
-            .map_err(|e| {
-                ApiError::status(
+                CaptionEvent::Finished { item, result } => {
+                    if let Ok(c) = result {
+                        let s = &mut streams[item];
+                        let line = format!("{}{}", s.label, c.text);
+                        s.done_lines.push(line);
+                    }
+                }
+            });
+        let results = match results {
+            Ok(r) => r,
+            Err(e) => {
+                let e = ApiError::status(
                     axum::http::StatusCode::INTERNAL_SERVER_ERROR,
                     "server_error",
                     format!("captioning failed: {e:#}"),
-                )
-            })?;
-        let captions: Vec<WindowCaption> = match results.into_iter().next() {
-            Some(Ok(c)) => c,
-            Some(Err(msg)) if msg.contains("exceed the LLM's context") => {
-                return Err(ApiError::invalid(
-                    "max_tokens",
-                    format!("the audio and max_tokens do not fit the model: {msg}"),
-                ))
+                );
+                return chats
+                    .iter()
+                    .map(|_| WorkerEvent::Failed(e.clone()))
+                    .collect();
             }
-            Some(Err(msg)) => {
-                return Err(ApiError::status(
-                    axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                    "server_error",
-                    format!("the request could not be answered: {msg}"),
-                ))
-            }
-            None => Vec::new(),
         };
-        let several = captions.len() > 1;
-        let text = captions
-            .iter()
-            .map(|c| match c.span.filter(|_| several) {
-                Some(span) => format!("{}{}", window_label(span), c.text),
-                None => c.text.clone(),
+        results
+            .into_iter()
+            .zip(chats)
+            .zip(streams)
+            .zip(senders)
+            .map(|(((result, chat), mut stream), events)| {
+                finish_one(result, &chat, &mut stream.stream, &events)
+                    .unwrap_or_else(WorkerEvent::Failed)
             })
-            .collect::<Vec<_>>()
-            .join("\n");
-        let (text, stopped) = cut_at_stops(&text, &chat.stop);
-        let length = captions
-            .iter()
-            .any(|c| matches!(c.finish, Finish::MaxTokens | Finish::Context));
-        let finish = if length && !stopped {
-            FinishReason::Length
-        } else {
-            FinishReason::Stop
-        };
-        let usage = Usage {
-            prompt_tokens: captions.iter().map(|c| c.prompt_positions).sum(),
-            completion_tokens: captions.iter().map(|c| c.tokens).sum(),
-        };
-        if streamed {
-            match stream.finish(&text) {
-                Ok(rest) if !rest.is_empty() => {
-                    let _ = job.events.send(WorkerEvent::Delta(rest));
-                }
-                Ok(_) => {}
-                Err(sent) => tracing::warn!(
-                    "a streamed answer's last text ({:?}) does not extend what was sent ({:?}); \
-                     the stream ends with what was sent",
-                    text,
-                    sent
-                ),
-            }
-        }
-        let segments = captions.iter().map(|c| (c.span, c.text.clone())).collect();
-        Ok(WorkerEvent::Done {
-            text,
-            finish,
-            usage,
-            segments,
-        })
+            .collect()
     }
+}
+
+/// One request's answer from its captions: window lines joined, cut at its stop strings,
+/// its finish reason and usage; a streamed answer's last delta sent.
+fn finish_one(
+    result: std::result::Result<Vec<WindowCaption>, String>,
+    chat: &ChatJob,
+    stream: &mut StreamText,
+    events: &UnboundedSender<WorkerEvent>,
+) -> Result<WorkerEvent, ApiError> {
+    let captions = match result {
+        Ok(c) => c,
+        Err(msg) if msg.contains("exceed the LLM's context") => {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                format!("the audio and max_tokens do not fit the model: {msg}"),
+            ))
+        }
+        Err(msg) => {
+            return Err(ApiError::status(
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                format!("the request could not be answered: {msg}"),
+            ))
+        }
+    };
+    let several = captions.len() > 1;
+    let text = captions
+        .iter()
+        .map(|c| match c.span.filter(|_| several) {
+            Some(span) => format!("{}{}", window_label(span), c.text),
+            None => c.text.clone(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let (text, stopped) = cut_at_stops(&text, &chat.stop);
+    let length = captions
+        .iter()
+        .any(|c| matches!(c.finish, Finish::MaxTokens | Finish::Context));
+    let finish = if length && !stopped {
+        FinishReason::Length
+    } else {
+        FinishReason::Stop
+    };
+    let usage = Usage {
+        prompt_tokens: captions.iter().map(|c| c.prompt_positions).sum(),
+        completion_tokens: captions.iter().map(|c| c.tokens).sum(),
+    };
+    if chat.stream {
+        match stream.finish(&text) {
+            Ok(rest) if !rest.is_empty() => {
+                let _ = events.send(WorkerEvent::Delta(rest));
+            }
+            Ok(_) => {}
+            Err(sent) => tracing::warn!(
+                "a streamed answer's last text ({:?}) does not extend what was sent ({:?}); \
+                 the stream ends with what was sent",
+                text,
+                sent
+            ),
+        }
+    }
+    let segments = captions.iter().map(|c| (c.span, c.text.clone())).collect();
+    Ok(WorkerEvent::Done {
+        text,
+        finish,
+        usage,
+        segments,
+    })
 }

@@ -387,15 +387,7 @@ fn parse_messages(
                             .to_string(),
                     ),
                     "input_audio" => {
-                        if audio.len() == limits.max_audio_parts {
-                            return Err(ApiError::invalid(
-                                &param,
-                                format!(
-                                    "more than {} audio parts in one message",
-                                    limits.max_audio_parts
-                                ),
-                            ));
-                        }
+                        too_many_parts(audio.len(), limits, &param)?;
                         let a = part.get("input_audio").ok_or_else(|| {
                             ApiError::invalid(&param, "an input_audio part needs 'input_audio'")
                         })?;
@@ -409,15 +401,7 @@ fn parse_messages(
                         audio.push(audio_part(&param, data, Some(format))?);
                     }
                     "audio_url" => {
-                        if audio.len() == limits.max_audio_parts {
-                            return Err(ApiError::invalid(
-                                &param,
-                                format!(
-                                    "more than {} audio parts in one message",
-                                    limits.max_audio_parts
-                                ),
-                            ));
-                        }
+                        too_many_parts(audio.len(), limits, &param)?;
                         let url = part
                             .get("audio_url")
                             .and_then(|u| u.get("url"))
@@ -467,6 +451,20 @@ fn parse_messages(
     }
     let text = text.trim();
     Ok(((!text.is_empty()).then(|| text.to_string()), audio))
+}
+
+/// Refuses a message's next audio part when it already has the most allowed.
+fn too_many_parts(parts: usize, limits: &Limits, param: &str) -> Result<(), ApiError> {
+    if parts >= limits.max_audio_parts {
+        return Err(ApiError::invalid(
+            param,
+            format!(
+                "more than {} audio parts in one message",
+                limits.max_audio_parts
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Decodes an audio part's base64 (a `data:[mime];base64,` prefix is accepted).

@@ -91,16 +91,9 @@ fn find_list(o: &Options) -> Result<String, PluginError> {
         safe_relative("transcripts", t)?;
         return Ok(t.clone());
     }
-    let entries = std::fs::read_dir(DATA_ROOT)
-        .map_err(|e| error(ErrorCode::Io, format!("listing the dataset root: {e}")))?;
-    let mut found: Vec<String> = entries
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().to_string())
-        .filter(|n| {
-            n.starts_with("core-sounds-") && (n.ends_with(".txt") || n.ends_with(".txt.gz"))
-        })
-        .collect();
-    found.sort();
+    let mut found = root_files(|n| {
+        n.starts_with("core-sounds-") && (n.ends_with(".txt") || n.ends_with(".txt.gz"))
+    })?;
     match found.len() {
         1 => Ok(found.remove(0)),
         0 => Err(error(
@@ -256,25 +249,8 @@ fn some(names: &[String]) -> String {
 type Splits = BTreeMap<String, Vec<Example>>;
 
 fn build(o: &Options) -> Result<(Splits, Vec<String>), PluginError> {
-    for (name, f) in [
-        ("test_fraction", o.test_fraction),
-        ("valid_fraction", o.valid_fraction),
-    ] {
-        if !(0.0..1.0).contains(&f) {
-            return Err(error(
-                ErrorCode::InvalidInput,
-                format!("{name}: {f} is not in [0, 1)"),
-            ));
-        }
-    }
-    if o.test_fraction + o.valid_fraction >= 1.0 {
-        return Err(error(
-            ErrorCode::InvalidInput,
-            format!(
-                "test_fraction {} + valid_fraction {} leave nothing to train on",
-                o.test_fraction, o.valid_fraction
-            ),
-        ));
+    if let Some(problem) = split_fractions_problem(o.test_fraction, o.valid_fraction) {
+        return Err(error(ErrorCode::InvalidInput, problem));
     }
     if o.max_seconds.is_nan() || o.max_seconds <= 0.0 {
         return Err(error(

@@ -227,6 +227,37 @@ macro_rules! export_plugin {
     };
 }
 
+/// What is wrong with a dataset adapter's `test_fraction` and `valid_fraction` options, if
+/// anything: each in [0, 1) and something left to train on.
+pub fn split_fractions_problem(test_fraction: f64, valid_fraction: f64) -> Option<String> {
+    for (name, f) in [
+        ("test_fraction", test_fraction),
+        ("valid_fraction", valid_fraction),
+    ] {
+        if !(0.0..1.0).contains(&f) {
+            return Some(format!("{name}: {f} is not in [0, 1)"));
+        }
+    }
+    (test_fraction + valid_fraction >= 1.0).then(|| {
+        format!(
+            "test_fraction {test_fraction} + valid_fraction {valid_fraction} leave nothing to train on"
+        )
+    })
+}
+
+/// The names of the files at the top of the dataset root that `keep` accepts, sorted.
+pub fn root_files(keep: impl Fn(&str) -> bool) -> Result<Vec<String>, PluginError> {
+    let dir = std::fs::read_dir(DATA_ROOT)
+        .map_err(|e| error(ErrorCode::Io, format!("listing the dataset root: {e}")))?;
+    let mut found: Vec<String> = dir
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| keep(n))
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
 /// Splits that never share content. Examples that share any content key (the same audio
 /// bytes, the same normalised transcript, the same source recording, ...) are joined into one
 /// group, and a whole group falls on one side, chosen by a seeded hash of the group's

@@ -125,19 +125,8 @@ impl Options {
         if self.families.is_empty() {
             return Err("families: empty".into());
         }
-        for (name, f) in [
-            ("test_fraction", self.test_fraction),
-            ("valid_fraction", self.valid_fraction),
-        ] {
-            if !(0.0..1.0).contains(&f) {
-                return Err(format!("{name}: {f} is not in [0, 1)"));
-            }
-        }
-        if self.test_fraction + self.valid_fraction >= 1.0 {
-            return Err(format!(
-                "test_fraction {} + valid_fraction {} leave nothing to train on",
-                self.test_fraction, self.valid_fraction
-            ));
+        if let Some(problem) = split_fractions_problem(self.test_fraction, self.valid_fraction) {
+            return Err(problem);
         }
         let d = (self.min_duration_s, self.max_duration_s);
         if !(d.0 >= 0.0 && d.1 > 0.0 && d.0 <= d.1 && d.1 <= 30.0) {
@@ -443,14 +432,7 @@ fn find_file(o: &Options) -> Result<String, PluginError> {
         inside_root("file", f)?;
         return Ok(f.clone());
     }
-    let dir = std::fs::read_dir(DATA_ROOT)
-        .map_err(|e| error(ErrorCode::Io, format!("listing the dataset root: {e}")))?;
-    let mut found: Vec<String> = dir
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().to_string())
-        .filter(|n| n.to_ascii_lowercase().ends_with(".sf2"))
-        .collect();
-    found.sort();
+    let mut found = root_files(|n| n.to_ascii_lowercase().ends_with(".sf2"))?;
     match found.len() {
         1 => Ok(found.remove(0)),
         0 => Err(error(

@@ -193,25 +193,8 @@ fn fnv(seed: u64, s: &str) -> u64 {
 type Splits = BTreeMap<String, Vec<Example>>;
 
 fn build(o: &Options) -> Result<(Splits, Vec<String>), PluginError> {
-    for (name, f) in [
-        ("test_fraction", o.test_fraction),
-        ("valid_fraction", o.valid_fraction),
-    ] {
-        if !(0.0..1.0).contains(&f) {
-            return Err(error(
-                ErrorCode::InvalidInput,
-                format!("{name}: {f} is not in [0, 1)"),
-            ));
-        }
-    }
-    if o.test_fraction + o.valid_fraction >= 1.0 {
-        return Err(error(
-            ErrorCode::InvalidInput,
-            format!(
-                "test_fraction {} + valid_fraction {} leave nothing to train on",
-                o.test_fraction, o.valid_fraction
-            ),
-        ));
+    if let Some(problem) = split_fractions_problem(o.test_fraction, o.valid_fraction) {
+        return Err(error(ErrorCode::InvalidInput, problem));
     }
     let mut warnings = Vec::new();
     let mut clips = Vec::new();

@@ -12,7 +12,11 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use earshot_tests::*;
+
+#[path = "plugins/common/wav.rs"]
+mod wav_file;
 use serde_json::{json, Value};
+use wav_file::{square, wav_16k_mono};
 
 const CLIPS: [&str; 4] = ["one", "two", "three", "four"];
 
@@ -157,7 +161,9 @@ fn request(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Reply {
         body.len()
     )
     .unwrap();
-    s.write_all(body).unwrap();
+    // A server that refuses early (413) may close before the body is all sent: the reply
+    // is still there to read.
+    let _ = s.write_all(body);
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).unwrap();
     parse_reply(&raw)
@@ -229,13 +235,15 @@ fn answers_equal_caption_streamed_or_not_and_bad_requests_are_4xx() {
             "--checkpoint",
             checkpoint.to_str().unwrap(),
             "--max-body-mib",
-            "1",
+            "4",
             "--max-tokens",
             "64",
             "--header-timeout-s",
             "2",
             "--body-timeout-s",
             "2",
+            "--max-audio-s",
+            "40",
         ],
     );
     let addr = server.addr;
@@ -343,6 +351,31 @@ fn answers_equal_caption_streamed_or_not_and_bad_requests_are_4xx() {
         assert_eq!(r["choices"][0]["finish_reason"], "stop");
     }
 
+    // Audio over 30 s: answered window by window, one line each, never cut; over the
+    // server's --max-audio-s: refused.
+    let long = |seconds: u32| {
+        let samples = square(16_000 * seconds, 40);
+        json!({"messages": [{"role": "user", "content": [{"type": "input_audio",
+            "input_audio": {"data": b64(&wav_16k_mono(&samples, &[])), "format": "wav"}}]}],
+            "max_tokens": 8})
+    };
+    let r = chat(addr, &long(35));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let text = r.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text:?}");
+    assert!(
+        lines[0].starts_with("[0.0-30.0 s] ") && lines[1].starts_with("[30.0-35.0 s] "),
+        "{text:?}"
+    );
+    let r = chat(addr, &long(45));
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    let e = r.json();
+    assert_eq!(e["error"]["code"], "audio_too_long", "{e}");
+
     // Bad requests: a 4xx with an OpenAI error body, never a 5xx or a hang.
     let wav = std::fs::read(clip("one")).unwrap();
     let part = |data: String, format: &str| json!({"type": "input_audio", "input_audio": {"data": data, "format": format}});
@@ -437,7 +470,7 @@ fn answers_equal_caption_streamed_or_not_and_bad_requests_are_4xx() {
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     write!(s, "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n").unwrap();
     let chunk = vec![b'a'; 256 * 1024];
-    for _ in 0..8 {
+    for _ in 0..24 {
         if write!(s, "{:x}\r\n", chunk.len()).is_err()
             || s.write_all(&chunk).is_err()
             || s.write_all(b"\r\n").is_err()

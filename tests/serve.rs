@@ -746,3 +746,40 @@ fn the_openai_python_client_gets_the_caption() {
     assert_eq!(v["verbose"][2], json!([expected[0]]), "{v}");
     assert_eq!(v["plain"], format!("{}\n", expected[0]), "{v}");
 }
+
+/// The web page in headless Chromium: its script runs under the page's own content security
+/// policy and fills in the model the server lists (from `/v1/models`).
+#[test]
+fn the_web_page_runs_in_a_browser() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, sets) = trained(dir.path());
+    let checkpoint = dir.path().join("run/projector.safetensors");
+    let ck = checkpoint.to_str().unwrap().to_string();
+    let server = Server::start(&config, &sets, &["--checkpoint", &ck]);
+    let profile = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("timeout")
+        .arg("60")
+        .arg(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-dev-shm-usage",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("http://{}/", server.addr))
+        .output()
+        .expect("run chromium");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dom.contains(r#"<b id="model">tones</b>"#), "{dom}");
+    assert!(dom.contains(r#"id="ask" type="button" disabled"#), "{dom}");
+}

@@ -98,6 +98,7 @@ impl Setup {
             tokenizer: Some(&self.llm.tokenizer),
             eos,
             trace: NonFiniteTrace::default(),
+            cancelled: None,
         };
         decode_batch(
             &self.llm.model,

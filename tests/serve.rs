@@ -78,6 +78,16 @@ impl Drop for Server {
     }
 }
 
+/// The value of a counter in `/metrics`.
+fn metric_of(addr: SocketAddr, name: &str) -> f64 {
+    let text = String::from_utf8(request(addr, "GET", "/metrics", b"").body).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+        .parse()
+        .unwrap()
+}
+
 /// A response: status, lower-cased headers, body (de-chunked).
 struct Reply {
     status: u16,
@@ -667,6 +677,42 @@ fn concurrent_clients_get_their_own_answers_and_a_full_queue_is_429() {
             s => panic!("status {s}: {}", String::from_utf8_lossy(&r.body)),
         }
     }
+    // A client that hangs up mid-stream: its decoding stops at the next step (counted),
+    // and the next request is answered at once, correctly.
+    let before = metric_of(addr, "earshot_cancelled_total");
+    {
+        let mut s = TcpStream::connect(addr).unwrap();
+        let body = json!({"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "Write a very long story about this sound, with many chapters."},
+            {"type": "input_audio", "input_audio": {"data": b64(&std::fs::read(clip("two")).unwrap()), "format": "wav"}}]}],
+            "max_tokens": 256, "stream": true, "temperature": 1.0, "seed": 7}).to_string();
+        write!(
+            s,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Until the first content delta, then hang up.
+        while !String::from_utf8_lossy(&seen).contains("\"content\":\"")
+            || String::from_utf8_lossy(&seen)
+                .matches("\"content\":")
+                .count()
+                < 2
+        {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "{}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+    }
+    let r = chat(addr, &audio_body("one", json!({})));
+    assert_eq!(
+        r.json()["choices"][0]["message"]["content"],
+        expected[0].as_str()
+    );
+    assert_eq!(metric_of(addr, "earshot_cancelled_total"), before + 1.0);
+
     // SIGTERM with a request in flight: it is answered, then the server exits 0.
     let pending = std::thread::spawn(move || chat(addr, &audio_body("two", json!({}))));
     std::thread::sleep(Duration::from_millis(300));

@@ -601,6 +601,7 @@ fn greedy_decode_loop(llm: &Llama, ids: &[u32], n: usize) -> Result<Vec<u32>> {
         tokenizer: None,
         eos: None,
         trace: NonFiniteTrace::default(),
+        cancelled: None,
     };
     let mut decoded = decode_batch(llm, &prefix, &mut requests, &options, |_, _| {})?;
     Ok(decoded.remove(0).ids)

@@ -86,6 +86,7 @@ fn main() {
             tokenizer: Some(tok),
             eos: None,
             trace: NonFiniteTrace::default(),
+            cancelled: None,
         };
         let mut requests: Vec<DecodeRequest> = (0..n).map(|_| request()).collect();
         decode_batch(&llm.model, &prefix, &mut requests, &options, |_, _| {}).unwrap()

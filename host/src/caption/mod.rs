@@ -158,6 +158,15 @@ pub enum CaptionEvent<'a> {
 /// The part of a source file some samples came from (start, end in seconds; none: whole).
 pub type SourceSpan = (Option<f64>, Option<f64>);
 
+/// How captions are decoded: how many together, whether each one's growing text is
+/// reported, and which items are no longer wanted (asked by item before each step).
+#[derive(Clone, Copy)]
+struct Plan<'a> {
+    per_batch: usize,
+    partials: bool,
+    cancelled: Option<&'a dyn Fn(usize) -> bool>,
+}
+
 /// One caption to make: a clip, or one window of it.
 struct Job {
     item: usize,
@@ -301,27 +310,39 @@ impl Captioner {
         } else {
             settings.batch_size.max(1)
         };
-        self.caption_in_batches(items, settings, per_batch, one_at_a_time, on_event)
+        let plan = Plan {
+            per_batch,
+            partials: one_at_a_time,
+            cancelled: None,
+        };
+        self.caption_in_batches(items, settings, plan, on_event)
     }
 
     /// [`Captioner::caption`] decoding `settings.batch_size` captions together and still
     /// reporting each one's text as it grows ([`CaptionEvent::Partial`], by item): a server
     /// streams several answers from one decode loop.
+    /// `cancelled(item)` is asked before each decoding step: true ends that item's caption
+    /// there (finish [`Finish::Cancelled`]) while the rest of its batch goes on.
     pub fn caption_streaming_batched(
         &mut self,
         items: &[CaptionItem],
         settings: &CaptionSettings,
+        cancelled: &dyn Fn(usize) -> bool,
         on_event: &mut dyn FnMut(CaptionEvent),
     ) -> Result<Vec<ItemResult>> {
-        self.caption_in_batches(items, settings, settings.batch_size.max(1), true, on_event)
+        let plan = Plan {
+            per_batch: settings.batch_size.max(1),
+            partials: true,
+            cancelled: Some(cancelled),
+        };
+        self.caption_in_batches(items, settings, plan, on_event)
     }
 
     fn caption_in_batches(
         &mut self,
         items: &[CaptionItem],
         settings: &CaptionSettings,
-        per_batch: usize,
-        partials: bool,
+        plan: Plan,
         on_event: &mut dyn FnMut(CaptionEvent),
     ) -> Result<Vec<ItemResult>> {
         Sampler::new(settings.sampling)?;
@@ -335,7 +356,7 @@ impl Captioner {
                 }
             }
         }
-        let results = self.decode_jobs(items, &jobs, settings, per_batch, partials, on_event)?;
+        let results = self.decode_jobs(items, &jobs, settings, plan, on_event)?;
         let mut per_item: Vec<ItemResult> = (0..items.len()).map(|_| Ok(Vec::new())).collect();
         for (job, result) in jobs.iter().zip(results) {
             match (&mut per_item[job.item], result) {
@@ -485,10 +506,14 @@ impl Captioner {
         items: &[CaptionItem],
         jobs: &[Job],
         settings: &CaptionSettings,
-        per_batch: usize,
-        stream: bool,
+        plan: Plan,
         on_event: &mut dyn FnMut(CaptionEvent),
     ) -> Result<Vec<std::result::Result<WindowCaption, String>>> {
+        let Plan {
+            per_batch,
+            partials: stream,
+            cancelled,
+        } = plan;
         let mut results: Vec<Option<std::result::Result<WindowCaption, String>>> =
             (0..jobs.len()).map(|_| None).collect();
         let mut order: Vec<usize> = (0..jobs.len()).collect();
@@ -517,10 +542,13 @@ impl Captioner {
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
+                // Requests are numbered within this sub-batch; the caller asks by item.
+                let by_item = |r: usize| cancelled.is_some_and(|c| c(jobs[sub[r]].item));
                 let options = DecodeOptions {
                     tokenizer: Some(&self.llm.tokenizer),
                     eos: self.llm.tokenizer.special.eos,
                     trace: NonFiniteTrace::default(),
+                    cancelled: Some(&by_item),
                 };
                 let decoded = decode_batch(
                     &self.llm.model,

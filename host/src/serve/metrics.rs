@@ -72,6 +72,8 @@ pub struct Metrics {
     /// Requests answered together in one decode loop: batches and the requests in them.
     pub batches: AtomicU64,
     pub batched_requests: AtomicU64,
+    /// Requests whose decoding stopped early because their client went away.
+    pub cancelled: AtomicU64,
 }
 
 impl Metrics {
@@ -137,6 +139,12 @@ impl Metrics {
                 "Connections closed at once because max-connections were open.",
                 "counter",
                 self.refused_connections.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "earshot_cancelled_total",
+                "Requests whose decoding stopped early because their client went away.",
+                "counter",
+                self.cancelled.load(Ordering::Relaxed) as f64,
             ),
             (
                 "earshot_batches_total",

@@ -170,6 +170,7 @@ impl Worker {
         let mut items = Vec::new();
         let mut chats = Vec::new();
         let mut senders = Vec::new();
+        let mut cancel_flags = Vec::new();
         for (k, job) in jobs.into_iter().enumerate() {
             let mut meta = Vec::new();
             if let Some(text) = &job.chat.text {
@@ -183,65 +184,75 @@ impl Worker {
             ));
             metadata.push(meta);
             senders.push(job.events);
+            cancel_flags.push(job.cancelled);
             chats.push(job.chat);
         }
         let mut streams: Vec<ItemStream> =
             (0..items.len()).map(|_| ItemStream::default()).collect();
+        // A request whose client went away (its handler or stream dropped) stops decoding
+        // at the next step; the rest of the batch goes on.
+        let gone: Vec<_> = cancel_flags.clone();
+        let cancelled = |item: usize| gone[item].load(Ordering::Relaxed);
         let post = &mut self.stream_post;
-        let results = self
-            .captioner
-            .caption_streaming_batched(&items, &settings, &mut |event| match event {
-                CaptionEvent::Started {
-                    item,
-                    span,
-                    windows,
-                } => {
-                    streams[item].label = span
-                        .filter(|_| windows > 1)
-                        .map(window_label)
-                        .unwrap_or_default();
-                }
-                CaptionEvent::Partial { item, text } => {
-                    if !chats[item].stream {
-                        return;
-                    }
-                    // What the answer would be if it ended here, cut to whole words when a
-                    // post-processor may still change the last one.
-                    let shown = match post.as_mut() {
-                        Some(p) => match p.process(text, &[], &metadata[item]) {
-                            Ok(t) => match t.rfind(char::is_whitespace) {
-                                Some(at) => t[..at].to_string(),
-                                None => String::new(),
-                            },
-                            Err(_) => return,
-                        },
-                        None => text.to_string(),
-                    };
-                    let s = &mut streams[item];
-                    let mut so_far = s.done_lines.join("\n");
-                    if !so_far.is_empty() {
-                        so_far.push('\n');
-                    }
-                    so_far.push_str(&s.label);
-                    so_far.push_str(&shown);
-                    let hold = chats[item]
-                        .stop
-                        .iter()
-                        .map(|x| x.chars().count())
-                        .max()
-                        .unwrap_or(0);
-                    if let Some(d) = s.stream.grow(&so_far, hold) {
-                        let _ = senders[item].send(WorkerEvent::Delta(d));
-                    }
-                }
-                CaptionEvent::Finished { item, result } => {
-                    if let Ok(c) = result {
-                        let s = &mut streams[item];
-                        let line = format!("{}{}", s.label, c.text);
-                        s.done_lines.push(line);
-                    }
-                }
-            });
+        let results =
+            self.captioner
+                .caption_streaming_batched(
+                    &items,
+                    &settings,
+                    &cancelled,
+                    &mut |event| match event {
+                        CaptionEvent::Started {
+                            item,
+                            span,
+                            windows,
+                        } => {
+                            streams[item].label = span
+                                .filter(|_| windows > 1)
+                                .map(window_label)
+                                .unwrap_or_default();
+                        }
+                        CaptionEvent::Partial { item, text } => {
+                            if !chats[item].stream {
+                                return;
+                            }
+                            // What the answer would be if it ended here, cut to whole words when a
+                            // post-processor may still change the last one.
+                            let shown = match post.as_mut() {
+                                Some(p) => match p.process(text, &[], &metadata[item]) {
+                                    Ok(t) => match t.rfind(char::is_whitespace) {
+                                        Some(at) => t[..at].to_string(),
+                                        None => String::new(),
+                                    },
+                                    Err(_) => return,
+                                },
+                                None => text.to_string(),
+                            };
+                            let s = &mut streams[item];
+                            let mut so_far = s.done_lines.join("\n");
+                            if !so_far.is_empty() {
+                                so_far.push('\n');
+                            }
+                            so_far.push_str(&s.label);
+                            so_far.push_str(&shown);
+                            let hold = chats[item]
+                                .stop
+                                .iter()
+                                .map(|x| x.chars().count())
+                                .max()
+                                .unwrap_or(0);
+                            if let Some(d) = s.stream.grow(&so_far, hold) {
+                                let _ = senders[item].send(WorkerEvent::Delta(d));
+                            }
+                        }
+                        CaptionEvent::Finished { item, result } => {
+                            if let Ok(c) = result {
+                                let s = &mut streams[item];
+                                let line = format!("{}{}", s.label, c.text);
+                                s.done_lines.push(line);
+                            }
+                        }
+                    },
+                );
         let results = match results {
             Ok(r) => r,
             Err(e) => {
@@ -256,6 +267,16 @@ impl Worker {
                     .collect();
             }
         };
+        let cancelled_here = results
+            .iter()
+            .filter(|r| {
+                r.as_ref()
+                    .is_ok_and(|c| c.iter().any(|w| w.finish == Finish::Cancelled))
+            })
+            .count();
+        self.metrics
+            .cancelled
+            .fetch_add(cancelled_here as u64, Ordering::Relaxed);
         results
             .into_iter()
             .zip(chats)

@@ -33,6 +33,8 @@ pub enum Finish {
     MaxTokens,
     /// The next token would not fit the model's context.
     Context,
+    /// Its caller no longer wants it (`DecodeOptions::cancelled`): what it has so far.
+    Cancelled,
 }
 
 #[derive(Debug, Clone)]
@@ -55,6 +57,9 @@ pub struct DecodeOptions<'a> {
     /// `None` never stops at EOS (benchmarks).
     pub eos: Option<u32>,
     pub trace: NonFiniteTrace,
+    /// Asked before each step for each request still decoding (by its index in `requests`):
+    /// true ends it there (a server's client went away), so the others go on without it.
+    pub cancelled: Option<&'a dyn Fn(usize) -> bool>,
 }
 
 /// Text cut before the earliest stop string; whether one was found.
@@ -125,6 +130,18 @@ pub fn decode_batch(
                         layer: format!("llm logits at generation step {step}"),
                         detail: "rerun with --trace-nonfinite to find the first layer".into(),
                     });
+                }
+                if options.cancelled.is_some_and(|c| c(row.request)) {
+                    let ids = std::mem::take(&mut row.ids);
+                    let text = std::mem::take(&mut row.text);
+                    out[row.request] = Some(finished(
+                        ids,
+                        text,
+                        Finish::Cancelled,
+                        row.first_token,
+                        started,
+                    ));
+                    continue;
                 }
                 let request = &mut requests[row.request];
                 let next = request.sampler.sample(logits);

@@ -1315,6 +1315,7 @@ mod tests {
             tokenizer: None,
             eos: None,
             trace: NonFiniteTrace::default(),
+            cancelled: None,
         };
         let mut requests = [request(30), request(20)];
         let out = decode_batch(&m, &m.new_cache(), &mut requests, &options, |_, _| {}).unwrap();

@@ -120,6 +120,7 @@ pub fn generate_continuing(
         tokenizer: None,
         eos,
         trace,
+        cancelled: None,
     };
     let mut decoded = decode_batch(model, &cache, &mut requests, &options, |_, _| {})?;
     let [request] = requests;

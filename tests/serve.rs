@@ -615,14 +615,7 @@ fn concurrent_clients_get_their_own_answers_and_a_full_queue_is_429() {
     }
     assert_eq!(answered, 16);
     // Greedy requests waiting together share a decode loop, and still get their own answers.
-    let metric = |name: &str| -> f64 {
-        let text = String::from_utf8(request(addr, "GET", "/metrics", b"").body).unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .unwrap_or_else(|| panic!("no {name} in {text}"))
-            .parse()
-            .unwrap()
-    };
+    let metric = |name: &str| metric_of(addr, name);
     let (batches, requests) = (
         metric("earshot_batches_total"),
         metric("earshot_batched_requests_total"),
@@ -802,29 +795,9 @@ fn the_web_page_runs_in_a_browser() {
     let checkpoint = dir.path().join("run/projector.safetensors");
     let ck = checkpoint.to_str().unwrap().to_string();
     let server = Server::start(&config, &sets, &["--checkpoint", &ck]);
-    let profile = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new("timeout")
-        .arg("60")
-        .arg(chromium())
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-dev-shm-usage",
-            "--virtual-time-budget=10000",
-            "--dump-dom",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(format!("http://{}/", server.addr))
-        .output()
-        .expect("run chromium");
-    let dom = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{:?}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
+    let dom = headless_chromium_url(
+        &format!("http://{}/", server.addr),
+        &["--virtual-time-budget=10000", "--dump-dom"],
     );
     assert!(dom.contains(r#"<b id="model">tones</b>"#), "{dom}");
     assert!(dom.contains(r#"id="ask" type="button" disabled"#), "{dom}");

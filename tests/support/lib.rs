@@ -429,8 +429,13 @@ pub fn chromium() -> PathBuf {
 /// Runs headless Chromium on `page` with `args` (e.g. --dump-dom), stdout as text; a minute
 /// at most.
 pub fn headless_chromium(page: &Path, args: &[&str]) -> String {
-    let profile = tempfile::tempdir().unwrap();
     let url = format!("file://{}", page.canonicalize().unwrap().display());
+    headless_chromium_url(&url, args)
+}
+
+/// Runs headless Chromium on `url` with `args`, stdout as text; a minute at most.
+pub fn headless_chromium_url(url: &str, args: &[&str]) -> String {
+    let profile = tempfile::tempdir().unwrap();
     let out = Command::new("timeout")
         .arg("60")
         .arg(chromium())
@@ -444,7 +449,7 @@ pub fn headless_chromium(page: &Path, args: &[&str]) -> String {
         ])
         .arg(format!("--user-data-dir={}", profile.path().display()))
         .args(args)
-        .arg(&url)
+        .arg(url)
         .output()
         .expect("run chromium");
     assert!(

@@ -376,7 +376,7 @@ fn decode_audio(job: &ChatJob, max_s: f64) -> Result<Vec<f32>, ApiError> {
 
 fn audio_error(param: &str, max_s: f64, e: crate::audio::AudioError) -> ApiError {
     let msg = e.to_string();
-    if msg.contains("longer than") {
+    if matches!(e, crate::audio::AudioError::TooLong { .. }) {
         ApiError::invalid(
             param,
             format!("the audio is longer than this server's limit of {max_s} s in all"),
@@ -586,35 +586,13 @@ enum TranscriptFormat {
     VerboseJson,
 }
 
-/// `POST /v1/audio/transcriptions` (multipart form: file, model, response_format,
-/// temperature; language and prompt are accepted and not used): the run's own task on the
-/// file, for runs whose targets are transcripts (`data.text-targets = true`).
-async fn transcription_response(
-    state: &Arc<AppState>,
-    request: Request,
-) -> Result<Response, ApiError> {
-    use axum::extract::FromRequest;
-    if !state.transcription {
-        return Err(ApiError::status(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            "this run is not a transcription model (its config's data.text-targets is false): use /v1/chat/completions",
-        ));
-    }
-    let limits = &state.limits;
-    check_declared_length(&request, limits.max_body_bytes)?;
-    let (parts, body) = request.into_parts();
-    let body = read_body(body, limits.max_body_bytes, limits.body_timeout).await?;
-    let started = Instant::now();
-    let request = Request::from_parts(parts, Body::from(body));
-    let mut form = axum::extract::Multipart::from_request(request, &())
-        .await
-        .map_err(|e| {
-            ApiError::invalid(
-                "body",
-                format!("not a multipart/form-data body: {}", e.body_text()),
-            )
-        })?;
+/// The fields of a transcription form: the file (required), the answer's format and the
+/// temperature; `model` must name the served model; language, prompt and unknown fields
+/// are read and not used.
+async fn read_transcription_form(
+    form: &mut axum::extract::Multipart,
+    model_id: &str,
+) -> Result<(api::AudioPart, TranscriptFormat, f32), ApiError> {
     let (mut file, mut format, mut temperature) = (None, TranscriptFormat::Json, 0.0f32);
     let bad = |param: &str, e: axum::extract::multipart::MultipartError| {
         ApiError::invalid(param, format!("reading the form failed: {}", e.body_text()))
@@ -648,7 +626,7 @@ async fn transcription_response(
             "model" | "response_format" | "temperature" | "language" | "prompt" => {
                 let value = field.text().await.map_err(|e| bad(&name, e))?;
                 match name.as_str() {
-                    "model" if value != state.model_id => {
+                    "model" if value != model_id => {
                         return Err(ApiError {
                             status: StatusCode::NOT_FOUND,
                             code: Some("model_not_found"),
@@ -657,7 +635,7 @@ async fn transcription_response(
                                 format!(
                                     "the model '{}' does not exist; this server serves '{}'",
                                     api::excerpt(&value, 80),
-                                    state.model_id
+                                    model_id
                                 ),
                             )
                         })
@@ -701,6 +679,39 @@ async fn transcription_response(
         }
     }
     let file = file.ok_or_else(|| ApiError::invalid("file", "the form has no 'file' field"))?;
+    Ok((file, format, temperature))
+}
+
+/// `POST /v1/audio/transcriptions` (multipart form: file, model, response_format,
+/// temperature; language and prompt are accepted and not used): the run's own task on the
+/// file, for runs whose targets are transcripts (`data.text-targets = true`).
+async fn transcription_response(
+    state: &Arc<AppState>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    use axum::extract::FromRequest;
+    if !state.transcription {
+        return Err(ApiError::status(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "this run is not a transcription model (its config's data.text-targets is false): use /v1/chat/completions",
+        ));
+    }
+    let limits = &state.limits;
+    check_declared_length(&request, limits.max_body_bytes)?;
+    let (parts, body) = request.into_parts();
+    let body = read_body(body, limits.max_body_bytes, limits.body_timeout).await?;
+    let started = Instant::now();
+    let request = Request::from_parts(parts, Body::from(body));
+    let mut form = axum::extract::Multipart::from_request(request, &())
+        .await
+        .map_err(|e| {
+            ApiError::invalid(
+                "body",
+                format!("not a multipart/form-data body: {}", e.body_text()),
+            )
+        })?;
+    let (file, format, temperature) = read_transcription_form(&mut form, &state.model_id).await?;
     if file.bytes.is_empty() {
         return Err(ApiError::invalid("file", "the file is empty"));
     }

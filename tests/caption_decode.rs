@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use earshot::models::llm::{
-    decode_batch, load_llm, DecodeOptions, DecodeRequest, Decoded as Caption, Finish, KvCache,
-    LoadedLlm, PrefixCache,
+    decode_batch, load_llm, DecodeLoop, DecodeOptions, DecodeRequest, Decoded as Caption, Finish,
+    KvCache, LanguageModel, Left, LoadedLlm, PrefixCache,
 };
 use earshot::models::nonfinite::NonFiniteTrace;
 use earshot::models::projector::{Projector, ProjectorConfig};
@@ -204,4 +204,162 @@ fn stop_strings_and_token_limits_end_captions() {
     let out = s.decode(r, None);
     assert!(out[1].ids.is_empty() && out[1].text.is_empty());
     assert_eq!(ids(&out)[0], ids(&full)[0]);
+}
+
+/// Continuous batching on the real model: a row's next-token logits are bit for bit the
+/// same alone, beside a copy of itself, and beside a longer row that pads it in front (a
+/// request that joined a running batch), over contexts long enough that a matmul blocks its
+/// sums (without the per-row product over real slots, the last differs). Sampling at
+/// temperature 1 would otherwise pick another token now and then.
+#[test]
+fn a_row_decodes_the_same_alone_beside_others_and_padded_in_front() {
+    let s = setup();
+    let model = &s.llm.model;
+    let trace = NonFiniteTrace::default();
+    let real = |from: usize, to: usize| (from..to).map(Some).collect::<Vec<Option<usize>>>();
+    let rest = |positions: usize, scale: f64| {
+        let cfg = ProjectorConfig {
+            positions,
+            ..ProjectorConfig::default()
+        };
+        let p = Projector::new(&cfg, 384, 576, 11, &Device::Cpu).unwrap();
+        let (windows, after, _) = &s.clips[0];
+        let w = (&windows[0] * scale).unwrap();
+        sequence_embeddings(model, &[], &project_windows(&p, &[w]).unwrap(), after, &[]).unwrap()
+    };
+    let short = rest(250, 1.0);
+    let long = rest(750, 0.5);
+    let (p, ls, ll) = (s.prefix.len(), short.dim(1).unwrap(), long.dim(1).unwrap());
+    let next = model
+        .embed(&Tensor::new(&[[28u32], [1127u32]], &Device::Cpu).unwrap())
+        .unwrap();
+    let logits_of = |t: Tensor, row: usize| -> Vec<f32> {
+        t.narrow(0, row, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let prefilled = |rest: &Tensor, len: usize| {
+        let mut c = s.prefix.select_rows(&[0]).unwrap();
+        model
+            .forward_padded(rest, &[real(0, p + len)], &mut c, trace)
+            .unwrap();
+        c
+    };
+    // Alone.
+    let mut alone = prefilled(&short, ls);
+    let want = logits_of(
+        model
+            .forward_padded(
+                &next.narrow(0, 1, 1).unwrap(),
+                &[real(0, p + ls + 1)],
+                &mut alone,
+                trace,
+            )
+            .unwrap(),
+        0,
+    );
+    // Beside copies of itself, at batch sizes up to the most a server decodes together
+    // (the packed kernels take up to 4 rows at once; gemm would take more than 16).
+    let cs = prefilled(&short, ls);
+    for b in [2, 3, 4, 5, 8, 16] {
+        let copies = vec![&cs; b];
+        let mut copied = KvCache::concat_rows(&copies, p + ls).unwrap();
+        let slots = vec![real(0, p + ls + 1); b];
+        let ids: Vec<u32> = (0..b as u32)
+            .map(|i| [28, 1127][(i % 2) as usize] + i / 2)
+            .collect();
+        let mut ids = ids;
+        ids[b - 1] = 1127;
+        let next = model
+            .embed(&Tensor::from_vec(ids, (b, 1), &Device::Cpu).unwrap())
+            .unwrap();
+        let got = logits_of(
+            model
+                .forward_padded(&next, &slots, &mut copied, trace)
+                .unwrap(),
+            b - 1,
+        );
+        assert!(got == want, "beside {} copies of itself", b - 1);
+    }
+    // Beside a longer row, padded in front.
+    let cl = prefilled(&long, ll);
+    let mut both = KvCache::concat_rows(&[&cl, &cs], p + ll).unwrap();
+    let mut padded = vec![None; ll - ls];
+    padded.extend(real(0, p + ls + 1));
+    let slots = [real(0, p + ll + 1), padded];
+    let got = logits_of(
+        model
+            .forward_padded(&next, &slots, &mut both, trace)
+            .unwrap(),
+        1,
+    );
+    assert!(got == want, "padded in front beside a longer row");
+}
+
+/// Continuous batching on the real model, sampled at temperature 1 (where any difference in
+/// the logits shows as another token sooner or later): requests that join a running decode
+/// loop at different steps, shorter and longer than the rows there, each get the tokens they
+/// get alone.
+#[test]
+fn requests_joining_a_running_loop_sample_what_they_sample_alone() {
+    let s = setup();
+    let model = &s.llm.model;
+    let eos = None;
+    let options = DecodeOptions {
+        tokenizer: Some(&s.llm.tokenizer),
+        eos,
+        trace: NonFiniteTrace::default(),
+        cancelled: None,
+    };
+    let sampled = |seed: u64| SamplingParams {
+        temperature: 1.0,
+        top_k: None,
+        top_p: None,
+        seed,
+    };
+    let mut requests = s.requests(sampled(1), &[]);
+    for (k, r) in requests.iter_mut().enumerate() {
+        r.sampler = Sampler::new(sampled(k as u64 + 1)).unwrap();
+        r.max_tokens = [40, 12, 30][k];
+    }
+    let alone = s.one_at_a_time(requests.clone(), eos);
+    let mut batch = DecodeLoop::new();
+    let mut got: Vec<Option<Vec<u32>>> = vec![None; requests.len()];
+    let mut keep = |left: Vec<Left>| {
+        for l in left {
+            got[l.request] = Some(l.decoded.ids);
+        }
+    };
+    // Rests of 17, 27 and 26 positions: request 2 joins a row of 23 slots (the running
+    // row is padded in front), request 1 rows of 28 (it is padded).
+    let join_one = |batch: &mut DecodeLoop, k: usize| {
+        batch
+            .join(
+                model,
+                &s.prefix,
+                vec![(k, requests[k].clone())],
+                &options,
+                |_, _| {},
+            )
+            .unwrap()
+    };
+    keep(join_one(&mut batch, 0));
+    for _ in 0..5 {
+        keep(batch.step(model, &options, |_, _| {}).unwrap());
+    }
+    keep(join_one(&mut batch, 2));
+    for _ in 0..2 {
+        keep(batch.step(model, &options, |_, _| {}).unwrap());
+    }
+    keep(join_one(&mut batch, 1));
+    assert_eq!(batch.len(), 3);
+    while !batch.is_empty() {
+        keep(batch.step(model, &options, |_, _| {}).unwrap());
+    }
+    for (k, a) in alone.iter().enumerate() {
+        assert_eq!(got[k].as_ref(), Some(&a.ids), "request {k}");
+    }
 }

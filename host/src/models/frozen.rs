@@ -14,9 +14,12 @@ use super::packed::{PackedMatrix, PackedProduct};
 
 /// Products with at most this many rows (one decoded token per sequence of a batch) read
 /// the packed blocks when there are some; with more rows gemm reuses each f32 weight across
-/// the rows. Raising it to 16 left batch-16 captioning unchanged (1.17 vs 1.16 clips/s in
-/// `bench_caption.sh`: its prompts, not its decode steps, take most of the time).
-pub const PACKED_MAX_ROWS: usize = 4;
+/// the rows. The packed kernels compute each row on its own, so a decode step of up to this
+/// many rows gives every row exactly what it gets alone (gemm rounds a row differently
+/// when the row count changes): a server's batch sizes stay within it. 16 rather than 4
+/// left batch-16 captioning unchanged (1.17 vs 1.16 clips/s in `bench_caption.sh`: its
+/// prompts, not its decode steps, take most of the time).
+pub const PACKED_MAX_ROWS: usize = 16;
 
 /// y = x W^T (+ b) with W frozen: (.., in) -> (.., out).
 #[derive(Debug, Clone)]

@@ -2,9 +2,11 @@
 //! cache one token per step until EOS, a stop string or the token limit; greedy or sampled
 //! per row. `generate`, captioning and evaluation all decode through [`decode_batch`].
 //!
-//! The rows' prompts (what follows the prefix) may differ in length: they are left-padded,
-//! with per-row positions and a mask that hides the padding, so every row sees exactly what
-//! it would see alone. Rows that finish drop out of the batch.
+//! Each row's prompt (what follows the prefix) is prefilled on its own; rows of different
+//! lengths line up at the right, the shorter padded in front, with per-row positions and a
+//! mask that hides the padding, so every row computes exactly what it would alone. Rows that
+//! finish drop out of the batch; with [`DecodeLoop`] new rows join it between steps
+//! (continuous batching).
 
 use std::time::{Duration, Instant};
 
@@ -16,6 +18,7 @@ use crate::models::weights::{ModelError, Result};
 use crate::sampler::Sampler;
 
 /// One prompt to continue.
+#[derive(Clone)]
 pub struct DecodeRequest {
     /// What follows the prefix (e.g. projected audio and the prompt after it), (1, L, hidden).
     pub rest: Tensor,
@@ -77,12 +80,282 @@ fn cut_at_stop(text: &mut String, stops: &[String]) -> bool {
 
 /// Row state while a batch decodes.
 struct Row {
+    /// The caller's number for this request.
     request: usize,
     /// The position of this row's next input.
     next_pos: usize,
     ids: Vec<u32>,
     text: String,
     first_token: Option<Duration>,
+    /// When it joined the loop (its times count from here).
+    joined: Instant,
+    /// The slots its cache holds, in order (None: padding).
+    slots: Slots,
+    /// The token it feeds at the next step.
+    next: u32,
+}
+
+/// A request that left the loop: the request back (its sampler advanced) and its output.
+pub struct Left {
+    pub request: usize,
+    pub decode: DecodeRequest,
+    pub decoded: Decoded,
+}
+
+/// A running decode batch that requests join at step boundaries and leave when done
+/// (continuous batching). Joining prefills the new rows after their prefix and takes their
+/// first tokens; each [`DecodeLoop::step`] feeds every row its last token and takes the
+/// next. Rows line up at the right: a row shorter than the batch starts with padding slots
+/// (masked), and padding no row needs any more is dropped, so the cache holds at most the
+/// longest row's slots.
+pub struct DecodeLoop {
+    rows: Vec<(Row, DecodeRequest)>,
+    cache: Option<KvCache>,
+    step: usize,
+}
+
+impl Default for DecodeLoop {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DecodeLoop {
+    pub fn new() -> Self {
+        Self {
+            rows: Vec::new(),
+            cache: None,
+            step: 0,
+        }
+    }
+
+    /// Rows decoding.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Slots the running batch's cache holds per row.
+    pub fn slots(&self) -> usize {
+        self.cache.as_ref().map_or(0, KvCache::len)
+    }
+
+    /// Starts `requests` (numbered by the caller) after `prefix` (batch 1, shared by them):
+    /// their rests are prefilled together and their first tokens taken; those that finish at
+    /// once (EOS first, `max_tokens` 0 or 1, cancelled) are returned, the others join the
+    /// batch. `on_text(request, text)` as in [`decode_batch`].
+    pub fn join(
+        &mut self,
+        llm: &impl LanguageModel,
+        prefix: &KvCache,
+        requests: Vec<(usize, DecodeRequest)>,
+        options: &DecodeOptions,
+        mut on_text: impl FnMut(usize, &str),
+    ) -> Result<Vec<Left>> {
+        let _span = tracing::debug_span!("decode join", rows = requests.len()).entered();
+        let joined = Instant::now();
+        let mut left = Vec::new();
+        let mut live = Vec::new();
+        for (id, request) in requests {
+            if request.max_tokens == 0 {
+                left.push(Left {
+                    request: id,
+                    decoded: finished(Vec::new(), String::new(), Finish::MaxTokens, None, joined),
+                    decode: request,
+                });
+            } else {
+                live.push((id, request));
+            }
+        }
+        if live.is_empty() {
+            return Ok(left);
+        }
+        // Each request is prefilled on its own: a batched prefill's matmuls have other
+        // shapes, which the CPU kernels block (and so round) differently, and a sampled
+        // answer would then depend on what else arrived with it. Prefill is one large
+        // product per layer either way. Each row holds its prefix and rest without padding
+        // between them, and padding only ever goes in front, where the attention skips it
+        // per row (see `Placement::Padded`): a row's arithmetic is exactly what it is alone,
+        // whoever it decodes beside.
+        let mut parts: Vec<(KvCache, Vec<(Row, DecodeRequest)>)> = Vec::new();
+        for (id, request) in live {
+            let (embeds, row) = new_row(prefix.len(), id, &request, joined)?;
+            let mut cache = prefix.select_rows(&[0])?;
+            let logits = forward_rows(llm, &embeds, &[&row], &mut cache, options)?;
+            match take_token(
+                llm,
+                row,
+                request,
+                &logits[0],
+                options,
+                &mut on_text,
+                self.step,
+            )? {
+                Taken::Goes(row, request) => parts.push((cache, vec![(row, request)])),
+                Taken::Left(l) => left.push(l),
+            }
+        }
+        if parts.is_empty() {
+            return Ok(left);
+        }
+        if let Some(running) = self.cache.take() {
+            parts.insert(0, (running, std::mem::take(&mut self.rows)));
+        }
+        let len = parts.iter().map(|(c, _)| c.len()).max().unwrap_or(0);
+        let caches: Vec<&KvCache> = parts.iter().map(|(c, _)| c).collect();
+        let cache = if parts.len() == 1 {
+            None
+        } else {
+            Some(KvCache::concat_rows(&caches, len)?)
+        };
+        let mut rows = Vec::new();
+        let mut only = None;
+        for (c, part_rows) in parts {
+            rows.extend(part_rows);
+            only = Some(c);
+        }
+        for (row, _) in &mut rows {
+            front_pad(&mut row.slots, len);
+        }
+        self.cache = Some(match cache {
+            Some(c) => c,
+            None => only.expect("one part"),
+        });
+        self.rows = rows;
+        Ok(left)
+    }
+
+    /// One step of every row: feeds each its last token and takes the next. Returns the rows
+    /// that finished (they leave the batch).
+    pub fn step(
+        &mut self,
+        llm: &impl LanguageModel,
+        options: &DecodeOptions,
+        mut on_text: impl FnMut(usize, &str),
+    ) -> Result<Vec<Left>> {
+        let Some(mut cache) = self.cache.take() else {
+            return Ok(Vec::new());
+        };
+        self.step += 1;
+        let _span = tracing::trace_span!("decode step", rows = self.rows.len()).entered();
+        let device = llm.device().clone();
+        for (row, _) in &mut self.rows {
+            row.slots.push(Some(row.next_pos));
+            row.next_pos += 1;
+        }
+        let ids: Vec<u32> = self.rows.iter().map(|(row, _)| row.next).collect();
+        let embeds = llm.embed(&Tensor::from_vec(ids, (self.rows.len(), 1), &device)?)?;
+        let rows: Vec<&Row> = self.rows.iter().map(|(r, _)| r).collect();
+        let logits = forward_rows(llm, &embeds, &rows, &mut cache, options)?;
+        let mut left = Vec::new();
+        let mut keep = Vec::with_capacity(self.rows.len());
+        let mut kept = Vec::with_capacity(self.rows.len());
+        for (b, ((row, request), logits)) in self.rows.drain(..).zip(&logits).enumerate() {
+            match take_token(llm, row, request, logits, options, &mut on_text, self.step)? {
+                Taken::Goes(row, request) => {
+                    keep.push(b);
+                    kept.push((row, request));
+                }
+                Taken::Left(l) => left.push(l),
+            }
+        }
+        self.rows = kept;
+        if self.rows.is_empty() {
+            return Ok(left);
+        }
+        if keep.len() < logits.len() {
+            cache = cache.select_rows(&keep)?;
+            // Leading slots that every remaining row pads are no longer needed.
+            let unused = self
+                .rows
+                .iter()
+                .map(|(r, _)| r.slots.iter().take_while(|s| s.is_none()).count())
+                .min()
+                .unwrap_or(0);
+            if unused > 0 {
+                cache = cache.drop_front(unused)?;
+                for (row, _) in &mut self.rows {
+                    row.slots.drain(..unused);
+                }
+            }
+        }
+        self.cache = Some(cache);
+        Ok(left)
+    }
+}
+
+/// `slots` with padding in front up to `len`.
+fn front_pad(slots: &mut Slots, len: usize) {
+    let pad = len - slots.len();
+    if pad > 0 {
+        slots.splice(0..0, std::iter::repeat_n(None, pad));
+    }
+}
+
+/// The logits at each row's last slot, as f32 rows.
+fn forward_rows<R: std::borrow::Borrow<Row>>(
+    llm: &impl LanguageModel,
+    embeds: &Tensor,
+    rows: &[R],
+    cache: &mut KvCache,
+    options: &DecodeOptions,
+) -> Result<Vec<Vec<f32>>> {
+    let slots: Vec<Slots> = rows.iter().map(|r| r.borrow().slots.clone()).collect();
+    let logits = llm.forward_padded(embeds, &slots, cache, options.trace)?;
+    Ok(logits.squeeze(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+}
+
+enum Taken {
+    Goes(Row, DecodeRequest),
+    Left(Left),
+}
+
+/// Takes one row's next token from its logits: the row goes on, or leaves finished.
+fn take_token(
+    llm: &impl LanguageModel,
+    mut row: Row,
+    mut request: DecodeRequest,
+    logits: &[f32],
+    options: &DecodeOptions,
+    on_text: &mut impl FnMut(usize, &str),
+    step: usize,
+) -> Result<Taken> {
+    if logits.iter().any(|v| !v.is_finite()) {
+        return Err(ModelError::NonFiniteActivation {
+            layer: format!("llm logits at generation step {step}"),
+            detail: "rerun with --trace-nonfinite to find the first layer".into(),
+        });
+    }
+    let finish = if options.cancelled.is_some_and(|c| c(row.request)) {
+        Some(Finish::Cancelled)
+    } else {
+        let next = request.sampler.sample(logits);
+        row.first_token.get_or_insert_with(|| row.joined.elapsed());
+        row.next = next;
+        let finish = advance(&mut row, &request, next, options, on_text)?;
+        // The token just taken is fed at `next_pos`: past the context it cannot be, and the
+        // caption ends there with what it has (not an error that loses it).
+        finish.or_else(|| {
+            (row.next_pos >= llm.max_positions()).then(|| {
+                tracing::warn!(
+                    "generation stopped at the model's context of {} positions",
+                    llm.max_positions()
+                );
+                Finish::Context
+            })
+        })
+    };
+    Ok(match finish {
+        None => Taken::Goes(row, request),
+        Some(finish) => Taken::Left(Left {
+            request: row.request,
+            decoded: finished(row.ids, row.text, finish, row.first_token, row.joined),
+            decode: request,
+        }),
+    })
 }
 
 /// Decodes every request after `prefix` (batch 1; copied for every row) in one batch.
@@ -96,100 +369,19 @@ pub fn decode_batch(
     mut on_text: impl FnMut(usize, &str),
 ) -> Result<Vec<Decoded>> {
     let _span = tracing::debug_span!("decode loop", rows = requests.len()).entered();
-    let started = Instant::now();
     let mut out: Vec<Option<Decoded>> = vec![None; requests.len()];
-    let live: Vec<usize> = (0..requests.len())
-        .filter(|&i| requests[i].max_tokens > 0)
-        .collect();
-    for (i, slot) in out.iter_mut().enumerate() {
-        if requests[i].max_tokens == 0 {
-            *slot = Some(finished(
-                Vec::new(),
-                String::new(),
-                Finish::MaxTokens,
-                None,
-                started,
-            ));
+    let mut batch = DecodeLoop::new();
+    let numbered = requests.iter().cloned().enumerate().collect();
+    let mut left = batch.join(llm, prefix, numbered, options, &mut on_text)?;
+    loop {
+        for l in left.drain(..) {
+            requests[l.request] = l.decode;
+            out[l.request] = Some(l.decoded);
         }
-    }
-    if !live.is_empty() {
-        // Per row, the slots its cache holds (None: padding); kept beside the rows because
-        // the forward takes them for the whole batch.
-        let (mut embeds, mut state, mut slots) = left_padded(prefix.len(), requests, &live)?;
-        let mut cache = prefix.select_rows(&vec![0; live.len()])?;
-        let device = llm.device().clone();
-        let mut step = 0;
-        loop {
-            let logits = llm.forward_padded(&embeds, &slots, &mut cache, options.trace)?;
-            let logits = logits.squeeze(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-            let mut keep = Vec::with_capacity(state.len());
-            let mut next_ids = Vec::with_capacity(state.len());
-            for (b, (row, logits)) in state.iter_mut().zip(&logits).enumerate() {
-                if logits.iter().any(|v| !v.is_finite()) {
-                    return Err(ModelError::NonFiniteActivation {
-                        layer: format!("llm logits at generation step {step}"),
-                        detail: "rerun with --trace-nonfinite to find the first layer".into(),
-                    });
-                }
-                if options.cancelled.is_some_and(|c| c(row.request)) {
-                    let ids = std::mem::take(&mut row.ids);
-                    let text = std::mem::take(&mut row.text);
-                    out[row.request] = Some(finished(
-                        ids,
-                        text,
-                        Finish::Cancelled,
-                        row.first_token,
-                        started,
-                    ));
-                    continue;
-                }
-                let request = &mut requests[row.request];
-                let next = request.sampler.sample(logits);
-                row.first_token.get_or_insert_with(|| started.elapsed());
-                let finish = advance(row, request, next, options, &mut on_text)?;
-                // The token just taken is fed at `next_pos`: past the context it cannot be,
-                // and the caption ends there with what it has (not an error that loses it).
-                let finish = finish.or_else(|| {
-                    (row.next_pos >= llm.max_positions()).then(|| {
-                        tracing::warn!(
-                            "generation stopped at the model's context of {} positions",
-                            llm.max_positions()
-                        );
-                        Finish::Context
-                    })
-                });
-                match finish {
-                    Some(finish) => {
-                        let ids = std::mem::take(&mut row.ids);
-                        let text = std::mem::take(&mut row.text);
-                        out[row.request] =
-                            Some(finished(ids, text, finish, row.first_token, started));
-                    }
-                    None => {
-                        keep.push(b);
-                        next_ids.push(next);
-                    }
-                }
-            }
-            if keep.is_empty() {
-                break;
-            }
-            if keep.len() < state.len() {
-                cache = cache.select_rows(&keep)?;
-                let mut old: Vec<Option<(Row, Slots)>> =
-                    state.into_iter().zip(slots).map(Some).collect();
-                (state, slots) = keep
-                    .iter()
-                    .map(|&b| old[b].take().expect("kept once"))
-                    .unzip();
-            }
-            for (row, s) in state.iter_mut().zip(&mut slots) {
-                s.push(Some(row.next_pos));
-                row.next_pos += 1;
-            }
-            embeds = llm.embed(&Tensor::from_vec(next_ids, (state.len(), 1), &device)?)?;
-            step += 1;
+        if batch.is_empty() {
+            break;
         }
+        left = batch.step(llm, options, &mut on_text)?;
     }
     Ok(out
         .into_iter()
@@ -238,45 +430,26 @@ fn advance(
 /// The slots one row's cache holds, in order (None: padding).
 type Slots = Vec<Option<usize>>;
 
-/// The live requests' rests left-padded to a common length (padding slots are zeros and
-/// masked), as one (B, L, hidden) batch after `prefix_len` cached positions; the rows'
-/// state and slots.
-fn left_padded(
+/// A request's row after `prefix_len` cached positions, and its rest as the input of its
+/// prefill.
+fn new_row(
     prefix_len: usize,
-    requests: &[DecodeRequest],
-    live: &[usize],
-) -> Result<(Tensor, Vec<Row>, Vec<Slots>)> {
-    let lens: Vec<usize> = live
-        .iter()
-        .map(|&i| requests[i].rest.dim(1))
-        .collect::<candle_core::Result<_>>()?;
-    let longest = *lens.iter().max().expect("non-empty");
-    let mut parts = Vec::with_capacity(live.len());
-    let mut rows = Vec::with_capacity(live.len());
-    let mut all_slots = Vec::with_capacity(live.len());
-    for (&i, &len) in live.iter().zip(&lens) {
-        let rest = &requests[i].rest;
-        let (_, _, hidden) = rest.dims3()?;
-        let pad = longest - len;
-        parts.push(if pad == 0 {
-            rest.clone()
-        } else {
-            let zeros = Tensor::zeros((1, pad, hidden), rest.dtype(), rest.device())?;
-            Tensor::cat(&[&zeros, rest], 1)?
-        });
-        let mut slots: Vec<Option<usize>> = (0..prefix_len).map(Some).collect();
-        slots.extend(std::iter::repeat_n(None, pad));
-        slots.extend((prefix_len..prefix_len + len).map(Some));
-        all_slots.push(slots);
-        rows.push(Row {
-            request: i,
-            next_pos: prefix_len + len,
-            ids: Vec::new(),
-            text: String::new(),
-            first_token: None,
-        });
-    }
+    id: usize,
+    request: &DecodeRequest,
+    joined: Instant,
+) -> Result<(Tensor, Row)> {
+    let len = request.rest.dim(1)?;
+    let row = Row {
+        request: id,
+        next_pos: prefix_len + len,
+        ids: Vec::new(),
+        text: String::new(),
+        first_token: None,
+        joined,
+        slots: (0..prefix_len + len).map(Some).collect(),
+        next: 0,
+    };
     // Inference only: detached from the projector's parameters, so no activation is kept
     // alive for a backward pass that never comes (that held gigabytes per batch).
-    Ok((Tensor::cat(&parts, 0)?.detach(), rows, all_slots))
+    Ok((request.rest.detach(), row))
 }

@@ -164,6 +164,79 @@ impl KvCache {
             len: self.len,
         })
     }
+
+    /// The batch rows of every part, in order, as one cache of `len` slots: each part's
+    /// slots are preceded by `len - part.len()` zero slots (which its rows must mark as
+    /// padding). Requests joining a running decode batch are merged in this way.
+    pub fn concat_rows(parts: &[&KvCache], len: usize) -> Result<Self> {
+        let n_layers = parts.first().map_or(0, |p| p.layers.len());
+        if parts
+            .iter()
+            .any(|p| p.layers.len() != n_layers || p.len > len)
+        {
+            return Err(ModelError::Input {
+                what: "KV cache".into(),
+                reason: "caches of different models or longer than the merged length".into(),
+            });
+        }
+        let mut layers = Vec::with_capacity(n_layers);
+        for layer in 0..n_layers {
+            // Any part's buffer gives heads, head size, dtype and device for padding.
+            let Some((like, _)) = parts.iter().find_map(|p| p.layers[layer].as_ref()) else {
+                layers.push(None);
+                continue;
+            };
+            let (_, heads, _, hd) = like.dims4()?;
+            let mut ks = Vec::with_capacity(parts.len());
+            let mut vs = Vec::with_capacity(parts.len());
+            for part in parts {
+                let pad = len - part.len;
+                let padded = |x: &Tensor| -> Result<Tensor> {
+                    let x = x.narrow(2, 0, part.len)?;
+                    if pad == 0 {
+                        return Ok(x);
+                    }
+                    let b = x.dim(0)?;
+                    let zeros = Tensor::zeros((b, heads, pad, hd), x.dtype(), x.device())?;
+                    Ok(Tensor::cat(&[&zeros, &x], 2)?)
+                };
+                match &part.layers[layer] {
+                    Some((k, v)) => {
+                        ks.push(padded(k)?);
+                        vs.push(padded(v)?);
+                    }
+                    None => {
+                        return Err(ModelError::Input {
+                            what: "KV cache".into(),
+                            reason: format!("layer {layer} is empty in one part only"),
+                        })
+                    }
+                }
+            }
+            layers.push(Some((
+                Tensor::cat(&ks, 0)?.contiguous()?,
+                Tensor::cat(&vs, 0)?.contiguous()?,
+            )));
+        }
+        Ok(Self { layers, len })
+    }
+
+    /// The cache without its first `n` slots (padding no row needs any more).
+    pub fn drop_front(&self, n: usize) -> Result<Self> {
+        let n = n.min(self.len);
+        let len = self.len - n;
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for slot in &self.layers {
+            layers.push(match slot {
+                Some((k, v)) => Some((
+                    k.narrow(2, n, len)?.contiguous()?,
+                    v.narrow(2, n, len)?.contiguous()?,
+                )),
+                None => None,
+            });
+        }
+        Ok(Self { layers, len })
+    }
 }
 
 /// Store names of the stacked projections (not Hugging Face names: made by
@@ -376,6 +449,28 @@ struct Positional {
     mask_fused: Option<fused::SoftmaxMask>,
     /// The layers run off the graph (taped): products may use kernels without a backward.
     off_graph: bool,
+    /// Per row, the padding slots in front of its real ones, when some row has them and no
+    /// row has padding elsewhere (a continuous batch): the probabilities times values are
+    /// then taken per row over its real slots only. A dot product over a longer, zero-led
+    /// sequence is blocked differently by the matmul and rounds differently; this way a row's
+    /// arithmetic is exactly what it is alone.
+    front_padding: Option<Vec<usize>>,
+}
+
+/// See [`Positional::front_padding`].
+fn front_padding(placement: Placement, t: usize) -> Option<Vec<usize>> {
+    let Placement::Padded(slots) = placement else {
+        return None;
+    };
+    let pads: Vec<usize> = slots
+        .iter()
+        .map(|row| row.iter().take_while(|s| s.is_none()).count())
+        .collect();
+    let front_only = slots
+        .iter()
+        .zip(&pads)
+        .all(|(row, &pad)| row.len() >= pad + t && row[pad..].iter().all(Option::is_some));
+    (front_only && pads.iter().any(|&p| p > 0)).then_some(pads)
 }
 
 /// Where the new inputs of a forward sit.
@@ -419,7 +514,16 @@ pub struct Llama {
     fused: bool,
     /// LoRA adapters added to the frozen projections (`[lora]`), trained or loaded.
     adapter: Option<Arc<LoraAdapter>>,
+    /// Inference inputs longer than this go through in chunks of it (see
+    /// [`PREFILL_CHUNK`]).
+    prefill_chunk: usize,
 }
+
+/// Positions per forward when a long input is prefilled into a KV cache: each chunk attends
+/// to the cache and itself, so its score matrix and mask are chunk x context, not context x
+/// context (an 8,000-token prompt allocated 2.3 GB of scores and 0.8 GB of mask per layer
+/// in one piece).
+pub const PREFILL_CHUNK: usize = 512;
 
 /// What a config must agree on with the weights before anything is built: head counts that
 /// group, an even head dim (rotary pairs), the embedding's shape and the layer count.
@@ -565,7 +669,56 @@ impl Llama {
             device: device.clone(),
             fused: true,
             adapter: None,
+            prefill_chunk: PREFILL_CHUNK,
         })
+    }
+
+    /// Sets the positions per prefill chunk (tests use small ones).
+    pub fn set_prefill_chunk(&mut self, positions: usize) {
+        self.prefill_chunk = positions.max(1);
+    }
+
+    /// Inputs appended to `cache` in chunks of `prefill_chunk` positions (see
+    /// [`PREFILL_CHUNK`]): the hidden states of the last chunk. `slots` as in
+    /// [`Placement::Padded`] for all of `embeds`; without them, at the cache's end.
+    fn forward_chunked(
+        &self,
+        embeds: &Tensor,
+        slots: Option<&[Vec<Option<usize>>]>,
+        cache: &mut KvCache,
+        trace: NonFiniteTrace,
+    ) -> Result<Tensor> {
+        let t = embeds.dim(1)?;
+        let cached = cache.len();
+        if t <= self.prefill_chunk {
+            let placement = match slots {
+                Some(slots) => Placement::Padded(slots),
+                None => Placement::Offset(cached),
+            };
+            return self.forward_placed(embeds, placement, Some(cache), trace);
+        }
+        let mut start = 0;
+        let mut hidden = None;
+        while start < t {
+            let n = self.prefill_chunk.min(t - start);
+            let chunk = embeds.narrow(1, start, n)?;
+            hidden = Some(match slots {
+                None => {
+                    let offset = cache.len();
+                    self.forward_placed(&chunk, Placement::Offset(offset), Some(cache), trace)?
+                }
+                Some(slots) => {
+                    // A chunk sees the slots up to its own last one.
+                    let upto: Vec<Vec<Option<usize>>> = slots
+                        .iter()
+                        .map(|row| row[..(cached + start + n).min(row.len())].to_vec())
+                        .collect();
+                    self.forward_placed(&chunk, Placement::Padded(&upto), Some(cache), trace)?
+                }
+            });
+            start += n;
+        }
+        Ok(hidden.expect("t > prefill_chunk > 0"))
     }
 
     /// Puts LoRA adapters on (or, with `None`, takes them off) the frozen projections.
@@ -892,10 +1045,21 @@ impl Llama {
             candle_nn::ops::softmax(&scores.to_dtype(self.wide())?, D::Minus1)?
                 .to_dtype(self.dtype)?
         };
-        let y = if pos.off_graph {
-            fused::batched_matmul(&probs, false, &v, false)?
-        } else {
-            probs.matmul(&v)?
+        let y = match &pos.front_padding {
+            _ if pos.off_graph => fused::batched_matmul(&probs, false, &v, false)?,
+            Some(pads) => {
+                let mut rows = Vec::with_capacity(b);
+                for (row, &pad) in pads.iter().enumerate() {
+                    let real = s - pad;
+                    let p = probs
+                        .narrow(0, row, 1)?
+                        .narrow(3, pad, real)?
+                        .contiguous()?;
+                    rows.push(p.matmul(&v.narrow(0, row, 1)?.narrow(2, pad, real)?)?);
+                }
+                Tensor::cat(&rows, 0)?
+            }
+            None => probs.matmul(&v)?,
         }; // (b, nkv, rep*t, hd)
         let y = y
             .reshape((b, nh, t, hd))?
@@ -1093,6 +1257,7 @@ impl Llama {
             rope,
             mask,
             off_graph: taped,
+            front_padding: front_padding(placement, t),
         };
         let mut x = embeds.to_dtype(self.dtype)?;
         for (i, block) in self.blocks.iter().enumerate() {
@@ -1174,7 +1339,13 @@ impl LanguageModel for Llama {
         trace: NonFiniteTrace,
     ) -> Result<Tensor> {
         self.on_pool(|| {
-            let hidden = self.forward_hidden(embeds, offset, cache, trace)?;
+            let hidden = match (cache, at) {
+                // Only the last position is wanted: a long input goes through in chunks.
+                (Some(cache), LogitsAt::Last) if cache.len() == offset => {
+                    self.forward_chunked(embeds, None, cache, trace)?
+                }
+                (cache, _) => self.forward_hidden(embeds, offset, cache, trace)?,
+            };
             let hidden = match at {
                 LogitsAt::All => hidden,
                 LogitsAt::Last => {
@@ -1189,9 +1360,8 @@ impl LanguageModel for Llama {
     }
 
     fn prefill(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<()> {
-        let offset = cache.len();
         self.on_pool(|| {
-            self.forward_hidden(embeds, offset, Some(cache), NonFiniteTrace::default())
+            self.forward_chunked(embeds, None, cache, NonFiniteTrace::default())
                 .map(|_| ())
         })
     }
@@ -1204,8 +1374,7 @@ impl LanguageModel for Llama {
         trace: NonFiniteTrace,
     ) -> Result<Tensor> {
         self.on_pool(|| {
-            let hidden =
-                self.forward_placed(embeds, Placement::Padded(slots), Some(cache), trace)?;
+            let hidden = self.forward_chunked(embeds, Some(slots), cache, trace)?;
             let t = hidden.dim(1)?;
             let logits = self.logits(&hidden.narrow(1, t - 1, 1)?)?;
             trace.check(|| "llm.lm_head".into(), &logits)?;
@@ -1321,6 +1490,165 @@ mod tests {
         let out = decode_batch(&m, &m.new_cache(), &mut requests, &options, |_, _| {}).unwrap();
         assert_eq!((out[0].ids.len(), out[0].finish), (3, Finish::Context));
         assert_eq!((out[1].ids.len(), out[1].finish), (13, Finish::Context));
+    }
+
+    /// A long input prefilled in chunks leaves the cache and gives the logits of one
+    /// forward over all of it, at the cache's end and in a left-padded batch.
+    #[test]
+    fn chunked_prefill_equals_one_forward() {
+        let (store, cfg) = tiny_weights(2, None);
+        let whole = Llama::load(&store, &cfg, DType::F32, &Device::Cpu).unwrap();
+        let mut chunked = Llama::load(&store, &cfg, DType::F32, &Device::Cpu).unwrap();
+        chunked.set_prefill_chunk(4);
+        let x = Tensor::randn(0f32, 1.0, (1, 11, 8), &Device::Cpu).unwrap();
+        let close = |a: &Tensor, b: &Tensor| {
+            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+            let d = d.to_scalar::<f32>().unwrap();
+            assert!(d < 1e-5, "chunked differs by {d}");
+        };
+        let mut c1 = whole.new_cache();
+        let mut c2 = chunked.new_cache();
+        let trace = NonFiniteTrace::default();
+        let a = whole
+            .forward(&x, 0, Some(&mut c1), LogitsAt::Last, trace)
+            .unwrap();
+        let b = chunked
+            .forward(&x, 0, Some(&mut c2), LogitsAt::Last, trace)
+            .unwrap();
+        close(&a, &b);
+        assert_eq!(c2.len(), 11);
+        let next = Tensor::randn(0f32, 1.0, (1, 1, 8), &Device::Cpu).unwrap();
+        let a = whole
+            .forward(&next, 11, Some(&mut c1), LogitsAt::Last, trace)
+            .unwrap();
+        let b = chunked
+            .forward(&next, 11, Some(&mut c2), LogitsAt::Last, trace)
+            .unwrap();
+        close(&a, &b);
+        // Two rows after a 3-position prefix, one left-padded by 4.
+        let mut p1 = whole.new_cache();
+        let mut p2 = chunked.new_cache();
+        let prefix = x.narrow(1, 0, 3).unwrap();
+        whole.prefill(&prefix, &mut p1).unwrap();
+        chunked.prefill(&prefix, &mut p2).unwrap();
+        let rows = Tensor::randn(0f32, 1.0, (2, 9, 8), &Device::Cpu).unwrap();
+        let mut slots: Vec<Vec<Option<usize>>> = vec![(0..12).map(Some).collect()];
+        let mut padded: Vec<Option<usize>> = (0..3).map(Some).collect();
+        padded.extend([None; 4]);
+        padded.extend((3..8).map(Some));
+        slots.push(padded);
+        let mut b1 = p1.select_rows(&[0, 0]).unwrap();
+        let mut b2 = p2.select_rows(&[0, 0]).unwrap();
+        let a = whole.forward_padded(&rows, &slots, &mut b1, trace).unwrap();
+        let b = chunked
+            .forward_padded(&rows, &slots, &mut b2, trace)
+            .unwrap();
+        close(&a, &b);
+    }
+
+    /// Continuous batching: requests that join a running decode loop (shorter and longer
+    /// than its rows, so that either side is padded in front) and rows that leave it get the
+    /// tokens each gets alone.
+    #[test]
+    fn requests_joining_a_running_loop_get_their_own_tokens() {
+        use crate::models::llm::{DecodeLoop, DecodeOptions, DecodeRequest};
+        use crate::sampler::{Sampler, SamplingParams};
+        let (store, cfg) = tiny_weights(2, None);
+        let m = Llama::load(&store, &cfg, DType::F32, &Device::Cpu).unwrap();
+        let request = |len: usize, max_tokens: usize| DecodeRequest {
+            rest: Tensor::randn(0f32, 1.0, (1, len, 8), &Device::Cpu).unwrap(),
+            sampler: Sampler::new(SamplingParams::default()).unwrap(),
+            max_tokens,
+            stop_strings: Vec::new(),
+        };
+        let options = DecodeOptions {
+            tokenizer: None,
+            eos: None,
+            trace: NonFiniteTrace::default(),
+            cancelled: None,
+        };
+        let mut prefix = m.new_cache();
+        let p = Tensor::randn(0f32, 1.0, (1, 2, 8), &Device::Cpu).unwrap();
+        m.prefill(&p, &mut prefix).unwrap();
+        let requests = [request(6, 8), request(3, 4), request(12, 6), request(2, 3)];
+        let alone: Vec<Vec<u32>> = requests
+            .iter()
+            .map(|r| {
+                let mut one = [r.clone()];
+                crate::models::llm::decode_batch(&m, &prefix, &mut one, &options, |_, _| {})
+                    .unwrap()
+                    .remove(0)
+                    .ids
+            })
+            .collect();
+        let mut batch = DecodeLoop::new();
+        let mut got: Vec<Option<Vec<u32>>> = vec![None; requests.len()];
+        let mut take = |left: Vec<crate::models::llm::Left>| {
+            for l in left {
+                got[l.request] = Some(l.decoded.ids);
+            }
+        };
+        take(
+            batch
+                .join(
+                    &m,
+                    &prefix,
+                    vec![(0, requests[0].clone())],
+                    &options,
+                    |_, _| {},
+                )
+                .unwrap(),
+        );
+        take(batch.step(&m, &options, |_, _| {}).unwrap());
+        // Shorter than the running row (8 slots + 1 step): padded in front.
+        take(
+            batch
+                .join(
+                    &m,
+                    &prefix,
+                    vec![(1, requests[1].clone())],
+                    &options,
+                    |_, _| {},
+                )
+                .unwrap(),
+        );
+        take(batch.step(&m, &options, |_, _| {}).unwrap());
+        // Longer: the running rows are padded in front.
+        take(
+            batch
+                .join(
+                    &m,
+                    &prefix,
+                    vec![(2, requests[2].clone())],
+                    &options,
+                    |_, _| {},
+                )
+                .unwrap(),
+        );
+        assert_eq!(batch.len(), 3);
+        let mut steps = 0;
+        while !batch.is_empty() {
+            take(batch.step(&m, &options, |_, _| {}).unwrap());
+            steps += 1;
+            if steps == 3 {
+                take(
+                    batch
+                        .join(
+                            &m,
+                            &prefix,
+                            vec![(3, requests[3].clone())],
+                            &options,
+                            |_, _| {},
+                        )
+                        .unwrap(),
+                );
+            }
+            // Padding no row needs is dropped as rows leave.
+            assert!(batch.slots() <= 2 + 12 + 6, "{} slots", batch.slots());
+        }
+        for (k, want) in alone.iter().enumerate() {
+            assert_eq!(got[k].as_ref(), Some(want), "request {k}");
+        }
     }
 
     /// Projections stacked in the store give the model of the separate ones, with the

@@ -8,10 +8,12 @@ mod load;
 mod prefix;
 mod tokenizer;
 
-pub use decode::{decode_batch, DecodeOptions, DecodeRequest, Decoded, Finish};
+pub use decode::{decode_batch, DecodeLoop, DecodeOptions, DecodeRequest, Decoded, Finish, Left};
 pub use prefix::{PrefixCache, MAX_CACHED_PREFIXES};
 
-pub use llama::{stack_projections, KvCache, Llama, LlamaConfig, LogitsAt, Placement};
+pub use llama::{
+    stack_projections, KvCache, Llama, LlamaConfig, LogitsAt, Placement, PREFILL_CHUNK,
+};
 pub use load::{
     export_gguf_to_hf, load_llm, load_llm_with, read_gguf, unpermute_qk, GgufBlocks, LlmSource,
     LoadedLlm,

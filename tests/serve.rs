@@ -54,6 +54,10 @@ impl Server {
         for s in sets {
             cmd.arg("--set").arg(s);
         }
+        Self::launch(cmd, extra)
+    }
+
+    fn launch(mut cmd: std::process::Command, extra: &[&str]) -> Server {
         cmd.args(["--port", "0", "--model-id", "tones"]).args(extra);
         cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         let mut child = cmd.spawn().expect("earshot serve starts");
@@ -492,14 +496,43 @@ fn answers_equal_caption_streamed_or_not_and_bad_requests_are_4xx() {
     let _ = s.read_to_end(&mut raw);
     assert_eq!(parse_reply(&raw).status, 413);
 
-    // A slowloris client (headers never finished), 300 idle connections and a client that
-    // hangs up mid-stream: the next good request is still answered, correctly.
+    // A slowloris client (headers never finished), 1,000 idle connections and a client that
+    // hangs up mid-stream: the next good request is still answered, correctly, and the
+    // idle connections cost the server little memory.
     let mut slow = TcpStream::connect(addr).unwrap();
     slow.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\n")
         .unwrap();
-    let idle: Vec<TcpStream> = (0..300)
+    let pid = server.child.id();
+    let memory_kib = |field: &str| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let rss_before = memory_kib("VmRSS:");
+    let idle: Vec<TcpStream> = (0..1000)
         .map(|_| TcpStream::connect(addr).unwrap())
         .collect();
+    let waited = Instant::now();
+    while metric_of(addr, "earshot_open_connections") < 1000.0 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(20),
+            "the server never held 1,000 idle connections open"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (rss_idle, peak) = (memory_kib("VmRSS:"), memory_kib("VmHWM:"));
+    eprintln!(
+        "server memory: {rss_before} KiB before 1,000 idle connections, {rss_idle} KiB with \
+         them open (peak so far {peak} KiB)"
+    );
+    assert!(
+        rss_idle.saturating_sub(rss_before) < 64 * 1024,
+        "1,000 idle connections took {} KiB",
+        rss_idle - rss_before
+    );
     {
         let mut s = TcpStream::connect(addr).unwrap();
         let body = audio_body("two", json!({"stream": true})).to_string();
@@ -546,8 +579,9 @@ fn answers_equal_caption_streamed_or_not_and_bad_requests_are_4xx() {
 }
 
 /// Many clients at once: every answer is the one its request gets alone (none lost or
-/// swapped; sampled answers, so that they differ), greedy requests waiting together are
-/// answered in one decode loop with the answers they get alone; with a
+/// swapped; sampled answers, so that they differ), greedy requests arriving together decode
+/// together with the answers they get alone, a request sent while another decodes joins its
+/// decode loop and is answered first; with a
 /// queue of one, a flood gets 429 with Retry-After for what does not fit, never an error;
 /// SIGTERM lets the request in flight finish and the server exit 0.
 #[test]
@@ -614,12 +648,8 @@ fn concurrent_clients_get_their_own_answers_and_a_full_queue_is_429() {
         }
     }
     assert_eq!(answered, 16);
-    // Greedy requests waiting together share a decode loop, and still get their own answers.
+    // Greedy requests arriving together decode together, and still get their own answers.
     let metric = |name: &str| metric_of(addr, name);
-    let (batches, requests) = (
-        metric("earshot_batches_total"),
-        metric("earshot_batched_requests_total"),
-    );
     let greedy: Vec<_> = (0..12)
         .map(|k| {
             std::thread::spawn(move || {
@@ -635,14 +665,77 @@ fn concurrent_clients_get_their_own_answers_and_a_full_queue_is_429() {
         let (k, text) = t.join().unwrap();
         assert_eq!(text, expected[k % CLIPS.len()], "greedy request {k}");
     }
-    let (batches, requests) = (
-        metric("earshot_batches_total") - batches,
-        metric("earshot_batched_requests_total") - requests,
-    );
-    assert_eq!(requests, 12.0);
     assert!(
-        batches < 12.0,
-        "12 greedy requests at once were never batched ({batches} loops)"
+        metric("earshot_decoding_requests_peak") >= 2.0,
+        "12 requests at once never decoded together"
+    );
+    assert_eq!(metric("earshot_decoding_requests"), 0.0);
+    // Continuous batching: a short request sent while a long one streams joins its decode
+    // loop at once and is answered (with its own greedy answer) long before the long one
+    // ends, instead of waiting for it.
+    let long = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        let body = json!({"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "Write a very long story about this sound, with many chapters."},
+            {"type": "input_audio", "input_audio": {"data": b64(&std::fs::read(clip("two")).unwrap()), "format": "wav"}}]}],
+            "max_tokens": 200, "stream": true, "temperature": 1.0, "seed": 7,
+            "stream_options": {"include_usage": true}}).to_string();
+        write!(
+            s,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        let mut first_delta = None;
+        loop {
+            let n = s.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if first_delta.is_none() && String::from_utf8_lossy(&seen).contains("\"content\":\"") {
+                first_delta = Some(Instant::now());
+            }
+        }
+        (
+            first_delta,
+            Instant::now(),
+            String::from_utf8_lossy(&seen).to_string(),
+        )
+    });
+    // Once the long answer is streaming (its first delta seen by the server's metrics).
+    let waited = Instant::now();
+    while metric("earshot_decoding_requests") < 1.0 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(60),
+            "the long request never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let joins = metric("earshot_joins_total");
+    let short = chat(addr, &audio_body("one", json!({})));
+    let short_done = Instant::now();
+    assert_eq!(
+        short.json()["choices"][0]["message"]["content"],
+        expected[0].as_str(),
+        "the request that joined a running decode loop"
+    );
+    assert_eq!(metric("earshot_joins_total"), joins + 1.0);
+    let (first_delta, long_done, long_text) = long.join().unwrap();
+    assert!(first_delta.is_some_and(|t| t < short_done), "{long_text}");
+    let usage: Value = parse_reply(long_text.as_bytes())
+        .events()
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .find(|v| v["usage"].is_object())
+        .unwrap_or_else(|| panic!("no usage chunk: {long_text}"));
+    let long_tokens = usage["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(
+        long_done > short_done && long_tokens > 100,
+        "the long request ({long_tokens} tokens) was not still decoding when the short one was answered"
     );
     drop(server);
 
@@ -786,15 +879,20 @@ fn the_openai_python_client_gets_the_caption() {
     assert_eq!(v["plain"], format!("{}\n", expected[0]), "{v}");
 }
 
-/// The web page in headless Chromium: its script runs under the page's own content security
-/// policy and fills in the model the server lists (from `/v1/models`).
+/// The web page in headless Chromium, served by `earshot serve RUN_DIR`: its script runs under
+/// the page's own content security policy and fills in the model the server lists (from
+/// `/v1/models`).
 #[test]
 fn the_web_page_runs_in_a_browser() {
     let dir = tempfile::tempdir().unwrap();
-    let (config, sets) = trained(dir.path());
-    let checkpoint = dir.path().join("run/projector.safetensors");
-    let ck = checkpoint.to_str().unwrap().to_string();
-    let server = Server::start(&config, &sets, &["--checkpoint", &ck]);
+    trained(dir.path());
+    // Served from the run folder alone (its config copy and checkpoint), read from a folder
+    // other than the one it was trained from.
+    let moved_cwd = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut cmd = earshot_command();
+    cmd.current_dir(moved_cwd.path()).arg("serve").arg(&run);
+    let server = Server::launch(cmd, &[]);
     let dom = headless_chromium_url(
         &format!("http://{}/", server.addr),
         &["--virtual-time-budget=10000", "--dump-dom"],

@@ -368,6 +368,25 @@ fn apply_set(doc: &mut toml::Table, assignment: &str) -> Result<()> {
 }
 
 impl RunConfig {
+    /// The config with every path absolute (relative ones joined to the current folder, as
+    /// they are read): a run folder's copy then names the same files wherever it is read
+    /// from (`earshot serve RUN_DIR`).
+    pub fn with_absolute_paths(&self) -> Self {
+        let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        let mut cfg = self.clone();
+        cfg.models.whisper = abs(&cfg.models.whisper);
+        cfg.models.llm = abs(&cfg.models.llm);
+        cfg.plugins.prompt_template = abs(&cfg.plugins.prompt_template);
+        cfg.plugins.post_processor = cfg.plugins.post_processor.as_deref().map(abs);
+        cfg.data.adapter = abs(&cfg.data.adapter);
+        cfg.data.root = abs(&cfg.data.root);
+        cfg.train.run_dir = abs(&cfg.train.run_dir);
+        for entry in &mut cfg.task_entries {
+            entry.config = entry.config.as_deref().map(abs);
+        }
+        cfg
+    }
+
     pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
         let cfg = Self::load_unresolved(path, sets)?;
         cfg.resolve_tasks(path)?;

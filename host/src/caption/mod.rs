@@ -9,6 +9,7 @@
 //! ([`PrefixCache`]), by the one decode loop ([`decode_batch`]); each caption then goes
 //! through the post-processor plugin.
 
+pub mod continuous;
 pub mod items;
 
 use crate::models::weights::ModelError;
@@ -49,6 +50,12 @@ pub enum CaptionError {
         max_tokens: usize,
         context: usize,
     },
+    /// The decode batch it was in failed (every item in it fails).
+    #[error("decoding failed: {0}")]
+    Decode(String),
+    /// The post-processor failed on its caption.
+    #[error("{0}")]
+    PostProcess(String),
 }
 
 impl From<candle_core::Error> for CaptionError {
@@ -66,6 +73,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 
+pub use continuous::{CaptionFeed, ItemOutcome};
 pub use items::{AudioInput, CaptionItem, ItemSource};
 
 use crate::audio;

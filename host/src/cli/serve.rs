@@ -4,7 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 
 use crate::config::RunConfig;
@@ -21,18 +21,27 @@ a data: URL prefix is accepted; several parts are joined in order). Options: max
 max_completion_tokens, temperature, top_p, seed, stop, stream (server-sent chunks; \
 stream_options.include_usage). Audio over 30 s is answered window by window as `earshot caption` \
 does, never cut. Also GET /v1/models, /health and /metrics (Prometheus text). The answers go \
-through the run's post-processor, as captions do. Requests waiting together with the same \
-max_tokens and sampling settings are answered in one decode loop (--max-batch); a full queue \
-answers 429 with Retry-After. Every bad request \
-is a 4xx with an OpenAI error body naming the field.\n\n\
+through the run's post-processor, as captions do. Requests decode together (continuous \
+batching): one that arrives while others decode joins their decode loop at the next step, \
+whatever its sampling settings, and leaves it when done (at most --max-batch at once; the rest \
+wait in the queue). A full queue answers 429 with Retry-After. Every bad request is a 4xx with \
+an OpenAI error body naming the field.\n\n\
 The first line on stdout is the address served (`listening on http://HOST:PORT`; --port 0 \
 picks a free port). SIGINT or SIGTERM stops accepting and lets requests in flight finish.\n\n\
-Example (serves for 20 s, then stops as on Ctrl-C):\n  timeout --preserve-status -s INT 20 \\\n    earshot serve --config configs/cpu-smollm2-tones.toml --checkpoint runs/try --port 0"
+Example (serves for 20 s, then stops as on Ctrl-C):\n  timeout --preserve-status -s INT 20 \\\n    earshot serve runs/try --port 0"
 )]
 pub struct ServeArgs {
-    /// Run config (TOML) of the trained run
+    /// A trained run folder: its own copy of the config (config.toml) and its best/
+    /// checkpoint, else its final projector
+    #[arg(
+        value_name = "RUN_DIR",
+        required_unless_present = "config",
+        conflicts_with = "config"
+    )]
+    pub run: Option<PathBuf>,
+    /// Run config (TOML) of the trained run (instead of RUN_DIR)
     #[arg(long)]
-    pub config: PathBuf,
+    pub config: Option<PathBuf>,
     /// Checkpoint to serve (a file, a step folder, best/ or a run folder; default: the
     /// run's best/, else its final projector)
     #[arg(long)]
@@ -79,9 +88,10 @@ pub struct ServeArgs {
     /// Seconds a client may take to send a request's body
     #[arg(long, default_value_t = 60.0)]
     pub body_timeout_s: f64,
-    /// Requests answered together in one decode loop, at most (those waiting together with
-    /// the same max_tokens and sampling settings; greedy requests always share)
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=256))]
+    /// Requests decoding together, at most (continuous batching: a request joins the
+    /// running decode loop at the next step when there is room; up to 16, so that each
+    /// answer is exactly the one it gets alone)
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=16))]
     pub max_batch: u64,
     /// Open connections; more are closed at once
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1000000))]
@@ -102,7 +112,36 @@ pub fn run(args: ServeArgs) -> Result<()> {
         "--max-audio-s must be a positive number of seconds, got {}",
         args.max_audio_s
     );
-    let config = RunConfig::load(&args.config, &args.set)?.for_task(args.task.as_deref())?;
+    let config = match (&args.run, &args.config) {
+        (Some(run), _) => {
+            let copy = run.join("config.toml");
+            anyhow::ensure!(
+                copy.is_file(),
+                "{}: not a trained run folder (it has no config.toml); give the folder \
+                 `earshot train` wrote, or --config",
+                run.display()
+            );
+            let config = RunConfig::load(&copy, &args.set).with_context(|| {
+                format!(
+                    "{}: the run's config copy does not load (a run trained before copies \
+                     held absolute paths may name files relative to where it was trained: \
+                     give --config and --checkpoint instead)",
+                    copy.display()
+                )
+            })?;
+            // The folder given is the run, wherever it was moved.
+            RunConfig {
+                train: crate::config::TrainConfig {
+                    run_dir: run.clone(),
+                    ..config.train
+                },
+                ..config
+            }
+        }
+        (None, Some(path)) => RunConfig::load(path, &args.set)?,
+        (None, None) => anyhow::bail!("give a run folder (RUN_DIR) or --config"),
+    };
+    let config = config.for_task(args.task.as_deref())?;
     let checkpoint = match &args.checkpoint {
         Some(p) => Some(p.clone()),
         None => {

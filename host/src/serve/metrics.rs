@@ -69,9 +69,12 @@ pub struct Metrics {
     pub generation: Histogram,
     /// Time to the first streamed text.
     pub first_token: Histogram,
-    /// Requests answered together in one decode loop: batches and the requests in them.
-    pub batches: AtomicU64,
-    pub batched_requests: AtomicU64,
+    /// Times requests joined the running decode loop, and the requests that joined.
+    pub joins: AtomicU64,
+    pub joined_requests: AtomicU64,
+    /// Requests decoding now, and the most decoding together so far.
+    pub decoding: AtomicU64,
+    pub decoding_peak: AtomicU64,
     /// Requests whose decoding stopped early because their client went away.
     pub cancelled: AtomicU64,
 }
@@ -87,10 +90,18 @@ impl Metrics {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn observe_batch(&self, size: usize) {
-        self.batches.fetch_add(1, Ordering::Relaxed);
-        self.batched_requests
-            .fetch_add(size as u64, Ordering::Relaxed);
+    /// `joined` requests joined the decode loop, which now decodes `decoding` requests.
+    pub fn observe_join(&self, joined: usize, decoding: usize) {
+        self.joins.fetch_add(1, Ordering::Relaxed);
+        self.joined_requests
+            .fetch_add(joined as u64, Ordering::Relaxed);
+        self.observe_decoding(decoding);
+    }
+
+    pub fn observe_decoding(&self, decoding: usize) {
+        self.decoding.store(decoding as u64, Ordering::Relaxed);
+        self.decoding_peak
+            .fetch_max(decoding as u64, Ordering::Relaxed);
     }
 
     pub fn observe_generation(&self, seconds: f64) {
@@ -147,16 +158,28 @@ impl Metrics {
                 self.cancelled.load(Ordering::Relaxed) as f64,
             ),
             (
-                "earshot_batches_total",
-                "Decode loops run (each answers one or more requests).",
+                "earshot_joins_total",
+                "Times new requests joined the running decode loop (continuous batching).",
                 "counter",
-                self.batches.load(Ordering::Relaxed) as f64,
+                self.joins.load(Ordering::Relaxed) as f64,
             ),
             (
-                "earshot_batched_requests_total",
-                "Requests answered by those decode loops (over batches: the mean batch size).",
+                "earshot_joined_requests_total",
+                "Requests that joined it (over joins: how many came together).",
                 "counter",
-                self.batched_requests.load(Ordering::Relaxed) as f64,
+                self.joined_requests.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "earshot_decoding_requests",
+                "Requests decoding together now (the batch size).",
+                "gauge",
+                self.decoding.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "earshot_decoding_requests_peak",
+                "The most requests decoding together so far.",
+                "gauge",
+                self.decoding_peak.load(Ordering::Relaxed) as f64,
             ),
             (
                 "earshot_completion_tokens_total",

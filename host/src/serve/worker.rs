@@ -1,7 +1,7 @@
 //! The one thread that owns the models: it takes checked requests from a bounded queue and
-//! answers them through [`Captioner`] (the same path as `earshot caption`), requests waiting
-//! together with the same decoding settings in one decode loop, sending each answer, or its
-//! growing text when streamed, back to its handler.
+//! answers them through [`Captioner`] (the same path as `earshot caption`) with continuous
+//! batching: a request joins the running decode loop at the next step and leaves it when
+//! done, its answer, or its growing text when streamed, sent back to its handler.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,7 +12,8 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::api::{cut_at_stops, ApiError, ChatJob, FinishReason, StreamText, Usage};
 use super::metrics::Metrics;
 use crate::caption::{
-    CaptionEvent, CaptionItem, CaptionSettings, Captioner, LongAudio, Span, WindowCaption,
+    CaptionError, CaptionEvent, CaptionFeed, CaptionItem, CaptionSettings, Captioner, ItemOutcome,
+    LongAudio, Span,
 };
 use crate::models::llm::Finish;
 use crate::plugins::PostProcessor;
@@ -58,27 +59,7 @@ fn window_label((start, end): Span) -> String {
     format!("[{start:.1}-{end:.1} s] ")
 }
 
-/// Requests whose decoding settings match can share a decode loop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct BatchKey {
-    max_tokens: usize,
-    temperature: u32,
-    top_p: Option<u32>,
-    seed: u64,
-}
-
-fn batch_key(chat: &ChatJob) -> BatchKey {
-    let greedy = chat.temperature == 0.0;
-    BatchKey {
-        max_tokens: chat.max_tokens,
-        temperature: chat.temperature.to_bits(),
-        // Greedy decoding reads neither top_p nor the seed.
-        top_p: chat.top_p.filter(|_| !greedy).map(f32::to_bits),
-        seed: if greedy { 0 } else { chat.seed },
-    }
-}
-
-/// One request's streamed text while its batch decodes.
+/// One request's streamed text while it decodes.
 #[derive(Default)]
 struct ItemStream {
     stream: StreamText,
@@ -86,224 +67,239 @@ struct ItemStream {
     label: String,
 }
 
+/// A request the worker took: what it needs to answer it.
+struct InFlight {
+    chat: ChatJob,
+    metadata: Vec<(String, String)>,
+    events: UnboundedSender<WorkerEvent>,
+    cancelled: Arc<AtomicBool>,
+    stream: ItemStream,
+    started: Instant,
+}
+
+/// The queue as the captioner's feed: requests taken as room frees, their progress streamed
+/// to their handlers and their answers sent.
+struct Feed<'a> {
+    jobs: &'a std::sync::mpsc::Receiver<WorkerJob>,
+    in_flight: std::collections::HashMap<usize, InFlight>,
+    next_id: usize,
+    stream_post: &'a mut Option<PostProcessor>,
+    metrics: &'a Metrics,
+}
+
 impl Worker {
-    /// Answers jobs until every sender is gone. Jobs waiting together with the same decoding
-    /// settings (greedy ones always match) are answered together, up to `max_batch`, in one
-    /// decode loop; the others wait for the next round, in arrival order.
+    /// Answers jobs until every sender is gone, up to `max_batch` captions decoding together:
+    /// a job that arrives while others decode joins their decode loop at the next step
+    /// (continuous batching), whatever its sampling settings, and leaves it when done.
     pub fn run(mut self, jobs: std::sync::mpsc::Receiver<WorkerJob>, max_batch: usize) {
-        let mut pending: std::collections::VecDeque<WorkerJob> = Default::default();
+        let mut feed = Feed {
+            jobs: &jobs,
+            in_flight: Default::default(),
+            next_id: 0,
+            stream_post: &mut self.stream_post,
+            metrics: &self.metrics,
+        };
         loop {
-            if pending.is_empty() {
-                match jobs.recv() {
-                    Ok(job) => pending.push_back(job),
-                    Err(_) => return,
-                }
-            }
-            while let Ok(job) = jobs.try_recv() {
-                pending.push_back(job);
-            }
-            let key = batch_key(&pending[0].chat);
-            let mut batch = Vec::new();
-            let mut rest = std::collections::VecDeque::new();
-            for job in pending.drain(..) {
-                if batch.len() < max_batch.max(1) && batch_key(&job.chat) == key {
-                    batch.push(job);
-                } else {
-                    rest.push_back(job);
-                }
-            }
-            pending = rest;
-            self.metrics
-                .queued
-                .fetch_sub(batch.len() as u64, Ordering::Relaxed);
-            batch.retain(|job| !job.cancelled.load(Ordering::Relaxed) && !job.events.is_closed());
-            if batch.is_empty() {
-                continue;
-            }
-            self.metrics.busy.store(1, Ordering::Relaxed);
-            self.metrics.observe_batch(batch.len());
-            let started = Instant::now();
-            let senders: Vec<_> = batch.iter().map(|j| j.events.clone()).collect();
-            let answers =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.answer_batch(batch)));
-            let answers = match answers {
-                Ok(a) => a,
-                Err(_) => (0..senders.len())
-                    .map(|_| {
-                        WorkerEvent::Failed(ApiError::status(
-                            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                            "server_error",
-                            "the model failed on this request (a bug: please report it)",
-                        ))
-                    })
-                    .collect(),
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.captioner.caption_continuously(max_batch, &mut feed)
+            }));
+            let failure = match run {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => format!("captioning failed: {e:#}"),
+                Err(_) => "the model failed on this request (a bug: please report it)".into(),
             };
-            let seconds = started.elapsed().as_secs_f64();
-            for (event, events) in answers.into_iter().zip(senders) {
-                if let WorkerEvent::Done { usage, .. } = &event {
-                    self.metrics
-                        .completion_tokens
-                        .fetch_add(usage.completion_tokens as u64, Ordering::Relaxed);
-                    self.metrics.observe_generation(seconds);
-                }
-                let _ = events.send(event);
+            // Whatever was in flight fails; the worker takes the next jobs afresh.
+            let e = ApiError::status(
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                failure,
+            );
+            for (_, job) in feed.in_flight.drain() {
+                let _ = job.events.send(WorkerEvent::Failed(e.clone()));
             }
             self.metrics.busy.store(0, Ordering::Relaxed);
         }
     }
+}
 
-    /// Answers jobs that share their decoding settings, in one decode loop: one event each.
-    fn answer_batch(&mut self, jobs: Vec<WorkerJob>) -> Vec<WorkerEvent> {
-        let first = &jobs[0].chat;
+impl Feed<'_> {
+    /// A job as a caption item with its settings; None for a job whose client is gone.
+    fn admit(&mut self, job: WorkerJob) -> Option<(usize, CaptionItem, CaptionSettings)> {
+        self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
+        if job.cancelled.load(Ordering::Relaxed) || job.events.is_closed() {
+            return None;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
         let settings = CaptionSettings {
-            max_tokens: first.max_tokens,
-            batch_size: jobs.len(),
+            max_tokens: job.chat.max_tokens,
+            batch_size: 1,
             sampling: SamplingParams {
-                temperature: first.temperature,
+                temperature: job.chat.temperature,
                 top_k: None,
-                top_p: first.top_p,
-                seed: first.seed,
+                top_p: job.chat.top_p,
+                seed: job.chat.seed,
             },
             long_audio: LongAudio::PerWindow,
         };
         let mut metadata = Vec::new();
-        let mut items = Vec::new();
-        let mut chats = Vec::new();
-        let mut senders = Vec::new();
-        let mut cancel_flags = Vec::new();
-        for (k, job) in jobs.into_iter().enumerate() {
-            let mut meta = Vec::new();
-            if let Some(text) = &job.chat.text {
-                // The first-party templates take per-example `instruction` as the question.
-                meta.push(("instruction".to_string(), text.clone()));
-            }
-            items.push(CaptionItem::samples(
-                &format!("request {k}"),
-                job.samples,
-                meta.clone(),
-            ));
-            metadata.push(meta);
-            senders.push(job.events);
-            cancel_flags.push(job.cancelled);
-            chats.push(job.chat);
+        if let Some(text) = &job.chat.text {
+            // The first-party templates take per-example `instruction` as the question.
+            metadata.push(("instruction".to_string(), text.clone()));
         }
-        let mut streams: Vec<ItemStream> =
-            (0..items.len()).map(|_| ItemStream::default()).collect();
-        // A request whose client went away (its handler or stream dropped) stops decoding
-        // at the next step; the rest of the batch goes on.
-        let gone: Vec<_> = cancel_flags.clone();
-        let cancelled = |item: usize| gone[item].load(Ordering::Relaxed);
-        let post = &mut self.stream_post;
-        let results =
-            self.captioner
-                .caption_streaming_batched(
-                    &items,
-                    &settings,
-                    &cancelled,
-                    &mut |event| match event {
-                        CaptionEvent::Started {
-                            item,
-                            span,
-                            windows,
-                        } => {
-                            streams[item].label = span
-                                .filter(|_| windows > 1)
-                                .map(window_label)
-                                .unwrap_or_default();
-                        }
-                        CaptionEvent::Partial { item, text } => {
-                            if !chats[item].stream {
-                                return;
-                            }
-                            // What the answer would be if it ended here, cut to whole words when a
-                            // post-processor may still change the last one.
-                            let shown = match post.as_mut() {
-                                Some(p) => match p.process(text, &[], &metadata[item]) {
-                                    Ok(t) => match t.rfind(char::is_whitespace) {
-                                        Some(at) => t[..at].to_string(),
-                                        None => String::new(),
-                                    },
-                                    Err(_) => return,
-                                },
-                                None => text.to_string(),
-                            };
-                            let s = &mut streams[item];
-                            let mut so_far = s.done_lines.join("\n");
-                            if !so_far.is_empty() {
-                                so_far.push('\n');
-                            }
-                            so_far.push_str(&s.label);
-                            so_far.push_str(&shown);
-                            let hold = chats[item]
-                                .stop
-                                .iter()
-                                .map(|x| x.chars().count())
-                                .max()
-                                .unwrap_or(0);
-                            if let Some(d) = s.stream.grow(&so_far, hold) {
-                                let _ = senders[item].send(WorkerEvent::Delta(d));
-                            }
-                        }
-                        CaptionEvent::Finished { item, result } => {
-                            if let Ok(c) = result {
-                                let s = &mut streams[item];
-                                let line = format!("{}{}", s.label, c.text);
-                                s.done_lines.push(line);
-                            }
-                        }
-                    },
-                );
-        let results = match results {
-            Ok(r) => r,
-            Err(e) => {
-                let e = ApiError::status(
-                    axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                    "server_error",
-                    format!("captioning failed: {e:#}"),
-                );
-                return chats
-                    .iter()
-                    .map(|_| WorkerEvent::Failed(e.clone()))
-                    .collect();
-            }
+        let item = CaptionItem::samples(&format!("request {id}"), job.samples, metadata.clone());
+        self.in_flight.insert(
+            id,
+            InFlight {
+                chat: job.chat,
+                metadata,
+                events: job.events,
+                cancelled: job.cancelled,
+                stream: ItemStream::default(),
+                started: Instant::now(),
+            },
+        );
+        Some((id, item, settings))
+    }
+
+    /// A streamed request's growing text: what the answer would be if it ended here (cut to
+    /// whole words when a post-processor may still change the last one), sent as a delta.
+    fn partial(&mut self, id: usize, text: &str) {
+        let Some(job) = self.in_flight.get_mut(&id) else {
+            return;
         };
-        let cancelled_here = results
+        if !job.chat.stream {
+            return;
+        }
+        let shown = match self.stream_post.as_mut() {
+            Some(p) => match p.process(text, &[], &job.metadata) {
+                Ok(t) => match t.rfind(char::is_whitespace) {
+                    Some(at) => t[..at].to_string(),
+                    None => String::new(),
+                },
+                Err(_) => return,
+            },
+            None => text.to_string(),
+        };
+        let s = &mut job.stream;
+        let mut so_far = s.done_lines.join("\n");
+        if !so_far.is_empty() {
+            so_far.push('\n');
+        }
+        so_far.push_str(&s.label);
+        so_far.push_str(&shown);
+        let hold = job
+            .chat
+            .stop
             .iter()
-            .filter(|r| {
-                r.as_ref()
-                    .is_ok_and(|c| c.iter().any(|w| w.finish == Finish::Cancelled))
-            })
-            .count();
-        self.metrics
-            .cancelled
-            .fetch_add(cancelled_here as u64, Ordering::Relaxed);
-        results
-            .into_iter()
-            .zip(chats)
-            .zip(streams)
-            .zip(senders)
-            .map(|(((result, chat), mut stream), events)| {
-                finish_one(result, &chat, &mut stream.stream, &events)
-                    .unwrap_or_else(WorkerEvent::Failed)
-            })
-            .collect()
+            .map(|x| x.chars().count())
+            .max()
+            .unwrap_or(0);
+        if let Some(d) = s.stream.grow(&so_far, hold) {
+            let _ = job.events.send(WorkerEvent::Delta(d));
+        }
+    }
+}
+
+impl CaptionFeed for Feed<'_> {
+    fn take(
+        &mut self,
+        room: usize,
+        wait: bool,
+    ) -> Option<Vec<(usize, CaptionItem, CaptionSettings)>> {
+        let mut taken = Vec::new();
+        if wait {
+            self.metrics.busy.store(0, Ordering::Relaxed);
+            // Blocks until a job comes; every sender gone ends the worker.
+            let job = self.jobs.recv().ok()?;
+            taken.extend(self.admit(job));
+        }
+        while taken.len() < room {
+            match self.jobs.try_recv() {
+                Ok(job) => taken.extend(self.admit(job)),
+                Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                // Every sender gone: no job will come again.
+                Err(std::sync::mpsc::TryRecvError::Disconnected) if taken.is_empty() => {
+                    return None
+                }
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
+            }
+        }
+        if !taken.is_empty() {
+            self.metrics.busy.store(1, Ordering::Relaxed);
+            self.metrics.observe_join(taken.len(), self.in_flight.len());
+        }
+        Some(taken)
+    }
+
+    fn cancelled(&self, id: usize) -> bool {
+        self.in_flight
+            .get(&id)
+            .is_none_or(|j| j.cancelled.load(Ordering::Relaxed) || j.events.is_closed())
+    }
+
+    fn event(&mut self, event: CaptionEvent) {
+        match event {
+            CaptionEvent::Started {
+                item,
+                span,
+                windows,
+            } => {
+                if let Some(job) = self.in_flight.get_mut(&item) {
+                    job.stream.label = span
+                        .filter(|_| windows > 1)
+                        .map(window_label)
+                        .unwrap_or_default();
+                }
+            }
+            CaptionEvent::Partial { item, text } => self.partial(item, text),
+            CaptionEvent::Finished { item, result } => {
+                if let (Some(job), Ok(c)) = (self.in_flight.get_mut(&item), result) {
+                    let line = format!("{}{}", job.stream.label, c.text);
+                    job.stream.done_lines.push(line);
+                }
+            }
+        }
+    }
+
+    fn done(&mut self, id: usize, outcome: ItemOutcome) {
+        let Some(mut job) = self.in_flight.remove(&id) else {
+            return;
+        };
+        self.metrics.observe_decoding(self.in_flight.len());
+        if outcome
+            .as_ref()
+            .is_ok_and(|c| c.iter().any(|w| w.finish == Finish::Cancelled))
+        {
+            self.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+        }
+        let event = finish_one(outcome, &job.chat, &mut job.stream.stream, &job.events)
+            .unwrap_or_else(WorkerEvent::Failed);
+        if let WorkerEvent::Done { usage, .. } = &event {
+            self.metrics
+                .completion_tokens
+                .fetch_add(usage.completion_tokens as u64, Ordering::Relaxed);
+            self.metrics
+                .observe_generation(job.started.elapsed().as_secs_f64());
+        }
+        let _ = job.events.send(event);
     }
 }
 
 /// One request's answer from its captions: window lines joined, cut at its stop strings,
 /// its finish reason and usage; a streamed answer's last delta sent.
 fn finish_one(
-    result: std::result::Result<Vec<WindowCaption>, String>,
+    result: ItemOutcome,
     chat: &ChatJob,
     stream: &mut StreamText,
     events: &UnboundedSender<WorkerEvent>,
 ) -> Result<WorkerEvent, ApiError> {
     let captions = match result {
         Ok(c) => c,
-        Err(msg) if msg.contains("exceed the LLM's context") => {
+        Err(e @ CaptionError::BeyondContext { .. }) => {
             return Err(ApiError::invalid(
                 "max_tokens",
-                format!("the audio and max_tokens do not fit the model: {msg}"),
+                format!("the audio and max_tokens do not fit the model: {e}"),
             ))
         }
         Err(msg) => {

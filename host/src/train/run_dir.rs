@@ -82,12 +82,14 @@ impl RunDir {
         truncate_jsonl(&self.path.join("eval.jsonl"), step)
     }
 
-    /// The settings this run trains with, for `earshot compare` and for the record.
+    /// The settings this run trains with, for `earshot compare`, `earshot serve RUN_DIR`
+    /// and for the record; its paths absolute, so that it reads the same from anywhere.
     pub fn write_config(&self, config: &RunConfig) -> Result<()> {
-        let text = toml::to_string(config).map_err(|e| TrainError::Records {
-            path: self.path.join("config.toml"),
-            reason: e.to_string(),
-        })?;
+        let text =
+            toml::to_string(&config.with_absolute_paths()).map_err(|e| TrainError::Records {
+                path: self.path.join("config.toml"),
+                reason: e.to_string(),
+            })?;
         write_atomic(&self.path.join("config.toml"), text)
     }
 

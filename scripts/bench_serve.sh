@@ -23,7 +23,8 @@ while [ $# -gt 0 ]; do
   shift
 done
 "$root/scripts/setup.sh" >&2
-earshot=$root/target/release/earshot
+# EARSHOT_BIN: another build to measure (e.g. an older commit's), with this checkout's runs.
+earshot=${EARSHOT_BIN:-$root/target/release/earshot}
 if [ -z "$checkpoint" ]; then
   run=runs/cpu-smollm2-transcribe-en
   [ "$config" = configs/cpu-smollm2-transcribe-en.toml ] || { echo "bench_serve.sh: give --checkpoint with --config" >&2; exit 2; }
@@ -46,7 +47,7 @@ server=$!
 for _ in $(seq 1 120); do [ -s "$work/serve.out" ] && break; sleep 0.5; done
 addr=$(sed -n 's/^listening on //p' "$work/serve.out")
 [ -n "$addr" ] || { cat "$work/serve.err" >&2; exit 1; }
-echo "commit $(git rev-parse --short HEAD), $(date -u +%Y-%m-%d), $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores; $config, $requests requests per row over $(wc -l < "$work/clips.txt") clips"
+echo "commit $(git rev-parse --short HEAD)${EARSHOT_BIN:+ (binary $EARSHOT_BIN)}, $(date -u +%Y-%m-%d), $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores; $config, $requests requests per row over $(wc -l < "$work/clips.txt") clips"
 python3 - "$addr" "$work/clips.txt" "$requests" "$earshot" "$config" "$checkpoint" <<'PY'
 import base64, json, statistics, subprocess, sys, threading, time, urllib.request
 addr, clip_list, n, earshot, config, checkpoint = sys.argv[1], sys.argv[2], int(sys.argv[3]), *sys.argv[4:]

@@ -8,7 +8,7 @@ use symphonia::core::audio::{AudioBufferRef, SampleBuffer};
 use symphonia::core::codecs::{self, CodecType, DecoderOptions, CODEC_TYPE_NULL};
 use symphonia::core::errors::Error as SymError;
 use symphonia::core::formats::{FormatOptions, FormatReader, Packet, SeekMode, SeekTo};
-use symphonia::core::io::MediaSourceStream;
+use symphonia::core::io::{MediaSource, MediaSourceStream};
 use symphonia::core::meta::MetadataOptions;
 use symphonia::core::probe::Hint;
 use symphonia::core::units::{Time, TimeBase};
@@ -46,7 +46,7 @@ struct Opened {
 /// Reads the headers of `path`.
 pub fn probe(path: &Path) -> Result<AudioInfo, AudioError> {
     let file = open_path(path)?;
-    contain_panics(path, || open(file, path).map(|o| o.info))
+    contain_panics(path, || open(file.into(), path).map(|o| o.info))
 }
 
 /// Opens `path` for decoding, refusing folders, FIFOs and devices (a FIFO would wait for a
@@ -118,27 +118,37 @@ fn check_wav_header(head: &[u8], path: &Path) -> Result<(), AudioError> {
     Ok(())
 }
 
-fn open(mut file: File, path: &Path) -> Result<Opened, AudioError> {
+fn open(source: Encoded, path: &Path) -> Result<Opened, AudioError> {
     let p = || path.to_path_buf();
-    let meta = file
-        .metadata()
-        .map_err(|cause| AudioError::Open { path: p(), cause })?;
-    if meta.is_dir() {
-        return Err(AudioError::IsDirectory { path: p() });
-    }
-    if meta.len() == 0 {
-        return Err(AudioError::EmptyFile { path: p() });
-    }
+    let mut source: Box<dyn MediaSource> = match source {
+        Encoded::File(file) => {
+            let meta = file
+                .metadata()
+                .map_err(|cause| AudioError::Open { path: p(), cause })?;
+            if meta.is_dir() {
+                return Err(AudioError::IsDirectory { path: p() });
+            }
+            if meta.len() == 0 {
+                return Err(AudioError::EmptyFile { path: p() });
+            }
+            Box::new(file)
+        }
+        Encoded::Bytes(bytes) if bytes.is_empty() => {
+            return Err(AudioError::EmptyFile { path: p() })
+        }
+        Encoded::Bytes(bytes) => Box::new(std::io::Cursor::new(bytes)),
+    };
     // One read of the head serves the container sniff and the WAV header check.
     let mut head = [0u8; 512];
-    let n =
-        read_up_to(&mut file, &mut head).map_err(|cause| AudioError::Open { path: p(), cause })?;
+    let n = read_up_to(&mut source, &mut head)
+        .map_err(|cause| AudioError::Open { path: p(), cause })?;
     let container = sniff_container(&head[..n.min(12)]);
     check_wav_header(&head[..n], path)?;
-    file.seek(SeekFrom::Start(0))
+    source
+        .seek(SeekFrom::Start(0))
         .map_err(|cause| AudioError::Open { path: p(), cause })?;
 
-    let mss = MediaSourceStream::new(Box::new(file), Default::default());
+    let mss = MediaSourceStream::new(source, Default::default());
     let mut hint = Hint::new();
     if let Some(ext) = path.extension().and_then(|e| e.to_str()) {
         hint.with_extension(ext);
@@ -219,11 +229,30 @@ pub fn decode_mono(path: &Path, segment: Segment) -> Result<DecodedAudio, AudioE
     decode_file_mono(open_path(path)?, path, segment, None)
 }
 
-/// Decodes an opened `file` (named `path` in errors), or `segment` of it, to mono float32 at
-/// its sample rate. With `max_s`, audio longer than that many seconds (after the segment)
-/// is an error, found without decoding more than the limit.
+/// Encoded audio to decode: an opened file, or bytes in memory (an upload, a dataset's
+/// inline audio), read in place rather than staged in a temporary file.
+pub enum Encoded {
+    File(File),
+    Bytes(Vec<u8>),
+}
+
+impl From<File> for Encoded {
+    fn from(file: File) -> Self {
+        Self::File(file)
+    }
+}
+
+impl From<Vec<u8>> for Encoded {
+    fn from(bytes: Vec<u8>) -> Self {
+        Self::Bytes(bytes)
+    }
+}
+
+/// Decodes an opened `file` or bytes (named `path` in errors), or `segment` of it, to mono
+/// float32 at its sample rate. With `max_s`, audio longer than that many seconds (after the
+/// segment) is an error, found without decoding more than the limit.
 pub fn decode_file_mono(
-    file: File,
+    file: impl Into<Encoded>,
     path: &Path,
     segment: Segment,
     max_s: Option<f64>,
@@ -231,7 +260,7 @@ pub fn decode_file_mono(
     segment.validate(path)?;
     contain_panics(path, || {
         let mut sink = Collect { out: Vec::new() };
-        let (info, channels) = decode_into(file, path, segment, max_s, &mut sink)?;
+        let (info, channels) = decode_into(file.into(), path, segment, max_s, &mut sink)?;
         Ok(DecodedAudio {
             samples: sink.out,
             sample_rate: info.sample_rate,
@@ -250,7 +279,7 @@ pub fn count_decoded_frames(path: &Path) -> Result<(u64, usize), AudioError> {
             bad: 0,
             first_bad: 0,
         };
-        let (_, channels) = decode_into(file, path, Segment::whole(), None, &mut sink)?;
+        let (_, channels) = decode_into(file.into(), path, Segment::whole(), None, &mut sink)?;
         Ok((sink.frames, channels))
     })
 }
@@ -505,7 +534,7 @@ fn check_decoded(
 /// The decode loop: frames of `segment` of `file` into `sink`; returns the header and the
 /// channel count seen.
 fn decode_into(
-    file: File,
+    file: Encoded,
     path: &Path,
     segment: Segment,
     max_s: Option<f64>,
@@ -614,7 +643,7 @@ fn append_mono(out: &mut Vec<f32>, interleaved: &[f32], channels: usize) {
     );
 }
 
-fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+fn read_up_to(file: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match file.read(&mut buf[n..])? {

@@ -7,7 +7,7 @@ mod error;
 mod resample;
 
 pub use decode::{
-    count_decoded_frames, decode_file_mono, decode_mono, probe, AudioInfo, DecodedAudio,
+    count_decoded_frames, decode_file_mono, decode_mono, probe, AudioInfo, DecodedAudio, Encoded,
 };
 pub use error::AudioError;
 pub use resample::{resample_mono, resampled_len, MAX_INPUT_RATE};

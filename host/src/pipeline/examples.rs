@@ -1,7 +1,6 @@
 //! Examples from a dataset adapter: the dataset opened with its split checks and warnings,
 //! and each example's audio (a path beneath the dataset root, or inline bytes) decoded.
 
-use std::io::Write;
 use std::path::{Component, Path, PathBuf};
 
 use super::error::{io, PipelineError, Result};
@@ -95,18 +94,17 @@ pub fn load_example_audio(
     segment: Segment,
     max_audio_s: f64,
 ) -> Result<Vec<f32>> {
-    let (file, shown) = match &ex.audio {
-        AudioSource::Path(rel) => open_beneath(root, rel)?,
-        AudioSource::Inline(bytes) => {
-            let shown = PathBuf::from(format!("example {}: inline audio", ex.id));
-            let mut tmp = tempfile::tempfile().map_err(io(&shown, "cannot stage"))?;
-            tmp.write_all(bytes)
-                .and_then(|()| std::io::Seek::rewind(&mut tmp))
-                .map_err(io(&shown, "cannot stage"))?;
-            (tmp, shown)
+    let (encoded, shown): (audio::Encoded, PathBuf) = match &ex.audio {
+        AudioSource::Path(rel) => {
+            let (file, shown) = open_beneath(root, rel)?;
+            (file.into(), shown)
         }
+        AudioSource::Inline(bytes) => (
+            bytes.clone().into(),
+            PathBuf::from(format!("example {}: inline audio", ex.id)),
+        ),
     };
-    let decoded = audio::decode_file_mono(file, &shown, segment, Some(max_audio_s))?;
+    let decoded = audio::decode_file_mono(encoded, &shown, segment, Some(max_audio_s))?;
     Ok(audio::to_16k(&shown, decoded)?)
 }
 

@@ -189,25 +189,68 @@ pub fn parse_chat(body: &[u8], limits: &Limits, model: &str) -> Result<ChatJob, 
     let obj = v
         .as_object()
         .ok_or_else(|| ApiError::invalid("body", "the body must be a JSON object"))?;
-    if let Some(m) = obj.get("model") {
-        let m = m
-            .as_str()
-            .ok_or_else(|| ApiError::invalid("model", "model must be a string"))?;
-        if m != model {
-            return Err(ApiError {
-                status: StatusCode::NOT_FOUND,
-                message: format!(
-                    "the model '{}' does not exist; this server serves '{model}'",
-                    excerpt(m, 80)
-                ),
-                kind: "invalid_request_error",
-                param: Some("model".into()),
-                code: Some("model_not_found"),
-                retry_after: None,
-            });
-        }
+    check_model(obj, model)?;
+    refuse_unsupported(obj)?;
+    let max_tokens = match (obj.get("max_completion_tokens"), obj.get("max_tokens")) {
+        (Some(v), _) if !v.is_null() => count(v, "max_completion_tokens", limits.max_tokens)?,
+        (_, Some(v)) if !v.is_null() => count(v, "max_tokens", limits.max_tokens)?,
+        _ => limits.max_tokens,
+    };
+    let (temperature, top_p, seed) = sampling(obj)?;
+    let stop = stop_strings(obj)?;
+    let stream = match obj.get("stream").filter(|s| !s.is_null()) {
+        None => false,
+        Some(s) => s
+            .as_bool()
+            .ok_or_else(|| ApiError::invalid("stream", "stream must be true or false"))?,
+    };
+    let include_usage = obj
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let (text, audio) = parse_messages(obj.get("messages"), limits)?;
+    Ok(ChatJob {
+        text,
+        audio,
+        max_tokens,
+        temperature,
+        top_p,
+        seed,
+        stop,
+        stream,
+        include_usage,
+    })
+}
+
+type Object = serde_json::Map<String, Value>;
+
+/// A request naming another model than the one served is a 404, as OpenAI answers it.
+fn check_model(obj: &Object, model: &str) -> Result<(), ApiError> {
+    let Some(m) = obj.get("model") else {
+        return Ok(());
+    };
+    let m = m
+        .as_str()
+        .ok_or_else(|| ApiError::invalid("model", "model must be a string"))?;
+    if m == model {
+        return Ok(());
     }
-    // Options that change what is asked and cannot be honoured are refused, not ignored.
+    Err(ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: format!(
+            "the model '{}' does not exist; this server serves '{model}'",
+            excerpt(m, 80)
+        ),
+        kind: "invalid_request_error",
+        param: Some("model".into()),
+        code: Some("model_not_found"),
+        retry_after: None,
+    })
+}
+
+/// Options that change what is asked and cannot be honoured are refused, not ignored.
+fn refuse_unsupported(obj: &Object) -> Result<(), ApiError> {
     match obj.get("n") {
         None | Some(Value::Null) => {}
         Some(n) if n.as_u64() == Some(1) => {}
@@ -229,11 +272,11 @@ pub fn parse_chat(body: &[u8], limits: &Limits, model: &str) -> Result<ChatJob, 
             ));
         }
     }
-    let max_tokens = match (obj.get("max_completion_tokens"), obj.get("max_tokens")) {
-        (Some(v), _) if !v.is_null() => count(v, "max_completion_tokens", limits.max_tokens)?,
-        (_, Some(v)) if !v.is_null() => count(v, "max_tokens", limits.max_tokens)?,
-        _ => limits.max_tokens,
-    };
+    Ok(())
+}
+
+/// `temperature` (default 0: greedy), `top_p` (1: none) and `seed` (default 0).
+fn sampling(obj: &Object) -> Result<(f32, Option<f32>, u64), ApiError> {
     let temperature = match obj.get("temperature").filter(|t| !t.is_null()) {
         None => 0.0,
         Some(t) => {
@@ -263,7 +306,12 @@ pub fn parse_chat(body: &[u8], limits: &Limits, model: &str) -> Result<ChatJob, 
             .map(|s| s as u64)
             .ok_or_else(|| ApiError::invalid("seed", "seed must be an integer"))?,
     };
-    let stop = match obj.get("stop").filter(|s| !s.is_null()) {
+    Ok((temperature, top_p, seed))
+}
+
+/// `stop`: a string or a list of them, bounded in number and length.
+fn stop_strings(obj: &Object) -> Result<Vec<String>, ApiError> {
+    let stop: Vec<String> = match obj.get("stop").filter(|s| !s.is_null()) {
         None => Vec::new(),
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(items)) => items
@@ -291,29 +339,7 @@ pub fn parse_chat(body: &[u8], limits: &Limits, model: &str) -> Result<ChatJob, 
             format!("stop: at most {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters"),
         ));
     }
-    let stream = match obj.get("stream").filter(|s| !s.is_null()) {
-        None => false,
-        Some(s) => s
-            .as_bool()
-            .ok_or_else(|| ApiError::invalid("stream", "stream must be true or false"))?,
-    };
-    let include_usage = obj
-        .get("stream_options")
-        .and_then(|o| o.get("include_usage"))
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    let (text, audio) = parse_messages(obj.get("messages"), limits)?;
-    Ok(ChatJob {
-        text,
-        audio,
-        max_tokens,
-        temperature,
-        top_p,
-        seed,
-        stop,
-        stream,
-        include_usage,
-    })
+    Ok(stop)
 }
 
 /// A token count in 1..=cap.

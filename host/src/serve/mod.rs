@@ -341,24 +341,8 @@ fn decode_audio(job: &ChatJob, max_s: f64) -> Result<Vec<f32>, ApiError> {
     for part in &job.audio {
         let left = max_s - all.len() as f64 / crate::audio::SAMPLE_RATE as f64;
         let shown = PathBuf::from(format!("{} ({})", part.param, part.format));
-        let mut file = tempfile::tempfile().map_err(|e| {
-            ApiError::status(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                format!("cannot stage the audio: {e}"),
-            )
-        })?;
-        file.write_all(&part.bytes)
-            .and_then(|()| std::io::Seek::rewind(&mut file))
-            .map_err(|e| {
-                ApiError::status(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "server_error",
-                    format!("cannot stage the audio: {e}"),
-                )
-            })?;
         let decoded = crate::audio::decode_file_mono(
-            file,
+            part.bytes.clone(),
             &shown,
             crate::audio::Segment::whole(),
             Some(left.max(0.0)),

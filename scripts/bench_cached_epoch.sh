@@ -9,7 +9,9 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 models=${EARSHOT_HOME:-$HOME/.cache/earshot}/models
 export RAYON_NUM_THREADS=2
-cargo build --release --quiet -p earshot
+# The features set-up builds with, so the binary stays the one the suite runs.
+source scripts/features.sh
+cargo build --release --quiet -p earshot "${earshot_features[@]}"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 mkdir -p "$tmp/home"

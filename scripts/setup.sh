@@ -11,8 +11,9 @@
 #      with their transcripts (asterisk-core-sounds-en[-wav], CC-BY-SA-3.0), fetched with `apt-get download` (no
 #      root needed once the package lists exist) into $EARSHOT_HOME/data, the .deb and the
 #      extracted files checked against scripts/data.sha256;
-#   4. a release build of the workspace and of the first-party plugins
-#      (plugins/target/wasm32-wasip2/release/*.wasm).
+#   4. a release build of the workspace (with MPI for data-parallel training: Open MPI and
+#      libclang installed by apt-get when run as root; scripts/features.sh) and of the
+#      first-party plugins (plugins/target/wasm32-wasip2/release/*.wasm).
 # Options: --models-only (skip 1, 3 and 4).
 set -euo pipefail
 
@@ -180,8 +181,20 @@ if [ "$models_only" = 0 ]; then
 fi
 
 if [ "$models_only" = 0 ]; then
-  log "building (release)"
-  (cd "$root" && cargo build --release --workspace --quiet)
+  # Open MPI and libclang (for the `mpi` crate's bindings) for data-parallel training.
+  if ! command -v mpicc >/dev/null 2>&1 || ! ls /usr/lib/llvm-*/lib/libclang*.so >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+      log "installing Open MPI and libclang (apt-get) for data-parallel training"
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        openmpi-bin libopenmpi-dev libclang-dev >&2
+    else
+      log "Open MPI or libclang missing and not root: building without MPI (one process per run)"
+    fi
+  fi
+  # shellcheck source=scripts/features.sh
+  source "$root/scripts/features.sh"
+  log "building (release${earshot_features[*]:+, ${earshot_features[*]}})"
+  (cd "$root" && cargo build --release --workspace --quiet "${earshot_features[@]}")
   log "building the first-party plugins (wasm32-wasip2)"
   (cd "$root" && cargo build --release --quiet --target wasm32-wasip2 --manifest-path plugins/Cargo.toml)
 

@@ -49,6 +49,7 @@ fn an_epoch_served_from_the_encoder_cache_computes_no_mel_and_runs_no_encoder() 
     // One epoch (8 examples, batch 4) on the cached outputs.
     let outcome = train(
         &warm,
+        &earshot::dist::World::single(),
         2,
         Start::Fresh { overwrite: false },
         None,

@@ -8,6 +8,7 @@ pub mod audio;
 pub mod caption;
 pub mod cli;
 pub mod config;
+pub mod dist;
 pub mod eval;
 pub mod files;
 pub mod mel;

@@ -112,6 +112,8 @@ pub struct TrainPrinter {
     log_every: usize,
     steps: usize,
     phase: Option<PhaseProgress>,
+    /// Prints nothing (a rank other than 0 of a data-parallel job).
+    silent: bool,
 }
 
 impl TrainPrinter {
@@ -130,11 +132,26 @@ impl TrainPrinter {
             log_every: log_every.max(1),
             steps,
             phase: None,
+            silent: false,
+        }
+    }
+
+    /// A printer that prints nothing: rank 0 alone reports a data-parallel job.
+    pub fn silent(steps: usize) -> Self {
+        Self {
+            bar: ProgressBar::hidden(),
+            log_every: 1,
+            steps,
+            phase: None,
+            silent: true,
         }
     }
 
     /// A line above the bar (or on stderr when there is no bar).
     pub fn line(&self, text: &str) {
+        if self.silent {
+            return;
+        }
         if self.bar.is_hidden() {
             eprintln!("{text}");
         } else {

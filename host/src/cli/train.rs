@@ -5,6 +5,7 @@ use clap::Args;
 
 use super::printer::TrainPrinter;
 use crate::config::RunConfig;
+use crate::dist::World;
 use crate::train::{train, Session, Start, Stopped};
 
 #[derive(Debug, Args)]
@@ -53,9 +54,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
         .or(args.config_flag.as_ref())
         .ok_or_else(|| anyhow::anyhow!("no run config given (CONFIG or --config)"))?;
     let config = RunConfig::load(path, &args.set)?;
+    // Under mpirun or srun: this rank's place in the data-parallel job.
+    let world = World::from_environment()?;
     let steps = args.max_steps.unwrap_or(config.train.steps);
     let log_every = config.train.log_every.max(1);
-    let mut printer = TrainPrinter::new(steps, log_every);
+    let mut printer = if world.is_root() {
+        TrainPrinter::new(steps, log_every)
+    } else {
+        TrainPrinter::silent(steps)
+    };
     let session = Session::load_reporting(config, &mut |e| printer.event(e));
     let session = match session {
         Ok(s) => s,
@@ -108,11 +115,28 @@ pub fn run(args: TrainArgs) -> Result<()> {
             overwrite: args.overwrite,
         }
     };
-    let result = train(&session, steps, start, Some(interrupted), &mut |e| {
-        printer.event(e)
-    });
+    if world.size() > 1 {
+        printer.line(&format!(
+            "data-parallel over {} ranks: each takes about {} of every batch of {}",
+            world.size(),
+            session.config.train.batch_size.min(session.examples.len()) / world.size(),
+            session.config.train.batch_size.min(session.examples.len())
+        ));
+    }
+    let result = train(
+        &session,
+        &world,
+        steps,
+        start,
+        Some(interrupted),
+        &mut |e| printer.event(e),
+    );
     printer.finish();
     let outcome = result?;
+    if !world.is_root() {
+        // Rank 0 reports the run.
+        return Ok(());
+    }
     let metrics = &outcome.metrics;
     let last = metrics.last().map(|m| m.loss).unwrap_or(f64::NAN);
     let reached = metrics.last().map(|m| m.step).unwrap_or(0);

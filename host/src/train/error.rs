@@ -35,6 +35,11 @@ pub enum TrainError {
     NoUsableExamples { split: String, root: PathBuf },
     #[error("{steps} steps in a row with non-finite loss or gradients; stopping{trace}")]
     NonFinite { steps: usize, trace: String },
+    #[error(
+        "{ranks} ranks but a batch of {batch} example(s) (train.batch-size is the global \
+         batch, split over the ranks): use at most {batch} ranks or a larger batch"
+    )]
+    TooManyRanks { ranks: usize, batch: usize },
     #[error("projector parameter {0} received no gradient")]
     NoGradient(String),
     #[error("{path}: {reason}")]

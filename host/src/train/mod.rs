@@ -22,6 +22,7 @@ use std::sync::Arc;
 use candle_core::Tensor;
 
 use crate::config::{BadExamples, LeakPolicy, RunConfig};
+use crate::dist::World;
 use crate::models::llm::{GgufBlocks, LoadedLlm, PrefixCache};
 use crate::models::nonfinite::NonFiniteTrace;
 use crate::models::projector::Projector;
@@ -486,23 +487,33 @@ pub struct TrainOutcome {
 
 /// Trains the projector up to step `steps`; writes metrics.jsonl, eval.jsonl, plots
 /// (loss.png, update_ratios.png), config.toml, checkpoints and projector.safetensors in the
-/// run directory; returns what the run leaves (see [`TrainOutcome`]).
+/// run directory; returns what the run leaves (see [`TrainOutcome`]). With several ranks
+/// (`world`), every rank runs the same steps on its share of each batch; rank 0 alone
+/// evaluates and writes, and its decisions to stop reach the others.
 pub fn train(
     session: &Session,
+    world: &World,
     steps: usize,
     start: Start,
     interrupted: Option<Arc<AtomicBool>>,
     progress: &mut dyn FnMut(Event),
 ) -> Result<TrainOutcome> {
     let cfg = &session.config.train;
+    let root = world.is_root();
     let run = RunDir::create(&cfg.run_dir)?;
-    let mut trainer = Trainer::new(session, &run, &start)?;
-    run.write_config(&session.config)?;
-    let mut metrics_file = run.append("metrics.jsonl")?;
-    let mut evals = Evaluations {
-        file: run.append("eval.jsonl")?,
-        best: run.best(trainer.state.step),
-        without_improvement: 0,
+    let mut trainer = Trainer::new(session, world, &run, &start)?;
+    let mut records = if root {
+        run.write_config(&session.config)?;
+        Some((
+            run.append("metrics.jsonl")?,
+            Evaluations {
+                file: run.append("eval.jsonl")?,
+                best: run.best(trainer.state.step),
+                without_improvement: 0,
+            },
+        ))
+    } else {
+        None
     };
     let mut all = Vec::new();
     let mut stopped = Stopped::Finished;
@@ -513,27 +524,48 @@ pub fn train(
     while trainer.state.step < steps {
         let m = trainer.step(progress)?;
         let step = m.step;
-        writeln!(metrics_file, "{}", run_dir::json(&m))
-            .map_err(io(&run.path, "cannot write metrics.jsonl"))?;
+        if let Some((metrics_file, _)) = records.as_mut() {
+            writeln!(metrics_file, "{}", run_dir::json(&m))
+                .map_err(io(&run.path, "cannot write metrics.jsonl"))?;
+        }
         progress(Event::Step(&m));
         all.push(m);
         let due = step == steps || (cfg.eval_every > 0 && step % cfg.eval_every == 0);
-        if !session.eval_examples.is_empty() && due {
-            evals.run(&trainer, &run, progress)?;
-            if cfg.early_stop_patience > 0 && evals.without_improvement >= cfg.early_stop_patience {
-                stopped = Stopped::EarlyStop {
-                    evaluations: evals.without_improvement,
-                };
+        if let Some((_, evals)) = records.as_mut().filter(|_| due) {
+            if !session.eval_examples.is_empty() {
+                evals.run(&trainer, &run, progress)?;
+                if cfg.early_stop_patience > 0
+                    && evals.without_improvement >= cfg.early_stop_patience
+                {
+                    stopped = Stopped::EarlyStop {
+                        evaluations: evals.without_improvement,
+                    };
+                }
             }
         }
         if interrupted
             .as_ref()
             .is_some_and(|f| f.load(Ordering::SeqCst))
+            && stopped == Stopped::Finished
         {
             stopped = Stopped::Interrupted;
         }
+        // Rank 0 decides (it alone evaluates) and every rank stops at the same step, or the
+        // others would wait for it forever; rank 0 reports why.
+        if world.size() > 1 {
+            let root_stops = world.root_says(stopped != Stopped::Finished);
+            if !root {
+                stopped = if root_stops {
+                    Stopped::Interrupted
+                } else {
+                    Stopped::Finished
+                };
+            }
+        }
         let stop = stopped != Stopped::Finished;
-        if stop || step == steps || (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0) {
+        let checkpoint =
+            stop || step == steps || (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0);
+        if let Some((metrics_file, _)) = records.as_mut().filter(|_| checkpoint) {
             metrics_file
                 .sync_all()
                 .map_err(io(&run.path, "cannot write metrics.jsonl"))?;
@@ -548,15 +580,17 @@ pub fn train(
             break;
         }
     }
-    run.save_final(
-        &trainer.trained,
-        &session.config.models.llm.display().to_string(),
-    )?;
+    if root {
+        run.save_final(
+            &trainer.trained,
+            &session.config.models.llm.display().to_string(),
+        )?;
+    }
     Ok(TrainOutcome {
         projector: trainer.trained.projector,
         metrics: all,
         stopped,
-        best: evals.best,
+        best: records.and_then(|(_, evals)| evals.best),
     })
 }
 

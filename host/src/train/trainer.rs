@@ -17,6 +17,7 @@ use super::optim::{AdamW, AdamWParams};
 use super::run_dir::RunDir;
 use super::TaskSpan;
 use super::{Event, Prepared, Session, Start, StepMetrics};
+use crate::dist::World;
 use crate::models::nonfinite::NonFiniteTrace;
 use crate::models::projector::Projector;
 use crate::models::trainable::{is_lora_tensor, Trainable};
@@ -27,6 +28,8 @@ use crate::pipeline::TextPieces;
 /// one run.
 pub struct Trainer<'s> {
     session: &'s Session,
+    /// The ranks this step's batches are split over (one without a launcher).
+    world: &'s World,
     pub trained: Trainable,
     pub opt: AdamW,
     pub state: TrainState,
@@ -49,8 +52,23 @@ struct Accumulated {
 impl<'s> Trainer<'s> {
     /// A fresh projector and optimizer, or (resuming) those of the newest checkpoint in
     /// `run`, which must have been trained against the same models, settings and data.
-    pub fn new(session: &'s Session, run: &RunDir, start: &Start) -> Result<Self> {
+    /// With several ranks, each computes its share of every micro-batch and the gradients
+    /// are summed over the ranks before every rank applies the same update; only rank 0
+    /// prepares the run folder.
+    pub fn new(
+        session: &'s Session,
+        world: &'s World,
+        run: &RunDir,
+        start: &Start,
+    ) -> Result<Self> {
         let cfg = &session.config.train;
+        let batch = cfg.batch_size.min(session.examples.len());
+        if world.size() > batch {
+            return Err(TrainError::TooManyRanks {
+                ranks: world.size(),
+                batch,
+            });
+        }
         let projector = Projector::new_mixed(
             &session.config.projector,
             session.manifest.encoder_layer_count(),
@@ -90,6 +108,7 @@ impl<'s> Trainer<'s> {
         };
         let mut trainer = Self {
             session,
+            world,
             trained,
             opt,
             state,
@@ -98,7 +117,8 @@ impl<'s> Trainer<'s> {
         };
         match *start {
             Start::Resume { allow_mismatch } => trainer.resume(run, allow_mismatch)?,
-            Start::Fresh { overwrite } => run.start_fresh(overwrite)?,
+            Start::Fresh { overwrite } if world.is_root() => run.start_fresh(overwrite)?,
+            Start::Fresh { .. } => {}
         }
         Ok(trainer)
     }
@@ -251,22 +271,44 @@ impl<'s> Trainer<'s> {
             if let Some(l) = lora {
                 l.set_dropout_seed(Some(cfg.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ first));
             }
+            // This rank's share of the micro-batch (all of it with one rank).
+            let (size, rank) = (self.world.size(), self.world.rank());
+            let mine = &examples[rank * bs / size..(rank + 1) * bs / size];
+            let world = self.world;
             let result = self
                 .session
-                .batch_loss(&self.trained.projector, &examples, true)
+                .batch_loss(&self.trained.projector, mine, true)
                 .and_then(|(out, pieces, audio)| {
-                    let g = (&out.loss / micro as f64)?.backward()?;
-                    Ok((out, pieces, audio, g))
+                    if size == 1 {
+                        let g = (&out.loss / micro as f64)?.backward()?;
+                        return Ok((out, pieces, audio, g, 1.0));
+                    }
+                    // The micro-batch's loss is the mean over all ranks' target tokens:
+                    // this rank's mean weighted by its share of them; the gradients are
+                    // summed over the ranks after the last micro-batch.
+                    let mut tokens = [out.target_tokens as f64];
+                    world.sum_f64(&mut tokens);
+                    let share = out.target_tokens as f64 / tokens[0];
+                    let g = (&out.loss * (share / micro as f64))?.backward()?;
+                    Ok((out, pieces, audio, g, share))
                 });
             if let Some(l) = lora {
                 l.set_dropout_seed(None);
             }
-            let (out, pieces, audio, g) = result?;
-            let share = |v: f64| v / micro as f64;
+            let (out, pieces, audio, g, share) = result?;
+            let mut diagnostics = [
+                out.value()? * share,
+                out.accuracy * share,
+                out.mean_prob * share,
+            ];
+            if size > 1 {
+                world.sum_f64(&mut diagnostics);
+            }
+            let per_micro = |v: f64| v / micro as f64;
             let (loss, accuracy, mean_prob) = (
-                share(out.value()?),
-                share(out.accuracy),
-                share(out.mean_prob),
+                per_micro(diagnostics[0]),
+                per_micro(diagnostics[1]),
+                per_micro(diagnostics[2]),
             );
             total = Some(match total {
                 None => Accumulated {
@@ -288,7 +330,11 @@ impl<'s> Trainer<'s> {
         }
         let drawn = self.state.samples_seen / n as u64;
         self.orders.retain(|&e, _| e + 1 >= drawn);
-        Ok(total.expect("at least one micro-batch"))
+        let mut total = total.expect("at least one micro-batch");
+        if self.world.size() > 1 {
+            sum_over_ranks(self.world, &self.trained, &mut total.grads)?;
+        }
+        Ok(total)
     }
 
     /// Clips the gradients, steps the optimizer, and returns log10 of each tensor's update
@@ -360,6 +406,35 @@ impl<'s> Trainer<'s> {
 }
 
 /// `acc += g` for every trained tensor.
+/// Every trainable tensor's gradient summed over the ranks: one all-reduce of them all,
+/// flattened in the trainable set's order (the same on every rank).
+fn sum_over_ranks(world: &World, trained: &Trainable, grads: &mut GradStore) -> Result<()> {
+    let params = trained.params();
+    let mut flat: Vec<f32> = Vec::new();
+    let mut shapes = Vec::with_capacity(params.len());
+    for (name, var) in &params {
+        let g = grads
+            .get(var.as_tensor())
+            .ok_or_else(|| TrainError::NoGradient(name.clone()))?;
+        shapes.push((g.shape().clone(), g.dtype()));
+        flat.extend(
+            g.to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        );
+    }
+    world.sum_f32(&mut flat);
+    let mut at = 0;
+    for ((_, var), (shape, dtype)) in params.iter().zip(shapes) {
+        let n = shape.elem_count();
+        let summed = Tensor::from_slice(&flat[at..at + n], shape, var.as_tensor().device())?
+            .to_dtype(dtype)?;
+        grads.insert(var.as_tensor(), summed);
+        at += n;
+    }
+    Ok(())
+}
+
 fn add_grads(trained: &Trainable, acc: &mut GradStore, g: &GradStore) -> Result<()> {
     for (name, var) in trained.params() {
         let b = g

@@ -1,0 +1,148 @@
+//! The ranks of a data-parallel job. Launched by `mpirun` or `srun` (the launcher's
+//! environment says so), the process joins MPI's world (Open MPI through the `mpi` crate,
+//! cargo feature `mpi`); otherwise it is a world of one, and every collective below is the
+//! identity, so a single process needs no launcher and no MPI library.
+//!
+//! What crosses between ranks is small: the trainable set's gradients once per step (the
+//! projector, layer weights, LoRA: megabytes) and a few numbers. The engine is MPI's own
+//! all-reduce, not a home-made protocol.
+
+/// Why the world could not be joined.
+#[derive(Debug, thiserror::Error)]
+pub enum DistError {
+    #[error(
+        "launched as rank {rank} of {size} (by mpirun or srun), but this earshot was built \
+         without MPI: build with `cargo build --release --features earshot/mpi` (Open MPI's \
+         libopenmpi-dev and libclang-dev installed), as scripts/setup.sh does where it can"
+    )]
+    NotBuilt { rank: usize, size: usize },
+    #[error("MPI could not be initialised (is this process started by mpirun or srun?)")]
+    Init,
+}
+
+/// This process's place in the job.
+pub struct World {
+    rank: usize,
+    size: usize,
+    #[cfg(feature = "mpi")]
+    mpi: Option<Mpi>,
+}
+
+#[cfg(feature = "mpi")]
+struct Mpi {
+    world: mpi::topology::SimpleCommunicator,
+    // Finalises MPI when the world is dropped; kept after `world`, which must go first.
+    _universe: mpi::environment::Universe,
+}
+
+/// The rank and size a launcher put in the environment: Open MPI's mpirun, a PMI/PMIx
+/// launcher (srun, hydra), in that order.
+fn launched() -> Option<(usize, usize)> {
+    let var = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+    };
+    let pairs = [
+        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+        ("PMIX_RANK", "SLURM_NTASKS"),
+        ("PMI_RANK", "PMI_SIZE"),
+        ("SLURM_PROCID", "SLURM_NTASKS"),
+    ];
+    pairs
+        .iter()
+        .find_map(|(rank, size)| Some((var(rank)?, var(size)?)))
+}
+
+impl World {
+    /// A world of one process.
+    pub fn single() -> Self {
+        Self {
+            rank: 0,
+            size: 1,
+            #[cfg(feature = "mpi")]
+            mpi: None,
+        }
+    }
+
+    /// Joins MPI's world when a launcher started this process, else a world of one.
+    pub fn from_environment() -> Result<Self, DistError> {
+        let Some((rank, size)) = launched() else {
+            return Ok(Self::single());
+        };
+        #[cfg(feature = "mpi")]
+        {
+            let _ = (rank, size);
+            use mpi::traits::Communicator;
+            let universe = mpi::initialize().ok_or(DistError::Init)?;
+            let world = universe.world();
+            Ok(Self {
+                rank: world.rank() as usize,
+                size: world.size() as usize,
+                mpi: Some(Mpi {
+                    world,
+                    _universe: universe,
+                }),
+            })
+        }
+        #[cfg(not(feature = "mpi"))]
+        {
+            if size > 1 {
+                return Err(DistError::NotBuilt { rank, size });
+            }
+            Ok(Self::single())
+        }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Rank 0: the one that writes records, checkpoints and output.
+    pub fn is_root(&self) -> bool {
+        self.rank == 0
+    }
+
+    /// Element-wise sums over the ranks, in place on every rank.
+    pub fn sum_f64(&self, values: &mut [f64]) {
+        #[cfg(feature = "mpi")]
+        if let Some(m) = &self.mpi {
+            use mpi::collective::SystemOperation;
+            use mpi::traits::CommunicatorCollectives;
+            let local = values.to_vec();
+            m.world
+                .all_reduce_into(&local[..], values, SystemOperation::sum());
+        }
+        let _ = values;
+    }
+
+    /// As [`Self::sum_f64`], for f32 (gradients).
+    pub fn sum_f32(&self, values: &mut [f32]) {
+        #[cfg(feature = "mpi")]
+        if let Some(m) = &self.mpi {
+            use mpi::collective::SystemOperation;
+            use mpi::traits::CommunicatorCollectives;
+            let local = values.to_vec();
+            m.world
+                .all_reduce_into(&local[..], values, SystemOperation::sum());
+        }
+        let _ = values;
+    }
+
+    /// Rank 0's `flag` on every rank (decisions only rank 0 can make: stop early, stop on
+    /// Ctrl-C), so that every rank runs the same steps.
+    pub fn root_says(&self, flag: bool) -> bool {
+        #[cfg(feature = "mpi")]
+        if let Some(m) = &self.mpi {
+            use mpi::traits::{Communicator, Root};
+            let mut v = flag as u8;
+            m.world.process_at_rank(0).broadcast_into(&mut v);
+            return v != 0;
+        }
+        flag
+    }
+}

@@ -1,0 +1,163 @@
+//! Data-parallel training on MPI (issue #28), on this machine with Open MPI's `mpirun`
+//! (scripts/setup.sh installs it and builds earshot with the `mpi` feature): 2 ranks x half
+//! a batch train the projector 1 rank x the whole batch trains, step for step; a run begun
+//! on 2 ranks resumes on 1 and ends where the uninterrupted run does. Needs mpirun: without
+//! it these tests fail, saying so.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{Device, Tensor};
+use earshot_tests::*;
+
+fn mpirun() -> PathBuf {
+    let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join("mpirun"))
+        .find(|p| p.is_file());
+    found.expect("mpirun not found: scripts/setup.sh installs Open MPI (apt-get, as root)")
+}
+
+/// The tones config with a global batch of 4, `steps` steps and a checkpoint every 2.
+fn train_args(run: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "train".into(),
+        repo_root()
+            .join("configs/cpu-smollm2-tones.toml")
+            .display()
+            .to_string(),
+        "--set".into(),
+        format!("train.run-dir=\"{}\"", run.display()),
+        "--set".into(),
+        "train.steps=4".into(),
+        "--set".into(),
+        "train.batch-size=4".into(),
+        "--set".into(),
+        "train.checkpoint-every=2".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// `earshot ARGS` on `ranks` ranks under mpirun, one thread each.
+fn on_ranks(ranks: usize, args: &[String]) -> Output {
+    let mut cmd = Command::new(mpirun());
+    cmd.args(["--allow-run-as-root", "--oversubscribe", "-np"])
+        .arg(ranks.to_string())
+        .args(["-x", "EARSHOT_HOME", "-x", "RAYON_NUM_THREADS"])
+        .arg(earshot_bin())
+        .args(args)
+        .env("EARSHOT_HOME", test_home())
+        .env("RAYON_NUM_THREADS", "1")
+        .env_remove("RUST_LOG");
+    cmd.output().expect("mpirun runs")
+}
+
+fn losses(run: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+/// Relative difference of two runs' final projectors, the largest over their tensors
+/// (|a - b| / |a|, Frobenius norms).
+fn projector_difference(a: &Path, b: &Path) -> f64 {
+    let load = |run: &Path| {
+        candle_core::safetensors::load(run.join("projector.safetensors"), &Device::Cpu).unwrap()
+    };
+    let (ta, tb) = (load(a), load(b));
+    assert_eq!(
+        ta.keys().collect::<std::collections::BTreeSet<_>>(),
+        tb.keys().collect::<std::collections::BTreeSet<_>>()
+    );
+    let norm = |t: &Tensor| {
+        t.to_dtype(candle_core::DType::F64)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+            .sqrt()
+    };
+    ta.iter()
+        .map(|(name, x)| {
+            let y = &tb[name];
+            let d = norm(&(x - y).unwrap());
+            d / norm(x).max(1e-12)
+        })
+        .fold(0.0, f64::max)
+}
+
+fn assert_same_losses(a: &[(u64, f64)], b: &[(u64, f64)]) {
+    assert_eq!(a.len(), b.len(), "{a:?} vs {b:?}");
+    for ((sa, la), (sb, lb)) in a.iter().zip(b) {
+        assert_eq!(sa, sb);
+        assert!(
+            (la - lb).abs() <= 1e-5 * la.abs(),
+            "step {sa}: loss {la} on one rank, {lb} on two"
+        );
+    }
+}
+
+#[test]
+fn two_ranks_train_what_one_rank_trains_and_a_run_resumes_on_fewer_ranks() {
+    let d = tempfile::tempdir().unwrap();
+    let (one, two, moved) = (
+        d.path().join("one"),
+        d.path().join("two"),
+        d.path().join("moved"),
+    );
+    expect_success(&earshot(train_args(&one, &[])));
+    let out = on_ranks(2, &train_args(&two, &[]));
+    let stdout = expect_success(&out);
+    // Rank 0 alone reports, once.
+    assert_eq!(
+        stdout.matches("trained to step 4").count(),
+        1,
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("data-parallel over 2 ranks"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same_losses(&losses(&one), &losses(&two));
+    let diff = projector_difference(&one, &two);
+    assert!(diff <= 1e-5, "projectors differ by {diff:e} (relative)");
+
+    // Two steps on 2 ranks, then the rest on 1, from the checkpoint at step 2.
+    expect_success(&on_ranks(2, &train_args(&moved, &["--max-steps", "2"])));
+    assert!(moved.join("checkpoints/step-00000002/state.json").is_file());
+    let stdout = expect_success(&earshot(train_args(&moved, &["--resume"])));
+    assert!(
+        stdout.contains("trained to step 4 (2 step(s) now)"),
+        "{stdout}"
+    );
+    assert_same_losses(&losses(&one), &losses(&moved));
+    let diff = projector_difference(&one, &moved);
+    assert!(
+        diff <= 1e-5,
+        "resumed projector differs by {diff:e} (relative)"
+    );
+}
+
+/// More ranks than examples in a batch is refused by name on every rank, not left to hang.
+#[test]
+fn more_ranks_than_the_batch_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let run = d.path().join("run");
+    let out = on_ranks(2, &train_args(&run, &["--set", "train.batch-size=1"]));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("2 ranks but a batch of 1 example(s)"),
+        "{stderr}"
+    );
+}

@@ -1,8 +1,9 @@
 //! Data-parallel training on MPI (issue #28), on this machine with Open MPI's `mpirun`
 //! (scripts/setup.sh installs it and builds earshot with the `mpi` feature): 2 ranks x half
 //! a batch train the projector 1 rank x the whole batch trains, step for step; a run begun
-//! on 2 ranks resumes on 1 and ends where the uninterrupted run does. Needs mpirun: without
-//! it these tests fail, saying so.
+//! on 2 ranks resumes on 1 and ends where the uninterrupted run does; kill -9 of a rank ends
+//! the job, naming it, and the run resumes from its last complete checkpoint. Needs mpirun:
+//! without it these tests fail, saying so.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -50,17 +51,6 @@ fn on_ranks(ranks: usize, args: &[String]) -> Output {
         .env("RAYON_NUM_THREADS", "1")
         .env_remove("RUST_LOG");
     cmd.output().expect("mpirun runs")
-}
-
-fn losses(run: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
-        })
-        .collect()
 }
 
 /// Relative difference of two runs' final projectors, the largest over their tensors
@@ -128,7 +118,7 @@ fn two_ranks_train_what_one_rank_trains_and_a_run_resumes_on_fewer_ranks() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_same_losses(&losses(&one), &losses(&two));
+    assert_same_losses(&run_losses(&one), &run_losses(&two));
     let diff = projector_difference(&one, &two);
     assert!(diff <= 1e-5, "projectors differ by {diff:e} (relative)");
 
@@ -140,7 +130,7 @@ fn two_ranks_train_what_one_rank_trains_and_a_run_resumes_on_fewer_ranks() {
         stdout.contains("trained to step 4 (2 step(s) now)"),
         "{stdout}"
     );
-    assert_same_losses(&losses(&one), &losses(&moved));
+    assert_same_losses(&run_losses(&one), &run_losses(&moved));
     let diff = projector_difference(&one, &moved);
     assert!(
         diff <= 1e-5,
@@ -159,5 +149,101 @@ fn more_ranks_than_the_batch_is_refused() {
     assert!(
         stderr.contains("2 ranks but a batch of 1 example(s)"),
         "{stderr}"
+    );
+}
+
+/// The pid of the process of `rank` under mpirun (from its environment), once it runs.
+fn rank_pid(rank: usize, run: &Path) -> Option<u32> {
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let env = String::from_utf8_lossy(&env);
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if env
+            .split('\0')
+            .any(|v| v == format!("OMPI_COMM_WORLD_RANK={rank}"))
+            && cmdline.contains(&run.display().to_string())
+        {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// kill -9 of one rank mid-run: mpirun ends the job on every rank within 60 s, naming the
+/// rank that died, and the run resumes (on one rank) from its last complete checkpoint.
+#[test]
+fn a_killed_rank_ends_the_job_and_the_run_resumes() {
+    let d = tempfile::tempdir().unwrap();
+    let run = d.path().join("run");
+    let mut args = train_args(&run, &["--set", "train.checkpoint-every=1"]);
+    args.extend(["--set".to_string(), "train.steps=400".to_string()]);
+    let mut cmd = Command::new(mpirun());
+    cmd.args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
+        .args(["-x", "EARSHOT_HOME", "-x", "RAYON_NUM_THREADS"])
+        .arg(earshot_bin())
+        .args(&args)
+        .env("EARSHOT_HOME", test_home())
+        .env("RAYON_NUM_THREADS", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().expect("mpirun runs");
+    // Once a checkpoint exists, rank 1 dies.
+    let started = std::time::Instant::now();
+    while !run.join("checkpoints/step-00000002/state.json").is_file() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "no checkpoint after 120 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let pid = rank_pid(1, &run).expect("rank 1 is running");
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let killed = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        killed.elapsed() < std::time::Duration::from_secs(60),
+        "the job took {:?} to end",
+        killed.elapsed()
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("rank 1"),
+        "the message does not name rank 1: {stderr}"
+    );
+    // The newest complete checkpoint (rank 0 may have been stopped while writing one:
+    // checkpoints are written aside and renamed, so no half-written one counts).
+    let latest = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().join("state.json").is_file())
+        .filter_map(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .strip_prefix("step-")?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .expect("a complete checkpoint");
+    let next = (latest + 1).to_string();
+    let mut resume = args.clone();
+    resume.extend([
+        "--resume".to_string(),
+        "--max-steps".to_string(),
+        next.clone(),
+    ]);
+    let stdout = expect_success(&earshot(resume));
+    assert!(
+        stdout.contains(&format!("trained to step {next} (1 step(s) now)")),
+        "{stdout}"
     );
 }

@@ -27,17 +27,6 @@ fn train(run_dir: &Path, extra: &[&str]) -> std::process::Output {
     earshot(args)
 }
 
-fn losses(run_dir: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
-        })
-        .collect()
-}
-
 #[test]
 fn resume_reproduces_the_uninterrupted_run() {
     let d = tempfile::tempdir().unwrap();
@@ -58,7 +47,7 @@ fn resume_reproduces_the_uninterrupted_run() {
         stdout.contains("trained to step 6 (3 step(s) now)"),
         "{stdout}"
     );
-    let (la, lb) = (losses(&a), losses(&b));
+    let (la, lb) = (run_losses(&a), run_losses(&b));
     assert_eq!(la.len(), 6);
     assert_eq!(
         lb.iter().map(|x| x.0).collect::<Vec<_>>(),
@@ -195,7 +184,7 @@ fn a_kill_inside_a_checkpoint_write_resumes_from_the_newest_complete_one() {
             "{stage}: {stdout}"
         );
         assert_eq!(
-            losses(&run).iter().map(|x| x.0).collect::<Vec<_>>(),
+            run_losses(&run).iter().map(|x| x.0).collect::<Vec<_>>(),
             vec![1, 2, 3, 4, 5, 6],
             "{stage}: the metrics hold every step once"
         );
@@ -294,7 +283,7 @@ fn gradient_accumulation_equals_the_larger_batch() {
             "train.accumulate=2",
         ],
     ));
-    let (la, lb) = (losses(&a), losses(&b));
+    let (la, lb) = (run_losses(&a), run_losses(&b));
     assert_eq!(
         la.iter().map(|x| x.0).collect::<Vec<_>>(),
         lb.iter().map(|x| x.0).collect::<Vec<_>>(),
@@ -412,7 +401,7 @@ fn early_stopping_ends_the_run_and_names_the_best_checkpoint() {
             && stdout.contains("trained to step 3 "),
         "{stdout}"
     );
-    assert_eq!(losses(&run).len(), 3);
+    assert_eq!(run_losses(&run).len(), 3);
     assert!(run.join("best/step-00000001/state.json").is_file());
     assert!(run.join("checkpoints/step-00000003/state.json").is_file());
     // Early stopping without a validation split is refused up front.

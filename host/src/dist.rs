@@ -109,20 +109,16 @@ impl World {
 
     /// Element-wise sums over the ranks, in place on every rank.
     pub fn sum_f64(&self, values: &mut [f64]) {
-        #[cfg(feature = "mpi")]
-        if let Some(m) = &self.mpi {
-            use mpi::collective::SystemOperation;
-            use mpi::traits::CommunicatorCollectives;
-            let local = values.to_vec();
-            m.world
-                .all_reduce_into(&local[..], values, SystemOperation::sum());
-        }
-        let _ = values;
+        self.sum(values)
     }
 
     /// As [`Self::sum_f64`], for f32 (gradients).
     pub fn sum_f32(&self, values: &mut [f32]) {
-        #[cfg(feature = "mpi")]
+        self.sum(values)
+    }
+
+    #[cfg(feature = "mpi")]
+    fn sum<T: mpi::datatype::Equivalence + Copy>(&self, values: &mut [T]) {
         if let Some(m) = &self.mpi {
             use mpi::collective::SystemOperation;
             use mpi::traits::CommunicatorCollectives;
@@ -130,8 +126,10 @@ impl World {
             m.world
                 .all_reduce_into(&local[..], values, SystemOperation::sum());
         }
-        let _ = values;
     }
+
+    #[cfg(not(feature = "mpi"))]
+    fn sum<T>(&self, _values: &mut [T]) {}
 
     /// Rank 0's `flag` on every rank (decisions only rank 0 can make: stop early, stop on
     /// Ctrl-C), so that every rank runs the same steps.

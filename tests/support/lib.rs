@@ -642,3 +642,15 @@ pub fn metadata_value<'a>(ex: &'a earshot::plugins::Example, key: &str) -> Optio
         .find(|(k, _)| k == key)
         .map(|(_, v)| v.as_str())
 }
+
+/// The (step, loss) records of a run folder's metrics.jsonl.
+pub fn run_losses(run_dir: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+        })
+        .collect()
+}

@@ -14,7 +14,10 @@ use crate::train::{train, Session, Start, Stopped};
 LLM; the base weights stay frozen). Writes metrics.jsonl (one JSON object per \
 step: loss, target-token accuracy, mean probability of the correct token, gradient norm, \
 per-tensor log10 update ratio) and projector.safetensors (every trained tensor) into \
-train.run-dir; with [lora] also adapter/ in PEFT's layout.\n\nExample:\n  earshot train configs/cpu-smollm2-tones.toml --max-steps 5 --set 'train.run-dir=\"runs/try\"'"
+train.run-dir; with [lora] also adapter/ in PEFT's layout.\n\nStarted by mpirun or srun (a build \
+with the mpi feature, as scripts/setup.sh makes where it can), it trains data-parallel: \
+train.batch-size is the global batch, split over the ranks; gradients are summed over them \
+each step; rank 0 alone evaluates, writes and prints. A run resumes on any number of ranks.\n\nExample:\n  earshot train configs/cpu-smollm2-tones.toml --max-steps 5 --set 'train.run-dir=\"runs/try\"'"
 )]
 pub struct TrainArgs {
     /// Run config (TOML)

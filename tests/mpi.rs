@@ -2,7 +2,8 @@
 //! (scripts/setup.sh installs it and builds earshot with the `mpi` feature): 2 ranks x half
 //! a batch train the projector 1 rank x the whole batch trains, step for step; a run begun
 //! on 2 ranks resumes on 1 and ends where the uninterrupted run does; kill -9 of a rank ends
-//! the job, naming it, and the run resumes from its last complete checkpoint. Needs mpirun:
+//! the job, naming it, and the run resumes from its last complete checkpoint; a hung rank
+//! ends the job within --rank-timeout-s. Needs mpirun:
 //! without it these tests fail, saying so.
 
 use std::path::{Path, PathBuf};
@@ -245,5 +246,44 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes() {
     assert!(
         stdout.contains(&format!("trained to step {next} (1 step(s) now)")),
         "{stdout}"
+    );
+}
+
+/// A rank that hangs (stops answering mid-step): every rank gives up within
+/// --rank-timeout-s, the hung one naming itself and the step, and the job ends non-zero.
+#[test]
+fn a_hung_rank_ends_the_job_within_the_timeout() {
+    let d = tempfile::tempdir().unwrap();
+    let run = d.path().join("run");
+    let mut args = train_args(&run, &["--rank-timeout-s", "5"]);
+    args.extend(["--set".to_string(), "train.steps=50".to_string()]);
+    let mut cmd = Command::new(mpirun());
+    cmd.args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
+        .args([
+            "-x",
+            "EARSHOT_HOME",
+            "-x",
+            "RAYON_NUM_THREADS",
+            "-x",
+            "EARSHOT_TEST_HANG",
+        ])
+        .arg(earshot_bin())
+        .args(&args)
+        .env("EARSHOT_HOME", test_home())
+        .env("RAYON_NUM_THREADS", "1")
+        .env("EARSHOT_TEST_HANG", "1@3");
+    let started = std::time::Instant::now();
+    let out = cmd.output().expect("mpirun runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("rank 1 of 2: step 3 has not finished after 5 s (this rank is computing"),
+        "{stderr}"
+    );
+    // Loading and two steps take seconds; the timeout 5 s more.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(90),
+        "{:?}",
+        started.elapsed()
     );
 }

@@ -26,6 +26,14 @@ pub struct World {
     size: usize,
     #[cfg(feature = "mpi")]
     mpi: Option<Mpi>,
+    /// Set by [`World::watch`]: what this rank is doing, for the watchdog.
+    watch: Option<std::sync::Arc<Watch>>,
+}
+
+/// What the watchdog reads: the step, whether this rank is waiting for the others, and
+/// when the step began.
+struct Watch {
+    state: std::sync::Mutex<(usize, bool, std::time::Instant)>,
 }
 
 #[cfg(feature = "mpi")]
@@ -62,6 +70,7 @@ impl World {
             size: 1,
             #[cfg(feature = "mpi")]
             mpi: None,
+            watch: None,
         }
     }
 
@@ -83,6 +92,7 @@ impl World {
                     world,
                     _universe: universe,
                 }),
+                watch: None,
             })
         }
         #[cfg(not(feature = "mpi"))]
@@ -107,6 +117,55 @@ impl World {
         self.rank == 0
     }
 
+    /// With several ranks: a thread that ends this process (exit status 1, naming the rank,
+    /// the step and whether it was computing or waiting for the others) when a step (with
+    /// rank 0's evaluation and checkpoint after it) has not finished within `timeout`. A rank that hangs would otherwise stall every other rank
+    /// in its next all-reduce forever; this way each rank gives up within `timeout` and the
+    /// launcher ends the job. [`World::step`] marks each step's start.
+    pub fn watch(&mut self, timeout: std::time::Duration) {
+        if self.size < 2 || self.watch.is_some() {
+            return;
+        }
+        let watch = std::sync::Arc::new(Watch {
+            state: std::sync::Mutex::new((0, false, std::time::Instant::now())),
+        });
+        self.watch = Some(watch.clone());
+        let (rank, size) = (self.rank, self.size);
+        std::thread::Builder::new()
+            .name("earshot-rank-watchdog".into())
+            .spawn(move || loop {
+                std::thread::sleep(std::time::Duration::from_millis(250));
+                let (step, waiting, since) = *watch.state.lock().unwrap_or_else(|e| e.into_inner());
+                // Step 0: still loading (encoding a large split may take long).
+                if step > 0 && since.elapsed() > timeout {
+                    tracing::error!(
+                        "rank {rank} of {size}: step {step} has not finished after {} s ({}); \
+                         ending this rank so that the job ends (resume from the newest \
+                         checkpoint)",
+                        timeout.as_secs_f64(),
+                        if waiting {
+                            "waiting for the other ranks: one of them hung or died"
+                        } else {
+                            "this rank is computing: it hung"
+                        }
+                    );
+                    std::process::exit(1);
+                }
+            })
+            .expect("a thread for the watchdog");
+    }
+
+    /// Marks the start of `step` for the watchdog.
+    pub fn step(&self, step: usize) {
+        self.set_watch(|s| *s = (step, false, std::time::Instant::now()));
+    }
+
+    fn set_watch(&self, f: impl FnOnce(&mut (usize, bool, std::time::Instant))) {
+        if let Some(w) = &self.watch {
+            f(&mut w.state.lock().unwrap_or_else(|e| e.into_inner()));
+        }
+    }
+
     /// Element-wise sums over the ranks, in place on every rank.
     pub fn sum_f64(&self, values: &mut [f64]) {
         self.sum(values)
@@ -123,8 +182,10 @@ impl World {
             use mpi::collective::SystemOperation;
             use mpi::traits::CommunicatorCollectives;
             let local = values.to_vec();
+            self.set_watch(|s| s.1 = true);
             m.world
                 .all_reduce_into(&local[..], values, SystemOperation::sum());
+            self.set_watch(|s| s.1 = false);
         }
     }
 
@@ -138,7 +199,9 @@ impl World {
         if let Some(m) = &self.mpi {
             use mpi::traits::{Communicator, Root};
             let mut v = flag as u8;
+            self.set_watch(|s| s.1 = true);
             m.world.process_at_rank(0).broadcast_into(&mut v);
+            self.set_watch(|s| s.1 = false);
             return v != 0;
         }
         flag

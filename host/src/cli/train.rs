@@ -47,6 +47,18 @@ pub struct TrainArgs {
     /// Start afresh even if the run directory holds an earlier run (it is replaced)
     #[arg(long, conflicts_with = "resume")]
     pub overwrite: bool,
+    /// Under mpirun or srun: seconds a step (with rank 0's evaluation and checkpoint after
+    /// it) may take before a rank gives up and the job ends (a rank hung or died; the run
+    /// resumes from its newest checkpoint)
+    #[arg(long, value_name = "S", default_value_t = 1800.0, value_parser = positive_seconds)]
+    pub rank_timeout_s: f64,
+}
+
+fn positive_seconds(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 1e7 => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds in (0, 1e7]")),
+    }
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -58,7 +70,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         .ok_or_else(|| anyhow::anyhow!("no run config given (CONFIG or --config)"))?;
     let config = RunConfig::load(path, &args.set)?;
     // Under mpirun or srun: this rank's place in the data-parallel job.
-    let world = World::from_environment()?;
+    let mut world = World::from_environment()?;
+    world.watch(std::time::Duration::from_secs_f64(args.rank_timeout_s));
     let steps = args.max_steps.unwrap_or(config.train.steps);
     let log_every = config.train.log_every.max(1);
     let mut printer = if world.is_root() {

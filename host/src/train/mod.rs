@@ -522,6 +522,7 @@ pub fn train(
         to: steps,
     });
     while trainer.state.step < steps {
+        world.step(trainer.state.step + 1);
         let m = trainer.step(progress)?;
         let step = m.step;
         if let Some((metrics_file, _)) = records.as_mut() {

@@ -196,6 +196,7 @@ impl<'s> Trainer<'s> {
         let _span = tracing::debug_span!("train step", step = self.state.step + 1).entered();
         let cfg = &self.session.config.train;
         let step = self.state.step + 1;
+        hang_for_test(self.world.rank(), step);
         let started = Instant::now();
         let n = self.session.examples.len();
         let seen = (cfg.batch_size.min(n) * cfg.accumulate.max(1)) as u64;
@@ -406,6 +407,16 @@ impl<'s> Trainer<'s> {
 }
 
 /// `acc += g` for every trained tensor.
+/// `EARSHOT_TEST_HANG=RANK@STEP`: that rank stops answering at that step (tests of the
+/// watchdog that ends a job whose rank hangs).
+fn hang_for_test(rank: usize, step: usize) {
+    if std::env::var("EARSHOT_TEST_HANG").is_ok_and(|v| v == format!("{rank}@{step}")) {
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+}
+
 /// Every trainable tensor's gradient summed over the ranks: one all-reduce of them all,
 /// flattened in the trainable set's order (the same on every rank).
 fn sum_over_ranks(world: &World, trained: &Trainable, grads: &mut GradStore) -> Result<()> {

@@ -3,7 +3,8 @@
 //! a batch train the projector 1 rank x the whole batch trains, step for step; a run begun
 //! on 2 ranks resumes on 1 and ends where the uninterrupted run does; kill -9 of a rank ends
 //! the job, naming it, and the run resumes from its last complete checkpoint; a hung rank
-//! ends the job within --rank-timeout-s. Needs mpirun:
+//! ends the job within --rank-timeout-s; the ranks share the encoding of the clips. Needs
+//! mpirun:
 //! without it these tests fail, saying so.
 
 use std::path::{Path, PathBuf};
@@ -42,16 +43,101 @@ fn train_args(run: &Path, extra: &[&str]) -> Vec<String> {
 
 /// `earshot ARGS` on `ranks` ranks under mpirun, one thread each.
 fn on_ranks(ranks: usize, args: &[String]) -> Output {
+    on_ranks_in(&test_home(), ranks, args)
+}
+
+/// [`on_ranks`] with `home` as $EARSHOT_HOME.
+fn on_ranks_in(home: &Path, ranks: usize, args: &[String]) -> Output {
     let mut cmd = Command::new(mpirun());
     cmd.args(["--allow-run-as-root", "--oversubscribe", "-np"])
         .arg(ranks.to_string())
         .args(["-x", "EARSHOT_HOME", "-x", "RAYON_NUM_THREADS"])
         .arg(earshot_bin())
         .args(args)
-        .env("EARSHOT_HOME", test_home())
+        .env("EARSHOT_HOME", home)
         .env("RAYON_NUM_THREADS", "1")
         .env_remove("RUST_LOG");
     cmd.output().expect("mpirun runs")
+}
+
+/// A fresh $EARSHOT_HOME under `dir`: the set-up's models and data (links), empty caches.
+fn fresh_home(dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    for name in ["models", "data"] {
+        std::os::unix::fs::symlink(test_home().join(name), dir.join(name)).unwrap();
+    }
+    dir.to_path_buf()
+}
+
+/// Every file under `dir` (relative path, bytes), sorted.
+fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.push((
+                    p.strip_prefix(dir).unwrap().to_path_buf(),
+                    std::fs::read(&p).unwrap(),
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The ranks share the encoding: each encodes its half of the clips into the shared cache
+/// and reads the other half from it, and the cache they leave is the one a single process
+/// leaves, file for file.
+#[test]
+fn ranks_share_the_encoding_and_leave_the_cache_one_process_leaves() {
+    let d = tempfile::tempdir().unwrap();
+    let (alone, shared) = (
+        fresh_home(&d.path().join("home-one")),
+        fresh_home(&d.path().join("home-two")),
+    );
+    let out = earshot_command()
+        .env("EARSHOT_HOME", &alone)
+        .args(train_args(&d.path().join("one"), &["--max-steps", "1"]))
+        .output()
+        .unwrap();
+    expect_success(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("encoder: 8 clip(s) encoded, 0 from the cache"),
+        "{stderr}"
+    );
+    let out = on_ranks_in(
+        &shared,
+        2,
+        &train_args(&d.path().join("two"), &["--max-steps", "1"]),
+    );
+    expect_success(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("encoder: 4 clip(s) encoded, 4 from the cache"),
+        "rank 0 did not encode half: {stderr}"
+    );
+    let (a, b) = (
+        files_under(&alone.join("cache/encoder")),
+        files_under(&shared.join("cache/encoder")),
+    );
+    assert_eq!(
+        a.len(),
+        8,
+        "{:?}",
+        a.iter().map(|f| &f.0).collect::<Vec<_>>()
+    );
+    assert!(
+        a == b,
+        "the caches differ: {:?} vs {:?}",
+        a.iter().map(|f| &f.0).collect::<Vec<_>>(),
+        b.iter().map(|f| &f.0).collect::<Vec<_>>()
+    );
 }
 
 /// Relative difference of two runs' final projectors, the largest over their tensors

@@ -166,6 +166,11 @@ impl World {
         }
     }
 
+    /// Returns once every rank has called it.
+    pub fn barrier(&self) {
+        self.sum_f64(&mut [0.0]);
+    }
+
     /// Element-wise sums over the ranks, in place on every rank.
     pub fn sum_f64(&self, values: &mut [f64]) {
         self.sum(values)

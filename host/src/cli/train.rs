@@ -79,7 +79,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     } else {
         TrainPrinter::silent(steps)
     };
-    let session = Session::load_reporting(config, &mut |e| printer.event(e));
+    let session = Session::load_sharded(config, &world, &mut |e| printer.event(e));
     let session = match session {
         Ok(s) => s,
         Err(e) => {

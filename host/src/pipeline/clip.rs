@@ -93,6 +93,11 @@ impl ClipEncoder {
     }
 
     /// The width of one encoder hidden state.
+    /// Whether encoder outputs go through the on-disk cache.
+    pub fn has_cache(&self) -> bool {
+        self.cache.is_some()
+    }
+
     pub fn d_model(&self) -> usize {
         self.encoder.config.d_model
     }

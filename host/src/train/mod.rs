@@ -117,6 +117,18 @@ impl Session {
 
     /// [`Self::load`], reporting the encoding of each split's clips through `progress`.
     pub fn load_reporting(config: RunConfig, progress: &mut dyn FnMut(Event)) -> Result<Self> {
+        Self::load_sharded(config, &World::single(), progress)
+    }
+
+    /// [`Self::load_reporting`] on each rank of a data-parallel job: each rank first encodes
+    /// its share of every split's clips into the shared encoder cache, then (after every rank
+    /// has) reads the rest from it, so a split is encoded once, in parallel. Without an
+    /// encoder cache, or on one rank, every clip is encoded here.
+    pub fn load_sharded(
+        config: RunConfig,
+        world: &World,
+        progress: &mut dyn FnMut(Event),
+    ) -> Result<Self> {
         // Training never decodes: the GGUF blocks kept for decoding would only take memory.
         let (rt, encoder, mut llm) = load_models(&config, GgufBlocks::Skip)?;
         attach_lora(&config, &mut llm, &rt.device)?;
@@ -136,6 +148,7 @@ impl Session {
             let splits = task_config.data.run_splits();
             let mut adapter = open_dataset(&host, task_config, &splits)?;
             let mut inputs = SplitInputs {
+                world,
                 adapter: &mut adapter,
                 template: &mut template,
                 llm: &llm,
@@ -209,6 +222,8 @@ impl Session {
 
 /// What turning a split into training examples needs.
 struct SplitInputs<'a> {
+    /// The ranks that share the encoding of each split (one without a launcher).
+    world: &'a World,
     adapter: &'a mut DatasetAdapter,
     template: &'a mut PromptTemplate,
     llm: &'a LoadedLlm,
@@ -296,6 +311,37 @@ impl SplitInputs<'_> {
         Ok(listed)
     }
 
+    /// With several ranks and an encoder cache: this rank encodes its share of `listed`
+    /// (every size-th clip from its rank) into the cache, then waits for the others. A clip
+    /// that fails is left for the pass that follows to report.
+    fn encode_share(&mut self, split: &str, listed: &[Example], progress: &mut dyn FnMut(Event)) {
+        let (rank, size) = (self.world.rank(), self.world.size());
+        if size < 2 || !self.clips.has_cache() {
+            return;
+        }
+        let config = self.config;
+        let mine: Vec<&Example> = listed.iter().skip(rank).step_by(size).collect();
+        let phase = format!("encoding {}{split} (this rank's share)", self.label);
+        for (done, ex) in mine.iter().enumerate() {
+            progress(Event::Progress {
+                phase: phase.clone(),
+                done,
+                total: mine.len(),
+            });
+            let _ = self.clips.encode_example_first_window(
+                ex,
+                &config.data.root,
+                config.data.max_audio_s,
+            );
+        }
+        progress(Event::Progress {
+            phase,
+            done: mine.len(),
+            total: mine.len(),
+        });
+        self.world.barrier();
+    }
+
     /// Every usable example of `split`: prompt and target tokens, encoder output. Examples
     /// without a target or whose audio fails are skipped with a warning.
     fn load(&mut self, split: &str, progress: &mut dyn FnMut(Event)) -> Result<Vec<Prepared>> {
@@ -303,6 +349,7 @@ impl SplitInputs<'_> {
         let options = &config.plugins.prompt_options;
         let listed = self.list(split, true)?;
         let total = listed.len();
+        self.encode_share(split, &listed, progress);
         let mut examples = Vec::new();
         for (done, ex) in listed.into_iter().enumerate() {
             progress(Event::Progress {

@@ -1582,66 +1582,37 @@ mod tests {
             })
             .collect();
         let mut batch = DecodeLoop::new();
+        let join_one = |batch: &mut DecodeLoop, k: usize| {
+            batch
+                .join(
+                    &m,
+                    &prefix,
+                    vec![(k, requests[k].clone())],
+                    &options,
+                    |_, _| {},
+                )
+                .unwrap()
+        };
         let mut got: Vec<Option<Vec<u32>>> = vec![None; requests.len()];
         let mut take = |left: Vec<crate::models::llm::Left>| {
             for l in left {
                 got[l.request] = Some(l.decoded.ids);
             }
         };
-        take(
-            batch
-                .join(
-                    &m,
-                    &prefix,
-                    vec![(0, requests[0].clone())],
-                    &options,
-                    |_, _| {},
-                )
-                .unwrap(),
-        );
+        take(join_one(&mut batch, 0));
         take(batch.step(&m, &options, |_, _| {}).unwrap());
         // Shorter than the running row (8 slots + 1 step): padded in front.
-        take(
-            batch
-                .join(
-                    &m,
-                    &prefix,
-                    vec![(1, requests[1].clone())],
-                    &options,
-                    |_, _| {},
-                )
-                .unwrap(),
-        );
+        take(join_one(&mut batch, 1));
         take(batch.step(&m, &options, |_, _| {}).unwrap());
         // Longer: the running rows are padded in front.
-        take(
-            batch
-                .join(
-                    &m,
-                    &prefix,
-                    vec![(2, requests[2].clone())],
-                    &options,
-                    |_, _| {},
-                )
-                .unwrap(),
-        );
+        take(join_one(&mut batch, 2));
         assert_eq!(batch.len(), 3);
         let mut steps = 0;
         while !batch.is_empty() {
             take(batch.step(&m, &options, |_, _| {}).unwrap());
             steps += 1;
             if steps == 3 {
-                take(
-                    batch
-                        .join(
-                            &m,
-                            &prefix,
-                            vec![(3, requests[3].clone())],
-                            &options,
-                            |_, _| {},
-                        )
-                        .unwrap(),
-                );
+                take(join_one(&mut batch, 3));
             }
             // Padding no row needs is dropped as rows leave.
             assert!(batch.slots() <= 2 + 12 + 6, "{} slots", batch.slots());

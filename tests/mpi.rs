@@ -48,16 +48,27 @@ fn on_ranks(ranks: usize, args: &[String]) -> Output {
 
 /// [`on_ranks`] with `home` as $EARSHOT_HOME.
 fn on_ranks_in(home: &Path, ranks: usize, args: &[String]) -> Output {
+    ranks_command(home, ranks, args, &[])
+        .output()
+        .expect("mpirun runs")
+}
+
+/// `mpirun` starting `earshot ARGS` on `ranks` ranks, one thread each, with `home` as
+/// $EARSHOT_HOME and the environment variables `env` passed on to every rank.
+fn ranks_command(home: &Path, ranks: usize, args: &[String], env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(mpirun());
     cmd.args(["--allow-run-as-root", "--oversubscribe", "-np"])
         .arg(ranks.to_string())
-        .args(["-x", "EARSHOT_HOME", "-x", "RAYON_NUM_THREADS"])
-        .arg(earshot_bin())
+        .args(["-x", "EARSHOT_HOME", "-x", "RAYON_NUM_THREADS"]);
+    for (name, value) in env {
+        cmd.args(["-x", name]).env(name, value);
+    }
+    cmd.arg(earshot_bin())
         .args(args)
         .env("EARSHOT_HOME", home)
         .env("RAYON_NUM_THREADS", "1")
         .env_remove("RUST_LOG");
-    cmd.output().expect("mpirun runs")
+    cmd
 }
 
 /// A fresh $EARSHOT_HOME under `dir`: the set-up's models and data (links), empty caches.
@@ -272,14 +283,8 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes() {
     let run = d.path().join("run");
     let mut args = train_args(&run, &["--set", "train.checkpoint-every=1"]);
     args.extend(["--set".to_string(), "train.steps=400".to_string()]);
-    let mut cmd = Command::new(mpirun());
-    cmd.args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
-        .args(["-x", "EARSHOT_HOME", "-x", "RAYON_NUM_THREADS"])
-        .arg(earshot_bin())
-        .args(&args)
-        .env("EARSHOT_HOME", test_home())
-        .env("RAYON_NUM_THREADS", "1")
-        .stdout(std::process::Stdio::piped())
+    let mut cmd = ranks_command(&test_home(), 2, &args, &[]);
+    cmd.stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let child = cmd.spawn().expect("mpirun runs");
     // Once a checkpoint exists, rank 1 dies.
@@ -343,21 +348,7 @@ fn a_hung_rank_ends_the_job_within_the_timeout() {
     let run = d.path().join("run");
     let mut args = train_args(&run, &["--rank-timeout-s", "5"]);
     args.extend(["--set".to_string(), "train.steps=50".to_string()]);
-    let mut cmd = Command::new(mpirun());
-    cmd.args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
-        .args([
-            "-x",
-            "EARSHOT_HOME",
-            "-x",
-            "RAYON_NUM_THREADS",
-            "-x",
-            "EARSHOT_TEST_HANG",
-        ])
-        .arg(earshot_bin())
-        .args(&args)
-        .env("EARSHOT_HOME", test_home())
-        .env("RAYON_NUM_THREADS", "1")
-        .env("EARSHOT_TEST_HANG", "1@3");
+    let mut cmd = ranks_command(&test_home(), 2, &args, &[("EARSHOT_TEST_HANG", "1@3")]);
     let started = std::time::Instant::now();
     let out = cmd.output().expect("mpirun runs");
     assert!(!out.status.success());

@@ -6,7 +6,7 @@ use clap::Args;
 use super::printer::TrainPrinter;
 use crate::config::RunConfig;
 use crate::dist::World;
-use crate::train::{train, Session, Start, Stopped};
+use crate::train::{train, Session, Start, Stopped, TrainOutcome};
 
 #[derive(Debug, Args)]
 #[command(
@@ -87,33 +87,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             return Err(e.into());
         }
     };
-    // Both splits' clips went through the encoder cache.
-    let clips = session.examples.len() + session.eval_examples.len();
-    printer.line(&format!(
-        "training the projector{} on {} example(s){} up to step {steps}{}; encoder: {} clip(s) encoded, {} from the cache",
-        match &session.config.lora {
-            Some(l) => format!(
-                " and LoRA adapters (rank {}, {})",
-                l.rank,
-                l.targets.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")
-            ),
-            None => String::new(),
-        },
-        session.examples.len(),
-        if session.tasks.len() > 1 {
-            let parts: Vec<String> = session
-                .tasks
-                .iter()
-                .map(|t| format!("{} {} (weight {})", t.name, t.train.len(), t.weight))
-                .collect();
-            format!(" of {} tasks: {}", session.tasks.len(), parts.join(", "))
-        } else {
-            String::new()
-        },
-        skipped_note(session.skipped),
-        session.fresh_encodings,
-        clips.saturating_sub(session.fresh_encodings)
-    ));
+    printer.line(&banner(&session, steps));
     // Ctrl-C: finish the current step, write a checkpoint, exit cleanly.
     let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = interrupted.clone();
@@ -153,6 +127,42 @@ pub fn run(args: TrainArgs) -> Result<()> {
         // Rank 0 reports the run.
         return Ok(());
     }
+    report(&session, &outcome)
+}
+
+/// The line that opens a run: what trains, on what, and where the encodings came from.
+fn banner(session: &Session, steps: usize) -> String {
+    // Both splits' clips went through the encoder cache.
+    let clips = session.examples.len() + session.eval_examples.len();
+    format!(
+        "training the projector{} on {} example(s){} up to step {steps}{}; encoder: {} clip(s) encoded, {} from the cache",
+        match &session.config.lora {
+            Some(l) => format!(
+                " and LoRA adapters (rank {}, {})",
+                l.rank,
+                l.targets.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")
+            ),
+            None => String::new(),
+        },
+        session.examples.len(),
+        if session.tasks.len() > 1 {
+            let parts: Vec<String> = session
+                .tasks
+                .iter()
+                .map(|t| format!("{} {} (weight {})", t.name, t.train.len(), t.weight))
+                .collect();
+            format!(" of {} tasks: {}", session.tasks.len(), parts.join(", "))
+        } else {
+            String::new()
+        },
+        skipped_note(session.skipped),
+        session.fresh_encodings,
+        clips.saturating_sub(session.fresh_encodings)
+    )
+}
+
+/// The run's results on stdout: where it ended, the encoder mix, the best checkpoint.
+fn report(session: &Session, outcome: &TrainOutcome) -> Result<()> {
     let metrics = &outcome.metrics;
     let last = metrics.last().map(|m| m.loss).unwrap_or(f64::NAN);
     let reached = metrics.last().map(|m| m.step).unwrap_or(0);

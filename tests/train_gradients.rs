@@ -226,7 +226,7 @@ fn lora_gradients_match_finite_differences() {
         var.set(&(t + if i % 2 == 0 { 0.0 } else { 0.01 }).unwrap())
             .unwrap();
     }
-    adapter.set_dropout_seed(Some(11));
+    adapter.set_dropout_seed(Some(vec![11]));
     let adapter = Arc::new(adapter);
     llm.set_adapter(Some(adapter.clone()));
     let pcfg = ProjectorConfig {

@@ -273,8 +273,8 @@ pub struct LoraAdapter {
     /// Column places of each target in its product, and each product's width.
     places: HashMap<LoraTarget, (Product, usize, usize)>,
     widths: HashMap<Product, usize>,
-    /// While training: the seed of this forward's dropout masks.
-    dropout_seed: Mutex<Option<u64>>,
+    /// While training: the seed of each example's dropout masks, in batch order.
+    dropout_seed: Mutex<Option<Vec<u64>>>,
     /// Changes whenever the values may have changed (keys the prompt-prefix cache).
     generation: AtomicU64,
     /// Query and key/value heads when the base's q/k rows are in llama.cpp's order (see
@@ -458,9 +458,13 @@ impl LoraAdapter {
         self.generation.load(Ordering::Relaxed)
     }
 
-    /// Sets (training) or clears (eval, inference) the seed of the dropout masks.
-    pub fn set_dropout_seed(&self, seed: Option<u64>) {
-        *self.dropout_seed.lock().unwrap_or_else(|e| e.into_inner()) = seed;
+    /// Sets (training) or clears (eval, inference) the seeds of the dropout masks: one per
+    /// example of the batch, in batch order. Each example's rows draw their masks from its
+    /// own seed, so an example gets the same masks whatever batch it is in and however long
+    /// the batch is padded (after the example's positions): the same on any number of
+    /// data-parallel ranks.
+    pub fn set_dropout_seed(&self, seeds: Option<Vec<u64>>) {
+        *self.dropout_seed.lock().unwrap_or_else(|e| e.into_inner()) = seeds;
     }
 
     /// The adapters on `product` of decoder layer `layer` (none past the model's layers).
@@ -484,10 +488,21 @@ impl LoraAdapter {
         dtype: DType,
         device: &Device,
     ) -> Result<Option<Tensor>> {
-        let seed = *self.dropout_seed.lock().unwrap_or_else(|e| e.into_inner());
-        match (seed, self.config.dropout) {
-            (Some(seed), p) if p > 0.0 => {
-                let mask = dropout_mask(seed, layer, target, rows * input, p);
+        let seeds = self.dropout_seed.lock().unwrap_or_else(|e| e.into_inner());
+        match (seeds.as_deref(), self.config.dropout) {
+            (Some(seeds), p) if p > 0.0 => {
+                // Rows are example-major: each example's `per` rows from its own seed.
+                if seeds.is_empty() || !rows.is_multiple_of(seeds.len()) {
+                    return Err(bad(format!(
+                        "LoRA dropout: {} example seed(s) for a forward of {rows} rows",
+                        seeds.len()
+                    )));
+                }
+                let per = rows / seeds.len();
+                let mut mask = Vec::with_capacity(rows * input);
+                for &seed in seeds {
+                    mask.extend(dropout_mask(seed, layer, target, per * input, p));
+                }
                 Ok(Some(
                     Tensor::from_vec(mask, (rows, input), device)?.to_dtype(dtype)?,
                 ))
@@ -1104,6 +1119,35 @@ mod tests {
         assert_ne!(a, dropout_mask(7, 2, LoraTarget::VProj, 10_000, 0.25));
         let mean = a.iter().map(|&x| x as f64).sum::<f64>() / a.len() as f64;
         assert!((mean - 1.0).abs() < 0.03, "{mean}");
+    }
+
+    /// An example's dropout masks come from its own seed: the same rows alone (3 positions)
+    /// as second in a batch of two padded to 5 positions, so a batch split over ranks
+    /// draws what it draws whole.
+    #[test]
+    fn an_example_draws_its_masks_whatever_its_batch() {
+        let c = LoraConfig {
+            dropout: 0.3,
+            ..LoraConfig::default()
+        };
+        let lora = LoraAdapter::new(&c, &tiny(), 4, &Device::Cpu).unwrap();
+        let input = 8;
+        let mask = |seeds: Vec<u64>, rows: usize| -> Vec<Vec<f32>> {
+            lora.set_dropout_seed(Some(seeds));
+            let m = lora
+                .mask(0, LoraTarget::QProj, rows, input, DType::F32, &Device::Cpu)
+                .unwrap()
+                .unwrap();
+            m.to_vec2().unwrap()
+        };
+        let alone = mask(vec![42], 3);
+        let batched = mask(vec![41, 42], 10);
+        assert_eq!(alone[..], batched[5..8]);
+        assert_ne!(batched[0..3], batched[5..8]);
+        lora.set_dropout_seed(Some(vec![1, 2, 3]));
+        assert!(lora
+            .mask(0, LoraTarget::QProj, 10, input, DType::F32, &Device::Cpu)
+            .is_err());
     }
 
     /// A folder written by `save_peft` reads back to the same settings and tensors; what

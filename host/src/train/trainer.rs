@@ -266,15 +266,20 @@ impl<'s> Trainer<'s> {
             let batch = self.batch_at(first, bs);
             let examples: Vec<&Prepared> =
                 batch.iter().map(|&i| &self.session.examples[i]).collect();
-            // LoRA dropout masks drawn from (seed, sample position): a resumed run draws
-            // the same ones.
-            let lora = self.trained.lora.as_ref();
-            if let Some(l) = lora {
-                l.set_dropout_seed(Some(cfg.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ first));
-            }
             // This rank's share of the micro-batch (all of it with one rank).
             let (size, rank) = (self.world.size(), self.world.rank());
-            let mine = &examples[rank * bs / size..(rank + 1) * bs / size];
+            let share = rank * bs / size..(rank + 1) * bs / size;
+            // LoRA dropout masks drawn per example from (seed, its sample position): a
+            // resumed run, and a run on another number of ranks, draws the same ones.
+            let lora = self.trained.lora.as_ref();
+            if let Some(l) = lora {
+                let seeds = share
+                    .clone()
+                    .map(|k| cfg.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ (first + k as u64))
+                    .collect();
+                l.set_dropout_seed(Some(seeds));
+            }
+            let mine = &examples[share];
             let world = self.world;
             let result = self
                 .session

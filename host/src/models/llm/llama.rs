@@ -1753,7 +1753,7 @@ mod tests {
             v.set(&Tensor::randn(0f64, 0.3, v.dims(), &dev).unwrap())
                 .unwrap();
         }
-        adapter.set_dropout_seed(Some(9));
+        adapter.set_dropout_seed(Some(vec![9, 10]));
         let adapter = Arc::new(adapter);
         let mut taped = Llama::load(&store, &cfg, DType::F64, &dev).unwrap();
         taped.set_adapter(Some(adapter.clone()));

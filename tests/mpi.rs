@@ -154,9 +154,12 @@ fn ranks_share_the_encoding_and_leave_the_cache_one_process_leaves() {
 /// Relative difference of two runs' final projectors, the largest over their tensors
 /// (|a - b| / |a|, Frobenius norms).
 fn projector_difference(a: &Path, b: &Path) -> f64 {
-    let load = |run: &Path| {
-        candle_core::safetensors::load(run.join("projector.safetensors"), &Device::Cpu).unwrap()
-    };
+    tensors_difference(a, b, "projector.safetensors")
+}
+
+/// [`projector_difference`] for the tensors of `file` in each run folder.
+fn tensors_difference(a: &Path, b: &Path, file: &str) -> f64 {
+    let load = |run: &Path| candle_core::safetensors::load(run.join(file), &Device::Cpu).unwrap();
     let (ta, tb) = (load(a), load(b));
     assert_eq!(
         ta.keys().collect::<std::collections::BTreeSet<_>>(),
@@ -233,6 +236,39 @@ fn two_ranks_train_what_one_rank_trains_and_a_run_resumes_on_fewer_ranks() {
     assert!(
         diff <= 1e-5,
         "resumed projector differs by {diff:e} (relative)"
+    );
+}
+
+/// With LoRA and its dropout, 2 ranks still train what 1 rank trains: each example draws
+/// its dropout masks from its own sample position, whichever rank computes it. The losses
+/// agree within 1e-5 at every step (with masks drawn per rank's forward, as before, they
+/// differed by 1e-2 from step 2 and the adapters by 0.7, relative). The adapters agree to
+/// rounding, which Adam magnifies here: lora_B starts at zero, so lora_A's first gradients
+/// are near zero and Adam's normalisation turns the last bits of the summed gradient into
+/// visible differences (the same run without dropout differs by ~1.2e-4 between 1 and 2
+/// ranks on this machine), hence 1e-3 for the tensors.
+#[test]
+fn two_ranks_train_lora_with_dropout_as_one_rank_does() {
+    let d = tempfile::tempdir().unwrap();
+    let (one, two) = (d.path().join("one"), d.path().join("two"));
+    let lora = ["--set", "lora.rank=4", "--set", "lora.dropout=0.3"];
+    expect_success(&earshot(train_args(&one, &lora)));
+    expect_success(&on_ranks(2, &train_args(&two, &lora)));
+    assert_same_losses(&run_losses(&one), &run_losses(&two));
+    for file in ["projector.safetensors", "adapter/adapter_model.safetensors"] {
+        let diff = tensors_difference(&one, &two, file);
+        assert!(diff <= 1e-3, "{file} differs by {diff:e} (relative)");
+    }
+    // The dropout is on: without it the same run ends elsewhere.
+    let off = d.path().join("off");
+    expect_success(&earshot(train_args(
+        &off,
+        &["--set", "lora.rank=4", "--set", "lora.dropout=0.0"],
+    )));
+    let diff = tensors_difference(&one, &off, "adapter/adapter_model.safetensors");
+    assert!(
+        diff > 1e-3,
+        "dropout 0.3 and 0 trained the same adapter ({diff:e})"
     );
 }
 
@@ -363,4 +399,245 @@ fn a_hung_rank_ends_the_job_within_the_timeout() {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// The tones config's path.
+fn tones_config() -> String {
+    repo_root()
+        .join("configs/cpu-smollm2-tones.toml")
+        .display()
+        .to_string()
+}
+
+/// `earshot ARGS` alone in `home`, one thread (as each rank has).
+fn alone_in(home: &Path, args: &[String]) -> Output {
+    earshot_command()
+        .env("EARSHOT_HOME", home)
+        .env("RAYON_NUM_THREADS", "1")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Caption lines without their timings (`seconds` differs from run to run).
+fn caption_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("seconds");
+            v
+        })
+        .collect()
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+/// `caption --split` and `eval --config` on 2 ranks: each rank captions its chunks (8 clips
+/// in chunks of 3: rank 0 the 1st and 3rd, 5 clips; rank 1 the 2nd, 3 clips, and nothing in
+/// the second round) and rank 0 writes in split order what one process writes: the same
+/// captions, the same scores and listening check, the same predictions file and HTML report.
+#[test]
+fn sharded_caption_and_eval_give_what_one_process_gives() {
+    let d = tempfile::tempdir().unwrap();
+    let (home_one, home_two) = (
+        fresh_home(&d.path().join("home-one")),
+        fresh_home(&d.path().join("home-two")),
+    );
+    let config = tones_config();
+    let caption = strings(&[
+        "-v",
+        "caption",
+        "--config",
+        &config,
+        "--split",
+        "train",
+        "--batch-size",
+        "3",
+        "--max-tokens",
+        "8",
+    ]);
+    let one = alone_in(&home_one, &caption);
+    expect_success(&one);
+    let two = on_ranks_in(&home_two, 2, &caption);
+    expect_success(&two);
+    let (a, b) = (caption_lines(&one.stdout), caption_lines(&two.stdout));
+    assert_eq!(a.len(), 8);
+    assert_eq!(a, b, "2 ranks captioned differently from one process");
+    // Each rank encoded only its own clips (empty caches: every window went through it).
+    let stderr = String::from_utf8_lossy(&two.stderr);
+    for share in [
+        "5 window(s) went through the encoder",
+        "3 window(s) went through the encoder",
+    ] {
+        assert!(stderr.contains(share), "no rank says {share:?}: {stderr}");
+    }
+    let eval = |dir: &Path| {
+        strings(&[
+            "eval",
+            "--config",
+            &config,
+            "--split",
+            "train",
+            "--batch-size",
+            "3",
+            "--max-tokens",
+            "8",
+            "--report",
+            &dir.join("report.html").display().to_string(),
+            "--save-predictions",
+            &dir.join("predictions.jsonl").display().to_string(),
+        ])
+    };
+    let (dir_one, dir_two) = (d.path().join("eval-one"), d.path().join("eval-two"));
+    std::fs::create_dir_all(&dir_one).unwrap();
+    std::fs::create_dir_all(&dir_two).unwrap();
+    let one = alone_in(&home_one, &eval(&dir_one));
+    let two = on_ranks_in(&home_two, 2, &eval(&dir_two));
+    // Without a checkpoint the model does not listen: the check warns, the status is 0.
+    let (stdout_one, stdout_two) = (expect_success(&one), expect_success(&two));
+    assert!(stdout_one.contains("listening check"), "{stdout_one}");
+    assert_eq!(stdout_one, stdout_two, "the scores differ");
+    for file in ["report.html", "predictions.jsonl", "eval.json"] {
+        // The report names the models by path, beneath each run's own $EARSHOT_HOME.
+        let read = |dir: &Path, home: &Path| {
+            std::fs::read_to_string(dir.join(file))
+                .unwrap()
+                .replace(&home.display().to_string(), "$EARSHOT_HOME")
+        };
+        let (a, b) = (read(&dir_one, &home_one), read(&dir_two, &home_two));
+        assert!(a.contains("Tone number"), "{file}: {a}");
+        if file == "report.html" {
+            // The players of what the model heard came from both ranks.
+            assert_eq!(a.matches("<audio").count(), 8, "{file}");
+        }
+        assert!(a == b, "{file} differs between 1 and 2 ranks");
+    }
+}
+
+/// `cache fill` on 2 ranks: each encodes half the clips, and the cache they leave is the
+/// one a single process leaves, file for file; `train` then encodes nothing, and a second
+/// fill finds everything there.
+#[test]
+fn sharded_cache_fill_leaves_the_cache_one_process_leaves() {
+    let d = tempfile::tempdir().unwrap();
+    let (alone, shared) = (
+        fresh_home(&d.path().join("home-one")),
+        fresh_home(&d.path().join("home-two")),
+    );
+    let fill = strings(&["-v", "cache", "fill", &tones_config()]);
+    let one = expect_success(&alone_in(&alone, &fill));
+    assert!(
+        one.contains("8 clip(s): 8 window(s) encoded, 0 already in the cache, 0 failed;"),
+        "{one}"
+    );
+    let two = on_ranks_in(&shared, 2, &fill);
+    let stdout = expect_success(&two);
+    assert!(
+        stdout.contains(
+            "8 clip(s): 8 window(s) encoded, 0 already in the cache, 0 failed (over 2 ranks)"
+        ),
+        "{stdout}"
+    );
+    let stderr = String::from_utf8_lossy(&two.stderr);
+    for rank in 0..2 {
+        let share = format!("rank {rank} of 2: 4 window(s) encoded, 0 from the cache");
+        assert!(stderr.contains(&share), "no {share:?}: {stderr}");
+    }
+    let (a, b) = (
+        files_under(&alone.join("cache/encoder")),
+        files_under(&shared.join("cache/encoder")),
+    );
+    assert_eq!(a.len(), 8);
+    assert!(a == b, "the caches differ");
+    let out = alone_in(
+        &shared,
+        &train_args(&d.path().join("run"), &["--max-steps", "1"]),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("encoder: 0 clip(s) encoded, 8 from the cache"),
+        "{stderr}"
+    );
+    let again = expect_success(&on_ranks_in(&shared, 2, &fill));
+    assert!(
+        again.contains("8 clip(s): 0 window(s) encoded, 8 already in the cache"),
+        "{again}"
+    );
+}
+
+/// `mpirun` with one rank started as `first` and one as `second` (MPMD), one thread each.
+fn two_programs(first: &[String], second: &[String]) -> Command {
+    let mut cmd = Command::new(mpirun());
+    cmd.args(["--allow-run-as-root", "--oversubscribe"])
+        .args(["-x", "EARSHOT_HOME", "-x", "RAYON_NUM_THREADS", "-np", "1"])
+        .arg(earshot_bin())
+        .args(first)
+        .args([":", "-np", "1"])
+        .arg(earshot_bin())
+        .args(second)
+        .env("EARSHOT_HOME", test_home())
+        .env("RAYON_NUM_THREADS", "1")
+        .env_remove("RUST_LOG");
+    cmd
+}
+
+/// Runs `cmd`, failing the test if it has not ended within `secs` (it is killed then).
+fn within(mut cmd: Command, secs: u64) -> Output {
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("mpirun runs");
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > std::time::Duration::from_secs(secs) {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the job had not ended after {secs} s: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// A rank that fails while the others go on (here: rank 1 is given a split that does not
+/// exist) ends every rank at once, naming itself and the cause, instead of leaving rank 0
+/// waiting for it in the next collective forever: in `train` (while loading, before the
+/// step watchdog starts) and in sharded `eval`.
+#[test]
+fn a_rank_that_fails_ends_every_rank() {
+    let d = tempfile::tempdir().unwrap();
+    let run = d.path().join("run");
+    let train = train_args(&run, &[]);
+    let mut bad_train = train.clone();
+    bad_train.extend(strings(&["--set", "data.train-split=\"nosuch\""]));
+    let config = tones_config();
+    let eval = strings(&[
+        "eval",
+        "--config",
+        &config,
+        "--split",
+        "train",
+        "--max-tokens",
+        "4",
+        "--no-report",
+    ]);
+    let mut bad_eval = eval.clone();
+    *bad_eval.last_mut().unwrap() = "--no-listening-check".into();
+    bad_eval[4] = "nosuch".into();
+    for (good, bad) in [(train, bad_train), (eval, bad_eval)] {
+        let out = within(two_programs(&good, &bad), 60);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("rank 1 of 2: ") && stderr.contains("no split \"nosuch\""),
+            "{stderr}"
+        );
+    }
 }

@@ -18,6 +18,11 @@ pub enum DistError {
     NotBuilt { rank: usize, size: usize },
     #[error("MPI could not be initialised (is this process started by mpirun or srun?)")]
     Init,
+    #[error(
+        "the ranks' results of one round are {bytes} bytes together, over MPI's 2 GiB for one \
+         gather: use a smaller --batch-size or fewer ranks"
+    )]
+    TooLarge { bytes: u64 },
 }
 
 /// This process's place in the job.
@@ -196,6 +201,67 @@ impl World {
 
     #[cfg(not(feature = "mpi"))]
     fn sum<T>(&self, _values: &mut [T]) {}
+
+    /// Each rank's `bytes` on rank 0, in rank order (`None` on the other ranks): the results
+    /// of sharded work (captions, scores' parts), gathered to the one rank that writes.
+    /// MPI counts in `int`: over 2 GiB in one gather is refused with an error, before any
+    /// rank sends (every rank learns the sizes first).
+    pub fn gather_bytes(&self, bytes: &[u8]) -> Result<Option<Vec<Vec<u8>>>, DistError> {
+        #[cfg(feature = "mpi")]
+        if let Some(m) = &self.mpi {
+            use mpi::datatype::PartitionMut;
+            use mpi::traits::{Communicator, Root};
+            let mut sizes = vec![0f64; self.size];
+            sizes[self.rank] = bytes.len() as f64;
+            // Every rank learns every size, so all refuse together or none does.
+            self.sum_f64(&mut sizes);
+            let total: f64 = sizes.iter().sum();
+            if total > i32::MAX as f64 {
+                return Err(DistError::TooLarge {
+                    bytes: total as u64,
+                });
+            }
+            let root = m.world.process_at_rank(0);
+            self.set_watch(|s| s.1 = true);
+            let gathered = if self.is_root() {
+                let counts: Vec<i32> = sizes.iter().map(|&n| n as i32).collect();
+                let displs: Vec<i32> = counts
+                    .iter()
+                    .scan(0, |at, &n| {
+                        let d = *at;
+                        *at += n;
+                        Some(d)
+                    })
+                    .collect();
+                let mut all = vec![0u8; total as usize];
+                let mut partition = PartitionMut::new(&mut all[..], &counts[..], &displs[..]);
+                root.gather_varcount_into_root(bytes, &mut partition);
+                let mut parts = Vec::with_capacity(self.size);
+                for (d, n) in displs.iter().zip(&counts) {
+                    parts.push(all[*d as usize..(*d + *n) as usize].to_vec());
+                }
+                Some(parts)
+            } else {
+                root.gather_varcount_into(bytes);
+                None
+            };
+            self.set_watch(|s| s.1 = false);
+            return Ok(gathered);
+        }
+        Ok(Some(vec![bytes.to_vec()]))
+    }
+
+    /// With several ranks: ends every rank of the job now (MPI_Abort with `code`), for an
+    /// error on this rank that leaves the others waiting for it in a collective. One rank:
+    /// returns, and the caller reports the error as usual.
+    pub fn abort_others(&self, code: u8) {
+        #[cfg(feature = "mpi")]
+        if let Some(m) = &self.mpi {
+            use mpi::traits::Communicator;
+            m.world.abort(code as i32);
+        }
+        let _ = code;
+    }
 
     /// Rank 0's `flag` on every rank (decisions only rank 0 can make: stop early, stop on
     /// Ctrl-C), so that every rank runs the same steps.

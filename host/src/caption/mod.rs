@@ -56,6 +56,12 @@ pub enum CaptionError {
     /// The post-processor failed on its caption.
     #[error("{0}")]
     PostProcess(String),
+    /// Gathering the ranks' results of a sharded run failed.
+    #[error(transparent)]
+    Ranks(#[from] crate::dist::DistError),
+    /// A rank's results could not be read back on rank 0.
+    #[error("a rank's results of a sharded run: {0}")]
+    Share(String),
 }
 
 impl From<candle_core::Error> for CaptionError {
@@ -248,7 +254,8 @@ impl Captioner {
             ),
         }
         let projector = trained.projector;
-        let clips = ClipEncoder::with_default_cache(encoder, rt, settings, &manifest)?;
+        let clips =
+            ClipEncoder::with_default_cache(encoder, rt, settings, &manifest.encoder_identity())?;
         Ok(Self {
             config,
             llm,

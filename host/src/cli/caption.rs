@@ -8,6 +8,7 @@ use crate::caption::{
     CaptionEvent, CaptionItem, CaptionSettings, Captioner, ItemResult, ItemSource, LongAudio, Span,
 };
 use crate::config::RunConfig;
+use crate::dist::World;
 use crate::plugins::PAGE_SIZE;
 use crate::text::{display_text, terminal_safe_json};
 
@@ -92,10 +93,17 @@ impl CaptionArgs {
 struct Output {
     jsonl: bool,
     stream: bool,
-    out: std::io::StdoutLock<'static>,
 }
 
 pub fn run(args: CaptionArgs) -> Result<()> {
+    super::common::on_this_rank(|world| caption_on_rank(&args, world))
+}
+
+/// Captions the inputs, or under `mpirun -np N` this rank's share of them: the inputs are
+/// read in chunks of --batch-size on every rank, each round of N chunks gives chunk r to
+/// rank r, and rank 0 writes every rank's results in input order. Each chunk is the batch a
+/// single process would caption, so the captions are the same.
+fn caption_on_rank(args: &CaptionArgs, world: &World) -> Result<()> {
     let cfg = RunConfig::load(&args.config, &args.set)?.for_task(args.task.as_deref())?;
     let settings = args.settings();
     crate::sampler::Sampler::new(settings.sampling)?;
@@ -122,28 +130,48 @@ pub fn run(args: CaptionArgs) -> Result<()> {
         _ => ItemSource::Files(args.audio.clone().into_iter()),
     };
     let jsonl = args.jsonl || args.split.is_some() || args.audio.len() > 1;
-    let mut output = Output {
+    let output = Output {
         jsonl,
-        stream: !jsonl && std::io::stdout().is_terminal(),
-        out: std::io::stdout().lock(),
+        // Several ranks: rank 0 writes what the others captioned, whole.
+        stream: !jsonl && world.size() == 1 && std::io::stdout().is_terminal(),
     };
+    let mut stdout = std::io::stdout().lock();
     let mut progress = args
         .split
         .as_ref()
+        .filter(|_| world.is_root())
         .map(|split| PhaseProgress::new(format!("captioning {split}"), "clip(s)"));
-    let (mut failures, mut total) = (0, 0);
+    let (mut failures, mut total) = (0u64, 0u64);
     loop {
-        let chunk = items.next_chunk(settings.batch_size)?;
-        if chunk.is_empty() {
+        // Every rank reads the same chunks; rank r captions the r-th of each round.
+        let mut round = Vec::with_capacity(world.size());
+        for _ in 0..world.size() {
+            round.push(items.next_chunk(settings.batch_size)?);
+        }
+        // Rank 0's reading decides the end, so that no rank waits for one that stopped.
+        if !world.root_says(!round[0].is_empty()) {
             break;
         }
-        let results = caption_chunk(&mut captioner, &chunk, &settings, &mut output)?;
-        for (item, result) in chunk.iter().zip(&results) {
-            failures += usize::from(output.write(item, result)?);
+        let mine = std::mem::take(&mut round[world.rank()]);
+        let mut share = Share::default();
+        if !mine.is_empty() {
+            let results = caption_chunk(&mut captioner, &mine, &settings, &output, &mut stdout)?;
+            for (item, result) in mine.iter().zip(&results) {
+                share.failed += u64::from(output.write(&mut share.written, item, result)?);
+            }
+            share.items = mine.len() as u64;
         }
-        output.out.flush()?;
-        total += chunk.len();
-        if let Some(line) = progress.as_mut().and_then(|p| p.line(total, None)) {
+        let Some(shares) = world.gather_bytes(&share.to_bytes())? else {
+            continue;
+        };
+        for bytes in shares {
+            let share = Share::from_bytes(&bytes)?;
+            failures += share.failed;
+            total += share.items;
+            stdout.write_all(&share.written)?;
+        }
+        stdout.flush()?;
+        if let Some(line) = progress.as_mut().and_then(|p| p.line(total as usize, None)) {
             printer::progress(&line);
         }
     }
@@ -153,6 +181,10 @@ pub fn run(args: CaptionArgs) -> Result<()> {
         counts.encoder_runs,
         counts.cache_hits
     );
+    if !world.is_root() {
+        // Rank 0 wrote this rank's captions and says how the inputs fared.
+        return Ok(());
+    }
     if failures == total && total > 0 {
         bail!("all {total} input(s) failed");
     }
@@ -164,18 +196,47 @@ pub fn run(args: CaptionArgs) -> Result<()> {
     Ok(())
 }
 
+/// What one rank captioned in a round: its output lines, how many items, how many failed.
+#[derive(Default)]
+struct Share {
+    failed: u64,
+    items: u64,
+    written: Vec<u8>,
+}
+
+impl Share {
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 + self.written.len());
+        out.extend(self.failed.to_le_bytes());
+        out.extend(self.items.to_le_bytes());
+        out.extend(&self.written);
+        out
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let (Some(failed), Some(items)) = (bytes.get(..8), bytes.get(8..16)) else {
+            bail!("a rank sent {} bytes of results, not a share", bytes.len());
+        };
+        Ok(Self {
+            failed: u64::from_le_bytes(failed.try_into()?),
+            items: u64::from_le_bytes(items.try_into()?),
+            written: bytes[16..].to_vec(),
+        })
+    }
+}
+
 /// Captions one chunk; on a terminal, each caption is shown as it is generated and then
 /// replaced by its post-processed text.
 fn caption_chunk(
     captioner: &mut Captioner,
     chunk: &[CaptionItem],
     settings: &CaptionSettings,
-    output: &mut Output,
+    output: &Output,
+    out: &mut impl Write,
 ) -> Result<Vec<ItemResult>> {
     if !output.stream {
         return Ok(captioner.caption(chunk, settings, false, &mut |_| {})?);
     }
-    let out = &mut output.out;
     let mut streamed = Streamed::default();
     let mut label = String::new();
     let mut failure: Option<std::io::Error> = None;
@@ -206,9 +267,8 @@ fn caption_chunk(
 }
 
 impl Output {
-    /// Writes an item's result; whether it failed.
-    fn write(&mut self, item: &CaptionItem, result: &ItemResult) -> Result<bool> {
-        let out = &mut self.out;
+    /// Writes an item's result to `out`; whether it failed.
+    fn write(&self, out: &mut impl Write, item: &CaptionItem, result: &ItemResult) -> Result<bool> {
         let captions = match result {
             Ok(c) => c,
             Err(msg) => {

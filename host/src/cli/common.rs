@@ -96,3 +96,26 @@ impl TraceArgs {
         }
     }
 }
+
+/// Runs a command's `body` on this process's rank of an MPI job (or alone, a world of one).
+/// An error on one rank of several ends every rank (MPI_Abort), printed first with the rank:
+/// the others would otherwise wait for it in their next collective forever. A partial
+/// failure (some inputs failed) is not such an error: rank 0 says so after the last
+/// collective, and the job ends with its status.
+pub fn on_this_rank(body: impl FnOnce(&mut crate::dist::World) -> Result<()>) -> Result<()> {
+    let mut world = crate::dist::World::from_environment()?;
+    let result = body(&mut world);
+    if let Err(err) = &result {
+        let code = super::exit::code_of(err);
+        if world.size() > 1 && code != super::exit::PARTIAL && code != super::exit::BROKEN_PIPE {
+            let text = crate::text::display_text(&format!("{err:#}"), 64 * 1024);
+            super::printer::error(&format!(
+                "rank {} of {}: {text}; ending every rank",
+                world.rank(),
+                world.size()
+            ));
+            world.abort_others(code);
+        }
+    }
+    result
+}

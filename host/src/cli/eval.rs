@@ -7,6 +7,7 @@ use clap::Args;
 
 use crate::caption::{CaptionSettings, Captioner};
 use crate::config::RunConfig;
+use crate::dist::World;
 use crate::eval::report::{write_html, ReportPage};
 use crate::eval::split::{
     baselines, caption_split, listening_check, Hearing, ListeningCheck, TrainingExample,
@@ -118,27 +119,8 @@ fn parse_attribute(s: &str) -> Result<(String, Vec<String>)> {
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
-    if let Some(config) = &args.config {
-        let cfg = RunConfig::load(config, &args.set)?;
-        if cfg.is_multi_task() {
-            return run_tasks(&args, cfg);
-        }
-        if let Some(task) = &args.task {
-            // A single-task config has one task, named `main`.
-            cfg.task(task)?;
-        }
-        let evaluated = evaluate_task(&args, cfg, None)?;
-        let mut out = std::io::stdout().lock();
-        if args.json {
-            let v = report_json(&evaluated.report, evaluated.check.as_ref())?;
-            writeln!(out, "{}", terminal_safe_json(v.to_string()))?;
-        } else {
-            print_evaluated(&mut out, &args, &evaluated)?;
-        }
-        return partial_exit(
-            evaluated.report.failed,
-            evaluated.report.failed + evaluated.report.examples,
-        );
+    if args.config.is_some() {
+        return super::common::on_this_rank(|world| run_config(&args, world));
     }
     let Some(path) = &args.predictions else {
         bail!("give --predictions FILE or --config RUN.toml");
@@ -166,6 +148,37 @@ pub fn run(args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// `eval --config`: captions and scores the split, or under `mpirun -np N` this rank's
+/// share of its chunks (rank 0 gathers, scores and writes; see [`caption_split`]).
+fn run_config(args: &EvalArgs, world: &World) -> Result<()> {
+    let Some(config) = &args.config else {
+        bail!("give --predictions FILE or --config RUN.toml");
+    };
+    let cfg = RunConfig::load(config, &args.set)?;
+    if cfg.is_multi_task() {
+        return run_tasks(args, cfg, world);
+    }
+    if let Some(task) = &args.task {
+        // A single-task config has one task, named `main`.
+        cfg.task(task)?;
+    }
+    let Some(evaluated) = evaluate_task(args, cfg, None, world)? else {
+        // Rank 0 prints the scores.
+        return Ok(());
+    };
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let v = report_json(&evaluated.report, evaluated.check.as_ref())?;
+        writeln!(out, "{}", terminal_safe_json(v.to_string()))?;
+    } else {
+        print_evaluated(&mut out, args, &evaluated)?;
+    }
+    partial_exit(
+        evaluated.report.failed,
+        evaluated.report.failed + evaluated.report.examples,
+    )
+}
+
 /// One task evaluated from a config: its scores, listening check and split.
 struct Evaluated {
     report: Report,
@@ -174,23 +187,31 @@ struct Evaluated {
 }
 
 /// Captions and scores one task's split (`task`: its name, in a multi-task run, which
-/// names its report files).
-fn evaluate_task(args: &EvalArgs, cfg: RunConfig, task: Option<&str>) -> Result<Evaluated> {
+/// names its report files); `None` on ranks other than 0, which only caption.
+fn evaluate_task(
+    args: &EvalArgs,
+    cfg: RunConfig,
+    task: Option<&str>,
+    world: &World,
+) -> Result<Option<Evaluated>> {
     let mut attributes = AttributeSpec::new();
     attributes.extend(cfg.eval.attributes.clone());
     for a in &args.attributes {
         let (name, values) = parse_attribute(a)?;
         attributes.insert(name, values);
     }
-    let (report, check, page, split) = evaluate_config(args, cfg, &attributes, task)?;
+    let Some((report, check, page, split)) = evaluate_config(args, cfg, &attributes, task, world)?
+    else {
+        return Ok(None);
+    };
     if let Some(path) = page {
         printer::notice(&format!("report: {}", path.display()));
     }
-    Ok(Evaluated {
+    Ok(Some(Evaluated {
         report,
         check,
         split,
-    })
+    }))
 }
 
 fn print_evaluated(out: &mut impl Write, args: &EvalArgs, e: &Evaluated) -> Result<()> {
@@ -225,7 +246,7 @@ fn partial_exit(failed: usize, total: usize) -> Result<()> {
 
 /// Every task of a multi-task config (or `--task`'s), each in its own section: `task NAME`
 /// and what a single-task eval prints; `--json`: one object with a report per task.
-fn run_tasks(args: &EvalArgs, cfg: RunConfig) -> Result<()> {
+fn run_tasks(args: &EvalArgs, cfg: RunConfig, world: &World) -> Result<()> {
     let tasks = match &args.task {
         Some(name) => vec![cfg.task(name)?],
         None => cfg.tasks()?,
@@ -234,8 +255,12 @@ fn run_tasks(args: &EvalArgs, cfg: RunConfig) -> Result<()> {
     let mut json = serde_json::Map::new();
     let (mut failed, mut total) = (0, 0);
     for (i, task) in tasks.into_iter().enumerate() {
-        printer::notice(&format!("task {}", task.name));
-        let evaluated = evaluate_task(args, task.config, Some(&task.name))?;
+        if world.is_root() {
+            printer::notice(&format!("task {}", task.name));
+        }
+        let Some(evaluated) = evaluate_task(args, task.config, Some(&task.name), world)? else {
+            continue;
+        };
         failed += evaluated.report.failed;
         total += evaluated.report.failed + evaluated.report.examples;
         if args.json {
@@ -251,6 +276,9 @@ fn run_tasks(args: &EvalArgs, cfg: RunConfig) -> Result<()> {
             print_evaluated(&mut out, args, &evaluated)?;
             out.flush()?;
         }
+    }
+    if !world.is_root() {
+        return Ok(());
     }
     if args.json {
         let v = serde_json::json!({ "tasks": json });
@@ -279,7 +307,8 @@ fn evaluate_config(
     cfg: RunConfig,
     attributes: &AttributeSpec,
     task: Option<&str>,
-) -> Result<(Report, Option<ListeningCheck>, Option<PathBuf>, String)> {
+    world: &World,
+) -> Result<Option<Evaluation>> {
     let split = match (&args.split, &cfg.data.test_split) {
         (Some(s), _) | (None, Some(s)) => s.clone(),
         (None, None) => {
@@ -308,7 +337,8 @@ fn evaluate_config(
             .then(|| for_task(&run_dir.join("report.html"), task)),
     };
     let mut heard = BTreeMap::new();
-    let mut run = |hearing: Hearing| -> Result<Report> {
+    // None: not rank 0 (this rank only captions its share).
+    let mut run = |hearing: Hearing| -> Result<Option<Report>> {
         let what = match hearing {
             Hearing::Real => format!("captioning {split}"),
             Hearing::Silence => format!("captioning {split} with silence"),
@@ -322,12 +352,16 @@ fn evaluate_config(
             &settings,
             hearing,
             hearing == Hearing::Real && page.is_some(),
+            world,
             &mut |done| {
                 if let Some(line) = progress.line(done, None) {
                     printer::progress(&line);
                 }
             },
         )?;
+        let Some(captions) = captions else {
+            return Ok(None);
+        };
         if hearing == Hearing::Real {
             if let Some(path) = &args.save_predictions {
                 save_lines(&for_task(path, task), &captions.lines)?;
@@ -351,14 +385,23 @@ fn evaluate_config(
         if hearing == Hearing::Real {
             heard = captions.heard;
         }
-        Ok(report)
+        Ok(Some(report))
     };
-    let report = run(Hearing::Real)?;
+    let Some(report) = run(Hearing::Real)? else {
+        // Not rank 0: caption this rank's share of the listening check too; rank 0 scores.
+        if !args.no_listening_check {
+            run(Hearing::Silence)?;
+            run(Hearing::Shuffled)?;
+        }
+        return Ok(None);
+    };
     let check = if args.no_listening_check {
         None
     } else {
-        let silence = run(Hearing::Silence)?;
-        let shuffled = run(Hearing::Shuffled)?;
+        let (Some(silence), Some(shuffled)) = (run(Hearing::Silence)?, run(Hearing::Shuffled)?)
+        else {
+            bail!("rank 0 got no captions from the listening check");
+        };
         let training = training_examples(&captioner)?;
         let baselines = baselines(&training, &report, attributes);
         Some(listening_check(&report, silence, shuffled, baselines))
@@ -379,8 +422,11 @@ fn evaluate_config(
         let details = run_details(args, &captioner, &split);
         write_report(path, &captioner, heard, &report, check.as_ref(), details)?;
     }
-    Ok((report, check, page, split))
+    Ok(Some((report, check, page, split)))
 }
+
+/// A split's scores, its listening check, the report page written and the split's name.
+type Evaluation = (Report, Option<ListeningCheck>, Option<PathBuf>, String);
 
 /// The report and the listening check as one JSON object (`--json`, and `eval.json`).
 fn report_json(report: &Report, check: Option<&ListeningCheck>) -> Result<serde_json::Value> {

@@ -5,7 +5,7 @@
 //! | 0 | success |
 //! | 1 | the command failed (bad input, a failing plugin, a model that does not load ...) |
 //! | 2 | usage error: the command line is wrong (unknown flag, missing argument) |
-//! | 3 | partial failure: `caption`/`eval` captioned some inputs, others failed; `dataset list` listed some examples, others break a per-example bound (error lines say which) |
+//! | 3 | partial failure: `caption`/`eval` captioned some inputs, others failed; `dataset list` listed some examples, others break a per-example bound (error lines say which); `cache fill` encoded some clips, others failed (warnings say which) |
 //! | 4 | integrity failure: `inspect` found damaged weights (non-finite values, a truncated or invalid file) |
 //! | 141 | stdout was closed early (`earshot ... \| head`) |
 
@@ -19,7 +19,7 @@ pub const BROKEN_PIPE: u8 = 141;
 /// The text `earshot --help` ends with.
 pub const HELP: &str = "Exit status: 0 success; 1 the command failed; 2 usage error (bad command \
 line); 3 partial failure (caption: some inputs failed, the others were captioned; dataset list: some \
-examples break a bound); 4 integrity \
+examples break a bound; cache fill: some clips failed); 4 integrity \
 failure (inspect: damaged weights); 141 stdout closed early.";
 
 /// An error that exits with a status other than [`FAILED`].

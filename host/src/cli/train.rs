@@ -62,6 +62,11 @@ fn positive_seconds(s: &str) -> std::result::Result<f64, String> {
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
+    // Under mpirun or srun: this rank's place in the data-parallel job.
+    super::common::on_this_rank(|world| train_on_rank(&args, world))
+}
+
+fn train_on_rank(args: &TrainArgs, world: &mut World) -> Result<()> {
     crate::models::device::keep_elementwise_on_caller();
     let path = args
         .config
@@ -69,8 +74,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
         .or(args.config_flag.as_ref())
         .ok_or_else(|| anyhow::anyhow!("no run config given (CONFIG or --config)"))?;
     let config = RunConfig::load(path, &args.set)?;
-    // Under mpirun or srun: this rank's place in the data-parallel job.
-    let mut world = World::from_environment()?;
     world.watch(std::time::Duration::from_secs_f64(args.rank_timeout_s));
     let steps = args.max_steps.unwrap_or(config.train.steps);
     let log_every = config.train.log_every.max(1);
@@ -79,7 +82,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     } else {
         TrainPrinter::silent(steps)
     };
-    let session = Session::load_sharded(config, &world, &mut |e| printer.event(e));
+    let session = Session::load_sharded(config, world, &mut |e| printer.event(e));
     let session = match session {
         Ok(s) => s,
         Err(e) => {
@@ -113,14 +116,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
             session.config.train.batch_size.min(session.examples.len())
         ));
     }
-    let result = train(
-        &session,
-        &world,
-        steps,
-        start,
-        Some(interrupted),
-        &mut |e| printer.event(e),
-    );
+    let result = train(&session, world, steps, start, Some(interrupted), &mut |e| {
+        printer.event(e)
+    });
     printer.finish();
     let outcome = result?;
     if !world.is_root() {

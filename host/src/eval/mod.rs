@@ -15,7 +15,7 @@ use serde::Serialize;
 use metrics::{ptb_tokenize, AsrNormalization, Scored};
 
 /// One caption to score.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Prediction {
     pub id: String,
     pub caption: String,

@@ -4,10 +4,13 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{Prediction, Report};
-use crate::caption::{AudioInput, CaptionItem, CaptionSettings, Captioner, ItemSource, Result};
+use crate::caption::{
+    AudioInput, CaptionError, CaptionItem, CaptionSettings, Captioner, ItemSource, Result,
+};
+use crate::dist::World;
 use crate::models::nonfinite::NonFiniteTrace;
 use crate::pipeline::layout::project_windows;
 use crate::pipeline::loss::caption_loss;
@@ -54,6 +57,12 @@ pub struct SplitCaptions {
 /// The split captioned as `hearing` says, and its loss heard the same way; with
 /// `keep_heard`, the start of each clip for the report's players. Each clip is decoded once.
 /// `progress(done)` is called after each chunk.
+///
+/// Under `mpirun -np N`, every rank reads the split in the same chunks and rank r captions
+/// the r-th chunk of each round of N; rank 0 gathers the results in split order and gets
+/// the captions (the other ranks get `None`). Each chunk is the batch one process would
+/// caption and the losses are summed in chunk order, so the result is the single process's.
+#[allow(clippy::too_many_arguments)]
 pub fn caption_split(
     captioner: &mut Captioner,
     dataset: &mut DatasetAdapter,
@@ -61,18 +70,14 @@ pub fn caption_split(
     settings: &CaptionSettings,
     hearing: Hearing,
     keep_heard: bool,
+    world: &World,
     progress: &mut dyn FnMut(usize),
-) -> Result<SplitCaptions> {
+) -> Result<Option<SplitCaptions>> {
     let root = captioner.config.data.root.clone();
     let mut items = ItemSource::Split {
         pages: dataset.pages(split, PAGE_SIZE),
         root,
     };
-    let (mut predictions, mut failed, mut lines) = (Vec::new(), 0, Vec::new());
-    let (mut loss_sum, mut loss_tokens) = (0.0, 0usize);
-    let mut heard = BTreeMap::new();
-    let mut heard_bytes = 0usize;
-    let clip_samples = (MAX_EMBEDDED_CLIP_S * crate::audio::SAMPLE_RATE as f64) as usize;
     // Shuffled: the whole split first, so each example can get the audio of one far from it
     // (neighbours in a split are often the same source: the same preset, speaker, album).
     let mut shuffled = if hearing == Hearing::Shuffled {
@@ -89,71 +94,212 @@ pub fn caption_split(
     } else {
         None
     };
+    let mut merged = Merged::default();
     loop {
-        let mut chunk = match &mut shuffled {
-            Some(all) => all.by_ref().take(settings.batch_size).collect(),
-            None => items.next_chunk(settings.batch_size)?,
-        };
-        if chunk.is_empty() {
+        let mut round = Vec::with_capacity(world.size());
+        for _ in 0..world.size() {
+            round.push(match &mut shuffled {
+                Some(all) => all.by_ref().take(settings.batch_size).collect(),
+                None => items.next_chunk(settings.batch_size)?,
+            });
+        }
+        // Rank 0's reading decides the end (no rank waits for one that stopped), and whether
+        // the report still has room for players.
+        if !world.root_says(!round[0].is_empty()) {
             break;
         }
-        if hearing == Hearing::Silence {
-            for item in &mut chunk {
-                if !matches!(item.input, AudioInput::Rejected(_)) {
-                    item.input = AudioInput::Samples(vec![0.0; crate::audio::SAMPLE_RATE as usize]);
-                }
-            }
-        } else {
-            captioner.decode_in_place(&mut chunk);
-        }
-        if keep_heard {
-            for item in &chunk {
-                let (AudioInput::Decoded { samples, .. } | AudioInput::Samples(samples)) =
-                    &item.input
-                else {
-                    continue;
-                };
-                let start = &samples[..samples.len().min(clip_samples)];
-                if heard_bytes + 2 * start.len() > MAX_EMBEDDED_AUDIO_BYTES {
-                    // Full: no later clip either, so the players are the split's first clips.
-                    heard_bytes = MAX_EMBEDDED_AUDIO_BYTES;
-                    break;
-                }
-                heard_bytes += 2 * start.len();
-                heard.insert(item.id.clone(), start.to_vec());
+        let keep_now = world.root_says(keep_heard && !merged.heard_full());
+        let mine = std::mem::take(&mut round[world.rank()]);
+        let share = match mine.is_empty() {
+            true => ChunkShare::default(),
+            false => caption_chunk(captioner, mine, settings, hearing, keep_now)?,
+        };
+        if world.size() == 1 {
+            merged.absorb(share);
+        } else if let Some(parts) = world.gather_bytes(&share.to_bytes()?)? {
+            for bytes in parts {
+                merged.absorb(ChunkShare::from_bytes(&bytes)?);
             }
         }
-        let (sum, tokens) = chunk_loss(captioner, &chunk)?;
-        loss_sum += sum;
-        loss_tokens += tokens;
-        let results = captioner.caption(&chunk, settings, false, &mut |_| {})?;
-        for (item, result) in chunk.into_iter().zip(results) {
-            lines.push(record(&item, &result));
-            match result {
-                Ok(captions) => {
-                    if item.references.is_empty() {
-                        tracing::warn!("example {}: no references; not scored", item.id);
-                        continue;
-                    }
-                    predictions.push(Prediction {
-                        id: item.id,
-                        caption: joined(&captions),
-                        references: item.references,
-                        metadata: item.metadata,
-                    });
-                }
-                Err(_) => failed += 1,
-            }
+        if world.is_root() {
+            progress(merged.captions.lines.len());
         }
-        progress(lines.len());
     }
-    Ok(SplitCaptions {
-        predictions,
-        failed,
-        lines,
-        loss: (loss_tokens > 0).then(|| loss_sum / loss_tokens as f64),
-        heard,
-    })
+    if !world.is_root() {
+        return Ok(None);
+    }
+    let Merged {
+        mut captions,
+        loss_sum,
+        loss_tokens,
+        ..
+    } = merged;
+    captions.loss = (loss_tokens > 0).then(|| loss_sum / loss_tokens as f64);
+    Ok(Some(captions))
+}
+
+/// The captions of one chunk, as one rank sends them to rank 0.
+#[derive(Default, Serialize, Deserialize)]
+struct ChunkShare {
+    predictions: Vec<Prediction>,
+    failed: usize,
+    lines: Vec<Line>,
+    /// The chunk's summed loss, as f64 bits (exact through the JSON header).
+    loss_sum_bits: u64,
+    loss_tokens: usize,
+    /// (example id, samples) of the start of each clip heard, when asked for; the samples
+    /// travel after the header.
+    heard: Vec<(String, usize)>,
+    #[serde(skip)]
+    heard_samples: Vec<f32>,
+}
+
+impl ChunkShare {
+    /// A length-prefixed JSON header, then the heard samples (f32, little-endian).
+    fn to_bytes(&self) -> Result<Vec<u8>> {
+        let header = serde_json::to_vec(self)
+            .map_err(|e| CaptionError::Share(format!("cannot write them as JSON: {e}")))?;
+        let mut out = Vec::with_capacity(8 + header.len() + 4 * self.heard_samples.len());
+        out.extend((header.len() as u64).to_le_bytes());
+        out.extend(header);
+        for x in &self.heard_samples {
+            out.extend(x.to_le_bytes());
+        }
+        Ok(out)
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let bad = |why: &str| CaptionError::Share(why.to_string());
+        let len = bytes
+            .get(..8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()) as usize)
+            .ok_or_else(|| bad("too short"))?;
+        let header = bytes.get(8..8 + len).ok_or_else(|| bad("truncated"))?;
+        let mut share: Self = serde_json::from_slice(header).map_err(|e| bad(&e.to_string()))?;
+        let samples = &bytes[8 + len..];
+        if !samples.len().is_multiple_of(4)
+            || samples.len() / 4 != share.heard.iter().map(|h| h.1).sum::<usize>()
+        {
+            return Err(bad("the heard samples do not match their lengths"));
+        }
+        share.heard_samples = samples
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        Ok(share)
+    }
+}
+
+/// The chunks' results put together on rank 0, in split order.
+struct Merged {
+    captions: SplitCaptions,
+    loss_sum: f64,
+    loss_tokens: usize,
+    heard_bytes: usize,
+}
+
+impl Default for Merged {
+    fn default() -> Self {
+        Self {
+            captions: SplitCaptions {
+                predictions: Vec::new(),
+                failed: 0,
+                lines: Vec::new(),
+                loss: None,
+                heard: BTreeMap::new(),
+            },
+            loss_sum: 0.0,
+            loss_tokens: 0,
+            heard_bytes: 0,
+        }
+    }
+}
+
+impl Merged {
+    /// The report's players are full: no later clip gets one.
+    fn heard_full(&self) -> bool {
+        self.heard_bytes >= MAX_EMBEDDED_AUDIO_BYTES
+    }
+
+    fn absorb(&mut self, share: ChunkShare) {
+        let c = &mut self.captions;
+        c.predictions.extend(share.predictions);
+        c.failed += share.failed;
+        c.lines.extend(share.lines);
+        self.loss_sum += f64::from_bits(share.loss_sum_bits);
+        self.loss_tokens += share.loss_tokens;
+        let mut at = 0;
+        for (id, n) in share.heard {
+            let samples = &share.heard_samples[at..at + n];
+            at += n;
+            if self.heard_full() {
+                break;
+            }
+            if self.heard_bytes + 2 * n > MAX_EMBEDDED_AUDIO_BYTES {
+                // Full: no later clip either, so the players are the split's first clips.
+                self.heard_bytes = MAX_EMBEDDED_AUDIO_BYTES;
+                break;
+            }
+            self.heard_bytes += 2 * n;
+            self.captions.heard.insert(id, samples.to_vec());
+        }
+    }
+}
+
+/// Captions one chunk heard as `hearing` says, with its loss; with `keep_heard`, the start
+/// of each clip as heard.
+fn caption_chunk(
+    captioner: &mut Captioner,
+    mut chunk: Vec<CaptionItem>,
+    settings: &CaptionSettings,
+    hearing: Hearing,
+    keep_heard: bool,
+) -> Result<ChunkShare> {
+    let clip_samples = (MAX_EMBEDDED_CLIP_S * crate::audio::SAMPLE_RATE as f64) as usize;
+    if hearing == Hearing::Silence {
+        for item in &mut chunk {
+            if !matches!(item.input, AudioInput::Rejected(_)) {
+                item.input = AudioInput::Samples(vec![0.0; crate::audio::SAMPLE_RATE as usize]);
+            }
+        }
+    } else {
+        captioner.decode_in_place(&mut chunk);
+    }
+    let mut share = ChunkShare::default();
+    if keep_heard {
+        for item in &chunk {
+            let (AudioInput::Decoded { samples, .. } | AudioInput::Samples(samples)) = &item.input
+            else {
+                continue;
+            };
+            let start = &samples[..samples.len().min(clip_samples)];
+            share.heard.push((item.id.clone(), start.len()));
+            share.heard_samples.extend_from_slice(start);
+        }
+    }
+    let (sum, tokens) = chunk_loss(captioner, &chunk)?;
+    share.loss_sum_bits = sum.to_bits();
+    share.loss_tokens = tokens;
+    let results = captioner.caption(&chunk, settings, false, &mut |_| {})?;
+    for (item, result) in chunk.into_iter().zip(results) {
+        share.lines.push(record(&item, &result));
+        match result {
+            Ok(captions) => {
+                if item.references.is_empty() {
+                    tracing::warn!("example {}: no references; not scored", item.id);
+                    continue;
+                }
+                share.predictions.push(Prediction {
+                    id: item.id,
+                    caption: joined(&captions),
+                    references: item.references,
+                    metadata: item.metadata,
+                });
+            }
+            Err(_) => share.failed += 1,
+        }
+    }
+    Ok(share)
 }
 
 /// The chunk's summed cross-entropy over its target tokens, and how many there are. Items

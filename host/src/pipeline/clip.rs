@@ -15,8 +15,8 @@ use crate::models::whisper::WhisperEncoder;
 use crate::models::Runtime;
 use crate::plugins::Example;
 
-use super::examples::{first_window_segment, load_example_audio};
-use super::manifest::Manifest;
+use super::examples::{example_segment, first_window_segment, load_example_audio};
+use super::manifest::EncoderIdentity;
 
 /// The log-mel settings a run feeds its encoder: the encoder's bins, the config's padding
 /// and window length, consecutive 30 s windows.
@@ -53,13 +53,14 @@ pub struct ClipEncoder {
 }
 
 impl ClipEncoder {
-    /// With the on-disk cache under `$EARSHOT_HOME/cache/encoder`, keyed by the manifest's
-    /// encoder checksum, mel settings and encoder layers; keeps the manifest's layers.
+    /// With the on-disk cache under `$EARSHOT_HOME/cache/encoder`, keyed by the encoder
+    /// checksum, mel settings and encoder layers of `manifest` (a run's manifest's
+    /// [`super::manifest::Manifest::encoder_identity`]); keeps its layers.
     pub fn with_default_cache(
         encoder: WhisperEncoder,
         rt: Runtime,
         settings: MelSettings,
-        manifest: &Manifest,
+        manifest: &EncoderIdentity,
     ) -> Result<Self> {
         let mut identity = encoder_identity(&manifest.encoder, &rt);
         // The encoder's output alone keeps the key it always had.
@@ -119,6 +120,26 @@ impl ClipEncoder {
             );
         }
         Ok(windows.remove(0))
+    }
+
+    /// Puts into the cache what training and captioning read of an example: its first
+    /// window as training decodes it and, for a clip that goes on past one window, every
+    /// window of the whole clip as captioning and evaluation decode it (those keys differ:
+    /// the samples differ). Entries already there are left as they are.
+    pub fn fill_cache_for_example(
+        &mut self,
+        ex: &Example,
+        root: &std::path::Path,
+        max_audio_s: f64,
+    ) -> Result<()> {
+        let span = (ex.start_s, ex.end_s);
+        let first = load_example_audio(ex, root, first_window_segment(ex), max_audio_s)?;
+        self.encode_samples(&first, span, Some(1))?;
+        if first.len() > N_SAMPLES {
+            let whole = load_example_audio(ex, root, example_segment(ex), max_audio_s)?;
+            self.encode_samples(&whole, span, None)?;
+        }
+        Ok(())
     }
 
     /// Encoder outputs (1, frames, d_enc) of the windows of 16 kHz mono `samples` (at

@@ -113,23 +113,19 @@ pub fn sha256_files(paths: &[PathBuf]) -> Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
-/// Checksums of everything a trained projector depends on.
-pub fn build_manifest(config: &RunConfig, mel: &MelSettings) -> Result<Manifest> {
+/// What the encoder cache's entries depend on: the encoder's checksum, the hidden states
+/// kept and the log-mel settings (part of a [`Manifest`], found without reading the LLM).
+pub struct EncoderIdentity {
+    pub encoder: String,
+    pub encoder_layers: Option<Vec<usize>>,
+    pub mel: String,
+}
+
+/// The encoder part of `config`'s manifest.
+pub fn encoder_identity_of(config: &RunConfig, mel: &MelSettings) -> Result<EncoderIdentity> {
     let whisper = &config.models.whisper;
     let mut enc_files = crate::models::whisper::safetensors_files(whisper)?;
     enc_files.push(whisper.join("config.json"));
-    let llm = &config.models.llm;
-    let (llm_hash, tok_hash) = if llm.is_dir() {
-        let mut files = crate::models::whisper::safetensors_files(llm)?;
-        files.push(llm.join("config.json"));
-        (
-            sha256_files(&files)?,
-            sha256_files(&[llm.join("tokenizer.json")])?,
-        )
-    } else {
-        let h = sha256_files(std::slice::from_ref(llm))?;
-        (h.clone(), format!("embedded in {h}"))
-    };
     let whisper_config: crate::models::whisper::WhisperConfig =
         crate::models::weights::read_json_config(&whisper.join("config.json"))?;
     let layers = config
@@ -142,13 +138,46 @@ pub fn build_manifest(config: &RunConfig, mel: &MelSettings) -> Result<Manifest>
                 reason,
             })
         })?;
-    Ok(Manifest {
+    Ok(EncoderIdentity {
         encoder_layers: (layers != [whisper_config.encoder_layers]).then_some(layers),
         encoder: sha256_files(&enc_files)?,
+        mel: to_json(mel)?,
+    })
+}
+
+impl Manifest {
+    /// The part of the manifest the encoder cache is keyed by.
+    pub fn encoder_identity(&self) -> EncoderIdentity {
+        EncoderIdentity {
+            encoder: self.encoder.clone(),
+            encoder_layers: self.encoder_layers.clone(),
+            mel: self.mel.clone(),
+        }
+    }
+}
+
+/// Checksums of everything a trained projector depends on.
+pub fn build_manifest(config: &RunConfig, mel: &MelSettings) -> Result<Manifest> {
+    let encoder = encoder_identity_of(config, mel)?;
+    let llm = &config.models.llm;
+    let (llm_hash, tok_hash) = if llm.is_dir() {
+        let mut files = crate::models::whisper::safetensors_files(llm)?;
+        files.push(llm.join("config.json"));
+        (
+            sha256_files(&files)?,
+            sha256_files(&[llm.join("tokenizer.json")])?,
+        )
+    } else {
+        let h = sha256_files(std::slice::from_ref(llm))?;
+        (h.clone(), format!("embedded in {h}"))
+    };
+    Ok(Manifest {
+        encoder_layers: encoder.encoder_layers,
+        encoder: encoder.encoder,
         llm: llm_hash,
         tokenizer: tok_hash,
         prompt_template: sha256_files(std::slice::from_ref(&config.plugins.prompt_template))?,
-        mel: to_json(mel)?,
+        mel: encoder.mel,
         projector: to_json(&config.projector)?,
         lora: config.lora.as_ref().map(lora_make),
     })

@@ -135,7 +135,12 @@ impl Session {
         let host = PluginHost::new(config.plugins.sandbox, PluginHost::default_cache_dir());
         let settings = mel_settings(&config, &encoder);
         let manifest = build_manifest(&config, &settings)?;
-        let mut clips = ClipEncoder::with_default_cache(encoder, rt.clone(), settings, &manifest)?;
+        let mut clips = ClipEncoder::with_default_cache(
+            encoder,
+            rt.clone(),
+            settings,
+            &manifest.encoder_identity(),
+        )?;
         let mut examples = Vec::new();
         let mut eval_examples = Vec::new();
         let mut spans = Vec::new();

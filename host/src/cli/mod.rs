@@ -32,10 +32,19 @@ const ENVIRONMENT: &str = "Environment: EARSHOT_HOME (models, data and caches; d
 earshot's own CPU kernels, for comparing or working around a CPU; default auto: the widest the \
 CPU runs); RUST_LOG (log filter, overrides -v).";
 
+/// What `earshot --version` prints: the version and the cargo features this binary was
+/// built with (whether it can join an MPI job, run on CUDA; the MPI tests read it).
+const VERSION: &str = match (cfg!(feature = "mpi"), cfg!(feature = "cuda")) {
+    (true, true) => concat!(env!("CARGO_PKG_VERSION"), " (features: mpi, cuda)"),
+    (true, false) => concat!(env!("CARGO_PKG_VERSION"), " (features: mpi)"),
+    (false, true) => concat!(env!("CARGO_PKG_VERSION"), " (features: cuda)"),
+    (false, false) => concat!(env!("CARGO_PKG_VERSION"), " (features: none)"),
+};
+
 #[derive(Debug, Parser)]
 #[command(
     name = "earshot",
-    version,
+    version = VERSION,
     about = "Teach a frozen LLM to listen: Whisper encoder + trainable projector + frozen LLM",
     long_about = None,
     after_help = format!("{ENVIRONMENT}\n\n{}", exit::HELP),

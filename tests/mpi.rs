@@ -111,6 +111,14 @@ fn fresh_home(dir: &Path) -> PathBuf {
     dir.to_path_buf()
 }
 
+/// Two fresh $EARSHOT_HOMEs under `dir` (one process's, the ranks'), empty caches.
+fn two_homes(dir: &Path) -> (PathBuf, PathBuf) {
+    (
+        fresh_home(&dir.join("home-one")),
+        fresh_home(&dir.join("home-two")),
+    )
+}
+
 /// Every file under `dir` (relative path, bytes), sorted.
 fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut out = Vec::new();
@@ -141,15 +149,11 @@ fn ranks_share_the_encoding_and_leave_the_cache_one_process_leaves() {
         return;
     }
     let d = tempfile::tempdir().unwrap();
-    let (alone, shared) = (
-        fresh_home(&d.path().join("home-one")),
-        fresh_home(&d.path().join("home-two")),
+    let (alone, shared) = two_homes(d.path());
+    let out = alone_in(
+        &alone,
+        &train_args(&d.path().join("one"), &["--max-steps", "1"]),
     );
-    let out = earshot_command()
-        .env("EARSHOT_HOME", &alone)
-        .args(train_args(&d.path().join("one"), &["--max-steps", "1"]))
-        .output()
-        .unwrap();
     expect_success(&out);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -494,14 +498,10 @@ fn sharded_caption_and_eval_give_what_one_process_gives() {
         return;
     }
     let d = tempfile::tempdir().unwrap();
-    let (home_one, home_two) = (
-        fresh_home(&d.path().join("home-one")),
-        fresh_home(&d.path().join("home-two")),
-    );
+    let (home_one, home_two) = two_homes(d.path());
     let config = tones_config();
-    let caption = strings(&[
-        "-v",
-        "caption",
+    // The same split, chunks and token limit for caption and eval.
+    let split = [
         "--config",
         &config,
         "--split",
@@ -510,7 +510,8 @@ fn sharded_caption_and_eval_give_what_one_process_gives() {
         "3",
         "--max-tokens",
         "8",
-    ]);
+    ];
+    let caption = strings(&[&["-v", "caption"][..], &split].concat());
     let one = alone_in(&home_one, &caption);
     expect_success(&one);
     let two = on_ranks_in(&home_two, 2, &caption);
@@ -527,21 +528,12 @@ fn sharded_caption_and_eval_give_what_one_process_gives() {
         assert!(stderr.contains(share), "no rank says {share:?}: {stderr}");
     }
     let eval = |dir: &Path| {
-        strings(&[
-            "eval",
-            "--config",
-            &config,
-            "--split",
-            "train",
-            "--batch-size",
-            "3",
-            "--max-tokens",
-            "8",
-            "--report",
-            &dir.join("report.html").display().to_string(),
-            "--save-predictions",
-            &dir.join("predictions.jsonl").display().to_string(),
-        ])
+        let (report, predictions) = (
+            dir.join("report.html").display().to_string(),
+            dir.join("predictions.jsonl").display().to_string(),
+        );
+        let files = ["--report", &report, "--save-predictions", &predictions];
+        strings(&[&["eval"][..], &split, &files].concat())
     };
     let (dir_one, dir_two) = (d.path().join("eval-one"), d.path().join("eval-two"));
     std::fs::create_dir_all(&dir_one).unwrap();
@@ -578,10 +570,7 @@ fn sharded_cache_fill_leaves_the_cache_one_process_leaves() {
         return;
     }
     let d = tempfile::tempdir().unwrap();
-    let (alone, shared) = (
-        fresh_home(&d.path().join("home-one")),
-        fresh_home(&d.path().join("home-two")),
-    );
+    let (alone, shared) = two_homes(d.path());
     let fill = strings(&["-v", "cache", "fill", &tones_config()]);
     let one = expect_success(&alone_in(&alone, &fill));
     assert!(

@@ -12,18 +12,32 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    /// The GPU when built with the `cuda` feature and one is present, else the CPU.
+    /// The GPU when built with the `cuda` feature and one is present, else the CPU. Under
+    /// an MPI or Slurm launcher each rank takes the GPU of its node-local rank
+    /// ([`cuda_ordinal`]): one GPU per rank.
     pub fn best_available() -> Self {
         #[cfg(feature = "cuda")]
         {
-            if let Ok(device) = Device::new_cuda(0) {
-                tracing::info!("running on CUDA device 0 (bf16)");
-                return Self {
-                    device,
-                    dtype: DType::BF16,
-                };
+            let ordinal = cuda_ordinal(|name| std::env::var(name).ok());
+            match Device::new_cuda(ordinal) {
+                Ok(device) => {
+                    tracing::info!("running on CUDA device {ordinal} (bf16)");
+                    return Self {
+                        device,
+                        dtype: DType::BF16,
+                    };
+                }
+                Err(e) => tracing::warn!(
+                    "built with CUDA but CUDA device {ordinal} is not usable ({e}); running on \
+                     the CPU{}",
+                    if ordinal > 0 {
+                        " (the device is this rank's node-local rank: launch at most as many \
+                         ranks per node as it has GPUs)"
+                    } else {
+                        ""
+                    }
+                ),
             }
-            tracing::warn!("built with CUDA but no usable GPU found; running on the CPU");
         }
         Self::cpu()
     }
@@ -33,6 +47,34 @@ impl Runtime {
             device: Device::Cpu,
             dtype: DType::F32,
         }
+    }
+}
+
+/// The launchers' names for a process's rank among the ranks on its node: Open MPI's
+/// mpirun, Slurm's srun, MPICH's hydra.
+const LOCAL_RANK_VARS: [&str; 3] = [
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "SLURM_LOCALID",
+    "MPI_LOCALRANKID",
+];
+
+/// The CUDA device this process uses, from its environment (`env(name)`): its node-local
+/// rank under a launcher, so that the ranks on a node take one GPU each, modulo the devices
+/// `CUDA_VISIBLE_DEVICES` lists when it lists any (Slurm's `--gpus-per-task=1` leaves each
+/// rank one device, its device 0); device 0 without a launcher.
+pub fn cuda_ordinal(env: impl Fn(&str) -> Option<String>) -> usize {
+    let Some(local) = LOCAL_RANK_VARS
+        .iter()
+        .find_map(|name| env(name)?.trim().parse::<usize>().ok())
+    else {
+        return 0;
+    };
+    let visible = env("CUDA_VISIBLE_DEVICES")
+        .map(|v| v.split(',').filter(|d| !d.trim().is_empty()).count())
+        .unwrap_or(0);
+    match visible {
+        0 => local,
+        n => local % n,
     }
 }
 
@@ -162,5 +204,45 @@ impl MemoryMeter {
         }
         #[cfg(not(feature = "cuda"))]
         DeviceMemory::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cuda_ordinal;
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| {
+            vars.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    /// One GPU per rank on a node: the node-local rank picks it, from whichever launcher
+    /// set it; a launcher that leaves each rank only its own GPU visible gives device 0.
+    #[test]
+    fn each_rank_on_a_node_takes_its_own_gpu() {
+        assert_eq!(cuda_ordinal(env(&[])), 0);
+        assert_eq!(cuda_ordinal(env(&[("OMPI_COMM_WORLD_LOCAL_RANK", "3")])), 3);
+        assert_eq!(cuda_ordinal(env(&[("SLURM_LOCALID", "2")])), 2);
+        assert_eq!(cuda_ordinal(env(&[("MPI_LOCALRANKID", "1")])), 1);
+        // Slurm --gpus-per-task=1: each rank sees one device.
+        assert_eq!(
+            cuda_ordinal(env(&[
+                ("SLURM_LOCALID", "5"),
+                ("CUDA_VISIBLE_DEVICES", "5")
+            ])),
+            0
+        );
+        assert_eq!(
+            cuda_ordinal(env(&[
+                ("OMPI_COMM_WORLD_LOCAL_RANK", "5"),
+                ("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+            ])),
+            1
+        );
+        // Not a number: as without a launcher.
+        assert_eq!(cuda_ordinal(env(&[("SLURM_LOCALID", "x")])), 0);
     }
 }

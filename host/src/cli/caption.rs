@@ -110,13 +110,13 @@ fn caption_on_rank(args: &CaptionArgs, world: &World) -> Result<()> {
     if args.split.is_none() && args.audio.is_empty() {
         bail!("give audio files to caption, or --split NAME");
     }
-    let mut captioner = Captioner::load(cfg, args.checkpoint.as_deref(), args.allow_mismatch)?;
-    if let Some(dir) = &args.adapter {
-        captioner.use_peft_adapter(dir)?;
-    }
-    if args.merge && captioner.merge_adapter()? == 0 {
-        bail!("--merge: the LLM has no LoRA adapters (no [lora] in the config, no --adapter)");
-    }
+    let mut captioner = super::common::load_captioner(
+        cfg,
+        args.checkpoint.as_deref(),
+        args.allow_mismatch,
+        args.adapter.as_deref(),
+        args.merge,
+    )?;
     let mut adapter = match &args.split {
         Some(split) => Some(captioner.open_dataset(split)?),
         None => None,

@@ -119,3 +119,25 @@ pub fn on_this_rank(body: impl FnOnce(&mut crate::dist::World) -> Result<()>) ->
     }
     result
 }
+
+/// The captioner of `caption`, `eval` and their like: the config's models with `checkpoint`,
+/// a PEFT `adapter` folder put on the LLM in place of the config's LoRA, and with `merge`
+/// the adapters folded into the LLM's weights (an error when there are none).
+pub fn load_captioner(
+    config: crate::config::RunConfig,
+    checkpoint: Option<&Path>,
+    allow_mismatch: bool,
+    adapter: Option<&Path>,
+    merge: bool,
+) -> Result<crate::caption::Captioner> {
+    let mut captioner = crate::caption::Captioner::load(config, checkpoint, allow_mismatch)?;
+    if let Some(dir) = adapter {
+        captioner.use_peft_adapter(dir)?;
+    }
+    if merge && captioner.merge_adapter()? == 0 {
+        anyhow::bail!(
+            "--merge: the LLM has no LoRA adapters (no [lora] in the config, no --adapter)"
+        );
+    }
+    Ok(captioner)
+}

@@ -315,27 +315,20 @@ fn evaluate_config(
             bail!("no split to evaluate: give --split NAME (the config has no data.test-split)")
         }
     };
-    let mut captioner = Captioner::load(cfg, args.checkpoint.as_deref(), args.allow_mismatch)?;
-    if let Some(dir) = &args.adapter {
-        captioner.use_peft_adapter(dir)?;
-    }
-    if args.merge && captioner.merge_adapter()? == 0 {
-        bail!("--merge: the LLM has no LoRA adapters (no [lora] in the config, no --adapter)");
-    }
+    let mut captioner = super::common::load_captioner(
+        cfg,
+        args.checkpoint.as_deref(),
+        args.allow_mismatch,
+        args.adapter.as_deref(),
+        args.merge,
+    )?;
     let mut dataset = captioner.open_dataset(&split)?;
     let settings = CaptionSettings {
         max_tokens: args.max_tokens,
         batch_size: args.batch_size as usize,
         ..CaptionSettings::default()
     };
-    let run_dir = captioner.config.train.run_dir.clone();
-    let page = match (&args.report, args.no_report) {
-        (_, true) => None,
-        (Some(p), _) => Some(for_task(p, task)),
-        (None, false) => run_dir
-            .is_dir()
-            .then(|| for_task(&run_dir.join("report.html"), task)),
-    };
+    let page = report_page(args, &captioner.config.train.run_dir, task);
     let mut heard = BTreeMap::new();
     // None: not rank 0 (this rank only captions its share).
     let mut run = |hearing: Hearing| -> Result<Option<Report>> {
@@ -423,6 +416,18 @@ fn evaluate_config(
         write_report(path, &captioner, heard, &report, check.as_ref(), details)?;
     }
     Ok(Some((report, check, page, split)))
+}
+
+/// Where the HTML report goes: --report, else report.html in the run folder when it exists
+/// (a task's own file in a multi-task run); none with --no-report.
+fn report_page(args: &EvalArgs, run_dir: &std::path::Path, task: Option<&str>) -> Option<PathBuf> {
+    match (&args.report, args.no_report) {
+        (_, true) => None,
+        (Some(p), _) => Some(for_task(p, task)),
+        (None, false) => run_dir
+            .is_dir()
+            .then(|| for_task(&run_dir.join("report.html"), task)),
+    }
 }
 
 /// A split's scores, its listening check, the report page written and the split's name.

@@ -39,8 +39,10 @@ if ! "$venv/bin/python" -c "import llama_cpp" 2>/dev/null \
   echo "$llama_version $ggml" > "$venv/llama-cmake-args"
 fi
 cpu=$(lscpu | sed -n 's/^Model name: *//p' | head -1)
+# `if`, not `has && printf`: on a CPU without the last set the loop's status would be 1 and
+# `set -e` would end the script here without a word (it did on an AVX2-only AMD EPYC).
 simd_sets=$(for f in avx2 fma f16c avx512f avx512bw avx512dq avx512vl avx512_vnni avx512_bf16 amx_tile; do
-  has "$f" && printf '%s ' "$f"; done)
+  if has "$f"; then printf '%s ' "$f"; fi; done)
 echo "CPU: $cpu, $(nproc) cores; advertises: $simd_sets"
 echo "llama.cpp (llama-cpp-python $llama_version) built with: $ggml"
 cargo build --release --quiet -p earshot --example bench_models

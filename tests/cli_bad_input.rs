@@ -74,6 +74,64 @@ fn truncated_wav_flac_mp3() {
     }
 }
 
+/// Ogg carries no length, and symphonia passes over a page that fails its checksum: a real
+/// Tux Paint recording cut short or damaged in the middle is refused by name, not decoded to
+/// shorter audio.
+#[test]
+fn truncated_or_damaged_ogg() {
+    let d = tempfile::tempdir().unwrap();
+    let src = data_dir().join("tuxpaint-stamps-default/stamps/household/Washing-machine.ogg");
+    let t = truncated_copy(d.path(), &src, 0.6);
+    assert_clean_failure(&t, &["truncated", "ogg page"]);
+    let mut bytes = std::fs::read(&src).unwrap();
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 8] {
+        *b ^= 0x5a;
+    }
+    assert_clean_failure(&write(d.path(), "damaged.ogg", &bytes), &["checksum"]);
+}
+
+/// Two real recordings end on a whole page without the end-of-stream flag and hold all their
+/// audio: they decode, to the length their last page's granule position gives, with a
+/// warning naming the file.
+#[test]
+fn ogg_without_its_end_flag_decodes_whole_with_a_warning() {
+    let file = data_dir().join("tuxpaint-stamps-default/stamps/plants/flowers/adeenia_desc_ml.ogg");
+    let bytes = std::fs::read(&file).unwrap();
+    // The sample rate from the Vorbis identification header (first page), the length from
+    // the last page's granule position: read here from the bytes, not from earshot.
+    let id = bytes
+        .windows(7)
+        .position(|w| w == b"\x01vorbis")
+        .expect("a Vorbis identification header");
+    let rate = u32::from_le_bytes(bytes[id + 12..id + 16].try_into().unwrap());
+    let last = bytes
+        .windows(4)
+        .rposition(|w| w == b"OggS")
+        .expect("an Ogg page");
+    assert_eq!(bytes[last + 5] & 0x04, 0, "the last page has no end flag");
+    let granule = u64::from_le_bytes(bytes[last + 6..last + 14].try_into().unwrap());
+    let out = earshot(["audio-info".as_ref(), file.as_os_str()]);
+    let stdout = expect_success(&out);
+    // audio-info counts the samples after resampling to 16 kHz: within one of the granule's.
+    let samples_16k: f64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("samples_16k: "))
+        .expect("samples_16k")
+        .parse()
+        .unwrap();
+    let expected = granule as f64 * 16_000.0 / rate as f64;
+    assert!(
+        (samples_16k - expected).abs() <= 1.0,
+        "decoded {samples_16k} samples at 16 kHz, the last granule gives {expected}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("adeenia_desc_ml.ogg") && stderr.contains("no end-of-stream page"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn header_only_truncation() {
     // Cut inside the header itself.

@@ -8,7 +8,7 @@ use symphonia::core::audio::{AudioBufferRef, SampleBuffer};
 use symphonia::core::codecs::{self, CodecType, DecoderOptions, CODEC_TYPE_NULL};
 use symphonia::core::errors::Error as SymError;
 use symphonia::core::formats::{FormatOptions, FormatReader, Packet, SeekMode, SeekTo};
-use symphonia::core::io::{MediaSource, MediaSourceStream};
+use symphonia::core::io::{MediaSource, MediaSourceStream, ReadBytes};
 use symphonia::core::meta::MetadataOptions;
 use symphonia::core::probe::Hint;
 use symphonia::core::units::{Time, TimeBase};
@@ -615,6 +615,26 @@ fn decode_into(
         }
     }
 
+    // Ogg carries no length and symphonia passes over damaged pages: check the pages the
+    // decode read (all of them and a clean end when it read to the end).
+    if info.container == "ogg" {
+        let mut source = format.into_inner();
+        let upto = hit_end.then(|| source.pos());
+        source
+            .seek(SeekFrom::Start(0))
+            .map_err(|cause| AudioError::Open {
+                path: path.to_path_buf(),
+                cause,
+            })?;
+        let warning =
+            super::ogg::check_pages(&mut source, upto).map_err(|reason| AudioError::Corrupt {
+                path: path.to_path_buf(),
+                reason,
+            })?;
+        if let Some(warning) = warning {
+            tracing::warn!("{}: {warning}", path.display());
+        }
+    }
     // A header that promises more frames than the stream holds means a truncated file (not
     // judged after a seek or a segment's end: the stream was not read from start to end).
     check_decoded(

@@ -4,6 +4,7 @@
 
 mod decode;
 mod error;
+mod ogg;
 mod resample;
 
 pub use decode::{

@@ -28,6 +28,34 @@ fn flac_decodes_bit_identical_to_wav() {
     assert_eq!(flac, oracle);
 }
 
+/// A WAV written to a pipe (`ffmpeg ... -f wav -`, `arecord`) has its RIFF and data sizes
+/// left at a placeholder, 0xFFFFFFFF or 0, meaning "to the end of the file": the oracle's
+/// speech written so decodes to the reference, from a file and from bytes in memory.
+#[test]
+fn wav_written_to_a_pipe_reads_to_the_end() {
+    let original = std::fs::read(whisper_oracle("audio/a_speech_16k.wav")).unwrap();
+    let data = original
+        .windows(4)
+        .position(|w| w == b"data")
+        .expect("a data chunk");
+    let size = u32::from_le_bytes(original[data + 4..data + 8].try_into().unwrap()) as usize;
+    // What a pipe writer leaves: the header up to the data chunk, then the samples to the end.
+    let samples = &original[data + 8..data + 8 + size];
+    let dir = tempfile::tempdir().unwrap();
+    for placeholder in [u32::MAX, 0] {
+        let mut streamed = original[..data + 8].to_vec();
+        streamed[4..8].copy_from_slice(&placeholder.to_le_bytes());
+        streamed[data + 4..data + 8].copy_from_slice(&placeholder.to_le_bytes());
+        streamed.extend_from_slice(samples);
+        let path = dir.path().join(format!("piped_{placeholder:x}.wav"));
+        std::fs::write(&path, &streamed).unwrap();
+        assert_eq!(load(&path), reference_speech(), "{placeholder:#x}");
+        let from_bytes = audio::decode_file_mono(streamed, &path, Segment::whole(), None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(from_bytes.samples.len(), reference_speech().len());
+    }
+}
+
 #[test]
 fn wav_sample_formats_decode_to_the_same_signal() {
     let reference = reference_speech();

@@ -147,6 +147,17 @@ fn open(source: Encoded, path: &Path) -> Result<Opened, AudioError> {
     source
         .seek(SeekFrom::Start(0))
         .map_err(|cause| AudioError::Open { path: p(), cause })?;
+    // A WAV written to a pipe: its placeholder sizes mean "to the end of the file".
+    if let Some(patched) = source
+        .byte_len()
+        .and_then(|len| super::wav::streamed_header(&head[..n], len))
+    {
+        tracing::debug!(
+            "{}: WAV sizes left at a placeholder (written to a pipe): read to the end of the file",
+            path.display()
+        );
+        source = Box::new(super::wav::PatchedHead::new(source, patched));
+    }
 
     let mss = MediaSourceStream::new(source, Default::default());
     let mut hint = Hint::new();

@@ -56,6 +56,62 @@ fn wav_written_to_a_pipe_reads_to_the_end() {
     }
 }
 
+/// AIFF's sound chunk counts its 8 bytes of offset and block size in its size: the oracle's
+/// speech in an AIFF (as Apple's tools write it: a filler chunk first, so the sound starts at
+/// byte 4096; with and without a chunk after the sound) decodes to the reference, no sample
+/// more or less.
+#[test]
+fn aiff_decodes_to_exactly_its_samples() {
+    let wav = std::fs::read(whisper_oracle("audio/a_speech_16k.wav")).unwrap();
+    let data = wav.windows(4).position(|w| w == b"data").unwrap();
+    let size = u32::from_le_bytes(wav[data + 4..data + 8].try_into().unwrap()) as usize;
+    // AIFF holds big-endian samples.
+    let samples: Vec<u8> = wav[data + 8..data + 8 + size]
+        .chunks_exact(2)
+        .flat_map(|s| [s[1], s[0]])
+        .collect();
+    let frames = (samples.len() / 2) as u32;
+    let chunk = |id: &[u8], body: &[u8]| -> Vec<u8> {
+        let mut c = id.to_vec();
+        c.extend((body.len() as u32).to_be_bytes());
+        c.extend(body);
+        if body.len() % 2 == 1 {
+            c.push(0);
+        }
+        c
+    };
+    // COMM: 1 channel, the frames, 16 bits, 16,000 Hz as an 80-bit extended float.
+    let mut comm = 1u16.to_be_bytes().to_vec();
+    comm.extend(frames.to_be_bytes());
+    comm.extend(16u16.to_be_bytes());
+    comm.extend([0x40, 0x0C, 0xFA, 0, 0, 0, 0, 0, 0, 0]);
+    let dir = tempfile::tempdir().unwrap();
+    for trailer in [&b""[..], &chunk(b"ANNO", b"made by the earshot tests")] {
+        let mut body = b"AIFF".to_vec();
+        body.extend(chunk(b"COMM", &comm));
+        // FORM and its size (8), this body so far, the filler's header (8), the SSND header
+        // and its two fields (16): the samples start at byte 4096.
+        let filler = 4096 - 8 - body.len() - 8 - 16;
+        body.extend(chunk(b"FLLR", &vec![0u8; filler]));
+        let mut ssnd = vec![0u8; 8]; // offset 0, block size 0
+        ssnd.extend(&samples);
+        body.extend(chunk(b"SSND", &ssnd));
+        body.extend(trailer);
+        let mut file = b"FORM".to_vec();
+        file.extend((body.len() as u32).to_be_bytes());
+        file.extend(body);
+        assert_eq!(&file[4096 - 16..4096 - 12], b"SSND");
+        let path = dir.path().join(format!("speech_{}.aiff", trailer.len()));
+        std::fs::write(&path, &file).unwrap();
+        assert_eq!(
+            load(&path),
+            reference_speech(),
+            "trailer of {} bytes",
+            trailer.len()
+        );
+    }
+}
+
 #[test]
 fn wav_sample_formats_decode_to_the_same_signal() {
     let reference = reference_speech();

@@ -147,16 +147,15 @@ fn open(source: Encoded, path: &Path) -> Result<Opened, AudioError> {
     source
         .seek(SeekFrom::Start(0))
         .map_err(|cause| AudioError::Open { path: p(), cause })?;
-    // A WAV written to a pipe: its placeholder sizes mean "to the end of the file".
-    if let Some(patched) = source
-        .byte_len()
-        .and_then(|len| super::wav::streamed_header(&head[..n], len))
-    {
-        tracing::debug!(
-            "{}: WAV sizes left at a placeholder (written to a pipe): read to the end of the file",
-            path.display()
-        );
-        source = Box::new(super::wav::PatchedHead::new(source, patched));
+    // Headers symphonia misreads (a WAV written to a pipe, AIFF's sound chunk): read with
+    // their size fields corrected.
+    if let Some(len) = source.byte_len() {
+        let found = super::fixups::corrections(&mut source, &head[..n], len)
+            .map_err(|cause| AudioError::Open { path: p(), cause })?;
+        if let Some((patches, what)) = found {
+            tracing::debug!("{}: {what}", path.display());
+            source = Box::new(super::fixups::PatchedSource::new(source, patches));
+        }
     }
 
     let mss = MediaSourceStream::new(source, Default::default());

@@ -4,9 +4,9 @@
 
 mod decode;
 mod error;
+mod fixups;
 mod ogg;
 mod resample;
-mod wav;
 
 pub use decode::{
     count_decoded_frames, decode_file_mono, decode_mono, probe, AudioInfo, DecodedAudio, Encoded,

@@ -1,0 +1,315 @@
+//! Headers that symphonia reads wrongly, read with their size fields corrected
+//! (`PatchedSource` overwrites those few bytes as they are read; nothing is copied and the
+//! audio bytes are never changed).
+//!
+//! - WAV files written to a pipe. A writer that cannot seek back (`ffmpeg ... -f wav -`,
+//!   `arecord`, `sox ... -t wav -`) leaves the RIFF and data sizes at a placeholder,
+//!   0xFFFFFFFF or 0, meaning "until the end of the file"; ffmpeg and libsndfile read such
+//!   files so. symphonia takes the placeholder literally (a data chunk of 4 GiB, so a
+//!   "truncated" file, or of 0 bytes, so no data chunk). A data size that is real but larger
+//!   than the file is left alone: that file is truncated, and decoding says so.
+//! - AIFF. The SSND chunk's size counts its 8-byte offset and block-size fields before the
+//!   samples; symphonia 0.5 counts them as samples, so it promises 8 bytes of frames too many
+//!   and reads 8 bytes past the chunk: a "truncated" file when SSND ends the file (Python's
+//!   own AIFF test files), the next chunk's header decoded as audio when it does not.
+
+use std::io::{Read, Seek, SeekFrom};
+
+use symphonia::core::io::MediaSource;
+
+/// Chunks walked before giving up on finding the one to correct (a hostile file may hold
+/// millions of empty chunks).
+const MAX_CHUNKS: usize = 4096;
+
+/// Bytes to put in place of the file's at a byte offset (a size field).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Patch {
+    pub offset: u64,
+    pub bytes: [u8; 4],
+}
+
+/// The size fields to correct in a file (`head` its first bytes, `file_len` its length) whose
+/// header symphonia would misread, and what was corrected; `None` when there is nothing to
+/// correct. Walks the chunk headers with seeks (chunk bodies are not read) and leaves the
+/// source at its start.
+pub fn corrections<S: Read + Seek + ?Sized>(
+    source: &mut S,
+    head: &[u8],
+    file_len: u64,
+) -> std::io::Result<Option<(Vec<Patch>, &'static str)>> {
+    let walked = if head.len() >= 12 && &head[..4] == b"RIFF" && &head[8..12] == b"WAVE" {
+        streamed_wav(source, file_len).map(|found| {
+            found.map(|p| {
+                (
+                p,
+                "WAV sizes left at a placeholder (written to a pipe): read to the end of the file",
+            )
+            })
+        })
+    } else if head.len() >= 12 && &head[..4] == b"FORM" && matches!(&head[8..12], b"AIFF" | b"AIFC")
+    {
+        aiff_sound(source, file_len).map(|found| {
+            found.map(|p| {
+                (
+                    p,
+                    "AIFF: the sound chunk's size less its offset and block-size fields",
+                )
+            })
+        })
+    } else {
+        Ok(None)
+    };
+    // A header cut short is for the decoder to report, with the rest of the file's faults.
+    let found = match walked {
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => None,
+        other => other?,
+    };
+    source.seek(SeekFrom::Start(0))?;
+    Ok(found)
+}
+
+/// Calls `visit(id, size, offset)` for each chunk after the 12-byte form header until it
+/// returns `Some`, the file ends, or `MAX_CHUNKS` chunks were seen.
+fn walk_chunks<S: Read + Seek + ?Sized, T>(
+    source: &mut S,
+    file_len: u64,
+    big_endian: bool,
+    mut visit: impl FnMut(&mut S, [u8; 4], u32, u64) -> std::io::Result<Option<T>>,
+) -> std::io::Result<Option<T>> {
+    let mut at = 12u64;
+    for _ in 0..MAX_CHUNKS {
+        if at + 8 > file_len {
+            return Ok(None);
+        }
+        source.seek(SeekFrom::Start(at))?;
+        let mut header = [0u8; 8];
+        source.read_exact(&mut header)?;
+        let id: [u8; 4] = header[..4].try_into().expect("4 bytes");
+        let raw: [u8; 4] = header[4..].try_into().expect("4 bytes");
+        let size = if big_endian {
+            u32::from_be_bytes(raw)
+        } else {
+            u32::from_le_bytes(raw)
+        };
+        if let Some(found) = visit(source, id, size, at)? {
+            return Ok(Some(found));
+        }
+        at += 8 + u64::from(size) + u64::from(size & 1);
+    }
+    Ok(None)
+}
+
+/// Size values that writers leave when they cannot go back and fill them in.
+fn is_placeholder(size: u32) -> bool {
+    size == 0 || size == u32::MAX
+}
+
+/// A WAV data chunk whose size is a placeholder: the RIFF and data sizes the file holds
+/// (whole frames of the fmt chunk's block alignment).
+fn streamed_wav<S: Read + Seek + ?Sized>(
+    source: &mut S,
+    file_len: u64,
+) -> std::io::Result<Option<Vec<Patch>>> {
+    let mut block_align = 1u64;
+    walk_chunks(source, file_len, false, |source, id, size, at| {
+        if &id == b"fmt " && size >= 14 {
+            source.seek(SeekFrom::Start(at + 8 + 12))?;
+            let mut b = [0u8; 2];
+            source.read_exact(&mut b)?;
+            block_align = u64::from(u16::from_le_bytes(b)).max(1);
+        }
+        if &id != b"data" {
+            return Ok(None);
+        }
+        if !is_placeholder(size) {
+            return Ok(Some(None));
+        }
+        let bytes = file_len - (at + 8);
+        let Ok(data_size) = u32::try_from(bytes - bytes % block_align) else {
+            return Ok(Some(None));
+        };
+        let riff_size = u32::try_from(file_len - 8).unwrap_or(u32::MAX);
+        Ok(Some(Some(vec![
+            Patch {
+                offset: 4,
+                bytes: riff_size.to_le_bytes(),
+            },
+            Patch {
+                offset: at + 4,
+                bytes: data_size.to_le_bytes(),
+            },
+        ])))
+    })
+    .map(Option::flatten)
+}
+
+/// An AIFF/AIFC SSND chunk: its size less the 8 bytes of its offset and block-size fields.
+fn aiff_sound<S: Read + Seek + ?Sized>(
+    source: &mut S,
+    file_len: u64,
+) -> std::io::Result<Option<Vec<Patch>>> {
+    walk_chunks(source, file_len, true, |_, id, size, at| {
+        if &id != b"SSND" {
+            return Ok(None);
+        }
+        Ok(Some(size.checked_sub(8).map(|samples| {
+            vec![Patch {
+                offset: at + 4,
+                bytes: samples.to_be_bytes(),
+            }]
+        })))
+    })
+    .map(Option::flatten)
+}
+
+/// A media source whose bytes at the patches' offsets read as the patches' bytes.
+pub struct PatchedSource {
+    inner: Box<dyn MediaSource>,
+    patches: Vec<Patch>,
+    pos: u64,
+}
+
+impl PatchedSource {
+    /// `inner` must be at its start.
+    pub fn new(inner: Box<dyn MediaSource>, patches: Vec<Patch>) -> Self {
+        Self {
+            inner,
+            patches,
+            pos: 0,
+        }
+    }
+}
+
+impl Read for PatchedSource {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let (start, end) = (self.pos, self.pos + n as u64);
+        for p in &self.patches {
+            for (i, &b) in p.bytes.iter().enumerate() {
+                let at = p.offset + i as u64;
+                if (start..end).contains(&at) {
+                    buf[(at - start) as usize] = b;
+                }
+            }
+        }
+        self.pos = end;
+        Ok(n)
+    }
+}
+
+impl Seek for PatchedSource {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        self.pos = self.inner.seek(to)?;
+        Ok(self.pos)
+    }
+}
+
+impl MediaSource for PatchedSource {
+    fn is_seekable(&self) -> bool {
+        self.inner.is_seekable()
+    }
+
+    fn byte_len(&self) -> Option<u64> {
+        self.inner.byte_len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    fn wav(riff: u32, data: u32, pcm: &[u8], block_align: u16) -> Vec<u8> {
+        let mut w = b"RIFF".to_vec();
+        w.extend(riff.to_le_bytes());
+        w.extend(b"WAVEfmt ");
+        w.extend(16u32.to_le_bytes());
+        w.extend(1u16.to_le_bytes());
+        w.extend(1u16.to_le_bytes());
+        w.extend(16_000u32.to_le_bytes());
+        w.extend((16_000 * u32::from(block_align)).to_le_bytes());
+        w.extend(block_align.to_le_bytes());
+        w.extend(16u16.to_le_bytes());
+        w.extend(b"data");
+        w.extend(data.to_le_bytes());
+        w.extend(pcm);
+        w
+    }
+
+    /// The file as symphonia will read it.
+    fn corrected(file: &[u8]) -> Option<Vec<u8>> {
+        let mut src = Cursor::new(file.to_vec());
+        let (patches, _) = corrections(&mut src, file, file.len() as u64).unwrap()?;
+        assert_eq!(src.position(), 0, "left at the start");
+        let mut out = Vec::new();
+        PatchedSource::new(Box::new(src), patches)
+            .read_to_end(&mut out)
+            .unwrap();
+        Some(out)
+    }
+
+    #[test]
+    fn wav_placeholders_get_the_file_s_sizes_and_real_sizes_are_left_alone() {
+        let pcm = vec![1u8; 101]; // an odd byte at the end: not a whole 2-byte frame
+        for placeholder in [0, u32::MAX] {
+            let file = wav(placeholder, placeholder, &pcm, 2);
+            let got = corrected(&file).expect("corrected");
+            assert_eq!(&got[4..8], &(file.len() as u32 - 8).to_le_bytes());
+            assert_eq!(&got[40..44], &100u32.to_le_bytes());
+            assert_eq!(&got[8..40], &file[8..40]);
+            assert_eq!(&got[44..], &file[44..], "the samples are untouched");
+        }
+        // A real size, even one the file cannot hold (truncated), is not touched.
+        assert_eq!(corrected(&wav(36 + 1000, 1000, &pcm, 2)), None);
+        assert_eq!(corrected(b"OggS........"), None);
+    }
+
+    #[test]
+    fn the_aiff_sound_chunk_loses_its_8_bytes_of_fields_wherever_it_is() {
+        // A 5,000-byte filler chunk first (Apple's FLLR), so SSND is far from the start.
+        let mut a = b"FORM\0\0\0\0AIFFCOMM\0\0\0\x12".to_vec();
+        a.extend([0u8; 18]);
+        a.extend(b"FLLR");
+        a.extend(5000u32.to_be_bytes());
+        a.extend(vec![0u8; 5000]);
+        let ssnd = a.len();
+        a.extend(b"SSND\0\0\0\x18");
+        a.extend([7u8; 8 + 16]);
+        let got = corrected(&a).expect("corrected");
+        assert_eq!(&got[ssnd..ssnd + 8], b"SSND\0\0\0\x10");
+        assert_eq!(&got[..ssnd + 4], &a[..ssnd + 4]);
+        assert_eq!(&got[ssnd + 8..], &a[ssnd + 8..]);
+    }
+
+    #[test]
+    fn patches_apply_across_reads_and_seeks() {
+        let file: Vec<u8> = (0..=255u8).collect();
+        let patches = vec![Patch {
+            offset: 10,
+            bytes: [0xAA; 4],
+        }];
+        let mut want = file.clone();
+        want[10..14].fill(0xAA);
+        let mut src = PatchedSource::new(Box::new(Cursor::new(file)), patches);
+        let mut got: Vec<u8> = Vec::new();
+        let mut small = [0u8; 3]; // reads that split the patch
+        loop {
+            let n = src.read(&mut small).unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend(&small[..n]);
+        }
+        assert_eq!(got, want);
+        for (to, at) in [
+            (SeekFrom::Start(12), 12usize),
+            (SeekFrom::End(-3), 253),
+            (SeekFrom::Start(8), 8),
+        ] {
+            src.seek(to).unwrap();
+            let mut b = [0u8; 8];
+            let n = src.read(&mut b).unwrap();
+            assert_eq!(&b[..n], &want[at..at + n], "after {to:?}");
+        }
+    }
+}

@@ -132,6 +132,68 @@ fn ogg_without_its_end_flag_decodes_whole_with_a_warning() {
     );
 }
 
+/// An AIFF of 1 s of 16-bit mono silence with `rate` as its COMM sample rate (80-bit
+/// extended), after a filler chunk of `filler` bytes.
+fn aiff_with_rate(rate: [u8; 10], filler: usize) -> Vec<u8> {
+    let chunk = |id: &[u8], body: &[u8]| -> Vec<u8> {
+        let mut c = id.to_vec();
+        c.extend((body.len() as u32).to_be_bytes());
+        c.extend(body);
+        c
+    };
+    let mut comm = 1u16.to_be_bytes().to_vec();
+    comm.extend(16_000u32.to_be_bytes());
+    comm.extend(16u16.to_be_bytes());
+    comm.extend(rate);
+    let mut body = b"AIFF".to_vec();
+    if filler > 0 {
+        body.extend(chunk(b"FLLR", &vec![0u8; filler]));
+    }
+    body.extend(chunk(b"COMM", &comm));
+    body.extend(chunk(b"SSND", &vec![0u8; 8 + 32_000]));
+    let mut file = b"FORM".to_vec();
+    file.extend((body.len() as u32).to_be_bytes());
+    file.extend(body);
+    file
+}
+
+/// A sample rate of 0 Hz, 0.01 Hz, infinity or NaN in an AIFF header is refused by name
+/// (symphonia panics on each).
+#[test]
+fn aiff_with_an_impossible_sample_rate() {
+    let d = tempfile::tempdir().unwrap();
+    for (name, rate, cause) in [
+        ("zero.aiff", [0u8; 10], "sample rate of 0 hz"),
+        (
+            "hundredth.aiff",
+            [0x3f, 0xf8, 0xa3, 0xd7, 0x0a, 0x3d, 0x70, 0xa3, 0xd7, 0x0a],
+            "sample rate of 0.01 hz",
+        ),
+        (
+            "infinite.aiff",
+            [0x7f, 0xff, 0x80, 0, 0, 0, 0, 0, 0, 0],
+            "not a finite number",
+        ),
+        (
+            "nan.aiff",
+            [0x7f, 0xff, 0xc0, 0, 0, 0, 0, 0, 0, 0],
+            "not a finite number",
+        ),
+    ] {
+        assert_clean_failure(&write(d.path(), name, &aiff_with_rate(rate, 0)), &[cause]);
+    }
+}
+
+/// A panic inside the decoder (here symphonia's, on a 0 Hz rate that the header check does
+/// not reach behind a 4 KiB filler chunk) is the file's error: no "thread panicked" message
+/// or backtrace on stderr, exit 1.
+#[test]
+fn a_decoder_panic_is_reported_as_the_file_s_error_without_a_panic_message() {
+    let d = tempfile::tempdir().unwrap();
+    let file = write(d.path(), "far.aiff", &aiff_with_rate([0u8; 10], 4096));
+    assert_clean_failure(&file, &["far.aiff"]);
+}
+
 #[test]
 fn header_only_truncation() {
     // Cut inside the header itself.

@@ -66,13 +66,37 @@ pub fn open_path(path: &Path) -> Result<File, AudioError> {
     })
 }
 
+thread_local! {
+    /// Set while this thread runs symphonia under `contain_panics`.
+    static IN_DECODER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Keeps the default panic hook quiet for panics inside the decoder: they are reported as
+/// the file's error, and a "thread panicked" message with a backtrace on stderr would say
+/// the process crashed when it did not. Every other panic is printed as before.
+fn quiet_decoder_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !IN_DECODER.with(|d| d.get()) {
+                default(info);
+            }
+        }));
+    });
+}
+
 /// Runs `f` (symphonia's probing and decoding) turning a panic inside the decoder into an
 /// error naming the file: no input file may take the process down.
 fn contain_panics<T>(
     path: &Path,
     f: impl FnOnce() -> Result<T, AudioError>,
 ) -> Result<T, AudioError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+    quiet_decoder_panics();
+    let outer = IN_DECODER.with(|d| d.replace(true));
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    IN_DECODER.with(|d| d.set(outer));
+    run.unwrap_or_else(|panic| {
         let reason = panic
             .downcast_ref::<&str>()
             .map(|s| s.to_string())
@@ -118,6 +142,53 @@ fn check_wav_header(head: &[u8], path: &Path) -> Result<(), AudioError> {
     Ok(())
 }
 
+/// What an AIFF/AIFC COMM chunk (within `head`) claims that symphonia would trust blindly: a
+/// sample rate that rounds to 0 Hz, or is infinite or not a number, panics in it.
+fn check_aiff_header(head: &[u8], path: &Path) -> Result<(), AudioError> {
+    if head.len() < 12 || &head[..4] != b"FORM" || !matches!(&head[8..12], b"AIFF" | b"AIFC") {
+        return Ok(());
+    }
+    let bad = |reason: String| AudioError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut at = 12usize;
+    while at + 8 <= head.len() {
+        let size = u32::from_be_bytes(head[at + 4..at + 8].try_into().unwrap()) as usize;
+        if &head[at..at + 4] == b"COMM" {
+            let Some(comm) = head.get(at + 8..at + 26) else {
+                return Ok(());
+            };
+            if comm[..2] == [0, 0] {
+                return Err(bad("the AIFF header gives 0 channels".into()));
+            }
+            // The rate is an 80-bit extended float: sign, 15-bit exponent, 64-bit mantissa.
+            let e = comm[8..18].to_vec();
+            let exponent = i32::from(u16::from_be_bytes([e[0] & 0x7f, e[1]]));
+            let mantissa = u64::from_be_bytes(e[2..10].try_into().unwrap());
+            let magnitude = mantissa as f64 * 2f64.powi(exponent - 16383 - 63);
+            let rate = if e[0] & 0x80 != 0 {
+                -magnitude
+            } else {
+                magnitude
+            };
+            if exponent == 0x7fff {
+                return Err(bad(
+                    "the AIFF header's sample rate is not a finite number".into()
+                ));
+            }
+            if rate < 1.0 {
+                return Err(bad(format!(
+                    "the AIFF header gives a sample rate of {rate} Hz"
+                )));
+            }
+            return Ok(());
+        }
+        at = at.saturating_add(8).saturating_add(size + (size & 1));
+    }
+    Ok(())
+}
+
 fn open(source: Encoded, path: &Path) -> Result<Opened, AudioError> {
     let p = || path.to_path_buf();
     let mut source: Box<dyn MediaSource> = match source {
@@ -144,6 +215,7 @@ fn open(source: Encoded, path: &Path) -> Result<Opened, AudioError> {
         .map_err(|cause| AudioError::Open { path: p(), cause })?;
     let container = sniff_container(&head[..n.min(12)]);
     check_wav_header(&head[..n], path)?;
+    check_aiff_header(&head[..n], path)?;
     source
         .seek(SeekFrom::Start(0))
         .map_err(|cause| AudioError::Open { path: p(), cause })?;

@@ -191,12 +191,18 @@ fn redirected_runs_print_progress_lines_for_every_long_phase() {
             "train.steps=1",
             "--set",
             "data.valid-split=\"train\"",
+            // A warmup longer than the run is said before it starts.
+            "--set",
+            "train.schedule=\"warmup-cosine\"",
+            "--set",
+            "train.warmup-steps=5",
         ])
         .output()
         .unwrap();
     expect_success(&out);
     let err = String::from_utf8_lossy(&out.stderr);
     for want in [
+        "train.warmup-steps = 5 is more than train.steps = 1",
         "encoding train: 1/8 clip(s)",
         "encoding train: 8/8 clip(s)",
         "evaluating: 8/8 clip(s)",

@@ -295,6 +295,21 @@ impl TrainConfig {
             }
         }
     }
+
+    /// What a warmup longer than the run does to the schedule, said before training starts
+    /// (not an error: short runs of a long run's config are common, in tests and trials).
+    pub fn schedule_warning(&self) -> Option<String> {
+        (self.schedule == Schedule::WarmupCosine && self.warmup_steps > self.steps).then(|| {
+            format!(
+                "train.warmup-steps = {} is more than train.steps = {}: the learning rate \
+                 rises for the whole run and ends at {:.3e}, not train.lr = {:.3e}",
+                self.warmup_steps,
+                self.steps,
+                self.lr_at(self.steps),
+                self.lr
+            )
+        })
+    }
 }
 
 impl Default for TrainConfig {
@@ -705,6 +720,24 @@ impl RunConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_warmup_longer_than_the_run_is_said() {
+        let mut t = TrainConfig {
+            schedule: Schedule::WarmupCosine,
+            warmup_steps: 100,
+            steps: 40,
+            lr: 1e-3,
+            ..TrainConfig::default()
+        };
+        let w = t.schedule_warning().expect("a warning");
+        assert!(w.contains("ends at 4.000e-4"), "{w}");
+        t.steps = 100;
+        assert_eq!(t.schedule_warning(), None);
+        t.schedule = Schedule::Constant;
+        t.steps = 40;
+        assert_eq!(t.schedule_warning(), None);
+    }
 
     #[test]
     fn warmup_cosine_schedule() {

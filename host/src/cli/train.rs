@@ -74,6 +74,9 @@ fn train_on_rank(args: &TrainArgs, world: &mut World) -> Result<()> {
         .or(args.config_flag.as_ref())
         .ok_or_else(|| anyhow::anyhow!("no run config given (CONFIG or --config)"))?;
     let config = RunConfig::load(path, &args.set)?;
+    if let Some(warning) = config.train.schedule_warning().filter(|_| world.is_root()) {
+        tracing::warn!("{}: {warning}", path.display());
+    }
     world.watch(std::time::Duration::from_secs_f64(args.rank_timeout_s));
     let steps = args.max_steps.unwrap_or(config.train.steps);
     let log_every = config.train.log_every.max(1);

@@ -74,6 +74,69 @@ fn truncated_wav_flac_mp3() {
     }
 }
 
+/// The oracle's FLAC with its STREAMINFO sample count zeroed ("unknown", as a streaming
+/// encoder leaves it), and optionally its MD5 zeroed too ("not computed").
+fn flac_without_length(zero_md5: bool) -> Vec<u8> {
+    let mut bytes = std::fs::read(whisper_oracle("audio/a_speech_16k.flac")).unwrap();
+    // "fLaC", then the first metadata block's header: type 0 (STREAMINFO), length 34.
+    assert_eq!(&bytes[..4], b"fLaC");
+    assert_eq!(bytes[4] & 0x7f, 0);
+    assert_eq!(&bytes[5..8], &[0, 0, 34]);
+    // STREAMINFO from byte 8: the 36-bit sample count starts in the low nibble of its 14th
+    // byte; the 16-byte MD5 ends the block.
+    assert_ne!(
+        &bytes[21..26],
+        &[0; 5],
+        "the oracle's FLAC has a length to remove"
+    );
+    bytes[21] &= 0xf0;
+    bytes[22..26].fill(0);
+    if zero_md5 {
+        bytes[26..42].fill(0);
+    }
+    bytes
+}
+
+/// symphonia passes over a FLAC frame whose CRC fails, and a FLAC cut between frames just
+/// ends: with no length in the header, only the MD5 of the decoded audio in STREAMINFO tells
+/// such a file from a whole one, and it is checked. Without an MD5 a whole file still decodes.
+#[test]
+fn flac_without_a_length_damaged_or_cut_is_refused_by_its_md5() {
+    let d = tempfile::tempdir().unwrap();
+    let whole = write(d.path(), "whole.flac", &flac_without_length(false));
+    let info = |path: &Path| {
+        let o = earshot(&["audio-info".into(), path.as_os_str().to_owned()]);
+        let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(0), "{}: {stderr}", path.display());
+        String::from_utf8(o.stdout).unwrap()
+    };
+    // 46,536 samples: the length of the oracle's WAV of the same speech.
+    let wav_frames = (std::fs::metadata(whisper_oracle("audio/a_speech_16k.wav"))
+        .unwrap()
+        .len()
+        - 44)
+        / 2;
+    for path in [
+        &whole,
+        &write(d.path(), "no_md5.flac", &flac_without_length(true)),
+    ] {
+        let out = info(path);
+        assert!(
+            out.contains(&format!("samples_16k: {wav_frames}")),
+            "{}: {out}",
+            path.display()
+        );
+    }
+
+    let mut damaged = flac_without_length(false);
+    let mid = damaged.len() / 2;
+    damaged[mid] ^= 0x10;
+    assert_clean_failure(&write(d.path(), "damaged.flac", &damaged), &["md5"]);
+    let cut = flac_without_length(false);
+    let cut = &cut[..cut.len() * 6 / 10];
+    assert_clean_failure(&write(d.path(), "cut.flac", cut), &["md5"]);
+}
+
 /// Ogg carries no length, and symphonia passes over a page that fails its checksum: a real
 /// Tux Paint recording cut short or damaged in the middle is refused by name, not decoded to
 /// shorter audio.

@@ -436,14 +436,18 @@ struct FrameRange {
     max: Option<u64>,
 }
 
-/// The codec's decoder, or an error naming the codec.
+/// The codec's decoder, or an error naming the codec. With `verify`, a decoder whose stream
+/// carries a checksum of the decoded audio (FLAC's MD5) computes it as it decodes.
 fn make_decoder(
     params: &codecs::CodecParameters,
     info: &AudioInfo,
     path: &Path,
+    verify: bool,
 ) -> Result<Box<dyn codecs::Decoder>, AudioError> {
+    // Asked only where the stream has a checksum: symphonia warns when it is asked without one.
+    let verify = verify && params.verification_check.is_some();
     symphonia::default::get_codecs()
-        .make(params, &DecoderOptions::default())
+        .make(params, &DecoderOptions { verify })
         .map_err(|e| match e {
             SymError::Unsupported(_) => AudioError::UnsupportedCodec {
                 path: path.to_path_buf(),
@@ -629,14 +633,15 @@ fn decode_into(
         params,
     } = open(file, path)?;
     let sr = info.sample_rate;
-    let mut decoder = make_decoder(&params, &info, path)?;
-
     let to_frame = |secs: f64| (secs * sr as f64).round() as u64;
     let range = FrameRange {
         start: segment.start.map(to_frame).unwrap_or(0),
         end: segment.end.map(to_frame),
         max: max_s.map(|m| (m * sr as f64).floor() as u64),
     };
+    // A checksum of the whole stream can only be checked by a decode of the whole stream.
+    let whole = range.start == 0 && range.end.is_none();
+    let mut decoder = make_decoder(&params, &info, path, whole)?;
     check_against_header(range, segment, max_s, &info, path)?;
     let time_base = params.time_base.unwrap_or_else(|| TimeBase::new(1, sr));
     // Timestamps -> frame index at `sr`.
@@ -728,6 +733,20 @@ fn decode_into(
         decoded_total,
         path,
     )?;
+    // symphonia's FLAC reader passes over a frame whose CRC fails (and a file cut at a frame
+    // boundary just ends): where the header gives no length, only the MD5 of the decoded
+    // audio that STREAMINFO carries tells such a file from a whole one.
+    if whole && !seeked && decoder.finalize().verify_ok == Some(false) {
+        return Err(AudioError::Corrupt {
+            path: path.to_path_buf(),
+            reason: format!(
+                "the decoded audio does not match the MD5 checksum in the {} header \
+                 (a damaged frame was passed over, the file is cut short, or its audio was \
+                 altered)",
+                info.codec
+            ),
+        });
+    }
     Ok((info, channels_seen))
 }
 

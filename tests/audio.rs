@@ -112,6 +112,44 @@ fn aiff_decodes_to_exactly_its_samples() {
     }
 }
 
+/// A CAF data chunk may give its size as -1 ("to the end of the file", what a recorder or
+/// `ffmpeg ... -f caf -` leaves): the oracle's speech in a CAF written so, and in one with
+/// the size filled in, decodes to the reference, from a file and from bytes in memory.
+#[test]
+fn caf_with_a_data_chunk_of_unknown_size_reads_to_the_end() {
+    let wav = std::fs::read(whisper_oracle("audio/a_speech_16k.wav")).unwrap();
+    let data = wav.windows(4).position(|w| w == b"data").unwrap();
+    let size = u32::from_le_bytes(wav[data + 4..data + 8].try_into().unwrap()) as usize;
+    let samples = &wav[data + 8..data + 8 + size];
+    let chunk = |id: &[u8], size: i64, body: &[u8]| -> Vec<u8> {
+        let mut c = id.to_vec();
+        c.extend(size.to_be_bytes());
+        c.extend(body);
+        c
+    };
+    // desc: 16,000 Hz as an f64, 'lpcm', flags 2 (little-endian integers), 2 bytes and 1
+    // frame a packet, 1 channel, 16 bits.
+    let mut desc = 16_000f64.to_be_bytes().to_vec();
+    desc.extend(b"lpcm");
+    for v in [2u32, 2, 1, 1, 16] {
+        desc.extend(v.to_be_bytes());
+    }
+    let mut body = 0u32.to_be_bytes().to_vec(); // edit count
+    body.extend(samples);
+    let dir = tempfile::tempdir().unwrap();
+    for data_size in [-1, body.len() as i64] {
+        let mut file = b"caff\0\x01\0\0".to_vec();
+        file.extend(chunk(b"desc", 32, &desc));
+        file.extend(chunk(b"data", data_size, &body));
+        let path = dir.path().join(format!("speech_{data_size}.caf"));
+        std::fs::write(&path, &file).unwrap();
+        assert_eq!(load(&path), reference_speech(), "data size {data_size}");
+        let from_bytes = audio::decode_file_mono(file, &path, Segment::whole(), None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(from_bytes.samples.len(), reference_speech().len());
+    }
+}
+
 #[test]
 fn wav_sample_formats_decode_to_the_same_signal() {
     let reference = reference_speech();

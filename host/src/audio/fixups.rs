@@ -12,6 +12,11 @@
 //!   samples; symphonia 0.5 counts them as samples, so it promises 8 bytes of frames too many
 //!   and reads 8 bytes past the chunk: a "truncated" file when SSND ends the file (Python's
 //!   own AIFF test files), the next chunk's header decoded as audio when it does not.
+//! - CAF whose data chunk size is -1. Apple's format allows it for a last data chunk whose
+//!   length was unknown when it was written (a recording, `ffmpeg ... -f caf -`): the audio
+//!   runs to the end of the file. symphonia 0.5 reads on past such a chunk, takes the first
+//!   audio bytes for the next chunk's header and fails ("Invalid argument"); the size is
+//!   read as the bytes the file holds.
 
 use std::io::{Read, Seek, SeekFrom};
 
@@ -25,7 +30,7 @@ const MAX_CHUNKS: usize = 4096;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Patch {
     pub offset: u64,
-    pub bytes: [u8; 4],
+    pub bytes: Vec<u8>,
 }
 
 /// The size fields to correct in a file (`head` its first bytes, `file_len` its length) whose
@@ -53,6 +58,15 @@ pub fn corrections<S: Read + Seek + ?Sized>(
                 (
                     p,
                     "AIFF: the sound chunk's size less its offset and block-size fields",
+                )
+            })
+        })
+    } else if head.len() >= 8 && &head[..4] == b"caff" {
+        caf_data(source, file_len).map(|found| {
+            found.map(|p| {
+                (
+                    p,
+                    "CAF data chunk of unknown size (-1): read to the end of the file",
                 )
             })
         })
@@ -132,11 +146,11 @@ fn streamed_wav<S: Read + Seek + ?Sized>(
         Ok(Some(Some(vec![
             Patch {
                 offset: 4,
-                bytes: riff_size.to_le_bytes(),
+                bytes: riff_size.to_le_bytes().to_vec(),
             },
             Patch {
                 offset: at + 4,
-                bytes: data_size.to_le_bytes(),
+                bytes: data_size.to_le_bytes().to_vec(),
             },
         ])))
     })
@@ -155,11 +169,50 @@ fn aiff_sound<S: Read + Seek + ?Sized>(
         Ok(Some(size.checked_sub(8).map(|samples| {
             vec![Patch {
                 offset: at + 4,
-                bytes: samples.to_be_bytes(),
+                bytes: samples.to_be_bytes().to_vec(),
             }]
         })))
     })
     .map(Option::flatten)
+}
+
+/// A CAF data chunk of size -1: its size as the bytes from its body to the end of the file.
+/// CAF chunk headers are a 4-byte type and a big-endian i64 size, after an 8-byte file header.
+fn caf_data<S: Read + Seek + ?Sized>(
+    source: &mut S,
+    file_len: u64,
+) -> std::io::Result<Option<Vec<Patch>>> {
+    let mut at = 8u64;
+    for _ in 0..MAX_CHUNKS {
+        if at + 12 > file_len {
+            return Ok(None);
+        }
+        source.seek(SeekFrom::Start(at))?;
+        let mut header = [0u8; 12];
+        source.read_exact(&mut header)?;
+        let size = i64::from_be_bytes(header[4..].try_into().expect("8 bytes"));
+        if &header[..4] == b"data" {
+            if size != -1 {
+                return Ok(None);
+            }
+            let Ok(bytes) = i64::try_from(file_len - (at + 12)) else {
+                return Ok(None);
+            };
+            return Ok(Some(vec![Patch {
+                offset: at + 4,
+                bytes: bytes.to_be_bytes().to_vec(),
+            }]));
+        }
+        // Any other negative size is the decoder's to refuse.
+        let Ok(size) = u64::try_from(size) else {
+            return Ok(None);
+        };
+        at = match at.checked_add(12).and_then(|a| a.checked_add(size)) {
+            Some(next) => next,
+            None => return Ok(None),
+        };
+    }
+    Ok(None)
 }
 
 /// A media source whose bytes at the patches' offsets read as the patches' bytes.
@@ -282,11 +335,38 @@ mod tests {
     }
 
     #[test]
+    fn a_caf_data_chunk_of_unknown_size_gets_the_bytes_to_the_end() {
+        let mut c = b"caff\0\x01\0\0desc".to_vec();
+        c.extend(32i64.to_be_bytes());
+        c.extend([0u8; 32]);
+        c.extend(b"free");
+        c.extend(3i64.to_be_bytes());
+        c.extend([0u8; 3]);
+        let data = c.len();
+        c.extend(b"data");
+        c.extend((-1i64).to_be_bytes());
+        c.extend([0u8; 4]); // edit count
+        c.extend([5u8; 101]);
+        let got = corrected(&c).expect("corrected");
+        assert_eq!(&got[data + 4..data + 12], &105i64.to_be_bytes());
+        assert_eq!(&got[..data + 4], &c[..data + 4]);
+        assert_eq!(
+            &got[data + 12..],
+            &c[data + 12..],
+            "the samples are untouched"
+        );
+        // A known size, even one larger than the file (truncated), is left alone.
+        let mut known = c.clone();
+        known[data + 4..data + 12].copy_from_slice(&5000i64.to_be_bytes());
+        assert_eq!(corrected(&known), None);
+    }
+
+    #[test]
     fn patches_apply_across_reads_and_seeks() {
         let file: Vec<u8> = (0..=255u8).collect();
         let patches = vec![Patch {
             offset: 10,
-            bytes: [0xAA; 4],
+            bytes: vec![0xAA; 4],
         }];
         let mut want = file.clone();
         want[10..14].fill(0xAA);

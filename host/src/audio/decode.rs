@@ -163,7 +163,7 @@ fn check_aiff_header(head: &[u8], path: &Path) -> Result<(), AudioError> {
                 return Err(bad("the AIFF header gives 0 channels".into()));
             }
             // The rate is an 80-bit extended float: sign, 15-bit exponent, 64-bit mantissa.
-            let e = comm[8..18].to_vec();
+            let e = &comm[8..18];
             let exponent = i32::from(u16::from_be_bytes([e[0] & 0x7f, e[1]]));
             let mantissa = u64::from_be_bytes(e[2..10].try_into().unwrap());
             let magnitude = mantissa as f64 * 2f64.powi(exponent - 16383 - 63);
@@ -702,25 +702,8 @@ fn decode_into(
         }
     }
 
-    // Ogg carries no length and symphonia passes over damaged pages: check the pages the
-    // decode read (all of them and a clean end when it read to the end).
     if info.container == "ogg" {
-        let mut source = format.into_inner();
-        let upto = hit_end.then(|| source.pos());
-        source
-            .seek(SeekFrom::Start(0))
-            .map_err(|cause| AudioError::Open {
-                path: path.to_path_buf(),
-                cause,
-            })?;
-        let warning =
-            super::ogg::check_pages(&mut source, upto).map_err(|reason| AudioError::Corrupt {
-                path: path.to_path_buf(),
-                reason,
-            })?;
-        if let Some(warning) = warning {
-            tracing::warn!("{}: {warning}", path.display());
-        }
+        check_ogg_pages(format, hit_end, path)?;
     }
     // A header that promises more frames than the stream holds means a truncated file (not
     // judged after a seek or a segment's end: the stream was not read from start to end).
@@ -733,10 +716,48 @@ fn decode_into(
         decoded_total,
         path,
     )?;
-    // symphonia's FLAC reader passes over a frame whose CRC fails (and a file cut at a frame
-    // boundary just ends): where the header gives no length, only the MD5 of the decoded
-    // audio that STREAMINFO carries tells such a file from a whole one.
-    if whole && !seeked && decoder.finalize().verify_ok == Some(false) {
+    if whole && !seeked {
+        check_checksum(decoder.as_mut(), &info, path)?;
+    }
+    Ok((info, channels_seen))
+}
+
+/// Ogg carries no length and symphonia passes over damaged pages: checks the pages the
+/// decode read (all of them, and a clean end, when it read to the end).
+fn check_ogg_pages(
+    format: Box<dyn FormatReader>,
+    hit_end: bool,
+    path: &Path,
+) -> Result<(), AudioError> {
+    let mut source = format.into_inner();
+    let upto = hit_end.then(|| source.pos());
+    source
+        .seek(SeekFrom::Start(0))
+        .map_err(|cause| AudioError::Open {
+            path: path.to_path_buf(),
+            cause,
+        })?;
+    let warning =
+        super::ogg::check_pages(&mut source, upto).map_err(|reason| AudioError::Corrupt {
+            path: path.to_path_buf(),
+            reason,
+        })?;
+    if let Some(warning) = warning {
+        tracing::warn!("{}: {warning}", path.display());
+    }
+    Ok(())
+}
+
+/// After a decode of the whole stream: symphonia's FLAC reader passes over a frame whose CRC
+/// fails (and a file cut at a frame boundary just ends), so where the header gives no length
+/// only the MD5 of the decoded audio that STREAMINFO carries tells such a file from a whole
+/// one. Streams without a checksum pass.
+fn check_checksum(
+    decoder: &mut dyn codecs::Decoder,
+    info: &AudioInfo,
+    path: &Path,
+) -> Result<(), AudioError> {
+    if decoder.finalize().verify_ok == Some(false) {
         return Err(AudioError::Corrupt {
             path: path.to_path_buf(),
             reason: format!(
@@ -747,7 +768,7 @@ fn decode_into(
             ),
         });
     }
-    Ok((info, channels_seen))
+    Ok(())
 }
 
 /// Averages interleaved channels into `out`.

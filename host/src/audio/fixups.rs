@@ -42,36 +42,24 @@ pub fn corrections<S: Read + Seek + ?Sized>(
     head: &[u8],
     file_len: u64,
 ) -> std::io::Result<Option<(Vec<Patch>, &'static str)>> {
-    let walked = if head.len() >= 12 && &head[..4] == b"RIFF" && &head[8..12] == b"WAVE" {
-        streamed_wav(source, file_len).map(|found| {
-            found.map(|p| {
-                (
-                p,
-                "WAV sizes left at a placeholder (written to a pipe): read to the end of the file",
-            )
-            })
-        })
-    } else if head.len() >= 12 && &head[..4] == b"FORM" && matches!(&head[8..12], b"AIFF" | b"AIFC")
-    {
-        aiff_sound(source, file_len).map(|found| {
-            found.map(|p| {
-                (
-                    p,
-                    "AIFF: the sound chunk's size less its offset and block-size fields",
-                )
-            })
-        })
-    } else if head.len() >= 8 && &head[..4] == b"caff" {
-        caf_data(source, file_len).map(|found| {
-            found.map(|p| {
-                (
-                    p,
-                    "CAF data chunk of unknown size (-1): read to the end of the file",
-                )
-            })
-        })
+    let magic = |at: usize, m: &[u8]| head.get(at..at + m.len()) == Some(m);
+    let (walked, what) = if magic(0, b"RIFF") && magic(8, b"WAVE") {
+        (
+            streamed_wav(source, file_len),
+            "WAV sizes left at a placeholder (written to a pipe): read to the end of the file",
+        )
+    } else if magic(0, b"FORM") && (magic(8, b"AIFF") || magic(8, b"AIFC")) {
+        (
+            aiff_sound(source, file_len),
+            "AIFF: the sound chunk's size less its offset and block-size fields",
+        )
+    } else if magic(0, b"caff") {
+        (
+            caf_data(source, file_len),
+            "CAF data chunk of unknown size (-1): read to the end of the file",
+        )
     } else {
-        Ok(None)
+        (Ok(None), "")
     };
     // A header cut short is for the decoder to report, with the rest of the file's faults.
     let found = match walked {
@@ -79,43 +67,81 @@ pub fn corrections<S: Read + Seek + ?Sized>(
         other => other?,
     };
     source.seek(SeekFrom::Start(0))?;
-    Ok(found)
+    Ok(found.map(|patches| (patches, what)))
 }
 
-/// Calls `visit(id, size, offset)` for each chunk after the 12-byte form header until it
-/// returns `Some`, the file ends, or `MAX_CHUNKS` chunks were seen.
+/// How a container lays out its chunks.
+#[derive(Clone, Copy)]
+enum Layout {
+    /// RIFF (little-endian) or IFF (big-endian): a 12-byte form header, then chunks of a
+    /// 4-byte id and a u32 size, bodies padded to an even length.
+    Riff { big_endian: bool },
+    /// CAF: an 8-byte file header, then chunks of a 4-byte type and a big-endian i64 size
+    /// (-1: to the end of the file), no padding.
+    Caf,
+}
+
+/// One chunk's header: its id, its size as written, where the header and the body start.
+struct Chunk {
+    id: [u8; 4],
+    size: i64,
+    at: u64,
+    body: u64,
+}
+
+/// Calls `visit` for each chunk until it returns `Some`, the file ends, a size leaves no
+/// next chunk (negative or past any file), or `MAX_CHUNKS` chunks were seen.
 fn walk_chunks<S: Read + Seek + ?Sized, T>(
     source: &mut S,
     file_len: u64,
-    big_endian: bool,
-    mut visit: impl FnMut(&mut S, [u8; 4], u32, u64) -> std::io::Result<Option<T>>,
+    layout: Layout,
+    mut visit: impl FnMut(&mut S, &Chunk) -> std::io::Result<Option<T>>,
 ) -> std::io::Result<Option<T>> {
-    let mut at = 12u64;
+    let (mut at, header_len) = match layout {
+        Layout::Riff { .. } => (12u64, 8u64),
+        Layout::Caf => (8, 12),
+    };
     for _ in 0..MAX_CHUNKS {
-        if at + 8 > file_len {
+        if at + header_len > file_len {
             return Ok(None);
         }
         source.seek(SeekFrom::Start(at))?;
-        let mut header = [0u8; 8];
-        source.read_exact(&mut header)?;
-        let id: [u8; 4] = header[..4].try_into().expect("4 bytes");
-        let raw: [u8; 4] = header[4..].try_into().expect("4 bytes");
-        let size = if big_endian {
-            u32::from_be_bytes(raw)
-        } else {
-            u32::from_le_bytes(raw)
+        let mut header = [0u8; 12];
+        let header = &mut header[..header_len as usize];
+        source.read_exact(header)?;
+        let size = match layout {
+            Layout::Riff { big_endian: true } => i64::from(u32::from_be_bytes(
+                header[4..8].try_into().expect("4 bytes"),
+            )),
+            Layout::Riff { big_endian: false } => i64::from(u32::from_le_bytes(
+                header[4..8].try_into().expect("4 bytes"),
+            )),
+            Layout::Caf => i64::from_be_bytes(header[4..12].try_into().expect("8 bytes")),
         };
-        if let Some(found) = visit(source, id, size, at)? {
+        let chunk = Chunk {
+            id: header[..4].try_into().expect("4 bytes"),
+            size,
+            at,
+            body: at + header_len,
+        };
+        if let Some(found) = visit(source, &chunk)? {
             return Ok(Some(found));
         }
-        at += 8 + u64::from(size) + u64::from(size & 1);
+        let padded = match layout {
+            Layout::Riff { .. } => u64::try_from(size + (size & 1)),
+            Layout::Caf => u64::try_from(size),
+        };
+        match padded.ok().and_then(|len| chunk.body.checked_add(len)) {
+            Some(next) => at = next,
+            None => return Ok(None),
+        }
     }
     Ok(None)
 }
 
 /// Size values that writers leave when they cannot go back and fill them in.
-fn is_placeholder(size: u32) -> bool {
-    size == 0 || size == u32::MAX
+fn is_placeholder(size: i64) -> bool {
+    size == 0 || size == i64::from(u32::MAX)
 }
 
 /// A WAV data chunk whose size is a placeholder: the RIFF and data sizes the file holds
@@ -125,35 +151,40 @@ fn streamed_wav<S: Read + Seek + ?Sized>(
     file_len: u64,
 ) -> std::io::Result<Option<Vec<Patch>>> {
     let mut block_align = 1u64;
-    walk_chunks(source, file_len, false, |source, id, size, at| {
-        if &id == b"fmt " && size >= 14 {
-            source.seek(SeekFrom::Start(at + 8 + 12))?;
-            let mut b = [0u8; 2];
-            source.read_exact(&mut b)?;
-            block_align = u64::from(u16::from_le_bytes(b)).max(1);
-        }
-        if &id != b"data" {
-            return Ok(None);
-        }
-        if !is_placeholder(size) {
-            return Ok(Some(None));
-        }
-        let bytes = file_len - (at + 8);
-        let Ok(data_size) = u32::try_from(bytes - bytes % block_align) else {
-            return Ok(Some(None));
-        };
-        let riff_size = u32::try_from(file_len - 8).unwrap_or(u32::MAX);
-        Ok(Some(Some(vec![
-            Patch {
-                offset: 4,
-                bytes: riff_size.to_le_bytes().to_vec(),
-            },
-            Patch {
-                offset: at + 4,
-                bytes: data_size.to_le_bytes().to_vec(),
-            },
-        ])))
-    })
+    walk_chunks(
+        source,
+        file_len,
+        Layout::Riff { big_endian: false },
+        |source, c| {
+            if &c.id == b"fmt " && c.size >= 14 {
+                source.seek(SeekFrom::Start(c.body + 12))?;
+                let mut b = [0u8; 2];
+                source.read_exact(&mut b)?;
+                block_align = u64::from(u16::from_le_bytes(b)).max(1);
+            }
+            if &c.id != b"data" {
+                return Ok(None);
+            }
+            if !is_placeholder(c.size) {
+                return Ok(Some(None));
+            }
+            let bytes = file_len - c.body;
+            let Ok(data_size) = u32::try_from(bytes - bytes % block_align) else {
+                return Ok(Some(None));
+            };
+            let riff_size = u32::try_from(file_len - 8).unwrap_or(u32::MAX);
+            Ok(Some(Some(vec![
+                Patch {
+                    offset: 4,
+                    bytes: riff_size.to_le_bytes().to_vec(),
+                },
+                Patch {
+                    offset: c.at + 4,
+                    bytes: data_size.to_le_bytes().to_vec(),
+                },
+            ])))
+        },
+    )
     .map(Option::flatten)
 }
 
@@ -162,57 +193,46 @@ fn aiff_sound<S: Read + Seek + ?Sized>(
     source: &mut S,
     file_len: u64,
 ) -> std::io::Result<Option<Vec<Patch>>> {
-    walk_chunks(source, file_len, true, |_, id, size, at| {
-        if &id != b"SSND" {
-            return Ok(None);
-        }
-        Ok(Some(size.checked_sub(8).map(|samples| {
-            vec![Patch {
-                offset: at + 4,
-                bytes: samples.to_be_bytes().to_vec(),
-            }]
-        })))
-    })
+    walk_chunks(
+        source,
+        file_len,
+        Layout::Riff { big_endian: true },
+        |_, c| {
+            if &c.id != b"SSND" {
+                return Ok(None);
+            }
+            // The size was a u32, so less 8 it still is when it is not negative.
+            Ok(Some(u32::try_from(c.size - 8).ok().map(|samples| {
+                vec![Patch {
+                    offset: c.at + 4,
+                    bytes: samples.to_be_bytes().to_vec(),
+                }]
+            })))
+        },
+    )
     .map(Option::flatten)
 }
 
 /// A CAF data chunk of size -1: its size as the bytes from its body to the end of the file.
-/// CAF chunk headers are a 4-byte type and a big-endian i64 size, after an 8-byte file header.
 fn caf_data<S: Read + Seek + ?Sized>(
     source: &mut S,
     file_len: u64,
 ) -> std::io::Result<Option<Vec<Patch>>> {
-    let mut at = 8u64;
-    for _ in 0..MAX_CHUNKS {
-        if at + 12 > file_len {
+    walk_chunks(source, file_len, Layout::Caf, |_, c| {
+        if &c.id != b"data" {
             return Ok(None);
         }
-        source.seek(SeekFrom::Start(at))?;
-        let mut header = [0u8; 12];
-        source.read_exact(&mut header)?;
-        let size = i64::from_be_bytes(header[4..].try_into().expect("8 bytes"));
-        if &header[..4] == b"data" {
-            if size != -1 {
-                return Ok(None);
-            }
-            let Ok(bytes) = i64::try_from(file_len - (at + 12)) else {
-                return Ok(None);
-            };
-            return Ok(Some(vec![Patch {
-                offset: at + 4,
+        if c.size != -1 {
+            return Ok(Some(None));
+        }
+        Ok(Some(i64::try_from(file_len - c.body).ok().map(|bytes| {
+            vec![Patch {
+                offset: c.at + 4,
                 bytes: bytes.to_be_bytes().to_vec(),
-            }]));
-        }
-        // Any other negative size is the decoder's to refuse.
-        let Ok(size) = u64::try_from(size) else {
-            return Ok(None);
-        };
-        at = match at.checked_add(12).and_then(|a| a.checked_add(size)) {
-            Some(next) => next,
-            None => return Ok(None),
-        };
-    }
-    Ok(None)
+            }]
+        })))
+    })
+    .map(Option::flatten)
 }
 
 /// A media source whose bytes at the patches' offsets read as the patches' bytes.

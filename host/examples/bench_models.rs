@@ -42,6 +42,7 @@ fn load_llama(gguf: &str, blocks: GgufBlocks) -> Llama {
 }
 
 fn main() {
+    earshot::models::device::count_threads_once();
     earshot::alloc::tune_for_tensors();
     let args: Vec<String> = std::env::args().collect();
     let trace = NonFiniteTrace::default();

@@ -26,6 +26,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
+    earshot::models::device::count_threads_once();
     earshot::alloc::tune_for_tensors();
     let args: Vec<String> = std::env::args().collect();
     if args.len() != 6 {

@@ -23,6 +23,7 @@ fn status_kib(field: &str) -> u64 {
 }
 
 fn main() {
+    earshot::models::device::count_threads_once();
     earshot::alloc::tune_for_tensors();
     let args: Vec<String> = std::env::args().collect();
     if args.len() != 4 {

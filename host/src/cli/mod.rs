@@ -99,6 +99,7 @@ enum Command {
 }
 
 pub fn main() -> ExitCode {
+    crate::models::device::count_threads_once();
     crate::alloc::tune_for_tensors();
     let cli = Cli::parse();
     init_logging(cli.verbose);

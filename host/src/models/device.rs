@@ -91,6 +91,35 @@ pub fn keep_elementwise_on_caller() {
     }
 }
 
+/// Counts the CPU threads once, at start-up, instead of on every matrix product.
+///
+/// candle 0.11's CPU matmul asks `candle_core::utils::get_num_threads()` how many threads
+/// to split over, and that reads `RAYON_NUM_THREADS` and, when it is unset, counts the
+/// physical cores by reading all of `/proc/cpuinfo` again, on every call: ~60 times per
+/// decoded token (attention over the cache), 5% of a decode step on 2 cores, and far more
+/// on a server whose `/proc/cpuinfo` lists a hundred cores. Setting the variable to the
+/// value candle would compute makes that call a lookup. rayon's own pool is built first, at
+/// its default size (every logical CPU), so it is the same as without this; candle's
+/// elementwise pool reads the same variable after `CANDLE_NUM_THREADS`, and gets the same
+/// count it would have computed. A user's valid `RAYON_NUM_THREADS` is left alone.
+///
+/// Call first in `main`, before any other thread exists: setting an environment variable
+/// while another thread reads the environment is a data race in glibc.
+pub fn count_threads_once() {
+    const VAR: &str = "RAYON_NUM_THREADS";
+    let user_set = std::env::var(VAR)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|n| n > 0);
+    if user_set {
+        return;
+    }
+    // An error means the pool already exists (a second call): its size is fixed either way.
+    let _ = rayon::ThreadPoolBuilder::new().build_global();
+    let candle_threads = candle_core::utils::get_num_threads();
+    std::env::set_var(VAR, candle_threads.to_string());
+}
+
 /// Runs `f` on a thread of rayon's pool, the one the parallel products (gemm, packed
 /// blocks, fused kernels) use, and waits for it. A thread outside the pool that starts a
 /// parallel product sleeps until the pool has finished it and is then woken: ~120 times per

@@ -4,7 +4,12 @@
 //!
 //! Each block is expanded to f32 inside the dot product and the activations stay f32
 //! (llama.cpp instead rounds them to 8 bits), so a product equals the one with the
-//! dequantized f32 matrix up to the order of f32 rounding. Products with many rows (prompts,
+//! dequantized f32 matrix up to the order of f32 rounding. At load the blocks are split into
+//! three arrays (scales and offsets widened to f32, the integer weights as stored): the
+//! kernels then broadcast a scale from memory instead of converting f16 per block, and the
+//! offset term of a row is one vectorised dot product with the input's block sums instead of
+//! a scalar multiply-add per block (15% fewer cycles a block on the AVX2 kernel, for 20% more
+//! bytes: the kernel is compute-bound, see BENCHMARKS.md). Products with many rows (prompts,
 //! training) use the dequantized matrix, which the gemm kernels read at full speed.
 
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -44,6 +49,14 @@ impl BlockFormat {
         }
     }
 
+    /// Bytes of a block's integer weights (without its scale and offset).
+    fn quant_bytes(self) -> usize {
+        match self {
+            Self::Q4_0 | Self::Q4_1 => BLOCK / 2,
+            Self::Q8_0 => BLOCK,
+        }
+    }
+
     /// Bytes of one block of 32 weights.
     pub fn block_bytes(self) -> usize {
         match self {
@@ -52,45 +65,51 @@ impl BlockFormat {
             Self::Q8_0 => 34,
         }
     }
+}
 
-    /// Scale, offset per unit of the block's input sum, and the 32 integer weights q, with
-    /// w = d q + offset: Q4_0's -8 d folds into the offset.
-    fn decode(self, block: &[u8]) -> (f32, f32, [f32; BLOCK]) {
-        let half = |at: usize| f16::from_le_bytes([block[at], block[at + 1]]).to_f32();
-        let d = half(0);
-        let mut q = [0f32; BLOCK];
-        let nibbles = |qs: &[u8], q: &mut [f32; BLOCK]| {
+/// A block's 32 integer weights q as f32, from its stored bytes.
+fn quants_f32(format: BlockFormat, qs: &[u8]) -> [f32; BLOCK] {
+    let mut q = [0f32; BLOCK];
+    match format {
+        BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
             for (j, &b) in qs.iter().enumerate() {
                 q[j] = (b & 0x0F) as f32;
                 q[j + BLOCK / 2] = (b >> 4) as f32;
             }
-        };
-        match self {
-            Self::Q4_0 => {
-                nibbles(&block[2..18], &mut q);
-                (d, -8.0 * d, q)
-            }
-            Self::Q4_1 => {
-                nibbles(&block[4..20], &mut q);
-                (d, half(2), q)
-            }
-            Self::Q8_0 => {
-                for (v, &b) in q.iter_mut().zip(&block[2..34]) {
-                    *v = b as i8 as f32;
-                }
-                (d, 0.0, q)
+        }
+        BlockFormat::Q8_0 => {
+            for (v, &b) in q.iter_mut().zip(qs) {
+                *v = b as i8 as f32;
             }
         }
     }
+    q
 }
 
-/// A (rows, cols) weight matrix as whole rows of blocks, row-major.
-#[derive(Debug, Clone)]
+/// A (rows, cols) weight matrix as whole rows of blocks, row-major, each block split into
+/// its parts (block i of the matrix is `scales[i]`, `offsets[i]`, `quants[i * qb..]`).
+#[derive(Debug, Clone, PartialEq)]
 pub struct PackedMatrix {
     format: BlockFormat,
     rows: usize,
     cols: usize,
-    data: Vec<u8>,
+    /// Each block's scale d, widened from f16 (exact).
+    scales: Vec<f32>,
+    /// Each block's offset per unit of its input sum (w = d q + offset): Q4_1's m, Q4_0's
+    /// -8 d (exact); empty for Q8_0, which has none.
+    offsets: Vec<f32>,
+    /// Each block's integer weights as the file stores them: 16 bytes of nibbles (byte j
+    /// holds weight j low and j + 16 high) or 32 signed bytes.
+    quants: Vec<u8>,
+}
+
+/// One weight row's parts.
+#[derive(Clone, Copy)]
+struct Row<'a> {
+    scales: &'a [f32],
+    /// Empty when the format has no offsets.
+    offsets: &'a [f32],
+    quants: &'a [u8],
 }
 
 impl PackedMatrix {
@@ -121,11 +140,32 @@ impl PackedMatrix {
                 data.len()
             );
         }
+        let blocks = data.len() / format.block_bytes();
+        let mut scales = Vec::with_capacity(blocks);
+        let mut offsets = Vec::with_capacity(if format == BlockFormat::Q8_0 {
+            0
+        } else {
+            blocks
+        });
+        let mut quants = Vec::with_capacity(blocks * format.quant_bytes());
+        let half = |b: &[u8], at: usize| f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
+        for block in data.chunks_exact(format.block_bytes()) {
+            let d = half(block, 0);
+            scales.push(d);
+            match format {
+                BlockFormat::Q4_0 => offsets.push(-8.0 * d),
+                BlockFormat::Q4_1 => offsets.push(half(block, 2)),
+                BlockFormat::Q8_0 => {}
+            }
+            quants.extend_from_slice(&block[block.len() - format.quant_bytes()..]);
+        }
         Ok(Self {
             format,
             rows,
             cols,
-            data,
+            scales,
+            offsets,
+            quants,
         })
     }
 
@@ -147,35 +187,50 @@ impl PackedMatrix {
         {
             return None;
         }
-        let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
-        for p in parts {
-            data.extend_from_slice(&p.data);
-        }
+        let joined = |part: fn(&PackedMatrix) -> &[f32]| -> Vec<f32> {
+            parts.iter().flat_map(|p| part(p).iter().copied()).collect()
+        };
         Some(Self {
             format: first.format,
             rows: parts.iter().map(|p| p.rows).sum(),
             cols: first.cols,
-            data,
+            scales: joined(|p| &p.scales),
+            offsets: joined(|p| &p.offsets),
+            quants: parts
+                .iter()
+                .flat_map(|p| p.quants.iter().copied())
+                .collect(),
         })
     }
 
-    fn row_bytes(&self) -> usize {
-        self.cols / BLOCK * self.format.block_bytes()
+    fn row(&self, r: usize) -> Row<'_> {
+        let nb = self.cols / BLOCK;
+        let qb = nb * self.format.quant_bytes();
+        Row {
+            scales: &self.scales[r * nb..(r + 1) * nb],
+            offsets: if self.offsets.is_empty() {
+                &[]
+            } else {
+                &self.offsets[r * nb..(r + 1) * nb]
+            },
+            quants: &self.quants[r * qb..(r + 1) * qb],
+        }
     }
 
-    fn row(&self, r: usize) -> &[u8] {
-        let n = self.row_bytes();
-        &self.data[r * n..(r + 1) * n]
+    /// Block i's integer weights as f32.
+    fn block_quants(&self, i: usize) -> [f32; BLOCK] {
+        let qb = self.format.quant_bytes();
+        quants_f32(self.format, &self.quants[i * qb..(i + 1) * qb])
     }
 
     /// The matrix in f32 (rows, cols), each weight computed as d q + m exactly like
     /// candle's dequantization (tests compare the two).
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.rows * self.cols);
-        for block in self.data.chunks_exact(self.format.block_bytes()) {
-            let (d, offset, q) = self.format.decode(block);
+        for (i, &d) in self.scales.iter().enumerate() {
+            let q = self.block_quants(i);
             out.extend(q.iter().map(|&q| match self.format {
-                BlockFormat::Q4_1 => q * d + offset,
+                BlockFormat::Q4_1 => q * d + self.offsets[i],
                 // d (q - 8), as ggml writes it (exact: q - 8 is a small integer).
                 BlockFormat::Q4_0 => (q - 8.0) * d,
                 BlockFormat::Q8_0 => q * d,
@@ -206,7 +261,7 @@ impl PackedMatrix {
             for (i, dst) in chunk.chunks_exact_mut(m).enumerate() {
                 let w = self.row(first_row + i);
                 for (xs, d) in rows_of_x.chunks(4).zip(dst.chunks_mut(4)) {
-                    dot_rows(self.format, w, xs, d, level);
+                    dot_rows(self.format, &w, xs, d, level);
                 }
             }
         };
@@ -236,7 +291,7 @@ impl PackedMatrix {
 /// with the widest kernel `level` allows.
 fn dot_rows(
     format: BlockFormat,
-    w: &[u8],
+    w: &Row<'_>,
     xs: &[(&[f32], &[f32])],
     out: &mut [f32],
     level: super::simd::SimdLevel,
@@ -247,25 +302,22 @@ fn dot_rows(
         macro_rules! by_shape {
             ($kernel:ident) => {
                 match (format, xs.len()) {
-                    (BlockFormat::Q4_0, 1) => x86::$kernel::<Q40, 1>(w, xs, out),
-                    (BlockFormat::Q4_0, 2) => x86::$kernel::<Q40, 2>(w, xs, out),
-                    (BlockFormat::Q4_0, 3) => x86::$kernel::<Q40, 3>(w, xs, out),
-                    (BlockFormat::Q4_0, _) => x86::$kernel::<Q40, 4>(w, xs, out),
-                    (BlockFormat::Q4_1, 1) => x86::$kernel::<Q41, 1>(w, xs, out),
-                    (BlockFormat::Q4_1, 2) => x86::$kernel::<Q41, 2>(w, xs, out),
-                    (BlockFormat::Q4_1, 3) => x86::$kernel::<Q41, 3>(w, xs, out),
-                    (BlockFormat::Q4_1, _) => x86::$kernel::<Q41, 4>(w, xs, out),
-                    (BlockFormat::Q8_0, 1) => x86::$kernel::<Q80, 1>(w, xs, out),
-                    (BlockFormat::Q8_0, 2) => x86::$kernel::<Q80, 2>(w, xs, out),
-                    (BlockFormat::Q8_0, 3) => x86::$kernel::<Q80, 3>(w, xs, out),
-                    (BlockFormat::Q8_0, _) => x86::$kernel::<Q80, 4>(w, xs, out),
+                    (BlockFormat::Q4_0 | BlockFormat::Q4_1, 1) => x86::$kernel::<Q4, 1>(w, xs, out),
+                    (BlockFormat::Q4_0 | BlockFormat::Q4_1, 2) => x86::$kernel::<Q4, 2>(w, xs, out),
+                    (BlockFormat::Q4_0 | BlockFormat::Q4_1, 3) => x86::$kernel::<Q4, 3>(w, xs, out),
+                    (BlockFormat::Q4_0 | BlockFormat::Q4_1, _) => x86::$kernel::<Q4, 4>(w, xs, out),
+                    (BlockFormat::Q8_0, 1) => x86::$kernel::<Q8, 1>(w, xs, out),
+                    (BlockFormat::Q8_0, 2) => x86::$kernel::<Q8, 2>(w, xs, out),
+                    (BlockFormat::Q8_0, 3) => x86::$kernel::<Q8, 3>(w, xs, out),
+                    (BlockFormat::Q8_0, _) => x86::$kernel::<Q8, 4>(w, xs, out),
                 }
             };
         }
-        use x86::{Q40, Q41, Q80};
+        use x86::{Q4, Q8};
         // SAFETY: `level` is never above what the CPU runs (AVX2 implies FMA and F16C,
-        // AVX-512 implies AVX2); every row of `xs` has `w`'s width (checked in `matmul_t`),
-        // so the kernels read inside both.
+        // AVX-512 implies AVX2); every row of `xs` has `w`'s width and one sum per block of
+        // `w` (checked in `matmul_t`), and `w`'s parts hold the same number of blocks, so the
+        // kernels read inside all of them.
         match level {
             SimdLevel::Avx512 => return unsafe { by_shape!(dot512) },
             SimdLevel::Avx2 => return unsafe { by_shape!(dot) },
@@ -276,43 +328,43 @@ fn dot_rows(
     dot_rows_scalar(format, w, xs, out)
 }
 
-fn dot_rows_scalar(format: BlockFormat, w: &[u8], xs: &[(&[f32], &[f32])], out: &mut [f32]) {
+fn dot_rows_scalar(format: BlockFormat, w: &Row<'_>, xs: &[(&[f32], &[f32])], out: &mut [f32]) {
     let mut acc = [0f32; 4];
-    for (b, block) in w.chunks_exact(format.block_bytes()).enumerate() {
-        let (d, offset, q) = format.decode(block);
-        for (a, (x, sums)) in acc.iter_mut().zip(xs) {
+    let qb = format.quant_bytes();
+    for (b, &d) in w.scales.iter().enumerate() {
+        let q = quants_f32(format, &w.quants[b * qb..(b + 1) * qb]);
+        for (a, (x, _)) in acc.iter_mut().zip(xs) {
             let x = &x[b * BLOCK..(b + 1) * BLOCK];
             let dot: f32 = q.iter().zip(x).map(|(q, x)| q * x).sum();
-            *a += d * dot + offset * sums[b];
+            *a += d * dot;
         }
     }
-    out.copy_from_slice(&acc[..out.len()]);
+    for ((o, a), (_, sums)) in out.iter_mut().zip(acc).zip(xs) {
+        let offsets: f32 = w.offsets.iter().zip(*sums).map(|(o, s)| o * s).sum();
+        *o = a + offsets;
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::BLOCK;
+    use super::{Row, BLOCK};
 
-    /// One block format's expansion to f32 lanes.
+    /// How a block's stored integer weights expand to f32 lanes.
     pub trait Block {
+        /// Stored bytes of one block's weights.
         const BYTES: usize;
-        /// (d broadcast, offset, the 32 weights' q in four vectors of 8).
-        unsafe fn load(p: *const u8) -> (__m256, f32, [__m256; 4]);
-        /// (d, offset, the 32 weights' q in two vectors of 16), for AVX-512.
-        unsafe fn load512(p: *const u8) -> (f32, f32, [__m512; 2]);
+        /// The 32 weights' q in four vectors of 8.
+        unsafe fn load(q: *const u8) -> [__m256; 4];
+        /// The 32 weights' q in two vectors of 16, for AVX-512.
+        unsafe fn load512(q: *const u8) -> [__m512; 2];
     }
 
-    pub struct Q40;
-    pub struct Q41;
-    pub struct Q80;
-
-    #[inline(always)]
-    unsafe fn halves(p: *const u8) -> __m128 {
-        // Two f16 (d, m) or one followed by the first bytes of q (ignored by the caller).
-        _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)))
-    }
+    /// 4-bit weights (Q4_0, Q4_1: their offsets are applied apart).
+    pub struct Q4;
+    /// 8-bit signed weights (Q8_0).
+    pub struct Q8;
 
     /// 8 bytes at `p`, each widened to an i32 lane (zero- or sign-extended): one
     /// instruction with its load, where loading 16 bytes and shifting costs three.
@@ -324,19 +376,6 @@ mod x86 {
     #[inline(always)]
     unsafe fn widen_i8(p: *const u8) -> __m256 {
         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
-    }
-
-    /// Byte j holds weight j (low nibble) and weight j + 16 (high nibble).
-    #[inline(always)]
-    unsafe fn nibbles(qs: *const u8) -> [__m256; 4] {
-        let (a, b) = (widen_u8(qs), widen_u8(qs.add(8)));
-        let mask = _mm256_set1_epi32(0x0F);
-        [
-            _mm256_cvtepi32_ps(_mm256_and_si256(a, mask)),
-            _mm256_cvtepi32_ps(_mm256_and_si256(b, mask)),
-            _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4)),
-            _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)),
-        ]
     }
 
     /// 16 bytes at `p`, each widened to an i32 lane.
@@ -351,76 +390,45 @@ mod x86 {
         _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
     }
 
-    /// Byte j holds weight j (low nibble) and weight j + 16 (high nibble): one widening
-    /// gives both halves of the block.
-    #[inline(always)]
-    unsafe fn nibbles512(qs: *const u8) -> [__m512; 2] {
-        let a = widen16_u8(qs);
-        [
-            _mm512_cvtepi32_ps(_mm512_and_si512(a, _mm512_set1_epi32(0x0F))),
-            _mm512_cvtepi32_ps(_mm512_srli_epi32(a, 4)),
-        ]
-    }
-
-    impl Block for Q40 {
-        const BYTES: usize = 18;
+    impl Block for Q4 {
+        const BYTES: usize = 16;
+        /// Byte j holds weight j (low nibble) and weight j + 16 (high nibble).
         #[inline(always)]
-        unsafe fn load512(p: *const u8) -> (f32, f32, [__m512; 2]) {
-            let d = _mm_cvtss_f32(halves(p));
-            (d, -8.0 * d, nibbles512(p.add(2)))
+        unsafe fn load(qs: *const u8) -> [__m256; 4] {
+            let (a, b) = (widen_u8(qs), widen_u8(qs.add(8)));
+            let mask = _mm256_set1_epi32(0x0F);
+            [
+                _mm256_cvtepi32_ps(_mm256_and_si256(a, mask)),
+                _mm256_cvtepi32_ps(_mm256_and_si256(b, mask)),
+                _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4)),
+                _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)),
+            ]
         }
+        /// One widening gives both halves of the block.
         #[inline(always)]
-        unsafe fn load(p: *const u8) -> (__m256, f32, [__m256; 4]) {
-            let s = halves(p);
-            (
-                _mm256_broadcastss_ps(s),
-                -8.0 * _mm_cvtss_f32(s),
-                nibbles(p.add(2)),
-            )
+        unsafe fn load512(qs: *const u8) -> [__m512; 2] {
+            let a = widen16_u8(qs);
+            [
+                _mm512_cvtepi32_ps(_mm512_and_si512(a, _mm512_set1_epi32(0x0F))),
+                _mm512_cvtepi32_ps(_mm512_srli_epi32(a, 4)),
+            ]
         }
     }
 
-    impl Block for Q41 {
-        const BYTES: usize = 20;
+    impl Block for Q8 {
+        const BYTES: usize = 32;
         #[inline(always)]
-        unsafe fn load512(p: *const u8) -> (f32, f32, [__m512; 2]) {
-            let s = halves(p);
-            let m = _mm_cvtss_f32(_mm_movehdup_ps(s));
-            (_mm_cvtss_f32(s), m, nibbles512(p.add(4)))
+        unsafe fn load(q: *const u8) -> [__m256; 4] {
+            [
+                widen_i8(q),
+                widen_i8(q.add(8)),
+                widen_i8(q.add(16)),
+                widen_i8(q.add(24)),
+            ]
         }
         #[inline(always)]
-        unsafe fn load(p: *const u8) -> (__m256, f32, [__m256; 4]) {
-            let s = halves(p);
-            let m = _mm_cvtss_f32(_mm_movehdup_ps(s));
-            (_mm256_broadcastss_ps(s), m, nibbles(p.add(4)))
-        }
-    }
-
-    impl Block for Q80 {
-        const BYTES: usize = 34;
-        #[inline(always)]
-        unsafe fn load512(p: *const u8) -> (f32, f32, [__m512; 2]) {
-            let q = p.add(2);
-            (
-                _mm_cvtss_f32(halves(p)),
-                0.0,
-                [widen16_i8(q), widen16_i8(q.add(16))],
-            )
-        }
-        #[inline(always)]
-        unsafe fn load(p: *const u8) -> (__m256, f32, [__m256; 4]) {
-            let s = halves(p);
-            let q = p.add(2);
-            (
-                _mm256_broadcastss_ps(s),
-                0.0,
-                [
-                    widen_i8(q),
-                    widen_i8(q.add(8)),
-                    widen_i8(q.add(16)),
-                    widen_i8(q.add(24)),
-                ],
-            )
+        unsafe fn load512(q: *const u8) -> [__m512; 2] {
+            [widen16_i8(q), widen16_i8(q.add(16))]
         }
     }
 
@@ -432,20 +440,39 @@ mod x86 {
         _mm_cvtss_f32(s)
     }
 
+    /// sum_b offsets[b] sums[b], 8 blocks a step (0 without offsets). Shared by both
+    /// kernels, so that they add the offset term in the same order.
+    #[inline(always)]
+    unsafe fn offset_term(offsets: &[f32], sums: &[f32]) -> f32 {
+        let n = offsets.len();
+        let (o, s) = (offsets.as_ptr(), sums.as_ptr());
+        let mut acc = _mm256_setzero_ps();
+        let mut b = 0;
+        while b + 8 <= n {
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(o.add(b)), _mm256_loadu_ps(s.add(b)), acc);
+            b += 8;
+        }
+        let mut tail = 0f32;
+        while b < n {
+            tail += *o.add(b) * *s.add(b);
+            b += 1;
+        }
+        hsum(acc) + tail
+    }
+
     /// `out[i] = w . x_i` for R input rows: each block of `w` is expanded once for all R.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot<B: Block, const R: usize>(
-        w: &[u8],
+        w: &Row<'_>,
         xs: &[(&[f32], &[f32])],
         out: &mut [f32],
     ) {
-        let blocks = w.len() / B::BYTES;
+        let blocks = w.scales.len();
         let mut acc = [_mm256_setzero_ps(); R];
-        let mut offsets = [0f32; R];
-        let p = w.as_ptr();
+        let (scales, q) = (w.scales.as_ptr(), w.quants.as_ptr());
         for b in 0..blocks {
-            // The 4-byte read of a block's first f16 stays inside the block (>= 18 bytes).
-            let (d, offset, q) = B::load(p.add(b * B::BYTES));
+            let q = B::load(q.add(b * B::BYTES));
+            let d = _mm256_broadcast_ss(&*scales.add(b));
             for r in 0..R {
                 let x = xs[r].0.as_ptr().add(b * BLOCK);
                 let mut t = _mm256_mul_ps(q[0], _mm256_loadu_ps(x));
@@ -453,32 +480,29 @@ mod x86 {
                 t = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(x.add(16)), t);
                 t = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(x.add(24)), t);
                 acc[r] = _mm256_fmadd_ps(t, d, acc[r]);
-                offsets[r] += offset * *xs[r].1.get_unchecked(b);
             }
         }
         for r in 0..R {
-            out[r] = hsum(acc[r]) + offsets[r];
+            out[r] = hsum(acc[r]) + offset_term(w.offsets, xs[r].1);
         }
     }
 
-    /// Block `b` of the weight row at `p` into R accumulators (inlined into `dot512`, so
+    /// Block `b` of the weight row into R accumulators (inlined into `dot512`, so
     /// compiled with its features).
     #[inline(always)]
     unsafe fn block512<B: Block, const R: usize>(
-        p: *const u8,
+        w: &Row<'_>,
         b: usize,
         xs: &[(&[f32], &[f32])],
         acc: &mut [__m512; R],
-        offsets: &mut [f32; R],
     ) {
-        let (d, offset, q) = B::load512(p.add(b * B::BYTES));
-        let d = _mm512_set1_ps(d);
+        let q = B::load512(w.quants.as_ptr().add(b * B::BYTES));
+        let d = _mm512_set1_ps(*w.scales.get_unchecked(b));
         for r in 0..R {
             let x = xs[r].0.as_ptr().add(b * BLOCK);
             let t = _mm512_mul_ps(q[0], _mm512_loadu_ps(x));
             let t = _mm512_fmadd_ps(q[1], _mm512_loadu_ps(x.add(16)), t);
             acc[r] = _mm512_fmadd_ps(t, d, acc[r]);
-            offsets[r] += offset * *xs[r].1.get_unchecked(b);
         }
     }
 
@@ -486,25 +510,23 @@ mod x86 {
     /// accumulators so that consecutive blocks' additions do not wait on each other.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")]
     pub unsafe fn dot512<B: Block, const R: usize>(
-        w: &[u8],
+        w: &Row<'_>,
         xs: &[(&[f32], &[f32])],
         out: &mut [f32],
     ) {
-        let blocks = w.len() / B::BYTES;
+        let blocks = w.scales.len();
         let mut acc = [[_mm512_setzero_ps(); R]; 2];
-        let mut offsets = [[0f32; R]; 2];
-        let p = w.as_ptr();
         let [acc0, acc1] = &mut acc;
-        let [off0, off1] = &mut offsets;
         for b in (0..blocks / 2 * 2).step_by(2) {
-            block512::<B, R>(p, b, xs, acc0, off0);
-            block512::<B, R>(p, b + 1, xs, acc1, off1);
+            block512::<B, R>(w, b, xs, acc0);
+            block512::<B, R>(w, b + 1, xs, acc1);
         }
         if blocks % 2 == 1 {
-            block512::<B, R>(p, blocks - 1, xs, acc0, off0);
+            block512::<B, R>(w, blocks - 1, xs, acc0);
         }
         for r in 0..R {
-            out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r])) + (off0[r] + off1[r]);
+            out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]))
+                + offset_term(w.offsets, xs[r].1);
         }
     }
 }
@@ -542,6 +564,12 @@ mod tests {
 
     /// Random blocks of `format` with realistic scales (and a Q8_0 of extreme q values).
     fn random(format: BlockFormat, rows: usize, cols: usize, seed: u64) -> PackedMatrix {
+        let data = random_bytes(format, rows, cols, seed);
+        PackedMatrix::from_bytes(format, rows, cols, data).unwrap()
+    }
+
+    /// The GGUF bytes of `random`'s matrix.
+    fn random_bytes(format: BlockFormat, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut data = Vec::new();
         for _ in 0..rows * cols / BLOCK {
@@ -554,7 +582,7 @@ mod tests {
             let n = if format == BlockFormat::Q8_0 { 32 } else { 16 };
             data.extend((0..n).map(|_| rng.random::<u8>()));
         }
-        PackedMatrix::from_bytes(format, rows, cols, data).unwrap()
+        data
     }
 
     fn reference(w: &[f32], x: &[f32], m: usize, rows: usize, cols: usize) -> Vec<f64> {
@@ -576,10 +604,11 @@ mod tests {
             (BlockFormat::Q4_1, GgmlDType::Q4_1),
             (BlockFormat::Q8_0, GgmlDType::Q8_0),
         ] {
-            let p = random(format, 5, 64, 7);
+            let bytes = random_bytes(format, 5, 64, 7);
+            let p = PackedMatrix::from_bytes(format, 5, 64, bytes.clone()).unwrap();
             let q = QTensor::new(
                 candle_core::quantized::QStorage::from_data(
-                    std::borrow::Cow::Borrowed(&p.data),
+                    std::borrow::Cow::Borrowed(&bytes),
                     &candle_core::Device::Cpu,
                     dtype,
                 )
@@ -596,7 +625,7 @@ mod tests {
                 .unwrap();
             assert_eq!(p.dequantize(), theirs, "{format:?}");
             let again = PackedMatrix::from_qtensor(&q).unwrap().unwrap();
-            assert_eq!(again.data, p.data);
+            assert_eq!(again, p);
         }
     }
 

@@ -1204,6 +1204,222 @@ pub fn attention_inference(
 }
 
 // ---------------------------------------------------------------------------------------
+// One new position attending over a KV cache (a decode step), the cache read in place.
+
+/// Query heads x keys at or above which a decode step's heads are split across threads (a
+/// head over 256 keys is ~30 k multiply-adds, several times a parallel region's cost).
+const DECODE_ATTENTION_PAR_MIN: usize = 1 << 11;
+
+struct DecodeAttention {
+    scale: f32,
+    mask: Option<SoftmaxMask>,
+    /// Per batch row, its padding slots in front of the real ones (skipped).
+    first: Option<Vec<usize>>,
+}
+
+/// A (B, G, S, hd) view with unit stride in hd: element (b, g, j, 0) is at
+/// `base + b * sb + g * sg + j * sj`.
+#[derive(Clone, Copy)]
+struct CacheView<'a> {
+    data: &'a [f32],
+    base: usize,
+    strides: [usize; 3],
+}
+
+impl CacheView<'_> {
+    fn new<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<CacheView<'a>> {
+        let CpuStorage::F32(data) = s else {
+            candle_core::bail!("decode-attention: {what} is not f32");
+        };
+        let st = l.stride();
+        if st.len() != 4 || st[3] != 1 {
+            candle_core::bail!("decode-attention: {what} needs unit stride in its last axis");
+        }
+        Ok(CacheView {
+            data,
+            base: l.start_offset(),
+            strides: [st[0], st[1], st[2]],
+        })
+    }
+
+    fn row(&self, b: usize, g: usize, j: usize, hd: usize) -> &[f32] {
+        let at = self.base + b * self.strides[0] + g * self.strides[1] + j * self.strides[2];
+        &self.data[at..at + hd]
+    }
+}
+
+/// q . k in 8 lanes of partial sums, added in a fixed order (the same result at every
+/// vector width the compiler picks).
+#[inline(always)]
+fn dot8(q: &[f32], k: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (qc, kc) = (q.chunks_exact(8), k.chunks_exact(8));
+    let tail: f32 = qc
+        .remainder()
+        .iter()
+        .zip(kc.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    for (a, b) in qc.zip(kc) {
+        for l in 0..8 {
+            acc[l] += a[l] * b[l];
+        }
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+impl DecodeAttention {
+    /// One query head `q` (hd) of K/V head g of batch row b: its output into `y` (hd).
+    #[inline(always)]
+    fn head(
+        &self,
+        q: &[f32],
+        (k, v): (CacheView<'_>, CacheView<'_>),
+        (b, g, s): (usize, usize, usize),
+        y: &mut [f32],
+    ) {
+        let hd = q.len();
+        let first = self.first.as_ref().map_or(0, |f| f[b]).min(s);
+        let mask = self.mask.as_ref().map(|m| {
+            let mb = if m.rows == 1 { 0 } else { b };
+            &m.values[mb * s..(mb + 1) * s]
+        });
+        let mut p = vec![0f32; s - first];
+        // As `MaskedSoftmax` computes a row in f32.
+        let mut max = f32::NEG_INFINITY;
+        for (j, pj) in (first..s).zip(p.iter_mut()) {
+            let score = dot8(q, k.row(b, g, j, hd)) * self.scale;
+            *pj = match mask {
+                Some(m) => score + m[j] as f32,
+                None => score,
+            };
+            max = max.max(*pj);
+        }
+        y.fill(0.0);
+        if max == f32::NEG_INFINITY {
+            return;
+        }
+        let mut sum = 0f32;
+        for pj in p.iter_mut() {
+            *pj = (*pj - max).exp();
+            sum += *pj;
+        }
+        for pj in p.iter_mut() {
+            *pj /= sum;
+        }
+        for (j, &pj) in (first..s).zip(&p) {
+            for (yd, vd) in y.iter_mut().zip(v.row(b, g, j, hd)) {
+                *yd += pj * vd;
+            }
+        }
+    }
+
+    /// `head` compiled for AVX2 (the same arithmetic: no operation is fused).
+    #[target_feature(enable = "avx2,fma")]
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn head_avx2(
+        &self,
+        q: &[f32],
+        kv: (CacheView<'_>, CacheView<'_>),
+        at: (usize, usize, usize),
+        y: &mut [f32],
+    ) {
+        self.head(q, kv, at, y)
+    }
+}
+
+impl CustomOp3 for DecodeAttention {
+    fn name(&self) -> &'static str {
+        "decode-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let q = contiguous_f32(s1, l1, "decode-attention")?;
+        let (k, v) = (
+            CacheView::new(s2, l2, "keys")?,
+            CacheView::new(s3, l3, "values")?,
+        );
+        let (b, g, r, hd) = l1.shape().dims4()?;
+        let (kb, kg, s, khd) = l2.shape().dims4()?;
+        if (kb, kg, khd) != (b, g, hd) || l3.shape() != l2.shape() {
+            candle_core::bail!(
+                "decode-attention: q {:?}, k {:?}, v {:?}",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
+        }
+        if let Some(m) = &self.mask {
+            if m.values.len() != m.rows * s || (m.rows != 1 && m.rows != b) {
+                candle_core::bail!("decode-attention: mask does not match {b} rows of {s} keys");
+            }
+        }
+        if self.first.as_ref().is_some_and(|f| f.len() != b) {
+            candle_core::bail!("decode-attention: front padding is not one per row");
+        }
+        let mut out = vec![0f32; b * g * r * hd];
+        let avx2 = super::simd::level() >= super::simd::SimdLevel::Avx2;
+        // Head h of the output is query head h % r of K/V head (h / r) % g of row h / (g r).
+        let task = |h: usize, y: &mut [f32]| {
+            let at = (h / (g * r), (h / r) % g, s);
+            let q = &q[h * hd..(h + 1) * hd];
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: `avx2` is set only where the CPU runs AVX2 and FMA.
+                return unsafe { self.head_avx2(q, (k, v), at, y) };
+            }
+            let _ = avx2;
+            self.head(q, (k, v), at, y)
+        };
+        if hd == 0 {
+        } else if b * g * r * s >= DECODE_ATTENTION_PAR_MIN {
+            out.par_chunks_exact_mut(hd)
+                .enumerate()
+                .for_each(|(h, y)| task(h, y));
+        } else {
+            for (h, y) in out.chunks_exact_mut(hd).enumerate() {
+                task(h, y);
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, 1, g * r * hd))))
+    }
+}
+
+/// softmax(q k^T scale + mask) v for one new position per batch row, reading the keys and
+/// values where the cache holds them (no copy of the cache per step, no matrix-product
+/// set-up for one query row). q (B, G, R, hd): the R query heads that share each of the G
+/// K/V heads; k and v (B, G, S, hd) with unit stride in hd (the cache buffers narrowed to
+/// S positions); `mask` as for [`masked_softmax`] with one query position; `first[b]`: row
+/// b's padding slots in front of its real ones, which it skips, so a row's arithmetic is
+/// what it is alone. Returns (B, 1, G * R * hd), the heads in order. CPU f32, no backward.
+pub fn decode_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&SoftmaxMask>,
+    first: Option<&[usize]>,
+    scale: f64,
+) -> Result<Tensor> {
+    q.contiguous()?.apply_op3_no_bwd(
+        k,
+        v,
+        &DecodeAttention {
+            scale: scale as f32,
+            mask: mask.cloned(),
+            first: first.map(<[usize]>::to_vec),
+        },
+    )
+}
+
+// ---------------------------------------------------------------------------------------
 // Batched matrix products without a graph (attention on the training path).
 
 struct BatchedMatmul {
@@ -1436,6 +1652,96 @@ pub(crate) mod tests {
             // bf16 keeps 8 bits of mantissa: 2^-9 relative rounding per value.
             assert!(rel < 1e-2, "{dtype:?}: relative L2 {rel}");
         }
+    }
+
+    /// A decode step's attention read in place from narrowed cache buffers equals candle's
+    /// composed ops on copies (grouped heads, an additive mask with hidden slots, a width
+    /// that is not a multiple of 8), at every SIMD level bit for bit; a row with padding in
+    /// front gives bit for bit what it gives alone, without the padding.
+    #[test]
+    fn decode_attention_over_a_cache_view_matches_composed_ops() {
+        let dev = Device::Cpu;
+        let (b, g, r, hd, cap, s) = (2, 2, 3, 12, 10, 7);
+        let q = Tensor::randn(0f32, 1.0, (b, g, r, hd), &dev).unwrap();
+        let kbuf = Tensor::randn(0f32, 1.0, (b, g, cap, hd), &dev).unwrap();
+        let vbuf = Tensor::randn(0f32, 1.0, (b, g, cap, hd), &dev).unwrap();
+        let (k, v) = (kbuf.narrow(2, 0, s).unwrap(), vbuf.narrow(2, 0, s).unwrap());
+        assert!(
+            !k.is_contiguous(),
+            "the test needs a strided view, as the cache gives"
+        );
+        // Row 0: two padding slots in front; row 1: slot 4 hidden.
+        let mut m = vec![0f32; b * s];
+        m[0] = f32::NEG_INFINITY;
+        m[1] = f32::NEG_INFINITY;
+        m[s + 4] = f32::NEG_INFINITY;
+        let mask_t = Tensor::from_vec(m, (b, 1, 1, 1, s), &dev).unwrap();
+        let mask = SoftmaxMask::new(&mask_t).unwrap();
+        let scale = 0.3;
+
+        let scores = (q.matmul(&k.contiguous().unwrap().t().unwrap()).unwrap() * scale)
+            .unwrap()
+            .broadcast_add(&mask_t.reshape((b, 1, 1, s)).unwrap())
+            .unwrap();
+        let want = candle_nn::ops::softmax(&scores, D::Minus1)
+            .unwrap()
+            .matmul(&v.contiguous().unwrap())
+            .unwrap()
+            .reshape((b, 1, g * r * hd))
+            .unwrap();
+        let mut outputs = Vec::new();
+        for level in crate::models::simd::available() {
+            let got = crate::models::simd::with_level(level, || {
+                decode_attention(&q, &k, &v, Some(&mask), Some(&[2, 0]), scale).unwrap()
+            });
+            assert_eq!(got.dims(), [b, 1, g * r * hd]);
+            let diff = max_abs_diff(&got, &want);
+            assert!(diff < 1e-5, "{level:?}: {diff}");
+            outputs.push(got.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        }
+        assert!(outputs.windows(2).all(|w| w[0] == w[1]));
+
+        // Row 0 alone, its cache starting after the padding.
+        let alone = decode_attention(
+            &q.narrow(0, 0, 1).unwrap(),
+            &k.narrow(0, 0, 1).unwrap().narrow(2, 2, s - 2).unwrap(),
+            &v.narrow(0, 0, 1).unwrap().narrow(2, 2, s - 2).unwrap(),
+            None,
+            None,
+            scale,
+        )
+        .unwrap();
+        let batched = decode_attention(&q, &k, &v, Some(&mask), Some(&[2, 0]), scale).unwrap();
+        assert_eq!(
+            alone.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            batched
+                .narrow(0, 0, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        );
+
+        // A longer cache splits the heads across threads: the same values.
+        let (cap, s) = (400, 390);
+        let kbuf = Tensor::randn(0f32, 1.0, (1, g, cap, hd), &dev).unwrap();
+        let vbuf = Tensor::randn(0f32, 1.0, (1, g, cap, hd), &dev).unwrap();
+        let (k, v) = (kbuf.narrow(2, 0, s).unwrap(), vbuf.narrow(2, 0, s).unwrap());
+        let q = q.narrow(0, 1, 1).unwrap();
+        let want = candle_nn::ops::softmax(
+            &(q.matmul(&k.contiguous().unwrap().t().unwrap()).unwrap() * scale).unwrap(),
+            D::Minus1,
+        )
+        .unwrap()
+        .matmul(&v.contiguous().unwrap())
+        .unwrap()
+        .reshape((1, 1, g * r * hd))
+        .unwrap();
+        let got = decode_attention(&q, &k, &v, None, None, scale).unwrap();
+        assert!(max_abs_diff(&got, &want) < 1e-5);
+        // Shapes that disagree are an error, not a panic.
+        assert!(decode_attention(&q, &k.narrow(3, 0, 8).unwrap(), &v, None, None, scale).is_err());
     }
 
     /// The largest |a - b| over the elements (any float dtype), for the kernels' tests.

@@ -339,8 +339,9 @@ struct Attended {
     /// Keys (rotated) and values of every attended position (B, n_kv_heads, S, head_dim).
     k: Tensor,
     v: Tensor,
-    /// Attention probabilities (B, n_kv_heads, group * T, S).
-    probs: Tensor,
+    /// Attention probabilities (B, n_kv_heads, group * T, S); `None` from a decode step
+    /// over a KV cache, which keeps no tape.
+    probs: Option<Tensor>,
 }
 
 /// What the hand-written backward of one decoder layer needs: its input, the residual stream
@@ -1000,6 +1001,13 @@ impl Llama {
         let q = self.rope(&q, pos)?;
         let k = self.rope(&k, pos)?;
         let v = v.contiguous()?;
+        // One new position over a KV cache (a decode step, inference only): attention reads
+        // the cache in place (`fused::decode_attention`). Only at t = 1, so a prompt's
+        // positions go through the same products alone as in a padded batch.
+        let decode_step = t == 1
+            && matches!(past, LayerPast::Cache(..))
+            && self.use_fused()
+            && self.dtype == DType::F32;
         let (k, v) = match past {
             LayerPast::Cache(slot, len) => {
                 let (mut kb, mut vb) = match slot.take() {
@@ -1026,6 +1034,23 @@ impl Llama {
         let rep = nh / nkv;
         let q = q.reshape((b, nkv, rep * t, hd))?;
         let scale = scale(hd);
+        if decode_step {
+            let y = fused::decode_attention(
+                &q,
+                &k,
+                &v,
+                pos.mask_fused.as_ref(),
+                pos.front_padding.as_deref(),
+                scale,
+            )?;
+            return Ok(Attended {
+                out: self.project(layer, Product::O, &block.o, &y, branches)?,
+                q,
+                k,
+                v,
+                probs: None,
+            });
+        }
         let raw = if pos.off_graph {
             fused::batched_matmul(&q, false, &k, true)?
         } else {
@@ -1070,7 +1095,7 @@ impl Llama {
             q,
             k,
             v,
-            probs,
+            probs: Some(probs),
         })
     }
 
@@ -1110,7 +1135,9 @@ impl Llama {
             q: attended.q,
             k: attended.k,
             v: attended.v,
-            probs: attended.probs,
+            probs: attended.probs.ok_or_else(|| {
+                candle_core::Error::Msg("a taped layer ran a decode step (no tape)".into())
+            })?,
             gate_up,
             qkv_w: block.qkv.weight().clone(),
             o_w: block.o.weight().clone(),

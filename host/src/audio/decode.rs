@@ -221,7 +221,10 @@ fn open(source: Encoded, path: &Path) -> Result<Opened, AudioError> {
         .map_err(|cause| AudioError::Open { path: p(), cause })?;
     // Headers symphonia misreads (a WAV written to a pipe, AIFF's sound chunk): read with
     // their size fields corrected.
+    let mut fact_frames = None;
     if let Some(len) = source.byte_len() {
+        fact_frames = super::fixups::wav_fact_frames(&mut source, &head[..n], len)
+            .map_err(|cause| AudioError::Open { path: p(), cause })?;
         let found = super::fixups::corrections(&mut source, &head[..n], len)
             .map_err(|cause| AudioError::Open { path: p(), cause })?;
         if let Some((patches, what)) = found {
@@ -289,7 +292,8 @@ fn open(source: Encoded, path: &Path) -> Result<Opened, AudioError> {
         });
     }
     let channels = params.channels.map(|c| c.count()).unwrap_or(0);
-    let frames = params.n_frames.filter(|&n| n > 0);
+    let frames =
+        real_frames(params.n_frames, fact_frames, params.frames_per_block).filter(|&n| n > 0);
     let info = AudioInfo {
         container: container.to_string(),
         codec: codec_name(params.codec),
@@ -304,6 +308,25 @@ fn open(source: Encoded, path: &Path) -> Result<Opened, AudioError> {
         info,
         params,
     })
+}
+
+/// The frames a stream holds: the container's count (for block-coded WAV, whole blocks), less
+/// the last block's padding where the WAV `fact` chunk says how much of it is real. A `fact`
+/// count that would cut a whole block or more (a wrong chunk), or add frames, is not used:
+/// the padding is all it may remove.
+fn real_frames(
+    container: Option<u64>,
+    fact: Option<u64>,
+    frames_per_block: Option<u64>,
+) -> Option<u64> {
+    match (container, fact, frames_per_block) {
+        (Some(whole), Some(fact), Some(block))
+            if block > 1 && fact < whole && whole - fact < block =>
+        {
+            Some(fact)
+        }
+        _ => container,
+    }
 }
 
 /// Decodes `path` (or `segment` of it) to mono float32 at the file's sample rate.
@@ -636,7 +659,11 @@ fn decode_into(
     let to_frame = |secs: f64| (secs * sr as f64).round() as u64;
     let range = FrameRange {
         start: segment.start.map(to_frame).unwrap_or(0),
-        end: segment.end.map(to_frame),
+        // Never past the stream's real end (a WAV block's padding, AAC's end padding).
+        end: segment
+            .end
+            .map(to_frame)
+            .map(|end| info.frames.map_or(end, |frames| end.min(frames))),
         max: max_s.map(|m| (m * sr as f64).floor() as u64),
     };
     // A checksum of the whole stream can only be checked by a decode of the whole stream.
@@ -649,7 +676,13 @@ fn decode_into(
         let t = time_base.calc_time(ts);
         ((t.seconds as f64 + t.frac) * sr as f64).round() as u64
     };
-    let seeked = seek_near(format.as_mut(), decoder.as_mut(), track_id, range.start, sr);
+    // symphonia 0.5's RIFF readers seek to frame x block bytes, right only when a block is
+    // one frame: in block-coded WAV (ADPCM, 505 frames a block at 8-16 kHz) every seek lands
+    // past the data and a segment came back empty. Those streams are decoded from the start
+    // and the head discarded.
+    let block_coded = params.frames_per_block.is_some_and(|frames| frames > 1);
+    let seeked =
+        !block_coded && seek_near(format.as_mut(), decoder.as_mut(), track_id, range.start, sr);
 
     let mut sample_buf: Option<SampleBuffer<f32>> = None;
     // Frame index of the next decoded frame; only meaningful for segment decoding, where it is

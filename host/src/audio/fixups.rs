@@ -139,6 +139,41 @@ fn walk_chunks<S: Read + Seek + ?Sized, T>(
     Ok(None)
 }
 
+/// The frame count of a WAV file's `fact` chunk (`head` its first bytes), if it has one.
+/// Block-coded WAV (IMA and Microsoft ADPCM) fills its last block with padding; `fact` says
+/// how many frames are real. symphonia 0.5 reads the chunk and then overwrites the count with
+/// the data chunk's whole blocks, so the padding is decoded as audio (up to one block: 63 ms
+/// at 8 kHz). Walks the chunk headers with seeks and leaves the source at its start.
+pub fn wav_fact_frames<S: Read + Seek + ?Sized>(
+    source: &mut S,
+    head: &[u8],
+    file_len: u64,
+) -> std::io::Result<Option<u64>> {
+    if head.get(..4) != Some(b"RIFF") || head.get(8..12) != Some(b"WAVE") {
+        return Ok(None);
+    }
+    let walked = walk_chunks(
+        source,
+        file_len,
+        Layout::Riff { big_endian: false },
+        |source, c| {
+            if &c.id != b"fact" || c.size < 4 {
+                return Ok(None);
+            }
+            source.seek(SeekFrom::Start(c.body))?;
+            let mut b = [0u8; 4];
+            source.read_exact(&mut b)?;
+            Ok(Some(u64::from(u32::from_le_bytes(b))))
+        },
+    );
+    let found = match walked {
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => None,
+        other => other?,
+    };
+    source.seek(SeekFrom::Start(0))?;
+    Ok(found)
+}
+
 /// Size values that writers leave when they cannot go back and fill them in.
 fn is_placeholder(size: i64) -> bool {
     size == 0 || size == i64::from(u32::MAX)

@@ -8,8 +8,8 @@
 //! three arrays (scales and offsets widened to f32, the integer weights as stored): the
 //! kernels then broadcast a scale from memory instead of converting f16 per block, and the
 //! offset term of a row is one vectorised dot product with the input's block sums instead of
-//! a scalar multiply-add per block (15% fewer cycles a block on the AVX2 kernel, for 20% more
-//! bytes: the kernel is compute-bound, see BENCHMARKS.md). Products with many rows (prompts,
+//! a scalar multiply-add per block (8-13% less time a block on the AVX2 kernel, for 20% more
+//! bytes: the kernel is compute-bound; `bench_models packed`, figures in BENCHMARKS.md). Products with many rows (prompts,
 //! training) use the dequantized matrix, which the gemm kernels read at full speed.
 
 use candle_core::quantized::{GgmlDType, QTensor};

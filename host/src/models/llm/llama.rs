@@ -115,6 +115,33 @@ fn append_kv(buf: &mut Option<Tensor>, len: usize, new: &Tensor) -> Result<Tenso
     Ok(buf.narrow(2, 0, need)?)
 }
 
+/// The keys and values (B, n_kv_heads, T, head_dim) of the new positions behind a layer's
+/// earlier ones: appended to its KV cache in place (the cache's view is returned), or joined
+/// to a frozen prefix's with `cat` (differentiable), or alone.
+fn with_past(past: LayerPast<'_>, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+    Ok(match past {
+        LayerPast::Cache(slot, len) => {
+            let (mut kb, mut vb) = match slot.take() {
+                Some((kb, vb)) => (Some(kb), Some(vb)),
+                None => (None, None),
+            };
+            let k = append_kv(&mut kb, len, &k)?;
+            let v = append_kv(&mut vb, len, &v)?;
+            *slot = kb.zip(vb);
+            (k, v)
+        }
+        LayerPast::Frozen(Some((pk, pv)), len) if len > 0 => {
+            let (b, nkv, _, hd) = k.dims4()?;
+            let join = |old: &Tensor, new: &Tensor| -> Result<Tensor> {
+                let old = old.narrow(2, 0, len)?.broadcast_as((b, nkv, len, hd))?;
+                Ok(Tensor::cat(&[&old.contiguous()?, new], 2)?)
+            };
+            (join(pk, &k)?, join(pv, &v)?)
+        }
+        LayerPast::Frozen(..) | LayerPast::None => (k, v),
+    })
+}
+
 impl KvCache {
     pub fn new(n_layers: usize) -> Self {
         Self {
@@ -1008,26 +1035,7 @@ impl Llama {
             && matches!(past, LayerPast::Cache(..))
             && self.use_fused()
             && self.dtype == DType::F32;
-        let (k, v) = match past {
-            LayerPast::Cache(slot, len) => {
-                let (mut kb, mut vb) = match slot.take() {
-                    Some((kb, vb)) => (Some(kb), Some(vb)),
-                    None => (None, None),
-                };
-                let k = append_kv(&mut kb, len, &k)?;
-                let v = append_kv(&mut vb, len, &v)?;
-                *slot = kb.zip(vb);
-                (k, v)
-            }
-            LayerPast::Frozen(Some((pk, pv)), len) if len > 0 => {
-                let join = |old: &Tensor, new: &Tensor| -> Result<Tensor> {
-                    let old = old.narrow(2, 0, len)?.broadcast_as((b, nkv, len, hd))?;
-                    Ok(Tensor::cat(&[&old.contiguous()?, new], 2)?)
-                };
-                (join(pk, &k)?, join(pv, &v)?)
-            }
-            LayerPast::Frozen(..) | LayerPast::None => (k, v),
-        };
+        let (k, v) = with_past(past, k, v)?;
         let s = k.dim(2)?;
         // Grouped-query attention without materialising repeated K/V: fold the query heads
         // that share a K/V head into the sequence axis.

@@ -780,25 +780,59 @@ pub fn cross_entropy_rows(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
 // branch-free exp/erf that the compiler vectorises. perf put 28% of an encoder window in
 // glibc's scalar expf and libm's erff (54M softmax exponentials and 9M GELUs per window).
 
+/// How a kernel body multiplies and adds. The vector builds fuse them (every level above
+/// portable has FMA: one instruction and one rounding instead of two, which halves the
+/// dependent chain of a polynomial); the portable build keeps a multiply and an add, where
+/// `f32::mul_add` would be a libm call per element.
+pub trait MulAdd {
+    fn mul_add(a: f32, b: f32, c: f32) -> f32;
+}
+
+/// `a * b + c` with one rounding (the vector builds).
+pub struct Fused;
+
+/// `a * b + c` with two roundings (the portable build).
+pub struct Unfused;
+
+impl MulAdd for Fused {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
+impl MulAdd for Unfused {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
+}
+
 /// e^x for f32, Cephes' expf: x = n ln2 + r, |r| <= ln2/2, e^r by a degree-6 polynomial,
 /// 2^n from the exponent bits. Relative error < 2e-7 over [-87, 88]; inputs outside are
 /// clamped (so -inf gives ~1e-38, not 0; callers handle NaN rows themselves).
 #[inline(always)]
 pub fn exp_f32(x: f32) -> f32 {
+    exp_with::<Unfused>(x)
+}
+
+/// [`exp_f32`] with its multiply-adds done as `M` does them.
+#[inline(always)]
+pub fn exp_with<M: MulAdd>(x: f32) -> f32 {
     let x = x.clamp(-87.3, 88.7);
     // Round to nearest by adding and removing 1.5 * 2^23 (`round()` is a libm call on the
     // baseline x86-64 target and would stop the loop from vectorising).
     const SHIFTER: f32 = 12_582_912.0;
-    let shifted = x * std::f32::consts::LOG2_E + SHIFTER;
+    let shifted = M::mul_add(x, std::f32::consts::LOG2_E, SHIFTER);
     let n = shifted - SHIFTER;
-    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let r = M::mul_add(n, 2.121_944_4e-4, M::mul_add(n, -0.693_359_4, x));
     let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let y = p * r * r + r + 1.0;
+    p = M::mul_add(p, r, 1.398_199_9e-3);
+    p = M::mul_add(p, r, 8.333_452e-3);
+    p = M::mul_add(p, r, 4.166_579_6e-2);
+    p = M::mul_add(p, r, 1.666_666_5e-1);
+    p = M::mul_add(p, r, 0.5);
+    let y = M::mul_add(p * r, r, r) + 1.0;
     // 2^n from n's bits: `shifted` lies in [2^23, 2^24), where one unit is one ulp, so its
     // bits are SHIFTER's plus n. (`n as i32` saturates and maps NaN to 0, which LLVM does
     // lane by lane with compares and moves: with AVX-512 that made the whole loop scalar,
@@ -812,26 +846,36 @@ pub fn exp_f32(x: f32) -> f32 {
 /// Absolute error < 4e-7 in f32 (measured 3.8e-7; the 1 - (...) form's f32 rounding).
 #[inline(always)]
 pub fn erf_f32(x: f32) -> f32 {
+    erf_with::<Unfused>(x)
+}
+
+/// [`erf_f32`] with its multiply-adds done as `M` does them.
+#[inline(always)]
+pub fn erf_with<M: MulAdd>(x: f32) -> f32 {
     let a = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let poly = t
-        * (0.254_829_6
-            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
-    let far = 1.0 - poly * exp_f32(-a * a);
+    let t = 1.0 / M::mul_add(0.327_591_1, a, 1.0);
+    let mut poly = 1.061_405_4f32;
+    poly = M::mul_add(poly, t, -1.453_152_1);
+    poly = M::mul_add(poly, t, 1.421_413_7);
+    poly = M::mul_add(poly, t, -0.284_496_74);
+    poly = M::mul_add(poly, t, 0.254_829_6);
+    let far = M::mul_add(-(poly * t), exp_with::<M>(-a * a), 1.0);
     let a2 = a * a;
-    let near = std::f32::consts::FRAC_2_SQRT_PI
-        * a
-        * (1.0
-            + a2 * (-1.0 / 3.0
-                + a2 * (1.0 / 10.0
-                    + a2 * (-1.0 / 42.0 + a2 * (1.0 / 216.0 + a2 * (-1.0 / 1320.0))))));
+    let mut series = -1.0f32 / 1320.0;
+    series = M::mul_add(series, a2, 1.0 / 216.0);
+    series = M::mul_add(series, a2, -1.0 / 42.0);
+    series = M::mul_add(series, a2, 1.0 / 10.0);
+    series = M::mul_add(series, a2, -1.0 / 3.0);
+    series = M::mul_add(series, a2, 1.0);
+    let near = std::f32::consts::FRAC_2_SQRT_PI * a * series;
     let y = if a < 0.5 { near } else { far };
     y.copysign(x)
 }
 
-/// `fn $name(args)` that runs `$body(args)` compiled for AVX-512 or AVX2 + FMA, whichever
-/// `simd::level()` picks, else as the crate is built (baseline x86-64, 4 lanes). `$body` is
-/// `#[inline(always)]`, so each copy is vectorised for its own target.
+/// `fn $name(args)` that runs `$body::<Fused>(args)` compiled for AVX-512 or AVX2 + FMA,
+/// whichever `simd::level()` picks, else `$body::<Unfused>(args)` as the crate is built
+/// (baseline x86-64, 4 lanes). `$body` is `#[inline(always)]`, so each copy is vectorised
+/// for its own target.
 macro_rules! with_simd {
     (fn $name:ident($($arg:ident: $ty:ty),*) => $body:ident) => {
         fn $name($($arg: $ty),*) {
@@ -840,11 +884,11 @@ macro_rules! with_simd {
                 use super::simd::SimdLevel;
                 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")]
                 unsafe fn avx512($($arg: $ty),*) {
-                    $body($($arg),*)
+                    $body::<Fused>($($arg),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) {
-                    $body($($arg),*)
+                    $body::<Fused>($($arg),*)
                 }
                 match super::simd::level() {
                     // SAFETY: `level()` is never above what the CPU runs.
@@ -853,15 +897,16 @@ macro_rules! with_simd {
                     SimdLevel::Portable => {}
                 }
             }
-            $body($($arg),*)
+            $body::<Unfused>($($arg),*)
         }
     };
 }
 
 #[inline(always)]
-fn gelu_body(out: &mut [f32], x: &[f32]) {
+fn gelu_body<M: MulAdd>(out: &mut [f32], x: &[f32]) {
     for (o, &x) in out.iter_mut().zip(x) {
-        *o = 0.5 * x * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
+        let e = erf_with::<M>(x * std::f32::consts::FRAC_1_SQRT_2);
+        *o = 0.5 * x * (1.0 + e);
     }
 }
 
@@ -869,42 +914,71 @@ with_simd!(fn gelu_chunk(out: &mut [f32], x: &[f32]) => gelu_body);
 
 /// [`gelu_body`] writing over its input (the same arithmetic per element).
 #[inline(always)]
-fn gelu_in_place_body(x: &mut [f32]) {
+fn gelu_in_place_body<M: MulAdd>(x: &mut [f32]) {
     for v in x.iter_mut() {
-        *v = 0.5 * *v * (1.0 + erf_f32(*v * std::f32::consts::FRAC_1_SQRT_2));
+        let e = erf_with::<M>(*v * std::f32::consts::FRAC_1_SQRT_2);
+        *v = 0.5 * *v * (1.0 + e);
     }
 }
 
 with_simd!(fn gelu_chunk_in_place(x: &mut [f32]) => gelu_in_place_body);
 
-/// softmax of a row. The max runs here too, in the vector build (in the caller's baseline
-/// build it and a NaN scan took 8% of an encoder window: perf, AVX-512 machine). No separate
-/// NaN scan: the max skips NaN, but a NaN input makes the sum of exponentials NaN (finite
-/// inputs below a finite max give finite terms), and then the row is done again as std does.
+/// softmax of a row, written over it. The max runs here too, in the vector build (in the
+/// caller's baseline build it and a NaN scan took 8% of an encoder window: perf, AVX-512
+/// machine); the exponentials and their sum are one pass (32 running sums), so a row is read three times, not four. No separate NaN scan: the max skips
+/// NaN, but a NaN input makes the sum of exponentials NaN (finite inputs below a finite max
+/// give finite terms). A row with a NaN or an infinity comes out all NaN, as std's
+/// `(v - max).exp() / sum` makes it (an infinite max gives inf - inf somewhere, an all
+/// -inf row -inf - -inf everywhere; either way the sum is NaN).
 #[inline(always)]
-fn softmax_body(dst: &mut [f32], row: &[f32]) {
+fn softmax_in_place_body<M: MulAdd>(row: &mut [f32]) {
+    if row.is_empty() {
+        return;
+    }
     let max = lanes(row, f32::NEG_INFINITY, |m, v| if v > m { v } else { m });
     if max.is_finite() {
-        for (d, &v) in dst.iter_mut().zip(row) {
-            *d = exp_f32(v - max);
+        const N: usize = 32;
+        let mut acc = [0f32; N];
+        let mut chunks = row.chunks_exact_mut(N);
+        for c in &mut chunks {
+            for i in 0..N {
+                c[i] = exp_with::<M>(c[i] - max);
+                acc[i] += c[i];
+            }
         }
-        let sum = lanes(dst, 0.0, |s, v| s + v);
+        // The rest by eights (a 1500-wide encoder row leaves 28: as scalars they took ~15%
+        // of the row's time), then the last few alone.
+        let mut eights = chunks.into_remainder().chunks_exact_mut(8);
+        for c in &mut eights {
+            for i in 0..8 {
+                c[i] = exp_with::<M>(c[i] - max);
+                acc[i] += c[i];
+            }
+        }
+        let mut sum = 0f32;
+        for v in eights.into_remainder() {
+            *v = exp_with::<M>(*v - max);
+            sum += *v;
+        }
+        for a in acc {
+            sum += a;
+        }
         if !sum.is_nan() {
             let inv = 1.0 / sum;
-            dst.iter_mut().for_each(|d| *d *= inv);
+            row.iter_mut().for_each(|d| *d *= inv);
             return;
         }
     }
-    // NaN / infinite rows keep std's semantics (NaN stays visible).
-    let mut sum = 0.0;
-    for (d, &v) in dst.iter_mut().zip(row) {
-        *d = (v - max).exp();
-        sum += *d;
-    }
-    dst.iter_mut().for_each(|d| *d /= sum);
+    row.fill(f32::NAN);
 }
 
-with_simd!(fn softmax_row(dst: &mut [f32], row: &[f32]) => softmax_body);
+with_simd!(fn softmax_in_place(row: &mut [f32]) => softmax_in_place_body);
+
+/// softmax of `row` into `dst` ([`softmax_in_place`] over a copy).
+fn softmax_row(dst: &mut [f32], row: &[f32]) {
+    dst.copy_from_slice(row);
+    softmax_in_place(dst);
+}
 
 struct FastGelu;
 
@@ -1028,9 +1102,10 @@ pub fn softmax_last_dim_inference(x: &Tensor) -> Result<Tensor> {
 const ATTENTION_ROWS: usize = 64;
 
 thread_local! {
-    /// One block's scores and probabilities, reused across blocks and calls.
-    static ATTENTION_SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    /// One block's scores, then its probabilities in their place (one buffer, so that a
+    /// block of 64 x 1500 fits a 512 KiB L2 cache), reused across blocks and calls.
+    static ATTENTION_SCRATCH: std::cell::RefCell<Vec<f32>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 struct BlockedAttention {
@@ -1098,9 +1173,8 @@ impl CustomOp3 for BlockedAttention {
             let q_at = (bi * tq + r0) * width + hi * hd;
             let kv_at = bi * tk * width + hi * hd;
             ATTENTION_SCRATCH.with(|scratch| {
-                let (scores, probs) = &mut *scratch.borrow_mut();
+                let scores = &mut *scratch.borrow_mut();
                 scores.resize(rows * tk, 0.0);
-                probs.resize(rows * tk, 0.0);
                 // SAFETY: q is read as (rows, hd) with row stride `width` from q_at, k as its
                 // transpose (hd, tk) with column stride `width` from kv_at: the last element
                 // read is in bounds of q and k ((b, t, width) each); scores is (rows, tk)
@@ -1128,9 +1202,8 @@ impl CustomOp3 for BlockedAttention {
                         gemm::Parallelism::None,
                     )
                 }
-                for (p, s) in probs.chunks_exact_mut(tk).zip(scores.chunks_exact(tk)) {
-                    softmax_row(p, s);
-                }
+                scores.chunks_exact_mut(tk).for_each(softmax_in_place);
+                let probs = &*scores;
                 // SAFETY: probs is (rows, tk), v is read as (tk, hd) with row stride `width`
                 // from kv_at; the destination is rows r0.. of batch bi, columns hi*hd.. (hd of
                 // them) of the (b, tq, width) output, which no other task writes; read_dst is
@@ -1939,23 +2012,36 @@ pub(crate) mod tests {
 
     #[test]
     fn fast_exp_and_erf_match_std() {
-        let (mut worst_exp, mut worst_erf) = (0f64, 0f64);
-        let mut x = -87.0f32;
-        while x < 88.0 {
-            let exact = (x as f64).exp();
-            worst_exp = worst_exp.max(((exp_f32(x) as f64) - exact).abs() / exact);
-            x += 0.0137;
+        // Both roundings: the portable build's (exp_f32, erf_f32) and the vector builds'.
+        let kinds: [(&str, fn(f32) -> f32, fn(f32) -> f32); 2] = [
+            ("unfused", exp_f32, erf_f32),
+            ("fused", exp_with::<Fused>, erf_with::<Fused>),
+        ];
+        for (kind, exp, erf) in kinds {
+            let (mut worst_exp, mut worst_erf) = (0f64, 0f64);
+            let mut x = -87.0f32;
+            while x < 88.0 {
+                let exact = (x as f64).exp();
+                worst_exp = worst_exp.max(((exp(x) as f64) - exact).abs() / exact);
+                x += 0.0137;
+            }
+            let mut x = -6.0f32;
+            while x < 6.0 {
+                let exact = libm_erf(x as f64);
+                worst_erf = worst_erf.max(((erf(x) as f64) - exact).abs());
+                x += 0.0011;
+            }
+            assert!(
+                worst_exp < 3e-7,
+                "{kind} exp: worst relative error {worst_exp}"
+            );
+            assert!(
+                worst_erf < 4e-7,
+                "{kind} erf: worst absolute error {worst_erf}"
+            );
+            assert!(exp(f32::NEG_INFINITY) < 1e-37, "{kind}");
+            assert!(erf(f32::NAN).is_nan(), "{kind}");
         }
-        let mut x = -6.0f32;
-        while x < 6.0 {
-            let exact = libm_erf(x as f64);
-            worst_erf = worst_erf.max(((erf_f32(x) as f64) - exact).abs());
-            x += 0.0011;
-        }
-        assert!(worst_exp < 3e-7, "exp: worst relative error {worst_exp}");
-        assert!(worst_erf < 4e-7, "erf: worst absolute error {worst_erf}");
-        assert!(exp_f32(f32::NEG_INFINITY) < 1e-37);
-        assert!(erf_f32(f32::NAN).is_nan());
     }
 
     /// erf by its Taylor series / continued fraction in f64 (a reference independent of the
@@ -1986,37 +2072,55 @@ pub(crate) mod tests {
     #[test]
     fn fast_softmax_and_gelu_match_candle() {
         let dev = Device::Cpu;
-        let x = (Tensor::randn(0f32, 4.0, (3, 7, 50), &dev).unwrap())
-            .contiguous()
-            .unwrap();
         let close = |a: &Tensor, b: &Tensor, tol: f32, what: &str| {
             let d = max_abs_diff(a, b);
             assert!(d < tol as f64, "{what}: max difference {d}");
         };
-        for level in crate::models::simd::available() {
-            crate::models::simd::with_level(level, || {
-                close(
-                    &softmax_last_dim_inference(&x).unwrap(),
-                    &candle_nn::ops::softmax_last_dim(&x).unwrap(),
-                    1e-6,
-                    &format!("softmax, {level:?}"),
-                );
-                close(
-                    &gelu_erf_inference(&x).unwrap(),
-                    &x.gelu_erf().unwrap(),
-                    2e-6,
-                    &format!("gelu, {level:?}"),
-                );
-            });
+        // Widths that reach each part of the row loop: under 8, 32-wide chunks with a tail
+        // of eights and singles (50 = 32 + 2 x 8 + 2), and the encoder's 1500 (46 x 32 + 3 x 8 + 4).
+        for width in [7, 50, 1500] {
+            let x = (Tensor::randn(0f32, 4.0, (3, 5, width), &dev).unwrap())
+                .contiguous()
+                .unwrap();
+            for level in crate::models::simd::available() {
+                crate::models::simd::with_level(level, || {
+                    close(
+                        &softmax_last_dim_inference(&x).unwrap(),
+                        &candle_nn::ops::softmax_last_dim(&x).unwrap(),
+                        1e-6,
+                        &format!("softmax, width {width}, {level:?}"),
+                    );
+                    close(
+                        &gelu_erf_inference(&x).unwrap(),
+                        &x.gelu_erf().unwrap(),
+                        2e-6,
+                        &format!("gelu, width {width}, {level:?}"),
+                    );
+                });
+            }
         }
-        // A NaN stays visible.
-        let nan = Tensor::new(&[[0f32, f32::NAN, 1.0]], &dev).unwrap();
-        let s: Vec<f32> = softmax_last_dim_inference(&nan)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        assert!(s.iter().any(|v| v.is_nan()));
+        // A NaN stays visible; rows with a NaN, a +inf or nothing but -inf come out all NaN,
+        // as std's (v - max).exp() / sum makes them, at every level and at every position.
+        let inf = f32::INFINITY;
+        for level in crate::models::simd::available() {
+            for width in [3usize, 45] {
+                for at in [0, width / 2, width - 1] {
+                    for bad in [f32::NAN, inf] {
+                        let mut row = vec![0.5f32; width];
+                        row[at] = bad;
+                        let mut out = vec![0f32; width];
+                        crate::models::simd::with_level(level, || softmax_row(&mut out, &row));
+                        assert!(
+                            out.iter().all(|v| v.is_nan()),
+                            "{level:?}: {bad} at {at} of {width}: {out:?}"
+                        );
+                    }
+                }
+                let row = vec![-inf; width];
+                let mut out = vec![0f32; width];
+                crate::models::simd::with_level(level, || softmax_row(&mut out, &row));
+                assert!(out.iter().all(|v| v.is_nan()), "{level:?}: all -inf");
+            }
+        }
     }
 }

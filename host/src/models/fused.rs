@@ -2013,7 +2013,8 @@ pub(crate) mod tests {
     #[test]
     fn fast_exp_and_erf_match_std() {
         // Both roundings: the portable build's (exp_f32, erf_f32) and the vector builds'.
-        let kinds: [(&str, fn(f32) -> f32, fn(f32) -> f32); 2] = [
+        type Approx = fn(f32) -> f32;
+        let kinds: [(&str, Approx, Approx); 2] = [
             ("unfused", exp_f32, erf_f32),
             ("fused", exp_with::<Fused>, erf_with::<Fused>),
         ];

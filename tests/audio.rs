@@ -56,6 +56,74 @@ fn wav_written_to_a_pipe_reads_to_the_end() {
     }
 }
 
+/// A LIST chunk of INFO tags whose size stops one byte short, before the pad of its last,
+/// odd subchunk (the pad sits where the outer walk pads an odd chunk anyway): ffmpeg and
+/// libsndfile read such a WAV; symphonia 0.5 refuses all of it ("chunk length exceeds
+/// parent"). The oracle's speech with such a LIST before or after its data chunk, and with
+/// a data size left at a pipe's placeholder, decodes to the reference.
+#[test]
+fn a_wav_list_chunk_one_byte_short_of_its_pad_still_decodes() {
+    let original = std::fs::read(whisper_oracle("audio/a_speech_16k.wav")).unwrap();
+    let data = original
+        .windows(4)
+        .position(|w| w == b"data")
+        .expect("a data chunk");
+    let size = u32::from_le_bytes(original[data + 4..data + 8].try_into().unwrap()) as usize;
+    let (header, samples) = (&original[12..data], &original[data + 8..data + 8 + size]);
+    // INFO: a 6-byte title (even), then a 5-byte software tag (odd) last, padded after it.
+    let mut list = b"INFO".to_vec();
+    list.extend(b"INAM\x06\0\0\0speech");
+    list.extend(b"ISFT\x05\0\0\0abcd\0");
+    let short = list.len() as u32; // without the last pad
+    list.push(0);
+    let chunk = |id: &[u8], size: u32, body: &[u8]| {
+        let mut c = id.to_vec();
+        c.extend(size.to_le_bytes());
+        c.extend(body);
+        c
+    };
+    let riff = |body: Vec<u8>, riff_size: Option<u32>| {
+        let mut w = b"RIFF".to_vec();
+        w.extend(riff_size.unwrap_or(body.len() as u32 + 4).to_le_bytes());
+        w.extend(b"WAVE");
+        w.extend(body);
+        w
+    };
+    let list_chunk = chunk(b"LIST", short, &list);
+    let data_chunk = chunk(b"data", size as u32, samples);
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "before-data",
+            riff([header, &list_chunk, &data_chunk].concat(), None),
+        ),
+        (
+            "after-data",
+            riff([header, &data_chunk, &list_chunk].concat(), None),
+        ),
+        (
+            "before-piped-data",
+            riff(
+                [header, &list_chunk, &chunk(b"data", u32::MAX, samples)].concat(),
+                Some(u32::MAX),
+            ),
+        ),
+    ];
+    for (name, file) in cases {
+        let path = dir.path().join(format!("{name}.wav"));
+        std::fs::write(&path, &file).unwrap();
+        assert_eq!(load(&path), reference_speech(), "{name}");
+        let from_bytes = audio::decode_file_mono(file, &path, Segment::whole(), None)
+            .unwrap_or_else(|e| panic!("{name} from bytes: {e}"));
+        assert_eq!(from_bytes.samples, reference_speech(), "{name} from bytes");
+    }
+    // The same LIST with its size right decodes as before.
+    let right = chunk(b"LIST", short + 1, &list);
+    let path = dir.path().join("right.wav");
+    std::fs::write(&path, riff([header, &right, &data_chunk].concat(), None)).unwrap();
+    assert_eq!(load(&path), reference_speech());
+}
+
 /// AIFF's sound chunk counts its 8 bytes of offset and block size in its size: the oracle's
 /// speech in an AIFF (as Apple's tools write it: a filler chunk first, so the sound starts at
 /// byte 4096; with and without a chunk after the sound) decodes to the reference, no sample

@@ -8,6 +8,9 @@
 //!   files so. symphonia takes the placeholder literally (a data chunk of 4 GiB, so a
 //!   "truncated" file, or of 0 bytes, so no data chunk). A data size that is real but larger
 //!   than the file is left alone: that file is truncated, and decoding says so.
+//! - WAV whose LIST chunk (INFO tags) is one byte short: its size stops before the pad of
+//!   its last, odd subchunk. The pad is where an odd chunk's pad goes anyway; symphonia 0.5
+//!   refuses the file ("chunk length exceeds parent"); the size is read with the pad.
 //! - AIFF. The SSND chunk's size counts its 8-byte offset and block-size fields before the
 //!   samples; symphonia 0.5 counts them as samples, so it promises 8 bytes of frames too many
 //!   and reads 8 bytes past the chunk: a "truncated" file when SSND ends the file (Python's
@@ -44,10 +47,11 @@ pub fn corrections<S: Read + Seek + ?Sized>(
 ) -> std::io::Result<Option<(Vec<Patch>, &'static str)>> {
     let magic = |at: usize, m: &[u8]| head.get(at..at + m.len()) == Some(m);
     let (walked, what) = if magic(0, b"RIFF") && magic(8, b"WAVE") {
-        (
-            streamed_wav(source, file_len),
-            "WAV sizes left at a placeholder (written to a pipe): read to the end of the file",
-        )
+        match wav_sizes(source, file_len) {
+            Ok(Some((patches, what))) => (Ok(Some(patches)), what),
+            Ok(None) => (Ok(None), ""),
+            Err(e) => (Err(e), ""),
+        }
     } else if magic(0, b"FORM") && (magic(8, b"AIFF") || magic(8, b"AIFC")) {
         (
             aiff_sound(source, file_len),
@@ -179,13 +183,15 @@ fn is_placeholder(size: i64) -> bool {
     size == 0 || size == i64::from(u32::MAX)
 }
 
-/// A WAV data chunk whose size is a placeholder: the RIFF and data sizes the file holds
-/// (whole frames of the fmt chunk's block alignment).
-fn streamed_wav<S: Read + Seek + ?Sized>(
+/// A WAV file's size fields to correct: a data chunk whose size is a placeholder gets the
+/// RIFF and data sizes the file holds (whole frames of the fmt chunk's block alignment), and
+/// a LIST chunk whose size stops one byte short of its last subchunk's pad gets that byte.
+fn wav_sizes<S: Read + Seek + ?Sized>(
     source: &mut S,
     file_len: u64,
-) -> std::io::Result<Option<Vec<Patch>>> {
+) -> std::io::Result<Option<(Vec<Patch>, &'static str)>> {
     let mut block_align = 1u64;
+    let (mut patches, mut streamed, mut list_pad) = (Vec::new(), false, false);
     walk_chunks(
         source,
         file_len,
@@ -197,30 +203,88 @@ fn streamed_wav<S: Read + Seek + ?Sized>(
                 source.read_exact(&mut b)?;
                 block_align = u64::from(u16::from_le_bytes(b)).max(1);
             }
-            if &c.id != b"data" {
+            if &c.id == b"LIST" {
+                if let Some(patch) = list_short_of_its_pad(source, c, file_len)? {
+                    patches.push(patch);
+                    list_pad = true;
+                }
+            }
+            if &c.id != b"data" || !is_placeholder(c.size) {
+                // A LIST may follow the data chunk: the walk goes on past a real size.
                 return Ok(None);
             }
-            if !is_placeholder(c.size) {
-                return Ok(Some(None));
-            }
+            // Past a placeholder the rest of the file is audio: the walk ends here.
             let bytes = file_len - c.body;
-            let Ok(data_size) = u32::try_from(bytes - bytes % block_align) else {
-                return Ok(Some(None));
-            };
-            let riff_size = u32::try_from(file_len - 8).unwrap_or(u32::MAX);
-            Ok(Some(Some(vec![
-                Patch {
+            if let Ok(data_size) = u32::try_from(bytes - bytes % block_align) {
+                let riff_size = u32::try_from(file_len - 8).unwrap_or(u32::MAX);
+                patches.push(Patch {
                     offset: 4,
                     bytes: riff_size.to_le_bytes().to_vec(),
-                },
-                Patch {
+                });
+                patches.push(Patch {
                     offset: c.at + 4,
                     bytes: data_size.to_le_bytes().to_vec(),
-                },
-            ])))
+                });
+                streamed = true;
+            }
+            Ok(Some(()))
         },
-    )
-    .map(Option::flatten)
+    )?;
+    let what = match (streamed, list_pad) {
+        (false, false) => return Ok(None),
+        (true, false) => {
+            "WAV sizes left at a placeholder (written to a pipe): read to the end of the file"
+        }
+        (false, true) => "WAV LIST chunk one byte short of its last subchunk's pad: size + 1",
+        (true, true) => {
+            "WAV sizes left at a placeholder (read to the end of the file) and a LIST chunk \
+             one byte short of its last subchunk's pad (size + 1)"
+        }
+    };
+    Ok(Some((patches, what)))
+}
+
+/// A WAV LIST chunk (INFO tags, cue labels) of odd size whose last subchunk is odd and ends
+/// exactly at the LIST's end: its pad byte lies just past the LIST, where the outer chunk
+/// walk skips it anyway (an odd chunk is padded). Some writers count the subchunks' pads but
+/// not the last one; ffmpeg and libsndfile read such files, symphonia 0.5 refuses the whole
+/// file ("chunk length exceeds parent (list) chunk length"). The patch counts the pad in the
+/// LIST's size, which leaves every chunk where it was. Anything else is left to the decoder.
+fn list_short_of_its_pad<S: Read + Seek + ?Sized>(
+    source: &mut S,
+    list: &Chunk,
+    file_len: u64,
+) -> std::io::Result<Option<Patch>> {
+    let Ok(size) = u32::try_from(list.size) else {
+        return Ok(None);
+    };
+    let Some(padded) = size.checked_add(1) else {
+        return Ok(None);
+    };
+    let end = list.body + u64::from(size);
+    if size & 1 == 0 || size < 4 || end + 1 > file_len {
+        return Ok(None);
+    }
+    // The subchunks follow the LIST's 4-byte type (INFO, adtl).
+    let mut at = list.body + 4;
+    for _ in 0..MAX_CHUNKS {
+        if at + 8 > end {
+            return Ok(None);
+        }
+        source.seek(SeekFrom::Start(at + 4))?;
+        let mut b = [0u8; 4];
+        source.read_exact(&mut b)?;
+        let sub = u64::from(u32::from_le_bytes(b));
+        let sub_end = at + 8 + sub;
+        if sub_end == end {
+            return Ok((sub & 1 == 1).then(|| Patch {
+                offset: list.at + 4,
+                bytes: padded.to_le_bytes().to_vec(),
+            }));
+        }
+        at = sub_end + (sub & 1);
+    }
+    Ok(None)
 }
 
 /// An AIFF/AIFC SSND chunk: its size less the 8 bytes of its offset and block-size fields.
@@ -370,6 +434,62 @@ mod tests {
         // A real size, even one the file cannot hold (truncated), is not touched.
         assert_eq!(corrected(&wav(36 + 1000, 1000, &pcm, 2)), None);
         assert_eq!(corrected(b"OggS........"), None);
+    }
+
+    /// A WAV of `chunks` (id, size as written, body) after the RIFF header.
+    fn riff(chunks: &[(&[u8; 4], u32, &[u8])]) -> Vec<u8> {
+        let mut w = b"RIFF\0\0\0\0WAVE".to_vec();
+        for (id, size, body) in chunks {
+            w.extend(*id);
+            w.extend(size.to_le_bytes());
+            w.extend(*body);
+        }
+        let len = w.len() as u32 - 8;
+        w[4..8].copy_from_slice(&len.to_le_bytes());
+        w
+    }
+
+    #[test]
+    fn a_list_chunk_short_of_its_last_pad_gets_the_byte_and_nothing_else_is_touched() {
+        let fmt = [0u8; 16];
+        let pcm = [3u8; 64];
+        // INFO, one even subchunk, then an odd one whose pad lies past the LIST's size.
+        let info = b"INFOINAM\x02\0\0\0abISFT\x03\0\0\0abc\0";
+        let short = info.len() as u32 - 1;
+        for list_first in [true, false] {
+            let list = (b"LIST", short, &info[..]);
+            let chunks = if list_first {
+                [(b"fmt ", 16, &fmt[..]), list, (b"data", 64, &pcm[..])]
+            } else {
+                [(b"fmt ", 16, &fmt[..]), (b"data", 64, &pcm[..]), list]
+            };
+            let file = riff(&chunks);
+            let at = file.windows(4).position(|w| w == b"LIST").unwrap();
+            let got = corrected(&file).expect("corrected");
+            assert_eq!(&got[at + 4..at + 8], &(short + 1).to_le_bytes());
+            assert_eq!(&got[..at + 4], &file[..at + 4]);
+            assert_eq!(&got[at + 8..], &file[at + 8..]);
+        }
+        // Right sizes, an even last subchunk, a subchunk that overruns the LIST: untouched.
+        let right = riff(&[(b"fmt ", 16, &fmt), (b"LIST", short + 1, info)]);
+        assert_eq!(corrected(&right), None);
+        let even = b"INFOINAM\x02\0\0\0ab\0";
+        assert_eq!(corrected(&riff(&[(b"LIST", 15, even)])), None);
+        let overrun = b"INFOINAM\x09\0\0\0abc\0";
+        assert_eq!(corrected(&riff(&[(b"LIST", 15, overrun)])), None);
+        // Past a data size left at a placeholder everything is audio, even bytes that look
+        // like a LIST chunk short of its pad.
+        let mut audio = b"LIST".to_vec();
+        audio.extend(short.to_le_bytes());
+        audio.extend(info);
+        let streamed = riff(&[(b"fmt ", 16, &fmt), (b"data", u32::MAX, &audio)]);
+        let got = corrected(&streamed).expect("the placeholder corrected");
+        let data = streamed.windows(4).position(|w| w == b"data").unwrap();
+        assert_eq!(
+            &got[data + 8..],
+            &streamed[data + 8..],
+            "the audio is untouched"
+        );
     }
 
     #[test]

@@ -39,6 +39,12 @@ pub enum EncoderWindow {
     /// `audio_ctx`): a 1 s clip costs ~1/30 of a full window. Windows after the first of a
     /// long input are 30 s but the last, which covers what is left.
     Clip,
+    /// The 30 s window, as Whisper was trained, with the encoder's output cut to the frames
+    /// that cover the clip, rounded up to whole seconds as `clip` rounds them: the projector
+    /// gets as many positions as with `clip` (not a short clip's few among 1500 padding
+    /// frames), each computed with the context the encoder was trained on; the encoder costs
+    /// what a full window costs (once per clip with the encoder cache).
+    FullTrimmed,
 }
 
 /// Where the zeros go when a clip is shorter than 30 s.
@@ -118,15 +124,29 @@ impl MelSettings {
     /// windows the clip's frames rounded up to whole seconds.
     pub fn window_frames(&self, samples: usize) -> usize {
         match self.window {
-            EncoderWindow::Full => N_FRAMES,
-            EncoderWindow::Clip => samples
-                .div_ceil(HOP_LENGTH)
-                .div_ceil(CLIP_ROUND_FRAMES)
-                .max(1)
-                .saturating_mul(CLIP_ROUND_FRAMES)
-                .min(N_FRAMES),
+            EncoderWindow::Full | EncoderWindow::FullTrimmed => N_FRAMES,
+            EncoderWindow::Clip => clip_frames(samples),
         }
     }
+
+    /// Encoder frames kept of that window (the encoder's stride-2 convolution halves the
+    /// mel frames): all of them, or with `full-trimmed` those covering the clip.
+    pub fn kept_encoder_frames(&self, samples: usize) -> usize {
+        match self.window {
+            EncoderWindow::Full | EncoderWindow::Clip => self.window_frames(samples) / 2,
+            EncoderWindow::FullTrimmed => clip_frames(samples) / 2,
+        }
+    }
+}
+
+/// The mel frames covering `samples` samples, rounded up to whole seconds, at most a window.
+fn clip_frames(samples: usize) -> usize {
+    samples
+        .div_ceil(HOP_LENGTH)
+        .div_ceil(CLIP_ROUND_FRAMES)
+        .max(1)
+        .saturating_mul(CLIP_ROUND_FRAMES)
+        .min(N_FRAMES)
 }
 
 // --- Slaney mel scale (librosa's `htk=False`), in f64 ---
@@ -497,6 +517,27 @@ mod tests {
         assert_eq!(clip.window_frames(16_001), 200);
         assert_eq!(clip.window_frames(N_SAMPLES * 2), N_FRAMES);
         assert_eq!(MelSettings::default().window_frames(1), N_FRAMES);
+        // full-trimmed: the whole window into the encoder, the clip's (rounded) frames out.
+        let trimmed = MelSettings {
+            window: EncoderWindow::FullTrimmed,
+            ..MelSettings::default()
+        };
+        for samples in [1, 16_000, 16_001, 45_000, N_SAMPLES, N_SAMPLES * 2] {
+            assert_eq!(trimmed.window_frames(samples), N_FRAMES, "{samples}");
+            assert_eq!(
+                trimmed.kept_encoder_frames(samples),
+                clip.window_frames(samples) / 2,
+                "{samples}"
+            );
+            assert_eq!(
+                clip.kept_encoder_frames(samples),
+                clip.window_frames(samples) / 2
+            );
+            assert_eq!(
+                MelSettings::default().kept_encoder_frames(samples),
+                N_FRAMES / 2
+            );
+        }
     }
 
     /// A clip-length window is the start of the padded 30 s window: same STFT frames, same

@@ -159,12 +159,8 @@ impl ClipEncoder {
         let mut out = Vec::with_capacity(n);
         for (w, span) in spans.into_iter().take(n).enumerate() {
             let frames = self.settings.window_frames(span.len());
-            // The encoder's stride-2 convolution halves the mel frames.
-            let dims = [
-                1,
-                frames / 2,
-                self.encoder.config.d_model * self.layers.len(),
-            ];
+            let kept = self.settings.kept_encoder_frames(span.len());
+            let dims = [1, kept, self.encoder.config.d_model * self.layers.len()];
             let key = clip_key.as_ref().map(|k| EncoderCache::window_key(k, w));
             if let (Some(c), Some(k)) = (&self.cache, &key) {
                 if let Some(t) = c.get(k, &dims, &self.rt.device) {
@@ -191,8 +187,16 @@ impl ClipEncoder {
             )?;
             let encoded = {
                 let _enc = tracing::debug_span!("encoder forward", window = w).entered();
-                self.encoder
-                    .forward_layers(&x, &self.layers, NonFiniteTrace::default())?
+                let all =
+                    self.encoder
+                        .forward_layers(&x, &self.layers, NonFiniteTrace::default())?;
+                if all.dim(1)? > kept {
+                    // `full-trimmed`: the frames covering the clip (contiguous for the
+                    // cache and the projector).
+                    all.narrow(1, 0, kept)?.contiguous()?
+                } else {
+                    all
+                }
             };
             self.counts.encoder_runs += 1;
             if let (Some(c), Some(k)) = (&self.cache, &key) {

@@ -254,3 +254,43 @@ fn hidden_states_side_by_side() {
         assert!(e.contains("hidden-state indices"), "{bad:?}: {e}");
     }
 }
+
+/// `[mel] window = "full-trimmed"`: the 30 s window into the encoder and the frames covering
+/// the clip (rounded up to whole seconds) out: exactly the first frames of the full window's
+/// output, as many as a clip-length window gives, and not the clip-length window's values
+/// (their context differs: Whisper was trained on whole windows).
+#[test]
+fn full_trimmed_windows_are_the_full_window_s_first_frames() {
+    use earshot::mel::{EncoderWindow, MelSettings};
+    use earshot::pipeline::clip::ClipEncoder;
+    let samples = earshot::audio::load_16k_mono(
+        &whisper_oracle("audio/a_speech_16k.wav"),
+        earshot::audio::Segment::whole(),
+    )
+    .unwrap();
+    // 46,536 samples: 291 mel frames, rounded up to 300, so 150 encoder frames kept.
+    assert_eq!(samples.len(), 46_536);
+    let encode = |window: EncoderWindow| {
+        let rt = Runtime::cpu();
+        let encoder = WhisperEncoder::load_dir(&default_whisper(), &rt).unwrap();
+        let settings = MelSettings {
+            window,
+            ..MelSettings::default()
+        };
+        let mut clip = ClipEncoder::new(encoder, rt, settings, None).unwrap();
+        let mut out = clip.encode_samples(&samples, (None, None), None).unwrap();
+        assert_eq!(out.len(), 1, "{window:?}: one window");
+        out.remove(0)
+    };
+    let full = encode(EncoderWindow::Full);
+    let trimmed = encode(EncoderWindow::FullTrimmed);
+    let clip = encode(EncoderWindow::Clip);
+    assert_eq!(full.dims(), &[1, 1500, 384]);
+    assert_eq!(trimmed.dims(), &[1, 150, 384]);
+    assert_eq!(clip.dims(), trimmed.dims());
+    let flat = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let head = full.narrow(1, 0, 150).unwrap();
+    assert_eq!(max_abs_diff(&flat(&head), &flat(&trimmed)), 0.0);
+    let apart = max_abs_diff(&flat(&clip), &flat(&trimmed));
+    assert!(apart > 0.1, "clip-length and trimmed windows differ by only {apart}");
+}

@@ -226,6 +226,21 @@ fn main() {
                 2.0 * (m * k * n) as f64 / s / 1e9
             );
         }
+        Some("fma-peak") => {
+            // The CPU's own f32 ceiling: twelve independent chains of 8-wide FMAs per thread
+            // (enough to cover the FMA latency on every x86 core), one chain set per rayon
+            // thread, all threads at once. What gemm's peak above reaches is a share of this.
+            let threads = rayon::current_num_threads();
+            let iters = 300_000_000u64;
+            let t = Instant::now();
+            let sums: Vec<f32> = rayon::broadcast(|_| fma_chains(iters));
+            let s = t.elapsed().as_secs_f64();
+            assert!(sums.iter().all(|v| v.is_finite()));
+            println!(
+                "{{\"what\":\"fma peak\",\"gflops\":{},\"threads\":{threads}}}",
+                threads as f64 * iters as f64 * 12.0 * 16.0 / s / 1e9
+            );
+        }
         Some("packed") => {
             use earshot::models::packed::{BlockFormat, PackedMatrix};
             let arg = |i: usize, default: usize| -> usize {
@@ -271,4 +286,54 @@ fn main() {
         }
         _ => panic!("usage: see the header of examples/bench_models.rs"),
     }
+}
+
+/// `iters` rounds of twelve independent 8-wide fused multiply-adds (16 FLOPs each); the sum of
+/// the chains, so that nothing is optimised away. AVX2 + FMA where the CPU has them, else the
+/// same arithmetic in scalars (a figure that then says so by being small).
+fn fma_chains(iters: u64) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the features were detected just above.
+        return unsafe { fma_chains_avx2(iters) };
+    }
+    let mut acc = [[0.1f32; 8]; 12];
+    for _ in 0..iters {
+        for chain in &mut acc {
+            for v in chain.iter_mut() {
+                *v = v.mul_add(0.9999, 1e-4);
+            }
+        }
+    }
+    acc.iter().flatten().sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_chains_avx2(iters: u64) -> f32 {
+    use std::arch::x86_64::*;
+    let (b, c) = (_mm256_set1_ps(0.9999), _mm256_set1_ps(1e-4));
+    let mut a = [_mm256_set1_ps(0.1); 12];
+    for _ in 0..iters {
+        // Twelve chains unrolled by hand: each FMA depends only on its own chain's last.
+        a[0] = _mm256_fmadd_ps(a[0], b, c);
+        a[1] = _mm256_fmadd_ps(a[1], b, c);
+        a[2] = _mm256_fmadd_ps(a[2], b, c);
+        a[3] = _mm256_fmadd_ps(a[3], b, c);
+        a[4] = _mm256_fmadd_ps(a[4], b, c);
+        a[5] = _mm256_fmadd_ps(a[5], b, c);
+        a[6] = _mm256_fmadd_ps(a[6], b, c);
+        a[7] = _mm256_fmadd_ps(a[7], b, c);
+        a[8] = _mm256_fmadd_ps(a[8], b, c);
+        a[9] = _mm256_fmadd_ps(a[9], b, c);
+        a[10] = _mm256_fmadd_ps(a[10], b, c);
+        a[11] = _mm256_fmadd_ps(a[11], b, c);
+    }
+    let mut lanes = [0f32; 8];
+    let mut sum = 0.0;
+    for v in a {
+        _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+        sum += lanes.iter().sum::<f32>();
+    }
+    sum
 }

@@ -292,5 +292,8 @@ fn full_trimmed_windows_are_the_full_window_s_first_frames() {
     let head = full.narrow(1, 0, 150).unwrap();
     assert_eq!(max_abs_diff(&flat(&head), &flat(&trimmed)), 0.0);
     let apart = max_abs_diff(&flat(&clip), &flat(&trimmed));
-    assert!(apart > 0.1, "clip-length and trimmed windows differ by only {apart}");
+    assert!(
+        apart > 0.1,
+        "clip-length and trimmed windows differ by only {apart}"
+    );
 }

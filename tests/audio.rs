@@ -124,6 +124,109 @@ fn a_wav_list_chunk_one_byte_short_of_its_pad_still_decodes() {
     assert_eq!(load(&path), reference_speech());
 }
 
+/// G.711 (ITU-T, as Sun's reference g711.c encodes it): a 16-bit sample as one A-law byte.
+fn linear_to_alaw(sample: i16) -> u8 {
+    const END: [i32; 8] = [0x1F, 0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF];
+    let mut v = i32::from(sample) >> 3;
+    let mask = if v >= 0 {
+        0xD5
+    } else {
+        v = -v - 1;
+        0x55
+    };
+    let Some(seg) = END.iter().position(|&e| v <= e) else {
+        return 0x7F ^ mask;
+    };
+    let quant = if seg < 2 { v >> 1 } else { v >> seg } & 0xF;
+    (((seg as i32) << 4) | quant) as u8 ^ mask
+}
+
+/// The same for mu-law.
+fn linear_to_mulaw(sample: i16) -> u8 {
+    const END: [i32; 8] = [0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF, 0x1FFF];
+    let mut v = i32::from(sample) >> 2;
+    let mask = if v < 0 {
+        v = -v;
+        0x7F
+    } else {
+        0xFF
+    };
+    v = v.min(8159) + 0x21;
+    let Some(seg) = END.iter().position(|&e| v <= e) else {
+        return 0x7F ^ mask;
+    };
+    (((seg as i32) << 4) | ((v >> (seg + 1)) & 0xF)) as u8 ^ mask
+}
+
+/// A G.711 WAV whose fmt chunk leaves out cbSize (16 bytes, as for PCM), as writers that
+/// treat G.711 like PCM write it: symphonia 0.5 refused it ("malformed fmt_mulaw chunk");
+/// ffmpeg and libsndfile read it. The oracle's speech in mu-law and A-law so written decodes
+/// to the same samples as the same bytes with an 18-byte fmt chunk (which symphonia reads
+/// itself), close to the reference; so do a segment (a seek through the corrected header)
+/// and the same file with its sizes left at a pipe's placeholder.
+#[test]
+fn g711_wav_without_cb_size_decodes() {
+    let reference = reference_speech();
+    let pcm: Vec<i16> = reference
+        .iter()
+        .map(|&v| (v * 32768.0).round().clamp(-32768.0, 32767.0) as i16)
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    for (tag, name, encode) in [
+        (6u16, "alaw", linear_to_alaw as fn(i16) -> u8),
+        (7, "mulaw", linear_to_mulaw),
+    ] {
+        let data: Vec<u8> = pcm.iter().map(|&s| encode(s)).collect();
+        let wav = |cb_size: bool, sizes: Option<u32>| {
+            let mut fmt = tag.to_le_bytes().to_vec();
+            fmt.extend(1u16.to_le_bytes()); // mono
+            fmt.extend(16_000u32.to_le_bytes());
+            fmt.extend(16_000u32.to_le_bytes()); // bytes a second
+            fmt.extend(1u16.to_le_bytes()); // block align
+            fmt.extend(8u16.to_le_bytes());
+            if cb_size {
+                fmt.extend(0u16.to_le_bytes());
+            }
+            let mut body = b"WAVEfmt ".to_vec();
+            body.extend((fmt.len() as u32).to_le_bytes());
+            body.extend(&fmt);
+            body.extend(b"data");
+            body.extend(sizes.unwrap_or(data.len() as u32).to_le_bytes());
+            body.extend(&data);
+            let mut w = b"RIFF".to_vec();
+            w.extend(sizes.unwrap_or(body.len() as u32).to_le_bytes());
+            w.extend(body);
+            w
+        };
+        let write = |file: &str, bytes: Vec<u8>| {
+            let path = dir.path().join(file);
+            std::fs::write(&path, bytes).unwrap();
+            path
+        };
+        let standard = load(&write(&format!("{name}_18.wav"), wav(true, None)));
+        assert_eq!(standard.len(), reference.len(), "{name}");
+        assert!(snr_db(&standard, &reference) > 30.0, "{name}: G.711 itself");
+        let short = write(&format!("{name}_16.wav"), wav(false, None));
+        assert_eq!(load(&short), standard, "{name}: 16-byte fmt");
+        let seg = audio::load_16k_mono(
+            &short,
+            Segment {
+                start: Some(1.0),
+                end: Some(2.0),
+            },
+        )
+        .unwrap_or_else(|e| panic!("{name} segment: {e}"));
+        assert_eq!(seg, standard[16000..32000], "{name}: segment");
+        for placeholder in [0, u32::MAX] {
+            let piped = write(
+                &format!("{name}_16_piped_{placeholder:x}.wav"),
+                wav(false, Some(placeholder)),
+            );
+            assert_eq!(load(&piped), standard, "{name}: piped {placeholder:#x}");
+        }
+    }
+}
+
 /// AIFF's sound chunk counts its 8 bytes of offset and block size in its size: the oracle's
 /// speech in an AIFF (as Apple's tools write it: a filler chunk first, so the sound starts at
 /// byte 4096; with and without a chunk after the sound) decodes to the reference, no sample

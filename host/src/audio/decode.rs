@@ -227,9 +227,9 @@ fn open(source: Encoded, path: &Path) -> Result<Opened, AudioError> {
             .map_err(|cause| AudioError::Open { path: p(), cause })?;
         let found = super::fixups::corrections(&mut source, &head[..n], len)
             .map_err(|cause| AudioError::Open { path: p(), cause })?;
-        if let Some((patches, what)) = found {
-            tracing::debug!("{}: {what}", path.display());
-            source = Box::new(super::fixups::PatchedSource::new(source, patches));
+        if let Some(fix) = found {
+            tracing::debug!("{}: {}", path.display(), fix.what);
+            source = Box::new(super::fixups::PatchedSource::new(source, fix));
         }
     }
 

@@ -1,6 +1,7 @@
 //! Headers that symphonia reads wrongly, read with their size fields corrected
-//! (`PatchedSource` overwrites those few bytes as they are read; nothing is copied and the
-//! audio bytes are never changed).
+//! (`PatchedSource` overwrites those few bytes as they are read, and for a G.711 fmt chunk
+//! inserts the 2-byte field its writer left out; nothing is copied and the audio bytes are
+//! never changed).
 //!
 //! - WAV files written to a pipe. A writer that cannot seek back (`ffmpeg ... -f wav -`,
 //!   `arecord`, `sox ... -t wav -`) leaves the RIFF and data sizes at a placeholder,
@@ -11,6 +12,9 @@
 //! - WAV whose LIST chunk (INFO tags) is one byte short: its size stops before the pad of
 //!   its last, odd subchunk. The pad is where an odd chunk's pad goes anyway; symphonia 0.5
 //!   refuses the file ("chunk length exceeds parent"); the size is read with the pad.
+//! - WAV in G.711 (A-law, mu-law) whose fmt chunk is 16 bytes, without the cbSize field that
+//!   every non-PCM format has: symphonia 0.5 refuses the file ("malformed fmt_mulaw chunk");
+//!   the stream is read with cbSize 0 inserted (fmt size 18, RIFF size + 2).
 //! - AIFF. The SSND chunk's size counts its 8-byte offset and block-size fields before the
 //!   samples; symphonia 0.5 counts them as samples, so it promises 8 bytes of frames too many
 //!   and reads 8 bytes past the chunk: a "truncated" file when SSND ends the file (Python's
@@ -29,11 +33,28 @@ use symphonia::core::io::MediaSource;
 /// millions of empty chunks).
 const MAX_CHUNKS: usize = 4096;
 
-/// Bytes to put in place of the file's at a byte offset (a size field).
+/// Bytes to put in place of the file's at a byte offset (a size field), an offset in the
+/// stream as read (after any [`Insertion`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Patch {
     pub offset: u64,
     pub bytes: Vec<u8>,
+}
+
+/// Bytes the stream as read holds at `at` that the file does not (a field a writer left out);
+/// the file's bytes from `at` on follow them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Insertion {
+    pub at: u64,
+    pub bytes: Vec<u8>,
+}
+
+/// What to correct in a file's header, and a phrase for the log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Corrections {
+    pub patches: Vec<Patch>,
+    pub insertion: Option<Insertion>,
+    pub what: &'static str,
 }
 
 /// The size fields to correct in a file (`head` its first bytes, `file_len` its length) whose
@@ -44,26 +65,31 @@ pub fn corrections<S: Read + Seek + ?Sized>(
     source: &mut S,
     head: &[u8],
     file_len: u64,
-) -> std::io::Result<Option<(Vec<Patch>, &'static str)>> {
+) -> std::io::Result<Option<Corrections>> {
     let magic = |at: usize, m: &[u8]| head.get(at..at + m.len()) == Some(m);
-    let (walked, what) = if magic(0, b"RIFF") && magic(8, b"WAVE") {
-        match wav_sizes(source, file_len) {
-            Ok(Some((patches, what))) => (Ok(Some(patches)), what),
-            Ok(None) => (Ok(None), ""),
-            Err(e) => (Err(e), ""),
-        }
+    let patches_only = |walked: std::io::Result<Option<Vec<Patch>>>, what| {
+        walked.map(|found| {
+            found.map(|patches| Corrections {
+                patches,
+                insertion: None,
+                what,
+            })
+        })
+    };
+    let walked = if magic(0, b"RIFF") && magic(8, b"WAVE") {
+        wav_sizes(source, file_len)
     } else if magic(0, b"FORM") && (magic(8, b"AIFF") || magic(8, b"AIFC")) {
-        (
+        patches_only(
             aiff_sound(source, file_len),
             "AIFF: the sound chunk's size less its offset and block-size fields",
         )
     } else if magic(0, b"caff") {
-        (
+        patches_only(
             caf_data(source, file_len),
             "CAF data chunk of unknown size (-1): read to the end of the file",
         )
     } else {
-        (Ok(None), "")
+        Ok(None)
     };
     // A header cut short is for the decoder to report, with the rest of the file's faults.
     let found = match walked {
@@ -71,7 +97,7 @@ pub fn corrections<S: Read + Seek + ?Sized>(
         other => other?,
     };
     source.seek(SeekFrom::Start(0))?;
-    Ok(found.map(|patches| (patches, what)))
+    Ok(found)
 }
 
 /// How a container lays out its chunks.
@@ -184,24 +210,42 @@ fn is_placeholder(size: i64) -> bool {
 }
 
 /// A WAV file's size fields to correct: a data chunk whose size is a placeholder gets the
-/// RIFF and data sizes the file holds (whole frames of the fmt chunk's block alignment), and
-/// a LIST chunk whose size stops one byte short of its last subchunk's pad gets that byte.
+/// RIFF and data sizes the file holds (whole frames of the fmt chunk's block alignment), a
+/// LIST chunk whose size stops one byte short of its last subchunk's pad gets that byte, and
+/// a G.711 fmt chunk without its cbSize field gets one.
 fn wav_sizes<S: Read + Seek + ?Sized>(
     source: &mut S,
     file_len: u64,
-) -> std::io::Result<Option<(Vec<Patch>, &'static str)>> {
+) -> std::io::Result<Option<Corrections>> {
     let mut block_align = 1u64;
-    let (mut patches, mut streamed, mut list_pad) = (Vec::new(), false, false);
+    // Patches at offsets in the file; moved past the insertion at the end.
+    let (mut patches, mut insertion) = (Vec::new(), None);
+    let (mut streamed, mut list_pad) = (false, false);
     walk_chunks(
         source,
         file_len,
         Layout::Riff { big_endian: false },
         |source, c| {
             if &c.id == b"fmt " && c.size >= 14 {
-                source.seek(SeekFrom::Start(c.body + 12))?;
-                let mut b = [0u8; 2];
-                source.read_exact(&mut b)?;
-                block_align = u64::from(u16::from_le_bytes(b)).max(1);
+                source.seek(SeekFrom::Start(c.body))?;
+                let mut f = [0u8; 14];
+                source.read_exact(&mut f)?;
+                block_align = u64::from(u16::from_le_bytes([f[12], f[13]])).max(1);
+                let tag = u16::from_le_bytes([f[0], f[1]]);
+                if c.size == 16 && (tag == WAVE_FORMAT_ALAW || tag == WAVE_FORMAT_MULAW) {
+                    // G.711 is not PCM, so its fmt chunk should end in cbSize (0 here);
+                    // writers that treat it as PCM leave the field out, and symphonia 0.5
+                    // refuses the file ("malformed fmt_mulaw chunk") where ffmpeg and
+                    // libsndfile read it. The stream as read gets the 2 bytes.
+                    insertion = Some(Insertion {
+                        at: c.body + 16,
+                        bytes: vec![0, 0],
+                    });
+                    patches.push(Patch {
+                        offset: c.at + 4,
+                        bytes: 18u32.to_le_bytes().to_vec(),
+                    });
+                }
             }
             if &c.id == b"LIST" {
                 if let Some(patch) = list_short_of_its_pad(source, c, file_len)? {
@@ -230,19 +274,53 @@ fn wav_sizes<S: Read + Seek + ?Sized>(
             Ok(Some(()))
         },
     )?;
-    let what = match (streamed, list_pad) {
-        (false, false) => return Ok(None),
-        (true, false) => {
+    if let Some(ins) = &insertion {
+        let grown = ins.bytes.len() as u64;
+        for p in &mut patches {
+            if p.offset >= ins.at {
+                p.offset += grown;
+            }
+        }
+        // The RIFF size counts the inserted bytes too (symphonia bounds the chunks by it).
+        let riff = match patches.iter().position(|p| p.offset == 4) {
+            Some(i) => patches.remove(i).bytes,
+            None => {
+                source.seek(SeekFrom::Start(4))?;
+                let mut b = [0u8; 4];
+                source.read_exact(&mut b)?;
+                b.to_vec()
+            }
+        };
+        let riff = u32::from_le_bytes(riff.try_into().expect("4 bytes"));
+        patches.push(Patch {
+            offset: 4,
+            bytes: riff.saturating_add(grown as u32).to_le_bytes().to_vec(),
+        });
+    }
+    let what = match (streamed, list_pad, insertion.is_some()) {
+        (false, false, false) => return Ok(None),
+        (true, false, false) => {
             "WAV sizes left at a placeholder (written to a pipe): read to the end of the file"
         }
-        (false, true) => "WAV LIST chunk one byte short of its last subchunk's pad: size + 1",
-        (true, true) => {
-            "WAV sizes left at a placeholder (read to the end of the file) and a LIST chunk \
-             one byte short of its last subchunk's pad (size + 1)"
+        (false, true, false) => {
+            "WAV LIST chunk one byte short of its last subchunk's pad: size + 1"
+        }
+        (false, false, true) => "WAV G.711 fmt chunk without cbSize: read with cbSize 0",
+        _ => {
+            "WAV header corrected (sizes left at a placeholder, a LIST chunk one byte short \
+             of its pad, a G.711 fmt chunk without cbSize)"
         }
     };
-    Ok(Some((patches, what)))
+    Ok(Some(Corrections {
+        patches,
+        insertion,
+        what,
+    }))
 }
+
+/// WAV format tags of G.711 A-law and mu-law.
+const WAVE_FORMAT_ALAW: u16 = 6;
+const WAVE_FORMAT_MULAW: u16 = 7;
 
 /// A WAV LIST chunk (INFO tags, cue labels) of odd size whose last subchunk is odd and ends
 /// exactly at the LIST's end: its pad byte lies just past the LIST, where the outer chunk
@@ -334,33 +412,61 @@ fn caf_data<S: Read + Seek + ?Sized>(
     .map(Option::flatten)
 }
 
-/// A media source whose bytes at the patches' offsets read as the patches' bytes.
+/// A media source read as the file corrected: the insertion's bytes appear at its offset (the
+/// file's bytes from there on come after them) and the patches' bytes at theirs. Positions
+/// and lengths are those of the stream as read.
 pub struct PatchedSource {
     inner: Box<dyn MediaSource>,
     patches: Vec<Patch>,
+    insertion: Option<Insertion>,
+    /// Position in the stream as read.
     pos: u64,
 }
 
 impl PatchedSource {
     /// `inner` must be at its start.
-    pub fn new(inner: Box<dyn MediaSource>, patches: Vec<Patch>) -> Self {
+    pub fn new(inner: Box<dyn MediaSource>, fix: Corrections) -> Self {
         Self {
             inner,
-            patches,
+            patches: fix.patches,
+            insertion: fix.insertion,
             pos: 0,
         }
+    }
+
+    /// (where the insertion starts, its length); an empty one at the end when there is none.
+    fn inserted(&self) -> (u64, u64) {
+        self.insertion
+            .as_ref()
+            .map_or((u64::MAX, 0), |i| (i.at, i.bytes.len() as u64))
     }
 }
 
 impl Read for PatchedSource {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        let (start, end) = (self.pos, self.pos + n as u64);
+        let (at, len) = self.inserted();
+        let start = self.pos;
+        let n = if start < at {
+            // Up to the insertion at most, so that its bytes come next.
+            let room = usize::try_from(at - start).unwrap_or(usize::MAX);
+            let k = buf.len().min(room);
+            self.inner.read(&mut buf[..k])?
+        } else if start < at + len {
+            // The inner source waits at `at` meanwhile.
+            let bytes = &self.insertion.as_ref().expect("an insertion").bytes;
+            let from = (start - at) as usize;
+            let k = buf.len().min(bytes.len() - from);
+            buf[..k].copy_from_slice(&bytes[from..from + k]);
+            k
+        } else {
+            self.inner.read(buf)?
+        };
+        let end = start + n as u64;
         for p in &self.patches {
             for (i, &b) in p.bytes.iter().enumerate() {
-                let at = p.offset + i as u64;
-                if (start..end).contains(&at) {
-                    buf[(at - start) as usize] = b;
+                let offset = p.offset + i as u64;
+                if (start..end).contains(&offset) {
+                    buf[(offset - start) as usize] = b;
                 }
             }
         }
@@ -371,8 +477,31 @@ impl Read for PatchedSource {
 
 impl Seek for PatchedSource {
     fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
-        self.pos = self.inner.seek(to)?;
-        Ok(self.pos)
+        let (at, len) = self.inserted();
+        let target = match to {
+            SeekFrom::Start(p) => Some(p),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+            SeekFrom::End(d) => {
+                let real_end = self.inner.seek(SeekFrom::End(0))?;
+                (real_end + len).checked_add_signed(d)
+            }
+        };
+        let Some(target) = target else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "seek before the start of the file",
+            ));
+        };
+        // In the file: before the insertion as it is, inside it at its start, after it less
+        // its length.
+        let real = if target <= at {
+            target
+        } else {
+            at.max(target - len)
+        };
+        self.inner.seek(SeekFrom::Start(real))?;
+        self.pos = target;
+        Ok(target)
     }
 }
 
@@ -382,7 +511,8 @@ impl MediaSource for PatchedSource {
     }
 
     fn byte_len(&self) -> Option<u64> {
-        self.inner.byte_len()
+        let (_, len) = self.inserted();
+        self.inner.byte_len().map(|l| l + len)
     }
 }
 
@@ -411,10 +541,10 @@ mod tests {
     /// The file as symphonia will read it.
     fn corrected(file: &[u8]) -> Option<Vec<u8>> {
         let mut src = Cursor::new(file.to_vec());
-        let (patches, _) = corrections(&mut src, file, file.len() as u64).unwrap()?;
+        let fix = corrections(&mut src, file, file.len() as u64).unwrap()?;
         assert_eq!(src.position(), 0, "left at the start");
         let mut out = Vec::new();
-        PatchedSource::new(Box::new(src), patches)
+        PatchedSource::new(Box::new(src), fix)
             .read_to_end(&mut out)
             .unwrap();
         Some(out)
@@ -537,6 +667,86 @@ mod tests {
     }
 
     #[test]
+    fn an_insertion_reads_and_seeks_as_the_corrected_file() {
+        let file: Vec<u8> = (0..=199u8).collect();
+        let (at, inserted) = (50usize, vec![0xEE, 0xEF]);
+        // A patch before the insertion and one after it (offsets as read).
+        let fix = Corrections {
+            patches: vec![
+                Patch {
+                    offset: 10,
+                    bytes: vec![0xAA; 2],
+                },
+                Patch {
+                    offset: 60,
+                    bytes: vec![0xBB; 3],
+                },
+            ],
+            insertion: Some(Insertion {
+                at: at as u64,
+                bytes: inserted.clone(),
+            }),
+            what: "",
+        };
+        let mut want = file[..at].to_vec();
+        want.extend(&inserted);
+        want.extend(&file[at..]);
+        want[10..12].fill(0xAA);
+        want[60..63].fill(0xBB);
+        let mut src = PatchedSource::new(Box::new(Cursor::new(file)), fix);
+        assert_eq!(src.byte_len(), Some(202));
+        for chunk in [1usize, 3, 7, 64] {
+            src.seek(SeekFrom::Start(0)).unwrap();
+            let (mut got, mut buf) = (Vec::<u8>::new(), vec![0u8; chunk]);
+            loop {
+                let n = src.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                got.extend(&buf[..n]);
+            }
+            assert_eq!(got, want, "reads of {chunk}");
+        }
+        for (to, pos) in [
+            (SeekFrom::Start(51), 51usize), // inside the insertion
+            (SeekFrom::Start(49), 49),
+            (SeekFrom::End(-5), 197),
+            (SeekFrom::Start(52), 52), // just after it
+            (SeekFrom::Current(-3), 49),
+        ] {
+            assert_eq!(src.seek(to).unwrap(), pos as u64, "{to:?}");
+            let mut b = [0u8; 6];
+            let n = src.read(&mut b).unwrap();
+            assert_eq!(&b[..n], &want[pos..pos + n], "after {to:?}");
+            src.seek(SeekFrom::Start(pos as u64)).unwrap();
+        }
+        assert!(src.seek(SeekFrom::Current(-1000)).is_err());
+    }
+
+    #[test]
+    fn a_g711_fmt_chunk_without_cb_size_gets_one() {
+        for tag in [6u16, 7] {
+            let mut fmt = tag.to_le_bytes().to_vec();
+            fmt.extend([1, 0, 0x40, 0x1F, 0, 0, 0x40, 0x1F, 0, 0, 1, 0, 8, 0]);
+            let samples = [0x55u8; 9];
+            let file = riff(&[(b"fmt ", 16, &fmt), (b"data", 9, &samples)]);
+            let got = corrected(&file).expect("corrected");
+            assert_eq!(got.len(), file.len() + 2);
+            // RIFF size + 2, fmt size 18, cbSize 0, then the rest of the file as it was.
+            let riff_size = u32::from_le_bytes(file[4..8].try_into().unwrap());
+            assert_eq!(&got[4..8], &(riff_size + 2).to_le_bytes());
+            assert_eq!(&got[12..20], b"fmt \x12\0\0\0");
+            assert_eq!(&got[20..36], &fmt[..]);
+            assert_eq!(&got[36..38], &[0, 0]);
+            assert_eq!(&got[38..], &file[36..]);
+        }
+        // PCM's 16-byte fmt chunk is right as it is.
+        let mut pcm = 1u16.to_le_bytes().to_vec();
+        pcm.extend([1, 0, 0x40, 0x1F, 0, 0, 0x80, 0x3E, 0, 0, 2, 0, 16, 0]);
+        assert_eq!(corrected(&riff(&[(b"fmt ", 16, &pcm)])), None);
+    }
+
+    #[test]
     fn patches_apply_across_reads_and_seeks() {
         let file: Vec<u8> = (0..=255u8).collect();
         let patches = vec![Patch {
@@ -545,7 +755,12 @@ mod tests {
         }];
         let mut want = file.clone();
         want[10..14].fill(0xAA);
-        let mut src = PatchedSource::new(Box::new(Cursor::new(file)), patches);
+        let fix = Corrections {
+            patches,
+            insertion: None,
+            what: "",
+        };
+        let mut src = PatchedSource::new(Box::new(Cursor::new(file)), fix);
         let mut got: Vec<u8> = Vec::new();
         let mut small = [0u8; 3]; // reads that split the patch
         loop {

@@ -28,17 +28,23 @@ fn flac_decodes_bit_identical_to_wav() {
     assert_eq!(flac, oracle);
 }
 
-/// A WAV written to a pipe (`ffmpeg ... -f wav -`, `arecord`) has its RIFF and data sizes
-/// left at a placeholder, 0xFFFFFFFF or 0, meaning "to the end of the file": the oracle's
-/// speech written so decodes to the reference, from a file and from bytes in memory.
-#[test]
-fn wav_written_to_a_pipe_reads_to_the_end() {
+/// The oracle's speech WAV: its bytes, where its data chunk starts and the samples' size.
+fn oracle_speech_wav() -> (Vec<u8>, usize, usize) {
     let original = std::fs::read(whisper_oracle("audio/a_speech_16k.wav")).unwrap();
     let data = original
         .windows(4)
         .position(|w| w == b"data")
         .expect("a data chunk");
     let size = u32::from_le_bytes(original[data + 4..data + 8].try_into().unwrap()) as usize;
+    (original, data, size)
+}
+
+/// A WAV written to a pipe (`ffmpeg ... -f wav -`, `arecord`) has its RIFF and data sizes
+/// left at a placeholder, 0xFFFFFFFF or 0, meaning "to the end of the file": the oracle's
+/// speech written so decodes to the reference, from a file and from bytes in memory.
+#[test]
+fn wav_written_to_a_pipe_reads_to_the_end() {
+    let (original, data, size) = oracle_speech_wav();
     // What a pipe writer leaves: the header up to the data chunk, then the samples to the end.
     let samples = &original[data + 8..data + 8 + size];
     let dir = tempfile::tempdir().unwrap();
@@ -63,12 +69,7 @@ fn wav_written_to_a_pipe_reads_to_the_end() {
 /// a data size left at a pipe's placeholder, decodes to the reference.
 #[test]
 fn a_wav_list_chunk_one_byte_short_of_its_pad_still_decodes() {
-    let original = std::fs::read(whisper_oracle("audio/a_speech_16k.wav")).unwrap();
-    let data = original
-        .windows(4)
-        .position(|w| w == b"data")
-        .expect("a data chunk");
-    let size = u32::from_le_bytes(original[data + 4..data + 8].try_into().unwrap()) as usize;
+    let (original, data, size) = oracle_speech_wav();
     let (header, samples) = (&original[12..data], &original[data + 8..data + 8 + size]);
     // INFO: a 6-byte title (even), then a 5-byte software tag (odd) last, padded after it.
     let mut list = b"INFO".to_vec();

@@ -315,19 +315,11 @@ unsafe fn fma_chains_avx2(iters: u64) -> f32 {
     let (b, c) = (_mm256_set1_ps(0.9999), _mm256_set1_ps(1e-4));
     let mut a = [_mm256_set1_ps(0.1); 12];
     for _ in 0..iters {
-        // Twelve chains unrolled by hand: each FMA depends only on its own chain's last.
-        a[0] = _mm256_fmadd_ps(a[0], b, c);
-        a[1] = _mm256_fmadd_ps(a[1], b, c);
-        a[2] = _mm256_fmadd_ps(a[2], b, c);
-        a[3] = _mm256_fmadd_ps(a[3], b, c);
-        a[4] = _mm256_fmadd_ps(a[4], b, c);
-        a[5] = _mm256_fmadd_ps(a[5], b, c);
-        a[6] = _mm256_fmadd_ps(a[6], b, c);
-        a[7] = _mm256_fmadd_ps(a[7], b, c);
-        a[8] = _mm256_fmadd_ps(a[8], b, c);
-        a[9] = _mm256_fmadd_ps(a[9], b, c);
-        a[10] = _mm256_fmadd_ps(a[10], b, c);
-        a[11] = _mm256_fmadd_ps(a[11], b, c);
+        // Twelve chains, each FMA depending only on its own chain's last (the fixed-size
+        // loop is unrolled, the chains kept in registers).
+        for v in &mut a {
+            *v = _mm256_fmadd_ps(*v, b, c);
+        }
     }
     let mut lanes = [0f32; 8];
     let mut sum = 0.0;

@@ -219,15 +219,14 @@ fn open(source: Encoded, path: &Path) -> Result<Opened, AudioError> {
     source
         .seek(SeekFrom::Start(0))
         .map_err(|cause| AudioError::Open { path: p(), cause })?;
-    // Headers symphonia misreads (a WAV written to a pipe, AIFF's sound chunk): read with
-    // their size fields corrected.
+    // Headers symphonia misreads (a WAV written to a pipe, AIFF's sound chunk, ...: see
+    // fixups.rs): read with their fields corrected; a WAV's fact frame count kept.
     let mut fact_frames = None;
     if let Some(len) = source.byte_len() {
-        fact_frames = super::fixups::wav_fact_frames(&mut source, &head[..n], len)
+        let header = super::fixups::inspect(&mut source, &head[..n], len)
             .map_err(|cause| AudioError::Open { path: p(), cause })?;
-        let found = super::fixups::corrections(&mut source, &head[..n], len)
-            .map_err(|cause| AudioError::Open { path: p(), cause })?;
-        if let Some(fix) = found {
+        fact_frames = header.fact_frames;
+        if let Some(fix) = header.fix {
             tracing::debug!("{}: {}", path.display(), fix.what);
             source = Box::new(super::fixups::PatchedSource::new(source, fix));
         }

@@ -57,27 +57,40 @@ pub struct Corrections {
     pub what: &'static str,
 }
 
-/// The size fields to correct in a file (`head` its first bytes, `file_len` its length) whose
-/// header symphonia would misread, and what was corrected; `None` when there is nothing to
-/// correct. Walks the chunk headers with seeks (chunk bodies are not read) and leaves the
-/// source at its start.
-pub fn corrections<S: Read + Seek + ?Sized>(
+/// What a file's header says that symphonia 0.5 would get wrong.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Header {
+    /// The fields to correct, read through a [`PatchedSource`]; `None`: nothing to correct.
+    pub fix: Option<Corrections>,
+    /// A WAV file's `fact` chunk frame count, if it has one. Block-coded WAV (IMA and
+    /// Microsoft ADPCM) fills its last block with padding; `fact` says how many frames are
+    /// real. symphonia 0.5 reads the chunk and then overwrites the count with the data
+    /// chunk's whole blocks, so the padding is decoded as audio (up to one block: 63 ms at
+    /// 8 kHz).
+    pub fact_frames: Option<u64>,
+}
+
+/// Reads the header of a file (`head` its first bytes, `file_len` its length) for what
+/// symphonia would misread. Walks the chunk headers once, with seeks (chunk bodies are not
+/// read, but for the few fields it needs), and leaves the source at its start.
+pub fn inspect<S: Read + Seek + ?Sized>(
     source: &mut S,
     head: &[u8],
     file_len: u64,
-) -> std::io::Result<Option<Corrections>> {
+) -> std::io::Result<Header> {
     let magic = |at: usize, m: &[u8]| head.get(at..at + m.len()) == Some(m);
     let patches_only = |walked: std::io::Result<Option<Vec<Patch>>>, what| {
-        walked.map(|found| {
-            found.map(|patches| Corrections {
+        walked.map(|found| Header {
+            fix: found.map(|patches| Corrections {
                 patches,
                 insertion: None,
                 what,
-            })
+            }),
+            fact_frames: None,
         })
     };
     let walked = if magic(0, b"RIFF") && magic(8, b"WAVE") {
-        wav_sizes(source, file_len)
+        wav_header(source, file_len)
     } else if magic(0, b"FORM") && (magic(8, b"AIFF") || magic(8, b"AIFC")) {
         patches_only(
             aiff_sound(source, file_len),
@@ -89,11 +102,11 @@ pub fn corrections<S: Read + Seek + ?Sized>(
             "CAF data chunk of unknown size (-1): read to the end of the file",
         )
     } else {
-        Ok(None)
+        Ok(Header::default())
     };
     // A header cut short is for the decoder to report, with the rest of the file's faults.
     let found = match walked {
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => None,
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Header::default(),
         other => other?,
     };
     source.seek(SeekFrom::Start(0))?;
@@ -169,55 +182,17 @@ fn walk_chunks<S: Read + Seek + ?Sized, T>(
     Ok(None)
 }
 
-/// The frame count of a WAV file's `fact` chunk (`head` its first bytes), if it has one.
-/// Block-coded WAV (IMA and Microsoft ADPCM) fills its last block with padding; `fact` says
-/// how many frames are real. symphonia 0.5 reads the chunk and then overwrites the count with
-/// the data chunk's whole blocks, so the padding is decoded as audio (up to one block: 63 ms
-/// at 8 kHz). Walks the chunk headers with seeks and leaves the source at its start.
-pub fn wav_fact_frames<S: Read + Seek + ?Sized>(
-    source: &mut S,
-    head: &[u8],
-    file_len: u64,
-) -> std::io::Result<Option<u64>> {
-    if head.get(..4) != Some(b"RIFF") || head.get(8..12) != Some(b"WAVE") {
-        return Ok(None);
-    }
-    let walked = walk_chunks(
-        source,
-        file_len,
-        Layout::Riff { big_endian: false },
-        |source, c| {
-            if &c.id != b"fact" || c.size < 4 {
-                return Ok(None);
-            }
-            source.seek(SeekFrom::Start(c.body))?;
-            let mut b = [0u8; 4];
-            source.read_exact(&mut b)?;
-            Ok(Some(u64::from(u32::from_le_bytes(b))))
-        },
-    );
-    let found = match walked {
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => None,
-        other => other?,
-    };
-    source.seek(SeekFrom::Start(0))?;
-    Ok(found)
-}
-
 /// Size values that writers leave when they cannot go back and fill them in.
 fn is_placeholder(size: i64) -> bool {
     size == 0 || size == i64::from(u32::MAX)
 }
 
-/// A WAV file's size fields to correct: a data chunk whose size is a placeholder gets the
-/// RIFF and data sizes the file holds (whole frames of the fmt chunk's block alignment), a
-/// LIST chunk whose size stops one byte short of its last subchunk's pad gets that byte, and
-/// a G.711 fmt chunk without its cbSize field gets one.
-fn wav_sizes<S: Read + Seek + ?Sized>(
-    source: &mut S,
-    file_len: u64,
-) -> std::io::Result<Option<Corrections>> {
-    let mut block_align = 1u64;
+/// A WAV file's fields to correct and its `fact` frames: a data chunk whose size is a
+/// placeholder gets the RIFF and data sizes the file holds (whole frames of the fmt chunk's
+/// block alignment), a LIST chunk whose size stops one byte short of its last subchunk's pad
+/// gets that byte, and a G.711 fmt chunk without its cbSize field gets one.
+fn wav_header<S: Read + Seek + ?Sized>(source: &mut S, file_len: u64) -> std::io::Result<Header> {
+    let (mut block_align, mut fact_frames) = (1u64, None);
     // Patches at offsets in the file; moved past the insertion at the end.
     let (mut patches, mut insertion) = (Vec::new(), None);
     let (mut streamed, mut list_pad) = (false, false);
@@ -246,6 +221,12 @@ fn wav_sizes<S: Read + Seek + ?Sized>(
                         bytes: 18u32.to_le_bytes().to_vec(),
                     });
                 }
+            }
+            if &c.id == b"fact" && c.size >= 4 && fact_frames.is_none() {
+                source.seek(SeekFrom::Start(c.body))?;
+                let mut b = [0u8; 4];
+                source.read_exact(&mut b)?;
+                fact_frames = Some(u64::from(u32::from_le_bytes(b)));
             }
             if &c.id == b"LIST" {
                 if let Some(patch) = list_short_of_its_pad(source, c, file_len)? {
@@ -298,7 +279,12 @@ fn wav_sizes<S: Read + Seek + ?Sized>(
         });
     }
     let what = match (streamed, list_pad, insertion.is_some()) {
-        (false, false, false) => return Ok(None),
+        (false, false, false) => {
+            return Ok(Header {
+                fix: None,
+                fact_frames,
+            })
+        }
         (true, false, false) => {
             "WAV sizes left at a placeholder (written to a pipe): read to the end of the file"
         }
@@ -311,11 +297,14 @@ fn wav_sizes<S: Read + Seek + ?Sized>(
              of its pad, a G.711 fmt chunk without cbSize)"
         }
     };
-    Ok(Some(Corrections {
-        patches,
-        insertion,
-        what,
-    }))
+    Ok(Header {
+        fix: Some(Corrections {
+            patches,
+            insertion,
+            what,
+        }),
+        fact_frames,
+    })
 }
 
 /// WAV format tags of G.711 A-law and mu-law.
@@ -541,7 +530,7 @@ mod tests {
     /// The file as symphonia will read it.
     fn corrected(file: &[u8]) -> Option<Vec<u8>> {
         let mut src = Cursor::new(file.to_vec());
-        let fix = corrections(&mut src, file, file.len() as u64).unwrap()?;
+        let fix = inspect(&mut src, file, file.len() as u64).unwrap().fix?;
         assert_eq!(src.position(), 0, "left at the start");
         let mut out = Vec::new();
         PatchedSource::new(Box::new(src), fix)
@@ -721,6 +710,40 @@ mod tests {
             src.seek(SeekFrom::Start(pos as u64)).unwrap();
         }
         assert!(src.seek(SeekFrom::Current(-1000)).is_err());
+    }
+
+    #[test]
+    fn the_fact_count_comes_with_the_same_walk_with_or_without_corrections() {
+        let fmt = [0u8; 16];
+        let fact = 1234u32.to_le_bytes();
+        let header = |file: &[u8]| {
+            let mut src = Cursor::new(file.to_vec());
+            let h = inspect(&mut src, file, file.len() as u64).unwrap();
+            assert_eq!(src.position(), 0, "left at the start");
+            h
+        };
+        let plain = riff(&[
+            (b"fmt ", 16, &fmt),
+            (b"fact", 4, &fact),
+            (b"data", 4, &[0; 4]),
+        ]);
+        assert_eq!(
+            header(&plain),
+            Header {
+                fix: None,
+                fact_frames: Some(1234)
+            }
+        );
+        let piped = riff(&[
+            (b"fmt ", 16, &fmt),
+            (b"fact", 4, &fact),
+            (b"data", 0, &[0; 4]),
+        ]);
+        let h = header(&piped);
+        assert_eq!(h.fact_frames, Some(1234));
+        assert!(h.fix.is_some(), "the placeholder is corrected too");
+        let none = riff(&[(b"fmt ", 16, &fmt), (b"data", 4, &[0; 4])]);
+        assert_eq!(header(&none), Header::default());
     }
 
     #[test]

@@ -90,7 +90,8 @@ pub fn inspect<S: Read + Seek + ?Sized>(
         })
     };
     let walked = if magic(0, b"RIFF") && magic(8, b"WAVE") {
-        wav_header(source, file_len)
+        let riff_size = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes"));
+        wav_header(source, riff_size, file_len)
     } else if magic(0, b"FORM") && (magic(8, b"AIFF") || magic(8, b"AIFC")) {
         patches_only(
             aiff_sound(source, file_len),
@@ -191,7 +192,12 @@ fn is_placeholder(size: i64) -> bool {
 /// placeholder gets the RIFF and data sizes the file holds (whole frames of the fmt chunk's
 /// block alignment), a LIST chunk whose size stops one byte short of its last subchunk's pad
 /// gets that byte, and a G.711 fmt chunk without its cbSize field gets one.
-fn wav_header<S: Read + Seek + ?Sized>(source: &mut S, file_len: u64) -> std::io::Result<Header> {
+/// `riff_size` is the size field of the file's RIFF header as written.
+fn wav_header<S: Read + Seek + ?Sized>(
+    source: &mut S,
+    riff_size: u32,
+    file_len: u64,
+) -> std::io::Result<Header> {
     let (mut block_align, mut fact_frames) = (1u64, None);
     // Patches at offsets in the file; moved past the insertion at the end.
     let (mut patches, mut insertion) = (Vec::new(), None);
@@ -262,17 +268,12 @@ fn wav_header<S: Read + Seek + ?Sized>(source: &mut S, file_len: u64) -> std::io
                 p.offset += grown;
             }
         }
-        // The RIFF size counts the inserted bytes too (symphonia bounds the chunks by it).
+        // The RIFF size counts the inserted bytes too (symphonia bounds the chunks by it):
+        // the placeholder's correction if there is one, else the size as written.
         let riff = match patches.iter().position(|p| p.offset == 4) {
-            Some(i) => patches.remove(i).bytes,
-            None => {
-                source.seek(SeekFrom::Start(4))?;
-                let mut b = [0u8; 4];
-                source.read_exact(&mut b)?;
-                b.to_vec()
-            }
+            Some(i) => u32::from_le_bytes(patches.remove(i).bytes.try_into().expect("4 bytes")),
+            None => riff_size,
         };
-        let riff = u32::from_le_bytes(riff.try_into().expect("4 bytes"));
         patches.push(Patch {
             offset: 4,
             bytes: riff.saturating_add(grown as u32).to_le_bytes().to_vec(),

@@ -1837,12 +1837,22 @@ pub(crate) mod tests {
     #[test]
     fn gelu_in_place_equals_gelu() {
         let x = Tensor::randn(0f32, 3.0, (3, 40_000), &Device::Cpu).unwrap();
-        let want = gelu_erf_inference(&x).unwrap();
-        let got = gelu_erf_inference_owned(x.copy().unwrap()).unwrap();
-        assert_eq!(
-            got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-        );
+        // Both at one pinned level: the vector paths multiply-add in one rounding and the
+        // portable one in two, so a test forcing another level meanwhile would change one
+        // side's rounding (this test failed that way in a full run).
+        for level in crate::models::simd::available() {
+            let (want, got) = crate::models::simd::with_level(level, || {
+                (
+                    gelu_erf_inference(&x).unwrap(),
+                    gelu_erf_inference_owned(x.copy().unwrap()).unwrap(),
+                )
+            });
+            assert_eq!(
+                got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                "{level:?}"
+            );
+        }
     }
 
     /// Blocked attention equals softmax(q k^T scale) v with the heads joined, for query

@@ -117,7 +117,9 @@ pub fn level() -> SimdLevel {
 
 /// Unit tests run each path of a kernel through `with_level`: process-wide, because the
 /// kernels run on rayon's threads (0 = not forced). Other tests running meanwhile may take
-/// the forced path too, which is fine: every path computes the same function.
+/// the forced path too: every path computes the same function, but not to the same bit (the
+/// vector paths fuse multiply-adds), so a test that compares two results bit for bit runs
+/// both inside one `with_level`.
 #[cfg(test)]
 static FORCED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 

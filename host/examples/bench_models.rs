@@ -4,6 +4,8 @@
 //! bench_models llm GGUF PROMPT_TOKENS DECODE_TOKENS [composed|dequantized]  -> prompt tokens/s, decode tokens/s
 //! bench_models train-step GGUF prefix|full|stock REPEATS   -> median step s, peak RSS
 //! bench_models peak   -> f32 matmul GFLOP/s at the encoder's MLP shape
+//! bench_models attention [REPEATS]   -> median s and GFLOP/s of the encoder's attention
+//!   (tiny.en's shape: 1500 frames, 6 heads of 64)
 //! bench_models packed ROWS COLS REPEATS [COPIES] [GAP_US]   -> GB/s of the packed Q4_1
 //!   decode product (one input row) over COPIES matrices in turn (more than the caches hold
 //!   when large), with GAP_US of single-threaded busy work between products (the rest of a
@@ -224,6 +226,33 @@ fn main() {
             println!(
                 "{{\"what\":\"matmul peak\",\"gflops\":{}}}",
                 2.0 * (m * k * n) as f64 / s / 1e9
+            );
+        }
+        Some("attention") => {
+            // The encoder's attention alone at tiny.en's shape (1500 frames, 6 heads of 64):
+            // the two products per head and the softmax between them.
+            let (t, heads, hd) = (1500usize, 6usize, 64usize);
+            let reps: usize = args.get(2).map_or(20, |s| s.parse().unwrap());
+            let qkv: Vec<Tensor> = (0..3)
+                .map(|_| Tensor::randn(0f32, 1.0, (1, t, heads * hd), &Device::Cpu).unwrap())
+                .collect();
+            let scale = (hd as f64).powf(-0.5);
+            let run = || {
+                earshot::models::fused::attention_inference(&qkv[0], &qkv[1], &qkv[2], heads, scale)
+                    .unwrap()
+            };
+            run();
+            let times = (0..reps)
+                .map(|_| {
+                    let s = Instant::now();
+                    run();
+                    s.elapsed().as_secs_f64()
+                })
+                .collect();
+            let s = median(times);
+            println!(
+                "{{\"what\":\"attention\",\"median_s\":{s},\"gflops\":{}}}",
+                4.0 * (t * t * hd * heads) as f64 / s / 1e9
             );
         }
         Some("fma-peak") => {

@@ -141,8 +141,9 @@ impl<'de> Deserialize<'de> for EncoderLayers {
 /// the encoder cache keys on it, so entries computed by older code are not reused.
 /// 1: candle's composed ops; 2: the vectorised softmax and exact-GELU kernels; 3: attention
 /// in blocks of query rows, the scale applied to the scores; 4: softmax and GELU with fused
-/// multiply-adds in the vector builds.
-pub const OUTPUT_REVISION: u32 = 4;
+/// multiply-adds in the vector builds; 5: the softmax's normalisation applied to the
+/// attention's outputs.
+pub const OUTPUT_REVISION: u32 = 5;
 const LN_EPS: f64 = 1e-5;
 
 struct Attention {

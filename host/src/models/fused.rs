@@ -1110,6 +1110,74 @@ pub fn softmax_last_dim_inference(x: &Tensor) -> Result<Tensor> {
 }
 
 // ---------------------------------------------------------------------------------------
+// Convolution as one matrix product (the Whisper encoder's stem).
+
+struct Im2Col {
+    taps: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl Im2Col {
+    fn out_len(&self, len: usize) -> usize {
+        (len + 2 * self.padding).saturating_sub(self.taps) / self.stride + 1
+    }
+}
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "im2col-channels-last"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "im2col-channels-last")?;
+        let (b, len, ch) = l.shape().dims3()?;
+        let out_len = self.out_len(len);
+        let row = self.taps * ch;
+        let mut out = vec![0f32; b * out_len * row];
+        if row > 0 {
+            out.par_chunks_mut(row)
+                .enumerate()
+                .with_min_len(rows_per_task(row))
+                .for_each(|(i, dst)| {
+                    let (bi, t) = (i / out_len, i % out_len);
+                    for (tap, dst) in dst.chunks_exact_mut(ch).enumerate() {
+                        // Input position of this tap; those in the padding stay zero.
+                        let at = (t * self.stride + tap).checked_sub(self.padding);
+                        if let Some(at) = at.filter(|&at| at < len) {
+                            dst.copy_from_slice(&x[(bi * len + at) * ch..][..ch]);
+                        }
+                    }
+                });
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, out_len, row))))
+    }
+}
+
+/// The rows a 1-D convolution reads, side by side: x (B, L, C), channels last, f32 on the
+/// CPU, -> (B, L_out, taps * C), output position t's row holding input positions
+/// t * stride - padding + 0..taps (zeros where they fall in the padding). The convolution is
+/// then one matrix product with the weight laid out (C_out, taps * C).
+pub fn im2col_channels_last(
+    x: &Tensor,
+    taps: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let (_, len, _) = x.dims3()?;
+    if taps == 0 || stride == 0 || len + 2 * padding < taps {
+        candle_core::bail!(
+            "im2col: {taps} taps, stride {stride}, padding {padding} over {len} positions"
+        );
+    }
+    x.contiguous()?.apply_op1_no_bwd(&Im2Col {
+        taps,
+        stride,
+        padding,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
 // Attention for inference (the Whisper encoder): softmax(q k^T scale) v per head, in blocks
 // of query rows, without materialising a head's whole score matrix.
 
@@ -1974,6 +2042,43 @@ pub(crate) mod tests {
                 .unwrap(),
             0.0
         );
+    }
+
+    #[test]
+    fn im2col_then_a_product_is_candle_s_conv1d() {
+        // The encoder's stem on the CPU: a convolution as im2col rows times the weight laid
+        // out (C_out, taps * C_in), against candle's conv1d, for Whisper's two settings and
+        // lengths whose last window reaches into the padding.
+        let dev = Device::Cpu;
+        let (b, c_in, c_out, taps) = (2, 5, 4, 3);
+        for (len, stride) in [(11, 1), (11, 2), (12, 2), (3, 2)] {
+            let x = Tensor::randn(0f32, 1.0, (b, c_in, len), &dev).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (c_out, c_in, taps), &dev).unwrap();
+            let want = x
+                .conv1d(&w, 1, stride, 1, 1)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap();
+            let rows = im2col_channels_last(&x.transpose(1, 2).unwrap(), taps, stride, 1).unwrap();
+            let w2 = w
+                .permute((0, 2, 1))
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .reshape((c_out, taps * c_in))
+                .unwrap();
+            let got = rows.broadcast_matmul(&w2.t().unwrap()).unwrap();
+            assert_eq!(got.dims(), want.dims(), "len {len} stride {stride}");
+            let diff = max_abs_diff(&got, &want);
+            assert!(
+                diff < 1e-5,
+                "len {len} stride {stride}: max difference {diff}"
+            );
+        }
+        let x = Tensor::zeros((1, 2, 4), DType::F32, &dev).unwrap();
+        assert!(im2col_channels_last(&x, 0, 1, 1).is_err());
+        assert!(im2col_channels_last(&x, 3, 0, 1).is_err());
+        assert!(im2col_channels_last(&x, 9, 1, 1).is_err());
     }
 
     /// Fused and composed forms agree in value and in gradient (f64).

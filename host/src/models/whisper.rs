@@ -141,8 +141,8 @@ impl<'de> Deserialize<'de> for EncoderLayers {
 /// the encoder cache keys on it, so entries computed by older code are not reused.
 /// 1: candle's composed ops; 2: the vectorised softmax and exact-GELU kernels; 3: attention
 /// in blocks of query rows, the scale applied to the scores; 4: softmax and GELU with fused
-/// multiply-adds in the vector builds; 5: the softmax's normalisation applied to the
-/// attention's outputs.
+/// multiply-adds in the vector builds; 5: the convolutions as one product each over im2col
+/// rows, the softmax's normalisation applied to the attention's outputs.
 pub const OUTPUT_REVISION: u32 = 5;
 const LN_EPS: f64 = 1e-5;
 
@@ -166,6 +166,10 @@ pub struct WhisperEncoder {
     pub config: WhisperConfig,
     conv1: Conv1d,
     conv2: Conv1d,
+    /// On the CPU in f32, the two convolutions as matrix products over
+    /// [`fused::im2col_channels_last`]'s rows, weights laid out (C_out, taps * C_in): candle's
+    /// conv1d took 11% of a window (its im2col and output transpose on one thread).
+    stem_products: Option<(FrozenLinear, FrozenLinear)>,
     positions: Tensor,
     blocks: Vec<Block>,
     final_ln: LayerNorm,
@@ -279,6 +283,20 @@ impl WhisperEncoder {
                 ..Default::default()
             },
         );
+        let stem_products = if conv1.weight().device().is_cpu() && dtype == DType::F32 {
+            let as_product = |conv: &Conv1d| -> Result<FrozenLinear> {
+                let w = conv.weight();
+                let (c_out, c_in, taps) = w.dims3()?;
+                let w = w
+                    .permute((0, 2, 1))?
+                    .contiguous()?
+                    .reshape((c_out, taps * c_in))?;
+                Ok(FrozenLinear::new(w, conv.bias().cloned()))
+            };
+            Some((as_product(&conv1)?, as_product(&conv2)?))
+        } else {
+            None
+        };
         let positions = get("embed_positions.weight", &[cfg.max_source_positions, d])?;
         let mut blocks = Vec::with_capacity(cfg.encoder_layers);
         for i in 0..cfg.encoder_layers {
@@ -301,6 +319,7 @@ impl WhisperEncoder {
             config: cfg.clone(),
             conv1,
             conv2,
+            stem_products,
             positions,
             blocks,
             final_ln: ln("layer_norm")?,
@@ -344,9 +363,20 @@ impl WhisperEncoder {
             });
         }
         let mel = mel.to_dtype(self.dtype)?;
-        let x = fused::gelu_erf_inference(&self.conv1.forward(&mel)?)?;
-        let x = fused::gelu_erf_inference(&self.conv2.forward(&x)?)?;
-        let x = x.transpose(1, 2)?;
+        // (B, frames / 2, d_model), positions in rows.
+        let x = match &self.stem_products {
+            Some((conv1, conv2)) => {
+                let x = mel.transpose(1, 2)?;
+                let x = conv1.forward(&fused::im2col_channels_last(&x, 3, 1, 1)?)?;
+                let x = fused::gelu_erf_inference_owned(x)?;
+                let x = conv2.forward(&fused::im2col_channels_last(&x, 3, 2, 1)?)?;
+                fused::gelu_erf_inference_owned(x)?
+            }
+            None => {
+                let x = fused::gelu_erf_inference(&self.conv1.forward(&mel)?)?;
+                fused::gelu_erf_inference(&self.conv2.forward(&x)?)?.transpose(1, 2)?
+            }
+        };
         let positions = x.dim(1)?;
         if positions > self.config.max_source_positions {
             return Err(ModelError::Input {

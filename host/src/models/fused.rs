@@ -1134,22 +1134,35 @@ impl CustomOp1 for Im2Col {
         let (b, len, ch) = l.shape().dims3()?;
         let out_len = self.out_len(len);
         let row = self.taps * ch;
-        let mut out = vec![0f32; b * out_len * row];
+        // Every element is written below (taps in the padding as zeros): no zeroing pass,
+        // which for a reused allocation is a memset on this one thread.
+        let mut out = Vec::with_capacity(b * out_len * row);
         if row > 0 {
-            out.par_chunks_mut(row)
+            out.spare_capacity_mut()
+                .par_chunks_mut(row)
                 .enumerate()
                 .with_min_len(rows_per_task(row))
                 .for_each(|(i, dst)| {
                     let (bi, t) = (i / out_len, i % out_len);
                     for (tap, dst) in dst.chunks_exact_mut(ch).enumerate() {
-                        // Input position of this tap; those in the padding stay zero.
+                        // Input position of this tap; None in the padding.
                         let at = (t * self.stride + tap).checked_sub(self.padding);
-                        if let Some(at) = at.filter(|&at| at < len) {
-                            dst.copy_from_slice(&x[(bi * len + at) * ch..][..ch]);
+                        match at.filter(|&at| at < len) {
+                            Some(at) => {
+                                let src = &x[(bi * len + at) * ch..][..ch];
+                                for (d, &v) in dst.iter_mut().zip(src) {
+                                    d.write(v);
+                                }
+                            }
+                            None => dst.iter_mut().for_each(|d| {
+                                d.write(0.0);
+                            }),
                         }
                     }
                 });
         }
+        // SAFETY: the loop above wrote all b * out_len rows of `row` elements.
+        unsafe { out.set_len(b * out_len * row) };
         Ok((CpuStorage::F32(out), Shape::from((b, out_len, row))))
     }
 }
@@ -1248,28 +1261,35 @@ impl CustomOp3 for BlockedAttention {
             );
         }
         let hd = width / h;
-        let mut out = vec![0f32; b * tq * width];
         if tk == 0 || hd == 0 {
             // No keys: every output row is an empty sum (as the composed ops give).
+            let out = vec![0f32; b * tq * width];
             return Ok((CpuStorage::F32(out), Shape::from((b, tq, width))));
         }
         // Each head's keys transposed once, (hd, tk) contiguous: read in place, k^T has a
         // column stride of `width`, and gemm gathered it element by element into its
         // packed layout for every block of queries (~5% of an encoder window in perf).
-        let mut kt = vec![0f32; b * h * hd * tk];
-        kt.par_chunks_mut(hd * tk)
+        // Neither buffer is zeroed first (a memset on one thread when the allocator reuses
+        // memory): every element of both is written before it is read.
+        let mut kt = Vec::with_capacity(b * h * hd * tk);
+        kt.spare_capacity_mut()
+            .par_chunks_mut(hd * tk)
             .enumerate()
             .for_each(|(bh, dst)| {
                 let (bi, hi) = (bh / h, bh % h);
                 for t in 0..tk {
                     let key = &k[(bi * tk + t) * width + hi * hd..][..hd];
                     for (d, &x) in key.iter().enumerate() {
-                        dst[d * tk + t] = x;
+                        dst[d * tk + t].write(x);
                     }
                 }
             });
+        // SAFETY: each of the b * h chunks of hd * tk elements was written in full above.
+        unsafe { kt.set_len(b * h * hd * tk) };
+        let kt: Vec<f32> = kt;
+        let mut out = Vec::<f32>::with_capacity(b * tq * width);
         let blocks = tq.div_ceil(ATTENTION_ROWS);
-        let dst = SharedOut(out.as_mut_ptr());
+        let dst = SharedOut(out.spare_capacity_mut().as_mut_ptr().cast::<f32>());
         (0..b * h * blocks).into_par_iter().for_each(|task| {
             let (bh, blk) = (task / blocks, task % blocks);
             let (bi, hi) = (bh / h, bh % h);
@@ -1351,6 +1371,9 @@ impl CustomOp3 for BlockedAttention {
                 row.iter_mut().for_each(|o| *o *= inv);
             }
         });
+        // SAFETY: the tasks cover every (batch, head, block): each wrote its rows' hd columns
+        // with gemm (read_dst false: nothing is read first), so all b * tq * width are set.
+        unsafe { out.set_len(b * tq * width) };
         Ok((CpuStorage::F32(out), Shape::from((b, tq, width))))
     }
 }

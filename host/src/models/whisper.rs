@@ -142,8 +142,9 @@ impl<'de> Deserialize<'de> for EncoderLayers {
 /// 1: candle's composed ops; 2: the vectorised softmax and exact-GELU kernels; 3: attention
 /// in blocks of query rows, the scale applied to the scores; 4: softmax and GELU with fused
 /// multiply-adds in the vector builds; 5: the convolutions as one product each over im2col
-/// rows, the softmax's normalisation applied to the attention's outputs.
-pub const OUTPUT_REVISION: u32 = 5;
+/// rows, the softmax's normalisation applied to the attention's outputs; 6: GELU's erf as
+/// a rational function.
+pub const OUTPUT_REVISION: u32 = 6;
 const LN_EPS: f64 = 1e-5;
 
 struct Attention {

@@ -101,6 +101,9 @@ stock=$("$bench" train-step "$gguf" stock 3)
 echo "$fixed"; echo "$stock"
 peak=$("$bench" peak)
 echo "$peak"
+# The encoder's attention alone (one layer's two products per head and the softmax between).
+attention=$("$bench" attention 20)
+echo "$attention"
 # The CPU's own ceiling (independent 8-wide FMA chains on every thread): how much of it gemm
 # reaches says how much a faster matrix library could still win here.
 fma_peak=$("$bench" fma-peak)
@@ -109,7 +112,7 @@ echo "$fma_peak"
 blas=$(OPENBLAS_NUM_THREADS=2 "$venv/bin/python" - <<'PY'
 import json, time, numpy as np
 out = {}
-for m, k, n in [(1500, 384, 1536), (1500, 1536, 384), (1500, 384, 384), (64, 64, 1500), (64, 1500, 64)]:
+for m, k, n in [(1500, 384, 1536), (1500, 1536, 384), (1500, 384, 384), (96, 64, 1500), (96, 1500, 64)]:
     a = np.random.rand(m, k).astype(np.float32); b = np.random.rand(k, n).astype(np.float32)
     a @ b
     reps = max(3, int(2e10 / (2 * m * n * k)))
@@ -138,11 +141,11 @@ PY
 )
 echo "$bandwidth"
 
-python3 - "$ours_enc" "$ref_enc" "$ours_llm" "$ref_llm" "$fixed" "$stock" "$peak" "$bandwidth" "$ours_f32" "$models/whisper-tiny.en/config.json" "$ours_enc_avx2" "$ours_llm_avx2" "$fma_peak" "$blas" <<'PY'
+python3 - "$ours_enc" "$ref_enc" "$ours_llm" "$ref_llm" "$fixed" "$stock" "$peak" "$bandwidth" "$ours_f32" "$models/whisper-tiny.en/config.json" "$ours_enc_avx2" "$ours_llm_avx2" "$fma_peak" "$blas" "$attention" <<'PY'
 import sys, json
 oe, re_, ol, rl, fx, st, pk, bw, of = (json.loads(a) for a in sys.argv[1:10])
 c = json.load(open(sys.argv[10]))
-oe2, ol2, fp, bl = (json.loads(a) for a in sys.argv[11:15])
+oe2, ol2, fp, bl, at = (json.loads(a) for a in sys.argv[11:16])
 print(f"earshot's own kernels: {oe['kernels']} (A/B: EARSHOT_SIMD=avx2); llama.cpp's: {rl['isa']}")
 # Multiply-adds of one 30 s window through the encoder: two convolutions, then per layer
 # q/k/v/o and the MLP on 1500 frames, and the attention products (scores and values).
@@ -153,6 +156,7 @@ print(f"encoder 30 s window: earshot {oe['median_s']:.3f} s, CTranslate2 {re_['m
 print(f"  with EARSHOT_SIMD=avx2: {oe2['median_s']:.3f} s, ratio {oe2['median_s']/re_['median_s']:.2f}")
 print(f"  {flops/1e9:.1f} GFLOP per window; at this machine's f32 matmul peak ({pk['gflops']:.0f} GFLOP/s, candle/gemm, 2 threads) the floor is {floor:.3f} s: ratio >= {floor/re_['median_s']:.2f} for any implementation doing these FLOPs")
 print(f"  the CPU's FMA peak: {fp['gflops']:.0f} GFLOP/s ({fp['threads']} threads), of which gemm reaches {100 * pk['gflops'] / fp['gflops']:.0f}%; at the FMA peak the floor is {flops / (fp['gflops'] * 1e9):.3f} s (ratio >= {flops / (fp['gflops'] * 1e9) / re_['median_s']:.2f})")
+print(f"  its attention alone (one layer: 6 heads of 64 over 1500 frames, the two products and the softmax): {1e3 * at['median_s']:.1f} ms, {at['gflops']:.0f} GFLOP/s")
 print("  numpy's BLAS (OpenBLAS, 2 threads) at the encoder's shapes, GFLOP/s: " + ", ".join(f"{s} {g}" for s, g in bl["shapes"].items()))
 print(f"LLM prompt: earshot {ol['prompt_tokens_per_s']:.0f} tok/s, llama.cpp {rl['prompt_tokens_per_s']:.0f} tok/s, ratio {ol['prompt_tokens_per_s']/rl['prompt_tokens_per_s']:.2f}")
 print(f"LLM decode: earshot {ol['decode_tokens_per_s']:.1f} tok/s ({ol['packed_projections']} projections from GGUF blocks), llama.cpp {rl['decode_tokens_per_s']:.1f} tok/s, ratio {ol['decode_tokens_per_s']/rl['decode_tokens_per_s']:.2f}")

@@ -826,19 +826,24 @@ pub fn exp_with<M: MulAdd>(x: f32) -> f32 {
     let shifted = M::mul_add(x, std::f32::consts::LOG2_E, SHIFTER);
     let n = shifted - SHIFTER;
     let r = M::mul_add(n, 2.121_944_4e-4, M::mul_add(n, -0.693_359_4, x));
+    let r2 = r * r;
     let mut p = 1.987_569_1e-4f32;
     p = M::mul_add(p, r, 1.398_199_9e-3);
     p = M::mul_add(p, r, 8.333_452e-3);
     p = M::mul_add(p, r, 4.166_579_6e-2);
     p = M::mul_add(p, r, 1.666_666_5e-1);
     p = M::mul_add(p, r, 0.5);
-    let y = M::mul_add(p * r, r, r) + 1.0;
     // 2^n from n's bits: `shifted` lies in [2^23, 2^24), where one unit is one ulp, so its
     // bits are SHIFTER's plus n. (`n as i32` saturates and maps NaN to 0, which LLVM does
     // lane by lane with compares and moves: with AVX-512 that made the whole loop scalar,
-    // the encoder's softmax at 16% of a window in perf.) NaN input stays NaN through `y`.
+    // the encoder's softmax at 16% of a window in perf.)
     let n_int = (shifted.to_bits() as i32).wrapping_sub(SHIFTER.to_bits() as i32);
-    y * f32::from_bits((n_int.wrapping_add(127) as u32) << 23)
+    let two_n = f32::from_bits((n_int.wrapping_add(127) as u32) << 23);
+    // e^r 2^n = (r + r^2 p) 2^n + 2^n: two dependent multiply-adds after the polynomial where
+    // (p r) r + r, + 1, then * 2^n were four (r^2 is computed beside the polynomial). The
+    // softmax's exponentials are bound by this chain's length, not by the FMA units. NaN
+    // input stays NaN through r.
+    M::mul_add(M::mul_add(p, r2, r), two_n, two_n)
 }
 
 /// erf(x) for f32: x P(x^2) / Q(x^2) on x clamped to [-4, 4] (beyond, erf is 1 in f32), the

@@ -143,8 +143,8 @@ impl<'de> Deserialize<'de> for EncoderLayers {
 /// in blocks of query rows, the scale applied to the scores; 4: softmax and GELU with fused
 /// multiply-adds in the vector builds; 5: the convolutions as one product each over im2col
 /// rows, the softmax's normalisation applied to the attention's outputs; 6: GELU's erf as
-/// a rational function.
-pub const OUTPUT_REVISION: u32 = 6;
+/// a rational function; 7: the softmax's exponential ends in two multiply-adds.
+pub const OUTPUT_REVISION: u32 = 7;
 const LN_EPS: f64 = 1e-5;
 
 struct Attention {

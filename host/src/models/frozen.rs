@@ -36,17 +36,26 @@ pub struct FrozenLinear {
     plain: bool,
     /// The weight in the GGUF blocks it was stored in, for few-row products on the CPU.
     packed: Option<Arc<PackedMatrix>>,
+    /// The bias's values on the host, for [`FrozenLinear::forward_plus`]'s fused path (CPU
+    /// f32 biases only).
+    bias_values: Option<Arc<[f32]>>,
 }
 
 impl FrozenLinear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         let weight_t = weight.t().expect("a linear weight is 2-D");
+        let bias_values = bias
+            .as_ref()
+            .filter(|b| b.device().is_cpu() && b.dtype() == DType::F32 && b.rank() == 1)
+            .and_then(|b| b.to_vec1::<f32>().ok())
+            .map(Arc::from);
         Self {
             weight,
             weight_t,
             bias,
             plain: false,
             packed: None,
+            bias_values,
         }
     }
 
@@ -107,8 +116,13 @@ impl FrozenLinear {
         {
             // Inference on the CPU in f32: the bias is the product's starting value, which
             // saves zeroing the output and a second pass to add the bias.
-            x2.contiguous()?
-                .apply_op3_no_bwd(&self.weight, b, &BiasedProduct)?
+            x2.contiguous()?.apply_op3_no_bwd(
+                &self.weight,
+                b,
+                &BiasedProduct {
+                    residual_bias: None,
+                },
+            )?
         } else {
             let y = if self.plain {
                 x2.matmul(&self.weight_t)?
@@ -127,6 +141,40 @@ impl FrozenLinear {
 }
 
 impl FrozenLinear {
+    /// `residual + self.forward(x)` (a residual connection after the layer). For inference
+    /// on the CPU in f32 with a bias, the residual plus the bias is the product's starting
+    /// value: no separate pass (and tensor) for the addition. The same values either way up
+    /// to rounding (the order of the three additions differs).
+    pub fn forward_plus(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let (out_dim, in_dim) = self.weight.dims2()?;
+        // The residual has x's shape with the layer's output width last.
+        let shapes_fit = x.dims().split_last().is_some_and(|(&k, lead)| {
+            k == in_dim && residual.dims() == [lead, &[out_dim]].concat().as_slice()
+        });
+        let fused = self.bias_values.as_ref().filter(|_| {
+            shapes_fit
+                && !self.plain
+                && !x.track_op()
+                && !residual.track_op()
+                && self.biased_product_applies()
+                && residual.device().is_cpu()
+                && residual.dtype() == DType::F32
+        });
+        let Some(bias) = fused else {
+            return self.forward(x)? + residual;
+        };
+        let x2 = x.reshape(((), in_dim))?.contiguous()?;
+        let r2 = residual.reshape(((), out_dim))?.contiguous()?;
+        let y = x2.apply_op3_no_bwd(
+            &self.weight,
+            &r2,
+            &BiasedProduct {
+                residual_bias: Some(bias.clone()),
+            },
+        )?;
+        y.reshape(residual.dims())
+    }
+
     /// Whether [`BiasedProduct`] can run this layer: CPU f32 weight and bias, contiguous.
     fn biased_product_applies(&self) -> bool {
         self.weight.device().is_cpu()
@@ -140,8 +188,11 @@ impl FrozenLinear {
 }
 
 /// x (m, k) W^T + b for W (n, k) and b (n), f32 on the CPU, no graph: the output starts as
-/// b in every row and gemm adds the product into it.
-struct BiasedProduct;
+/// b in every row and gemm adds the product into it. With `residual_bias`, the third input is
+/// an (m, n) residual instead of the bias, and the output starts as residual + bias.
+struct BiasedProduct {
+    residual_bias: Option<Arc<[f32]>>,
+}
 
 impl CustomOp3 for BiasedProduct {
     fn name(&self) -> &'static str {
@@ -159,30 +210,44 @@ impl CustomOp3 for BiasedProduct {
     ) -> Result<(CpuStorage, Shape)> {
         let (m, k) = lx.shape().dims2()?;
         let (n, k2) = lw.shape().dims2()?;
-        if k != k2 || lb.dims() != [n] {
+        let start_dims: &[usize] = match &self.residual_bias {
+            Some(b) if b.len() == n => &[m, n],
+            Some(_) => &[],
+            None => &[n],
+        };
+        if k != k2 || lb.dims() != start_dims {
             candle_core::bail!(
-                "biased-product: x {:?}, weight {:?}, bias {:?}",
+                "biased-product: x {:?}, weight {:?}, bias or residual {:?}",
                 lx.dims(),
                 lw.dims(),
                 lb.dims()
             );
         }
         use super::fused::contiguous_f32 as slice;
-        let (x, w, b) = (
+        let (x, w, start) = (
             slice(sx, lx, "biased-product")?,
             slice(sw, lw, "biased-product")?,
             slice(sb, lb, "biased-product")?,
         );
-        // The bias in every row, written by all threads (`b.repeat(m)` was one thread's
-        // memcpy, ~3% of an encoder window while the other cores waited).
+        // The starting rows, written by all threads (`b.repeat(m)` was one thread's memcpy,
+        // ~3% of an encoder window while the other cores waited).
         let mut out = Vec::with_capacity(m * n);
         if n > 0 {
             out.spare_capacity_mut()
                 .par_chunks_mut(n)
+                .enumerate()
                 .with_min_len((1 << 15) / n + 1)
-                .for_each(|row| {
-                    for (d, &v) in row.iter_mut().zip(b) {
-                        d.write(v);
+                .for_each(|(r, row)| match &self.residual_bias {
+                    Some(bias) => {
+                        let residual = &start[r * n..(r + 1) * n];
+                        for ((d, &v), &b) in row.iter_mut().zip(residual).zip(bias.iter()) {
+                            d.write(v + b);
+                        }
+                    }
+                    None => {
+                        for (d, &v) in row.iter_mut().zip(start) {
+                            d.write(v);
+                        }
                     }
                 });
         }
@@ -307,5 +372,38 @@ mod tests {
             grads.get(xv.as_tensor()).is_some(),
             "the input got no gradient"
         );
+    }
+
+    /// `forward_plus` is residual + x W^T + b on every path: the fused one (inference, CPU
+    /// f32, a bias), a layer without a bias, a taped input, and a residual of another shape
+    /// (refused by the addition, as `forward(x) + residual` refuses it).
+    #[test]
+    fn forward_plus_adds_the_residual() {
+        use crate::models::fused::tests::max_abs_diff as max_diff;
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (24, 40), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 24, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 9, 40), &dev).unwrap();
+        let residual = Tensor::randn(0f32, 1.0, (2, 9, 24), &dev).unwrap();
+        let product = x.broadcast_matmul(&w.t().unwrap()).unwrap();
+        for bias in [Some(b.clone()), None] {
+            let layer = FrozenLinear::new(w.clone(), bias.clone());
+            let want = match &bias {
+                Some(b) => product.broadcast_add(b).unwrap(),
+                None => product.clone(),
+            };
+            let want = (want + &residual).unwrap();
+            let got = layer.forward_plus(&x, &residual).unwrap();
+            assert_eq!(got.dims(), &[2, 9, 24]);
+            assert!(max_diff(&got, &want) < 1e-4, "bias {}", bias.is_some());
+            let xv = Var::from_tensor(&x).unwrap();
+            let taped = layer.forward_plus(xv.as_tensor(), &residual).unwrap();
+            assert!(max_diff(&taped, &want) < 1e-4);
+            let grads = taped.sum_all().unwrap().backward().unwrap();
+            assert!(grads.get(xv.as_tensor()).is_some());
+        }
+        let layer = FrozenLinear::new(w, Some(b));
+        let wrong = Tensor::zeros((2, 8, 24), DType::F32, &dev).unwrap();
+        assert!(layer.forward_plus(&x, &wrong).is_err());
     }
 }

@@ -143,8 +143,9 @@ impl<'de> Deserialize<'de> for EncoderLayers {
 /// in blocks of query rows, the scale applied to the scores; 4: softmax and GELU with fused
 /// multiply-adds in the vector builds; 5: the convolutions as one product each over im2col
 /// rows, the softmax's normalisation applied to the attention's outputs; 6: GELU's erf as
-/// a rational function; 7: the softmax's exponential ends in two multiply-adds.
-pub const OUTPUT_REVISION: u32 = 7;
+/// a rational function; 7: the softmax's exponential ends in two multiply-adds; 8:
+/// the residual connections added by the output products.
+pub const OUTPUT_REVISION: u32 = 8;
 const LN_EPS: f64 = 1e-5;
 
 struct Attention {
@@ -396,13 +397,12 @@ impl WhisperEncoder {
         // Blocks past the deepest state asked for are not run.
         let deepest = layers[layers.len() - 1];
         for (i, block) in self.blocks.iter().enumerate().take(deepest) {
-            let h = block.attn.forward(&block.attn_ln.forward(&x)?)?;
-            x = (x + h)?;
+            // The residual connections are added by the output products themselves.
+            x = block.attn.forward_plus(&block.attn_ln.forward(&x)?, &x)?;
             // fc1's output is this block's alone: GELU writes over it.
-            let h = block.fc2.forward(&fused::gelu_erf_inference_owned(
-                block.fc1.forward(&block.mlp_ln.forward(&x)?)?,
-            )?)?;
-            x = (x + h)?;
+            let h =
+                fused::gelu_erf_inference_owned(block.fc1.forward(&block.mlp_ln.forward(&x)?)?)?;
+            x = block.fc2.forward_plus(&h, &x)?;
             trace.check(|| format!("whisper.encoder.layers.{i}"), &x)?;
             if i + 1 < n && layers.contains(&(i + 1)) {
                 kept.push(x.clone());
@@ -422,7 +422,8 @@ impl WhisperEncoder {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `residual` + attention(x).
+    fn forward_plus(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let d = x.dim(2)?;
         let scale = (d as f64 / self.heads as f64).powf(-0.5);
         let q = self.q.forward(x)?;
@@ -431,7 +432,7 @@ impl Attention {
         // The scale is applied to the scores (in the product), not to q first; the heads
         // are read in place from the projections' (B, T, d) outputs.
         let y = fused::attention_inference(&q, &k, &v, self.heads, scale)?;
-        Ok(self.out.forward(&y)?)
+        Ok(self.out.forward_plus(&y, residual)?)
     }
 }
 

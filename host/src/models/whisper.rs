@@ -148,6 +148,64 @@ impl<'de> Deserialize<'de> for EncoderLayers {
 /// Abramowitz & Stegun (the rational one tripled the error against a float64 encoder).
 pub const OUTPUT_REVISION: u32 = 9;
 const LN_EPS: f64 = 1e-5;
+/// The stem's two convolutions: 3 taps, padding 1; conv2 halves the frames.
+const CONV_TAPS: usize = 3;
+const CONV_PADDING: usize = 1;
+const CONV2_STRIDE: usize = 2;
+
+/// The two convolutions before the blocks, with their GELUs.
+enum Stem {
+    /// On the CPU in f32: each convolution one matrix product over
+    /// [`fused::im2col_channels_last`]'s rows, the weight laid out (C_out, taps * C_in) once
+    /// at load. candle's conv1d took 11% of a window (its im2col and output transpose on one
+    /// thread).
+    Products {
+        conv1: FrozenLinear,
+        conv2: FrozenLinear,
+    },
+    /// Other devices and dtypes: candle's conv1d.
+    Candle { conv1: Conv1d, conv2: Conv1d },
+}
+
+impl Stem {
+    fn new(conv1: Conv1d, conv2: Conv1d, dtype: DType) -> Result<Self> {
+        if !(conv1.weight().device().is_cpu() && dtype == DType::F32) {
+            return Ok(Stem::Candle { conv1, conv2 });
+        }
+        let as_product = |conv: &Conv1d| -> Result<FrozenLinear> {
+            let w = conv.weight();
+            let (c_out, c_in, taps) = w.dims3()?;
+            let w = w
+                .permute((0, 2, 1))?
+                .contiguous()?
+                .reshape((c_out, taps * c_in))?;
+            Ok(FrozenLinear::new(w, conv.bias().cloned()))
+        };
+        Ok(Stem::Products {
+            conv1: as_product(&conv1)?,
+            conv2: as_product(&conv2)?,
+        })
+    }
+
+    /// mel (B, n_mels, frames) -> (B, frames / 2, d_model), positions in rows.
+    fn forward(&self, mel: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Stem::Products { conv1, conv2 } => {
+                let rows = |x: &Tensor, stride| {
+                    fused::im2col_channels_last(x, CONV_TAPS, stride, CONV_PADDING)
+                };
+                let x = conv1.forward(&rows(&mel.transpose(1, 2)?, 1)?)?;
+                let x = fused::gelu_erf_inference_owned(x)?;
+                let x = conv2.forward(&rows(&x, CONV2_STRIDE)?)?;
+                fused::gelu_erf_inference_owned(x)?
+            }
+            Stem::Candle { conv1, conv2 } => {
+                let x = fused::gelu_erf_inference(&conv1.forward(mel)?)?;
+                fused::gelu_erf_inference(&conv2.forward(&x)?)?.transpose(1, 2)?
+            }
+        })
+    }
+}
 
 struct Attention {
     q: FrozenLinear,
@@ -167,12 +225,7 @@ struct Block {
 
 pub struct WhisperEncoder {
     pub config: WhisperConfig,
-    conv1: Conv1d,
-    conv2: Conv1d,
-    /// On the CPU in f32, the two convolutions as matrix products over
-    /// [`fused::im2col_channels_last`]'s rows, weights laid out (C_out, taps * C_in): candle's
-    /// conv1d took 11% of a window (its im2col and output transpose on one thread).
-    stem_products: Option<(FrozenLinear, FrozenLinear)>,
+    stem: Stem,
     positions: Tensor,
     blocks: Vec<Block>,
     final_ln: LayerNorm,
@@ -270,36 +323,23 @@ impl WhisperEncoder {
             Ok(FrozenLinear::new(w, b))
         };
         let conv1 = Conv1d::new(
-            get("conv1.weight", &[d, cfg.num_mel_bins, 3])?,
+            get("conv1.weight", &[d, cfg.num_mel_bins, CONV_TAPS])?,
             Some(get("conv1.bias", &[d])?),
             Conv1dConfig {
-                padding: 1,
+                padding: CONV_PADDING,
                 ..Default::default()
             },
         );
         let conv2 = Conv1d::new(
-            get("conv2.weight", &[d, d, 3])?,
+            get("conv2.weight", &[d, d, CONV_TAPS])?,
             Some(get("conv2.bias", &[d])?),
             Conv1dConfig {
-                padding: 1,
-                stride: 2,
+                padding: CONV_PADDING,
+                stride: CONV2_STRIDE,
                 ..Default::default()
             },
         );
-        let stem_products = if conv1.weight().device().is_cpu() && dtype == DType::F32 {
-            let as_product = |conv: &Conv1d| -> Result<FrozenLinear> {
-                let w = conv.weight();
-                let (c_out, c_in, taps) = w.dims3()?;
-                let w = w
-                    .permute((0, 2, 1))?
-                    .contiguous()?
-                    .reshape((c_out, taps * c_in))?;
-                Ok(FrozenLinear::new(w, conv.bias().cloned()))
-            };
-            Some((as_product(&conv1)?, as_product(&conv2)?))
-        } else {
-            None
-        };
+        let stem = Stem::new(conv1, conv2, dtype)?;
         let positions = get("embed_positions.weight", &[cfg.max_source_positions, d])?;
         let mut blocks = Vec::with_capacity(cfg.encoder_layers);
         for i in 0..cfg.encoder_layers {
@@ -320,9 +360,7 @@ impl WhisperEncoder {
         }
         Ok(Self {
             config: cfg.clone(),
-            conv1,
-            conv2,
-            stem_products,
+            stem,
             positions,
             blocks,
             final_ln: ln("layer_norm")?,
@@ -366,20 +404,7 @@ impl WhisperEncoder {
             });
         }
         let mel = mel.to_dtype(self.dtype)?;
-        // (B, frames / 2, d_model), positions in rows.
-        let x = match &self.stem_products {
-            Some((conv1, conv2)) => {
-                let x = mel.transpose(1, 2)?;
-                let x = conv1.forward(&fused::im2col_channels_last(&x, 3, 1, 1)?)?;
-                let x = fused::gelu_erf_inference_owned(x)?;
-                let x = conv2.forward(&fused::im2col_channels_last(&x, 3, 2, 1)?)?;
-                fused::gelu_erf_inference_owned(x)?
-            }
-            None => {
-                let x = fused::gelu_erf_inference(&self.conv1.forward(&mel)?)?;
-                fused::gelu_erf_inference(&self.conv2.forward(&x)?)?.transpose(1, 2)?
-            }
-        };
+        let x = self.stem.forward(&mel)?;
         let positions = x.dim(1)?;
         if positions > self.config.max_source_positions {
             return Err(ModelError::Input {

@@ -1237,6 +1237,45 @@ impl SharedOut {
     }
 }
 
+/// The softmax's normalisation, applied to a block's hd outputs a row instead of its tk
+/// probabilities: row r (of stride `width`, from `at`) times `inv[r]`.
+///
+/// # Safety
+/// `inv.len()` rows of `hd` elements from `at`, `width` apart, must be in bounds of one
+/// allocation that nothing else reads or writes meanwhile.
+unsafe fn scale_rows(at: *mut f32, width: usize, hd: usize, inv: &[f32]) {
+    for (r, &inv) in inv.iter().enumerate() {
+        // SAFETY: in bounds and unshared, by the caller's contract.
+        let row = unsafe { std::slice::from_raw_parts_mut(at.add(r * width), hd) };
+        row.iter_mut().for_each(|o| *o *= inv);
+    }
+}
+
+/// Each head's keys transposed once, (hd, tk) contiguous per (batch, head): read in place,
+/// k^T has a column stride of `width`, and gemm gathered it element by element into its
+/// packed layout for every block of queries (~5% of an encoder window in perf). `k` is
+/// (b, tk, h * hd). Not zeroed first (a memset on one thread when the allocator reuses
+/// memory): every element is written.
+fn keys_transposed(k: &[f32], (b, h, tk, hd): (usize, usize, usize, usize)) -> Vec<f32> {
+    let width = h * hd;
+    let mut kt = Vec::with_capacity(b * h * hd * tk);
+    kt.spare_capacity_mut()
+        .par_chunks_mut(hd * tk)
+        .enumerate()
+        .for_each(|(bh, dst)| {
+            let (bi, hi) = (bh / h, bh % h);
+            for t in 0..tk {
+                let key = &k[(bi * tk + t) * width + hi * hd..][..hd];
+                for (d, &x) in key.iter().enumerate() {
+                    dst[d * tk + t].write(x);
+                }
+            }
+        });
+    // SAFETY: each of the b * h chunks of hd * tk elements was written in full above.
+    unsafe { kt.set_len(b * h * hd * tk) };
+    kt
+}
+
 impl CustomOp3 for BlockedAttention {
     fn name(&self) -> &'static str {
         "blocked-attention"
@@ -1275,27 +1314,8 @@ impl CustomOp3 for BlockedAttention {
             let out = vec![0f32; b * tq * width];
             return Ok((CpuStorage::F32(out), Shape::from((b, tq, width))));
         }
-        // Each head's keys transposed once, (hd, tk) contiguous: read in place, k^T has a
-        // column stride of `width`, and gemm gathered it element by element into its
-        // packed layout for every block of queries (~5% of an encoder window in perf).
-        // Neither buffer is zeroed first (a memset on one thread when the allocator reuses
-        // memory): every element of both is written before it is read.
-        let mut kt = Vec::with_capacity(b * h * hd * tk);
-        kt.spare_capacity_mut()
-            .par_chunks_mut(hd * tk)
-            .enumerate()
-            .for_each(|(bh, dst)| {
-                let (bi, hi) = (bh / h, bh % h);
-                for t in 0..tk {
-                    let key = &k[(bi * tk + t) * width + hi * hd..][..hd];
-                    for (d, &x) in key.iter().enumerate() {
-                        dst[d * tk + t].write(x);
-                    }
-                }
-            });
-        // SAFETY: each of the b * h chunks of hd * tk elements was written in full above.
-        unsafe { kt.set_len(b * h * hd * tk) };
-        let kt: Vec<f32> = kt;
+        let kt = keys_transposed(k, (b, h, tk, hd));
+        // Not zeroed first either: every element is written (below) before it is read.
         let mut out = Vec::<f32>::with_capacity(b * tq * width);
         let blocks = tq.div_ceil(ATTENTION_ROWS);
         let dst = SharedOut(out.spare_capacity_mut().as_mut_ptr().cast::<f32>());
@@ -1370,15 +1390,9 @@ impl CustomOp3 for BlockedAttention {
                     )
                 }
             });
-            // The softmax's normalisation, applied to the block's hd outputs a row instead
-            // of its tk probabilities.
-            for (r, &inv) in inv[..rows].iter().enumerate() {
-                // SAFETY: row r0 + r, columns hi*hd.. of the output: this task's own part
-                // (see above), in bounds, and no reference to it is alive.
-                let row =
-                    unsafe { std::slice::from_raw_parts_mut(dst.ptr().add(q_at + r * width), hd) };
-                row.iter_mut().for_each(|o| *o *= inv);
-            }
+            // SAFETY: rows r0.. (inv[..rows]) of batch bi, columns hi*hd.. of the output:
+            // this task's own part (see above), in bounds, no reference to it alive.
+            unsafe { scale_rows(dst.ptr().add(q_at), width, hd, &inv[..rows]) };
         });
         // SAFETY: the tasks cover every (batch, head, block): each wrote its rows' hd columns
         // with gemm (read_dst false: nothing is read first), so all b * tq * width are set.

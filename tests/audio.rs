@@ -228,6 +228,77 @@ fn g711_wav_without_cb_size_decodes() {
     }
 }
 
+/// A WAV file's bytes with its fmt chunk replaced by its 16 fields followed by `extra`
+/// (cbSize and extension bytes as some writers leave them), padded when odd, and the RIFF
+/// size as `riff` gives it (`None`: the file's new length less 8).
+fn with_fmt_extra(wav: &[u8], extra: &[u8], riff: Option<u32>) -> Vec<u8> {
+    assert_eq!(&wav[12..16], b"fmt ", "a fmt chunk first");
+    let size = u32::from_le_bytes(wav[16..20].try_into().unwrap()) as usize;
+    let rest = &wav[20 + size + (size & 1)..];
+    let mut out = wav[..16].to_vec();
+    out.extend(((16 + extra.len()) as u32).to_le_bytes());
+    out.extend(&wav[20..36]);
+    out.extend(extra);
+    if extra.len() % 2 == 1 {
+        out.push(0);
+    }
+    out.extend(rest);
+    let riff = riff.unwrap_or(out.len() as u32 - 8);
+    out[4..8].copy_from_slice(&riff.to_le_bytes());
+    out
+}
+
+/// PCM and IEEE float WAV whose fmt chunk has bytes after its fields that these formats do
+/// not use (a 20-byte PCM fmt chunk, an odd one, an IEEE one whose cbSize is not 0), which
+/// ffmpeg reads and symphonia alone refuses, decode to the samples of the plain file; so
+/// do such files written to a pipe (sizes left at a placeholder) and with a chunk after the
+/// data.
+#[test]
+fn wav_fmt_chunks_with_extension_bytes_decode_to_the_plain_file_s_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    let pcm = std::fs::read(whisper_oracle("audio/a_speech_16k.wav")).unwrap();
+    let float = std::fs::read(fixture("audio/speech_f32.wav")).unwrap();
+    let list = b"LIST\x10\0\0\0INFOINAM\x03\0\0\0ab\0\0";
+    for (name, plain, extra) in [
+        ("pcm_20", &pcm, vec![2u8, 0, 0xAB, 0xCD]),
+        ("pcm_17", &pcm, vec![0x7F]),
+        ("pcm_24", &pcm, vec![6, 0, 1, 2, 3, 4, 5, 6]),
+        ("float_18_cb5", &float, vec![5, 0]),
+        ("float_20", &float, vec![2, 0, 9, 9]),
+    ] {
+        let want = load(&{
+            let p = dir.path().join(format!("{name}_plain.wav"));
+            std::fs::write(&p, plain).unwrap();
+            p
+        });
+        let write = |suffix: &str, bytes: Vec<u8>| {
+            let p = dir.path().join(format!("{name}{suffix}.wav"));
+            std::fs::write(&p, bytes).unwrap();
+            p
+        };
+        let extended = with_fmt_extra(plain, &extra, None);
+        assert_eq!(load(&write("", extended.clone())), want, "{name}");
+        // A LIST chunk after the data: the chunks after the fmt chunk are found where they are.
+        let mut tagged = extended.clone();
+        tagged.extend(list);
+        let riff = tagged.len() as u32 - 8;
+        tagged[4..8].copy_from_slice(&riff.to_le_bytes());
+        assert_eq!(
+            load(&write("_list", tagged)),
+            want,
+            "{name} with a LIST chunk"
+        );
+        // Written to a pipe: RIFF and data sizes at a placeholder as well.
+        for placeholder in [0u32, u32::MAX] {
+            let mut piped = with_fmt_extra(plain, &extra, Some(placeholder));
+            let data = piped.windows(4).position(|w| w == b"data").unwrap();
+            piped[data + 4..data + 8].copy_from_slice(&placeholder.to_le_bytes());
+            let p = write(&format!("_piped_{placeholder:x}"), piped);
+            assert_eq!(load(&p), want, "{name} piped {placeholder:#x}");
+        }
+    }
+}
+
 /// AIFF's sound chunk counts its 8 bytes of offset and block size in its size: the oracle's
 /// speech in an AIFF (as Apple's tools write it: a filler chunk first, so the sound starts at
 /// byte 4096; with and without a chunk after the sound) decodes to the reference, no sample

@@ -1,7 +1,7 @@
 //! Headers that symphonia reads wrongly, read with their size fields corrected
-//! (`PatchedSource` overwrites those few bytes as they are read, and for a G.711 fmt chunk
-//! inserts the 2-byte field its writer left out; nothing is copied and the audio bytes are
-//! never changed).
+//! (`PatchedSource` overwrites those few bytes as they are read, and for a fmt chunk of a
+//! size symphonia refuses reads its 16 fields followed by an empty cbSize; nothing is copied
+//! and the audio bytes are never changed).
 //!
 //! - WAV files written to a pipe. A writer that cannot seek back (`ffmpeg ... -f wav -`,
 //!   `arecord`, `sox ... -t wav -`) leaves the RIFF and data sizes at a placeholder,
@@ -15,6 +15,13 @@
 //! - WAV in G.711 (A-law, mu-law) whose fmt chunk is 16 bytes, without the cbSize field that
 //!   every non-PCM format has: symphonia 0.5 refuses the file ("malformed fmt_mulaw chunk");
 //!   the stream is read with cbSize 0 inserted (fmt size 18, RIFF size + 2).
+//! - WAV in PCM, IEEE float or G.711 whose fmt chunk has extra bytes after its 16 fields
+//!   (cbSize and extension data these formats do not use, as some writers leave: a 20-byte
+//!   PCM fmt chunk, an IEEE one of 18 bytes whose cbSize is not 0): symphonia 0.5 accepts
+//!   only 16, 18 or 40 bytes (18 only, for G.711) and refuses the rest ("malformed fmt_pcm
+//!   chunk"); ffmpeg and libsndfile skip the extension. The stream is read with the fields
+//!   followed by cbSize 0 in place of the extra bytes (fmt size 18, the RIFF size changed by
+//!   as much).
 //! - AIFF. The SSND chunk's size counts its 8-byte offset and block-size fields before the
 //!   samples; symphonia 0.5 counts them as samples, so it promises 8 bytes of frames too many
 //!   and reads 8 bytes past the chunk: a "truncated" file when SSND ends the file (Python's
@@ -34,18 +41,20 @@ use symphonia::core::io::MediaSource;
 const MAX_CHUNKS: usize = 4096;
 
 /// Bytes to put in place of the file's at a byte offset (a size field), an offset in the
-/// stream as read (after any [`Insertion`]).
+/// stream as read (after any [`Splice`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Patch {
     pub offset: u64,
     pub bytes: Vec<u8>,
 }
 
-/// Bytes the stream as read holds at `at` that the file does not (a field a writer left out);
-/// the file's bytes from `at` on follow them.
+/// Bytes the stream as read holds at `at` in place of the file's `removed` bytes there (a
+/// field a writer left out, when `removed` is 0, or extra bytes replaced by an empty field);
+/// the file's bytes from `at + removed` on follow them.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Insertion {
+pub struct Splice {
     pub at: u64,
+    pub removed: u64,
     pub bytes: Vec<u8>,
 }
 
@@ -53,7 +62,7 @@ pub struct Insertion {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Corrections {
     pub patches: Vec<Patch>,
-    pub insertion: Option<Insertion>,
+    pub splice: Option<Splice>,
     pub what: &'static str,
 }
 
@@ -83,7 +92,7 @@ pub fn inspect<S: Read + Seek + ?Sized>(
         walked.map(|found| Header {
             fix: found.map(|patches| Corrections {
                 patches,
-                insertion: None,
+                splice: None,
                 what,
             }),
             fact_frames: None,
@@ -191,7 +200,8 @@ fn is_placeholder(size: i64) -> bool {
 /// A WAV file's fields to correct and its `fact` frames: a data chunk whose size is a
 /// placeholder gets the RIFF and data sizes the file holds (whole frames of the fmt chunk's
 /// block alignment), a LIST chunk whose size stops one byte short of its last subchunk's pad
-/// gets that byte, and a G.711 fmt chunk without its cbSize field gets one.
+/// gets that byte, and a PCM, IEEE float or G.711 fmt chunk of a size symphonia refuses is
+/// read as its 16 fields and an empty cbSize.
 /// `riff_size` is the size field of the file's RIFF header as written.
 fn wav_header<S: Read + Seek + ?Sized>(
     source: &mut S,
@@ -199,8 +209,8 @@ fn wav_header<S: Read + Seek + ?Sized>(
     file_len: u64,
 ) -> std::io::Result<Header> {
     let (mut block_align, mut fact_frames) = (1u64, None);
-    // Patches at offsets in the file; moved past the insertion at the end.
-    let (mut patches, mut insertion) = (Vec::new(), None);
+    // Patches at offsets in the file; moved past the splice at the end.
+    let (mut patches, mut splice) = (Vec::new(), None);
     let (mut streamed, mut list_pad) = (false, false);
     walk_chunks(
         source,
@@ -213,19 +223,34 @@ fn wav_header<S: Read + Seek + ?Sized>(
                 source.read_exact(&mut f)?;
                 block_align = u64::from(u16::from_le_bytes([f[12], f[13]])).max(1);
                 let tag = u16::from_le_bytes([f[0], f[1]]);
-                if c.size == 16 && (tag == WAVE_FORMAT_ALAW || tag == WAVE_FORMAT_MULAW) {
-                    // G.711 is not PCM, so its fmt chunk should end in cbSize (0 here);
-                    // writers that treat it as PCM leave the field out, and symphonia 0.5
-                    // refuses the file ("malformed fmt_mulaw chunk") where ffmpeg and
-                    // libsndfile read it. The stream as read gets the 2 bytes.
-                    insertion = Some(Insertion {
-                        at: c.body + 16,
-                        bytes: vec![0, 0],
-                    });
-                    patches.push(Patch {
-                        offset: c.at + 4,
-                        bytes: 18u32.to_le_bytes().to_vec(),
-                    });
+                let cb_size = if c.size >= 18 {
+                    let mut b = [0u8; 2];
+                    source.read_exact(&mut b)?;
+                    Some(u16::from_le_bytes(b))
+                } else {
+                    None
+                };
+                if symphonia_refuses_fmt_size(tag, c.size, cb_size) {
+                    // These formats use no extension: an fmt chunk is their 16 fields,
+                    // then (G.711 always, PCM and IEEE float optionally) cbSize 0. Writers
+                    // that treat G.711 as PCM leave cbSize out, others leave extension
+                    // bytes these formats do not read, and symphonia 0.5 refuses both
+                    // where ffmpeg and libsndfile read them. The stream as read has the 16
+                    // fields and cbSize 0 in place of what follows them (and its pad).
+                    // A chunk that runs past the file's end is for symphonia to report.
+                    let fields_end = c.body + c.size as u64;
+                    if fields_end <= file_len {
+                        let end = (fields_end + (c.size as u64 & 1)).min(file_len);
+                        splice = Some(Splice {
+                            at: c.body + 16,
+                            removed: end - (c.body + 16),
+                            bytes: vec![0, 0],
+                        });
+                        patches.push(Patch {
+                            offset: c.at + 4,
+                            bytes: 18u32.to_le_bytes().to_vec(),
+                        });
+                    }
                 }
             }
             if &c.id == b"fact" && c.size >= 4 && fact_frames.is_none() {
@@ -261,25 +286,28 @@ fn wav_header<S: Read + Seek + ?Sized>(
             Ok(Some(()))
         },
     )?;
-    if let Some(ins) = &insertion {
-        let grown = ins.bytes.len() as u64;
+    if let Some(sp) = &splice {
+        let grown = sp.bytes.len() as i64 - sp.removed as i64;
         for p in &mut patches {
-            if p.offset >= ins.at {
-                p.offset += grown;
+            // Patches after the removed bytes move with the file's bytes; the walk put none
+            // inside them.
+            if p.offset >= sp.at + sp.removed {
+                p.offset = p.offset.saturating_add_signed(grown);
             }
         }
-        // The RIFF size counts the inserted bytes too (symphonia bounds the chunks by it):
+        // The RIFF size counts the splice's change too (symphonia bounds the chunks by it):
         // the placeholder's correction if there is one, else the size as written.
         let riff = match patches.iter().position(|p| p.offset == 4) {
             Some(i) => u32::from_le_bytes(patches.remove(i).bytes.try_into().expect("4 bytes")),
             None => riff_size,
         };
+        let riff = (i64::from(riff) + grown).clamp(0, i64::from(u32::MAX)) as u32;
         patches.push(Patch {
             offset: 4,
-            bytes: riff.saturating_add(grown as u32).to_le_bytes().to_vec(),
+            bytes: riff.to_le_bytes().to_vec(),
         });
     }
-    let what = match (streamed, list_pad, insertion.is_some()) {
+    let what = match (streamed, list_pad, splice.is_some()) {
         (false, false, false) => {
             return Ok(Header {
                 fix: None,
@@ -292,16 +320,18 @@ fn wav_header<S: Read + Seek + ?Sized>(
         (false, true, false) => {
             "WAV LIST chunk one byte short of its last subchunk's pad: size + 1"
         }
-        (false, false, true) => "WAV G.711 fmt chunk without cbSize: read with cbSize 0",
+        (false, false, true) => {
+            "WAV fmt chunk of a size symphonia refuses: read as its 16 fields and cbSize 0"
+        }
         _ => {
             "WAV header corrected (sizes left at a placeholder, a LIST chunk one byte short \
-             of its pad, a G.711 fmt chunk without cbSize)"
+             of its pad, a fmt chunk read as its 16 fields and cbSize 0)"
         }
     };
     Ok(Header {
         fix: Some(Corrections {
             patches,
-            insertion,
+            splice,
             what,
         }),
         fact_frames,
@@ -309,8 +339,26 @@ fn wav_header<S: Read + Seek + ?Sized>(
 }
 
 /// WAV format tags of G.711 A-law and mu-law.
+const WAVE_FORMAT_PCM: u16 = 1;
+const WAVE_FORMAT_IEEE_FLOAT: u16 = 3;
 const WAVE_FORMAT_ALAW: u16 = 6;
 const WAVE_FORMAT_MULAW: u16 = 7;
+
+/// Whether symphonia 0.5 refuses an fmt chunk of `size` bytes (`cb_size`: its cbSize field,
+/// when it has one) for a format that uses no extension, which ffmpeg and libsndfile read:
+/// PCM takes 16, 18 or 40 bytes, IEEE float the same but cbSize 0 at 18, G.711 18 only.
+/// A chunk shorter than the 16 fields is malformed, for symphonia to report.
+fn symphonia_refuses_fmt_size(tag: u16, size: i64, cb_size: Option<u16>) -> bool {
+    if size < 16 {
+        return false;
+    }
+    match tag {
+        WAVE_FORMAT_PCM => !matches!(size, 16 | 18 | 40),
+        WAVE_FORMAT_IEEE_FLOAT => !(matches!(size, 16 | 40) || (size == 18 && cb_size == Some(0))),
+        WAVE_FORMAT_ALAW | WAVE_FORMAT_MULAW => size != 18,
+        _ => false,
+    }
+}
 
 /// A WAV LIST chunk (INFO tags, cue labels) of odd size whose last subchunk is odd and ends
 /// exactly at the LIST's end: its pad byte lies just past the LIST, where the outer chunk
@@ -402,15 +450,17 @@ fn caf_data<S: Read + Seek + ?Sized>(
     .map(Option::flatten)
 }
 
-/// A media source read as the file corrected: the insertion's bytes appear at its offset (the
-/// file's bytes from there on come after them) and the patches' bytes at theirs. Positions
-/// and lengths are those of the stream as read.
+/// A media source read as the file corrected: the splice's bytes appear at its offset in
+/// place of the file's bytes it removes (the file's bytes after those follow them) and the
+/// patches' bytes at theirs. Positions and lengths are those of the stream as read.
 pub struct PatchedSource {
     inner: Box<dyn MediaSource>,
     patches: Vec<Patch>,
-    insertion: Option<Insertion>,
+    splice: Option<Splice>,
     /// Position in the stream as read.
     pos: u64,
+    /// Position of `inner`, so that it is sought only where the splice skips bytes.
+    inner_pos: u64,
 }
 
 impl PatchedSource {
@@ -419,37 +469,63 @@ impl PatchedSource {
         Self {
             inner,
             patches: fix.patches,
-            insertion: fix.insertion,
+            splice: fix.splice,
             pos: 0,
+            inner_pos: 0,
         }
     }
 
-    /// (where the insertion starts, its length); an empty one at the end when there is none.
-    fn inserted(&self) -> (u64, u64) {
-        self.insertion
-            .as_ref()
-            .map_or((u64::MAX, 0), |i| (i.at, i.bytes.len() as u64))
+    /// (where the splice starts, the bytes it reads, the file's bytes it removes); an empty
+    /// one at the end when there is none.
+    fn spliced(&self) -> (u64, u64, u64) {
+        self.splice.as_ref().map_or((u64::MAX, 0, 0), |s| {
+            (s.at, s.bytes.len() as u64, s.removed)
+        })
+    }
+
+    /// Where in the file the stream's position `pos` reads from: before the splice as it
+    /// is, after it moved by its change in length; inside it, the file waits past the bytes
+    /// it removes.
+    fn file_offset(&self, pos: u64) -> u64 {
+        let (at, len, removed) = self.spliced();
+        if pos < at {
+            pos
+        } else if pos < at + len {
+            at + removed
+        } else {
+            pos - len + removed
+        }
+    }
+
+    /// Reads from the file at the stream position `self.pos`, into `buf`.
+    fn read_inner(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let want = self.file_offset(self.pos);
+        if self.inner_pos != want {
+            self.inner_pos = self.inner.seek(SeekFrom::Start(want))?;
+        }
+        let n = self.inner.read(buf)?;
+        self.inner_pos += n as u64;
+        Ok(n)
     }
 }
 
 impl Read for PatchedSource {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let (at, len) = self.inserted();
+        let (at, len, _) = self.spliced();
         let start = self.pos;
         let n = if start < at {
-            // Up to the insertion at most, so that its bytes come next.
+            // Up to the splice at most, so that its bytes come next.
             let room = usize::try_from(at - start).unwrap_or(usize::MAX);
             let k = buf.len().min(room);
-            self.inner.read(&mut buf[..k])?
+            self.read_inner(&mut buf[..k])?
         } else if start < at + len {
-            // The inner source waits at `at` meanwhile.
-            let bytes = &self.insertion.as_ref().expect("an insertion").bytes;
+            let bytes = &self.splice.as_ref().expect("a splice").bytes;
             let from = (start - at) as usize;
             let k = buf.len().min(bytes.len() - from);
             buf[..k].copy_from_slice(&bytes[from..from + k]);
             k
         } else {
-            self.inner.read(buf)?
+            self.read_inner(buf)?
         };
         let end = start + n as u64;
         for p in &self.patches {
@@ -467,13 +543,13 @@ impl Read for PatchedSource {
 
 impl Seek for PatchedSource {
     fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
-        let (at, len) = self.inserted();
         let target = match to {
             SeekFrom::Start(p) => Some(p),
             SeekFrom::Current(d) => self.pos.checked_add_signed(d),
             SeekFrom::End(d) => {
                 let real_end = self.inner.seek(SeekFrom::End(0))?;
-                (real_end + len).checked_add_signed(d)
+                self.inner_pos = real_end;
+                self.len_as_read(real_end).checked_add_signed(d)
             }
         };
         let Some(target) = target else {
@@ -482,16 +558,22 @@ impl Seek for PatchedSource {
                 "seek before the start of the file",
             ));
         };
-        // In the file: before the insertion as it is, inside it at its start, after it less
-        // its length.
-        let real = if target <= at {
-            target
-        } else {
-            at.max(target - len)
-        };
-        self.inner.seek(SeekFrom::Start(real))?;
+        let real = self.file_offset(target);
+        self.inner_pos = self.inner.seek(SeekFrom::Start(real))?;
         self.pos = target;
         Ok(target)
+    }
+}
+
+impl PatchedSource {
+    /// The stream's length for a file of `file_len` bytes.
+    fn len_as_read(&self, file_len: u64) -> u64 {
+        let (at, len, removed) = self.spliced();
+        if file_len <= at {
+            file_len
+        } else {
+            (file_len.max(at + removed) - removed) + len
+        }
     }
 }
 
@@ -501,8 +583,7 @@ impl MediaSource for PatchedSource {
     }
 
     fn byte_len(&self) -> Option<u64> {
-        let (_, len) = self.inserted();
-        self.inner.byte_len().map(|l| l + len)
+        self.inner.byte_len().map(|l| self.len_as_read(l))
     }
 }
 
@@ -657,60 +738,71 @@ mod tests {
     }
 
     #[test]
-    fn an_insertion_reads_and_seeks_as_the_corrected_file() {
+    fn a_splice_reads_and_seeks_as_the_corrected_file() {
         let file: Vec<u8> = (0..=199u8).collect();
-        let (at, inserted) = (50usize, vec![0xEE, 0xEF]);
-        // A patch before the insertion and one after it (offsets as read).
-        let fix = Corrections {
-            patches: vec![
-                Patch {
-                    offset: 10,
-                    bytes: vec![0xAA; 2],
-                },
-                Patch {
-                    offset: 60,
-                    bytes: vec![0xBB; 3],
-                },
-            ],
-            insertion: Some(Insertion {
-                at: at as u64,
-                bytes: inserted.clone(),
-            }),
-            what: "",
-        };
-        let mut want = file[..at].to_vec();
-        want.extend(&inserted);
-        want.extend(&file[at..]);
-        want[10..12].fill(0xAA);
-        want[60..63].fill(0xBB);
-        let mut src = PatchedSource::new(Box::new(Cursor::new(file)), fix);
-        assert_eq!(src.byte_len(), Some(202));
-        for chunk in [1usize, 3, 7, 64] {
-            src.seek(SeekFrom::Start(0)).unwrap();
-            let (mut got, mut buf) = (Vec::<u8>::new(), vec![0u8; chunk]);
-            loop {
-                let n = src.read(&mut buf).unwrap();
-                if n == 0 {
-                    break;
+        // An insertion (nothing removed), a splice that removes more than it puts and one
+        // that puts more than it removes.
+        for removed in [0usize, 7, 1] {
+            let (at, spliced) = (50usize, vec![0xEE, 0xEF]);
+            // A patch before the splice and one after it (offsets as read).
+            let fix = Corrections {
+                patches: vec![
+                    Patch {
+                        offset: 10,
+                        bytes: vec![0xAA; 2],
+                    },
+                    Patch {
+                        offset: 60,
+                        bytes: vec![0xBB; 3],
+                    },
+                ],
+                splice: Some(Splice {
+                    at: at as u64,
+                    removed: removed as u64,
+                    bytes: spliced.clone(),
+                }),
+                what: "",
+            };
+            let mut want = file[..at].to_vec();
+            want.extend(&spliced);
+            want.extend(&file[at + removed..]);
+            want[10..12].fill(0xAA);
+            want[60..63].fill(0xBB);
+            let len = want.len();
+            let mut src = PatchedSource::new(Box::new(Cursor::new(file.clone())), fix);
+            assert_eq!(src.byte_len(), Some(len as u64), "removed {removed}");
+            for chunk in [1usize, 3, 7, 64] {
+                src.seek(SeekFrom::Start(0)).unwrap();
+                let (mut got, mut buf) = (Vec::<u8>::new(), vec![0u8; chunk]);
+                loop {
+                    let n = src.read(&mut buf).unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend(&buf[..n]);
                 }
-                got.extend(&buf[..n]);
+                assert_eq!(got, want, "removed {removed}, reads of {chunk}");
             }
-            assert_eq!(got, want, "reads of {chunk}");
+            for (to, pos) in [
+                (SeekFrom::Start(51), 51usize), // inside the splice
+                (SeekFrom::Start(49), 49),
+                (SeekFrom::End(-5), len - 5),
+                (SeekFrom::Start(52), 52), // just after it
+                (SeekFrom::Current(-3), 49),
+                (SeekFrom::Start(50), 50),
+            ] {
+                assert_eq!(src.seek(to).unwrap(), pos as u64, "{to:?}");
+                let mut b = [0u8; 6];
+                let n = src.read(&mut b).unwrap();
+                assert_eq!(
+                    &b[..n],
+                    &want[pos..pos + n],
+                    "removed {removed}, after {to:?}"
+                );
+                src.seek(SeekFrom::Start(pos as u64)).unwrap();
+            }
+            assert!(src.seek(SeekFrom::Current(-1000)).is_err());
         }
-        for (to, pos) in [
-            (SeekFrom::Start(51), 51usize), // inside the insertion
-            (SeekFrom::Start(49), 49),
-            (SeekFrom::End(-5), 197),
-            (SeekFrom::Start(52), 52), // just after it
-            (SeekFrom::Current(-3), 49),
-        ] {
-            assert_eq!(src.seek(to).unwrap(), pos as u64, "{to:?}");
-            let mut b = [0u8; 6];
-            let n = src.read(&mut b).unwrap();
-            assert_eq!(&b[..n], &want[pos..pos + n], "after {to:?}");
-            src.seek(SeekFrom::Start(pos as u64)).unwrap();
-        }
-        assert!(src.seek(SeekFrom::Current(-1000)).is_err());
     }
 
     #[test]
@@ -770,6 +862,63 @@ mod tests {
         assert_eq!(corrected(&riff(&[(b"fmt ", 16, &pcm)])), None);
     }
 
+    /// PCM, IEEE float and G.711 fmt chunks with bytes after their 16 fields that symphonia
+    /// refuses are read as the fields and cbSize 0, with the chunks after them and the RIFF
+    /// size moved by as much; the sizes symphonia reads are left alone.
+    #[test]
+    fn fmt_chunks_with_extra_bytes_are_read_as_their_fields_and_an_empty_cb_size() {
+        let fields = |tag: u16| {
+            let mut f = tag.to_le_bytes().to_vec();
+            f.extend([1, 0, 0x80, 0x3E, 0, 0, 0, 0x7D, 0, 0, 2, 0, 16, 0]);
+            f
+        };
+        let samples = [0x11u8, 0x22, 0x33, 0x44];
+        // (format tag, fmt size, cbSize as written)
+        for (tag, size, cb) in [
+            (1u16, 20u32, 2u16),
+            (1, 17, 0),
+            (1, 22, 4),
+            (1, 50, 32),
+            (3, 20, 2),
+            (3, 18, 5),
+            (6, 20, 2),
+            (7, 22, 0),
+        ] {
+            let mut body = fields(tag);
+            if size >= 18 {
+                body.extend(cb.to_le_bytes());
+            }
+            body.resize(size as usize, 0x99);
+            if size % 2 == 1 {
+                body.push(0); // the pad after an odd chunk
+            }
+            let file = riff(&[(b"fmt ", size, &body), (b"data", 4, &samples)]);
+            let what = format!("tag {tag}, fmt size {size}");
+            let got = corrected(&file).unwrap_or_else(|| panic!("{what}: not corrected"));
+            let mut want = riff(&[
+                (b"fmt ", 18, &[&fields(tag)[..], &[0, 0]].concat()),
+                (b"data", 4, &samples),
+            ]);
+            // The RIFF size as written, moved by the change in the fmt chunk's length.
+            let written = u32::from_le_bytes(file[4..8].try_into().unwrap());
+            let moved = written as i64 + want.len() as i64 - file.len() as i64;
+            want[4..8].copy_from_slice(&(moved as u32).to_le_bytes());
+            assert_eq!(got, want, "{what}");
+        }
+        for (tag, size) in [(1u16, 16u32), (1, 18), (1, 40), (3, 16), (3, 40), (6, 18)] {
+            let mut body = fields(tag);
+            body.resize(size as usize, 0);
+            let file = riff(&[(b"fmt ", size, &body), (b"data", 4, &samples)]);
+            assert_eq!(corrected(&file), None, "tag {tag}, fmt size {size}");
+        }
+        // Shorter than its fields, or running past the file: for the decoder to report.
+        let short = riff(&[(b"fmt ", 14, &fields(1)[..14])]);
+        assert_eq!(corrected(&short), None);
+        let mut past = riff(&[(b"fmt ", 20, &[fields(1), vec![0; 4]].concat())]);
+        past[16..20].copy_from_slice(&400u32.to_le_bytes());
+        assert_eq!(corrected(&past), None);
+    }
+
     #[test]
     fn patches_apply_across_reads_and_seeks() {
         let file: Vec<u8> = (0..=255u8).collect();
@@ -781,7 +930,7 @@ mod tests {
         want[10..14].fill(0xAA);
         let fix = Corrections {
             patches,
-            insertion: None,
+            splice: None,
             what: "",
         };
         let mut src = PatchedSource::new(Box::new(Cursor::new(file)), fix);

@@ -228,6 +228,31 @@ fn g711_wav_without_cb_size_decodes() {
     }
 }
 
+/// A WAV whose RIFF size is a placeholder (0, 0xFFFFFFFF) while its data size is real, or
+/// too small for its data chunk, decodes to the plain file's samples (ffmpeg reads the
+/// chunks; symphonia alone finds no data chunk or refuses the file), and such a file cut
+/// short is still reported as truncated.
+#[test]
+fn a_wav_whose_riff_size_misstates_its_chunks_decodes_to_its_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = std::fs::read(whisper_oracle("audio/a_speech_16k.wav")).unwrap();
+    let want = reference_speech();
+    let len = plain.len() as u32;
+    for riff in [0u32, u32::MAX, len - 8 - 7, 4] {
+        let mut file = plain.clone();
+        file[4..8].copy_from_slice(&riff.to_le_bytes());
+        let p = dir.path().join(format!("riff_{riff:x}.wav"));
+        std::fs::write(&p, &file).unwrap();
+        assert_eq!(load(&p), want, "RIFF size {riff:#x}");
+        let cut = dir.path().join(format!("riff_{riff:x}_cut.wav"));
+        std::fs::write(&cut, &file[..file.len() / 2]).unwrap();
+        let err = audio::load_16k_mono(&cut, Segment::whole())
+            .expect_err("a file cut in half")
+            .to_string();
+        assert!(err.contains("truncated"), "RIFF size {riff:#x}, cut: {err}");
+    }
+}
+
 /// A WAV file's bytes with its fmt chunk replaced by its 16 fields followed by `extra`
 /// (cbSize and extension bytes as some writers leave them), padded when odd, and the RIFF
 /// size as `riff` gives it (`None`: the file's new length less 8).

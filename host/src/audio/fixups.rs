@@ -9,6 +9,12 @@
 //!   files so. symphonia takes the placeholder literally (a data chunk of 4 GiB, so a
 //!   "truncated" file, or of 0 bytes, so no data chunk). A data size that is real but larger
 //!   than the file is left alone: that file is truncated, and decoding says so.
+//! - WAV whose RIFF size is a placeholder (0 or 0xFFFFFFFF) while its data size is real, or
+//!   too small for the chunks it holds (a chunk that starts inside it ends past it): the
+//!   chunks are what the file holds, and ffmpeg reads them so; symphonia 0.5 finds no data
+//!   chunk or refuses the file ("chunk length exceeds parent"). The RIFF size is read as the
+//!   file's length less 8. A RIFF size that only leaves bytes after the last chunk (a tag
+//!   appended to the file) is left alone.
 //! - WAV whose LIST chunk (INFO tags) is one byte short: its size stops before the pad of
 //!   its last, odd subchunk. The pad is where an odd chunk's pad goes anyway; symphonia 0.5
 //!   refuses the file ("chunk length exceeds parent"); the size is read with the pad.
@@ -63,7 +69,8 @@ pub struct Splice {
 pub struct Corrections {
     pub patches: Vec<Patch>,
     pub splice: Option<Splice>,
-    pub what: &'static str,
+    /// What was corrected, for the log.
+    pub what: String,
 }
 
 /// What a file's header says that symphonia 0.5 would get wrong.
@@ -93,7 +100,7 @@ pub fn inspect<S: Read + Seek + ?Sized>(
             fix: found.map(|patches| Corrections {
                 patches,
                 splice: None,
-                what,
+                what: String::from(what),
             }),
             fact_frames: None,
         })
@@ -212,11 +219,21 @@ fn wav_header<S: Read + Seek + ?Sized>(
     // Patches at offsets in the file; moved past the splice at the end.
     let (mut patches, mut splice) = (Vec::new(), None);
     let (mut streamed, mut list_pad) = (false, false);
+    // Where the RIFF size as written ends the file, and whether a chunk that starts before
+    // that end runs past it.
+    let riff_end = 8 + u64::from(riff_size);
+    let (mut chunk_past_riff_end, mut chunk_past_file_end) = (false, false);
     walk_chunks(
         source,
         file_len,
         Layout::Riff { big_endian: false },
         |source, c| {
+            let end = u64::try_from(c.size).map_or(u64::MAX, |size| c.body.saturating_add(size));
+            // A chunk cut by the RIFF form's end, or the audio outside the form.
+            if (c.at < riff_end && end > riff_end) || (&c.id == b"data" && c.at >= riff_end) {
+                chunk_past_riff_end = true;
+            }
+            chunk_past_file_end |= end > file_len;
             if &c.id == b"fmt " && c.size >= 14 {
                 source.seek(SeekFrom::Start(c.body))?;
                 let mut f = [0u8; 14];
@@ -224,6 +241,7 @@ fn wav_header<S: Read + Seek + ?Sized>(
                 block_align = u64::from(u16::from_le_bytes([f[12], f[13]])).max(1);
                 let tag = u16::from_le_bytes([f[0], f[1]]);
                 let cb_size = if c.size >= 18 {
+                    source.seek(SeekFrom::Start(c.body + 16))?;
                     let mut b = [0u8; 2];
                     source.read_exact(&mut b)?;
                     Some(u16::from_le_bytes(b))
@@ -286,6 +304,27 @@ fn wav_header<S: Read + Seek + ?Sized>(
             Ok(Some(()))
         },
     )?;
+    // The RIFF size, when the data size is real and the RIFF size is a placeholder or cuts a
+    // chunk that the file holds more of: the file's length (a placeholder data size set both
+    // above). In a file cut short (a chunk runs past its end) it is read as the largest size
+    // instead, so that symphonia reaches the data chunk and decoding reports the truncation
+    // (with a size of 0 it finds no data chunk).
+    let riff_size_fixed = (!streamed
+        && (is_placeholder(i64::from(riff_size)) || (chunk_past_riff_end && riff_end < file_len)))
+        .then(|| {
+            if chunk_past_file_end {
+                u32::MAX
+            } else {
+                u32::try_from(file_len - 8).unwrap_or(u32::MAX)
+            }
+        })
+        .filter(|&riff| riff != riff_size);
+    if let Some(riff) = riff_size_fixed {
+        patches.push(Patch {
+            offset: 4,
+            bytes: riff.to_le_bytes().to_vec(),
+        });
+    }
     if let Some(sp) = &splice {
         let grown = sp.bytes.len() as i64 - sp.removed as i64;
         for p in &mut patches {
@@ -307,27 +346,34 @@ fn wav_header<S: Read + Seek + ?Sized>(
             bytes: riff.to_le_bytes().to_vec(),
         });
     }
-    let what = match (streamed, list_pad, splice.is_some()) {
-        (false, false, false) => {
-            return Ok(Header {
-                fix: None,
-                fact_frames,
-            })
-        }
-        (true, false, false) => {
-            "WAV sizes left at a placeholder (written to a pipe): read to the end of the file"
-        }
-        (false, true, false) => {
-            "WAV LIST chunk one byte short of its last subchunk's pad: size + 1"
-        }
-        (false, false, true) => {
-            "WAV fmt chunk of a size symphonia refuses: read as its 16 fields and cbSize 0"
-        }
-        _ => {
-            "WAV header corrected (sizes left at a placeholder, a LIST chunk one byte short \
-             of its pad, a fmt chunk read as its 16 fields and cbSize 0)"
-        }
-    };
+    let what: Vec<&str> = [
+        (
+            streamed,
+            "sizes left at a placeholder (written to a pipe): read to the end of the file",
+        ),
+        (
+            riff_size_fixed.is_some(),
+            "RIFF size a placeholder or shorter than its chunks: read as the file's length",
+        ),
+        (
+            list_pad,
+            "LIST chunk one byte short of its last subchunk's pad: size + 1",
+        ),
+        (
+            splice.is_some(),
+            "fmt chunk of a size symphonia refuses: read as its 16 fields and cbSize 0",
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(found, what)| found.then_some(what))
+    .collect();
+    if what.is_empty() {
+        return Ok(Header {
+            fix: None,
+            fact_frames,
+        });
+    }
+    let what = format!("WAV header corrected: {}", what.join("; "));
     Ok(Header {
         fix: Some(Corrections {
             patches,
@@ -346,7 +392,8 @@ const WAVE_FORMAT_MULAW: u16 = 7;
 
 /// Whether symphonia 0.5 refuses an fmt chunk of `size` bytes (`cb_size`: its cbSize field,
 /// when it has one) for a format that uses no extension, which ffmpeg and libsndfile read:
-/// PCM takes 16, 18 or 40 bytes, IEEE float the same but cbSize 0 at 18, G.711 18 only.
+/// PCM takes 16, 18 or 40 bytes, IEEE float the same but cbSize 0 at 18, G.711 18 bytes
+/// with cbSize 0.
 /// A chunk shorter than the 16 fields is malformed, for symphonia to report.
 fn symphonia_refuses_fmt_size(tag: u16, size: i64, cb_size: Option<u16>) -> bool {
     if size < 16 {
@@ -355,7 +402,7 @@ fn symphonia_refuses_fmt_size(tag: u16, size: i64, cb_size: Option<u16>) -> bool
     match tag {
         WAVE_FORMAT_PCM => !matches!(size, 16 | 18 | 40),
         WAVE_FORMAT_IEEE_FLOAT => !(matches!(size, 16 | 40) || (size == 18 && cb_size == Some(0))),
-        WAVE_FORMAT_ALAW | WAVE_FORMAT_MULAW => size != 18,
+        WAVE_FORMAT_ALAW | WAVE_FORMAT_MULAW => !(size == 18 && cb_size == Some(0)),
         _ => false,
     }
 }
@@ -637,6 +684,44 @@ mod tests {
         assert_eq!(corrected(b"OggS........"), None);
     }
 
+    /// A RIFF size left at a placeholder, or cutting a chunk the file holds, is read as the
+    /// file's length; one that leaves bytes after the last chunk, or belongs to a file cut
+    /// short, is left alone.
+    #[test]
+    fn a_riff_size_that_misstates_the_chunks_is_read_as_the_file_s_length() {
+        let pcm = vec![7u8; 100];
+        let whole = wav(36 + 100, 100, &pcm, 2);
+        let len_less_8 = (whole.len() as u32 - 8).to_le_bytes();
+        for riff in [0, u32::MAX, 36 + 50, 20, 4] {
+            let file = wav(riff, 100, &pcm, 2);
+            let got = corrected(&file).unwrap_or_else(|| panic!("RIFF size {riff}"));
+            assert_eq!(&got[4..8], &len_less_8, "RIFF size {riff}");
+            assert_eq!(&got[..4], &file[..4]);
+            assert_eq!(
+                &got[8..],
+                &file[8..],
+                "RIFF size {riff}: the rest untouched"
+            );
+        }
+        assert_eq!(corrected(&whole), None);
+        // An appended tag after the RIFF form: no chunk inside the form runs past its end.
+        let mut tagged = whole.clone();
+        tagged.extend(b"TAG0123456789");
+        assert_eq!(corrected(&tagged), None);
+        // Cut short (the data chunk runs past the end): truncation is the decoder's to report,
+        // so the RIFF size lets the data chunk be reached (the largest size) or is left alone.
+        for (riff, read_as) in [(0, Some(u32::MAX)), (20, Some(u32::MAX)), (u32::MAX, None)] {
+            let cut = &wav(riff, 100, &pcm, 2)[..80];
+            let got = corrected(cut);
+            assert_eq!(
+                got.as_ref().map(|g| &g[4..8]),
+                read_as.map(u32::to_le_bytes).as_ref().map(|b| &b[..]),
+                "RIFF size {riff}, cut"
+            );
+        }
+        assert_eq!(corrected(&wav(36 + 50, 100, &pcm, 2)[..80]), None);
+    }
+
     /// A WAV of `chunks` (id, size as written, body) after the RIFF header.
     fn riff(chunks: &[(&[u8; 4], u32, &[u8])]) -> Vec<u8> {
         let mut w = b"RIFF\0\0\0\0WAVE".to_vec();
@@ -761,7 +846,7 @@ mod tests {
                     removed: removed as u64,
                     bytes: spliced.clone(),
                 }),
-                what: "",
+                what: String::new(),
             };
             let mut want = file[..at].to_vec();
             want.extend(&spliced);
@@ -905,12 +990,27 @@ mod tests {
             want[4..8].copy_from_slice(&(moved as u32).to_le_bytes());
             assert_eq!(got, want, "{what}");
         }
-        for (tag, size) in [(1u16, 16u32), (1, 18), (1, 40), (3, 16), (3, 40), (6, 18)] {
+        for (tag, size) in [
+            (1u16, 16u32),
+            (1, 18),
+            (1, 40),
+            (3, 16),
+            (3, 18),
+            (3, 40),
+            (6, 18),
+        ] {
             let mut body = fields(tag);
             body.resize(size as usize, 0);
             let file = riff(&[(b"fmt ", size, &body), (b"data", 4, &samples)]);
             assert_eq!(corrected(&file), None, "tag {tag}, fmt size {size}");
         }
+        // G.711 at 18 bytes with a cbSize other than 0 (as ffmpeg reads it: no extension).
+        let mut g711 = fields(7);
+        g711.extend(3u16.to_le_bytes());
+        let file = riff(&[(b"fmt ", 18, &g711), (b"data", 4, &samples)]);
+        let got = corrected(&file).expect("G.711 with cbSize 3 corrected");
+        assert_eq!(&got[36..38], &[0, 0]);
+        assert_eq!(got.len(), file.len());
         // Shorter than its fields, or running past the file: for the decoder to report.
         let short = riff(&[(b"fmt ", 14, &fields(1)[..14])]);
         assert_eq!(corrected(&short), None);
@@ -931,7 +1031,7 @@ mod tests {
         let fix = Corrections {
             patches,
             splice: None,
-            what: "",
+            what: String::new(),
         };
         let mut src = PatchedSource::new(Box::new(Cursor::new(file)), fix);
         let mut got: Vec<u8> = Vec::new();

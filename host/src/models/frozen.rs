@@ -343,6 +343,7 @@ impl CustomOp2 for FrozenMatmul {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::fused::tests::seeded_randn;
     use candle_core::{Device, Var};
 
     /// Inference with a bias (the product started from the bias) gives candle's
@@ -350,11 +351,10 @@ mod tests {
     /// gradient.
     #[test]
     fn biased_product_equals_matmul_plus_bias() {
-        let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (24, 40), &dev).unwrap();
-        let b = Tensor::randn(0f32, 1.0, 24, &dev).unwrap();
+        let w = seeded_randn(2001, 1.0, (24, 40), DType::F32);
+        let b = seeded_randn(2002, 1.0, 24, DType::F32);
         let layer = FrozenLinear::new(w.clone(), Some(b.clone()));
-        let x = Tensor::randn(0f32, 1.0, (2, 9, 40), &dev).unwrap();
+        let x = seeded_randn(2003, 1.0, (2, 9, 40), DType::F32);
         let want = x
             .broadcast_matmul(&w.t().unwrap())
             .unwrap()
@@ -381,10 +381,10 @@ mod tests {
     fn forward_plus_adds_the_residual() {
         use crate::models::fused::tests::max_abs_diff as max_diff;
         let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (24, 40), &dev).unwrap();
-        let b = Tensor::randn(0f32, 1.0, 24, &dev).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (2, 9, 40), &dev).unwrap();
-        let residual = Tensor::randn(0f32, 1.0, (2, 9, 24), &dev).unwrap();
+        let w = seeded_randn(2004, 1.0, (24, 40), DType::F32);
+        let b = seeded_randn(2005, 1.0, 24, DType::F32);
+        let x = seeded_randn(2006, 1.0, (2, 9, 40), DType::F32);
+        let residual = seeded_randn(2007, 1.0, (2, 9, 24), DType::F32);
         let product = x.broadcast_matmul(&w.t().unwrap()).unwrap();
         for bias in [Some(b.clone()), None] {
             let layer = FrozenLinear::new(w.clone(), bias.clone());

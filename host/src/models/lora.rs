@@ -991,6 +991,7 @@ fn read_peft_weights(weights: &Path, device: &Device) -> Result<HashMap<String, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::fused::tests::seeded_randn;
 
     fn tiny() -> DecoderShape {
         DecoderShape {
@@ -1014,7 +1015,7 @@ mod tests {
             names[0],
             "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
         );
-        let x = Tensor::randn(0f32, 1.0, (2, 5, 16), &Device::Cpu).unwrap();
+        let x = seeded_randn(3001, 1.0, (2, 5, 16), DType::F32);
         let d = lora.delta(1, Product::Qkv, &x).unwrap().unwrap();
         assert_eq!(d.dims(), &[2, 5, 16 + 2 * 8]);
         assert_eq!(
@@ -1165,7 +1166,7 @@ mod tests {
         };
         let lora = LoraAdapter::new(&c, &cfg, 4, &Device::Cpu).unwrap();
         for (_, v) in lora.params() {
-            v.set(&Tensor::randn(0f32, 1.0, v.dims(), &Device::Cpu).unwrap())
+            v.set(&seeded_randn(3002, 1.0, v.dims(), DType::F32))
                 .unwrap();
         }
         let d = tempfile::tempdir().unwrap();
@@ -1180,7 +1181,7 @@ mod tests {
         );
         let back = LoraAdapter::new(&peft.config, &cfg, 99, &Device::Cpu).unwrap();
         back.load_peft(&peft.tensors, &peft.weights).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (3, 16), &Device::Cpu).unwrap();
+        let x = seeded_randn(3003, 1.0, (3, 16), DType::F32);
         let (a, b) = (
             lora.delta(1, Product::Qkv, &x).unwrap().unwrap(),
             back.delta(1, Product::Qkv, &x).unwrap().unwrap(),

@@ -1449,6 +1449,7 @@ impl LanguageModel for Llama {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::fused::tests::seeded_randn;
     use candle_core::Var;
     use std::collections::HashMap;
 
@@ -1456,23 +1457,6 @@ mod tests {
     fn tiny(sliding_window: Option<usize>) -> Llama {
         let (store, cfg) = tiny_weights(1, sliding_window);
         Llama::load(&store, &cfg, DType::F32, &Device::Cpu).unwrap()
-    }
-
-    /// Normal draws (mean 0, standard deviation `std`) from a seeded generator, so that a
-    /// test's failure reproduces: candle cannot seed its CPU generator.
-    fn seeded_normal(seed: u64, std: f64, shape: &[usize]) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let n: usize = shape.iter().product();
-        let values: Vec<f64> = (0..n)
-            .map(|_| {
-                // Box-Muller: u1 in (0, 1] keeps the logarithm finite.
-                let u1: f64 = 1.0 - rng.random::<f64>();
-                let u2: f64 = rng.random();
-                std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-            })
-            .collect();
-        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
     }
 
     /// Random (seeded) weights and config of a small model with `layers` layers.
@@ -1497,9 +1481,7 @@ mod tests {
         let mut seed = 0u64;
         let mut put = |name: &str, shape: &[usize]| {
             seed += 1;
-            let w = seeded_normal(seed, 0.5, shape)
-                .to_dtype(DType::F32)
-                .unwrap();
+            let w = seeded_randn(seed, 0.5, shape, DType::F32);
             t.insert(name.to_string(), w.to_device(&dev).unwrap());
         };
         put("model.embed_tokens.weight", &[11, 8]);
@@ -1529,7 +1511,7 @@ mod tests {
         use crate::sampler::{Sampler, SamplingParams};
         let m = tiny(None);
         let request = |prompt: usize| DecodeRequest {
-            rest: Tensor::randn(0f32, 1.0, (1, prompt, 8), &Device::Cpu).unwrap(),
+            rest: seeded_randn(4001, 1.0, (1, prompt, 8), DType::F32),
             sampler: Sampler::new(SamplingParams::default()).unwrap(),
             max_tokens: 1000,
             stop_strings: Vec::new(),
@@ -1554,7 +1536,7 @@ mod tests {
         let whole = Llama::load(&store, &cfg, DType::F32, &Device::Cpu).unwrap();
         let mut chunked = Llama::load(&store, &cfg, DType::F32, &Device::Cpu).unwrap();
         chunked.set_prefill_chunk(4);
-        let x = Tensor::randn(0f32, 1.0, (1, 11, 8), &Device::Cpu).unwrap();
+        let x = seeded_randn(4002, 1.0, (1, 11, 8), DType::F32);
         let close = |a: &Tensor, b: &Tensor| {
             let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
             let d = d.to_scalar::<f32>().unwrap();
@@ -1571,7 +1553,7 @@ mod tests {
             .unwrap();
         close(&a, &b);
         assert_eq!(c2.len(), 11);
-        let next = Tensor::randn(0f32, 1.0, (1, 1, 8), &Device::Cpu).unwrap();
+        let next = seeded_randn(4003, 1.0, (1, 1, 8), DType::F32);
         let a = whole
             .forward(&next, 11, Some(&mut c1), LogitsAt::Last, trace)
             .unwrap();
@@ -1585,7 +1567,7 @@ mod tests {
         let prefix = x.narrow(1, 0, 3).unwrap();
         whole.prefill(&prefix, &mut p1).unwrap();
         chunked.prefill(&prefix, &mut p2).unwrap();
-        let rows = Tensor::randn(0f32, 1.0, (2, 9, 8), &Device::Cpu).unwrap();
+        let rows = seeded_randn(4004, 1.0, (2, 9, 8), DType::F32);
         let mut slots: Vec<Vec<Option<usize>>> = vec![(0..12).map(Some).collect()];
         let mut padded: Vec<Option<usize>> = (0..3).map(Some).collect();
         padded.extend([None; 4]);
@@ -1610,7 +1592,7 @@ mod tests {
         let (store, cfg) = tiny_weights(2, None);
         let m = Llama::load(&store, &cfg, DType::F32, &Device::Cpu).unwrap();
         let request = |len: usize, max_tokens: usize| DecodeRequest {
-            rest: Tensor::randn(0f32, 1.0, (1, len, 8), &Device::Cpu).unwrap(),
+            rest: seeded_randn(4005, 1.0, (1, len, 8), DType::F32),
             sampler: Sampler::new(SamplingParams::default()).unwrap(),
             max_tokens,
             stop_strings: Vec::new(),
@@ -1622,7 +1604,7 @@ mod tests {
             cancelled: None,
         };
         let mut prefix = m.new_cache();
-        let p = Tensor::randn(0f32, 1.0, (1, 2, 8), &Device::Cpu).unwrap();
+        let p = seeded_randn(4006, 1.0, (1, 2, 8), DType::F32);
         m.prefill(&p, &mut prefix).unwrap();
         let requests = [request(6, 8), request(3, 4), request(12, 6), request(2, 3)];
         let alone: Vec<Vec<u32>> = requests
@@ -1687,7 +1669,7 @@ mod tests {
         assert!(!stacked_store.contains("model.layers.1.self_attn.k_proj.weight"));
         assert!(stacked_store.contains("model.layers.1.mlp.gate_up_proj.weight"));
         let stacked = Llama::load(&stacked_store, &cfg, DType::F32, &Device::Cpu).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (1, 5, 8), &Device::Cpu).unwrap();
+        let x = seeded_randn(4007, 1.0, (1, 5, 8), DType::F32);
         assert_eq!(logits(&separate, &x), logits(&stacked, &x));
 
         let mut tensors = store.tensors_for_test();
@@ -1711,8 +1693,7 @@ mod tests {
     fn trace_names_the_layer_of_a_non_finite_gradient() {
         let (store, cfg) = tiny_weights(2, None);
         let m = Llama::load(&store, &cfg, DType::F32, &Device::Cpu).unwrap();
-        let x =
-            Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 4, 8), &Device::Cpu).unwrap()).unwrap();
+        let x = Var::from_tensor(&seeded_randn(4008, 1.0, (1, 4, 8), DType::F32)).unwrap();
         let run = |trace: NonFiniteTrace| {
             let hidden = m.forward_hidden(&x, 0, None, trace).unwrap();
             // A finite forward (sqrt of zeros) whose gradient is +Inf from the start
@@ -1741,9 +1722,9 @@ mod tests {
             let taped = Llama::load(&store, &cfg, DType::F64, &dev).unwrap();
             let mut autograd = Llama::load(&store, &cfg, DType::F64, &dev).unwrap();
             autograd.use_stock_backward();
-            let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 5, 8), &dev).unwrap()).unwrap();
-            let probe = Tensor::randn(0f64, 1.0, (2, 5, 8), &dev).unwrap();
-            let prefix_embeds = Tensor::randn(0f64, 1.0, (1, 3, 8), &dev).unwrap();
+            let x = Var::from_tensor(&seeded_randn(4009, 1.0, (2, 5, 8), DType::F64)).unwrap();
+            let probe = seeded_randn(4010, 1.0, (2, 5, 8), DType::F64);
+            let prefix_embeds = seeded_randn(4011, 1.0, (1, 3, 8), DType::F64);
             let mut prefix = taped.new_cache();
             taped
                 .forward_hidden(
@@ -1804,7 +1785,8 @@ mod tests {
             .to_dtype(DType::F64)
             .unwrap();
         for (seed, (_, v)) in (100..).zip(adapter.params()) {
-            v.set(&seeded_normal(seed, 0.3, v.dims())).unwrap();
+            v.set(&seeded_randn(seed, 0.3, v.dims(), DType::F64))
+                .unwrap();
         }
         adapter.set_dropout_seed(Some(vec![9, 10]));
         let adapter = Arc::new(adapter);
@@ -1813,8 +1795,8 @@ mod tests {
         let mut autograd = Llama::load(&store, &cfg, DType::F64, &dev).unwrap();
         autograd.use_stock_backward();
         autograd.set_adapter(Some(adapter.clone()));
-        let x = Var::from_tensor(&seeded_normal(1, 1.0, &[2, 5, 8])).unwrap();
-        let probe = seeded_normal(2, 1.0, &[2, 5, 8]);
+        let x = Var::from_tensor(&seeded_randn(201, 1.0, (2, 5, 8), DType::F64)).unwrap();
+        let probe = seeded_randn(202, 1.0, (2, 5, 8), DType::F64);
         let run = |m: &Llama| -> Vec<Vec<f64>> {
             let hidden = m
                 .forward_hidden(&x, 0, None, NonFiniteTrace::default())
@@ -1873,11 +1855,11 @@ mod tests {
         };
         let adapter = LoraAdapter::new(&config, &cfg.decoder_shape(), 3, &dev).unwrap();
         for (_, v) in adapter.params() {
-            v.set(&Tensor::randn(0f32, 0.3, v.dims(), &dev).unwrap())
+            v.set(&seeded_randn(4012, 0.3, v.dims(), DType::F32))
                 .unwrap();
         }
         let mut m = Llama::load(&store, &cfg, DType::F32, &dev).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (1, 5, 8), &dev).unwrap();
+        let x = seeded_randn(4013, 1.0, (1, 5, 8), DType::F32);
         let plain = logits(&m, &x);
         m.set_adapter(Some(Arc::new(adapter)));
         let with = logits(&m, &x);
@@ -1917,7 +1899,7 @@ mod tests {
 
     #[test]
     fn causal_and_sliding_window_spans() {
-        let x = Tensor::randn(0f32, 1.0, (1, 6, 8), &Device::Cpu).unwrap();
+        let x = seeded_randn(4014, 1.0, (1, 6, 8), DType::F32);
         // Change only position 0.
         let bump = Tensor::cat(
             &[
@@ -1969,7 +1951,7 @@ mod tests {
     #[test]
     fn cache_with_window_equals_full_forward() {
         let m = tiny(Some(3));
-        let x = Tensor::randn(0f32, 1.0, (2, 7, 8), &Device::Cpu).unwrap();
+        let x = seeded_randn(4015, 1.0, (2, 7, 8), DType::F32);
         let full = m
             .forward(&x, 0, None, LogitsAt::All, NonFiniteTrace::default())
             .unwrap();

@@ -324,6 +324,104 @@ fn wav_fmt_chunks_with_extension_bytes_decode_to_the_plain_file_s_samples() {
     }
 }
 
+/// A WAV file's bytes with its fmt chunk made WAVE_FORMAT_EXTENSIBLE: the plain file's 16
+/// fields under tag 0xFFFE, then cbSize `cb`, `valid` bits, the channel `mask`, the
+/// sub-format GUID of the plain tag (of the sub-format's, for a file already extensible),
+/// and `more` bytes of extension after those.
+fn as_extensible(wav: &[u8], cb: u16, valid: u16, mask: u32, more: usize) -> Vec<u8> {
+    let tag = match u16::from_le_bytes(wav[20..22].try_into().unwrap()) {
+        // Already extensible: its sub-format's tag.
+        0xFFFE => u16::from_le_bytes(wav[44..46].try_into().unwrap()),
+        tag => tag,
+    };
+    let mut extra = cb.to_le_bytes().to_vec();
+    extra.extend(valid.to_le_bytes());
+    extra.extend(mask.to_le_bytes());
+    extra.extend(tag.to_le_bytes());
+    extra.extend([
+        0x00, 0x00, 0x00, 0x00, 0x10, 0x00, 0x80, 0x00, 0x00, 0xaa, 0x00, 0x38, 0x9b, 0x71,
+    ]);
+    extra.extend(vec![0x5A; more]);
+    let mut out = with_fmt_extra(wav, &extra, None);
+    out[20..22].copy_from_slice(&0xFFFEu16.to_le_bytes());
+    out
+}
+
+/// WAVE_FORMAT_EXTENSIBLE files that symphonia 0.5 refuses and ffmpeg reads decode to the
+/// plain file's samples: a cbSize above 22 (with its extra bytes), a channel mask naming
+/// positions symphonia does not know (SPEAKER_ALL, reserved bits), valid bits above the
+/// sample width, and G.711 mu-law (whose GUID symphonia does not recognise); so does each
+/// written to a pipe. Extensible files symphonia reads itself (PCM, float, A-law) give the
+/// plain file's samples too, and one that ffmpeg refuses as well (cbSize 0: no extension)
+/// is refused with a message naming the file.
+#[test]
+fn extensible_wav_decodes_to_the_plain_file_s_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    let pcm = std::fs::read(whisper_oracle("audio/a_speech_16k.wav")).unwrap();
+    let float = std::fs::read(fixture("audio/speech_f32.wav")).unwrap();
+    let s24 = std::fs::read(fixture("audio/speech_s24.wav")).unwrap();
+    // The oracle's speech in G.711 with 18-byte fmt chunks, which symphonia reads itself.
+    let reference = reference_speech();
+    let g711 = |tag: u16, encode: fn(i16) -> u8| {
+        let data: Vec<u8> = reference
+            .iter()
+            .map(|&v| encode((v * 32768.0).round().clamp(-32768.0, 32767.0) as i16))
+            .collect();
+        let mut w = b"RIFF\0\0\0\0WAVEfmt \x12\0\0\0".to_vec();
+        w.extend(tag.to_le_bytes());
+        w.extend(1u16.to_le_bytes());
+        w.extend(16_000u32.to_le_bytes());
+        w.extend(16_000u32.to_le_bytes());
+        w.extend(1u16.to_le_bytes());
+        w.extend(8u16.to_le_bytes());
+        w.extend(0u16.to_le_bytes());
+        w.extend(b"data");
+        w.extend((data.len() as u32).to_le_bytes());
+        w.extend(data);
+        let riff = w.len() as u32 - 8;
+        w[4..8].copy_from_slice(&riff.to_le_bytes());
+        w
+    };
+    let mulaw = g711(7, linear_to_mulaw);
+    let alaw = g711(6, linear_to_alaw);
+    let write = |name: &str, bytes: &[u8]| {
+        let p = dir.path().join(format!("{name}.wav"));
+        std::fs::write(&p, bytes).unwrap();
+        p
+    };
+    for (name, plain, cb, valid, mask, more) in [
+        ("pcm_cb24", &pcm, 24u16, 16u16, 4u32, 2usize),
+        ("pcm_speaker_all", &pcm, 22, 16, 0x8000_0000, 0),
+        ("pcm_reserved_mask", &pcm, 22, 16, 0x0800_0000, 0),
+        ("s24_valid_32", &s24, 22, 32, 4, 0),
+        ("float_cb23", &float, 23, 32, 4, 1),
+        ("mulaw", &mulaw, 22, 8, 4, 0),
+        ("mulaw_speaker_all", &mulaw, 22, 8, 0x8000_0000, 0),
+        // Read by symphonia as they are.
+        ("pcm", &pcm, 22, 16, 4, 0),
+        ("s24", &s24, 22, 24, 4, 0),
+        ("float", &float, 22, 32, 0, 0),
+        ("alaw", &alaw, 22, 8, 4, 0),
+    ] {
+        let want = load(&write(&format!("{name}_plain"), plain));
+        let extensible = as_extensible(plain, cb, valid, mask, more);
+        assert_eq!(load(&write(name, &extensible)), want, "{name}");
+        for placeholder in [0u32, u32::MAX] {
+            let mut piped = extensible.clone();
+            piped[4..8].copy_from_slice(&placeholder.to_le_bytes());
+            let data = piped.windows(4).position(|w| w == b"data").unwrap();
+            piped[data + 4..data + 8].copy_from_slice(&placeholder.to_le_bytes());
+            let p = write(&format!("{name}_piped_{placeholder:x}"), &piped);
+            assert_eq!(load(&p), want, "{name} piped {placeholder:#x}");
+        }
+    }
+    let no_extension = write("cb0", &as_extensible(&pcm, 0, 16, 4, 0));
+    let err = audio::load_16k_mono(&no_extension, Segment::whole())
+        .expect_err("an extensible fmt chunk without its extension")
+        .to_string();
+    assert!(err.contains("cb0.wav"), "names the file: {err}");
+}
+
 /// AIFF's sound chunk counts its 8 bytes of offset and block size in its size: the oracle's
 /// speech in an AIFF (as Apple's tools write it: a filler chunk first, so the sound starts at
 /// byte 4096; with and without a chunk after the sound) decodes to the reference, no sample

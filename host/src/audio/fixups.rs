@@ -28,6 +28,11 @@
 //!   chunk"); ffmpeg and libsndfile skip the extension. The stream is read with the fields
 //!   followed by cbSize 0 in place of the extra bytes (fmt size 18, the RIFF size changed by
 //!   as much).
+//! - WAVE_FORMAT_EXTENSIBLE whose sub-format GUID names PCM, IEEE float, A-law or mu-law and
+//!   which symphonia 0.5 refuses while ffmpeg reads it (cbSize above 22, a channel mask with
+//!   positions symphonia cannot map, valid bits above the sample width, the mu-law GUID,
+//!   which symphonia expects as 0x0004): the stream is read as the plain format, its tag in
+//!   place of 0xFFFE and its 16 fields followed by cbSize 0, like the chunks above.
 //! - AIFF. The SSND chunk's size counts its 8-byte offset and block-size fields before the
 //!   samples; symphonia 0.5 counts them as samples, so it promises 8 bytes of frames too many
 //!   and reads 8 bytes past the chunk: a "truncated" file when SSND ends the file (Python's
@@ -219,6 +224,8 @@ fn wav_header<S: Read + Seek + ?Sized>(
     // Patches at offsets in the file; moved past the splice at the end.
     let (mut patches, mut splice) = (Vec::new(), None);
     let (mut streamed, mut list_pad) = (false, false);
+    // An extensible fmt chunk read as its plain format: (that format's tag, why).
+    let mut plain: Option<(u16, &str)> = None;
     // Where the RIFF size as written ends the file, and whether a chunk that starts before
     // that end runs past it.
     let riff_end = 8 + u64::from(riff_size);
@@ -234,30 +241,40 @@ fn wav_header<S: Read + Seek + ?Sized>(
                 chunk_past_riff_end = true;
             }
             chunk_past_file_end |= end > file_len;
-            if &c.id == b"fmt " && c.size >= 14 {
+            // Only the first fmt chunk is corrected (a splice is one edit of the stream).
+            if &c.id == b"fmt " && c.size >= 14 && splice.is_none() {
+                // The 16 fields, cbSize and the 22 bytes of the extensible format's fields,
+                // as far as the chunk (and the file) holds them.
+                let mut f = [0u8; 40];
+                let held = (c.size.min(40) as u64).min(file_len.saturating_sub(c.body)) as usize;
                 source.seek(SeekFrom::Start(c.body))?;
-                let mut f = [0u8; 14];
-                source.read_exact(&mut f)?;
+                source.read_exact(&mut f[..held])?;
                 block_align = u64::from(u16::from_le_bytes([f[12], f[13]])).max(1);
                 let tag = u16::from_le_bytes([f[0], f[1]]);
-                let cb_size = if c.size >= 18 {
-                    source.seek(SeekFrom::Start(c.body + 16))?;
-                    let mut b = [0u8; 2];
-                    source.read_exact(&mut b)?;
-                    Some(u16::from_le_bytes(b))
-                } else {
-                    None
-                };
-                if symphonia_refuses_fmt_size(tag, c.size, cb_size) {
+                let cb_size = (held >= 18).then(|| u16::from_le_bytes([f[16], f[17]]));
+                if tag == WAVE_FORMAT_EXTENSIBLE && held == 40 {
+                    plain = extensible_read_as_plain(&f, c.size);
+                }
+                if plain.is_some() || symphonia_refuses_fmt_size(tag, c.size, cb_size) {
                     // These formats use no extension: an fmt chunk is their 16 fields,
                     // then (G.711 always, PCM and IEEE float optionally) cbSize 0. Writers
                     // that treat G.711 as PCM leave cbSize out, others leave extension
                     // bytes these formats do not read, and symphonia 0.5 refuses both
                     // where ffmpeg and libsndfile read them. The stream as read has the 16
                     // fields and cbSize 0 in place of what follows them (and its pad).
-                    // A chunk that runs past the file's end is for symphonia to report.
+                    // An extensible chunk symphonia refuses is read so too, with its tag
+                    // the plain format's. A chunk that runs past the file's end is for
+                    // symphonia to report.
                     let fields_end = c.body + c.size as u64;
-                    if fields_end <= file_len {
+                    if fields_end > file_len {
+                        plain = None;
+                    } else {
+                        if let Some((plain_tag, _)) = plain {
+                            patches.push(Patch {
+                                offset: c.body,
+                                bytes: plain_tag.to_le_bytes().to_vec(),
+                            });
+                        }
                         let end = (fields_end + (c.size as u64 & 1)).min(file_len);
                         splice = Some(Splice {
                             at: c.body + 16,
@@ -360,13 +377,20 @@ fn wav_header<S: Read + Seek + ?Sized>(
             "LIST chunk one byte short of its last subchunk's pad: size + 1",
         ),
         (
-            splice.is_some(),
+            splice.is_some() && plain.is_none(),
             "fmt chunk of a size symphonia refuses: read as its 16 fields and cbSize 0",
         ),
     ]
     .into_iter()
     .filter_map(|(found, what)| found.then_some(what))
     .collect();
+    let extensible = plain.map(|(tag, why)| {
+        format!(
+            "extensible fmt chunk symphonia refuses ({why}): read as plain {}, the sub-format it names",
+            format_name(tag)
+        )
+    });
+    let what: Vec<&str> = what.into_iter().chain(extensible.as_deref()).collect();
     if what.is_empty() {
         return Ok(Header {
             fix: None,
@@ -384,11 +408,95 @@ fn wav_header<S: Read + Seek + ?Sized>(
     })
 }
 
-/// WAV format tags of G.711 A-law and mu-law.
+/// WAV format tags: integer PCM, IEEE float, G.711 A-law and mu-law, and the extensible
+/// format (whose sub-format GUID names one of the others).
 const WAVE_FORMAT_PCM: u16 = 1;
 const WAVE_FORMAT_IEEE_FLOAT: u16 = 3;
 const WAVE_FORMAT_ALAW: u16 = 6;
 const WAVE_FORMAT_MULAW: u16 = 7;
+const WAVE_FORMAT_EXTENSIBLE: u16 = 0xFFFE;
+
+/// The last 14 bytes of the sub-format GUIDs (KSDATAFORMAT_SUBTYPE_*, ksmedia.h) that name a
+/// plain format tag: the tag is in the first two bytes, then two zero bytes.
+const SUBTYPE_GUID_TAIL: [u8; 12] = [
+    0x00, 0x00, 0x10, 0x00, 0x80, 0x00, 0x00, 0xaa, 0x00, 0x38, 0x9b, 0x71,
+];
+
+/// The channel positions symphonia 0.5 knows (FRONT_LEFT .. LFE2).
+const SYMPHONIA_CHANNELS: u32 = 0x03FF_FFFF;
+
+fn format_name(tag: u16) -> &'static str {
+    match tag {
+        WAVE_FORMAT_PCM => "PCM",
+        WAVE_FORMAT_IEEE_FLOAT => "IEEE float",
+        WAVE_FORMAT_ALAW => "A-law",
+        WAVE_FORMAT_MULAW => "mu-law",
+        _ => "format",
+    }
+}
+
+/// For a WAVE_FORMAT_EXTENSIBLE fmt chunk (`f`: its first 40 bytes; `size`: its size as
+/// written) that symphonia 0.5 refuses while ffmpeg reads it, the plain format its
+/// sub-format GUID names (PCM, IEEE float, A-law, mu-law) and why symphonia refuses it.
+/// ffmpeg reads the extension when cbSize is 22 or more, takes the codec from the GUID and
+/// the sample width from the container's bits per sample; it does not decode by the valid
+/// bits or the channel mask. symphonia refuses a cbSize other than 22, a channel mask it
+/// cannot map (speaker bits past LFE2, as SPEAKER_ALL's 0x80000000), valid bits above the
+/// container's (or, for float, other than them), and the mu-law GUID (it expects 0x0004, a
+/// different format's). Read as the plain format, such a file decodes to the same samples:
+/// the channels are counted, not placed, and are mixed to mono anyway. A cbSize under 22
+/// (no extension, for ffmpeg too), other sub-formats and chunks symphonia reads are left as
+/// they are.
+fn extensible_read_as_plain(f: &[u8; 40], size: i64) -> Option<(u16, &'static str)> {
+    let le16 = |at: usize| u16::from_le_bytes([f[at], f[at + 1]]);
+    let (channels, container_bits, cb_size, valid_bits) = (le16(2), le16(14), le16(16), le16(18));
+    let mask = u32::from_le_bytes(f[20..24].try_into().expect("4 bytes"));
+    let guid = &f[24..40];
+    let sub_format = le16(24);
+    if size < 40 || cb_size < 22 || guid[2..4] != [0, 0] || guid[4..] != SUBTYPE_GUID_TAIL {
+        return None;
+    }
+    let why = if sub_format == WAVE_FORMAT_MULAW {
+        "the mu-law sub-format"
+    } else if cb_size != 22 {
+        "cbSize other than 22"
+    } else if symphonia_channel_mask(mask, channels).is_none_or(|m| m & !SYMPHONIA_CHANNELS != 0) {
+        "a channel mask with positions it does not know"
+    } else if valid_bits > container_bits
+        || (sub_format == WAVE_FORMAT_IEEE_FLOAT && valid_bits != container_bits)
+    {
+        "valid bits other than the sample width allows"
+    } else {
+        return None;
+    };
+    matches!(
+        sub_format,
+        WAVE_FORMAT_PCM | WAVE_FORMAT_IEEE_FLOAT | WAVE_FORMAT_ALAW | WAVE_FORMAT_MULAW
+    )
+    .then_some((sub_format, why))
+}
+
+/// The channel mask symphonia 0.5 makes of `mask` for `channels` channels
+/// (`fix_channel_mask`: positions added above the highest one when too few, the highest
+/// removed when too many); `None` where its arithmetic would overflow.
+fn symphonia_channel_mask(mut mask: u32, channels: u16) -> Option<u32> {
+    let diff = i32::from(channels) - mask.count_ones() as i32;
+    if diff > 0 {
+        let shift = 32 - mask.leading_zeros();
+        let added = 1u32.checked_shl(diff as u32)?.wrapping_sub(1);
+        if shift >= 32 {
+            return None;
+        }
+        mask |= added.checked_shl(shift)?;
+        // Bits shifted out of the u32 are lost positions.
+        (mask.count_ones() == u32::from(channels)).then_some(mask)
+    } else {
+        while mask.count_ones() > u32::from(channels) {
+            mask &= !(1 << (31 - mask.leading_zeros()));
+        }
+        Some(mask)
+    }
+}
 
 /// Whether symphonia 0.5 refuses an fmt chunk of `size` bytes (`cb_size`: its cbSize field,
 /// when it has one) for a format that uses no extension, which ffmpeg and libsndfile read:
@@ -1017,6 +1125,128 @@ mod tests {
         let mut past = riff(&[(b"fmt ", 20, &[fields(1), vec![0; 4]].concat())]);
         past[16..20].copy_from_slice(&400u32.to_le_bytes());
         assert_eq!(corrected(&past), None);
+    }
+
+    /// An extensible fmt chunk: `channels` channels of `bits`-bit samples in the container,
+    /// `valid` of them valid, the channel `mask`, the sub-format GUID naming `sub_format`,
+    /// `cb` as cbSize and `size` bytes in all.
+    fn extensible_fmt(
+        channels: u16,
+        bits: u16,
+        cb: u16,
+        valid: u16,
+        mask: u32,
+        sub_format: u16,
+        size: usize,
+    ) -> Vec<u8> {
+        let mut f = WAVE_FORMAT_EXTENSIBLE.to_le_bytes().to_vec();
+        f.extend(channels.to_le_bytes());
+        f.extend(16_000u32.to_le_bytes());
+        f.extend((16_000 * u32::from(channels * bits / 8)).to_le_bytes());
+        f.extend((channels * bits / 8).to_le_bytes());
+        f.extend(bits.to_le_bytes());
+        f.extend(cb.to_le_bytes());
+        f.extend(valid.to_le_bytes());
+        f.extend(mask.to_le_bytes());
+        f.extend(sub_format.to_le_bytes());
+        f.extend([0, 0]);
+        f.extend(SUBTYPE_GUID_TAIL);
+        f.resize(size, 0x55);
+        f
+    }
+
+    /// Extensible fmt chunks symphonia 0.5 refuses and ffmpeg reads (cbSize above 22, a
+    /// channel mask with unknown positions or too few for the channels, valid bits above the
+    /// width, float valid bits other than the width, the mu-law GUID) are read as the plain
+    /// format the GUID names: its tag, the 16 fields as written and cbSize 0. The ones
+    /// symphonia reads, and the ones ffmpeg refuses too (cbSize under 22, an unknown
+    /// sub-format), are left alone.
+    #[test]
+    fn extensible_fmt_chunks_symphonia_refuses_are_read_as_their_plain_format() {
+        let samples = [0x11u8, 0x22, 0x33, 0x44];
+        for (what, fmt, plain_tag) in [
+            ("cbSize 24", extensible_fmt(2, 16, 24, 16, 3, 1, 42), 1u16),
+            (
+                "SPEAKER_ALL",
+                extensible_fmt(2, 16, 22, 16, 0x8000_0000, 1, 40),
+                1,
+            ),
+            (
+                "reserved bits",
+                extensible_fmt(1, 16, 22, 16, 0x0400_0000, 1, 40),
+                1,
+            ),
+            // Two positions added above bit 25: past LFE2.
+            (
+                "mask too short",
+                extensible_fmt(3, 16, 22, 16, 0x0200_0000, 1, 40),
+                1,
+            ),
+            (
+                "valid bits 20 of 16",
+                extensible_fmt(1, 16, 22, 20, 4, 1, 40),
+                1,
+            ),
+            (
+                "float valid 24 of 32",
+                extensible_fmt(1, 32, 22, 24, 4, 3, 40),
+                3,
+            ),
+            ("mu-law", extensible_fmt(1, 8, 22, 8, 4, 7, 40), 7),
+            (
+                "A-law, odd cbSize",
+                extensible_fmt(1, 8, 23, 8, 4, 6, 41),
+                6,
+            ),
+        ] {
+            let mut body = fmt.clone();
+            if body.len() % 2 == 1 {
+                body.push(0);
+            }
+            let file = riff(&[(b"fmt ", fmt.len() as u32, &body), (b"data", 4, &samples)]);
+            let got = corrected(&file).unwrap_or_else(|| panic!("{what}: not corrected"));
+            let plain_fields = [&plain_tag.to_le_bytes()[..], &fmt[2..16], &[0, 0]].concat();
+            let mut want = riff(&[(b"fmt ", 18, &plain_fields), (b"data", 4, &samples)]);
+            let written = u32::from_le_bytes(file[4..8].try_into().unwrap());
+            let moved = written as i64 + want.len() as i64 - file.len() as i64;
+            want[4..8].copy_from_slice(&(moved as u32).to_le_bytes());
+            assert_eq!(got, want, "{what}");
+        }
+        for (what, fmt) in [
+            ("stereo PCM", extensible_fmt(2, 16, 22, 16, 3, 1, 40)),
+            ("mask 0", extensible_fmt(2, 24, 22, 20, 0, 1, 40)),
+            (
+                "mask with too many",
+                extensible_fmt(1, 16, 22, 16, 0x3F, 1, 40),
+            ),
+            ("A-law", extensible_fmt(1, 8, 22, 8, 4, 6, 40)),
+            ("float", extensible_fmt(1, 32, 22, 32, 4, 3, 40)),
+            ("a longer chunk", extensible_fmt(1, 16, 22, 16, 4, 1, 44)),
+            ("cbSize 0", extensible_fmt(2, 16, 0, 16, 0x8000_0000, 1, 40)),
+            (
+                "ADPCM sub-format",
+                extensible_fmt(1, 4, 24, 4, 0x8000_0000, 2, 42),
+            ),
+            ("short", extensible_fmt(1, 16, 22, 16, 0x8000_0000, 1, 38)),
+        ] {
+            let file = riff(&[(b"fmt ", fmt.len() as u32, &fmt), (b"data", 4, &samples)]);
+            assert_eq!(corrected(&file), None, "{what}");
+        }
+        // The unknown-GUID check looks at the whole GUID.
+        let mut odd_guid = extensible_fmt(1, 16, 22, 16, 0x8000_0000, 1, 40);
+        odd_guid[39] ^= 1;
+        let file = riff(&[(b"fmt ", 40, &odd_guid), (b"data", 4, &samples)]);
+        assert_eq!(corrected(&file), None, "a GUID of another family");
+    }
+
+    #[test]
+    fn symphonia_s_channel_mask_arithmetic() {
+        assert_eq!(symphonia_channel_mask(0, 2), Some(3));
+        assert_eq!(symphonia_channel_mask(0b100, 3), Some(0b11100));
+        assert_eq!(symphonia_channel_mask(0b1011, 2), Some(0b11));
+        assert_eq!(symphonia_channel_mask(0x8000_0000, 2), None);
+        assert_eq!(symphonia_channel_mask(0x4000_0000, 3), None);
+        assert_eq!(symphonia_channel_mask(0, 32), None);
     }
 
     #[test]

@@ -6,7 +6,9 @@
 #     tokens) vs llama.cpp (llama-cpp-python), decoding from the GGUF blocks and (A/B) from
 #     the dequantized f32 matrices;
 #   - a training-style forward+backward (B=4, 25+64+5+20 positions, loss on 20 targets) with
-#     the frozen-weight gradient fix and with candle's stock matmul: time and peak RSS.
+#     the frozen-weight gradient fix and with candle's stock matmul: time and peak RSS; and
+#     the same step built from the code before issue #31 (EARSHOT_BENCH_BASELINE, a commit
+#     or none), alternating with this build's.
 # References live in a throwaway venv (target/bench-venv); llama-cpp-python builds from
 # source there on first use (~5-10 minutes on 2 cores).
 set -euo pipefail
@@ -45,6 +47,25 @@ simd_sets=$(for f in avx2 fma f16c avx512f avx512bw avx512dq avx512vl avx512_vnn
   if has "$f"; then printf '%s ' "$f"; fi; done)
 echo "CPU: $cpu, $(nproc) cores; advertises: $simd_sets"
 echo "llama.cpp (llama-cpp-python $llama_version) built with: $ggml"
+# The training step of the code before issue #31 (its last commit before gemm's AVX-512
+# kernels), built once into target/bench-baseline and run beside this build's, so that "no
+# slower than before" is measured in the same run. EARSHOT_BENCH_BASELINE=<commit> picks
+# another build, =none skips it. Built first: the build shares target/ and its examples/
+# copy, which the current build below then replaces.
+baseline_commit=${EARSHOT_BENCH_BASELINE:-6a78fdc}
+baseline_bench=""
+if [ "$baseline_commit" != none ]; then
+  baseline_bench=target/bench-baseline/bench_models-$baseline_commit
+  if [ ! -x "$baseline_bench" ]; then
+    mkdir -p target/bench-baseline
+    src=target/bench-baseline/src
+    git worktree remove --force "$src" 2>/dev/null || rm -rf "$src"
+    git worktree add --detach --quiet "$src" "$baseline_commit"
+    (cd "$src" && CARGO_TARGET_DIR="$root/target" cargo build --release --quiet -p earshot --example bench_models)
+    cp target/release/examples/bench_models "$baseline_bench"
+    git worktree remove --force "$src"
+  fi
+fi
 cargo build --release --quiet -p earshot --example bench_models
 bench=target/release/examples/bench_models
 mel=../shared/oracle/whisper-tiny-en/expected/a_speech_mel_pad30s.npy
@@ -99,6 +120,18 @@ echo "$ours_llm"; echo "$ours_llm_avx2"; echo "$ours_f32"; echo "$ref_llm"
 fixed=$("$bench" train-step "$gguf" full 3)
 stock=$("$bench" train-step "$gguf" stock 3)
 echo "$fixed"; echo "$stock"
+# This build and the baseline's, alternating twice (the machine drifts between minutes).
+steps_ab='{"pairs": []}'
+if [ -n "$baseline_bench" ]; then
+  pairs=()
+  for _ in 1 2; do
+    ours_step=$("$bench" train-step "$gguf" full 3)
+    base_step=$("$baseline_bench" train-step "$gguf" full 3)
+    echo "$ours_step"; echo "baseline $baseline_commit: $base_step"
+    pairs+=("[$ours_step, $base_step]")
+  done
+  steps_ab="{\"commit\": \"$baseline_commit\", \"pairs\": [$(IFS=,; echo "${pairs[*]}")]}"
+fi
 peak=$("$bench" peak)
 echo "$peak"
 # The encoder's attention alone (one layer's two products per head and the softmax between).
@@ -141,11 +174,11 @@ PY
 )
 echo "$bandwidth"
 
-python3 - "$ours_enc" "$ref_enc" "$ours_llm" "$ref_llm" "$fixed" "$stock" "$peak" "$bandwidth" "$ours_f32" "$models/whisper-tiny.en/config.json" "$ours_enc_avx2" "$ours_llm_avx2" "$fma_peak" "$blas" "$attention" <<'PY'
+python3 - "$ours_enc" "$ref_enc" "$ours_llm" "$ref_llm" "$fixed" "$stock" "$peak" "$bandwidth" "$ours_f32" "$models/whisper-tiny.en/config.json" "$ours_enc_avx2" "$ours_llm_avx2" "$fma_peak" "$blas" "$attention" "$steps_ab" <<'PY'
 import sys, json
 oe, re_, ol, rl, fx, st, pk, bw, of = (json.loads(a) for a in sys.argv[1:10])
 c = json.load(open(sys.argv[10]))
-oe2, ol2, fp, bl, at = (json.loads(a) for a in sys.argv[11:16])
+oe2, ol2, fp, bl, at, ab = (json.loads(a) for a in sys.argv[11:17])
 print(f"earshot's own kernels: {oe['kernels']} (A/B: EARSHOT_SIMD=avx2); llama.cpp's: {rl['isa']}")
 # Multiply-adds of one 30 s window through the encoder: two convolutions, then per layer
 # q/k/v/o and the MLP on 1500 frames, and the attention products (scores and values).
@@ -166,4 +199,8 @@ print(f"  from the dequantized f32 matrices: {of['decode_tokens_per_s']:.1f} tok
 ceiling = bw["gb_per_s"] * 1e9 / (134.5e6 * 4)
 print(f"  read bandwidth {bw['gb_per_s']:.1f} GB/s (2 threads): decode from f32 matrices <= {ceiling:.0f} tok/s, ratio <= {ceiling/rl['decode_tokens_per_s']:.2f}")
 print(f"train step B=4: frozen-weight fix {fx['median_s']:.2f} s / {fx['peak_rss_mb']:.0f} MB; stock matmul {st['median_s']:.2f} s / {st['peak_rss_mb']:.0f} MB; time x{st['median_s']/fx['median_s']:.2f}, memory x{st['peak_rss_mb']/fx['peak_rss_mb']:.2f}")
+if ab["pairs"]:
+    ours = [p[0]["median_s"] for p in ab["pairs"]]
+    base = [p[1]["median_s"] for p in ab["pairs"]]
+    print(f"  against the build of {ab['commit']} (before issue #31), alternating: this build " + ", ".join(f"{t:.2f}" for t in ours) + " s, that build " + ", ".join(f"{t:.2f}" for t in base) + f" s; time x{sum(ours)/sum(base):.2f} of the baseline's (<= 1: no slower)")
 PY

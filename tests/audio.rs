@@ -413,10 +413,11 @@ fn as_extensible(wav: &[u8], cb: u16, valid: u16, mask: u32, more: usize) -> Vec
     out
 }
 
-/// WAVE_FORMAT_EXTENSIBLE files that symphonia 0.5 refuses and ffmpeg reads decode to the
-/// plain file's samples: a cbSize above 22 (with its extra bytes), a channel mask naming
-/// positions symphonia does not know (SPEAKER_ALL, reserved bits), valid bits above the
-/// sample width, and G.711 mu-law (whose GUID symphonia does not recognise); so does each
+/// WAVE_FORMAT_EXTENSIBLE files that symphonia 0.5 refuses decode to the plain file's
+/// samples: a cbSize above 22 (with its extra bytes), a channel mask naming positions
+/// symphonia does not know (SPEAKER_ALL, reserved bits), and G.711 mu-law (whose GUID
+/// symphonia does not recognise), which ffmpeg reads too, and valid bits above the sample
+/// width (ffmpeg decodes by the valid bits there, and misreads the frames); so does each
 /// written to a pipe. Extensible files symphonia reads itself (PCM, float, A-law) give the
 /// plain file's samples too, and one that ffmpeg refuses as well (cbSize 0: no extension)
 /// is refused with a message naming the file.
@@ -489,10 +490,11 @@ fn extensible_wav_decodes_to_the_plain_file_s_samples() {
 }
 
 /// A WAV whose block alignment is 0, or whose bits per sample are no width symphonia
-/// decodes (0, 12 bits in 16-bit samples, 255), while the other field says the width,
-/// decodes to the plain file's samples, as ffmpeg reads it (symphonia alone refused every
-/// one, "block size is 0" or "bits per sample ... must be 8, 16, 24 or 32"); so does each
-/// written to a pipe. Fields that contradict each other are still refused, naming the file.
+/// decodes (12 bits in 16-bit samples; 255 in an extensible chunk, whose GUID names the
+/// codec), while the other field says the width, decodes to the plain file's samples, as
+/// ffmpeg reads it (symphonia alone refused every one, "block size is 0" or "bits per
+/// sample ... must be 8, 16, 24 or 32"); so does each written to a pipe. Fields that
+/// contradict each other, and a plain chunk's bits that name no decoder, are refused.
 #[test]
 fn wav_with_a_zero_block_alignment_or_unusable_bits_decodes_to_the_plain_file_s_samples() {
     let dir = tempfile::tempdir().unwrap();
@@ -512,7 +514,6 @@ fn wav_with_a_zero_block_alignment_or_unusable_bits_decodes_to_the_plain_file_s_
         ("s16_as_12_bits_align0", &pcm, Some(0), Some(12)),
         ("u8_align0", &u8, Some(0), None),
         ("f32_align0", &float, Some(0), None),
-        ("f32_bits0", &float, None, Some(0)),
         ("s32_extensible_bits255", &s32, None, Some(255)),
         ("s32_extensible_align0", &s32, Some(0), None),
     ] {
@@ -535,14 +536,25 @@ fn wav_with_a_zero_block_alignment_or_unusable_bits_decodes_to_the_plain_file_s_
             assert_eq!(load(&p), want, "{name} piped {placeholder:#x}");
         }
     }
-    let mut contradiction = pcm.clone();
-    contradiction[32..34].copy_from_slice(&3u16.to_le_bytes());
-    contradiction[34..36].copy_from_slice(&12u16.to_le_bytes());
-    let p = write("contradiction", &contradiction);
-    let err = audio::load_16k_mono(&p, Segment::whole())
-        .expect_err("12 bits in 3-byte frames")
-        .to_string();
-    assert!(err.contains("contradiction.wav"), "names the file: {err}");
+    // Fields that contradict each other, and a plain chunk's bits that name no decoder (0,
+    // 255: ffmpeg finds none either), are refused, naming the file.
+    for (name, plain, align, bits) in [
+        ("contradiction", &pcm, 3u16, 12u16),
+        ("u8_bits0", &u8, 1, 0),
+        ("f32_bits255", &float, 4, 255),
+    ] {
+        let mut file = plain.clone();
+        file[32..34].copy_from_slice(&align.to_le_bytes());
+        file[34..36].copy_from_slice(&bits.to_le_bytes());
+        let p = write(name, &file);
+        let err = audio::load_16k_mono(&p, Segment::whole())
+            .expect_err(name)
+            .to_string();
+        assert!(
+            err.contains(&format!("{name}.wav")),
+            "names the file: {err}"
+        );
+    }
 }
 
 /// AIFF's sound chunk counts its 8 bytes of offset and block size in its size: the oracle's

@@ -30,14 +30,16 @@
 //!   as much).
 //! - WAVE_FORMAT_EXTENSIBLE whose sub-format GUID names PCM, IEEE float, A-law or mu-law and
 //!   which symphonia 0.5 refuses while ffmpeg reads it (cbSize above 22, a channel mask with
-//!   positions symphonia cannot map, valid bits above the sample width, the mu-law GUID,
-//!   which symphonia expects as 0x0004): the stream is read as the plain format, its tag in
-//!   place of 0xFFFE and its 16 fields followed by cbSize 0, like the chunks above.
+//!   positions symphonia cannot map, the mu-law GUID, which symphonia expects as 0x0004), or
+//!   whose valid bits exceed the sample width (ffmpeg decodes by the valid bits there and
+//!   misreads the frames; the container width is the one the frames have): the stream is
+//!   read as the plain format, its tag in place of 0xFFFE and its 16 fields followed by
+//!   cbSize 0, like the chunks above.
 //! - WAV in PCM, IEEE float or G.711 (plain or extensible) whose block alignment is 0, or
-//!   whose bits per sample are no width symphonia decodes (0, 12 bits in 16-bit samples,
-//!   255) while the other field gives the width: symphonia 0.5 fails ("block size is 0") or
-//!   refuses the width; ffmpeg decodes by the field that is usable. The field is read as
-//!   the other one gives it.
+//!   whose bits per sample are no width symphonia decodes (12 bits in 16-bit samples; 0 or
+//!   255 in an extensible chunk, whose GUID names the codec) while the other field gives
+//!   the width: symphonia 0.5 fails ("block size is 0") or refuses the width; ffmpeg
+//!   decodes by the field that is usable. The field is read as the other one gives it.
 //! - WAV whose LIST chunk of INFO tags holds a tag that runs past the LIST's end: symphonia
 //!   0.5 refuses the whole file; ffmpeg warns and stops reading the tags. The LIST's id is
 //!   read as JUNK, which symphonia skips whole: the tags are lost, the audio is not.
@@ -263,19 +265,19 @@ fn wav_header<S: Read + Seek + ?Sized>(
                 let tag = u16::from_le_bytes([f[0], f[1]]);
                 if held >= 16 {
                     let le16 = |at: usize| u16::from_le_bytes([f[at], f[at + 1]]);
-                    let format = match tag {
+                    let (format, extensible) = match tag {
                         WAVE_FORMAT_EXTENSIBLE
                             if held == 40
                                 && f[26..28] == [0, 0]
                                 && f[28..40] == SUBTYPE_GUID_TAIL =>
                         {
-                            le16(24)
+                            (le16(24), true)
                         }
-                        tag => tag,
+                        tag => (tag, false),
                     };
                     let (align, bits) = (le16(12), le16(14));
                     if let Some((new_align, new_bits)) =
-                        frame_fields_as_ffmpeg_reads_them(format, le16(2), align, bits)
+                        frame_fields_as_ffmpeg_reads_them(format, extensible, le16(2), align, bits)
                     {
                         for (at, old, new) in [(12, align, new_align), (14, bits, new_bits)] {
                             if old != new {
@@ -497,9 +499,11 @@ fn format_name(tag: u16) -> &'static str {
 /// For a WAVE_FORMAT_EXTENSIBLE fmt chunk (`f`: its first 40 bytes; `size`: its size as
 /// written) that symphonia 0.5 refuses while ffmpeg reads it, the plain format its
 /// sub-format GUID names (PCM, IEEE float, A-law, mu-law) and why symphonia refuses it.
-/// ffmpeg reads the extension when cbSize is 22 or more, takes the codec from the GUID and
-/// the sample width from the container's bits per sample; it does not decode by the valid
-/// bits or the channel mask. symphonia refuses a cbSize other than 22, a channel mask it
+/// ffmpeg reads the extension when cbSize is 22 or more and takes the codec from the GUID;
+/// it does not decode by the channel mask, and takes the sample width from the valid bits
+/// when they are set (checked with PyAV: an s24 file marked 32 valid bits decodes as s32,
+/// 34,902 samples of noise for 46,536): there earshot decodes by the container width, which
+/// the frames have. symphonia refuses a cbSize other than 22, a channel mask it
 /// cannot map (speaker bits past LFE2, as SPEAKER_ALL's 0x80000000), valid bits above the
 /// container's (or, for float, other than them), and the mu-law GUID (it expects 0x0004, a
 /// different format's). Read as the plain format, such a file decodes to the same samples:
@@ -539,12 +543,15 @@ fn extensible_read_as_plain(f: &[u8; 40], size: i64) -> Option<(u16, &'static st
 /// fmt chunk by (`format`: the tag, or an extensible chunk's sub-format), where symphonia
 /// 0.5 cannot read the ones written: a block alignment of 0 ("block size is 0" at the first
 /// packet) is the channels times the sample width; bits per sample that are no sample
-/// width symphonia decodes (0, 12 or 20 in a whole number of bytes, past 64) are the width
-/// the block alignment gives, as the bytes hold it (a 12-bit sample sits in 16 bits, its
-/// low bits zero). `None` when the fields are fine or say too little to correct (both
-/// unknown, or a width the block alignment contradicts).
+/// width symphonia decodes are the whole bytes they take (12 bits sit in 16, the low bits
+/// zero), as ffmpeg picks the PCM decoder by rounding them up. Bits of 0 or past 64 name no
+/// decoder for a plain chunk, and ffmpeg refuses it too; an extensible chunk names its
+/// codec by its GUID, and the width is then the block alignment's. `None` when the fields
+/// are fine or say too little to correct (both unknown, or a width the block alignment
+/// contradicts).
 fn frame_fields_as_ffmpeg_reads_them(
     format: u16,
+    extensible: bool,
     channels: u16,
     block_align: u16,
     bits: u16,
@@ -568,6 +575,9 @@ fn frame_fields_as_ffmpeg_reads_them(
     let bits_read = if g711 || (bits.is_multiple_of(8) && widths.contains(&(bits / 8))) {
         bits
     } else if bits == 0 || bits > 64 {
+        if !extensible {
+            return None;
+        }
         width_of_align? * 8
     } else {
         let width = bits.div_ceil(8);
@@ -1400,34 +1410,42 @@ mod tests {
     fn frame_fields_are_read_from_each_other_where_one_is_unusable() {
         let read = frame_fields_as_ffmpeg_reads_them;
         let (pcm, float, mulaw, adpcm) = (1, 3, 7, 0x11);
-        // (format, channels, block align, bits) -> what is read
+        // (format, extensible, channels, block align, bits) -> what is read
         for (fields, want) in [
-            ((pcm, 1, 2, 16), None),
-            ((pcm, 2, 0, 16), Some((4, 16))),
-            ((pcm, 1, 0, 8), Some((1, 8))),
-            ((pcm, 2, 8, 0), Some((8, 32))),
-            ((pcm, 1, 2, 12), Some((2, 16))),
-            ((pcm, 2, 6, 20), Some((6, 24))),
-            ((pcm, 1, 0, 12), Some((2, 16))),
-            ((pcm, 1, 4, 255), Some((4, 32))),
-            ((float, 1, 0, 32), Some((4, 32))),
-            ((float, 2, 16, 0), Some((16, 64))),
-            ((mulaw, 1, 0, 8), Some((1, 8))),
-            ((mulaw, 1, 0, 0), Some((1, 0))),
-            // Contradictions and unknowns: for the decoder to report.
-            ((pcm, 1, 3, 12), None),
-            ((pcm, 1, 0, 0), None),
-            ((pcm, 1, 5, 0), None),
-            ((pcm, 2, 3, 0), None),
-            ((pcm, 0, 0, 16), None),
-            ((pcm, 1, 0, 40), None),
-            ((float, 1, 2, 16), None),
-            ((adpcm, 1, 0, 4), None),
+            ((pcm, false, 1, 2, 16), None),
+            ((pcm, false, 2, 0, 16), Some((4, 16))),
+            ((pcm, false, 1, 0, 8), Some((1, 8))),
+            ((pcm, false, 1, 2, 12), Some((2, 16))),
+            ((pcm, false, 2, 6, 20), Some((6, 24))),
+            ((pcm, false, 1, 0, 12), Some((2, 16))),
+            ((pcm, true, 2, 8, 0), Some((8, 32))),
+            ((pcm, true, 1, 4, 255), Some((4, 32))),
+            ((float, false, 1, 0, 32), Some((4, 32))),
+            ((float, true, 2, 16, 0), Some((16, 64))),
+            ((mulaw, false, 1, 0, 8), Some((1, 8))),
+            ((mulaw, false, 1, 0, 0), Some((1, 0))),
+            // Contradictions and unknowns: for the decoder to report. A plain chunk's bits
+            // of 0 or past 64 name no decoder, for ffmpeg either.
+            ((pcm, false, 2, 8, 0), None),
+            ((pcm, false, 1, 4, 255), None),
+            ((float, false, 2, 16, 0), None),
+            ((pcm, false, 1, 3, 12), None),
+            ((pcm, true, 1, 0, 0), None),
+            ((pcm, true, 1, 5, 0), None),
+            ((pcm, true, 2, 3, 0), None),
+            ((pcm, false, 0, 0, 16), None),
+            ((pcm, false, 1, 0, 40), None),
+            ((float, false, 1, 2, 16), None),
+            ((adpcm, false, 1, 0, 4), None),
             // A wrong but usable block alignment is left as written (ffmpeg too reads by it).
-            ((pcm, 1, 4, 16), None),
+            ((pcm, false, 1, 4, 16), None),
         ] {
-            let (format, channels, align, bits) = fields;
-            assert_eq!(read(format, channels, align, bits), want, "{fields:?}");
+            let (format, extensible, channels, align, bits) = fields;
+            assert_eq!(
+                read(format, extensible, channels, align, bits),
+                want,
+                "{fields:?}"
+            );
         }
         // In a file: the fields patched in place, for a plain and an extensible chunk.
         let samples = [0x11u8, 0x22, 0x33, 0x44];

@@ -660,7 +660,24 @@ fn list_short_of_its_pad<S: Read + Seek + ?Sized>(
         return Ok(None);
     }
     // The subchunks follow the LIST's 4-byte type (INFO, adtl).
-    let mut at = list.body + 4;
+    let last_odd = walk_subchunks(source, list.body + 4, end, |at, sub| {
+        (at + 8 + sub == end).then_some(sub & 1 == 1)
+    })?;
+    Ok(last_odd.filter(|&odd| odd).map(|_| Patch {
+        offset: list.at + 4,
+        bytes: padded.to_le_bytes().to_vec(),
+    }))
+}
+
+/// Calls `visit(at, size)` for each subchunk header of a LIST body, from `at`, while a whole
+/// header fits before `end` (where symphonia stops too), stepping over each padded body,
+/// until `visit` returns `Some`.
+fn walk_subchunks<S: Read + Seek + ?Sized, T>(
+    source: &mut S,
+    mut at: u64,
+    end: u64,
+    mut visit: impl FnMut(u64, u64) -> Option<T>,
+) -> std::io::Result<Option<T>> {
     for _ in 0..MAX_CHUNKS {
         if at + 8 > end {
             return Ok(None);
@@ -669,14 +686,10 @@ fn list_short_of_its_pad<S: Read + Seek + ?Sized>(
         let mut b = [0u8; 4];
         source.read_exact(&mut b)?;
         let sub = u64::from(u32::from_le_bytes(b));
-        let sub_end = at + 8 + sub;
-        if sub_end == end {
-            return Ok((sub & 1 == 1).then(|| Patch {
-                offset: list.at + 4,
-                bytes: padded.to_le_bytes().to_vec(),
-            }));
+        if let Some(found) = visit(at, sub) {
+            return Ok(Some(found));
         }
-        at = sub_end + (sub & 1);
+        at += 8 + sub + (sub & 1);
     }
     Ok(None)
 }
@@ -702,22 +715,10 @@ fn info_tags_overrun_their_list<S: Read + Seek + ?Sized>(
     if &form != b"INFO" {
         return Ok(false);
     }
-    let mut at = list.body + 4;
-    for _ in 0..MAX_CHUNKS {
-        // Fewer than a header's bytes left: symphonia stops there.
-        if at + 8 > end {
-            return Ok(false);
-        }
-        source.seek(SeekFrom::Start(at + 4))?;
-        let mut b = [0u8; 4];
-        source.read_exact(&mut b)?;
-        let sub = u64::from(u32::from_le_bytes(b));
-        if sub > end - (at + 8) {
-            return Ok(true);
-        }
-        at += 8 + sub + (sub & 1);
-    }
-    Ok(false)
+    let overrun = walk_subchunks(source, list.body + 4, end, |at, sub| {
+        (sub > end - (at + 8)).then_some(())
+    })?;
+    Ok(overrun.is_some())
 }
 
 /// An AIFF/AIFC SSND chunk: its size less the 8 bytes of its offset and block-size fields.

@@ -256,81 +256,10 @@ fn wav_header<S: Read + Seek + ?Sized>(
             // Only the first fmt chunk is corrected (a splice is one edit of the stream).
             if &c.id == b"fmt " && c.size >= 14 && !fmt_seen {
                 fmt_seen = true;
-                // The 16 fields, cbSize and the 22 bytes of the extensible format's fields,
-                // as far as the chunk (and the file) holds them.
-                let mut f = [0u8; 40];
-                let held = (c.size.min(40) as u64).min(file_len.saturating_sub(c.body)) as usize;
-                source.seek(SeekFrom::Start(c.body))?;
-                source.read_exact(&mut f[..held])?;
-                let tag = u16::from_le_bytes([f[0], f[1]]);
-                if held >= 16 {
-                    let le16 = |at: usize| u16::from_le_bytes([f[at], f[at + 1]]);
-                    let (format, extensible) = match tag {
-                        WAVE_FORMAT_EXTENSIBLE
-                            if held == 40
-                                && f[26..28] == [0, 0]
-                                && f[28..40] == SUBTYPE_GUID_TAIL =>
-                        {
-                            (le16(24), true)
-                        }
-                        tag => (tag, false),
-                    };
-                    let (align, bits) = (le16(12), le16(14));
-                    if let Some((new_align, new_bits)) =
-                        frame_fields_as_ffmpeg_reads_them(format, extensible, le16(2), align, bits)
-                    {
-                        for (at, old, new) in [(12, align, new_align), (14, bits, new_bits)] {
-                            if old != new {
-                                patches.push(Patch {
-                                    offset: c.body + at as u64,
-                                    bytes: new.to_le_bytes().to_vec(),
-                                });
-                                f[at..at + 2].copy_from_slice(&new.to_le_bytes());
-                            }
-                        }
-                        frame_fields = Some(format!(
-                            "block alignment {align} and {bits} bits per sample: read as \
-                             {new_align} and {new_bits}"
-                        ));
-                    }
-                }
-                block_align = u64::from(u16::from_le_bytes([f[12], f[13]])).max(1);
-                let cb_size = (held >= 18).then(|| u16::from_le_bytes([f[16], f[17]]));
-                if tag == WAVE_FORMAT_EXTENSIBLE && held == 40 {
-                    plain = extensible_read_as_plain(&f, c.size);
-                }
-                if plain.is_some() || symphonia_refuses_fmt_size(tag, c.size, cb_size) {
-                    // These formats use no extension: an fmt chunk is their 16 fields,
-                    // then (G.711 always, PCM and IEEE float optionally) cbSize 0. Writers
-                    // that treat G.711 as PCM leave cbSize out, others leave extension
-                    // bytes these formats do not read, and symphonia 0.5 refuses both
-                    // where ffmpeg and libsndfile read them. The stream as read has the 16
-                    // fields and cbSize 0 in place of what follows them (and its pad).
-                    // An extensible chunk symphonia refuses is read so too, with its tag
-                    // the plain format's. A chunk that runs past the file's end is for
-                    // symphonia to report.
-                    let fields_end = c.body + c.size as u64;
-                    if fields_end > file_len {
-                        plain = None;
-                    } else {
-                        if let Some((plain_tag, _)) = plain {
-                            patches.push(Patch {
-                                offset: c.body,
-                                bytes: plain_tag.to_le_bytes().to_vec(),
-                            });
-                        }
-                        let end = (fields_end + (c.size as u64 & 1)).min(file_len);
-                        splice = Some(Splice {
-                            at: c.body + 16,
-                            removed: end - (c.body + 16),
-                            bytes: vec![0, 0],
-                        });
-                        patches.push(Patch {
-                            offset: c.at + 4,
-                            bytes: 18u32.to_le_bytes().to_vec(),
-                        });
-                    }
-                }
+                let fmt = fmt_chunk(source, c, file_len)?;
+                block_align = fmt.block_align;
+                patches.extend(fmt.patches);
+                (splice, frame_fields, plain) = (fmt.splice, fmt.frame_fields, fmt.plain);
             }
             if &c.id == b"fact" && c.size >= 4 && fact_frames.is_none() {
                 source.seek(SeekFrom::Start(c.body))?;
@@ -396,25 +325,7 @@ fn wav_header<S: Read + Seek + ?Sized>(
         });
     }
     if let Some(sp) = &splice {
-        let grown = sp.bytes.len() as i64 - sp.removed as i64;
-        for p in &mut patches {
-            // Patches after the removed bytes move with the file's bytes; the walk put none
-            // inside them.
-            if p.offset >= sp.at + sp.removed {
-                p.offset = p.offset.saturating_add_signed(grown);
-            }
-        }
-        // The RIFF size counts the splice's change too (symphonia bounds the chunks by it):
-        // the placeholder's correction if there is one, else the size as written.
-        let riff = match patches.iter().position(|p| p.offset == 4) {
-            Some(i) => u32::from_le_bytes(patches.remove(i).bytes.try_into().expect("4 bytes")),
-            None => riff_size,
-        };
-        let riff = (i64::from(riff) + grown).clamp(0, i64::from(u32::MAX)) as u32;
-        patches.push(Patch {
-            offset: 4,
-            bytes: riff.to_le_bytes().to_vec(),
-        });
+        move_patches_past_splice(&mut patches, sp, riff_size);
     }
     let what: Vec<&str> = [
         (
@@ -469,6 +380,140 @@ fn wav_header<S: Read + Seek + ?Sized>(
     })
 }
 
+/// Moves file-offset patches to their offsets in the stream as read, where `sp` grew or
+/// shrank it, and makes the RIFF size (at offset 4) count the change too, symphonia bounding
+/// the chunks by it: the placeholder's correction if there is one, else `riff_size` as
+/// written.
+fn move_patches_past_splice(patches: &mut Vec<Patch>, sp: &Splice, riff_size: u32) {
+    let grown = sp.bytes.len() as i64 - sp.removed as i64;
+    for p in patches.iter_mut() {
+        // Patches after the removed bytes move with the file's bytes; the walk put none
+        // inside them.
+        if p.offset >= sp.at + sp.removed {
+            p.offset = p.offset.saturating_add_signed(grown);
+        }
+    }
+    let riff = match patches.iter().position(|p| p.offset == 4) {
+        Some(i) => u32::from_le_bytes(patches.remove(i).bytes.try_into().expect("4 bytes")),
+        None => riff_size,
+    };
+    let riff = (i64::from(riff) + grown).clamp(0, i64::from(u32::MAX)) as u32;
+    patches.push(Patch {
+        offset: 4,
+        bytes: riff.to_le_bytes().to_vec(),
+    });
+}
+
+/// What reading a WAV fmt chunk found: its block alignment as read (at least 1) and the
+/// corrections it needs.
+struct FmtChunk {
+    block_align: u64,
+    /// Patches at offsets in the file (before any splice's).
+    patches: Vec<Patch>,
+    /// The chunk read as its 16 fields and cbSize 0.
+    splice: Option<Splice>,
+    /// The block alignment and bits per sample corrected, for the log.
+    frame_fields: Option<String>,
+    /// An extensible chunk read as its plain format: (that format's tag, why).
+    plain: Option<(u16, &'static str)>,
+}
+
+/// Reads a WAV fmt chunk's fields for what symphonia would refuse of them: a block
+/// alignment or bits per sample to read from each other, an extensible chunk to read as its
+/// plain format, extension bytes of a format that uses none.
+fn fmt_chunk<S: Read + Seek + ?Sized>(
+    source: &mut S,
+    c: &Chunk,
+    file_len: u64,
+) -> std::io::Result<FmtChunk> {
+    // The 16 fields, cbSize and the 22 bytes of the extensible format's fields, as far as
+    // the chunk (and the file) holds them.
+    let mut f = [0u8; 40];
+    let held = (c.size.min(40) as u64).min(file_len.saturating_sub(c.body)) as usize;
+    source.seek(SeekFrom::Start(c.body))?;
+    source.read_exact(&mut f[..held])?;
+    let le16 = |f: &[u8; 40], at: usize| u16::from_le_bytes([f[at], f[at + 1]]);
+    let tag = le16(&f, 0);
+    let sub_format = (tag == WAVE_FORMAT_EXTENSIBLE && held == 40)
+        .then(|| extensible_sub_format(&f))
+        .flatten();
+    let (mut patches, mut frame_fields) = (Vec::new(), None);
+    if held >= 16 {
+        let (align, bits) = (le16(&f, 12), le16(&f, 14));
+        let format = sub_format.unwrap_or(tag);
+        let read = frame_fields_as_ffmpeg_reads_them(
+            format,
+            sub_format.is_some(),
+            le16(&f, 2),
+            align,
+            bits,
+        );
+        if let Some((new_align, new_bits)) = read {
+            for (at, old, new) in [(12, align, new_align), (14, bits, new_bits)] {
+                if old != new {
+                    patches.push(Patch {
+                        offset: c.body + at as u64,
+                        bytes: new.to_le_bytes().to_vec(),
+                    });
+                    f[at..at + 2].copy_from_slice(&new.to_le_bytes());
+                }
+            }
+            frame_fields = Some(format!(
+                "block alignment {align} and {bits} bits per sample: read as {new_align} and \
+                 {new_bits}"
+            ));
+        }
+    }
+    let block_align = u64::from(le16(&f, 12)).max(1);
+    let cb_size = (held >= 18).then(|| le16(&f, 16));
+    let mut plain = sub_format.and_then(|sub| extensible_read_as_plain(&f, sub, c.size));
+    let mut splice = None;
+    if plain.is_some() || symphonia_refuses_fmt_size(tag, c.size, cb_size) {
+        // These formats use no extension: an fmt chunk is their 16 fields, then (G.711
+        // always, PCM and IEEE float optionally) cbSize 0. Writers that treat G.711 as PCM
+        // leave cbSize out, others leave extension bytes these formats do not read, and
+        // symphonia 0.5 refuses both where ffmpeg and libsndfile read them. The stream as
+        // read has the 16 fields and cbSize 0 in place of what follows them (and its pad).
+        // An extensible chunk symphonia refuses is read so too, with its tag the plain
+        // format's. A chunk that runs past the file's end is for symphonia to report.
+        let fields_end = c.body + c.size as u64;
+        if fields_end > file_len {
+            plain = None;
+        } else {
+            if let Some((plain_tag, _)) = plain {
+                patches.push(Patch {
+                    offset: c.body,
+                    bytes: plain_tag.to_le_bytes().to_vec(),
+                });
+            }
+            let end = (fields_end + (c.size as u64 & 1)).min(file_len);
+            splice = Some(Splice {
+                at: c.body + 16,
+                removed: end - (c.body + 16),
+                bytes: vec![0, 0],
+            });
+            patches.push(Patch {
+                offset: c.at + 4,
+                bytes: 18u32.to_le_bytes().to_vec(),
+            });
+        }
+    }
+    Ok(FmtChunk {
+        block_align,
+        patches,
+        splice,
+        frame_fields,
+        plain,
+    })
+}
+
+/// The plain format tag an extensible fmt chunk's sub-format GUID names (`f`: its first
+/// 40 bytes), when the GUID is of the KSDATAFORMAT_SUBTYPE family that names one.
+fn extensible_sub_format(f: &[u8; 40]) -> Option<u16> {
+    (f[26..28] == [0, 0] && f[28..40] == SUBTYPE_GUID_TAIL)
+        .then(|| u16::from_le_bytes([f[24], f[25]]))
+}
+
 /// WAV format tags: integer PCM, IEEE float, G.711 A-law and mu-law, and the extensible
 /// format (whose sub-format GUID names one of the others).
 const WAVE_FORMAT_PCM: u16 = 1;
@@ -496,8 +541,8 @@ fn format_name(tag: u16) -> &'static str {
     }
 }
 
-/// For a WAVE_FORMAT_EXTENSIBLE fmt chunk (`f`: its first 40 bytes; `size`: its size as
-/// written) that symphonia 0.5 refuses while ffmpeg reads it, the plain format its
+/// For a WAVE_FORMAT_EXTENSIBLE fmt chunk (`f`: its first 40 bytes; `sub_format`: the tag
+/// its GUID names; `size`: its size as written) that symphonia 0.5 refuses while ffmpeg reads it, the plain format its
 /// sub-format GUID names (PCM, IEEE float, A-law, mu-law) and why symphonia refuses it.
 /// ffmpeg reads the extension when cbSize is 22 or more and takes the codec from the GUID;
 /// it does not decode by the channel mask, and takes the sample width from the valid bits
@@ -510,13 +555,15 @@ fn format_name(tag: u16) -> &'static str {
 /// the channels are counted, not placed, and are mixed to mono anyway. A cbSize under 22
 /// (no extension, for ffmpeg too), other sub-formats and chunks symphonia reads are left as
 /// they are.
-fn extensible_read_as_plain(f: &[u8; 40], size: i64) -> Option<(u16, &'static str)> {
+fn extensible_read_as_plain(
+    f: &[u8; 40],
+    sub_format: u16,
+    size: i64,
+) -> Option<(u16, &'static str)> {
     let le16 = |at: usize| u16::from_le_bytes([f[at], f[at + 1]]);
     let (channels, container_bits, cb_size, valid_bits) = (le16(2), le16(14), le16(16), le16(18));
     let mask = u32::from_le_bytes(f[20..24].try_into().expect("4 bytes"));
-    let guid = &f[24..40];
-    let sub_format = le16(24);
-    if size < 40 || cb_size < 22 || guid[2..4] != [0, 0] || guid[4..] != SUBTYPE_GUID_TAIL {
+    if size < 40 || cb_size < 22 {
         return None;
     }
     let why = if sub_format == WAVE_FORMAT_MULAW {
